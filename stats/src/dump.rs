@@ -1,0 +1,312 @@
+//! The serial statistics dump: one format, written by the hypervisor and read
+//! back by `xtask` (tests and reports).
+//!
+//! Every hypervisor line starts with [`PREFIX`], so it can be told apart from
+//! a guest console sharing the same serial port. A dump looks like this:
+//!
+//! ```text
+//! [exitscope] ==== exit statistics: final (guest halted) ====
+//! [exitscope]   nr reason                                          exits  exits%           cycles cycles%        avg
+//! [exitscope]   10 CPUID                                            4101  98.73%           535634  97.11%        130
+//! [exitscope]      total                                            4154 100.00%           551543 100.00%        132
+//! [exitscope] vcpu 0: exits=4154 cycles=551543
+//! [exitscope] ==== end of exit statistics ====
+//! ```
+//!
+//! Rows list every reason with at least one exit, by number; reason `?` is an
+//! exit whose basic reason the table does not know. Percentages are of all
+//! exits and all cycles; `avg` is cycles per exit, rounded down.
+
+use crate::counters::Snapshot;
+use crate::leaf::StatsView;
+use crate::reasons::{self, ReasonSet, SLOTS, UNKNOWN_SLOT};
+use core::fmt::{self, Write};
+
+/// Prefix of every hypervisor line on the serial console.
+pub const PREFIX: &str = "[exitscope] ";
+/// First line of a dump, followed by its title.
+pub const BEGIN: &str = "==== exit statistics: ";
+/// Last line of a dump.
+pub const END: &str = "==== end of exit statistics ====";
+
+const NAME_WIDTH: usize = 44;
+
+/// Writes `part` of `whole` as a percentage with two decimals.
+struct Pct(u64, u64);
+
+impl fmt::Display for Pct {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bp = if self.1 == 0 { 0 } else { (self.0 as u128 * 10_000 / self.1 as u128) as u64 };
+        let s = {
+            let mut b = Buf::<16>::new();
+            let _ = write!(b, "{}.{:02}%", bp / 100, bp % 100);
+            b
+        };
+        f.pad(s.as_str())
+    }
+}
+
+/// A tiny fixed-size string buffer for no_std formatting.
+struct Buf<const N: usize> {
+    b: [u8; N],
+    n: usize,
+}
+
+impl<const N: usize> Buf<N> {
+    fn new() -> Self {
+        Buf { b: [0; N], n: 0 }
+    }
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.b[..self.n]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> Write for Buf<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let bytes = s.as_bytes();
+        let end = self.n + bytes.len();
+        if end > N {
+            return Err(fmt::Error);
+        }
+        self.b[self.n..end].copy_from_slice(bytes);
+        self.n = end;
+        Ok(())
+    }
+}
+
+fn row(w: &mut impl Write, nr: &str, name: &str, exits: u64, cycles: u64, te: u64, tc: u64) -> fmt::Result {
+    let name = if name.len() > NAME_WIDTH { &name[..NAME_WIDTH] } else { name };
+    let avg = cycles.checked_div(exits).unwrap_or(0);
+    writeln!(
+        w,
+        "{PREFIX}{nr:>4} {name:<NAME_WIDTH$} {exits:>12} {:>7} {cycles:>16} {:>7} {avg:>10}",
+        Pct(exits, te),
+        Pct(cycles, tc)
+    )
+}
+
+/// Writes a whole dump of `snap`. `per_vcpu` holds each vCPU's
+/// (exits, cycles) for the breakdown lines.
+pub fn write_dump(w: &mut impl Write, title: &str, snap: &Snapshot, per_vcpu: &[(u64, u64)]) -> fmt::Result {
+    let (te, tc) = (snap.total_exits(), snap.total_cycles());
+    writeln!(w, "{PREFIX}{BEGIN}{title} ====")?;
+    writeln!(
+        w,
+        "{PREFIX}{:>4} {:<NAME_WIDTH$} {:>12} {:>7} {:>16} {:>7} {:>10}",
+        "nr", "reason", "exits", "exits%", "cycles", "cycles%", "avg"
+    )?;
+    for slot in 0..SLOTS {
+        if snap.exits[slot] == 0 {
+            continue;
+        }
+        let mut nr = Buf::<8>::new();
+        let name = if slot == UNKNOWN_SLOT {
+            let _ = nr.write_str("?");
+            "(reason unknown to this table)"
+        } else {
+            let _ = write!(nr, "{slot}");
+            reasons::name(slot as u32).unwrap_or("(undefined)")
+        };
+        row(w, nr.as_str(), name, snap.exits[slot], snap.cycles[slot], te, tc)?;
+    }
+    row(w, "", "total", te, tc, te, tc)?;
+    for (i, (e, c)) in per_vcpu.iter().enumerate() {
+        writeln!(w, "{PREFIX}vcpu {i}: exits={e} cycles={c}")?;
+    }
+    writeln!(w, "{PREFIX}{END}")
+}
+
+/// A dump read back from a serial log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedDump {
+    /// Per-slot counts, as in [`Snapshot`].
+    pub snap: Snapshot,
+    /// Slots that had a row.
+    pub present: ReasonSet,
+    /// The totals row.
+    pub total_exits: u64,
+    pub total_cycles: u64,
+    /// (exits, cycles) per vCPU, in order, up to 64 vCPUs.
+    pub vcpus: [(u64, u64); 64],
+    pub nvcpus: usize,
+}
+
+impl Default for ParsedDump {
+    fn default() -> Self {
+        ParsedDump {
+            snap: Snapshot::default(),
+            present: ReasonSet::EMPTY,
+            total_exits: 0,
+            total_cycles: 0,
+            vcpus: [(0, 0); 64],
+            nvcpus: 0,
+        }
+    }
+}
+
+/// Why a dump could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// No complete dump (begin and end lines) in the text.
+    NotFound,
+    /// A line inside the dump is malformed; the 1-based line number in the text.
+    BadLine(usize),
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::NotFound => f.write_str("no complete exit-statistics dump found"),
+            ParseError::BadLine(n) => write!(f, "malformed exit-statistics line {n}"),
+        }
+    }
+}
+
+/// Strips the hypervisor prefix (anywhere in the line, since a guest's
+/// partial line may precede it).
+fn hv_part(line: &str) -> Option<&str> {
+    line.find(PREFIX).map(|i| line[i + PREFIX.len()..].trim_end())
+}
+
+/// Parses the last complete dump in `text` and returns it with its title.
+pub fn parse_last(text: &str) -> Result<(ParsedDump, &str), ParseError> {
+    let mut result = Err(ParseError::NotFound);
+    let mut current: Option<(ParsedDump, &str)> = None;
+    for (no, line) in text.lines().enumerate() {
+        let Some(l) = hv_part(line) else { continue };
+        if let Some(rest) = l.strip_prefix(BEGIN) {
+            current = Some((ParsedDump::default(), rest.trim_end_matches(" ====")));
+            continue;
+        }
+        let Some((d, _)) = current.as_mut() else { continue };
+        if l == END {
+            result = Ok(current.take().unwrap());
+            continue;
+        }
+        parse_line(d, l).map_err(|_| ParseError::BadLine(no + 1))?;
+    }
+    result
+}
+
+fn parse_line(d: &mut ParsedDump, l: &str) -> Result<(), ()> {
+    let num = |s: &str| s.parse::<u64>().map_err(|_| ());
+    if let Some(rest) = l.strip_prefix("vcpu ") {
+        // "vcpu N: exits=E cycles=C"
+        let mut it = rest.split_whitespace();
+        let _idx = it.next().ok_or(())?;
+        let e = num(it.next().and_then(|s| s.strip_prefix("exits=")).ok_or(())?)?;
+        let c = num(it.next().and_then(|s| s.strip_prefix("cycles=")).ok_or(())?)?;
+        if d.nvcpus < d.vcpus.len() {
+            d.vcpus[d.nvcpus] = (e, c);
+            d.nvcpus += 1;
+        }
+        return Ok(());
+    }
+    let head = l.trim_start();
+    if head.starts_with("nr ") {
+        return Ok(()); // column header
+    }
+    // The name may contain spaces; the numbers are the last five fields:
+    // exits, exits%, cycles, cycles%, avg.
+    let fields: [&str; 5] = {
+        let mut it = head.split_whitespace().rev();
+        let mut a = [""; 5];
+        for slot in a.iter_mut().rev() {
+            *slot = it.next().ok_or(())?;
+        }
+        a
+    };
+    let exits = num(fields[0])?;
+    let cycles = num(fields[2])?;
+    let first = head.split_whitespace().next().ok_or(())?;
+    if first == "total" {
+        d.total_exits = exits;
+        d.total_cycles = cycles;
+        return Ok(());
+    }
+    let slot = if first == "?" { UNKNOWN_SLOT } else { first.parse::<usize>().map_err(|_| ())? };
+    if slot >= SLOTS {
+        return Err(());
+    }
+    d.snap.exits[slot] = exits;
+    d.snap.cycles[slot] = cycles;
+    if slot != UNKNOWN_SLOT {
+        d.present.insert(slot as u16);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::VcpuCounters;
+    use std::string::String;
+
+    fn sample() -> (Snapshot, [VcpuCounters; 2]) {
+        let b = [VcpuCounters::new(), VcpuCounters::new()];
+        for _ in 0..4101 {
+            b[0].record(10, 130);
+        }
+        b[0].record(12, 99);
+        b[1].record(48, 1_000_000_000_000);
+        b[1].record(reasons::slot_of(200), 5);
+        (Snapshot::sum(&b), b)
+    }
+
+    #[test]
+    fn dump_round_trips() {
+        let (snap, b) = sample();
+        let per: std::vec::Vec<_> = b.iter().map(|x| (x.total_exits(), x.total_cycles())).collect();
+        let mut out = String::new();
+        write_dump(&mut out, "final (guest halted)", &snap, &per).unwrap();
+        assert!(out.lines().all(|l| l.starts_with(PREFIX)), "{out}");
+        assert!(out.contains("CPUID"), "{out}");
+        assert!(out.contains("EPT violation"), "{out}");
+        let (d, title) = parse_last(&out).unwrap();
+        assert_eq!(title, "final (guest halted)");
+        assert_eq!(d.snap, snap);
+        assert_eq!(d.total_exits, snap.total_exits());
+        assert_eq!(d.total_cycles, snap.total_cycles());
+        assert_eq!(d.present, ReasonSet::of(&[10, 12, 48]));
+        assert_eq!(d.nvcpus, 2);
+        assert_eq!(d.vcpus[0], (4102, 4101 * 130 + 99));
+    }
+
+    #[test]
+    fn percentages_and_average() {
+        let (snap, _) = sample();
+        let mut out = String::new();
+        write_dump(&mut out, "t", &snap, &[]).unwrap();
+        let cpuid = out.lines().find(|l| l.contains(" CPUID ")).unwrap();
+        // 4101 of 4104 exits = 99.92%; average 130 cycles.
+        assert!(cpuid.contains("99.92%"), "{cpuid}");
+        assert!(cpuid.trim_end().ends_with(" 130"), "{cpuid}");
+        let total = out.lines().find(|l| l.contains(" total ")).unwrap();
+        assert!(total.contains("100.00%"), "{total}");
+    }
+
+    #[test]
+    fn parser_finds_the_last_dump_amid_guest_output() {
+        let (snap, _) = sample();
+        let mut first = String::new();
+        write_dump(&mut first, "first", &Snapshot::default(), &[]).unwrap();
+        let mut second = String::new();
+        write_dump(&mut second, "second", &snap, &[]).unwrap();
+        let text = std::format!("guest says hi\n{first}Linux version 6.1\npartial line{second}more guest\n");
+        let (d, title) = parse_last(&text).unwrap();
+        assert_eq!(title, "second");
+        assert_eq!(d.snap, snap);
+    }
+
+    #[test]
+    fn incomplete_or_malformed_dumps_are_errors() {
+        let (snap, _) = sample();
+        let mut out = String::new();
+        write_dump(&mut out, "t", &snap, &[]).unwrap();
+        let cut: String = out.lines().take(3).map(|l| std::format!("{l}\n")).collect();
+        assert_eq!(parse_last(&cut), Err(ParseError::NotFound));
+        let bad = out.replace(" 4101 ", " 41x1 ");
+        assert!(matches!(parse_last(&bad), Err(ParseError::BadLine(_))));
+        assert_eq!(parse_last("nothing here"), Err(ParseError::NotFound));
+    }
+}

@@ -1,0 +1,14 @@
+//! Exitscope's statistics vocabulary: the exit-reason table, the semantics of
+//! the instrumentation CPUID leaves, lock-free per-vCPU counters and the
+//! serial dump format. The hypervisor, the guest tool `exitstat` and
+//! `cargo xtask` all use this one crate, so there is one copy of each.
+#![cfg_attr(not(test), no_std)]
+
+pub mod counters;
+pub mod dump;
+pub mod leaf;
+pub mod reasons;
+
+pub use counters::{Snapshot, VcpuCounters};
+pub use leaf::{CpuidRegs, StatsView};
+pub use reasons::{ReasonSet, REASONS};
