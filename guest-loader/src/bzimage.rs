@@ -227,8 +227,8 @@ pub struct LinuxInput<'a> {
 
 /// Plans a 64-bit Linux boot (boot.rst, "64-bit Boot Protocol").
 ///
-/// Chunks: `kernel` (the protected-mode kernel), `kernel init area` (zeroes
-/// up to `init_size`, so nothing else lands there), `initrd`
+/// Chunks: `kernel` (the protected-mode kernel), `kernel init area` (reserved
+/// up to `init_size`, so nothing else lands there; not written), `initrd`
 /// (`Source::Module(0)`), `boot_params`, `page tables` (identity map with
 /// 2 MiB pages, at least 0..4 GiB), `gdt` and `cmdline`.
 pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
@@ -302,7 +302,7 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
     if init > kernel_len {
         chunks.push(Chunk {
             gpa: kernel + kernel_len,
-            src: Source::Zero(init - kernel_len),
+            src: Source::Reserve(init - kernel_len),
             what: "kernel init area",
         });
     }
@@ -668,7 +668,7 @@ mod tests {
         let init = chunk(&plan, "kernel init area");
         assert_eq!(
             (init.gpa, &init.src),
-            (0x101_0000, &Source::Zero(u64::from(t.init_size) - 0x1_0000))
+            (0x101_0000, &Source::Reserve(u64::from(t.init_size) - 0x1_0000))
         );
         let initrd = chunk(&plan, "initrd");
         assert_eq!(initrd.src, Source::Module(0));

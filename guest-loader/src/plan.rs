@@ -24,6 +24,10 @@ pub enum Source {
     Bytes(Vec<u8>),
     /// This many zero bytes.
     Zero(u64),
+    /// This many bytes kept free for the guest's own use; nothing is
+    /// written, their contents do not matter (e.g. the room a Linux kernel
+    /// decompresses into).
+    Reserve(u64),
 }
 
 /// One piece of guest memory to fill.
@@ -96,7 +100,7 @@ impl LoadPlan {
             Source::Image { offset, len } => (*len).min(image_len.saturating_sub(*offset)) as u64,
             Source::Module(i) => module_lens.get(*i).copied().unwrap_or(0),
             Source::Bytes(b) => b.len() as u64,
-            Source::Zero(n) => *n,
+            Source::Zero(n) | Source::Reserve(n) => *n,
         }
     }
 

@@ -74,7 +74,7 @@ impl<const N: usize> Write for Buf<N> {
     }
 }
 
-fn row(w: &mut impl Write, nr: &str, name: &str, exits: u64, cycles: u64, te: u64, tc: u64) -> fmt::Result {
+fn row(w: &mut (impl Write + ?Sized), nr: &str, name: &str, exits: u64, cycles: u64, te: u64, tc: u64) -> fmt::Result {
     let name = if name.len() > NAME_WIDTH { &name[..NAME_WIDTH] } else { name };
     let avg = cycles.checked_div(exits).unwrap_or(0);
     writeln!(
@@ -87,7 +87,7 @@ fn row(w: &mut impl Write, nr: &str, name: &str, exits: u64, cycles: u64, te: u6
 
 /// Writes a whole dump of `snap`. `per_vcpu` holds each vCPU's
 /// (exits, cycles) for the breakdown lines.
-pub fn write_dump(w: &mut impl Write, title: &str, snap: &Snapshot, per_vcpu: &[(u64, u64)]) -> fmt::Result {
+pub fn write_dump(w: &mut (impl Write + ?Sized), title: &str, snap: &Snapshot, per_vcpu: &[(u64, u64)]) -> fmt::Result {
     let (te, tc) = (snap.total_exits(), snap.total_cycles());
     writeln!(w, "{PREFIX}{BEGIN}{title} ====")?;
     writeln!(

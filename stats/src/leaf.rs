@@ -92,7 +92,7 @@ pub fn classify(ecx: u32, enabled: &ReasonSet) -> ReasonClass {
 }
 
 /// Answers an instrumentation leaf, or `None` if `leaf` is not one of the four.
-pub fn answer(leaf: u32, ecx: u32, view: &impl StatsView, enabled: &ReasonSet) -> Option<CpuidRegs> {
+pub fn answer(leaf: u32, ecx: u32, view: &(impl StatsView + ?Sized), enabled: &ReasonSet) -> Option<CpuidRegs> {
     let zero = CpuidRegs::default();
     let per_reason = |f: &dyn Fn(u16) -> CpuidRegs| match classify(ecx, enabled) {
         ReasonClass::Undefined => CpuidRegs { edx: UNDEFINED_EDX, ..zero },

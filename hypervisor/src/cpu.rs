@@ -1,0 +1,178 @@
+//! Thin wrappers over privileged x86 instructions: port I/O, MSRs, control
+//! registers, CPUID and the TSC. Every `unsafe` block here is one instruction
+//! whose only effect is the documented one; callers decide when it is safe to
+//! run (ring 0 is assumed throughout the hypervisor).
+
+use core::arch::asm;
+
+/// CPUID with a subleaf; returns [EAX, EBX, ECX, EDX].
+#[inline(always)]
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Reads the time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Reads a model-specific register. The MSR must exist (else #GP).
+#[inline(always)]
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: caller guarantees the MSR exists.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Writes a model-specific register.
+#[inline(always)]
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: caller guarantees the MSR exists and the value is valid.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    };
+}
+
+#[inline(always)]
+pub unsafe fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: caller owns the device behind `port`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+#[inline(always)]
+pub unsafe fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for inb.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+#[inline(always)]
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for inb.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+#[inline(always)]
+pub unsafe fn outb(port: u16, v: u8) {
+    // SAFETY: caller owns the device behind `port`.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+}
+
+#[inline(always)]
+pub unsafe fn outw(port: u16, v: u16) {
+    // SAFETY: as for outb.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) };
+}
+
+#[inline(always)]
+pub unsafe fn outl(port: u16, v: u32) {
+    // SAFETY: as for outb.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) };
+}
+
+macro_rules! cr_rw {
+    ($read:ident, $write:ident, $cr:literal) => {
+        #[inline(always)]
+        pub fn $read() -> u64 {
+            let v: u64;
+            // SAFETY: reading a control register has no side effect.
+            unsafe { asm!(concat!("mov {}, ", $cr), out(reg) v, options(nomem, nostack, preserves_flags)) };
+            v
+        }
+        #[inline(always)]
+        pub unsafe fn $write(v: u64) {
+            // SAFETY: caller guarantees the new value keeps the machine consistent.
+            unsafe { asm!(concat!("mov ", $cr, ", {}"), in(reg) v, options(nostack, preserves_flags)) };
+        }
+    };
+}
+cr_rw!(read_cr0, write_cr0, "cr0");
+cr_rw!(read_cr3, write_cr3, "cr3");
+cr_rw!(read_cr4, write_cr4, "cr4");
+
+/// Reads an extended control register (XGETBV).
+#[inline(always)]
+pub unsafe fn xgetbv(xcr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: caller checked CR4.OSXSAVE.
+    unsafe { asm!("xgetbv", in("ecx") xcr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Writes an extended control register (XSETBV).
+#[inline(always)]
+pub unsafe fn xsetbv(xcr: u32, value: u64) {
+    // SAFETY: caller validated the value against CPUID leaf 0xD.
+    unsafe { asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Writes back and invalidates all caches.
+#[inline(always)]
+pub fn wbinvd() {
+    // SAFETY: WBINVD only affects caches, never architectural state.
+    unsafe { asm!("wbinvd", options(nostack, preserves_flags)) };
+}
+
+/// Disables interrupts and halts forever.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: stopping this CPU is the intent.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Spin-wait hint.
+#[inline(always)]
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Reads RFLAGS.
+#[inline(always)]
+pub fn rflags() -> u64 {
+    let v: u64;
+    // SAFETY: pushfq/pop only touch the stack slot they use.
+    unsafe { asm!("pushfq", "pop {}", out(reg) v, options(nomem, preserves_flags)) };
+    v
+}
+
+pub mod msr {
+    pub const IA32_APIC_BASE: u32 = 0x1B;
+    pub const IA32_FEATURE_CONTROL: u32 = 0x3A;
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    pub const IA32_DEBUGCTL: u32 = 0x1D9;
+    pub const IA32_PAT: u32 = 0x277;
+    pub const IA32_VMX_BASIC: u32 = 0x480;
+    pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
+    pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
+    pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
+    pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
+    pub const IA32_VMX_MISC: u32 = 0x485;
+    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
+    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
+    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
+    pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
+    pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
+    pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
+    pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
+    pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
+    pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
+    pub const IA32_VMX_VMFUNC: u32 = 0x491;
+    pub const IA32_VMX_PROCBASED_CTLS3: u32 = 0x492;
+    pub const IA32_VMX_EXIT_CTLS2: u32 = 0x493;
+    pub const IA32_EFER: u32 = 0xC000_0080;
+    pub const IA32_FS_BASE: u32 = 0xC000_0100;
+    pub const IA32_GS_BASE: u32 = 0xC000_0101;
+}

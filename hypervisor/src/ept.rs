@@ -1,0 +1,271 @@
+//! Extended page tables: a pure builder and walker.
+//!
+//! The guest gets an identity map of physical memory: RAM write-back,
+//! everything else (device memory, firmware, holes) uncacheable, and the
+//! hypervisor's own footprint not mapped at all. The builder uses the
+//! largest page size a range allows (1 GiB, 2 MiB, 4 KiB), so a machine
+//! with a few memory ranges needs a handful of tables.
+
+use alloc::vec::Vec;
+use guest_loader::memmap::{MemKind, MemoryMap};
+
+/// EPT memory types (SDM Vol. 3, 29.3.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum MemType {
+    Uncacheable = 0,
+    WriteBack = 6,
+}
+
+/// One identity-mapped guest-physical range, 4 KiB aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EptRange {
+    pub start: u64,
+    pub end: u64,
+    pub ty: MemType,
+}
+
+const RWX: u64 = 7;
+const LARGE: u64 = 1 << 7;
+const PAGE: u64 = 4096;
+
+/// Where EPT tables live: the hypervisor's arena on the machine, a vector
+/// of boxed tables in host tests.
+pub trait Tables {
+    type Error;
+    /// A new zeroed table; returns its physical address.
+    fn alloc(&mut self) -> Result<u64, Self::Error>;
+    /// The table at physical address `pa`.
+    fn table(&mut self, pa: u64) -> &mut [u64; 512];
+}
+
+/// The ranges to map for a guest: everything in `0..top` except `exclude`,
+/// where `top` covers the memory map and at least 4 GiB. Pages entirely in
+/// RAM are write-back, all others uncacheable.
+pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)]) -> Vec<EptRange> {
+    let top = map.regions().last().map_or(0, |r| r.end).max(4 << 30).next_multiple_of(2 << 20);
+    // Boundaries: RAM rounded inwards to whole pages, exclusions outwards.
+    let mut ram: Vec<(u64, u64)> = map
+        .regions()
+        .iter()
+        .filter(|r| r.kind == MemKind::Ram)
+        .map(|r| (r.start.next_multiple_of(PAGE), r.end / PAGE * PAGE))
+        .filter(|(s, e)| s < e)
+        .collect();
+    ram.sort_unstable();
+    let mut out: Vec<EptRange> = Vec::new();
+    let mut push = |s: u64, e: u64, ty: MemType| {
+        if s >= e {
+            return;
+        }
+        match out.last_mut() {
+            Some(l) if l.end == s && l.ty == ty => l.end = e,
+            _ => out.push(EptRange { start: s, end: e, ty }),
+        }
+    };
+    // Walk 0..top, alternating UC gaps and WB RAM.
+    let mut cur = 0;
+    for &(s, e) in &ram {
+        push(cur, s.max(cur), MemType::Uncacheable);
+        push(s.max(cur), e, MemType::WriteBack);
+        cur = cur.max(e);
+    }
+    push(cur, top, MemType::Uncacheable);
+    // Cut out the exclusions.
+    for &(xs, xe) in exclude {
+        let (xs, xe) = (xs / PAGE * PAGE, xe.next_multiple_of(PAGE));
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let a = EptRange { end: r.end.min(xs), ..r };
+                let b = EptRange { start: r.start.max(xe), ..r };
+                [a, b].into_iter().filter(|x| x.start < x.end)
+            })
+            .collect();
+    }
+    out
+}
+
+/// Builds identity-mapping EPT tables for `ranges`; returns the PML4's
+/// physical address. `large` says which large pages may be used:
+/// (2 MiB, 1 GiB).
+pub fn build<T: Tables>(ranges: &[EptRange], t: &mut T, large: (bool, bool)) -> Result<u64, T::Error> {
+    let root = t.alloc()?;
+    for r in ranges {
+        map(t, root, 4, 0, r.start, r.end, r.ty, large)?;
+    }
+    Ok(root)
+}
+
+/// Maps [s, e) into the table at `pa`, whose entries at `level` each cover
+/// `1 << (12 + 9 * (level - 1))` bytes starting at `base`.
+#[allow(clippy::too_many_arguments)]
+fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty: MemType, large: (bool, bool)) -> Result<(), T::Error> {
+    let shift = 12 + 9 * (level - 1);
+    let size = 1u64 << shift;
+    let first = ((s - base) >> shift) as usize;
+    let last = ((e - 1 - base) >> shift) as usize;
+    for i in first..=last {
+        let es = base + (i as u64) * size;
+        let ee = es + size;
+        let leaf_ok = level == 1 || (level == 2 && large.0) || (level == 3 && large.1);
+        if leaf_ok && s <= es && e >= ee {
+            let flags = if level == 1 { RWX } else { RWX | LARGE };
+            t.table(pa)[i] = es | flags | (ty as u64) << 3;
+            continue;
+        }
+        let entry = t.table(pa)[i];
+        let child = if entry & RWX == 0 {
+            let c = t.alloc()?;
+            t.table(pa)[i] = c | RWX;
+            c
+        } else {
+            assert!(entry & LARGE == 0 || level == 1, "EPT ranges overlap at {es:#x}");
+            entry & 0x000F_FFFF_FFFF_F000
+        };
+        map(t, child, level - 1, es, s.max(es), e.min(ee), ty, large)?;
+    }
+    Ok(())
+}
+
+/// A translation found by [`walk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    pub hpa: u64,
+    pub ty: u64,
+    pub page_size: u64,
+}
+
+/// Translates a guest-physical address, as the CPU would.
+pub fn walk<T: Tables>(t: &mut T, root: u64, gpa: u64) -> Option<Leaf> {
+    let mut pa = root;
+    for level in (1..=4).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let e = t.table(pa)[((gpa >> shift) & 511) as usize];
+        if e & RWX == 0 {
+            return None;
+        }
+        if level == 1 || e & LARGE != 0 {
+            let size = 1u64 << shift;
+            let frame = e & 0x000F_FFFF_FFFF_F000 & !(size - 1);
+            return Some(Leaf { hpa: frame | (gpa & (size - 1)), ty: (e >> 3) & 7, page_size: size });
+        }
+        pa = e & 0x000F_FFFF_FFFF_F000;
+    }
+    None
+}
+
+/// The EPT pointer for a root table: write-back, 4-level walk.
+pub const fn eptp(root: u64) -> u64 {
+    root | (3 << 3) | MemType::WriteBack as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_loader::memmap::Region;
+    use std::boxed::Box;
+    use std::vec;
+
+    struct HostTables(Vec<Box<[u64; 512]>>);
+    impl Tables for HostTables {
+        type Error = ();
+        fn alloc(&mut self) -> Result<u64, ()> {
+            self.0.push(Box::new([0; 512]));
+            Ok(self.0.len() as u64 * PAGE)
+        }
+        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+            &mut self.0[(pa / PAGE - 1) as usize]
+        }
+    }
+
+    /// Bochs with 512 MiB: low RAM, VGA/BIOS hole, RAM to 512 MiB - 64 KiB,
+    /// ACPI at the top, the BIOS at 4 GiB - 256 KiB.
+    fn bochs_map() -> MemoryMap {
+        MemoryMap::from_regions([
+            Region { start: 0, end: 0x9F000, kind: MemKind::Ram },
+            Region { start: 0x9F000, end: 0xA0000, kind: MemKind::Reserved },
+            Region { start: 0xE8000, end: 0x100000, kind: MemKind::Reserved },
+            Region { start: 0x100000, end: 0x1FFF0000, kind: MemKind::Ram },
+            Region { start: 0x1FFF0000, end: 0x20000000, kind: MemKind::AcpiReclaimable },
+            Region { start: 0xFFFC0000, end: 0x100000000, kind: MemKind::Reserved },
+        ])
+    }
+
+    const HV: (u64, u64) = (0x1F000000, 0x1FE00000);
+
+    #[test]
+    fn identity_map_with_hole() {
+        let ranges = guest_ranges(&bochs_map(), &[HV]);
+        let mut t = HostTables(Vec::new());
+        let root = build(&ranges, &mut t, (true, true)).unwrap();
+        // Few tables: PML4, PDPT, the first GiB's PD, a PT for the first 2 MiB.
+        assert!(t.0.len() <= 6, "{} tables", t.0.len());
+        for gpa in [0u64, 0x1000, 0x9E000, 0x100000, 0x1000000, 0x1EFFF000, 0x1FE00000, 0x1FFEF000] {
+            let l = walk(&mut t, root, gpa + 0x123).unwrap();
+            assert_eq!(l.hpa, gpa + 0x123, "identity at {gpa:#x}");
+            assert_eq!(l.ty, 6, "RAM is write-back at {gpa:#x}");
+        }
+        for gpa in [0x9F000u64, 0xA0000, 0xB8000, 0xFEE00000, 0xFEC00000, 0x1FFF0000, 0x20000000, 0xFFFFF000] {
+            let l = walk(&mut t, root, gpa).unwrap();
+            assert_eq!(l.hpa, gpa);
+            assert_eq!(l.ty, 0, "non-RAM is uncacheable at {gpa:#x}");
+        }
+        let mut gpa = HV.0;
+        while gpa < HV.1 {
+            assert_eq!(walk(&mut t, root, gpa), None, "hypervisor page {gpa:#x} is mapped");
+            gpa += PAGE;
+        }
+        // 1 GiB pages above RAM.
+        assert_eq!(walk(&mut t, root, 0x80000000).unwrap().page_size, 1 << 30);
+        assert_eq!(walk(&mut t, root, 0x100000).unwrap().page_size, PAGE);
+        assert_eq!(walk(&mut t, root, 0x400000).unwrap().page_size, 2 << 20);
+        assert_eq!(walk(&mut t, root, 0x1_0000_0000), None, "nothing above 4 GiB here");
+    }
+
+    #[test]
+    fn without_large_pages_everything_still_maps() {
+        let ranges = guest_ranges(&bochs_map(), &[HV]);
+        let mut t = HostTables(Vec::new());
+        let root = build(&ranges, &mut t, (false, false)).unwrap();
+        assert_eq!(walk(&mut t, root, 0x12345678).unwrap().page_size, PAGE);
+        assert_eq!(walk(&mut t, root, HV.0 + 0x5000), None);
+        assert_eq!(walk(&mut t, root, 0xFEE00000).unwrap().hpa, 0xFEE00000);
+    }
+
+    #[test]
+    fn ranges_are_sorted_disjoint_and_cover_all_but_the_hole() {
+        let r = guest_ranges(&bochs_map(), &[HV]);
+        for w in r.windows(2) {
+            assert!(w[0].end <= w[1].start);
+        }
+        let covered: u64 = r.iter().map(|x| x.end - x.start).sum();
+        assert_eq!(covered, (4u64 << 30) - (HV.1 - HV.0));
+        assert!(r.iter().all(|x| x.start % PAGE == 0 && x.end % PAGE == 0));
+        // A partial RAM page is not write-back.
+        let m = MemoryMap::from_regions([Region { start: 0, end: 0x9FC00, kind: MemKind::Ram }]);
+        let r = guest_ranges(&m, &[]);
+        assert_eq!(r[0], EptRange { start: 0, end: 0x9F000, ty: MemType::WriteBack });
+        assert_eq!(r[1].ty, MemType::Uncacheable);
+        assert_eq!(vec![r[1].start], vec![0x9F000]);
+    }
+
+    #[test]
+    fn ram_above_4g_is_mapped() {
+        let m = MemoryMap::from_regions([
+            Region { start: 0, end: 0x8000_0000, kind: MemKind::Ram },
+            Region { start: 0x1_0000_0000, end: 0x1_8000_0000, kind: MemKind::Ram },
+        ]);
+        let r = guest_ranges(&m, &[]);
+        let mut t = HostTables(Vec::new());
+        let root = build(&r, &mut t, (true, true)).unwrap();
+        assert_eq!(walk(&mut t, root, 0x1_2345_6000).unwrap().ty, 6);
+        assert_eq!(walk(&mut t, root, 0x9000_0000).unwrap().ty, 0);
+        assert_eq!(walk(&mut t, root, 0x1_8000_0000), None);
+    }
+
+    #[test]
+    fn eptp_format() {
+        assert_eq!(eptp(0x1234000), 0x1234000 | 0x18 | 6);
+    }
+}

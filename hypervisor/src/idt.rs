@@ -1,0 +1,287 @@
+//! The hypervisor's own IDT and per-CPU GDT/TSS, so that an exception in VMX
+//! root operation is reported on serial instead of triple-faulting the
+//! machine. Faults on a few instructions that may legitimately fault
+//! (RDMSR/WRMSR/XSETBV done on the guest's behalf) are recovered through a
+//! fixup table.
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Registers pushed by the common exception stub, lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+// 32 entry stubs. Vectors with a CPU-pushed error code: 8, 10-14, 17, 21, 29, 30.
+macro_rules! stubs {
+    ($($v:literal $ec:literal),*) => {
+        global_asm!(
+            ".section .text.idt, \"ax\"",
+            $(
+                concat!("exitscope_isr_", $v, ":"),
+                concat!(".if ", $ec, " == 0"),
+                "    push 0",
+                ".endif",
+                concat!("    push ", $v),
+                "    jmp exitscope_isr_common",
+            )*
+            "exitscope_isr_common:",
+            "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+            "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
+            "    mov rdi, rsp",
+            "    mov rbx, rsp",
+            "    and rsp, -16",
+            "    call exitscope_root_exception",
+            "    mov rsp, rbx",
+            "    pop r15", "pop r14", "pop r13", "pop r12", "pop r11", "pop r10", "pop r9", "pop r8",
+            "    pop rbp", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rbx", "pop rax",
+            "    add rsp, 16",
+            "    iretq",
+            ".section .rodata.idt, \"a\"",
+            ".balign 8",
+            ".global exitscope_isr_table",
+            "exitscope_isr_table:",
+            $( concat!("    .quad exitscope_isr_", $v), )*
+        );
+    };
+}
+stubs!(0 0, 1 0, 2 0, 3 0, 4 0, 5 0, 6 0, 7 0, 8 1, 9 0, 10 1, 11 1, 12 1, 13 1, 14 1, 15 0,
+       16 0, 17 1, 18 0, 19 0, 20 0, 21 1, 22 0, 23 0, 24 0, 25 0, 26 0, 27 0, 28 0, 29 1, 30 1, 31 0);
+
+unsafe extern "C" {
+    static exitscope_isr_table: [u64; 32];
+}
+
+#[repr(C, align(16))]
+struct Idt([u64; 64]);
+
+static mut IDT: Idt = Idt([0; 64]);
+
+/// IST index used for double faults and NMIs (a fresh stack).
+const IST_FAULT: u64 = 1;
+
+/// Fills the IDT (once, on the boot CPU).
+pub fn init_idt() {
+    for v in 0..32 {
+        // SAFETY: reading a table of addresses emitted above.
+        let handler = unsafe { exitscope_isr_table[v] };
+        let ist = if v == 8 || v == 2 { IST_FAULT } else { 0 };
+        let lo = (handler & 0xFFFF) | (0x08 << 16) | (ist << 32) | (0x8E << 40) | ((handler >> 16) & 0xFFFF) << 48;
+        let hi = handler >> 32;
+        // SAFETY: single-threaded boot; the IDT is not loaded yet or only read by the CPU.
+        unsafe {
+            IDT.0[v * 2] = lo;
+            IDT.0[v * 2 + 1] = hi;
+        }
+    }
+}
+
+/// Loads the IDT on this CPU.
+pub fn load_idt() {
+    let ptr = DescPtr { limit: (64 * 8 - 1) as u16, base: core::ptr::addr_of!(IDT) as u64 };
+    // SAFETY: the IDT is initialised and lives forever.
+    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
+}
+
+pub fn idt_base() -> u64 {
+    core::ptr::addr_of!(IDT) as u64
+}
+
+#[repr(C, packed)]
+pub struct DescPtr {
+    pub limit: u16,
+    pub base: u64,
+}
+
+/// 64-bit TSS.
+#[repr(C, packed)]
+pub struct Tss {
+    _r0: u32,
+    pub rsp: [u64; 3],
+    _r1: u64,
+    pub ist: [u64; 7],
+    _r2: u64,
+    _r3: u16,
+    pub iomap_base: u16,
+}
+
+/// A CPU's GDT (null, code 0x08, data 0x10, TSS 0x18) and TSS.
+#[repr(C, align(64))]
+pub struct PerCpuTables {
+    pub gdt: [u64; 5],
+    pub tss: Tss,
+}
+
+pub const HOST_CS: u16 = 0x08;
+pub const HOST_DS: u16 = 0x10;
+pub const HOST_TR: u16 = 0x18;
+
+impl PerCpuTables {
+    /// Builds the tables; `ist_top` is the top of this CPU's fault stack.
+    pub fn new(ist_top: u64) -> PerCpuTables {
+        let mut t = PerCpuTables {
+            gdt: [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0],
+            tss: Tss { _r0: 0, rsp: [0; 3], _r1: 0, ist: [0; 7], _r2: 0, _r3: 0, iomap_base: 104 },
+        };
+        t.tss.ist[(IST_FAULT - 1) as usize] = ist_top;
+        t
+    }
+
+    /// Loads the GDT, reloads the segment registers and TR. The tables
+    /// must not move afterwards (they are 'static in the arena).
+    pub fn load(&mut self) {
+        let tss = core::ptr::addr_of!(self.tss) as u64;
+        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        self.gdt[3] = (limit & 0xFFFF) | (tss & 0xFF_FFFF) << 16 | 0x89 << 40 | ((limit >> 16) & 0xF) << 48 | ((tss >> 24) & 0xFF) << 56;
+        self.gdt[4] = tss >> 32;
+        let ptr = DescPtr { limit: (5 * 8 - 1) as u16, base: self.gdt.as_ptr() as u64 };
+        // SAFETY: the GDT has the code and data descriptors the selectors
+        // name; the far return reloads CS; TR names the TSS just written.
+        unsafe {
+            asm!(
+                "lgdt [{ptr}]",
+                "push 0x08",
+                "lea {tmp}, [rip + 2f]",
+                "push {tmp}",
+                "retfq",
+                "2:",
+                "mov {tmp:e}, 0x10",
+                "mov ds, {tmp:e}",
+                "mov es, {tmp:e}",
+                "mov ss, {tmp:e}",
+                "xor {tmp:e}, {tmp:e}",
+                "mov fs, {tmp:e}",
+                "mov gs, {tmp:e}",
+                "mov {tmp:e}, 0x18",
+                "ltr {tmp:x}",
+                ptr = in(reg) &ptr,
+                tmp = out(reg) _,
+            );
+        }
+    }
+
+    pub fn gdt_base(&self) -> u64 {
+        self.gdt.as_ptr() as u64
+    }
+    pub fn tss_base(&self) -> u64 {
+        core::ptr::addr_of!(self.tss) as u64
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixups: instructions allowed to fault, and where to resume.
+
+global_asm!(
+    ".section .text.msr_safe, \"ax\"",
+    // u32 exitscope_rdmsr_safe(u32 msr, u64 *out): 0 = ok, 1 = #GP
+    ".global exitscope_rdmsr_safe",
+    "exitscope_rdmsr_safe:",
+    "    mov ecx, edi",
+    ".global exitscope_rdmsr_insn",
+    "exitscope_rdmsr_insn:",
+    "    rdmsr",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov [rsi], rax",
+    "    xor eax, eax",
+    "    ret",
+    // u32 exitscope_wrmsr_safe(u32 msr, u64 value)
+    ".global exitscope_wrmsr_safe",
+    "exitscope_wrmsr_safe:",
+    "    mov ecx, edi",
+    "    mov eax, esi",
+    "    mov rdx, rsi",
+    "    shr rdx, 32",
+    ".global exitscope_wrmsr_insn",
+    "exitscope_wrmsr_insn:",
+    "    wrmsr",
+    "    xor eax, eax",
+    "    ret",
+    // u32 exitscope_xsetbv_safe(u32 xcr, u64 value)
+    ".global exitscope_xsetbv_safe",
+    "exitscope_xsetbv_safe:",
+    "    mov ecx, edi",
+    "    mov eax, esi",
+    "    mov rdx, rsi",
+    "    shr rdx, 32",
+    ".global exitscope_xsetbv_insn",
+    "exitscope_xsetbv_insn:",
+    "    xsetbv",
+    "    xor eax, eax",
+    "    ret",
+    ".global exitscope_fault_return",
+    "exitscope_fault_return:",
+    "    mov eax, 1",
+    "    ret",
+);
+
+unsafe extern "C" {
+    fn exitscope_rdmsr_safe(msr: u32, out: *mut u64) -> u32;
+    fn exitscope_wrmsr_safe(msr: u32, value: u64) -> u32;
+    fn exitscope_xsetbv_safe(xcr: u32, value: u64) -> u32;
+    static exitscope_rdmsr_insn: u8;
+    static exitscope_wrmsr_insn: u8;
+    static exitscope_xsetbv_insn: u8;
+    static exitscope_fault_return: u8;
+}
+
+/// RDMSR that reports #GP instead of crashing.
+pub fn rdmsr_safe(msr: u32) -> Option<u64> {
+    let mut v = 0;
+    // SAFETY: a #GP is caught by the fixup table and turned into Err.
+    (unsafe { exitscope_rdmsr_safe(msr, &mut v) } == 0).then_some(v)
+}
+
+/// WRMSR that reports #GP instead of crashing.
+pub fn wrmsr_safe(msr: u32, value: u64) -> bool {
+    // SAFETY: as for rdmsr_safe. The caller decides the MSR may be written.
+    unsafe { exitscope_wrmsr_safe(msr, value) == 0 }
+}
+
+/// XSETBV that reports #GP instead of crashing.
+pub fn xsetbv_safe(xcr: u32, value: u64) -> bool {
+    // SAFETY: as for rdmsr_safe; the hypervisor itself never uses extended state.
+    unsafe { exitscope_xsetbv_safe(xcr, value) == 0 }
+}
+
+/// Last exception seen in root mode (vector << 32 | error code), for reports.
+pub static LAST_ROOT_FAULT: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
+    let (rd, wr, xs, ret) = (
+        &raw const exitscope_rdmsr_insn as u64,
+        &raw const exitscope_wrmsr_insn as u64,
+        &raw const exitscope_xsetbv_insn as u64,
+        &raw const exitscope_fault_return as u64,
+    );
+    if f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs) {
+        f.rip = ret;
+        return;
+    }
+    LAST_ROOT_FAULT.store(f.vector << 32 | (f.error_code & 0xFFFF_FFFF), Relaxed);
+    crate::fatal::root_exception(f);
+}

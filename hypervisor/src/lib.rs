@@ -1,0 +1,323 @@
+//! Exitscope: a bare-metal VT-x hypervisor that times every VM exit.
+//!
+//! This crate is the platform-neutral core. A boot front-end (multiboot in
+//! `boot/`, UEFI later) turns what its loader handed over into a
+//! [`bootinfo::BootInfo`] and calls [`run`]. Logic that needs no hardware
+//! (boot-information and ACPI parsing, options, VMX control selection, EPT
+//! building, exit decoding) is plain safe Rust and unit-tested on the host;
+//! the `unsafe` instruction wrappers live in `cpu`, `vmx` and `idt`.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod acpi;
+pub mod bootinfo;
+pub mod cpu;
+pub mod ept;
+pub mod fatal;
+pub mod guest;
+pub mod idt;
+pub mod memory;
+pub mod options;
+pub mod platform;
+pub mod serial;
+pub mod state;
+pub mod vmx;
+
+use alloc::vec::Vec;
+use bootinfo::BootInfo;
+use fatal::boot_error;
+use guest_loader::memmap::MemKind;
+pub use state::MAX_CPUS;
+use vmx::caps::{self, FeatureControl, VmxProbe};
+
+#[cfg(all(not(test), target_os = "none"))]
+#[global_allocator]
+static ALLOC: memory::ArenaAllocator = memory::ArenaAllocator;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// ACPI facts found at boot, for power-off on early errors.
+static BOOT_ACPI: spin::Once<acpi::Acpi> = spin::Once::new();
+
+pub fn boot_acpi() -> acpi::Acpi {
+    BOOT_ACPI.get().cloned().unwrap_or_default()
+}
+
+/// Entry from the multiboot front-end: `magic` and `info` as the loader
+/// left them in EAX and EBX.
+pub fn multiboot_entry(magic: u32, info: u32) -> ! {
+    early_init();
+    match bootinfo::parse_multiboot(magic, info as u64, &guest::IdentityMem) {
+        Ok(bi) => run(bi),
+        Err(e) => boot_error(format_args!("bad boot information: {e}")),
+    }
+}
+
+/// Serial console and exception handling, before anything else.
+pub fn early_init() {
+    serial::init(log::LevelFilter::Info);
+    idt::init_idt();
+    idt::load_idt();
+    hvprintln!("Exitscope {VERSION}: VM-exit statistics hypervisor");
+}
+
+fn read_probe() -> VmxProbe {
+    let ecx = cpu::cpuid(1, 0)[2];
+    let mut p = VmxProbe { cpuid1_ecx: ecx, ..VmxProbe::default() };
+    if ecx & (1 << 5) == 0 {
+        return p;
+    }
+    let rd = |m| idt::rdmsr_safe(m).unwrap_or(0);
+    use cpu::msr::*;
+    p.feature_control = rd(IA32_FEATURE_CONTROL);
+    p.basic = rd(IA32_VMX_BASIC);
+    let true_ctls = p.basic & (1 << 55) != 0;
+    p.pinbased = rd(if true_ctls { IA32_VMX_TRUE_PINBASED_CTLS } else { IA32_VMX_PINBASED_CTLS });
+    p.procbased = rd(if true_ctls { IA32_VMX_TRUE_PROCBASED_CTLS } else { IA32_VMX_PROCBASED_CTLS });
+    p.exit = rd(if true_ctls { IA32_VMX_TRUE_EXIT_CTLS } else { IA32_VMX_EXIT_CTLS });
+    p.entry = rd(if true_ctls { IA32_VMX_TRUE_ENTRY_CTLS } else { IA32_VMX_ENTRY_CTLS });
+    p.procbased2 = if p.procbased & (1 << 63) != 0 { rd(IA32_VMX_PROCBASED_CTLS2) } else { 0 };
+    p.misc = rd(IA32_VMX_MISC);
+    p.cr0_fixed0 = rd(IA32_VMX_CR0_FIXED0);
+    p.cr0_fixed1 = rd(IA32_VMX_CR0_FIXED1);
+    p.cr4_fixed0 = rd(IA32_VMX_CR4_FIXED0);
+    p.cr4_fixed1 = rd(IA32_VMX_CR4_FIXED1);
+    p.ept_vpid = if p.procbased2 & (1 << 33) != 0 { rd(IA32_VMX_EPT_VPID_CAP) } else { 0 };
+    let ext = cpu::cpuid(0x8000_0000, 0)[0];
+    p.has_rdtscp = ext >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 27) != 0;
+    let l7 = cpu::cpuid(7, 0);
+    p.has_invpcid = l7[1] & (1 << 10) != 0;
+    p.has_waitpkg = l7[2] & (1 << 5) != 0;
+    p.has_xsaves = cpu::cpuid(0xD, 1)[0] & (1 << 3) != 0;
+    p
+}
+
+/// The core: check the machine, move out of the guest's way, set up VMX and
+/// the guest, and enter it. Never returns.
+pub fn run(bi: BootInfo) -> ! {
+    let opts = match options::parse(&bi.cmdline) {
+        Ok(o) => o,
+        Err(e) => boot_error(format_args!("bad hypervisor command line '{}': {e}", bi.cmdline)),
+    };
+    serial::set_level(opts.log);
+    hvprintln!(
+        "booted by {} ({}), command line '{}'",
+        bi.protocol,
+        bi.loader_name.as_deref().unwrap_or("unknown loader"),
+        bi.cmdline
+    );
+
+    // The machine.
+    let ram = bi.memory.total_ram();
+    if ram == 0 {
+        boot_error(format_args!("no usable memory map: the boot loader reported no RAM"));
+    }
+    hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
+    let acpi = acpi::parse(&guest::IdentityMem, bi.rsdp.as_ref());
+    BOOT_ACPI.call_once(|| acpi.clone());
+    if acpi.tables.is_empty() {
+        hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
+    } else {
+        let pm1a = acpi.pm1a_cnt.map_or("none".into(), |r| alloc::format!("{r}"));
+        let s5 = acpi.s5.map_or("unknown".into(), |s| alloc::format!("SLP_TYP {}", s.0));
+        hvprintln!(
+            "ACPI: RSDP {:#x}, PM1a control {pm1a}, S5 {s5}, {} CPU(s) in the MADT",
+            acpi.rsdp_addr.unwrap_or(0),
+            acpi.cpus.len()
+        );
+    }
+
+    // VMX.
+    let probe = read_probe();
+    match caps::check_presence(probe.cpuid1_ecx, probe.feature_control) {
+        Err(e) => boot_error(format_args!("{e}")),
+        Ok(FeatureControl::Ready) => {}
+        Ok(FeatureControl::Write(v)) => {
+            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+                boot_error(format_args!("could not enable VMX in IA32_FEATURE_CONTROL"));
+            }
+            hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
+        }
+    }
+    let controls = match caps::choose(&probe, caps::Wanted::default()) {
+        Ok(c) => c,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    hvprintln!(
+        "VMX: VMCS revision {:#x}, EPT ({}{}), {}, unrestricted guest",
+        controls.vmcs_revision,
+        if controls.ept_2m { "2M" } else { "4K" },
+        if controls.ept_1g { " 1G pages" } else { " pages" },
+        if controls.vpid { "VPID" } else { "no VPID" }
+    );
+    for s in &controls.skipped {
+        hvprintln!("VMX: not available on this CPU, skipped: {s}");
+    }
+
+    // The guest must exist before anything moves.
+    if bi.modules.is_empty() {
+        boot_error(format_args!("no guest: give the guest kernel as the first boot module (GRUB: module2 /path/kernel args)"));
+    }
+
+    // Move the hypervisor to the top of RAM below 4 GiB.
+    let size = memory::image_size();
+    let mut keep: Vec<(u64, u64)> = bi.modules.iter().map(|m| (m.start, m.end)).collect();
+    keep.push(memory::load_range());
+    let Some(base) = bi.memory.highest_fit(size, 2 << 20, 1 << 32, &keep) else {
+        boot_error(format_args!(
+            "too little memory: the hypervisor needs {} MiB of contiguous RAM below 4 GiB besides the boot modules",
+            size >> 20
+        ))
+    };
+    let phys_limit = bi.memory.regions().last().map_or(1 << 32, |r| r.end).max(1 << 32);
+    let huge = cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
+    if let Err(e) = memory::relocate(base, phys_limit, huge) {
+        boot_error(format_args!("{e}"));
+    }
+    let footprint = memory::footprint();
+    hvprintln!(
+        "hypervisor region: {:#x}-{:#x} ({} MiB), not mapped for the guest and not in its memory map",
+        footprint.0,
+        footprint.1,
+        (footprint.1 - footprint.0) >> 20
+    );
+
+    // Stage the modules, then describe the guest's memory.
+    let staged = match guest::stage_modules(&bi, &[footprint, memory::load_range()]) {
+        Ok(s) => s,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    let mut guest_map = bi.memory.clone();
+    guest_map.remove(footprint.0, footprint.1);
+
+    // This CPU: its own GDT/TSS, VMXON, a VMCS.
+    let ncpus = 1;
+    let counters = &state::COUNTERS[0];
+    let mem = match vmx::vcpu::alloc(0, controls.vmcs_revision, counters) {
+        Ok(m) => m,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    mem.tables.load();
+    idt::load_idt();
+    if let Err(e) = enable_vmx(&controls, mem.vmxon_pa) {
+        boot_error(format_args!("{e}"));
+    }
+
+    // Bitmaps shared by all vCPUs: I/O ports and MSRs the hypervisor watches.
+    let watch = state::PortWatch {
+        pm1a: match acpi.pm1a_cnt {
+            Some(acpi::AcpiReg::Io(p)) => Some(p),
+            _ => None,
+        },
+        pm1b: match acpi.pm1b_cnt {
+            Some(acpi::AcpiReg::Io(p)) => Some(p),
+            _ => None,
+        },
+        s5: acpi.s5,
+        reset: match acpi.reset_reg {
+            Some((acpi::AcpiReg::Io(p), v)) if p != 0xCF9 => Some((p, v)),
+            _ => None,
+        },
+    };
+    let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch) {
+        Ok(x) => x,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+
+    // The guest.
+    let loaded = match guest::load(&bi, &staged, &guest_map, acpi.rsdp_addr) {
+        Ok(l) => l,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    hvprintln!("guest: {}", loaded.summary);
+
+    // EPT: identity map of everything but the hypervisor.
+    let ranges = ept::guest_ranges(&guest_map, &[footprint]);
+    let eptp = match ept::build(&ranges, &mut ArenaTables, (controls.ept_2m, controls.ept_1g)) {
+        Ok(root) => ept::eptp(root),
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+
+    let xcr0_supported = {
+        let d = cpu::cpuid(0xD, 0);
+        (d[3] as u64) << 32 | d[0] as u64
+    };
+    let msr_imm = cpu::cpuid(7, 1)[2] & (1 << 5) != 0;
+    let enabled = caps::enabled_reasons(&controls, msr_imm);
+    let hide = state::CpuidHide {
+        rdtscp: controls.hide_rdtscp,
+        invpcid: controls.hide_invpcid,
+        xsaves: controls.hide_xsaves,
+        waitpkg: controls.hide_waitpkg,
+    };
+    let sh = state::init(state::Shared {
+        options: opts,
+        acpi,
+        controls,
+        enabled,
+        footprint,
+        ncpus,
+        watch,
+        xcr0_supported,
+        hide,
+    });
+
+    if let Err(e) = vmx::load_vmcs(mem.vmcs_pa) {
+        boot_error(format_args!("{e}"));
+    }
+    let v = mem.state;
+    if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, mem.tables, io_bitmaps_pa, msr_bitmap_pa, eptp, vmx::vcpu::Start::Guest(&loaded.entry)) {
+        boot_error(format_args!("VMCS setup: {e}"));
+    }
+    vmx::invept(sh.controls.invept_single, eptp);
+    let (used, total) = memory::arena_usage();
+    hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
+    hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
+    vmx::exit::launch(v)
+}
+
+/// CR0/CR4 as VMX requires, then VMXON.
+fn enable_vmx(c: &caps::Controls, vmxon_pa: u64) -> Result<(), alloc::string::String> {
+    let cr0 = caps::fix_cr(cpu::read_cr0(), c.cr0_fixed0, c.cr0_fixed1).ok_or("CR0 has bits VMX does not allow")?;
+    let cr4 = caps::fix_cr(cpu::read_cr4() | (1 << 13), c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
+    // SAFETY: the values satisfy the VMX fixed-bit MSRs; paging stays on.
+    unsafe {
+        cpu::write_cr0(cr0);
+        cpu::write_cr4(cr4);
+    }
+    vmx::vmxon(vmxon_pa).map_err(|e| alloc::format!("{e}"))
+}
+
+/// Builds the I/O bitmaps (two pages) and the MSR bitmap (one page).
+fn make_bitmaps(w: &state::PortWatch) -> Result<(u64, u64), memory::OutOfMemory> {
+    let (io, io_pa) = memory::alloc_pages(2)?;
+    for p in w.ports() {
+        io[p as usize / 8] |= 1 << (p % 8);
+    }
+    let (msr, msr_pa) = memory::alloc_pages(1)?;
+    let mut trap = |m: u32| {
+        let (base, bit) = if m < 0x2000 { (0, m) } else { (1024, m - 0xC000_0000) };
+        msr[(base + bit / 8) as usize] |= 1 << (bit % 8); // read
+        msr[(base + 2048 + bit / 8) as usize] |= 1 << (bit % 8); // write
+    };
+    trap(cpu::msr::IA32_FEATURE_CONTROL);
+    for m in cpu::msr::IA32_VMX_BASIC..=cpu::msr::IA32_VMX_EXIT_CTLS2 {
+        trap(m);
+    }
+    Ok((io_pa, msr_pa))
+}
+
+/// EPT tables from the arena.
+struct ArenaTables;
+
+impl ept::Tables for ArenaTables {
+    type Error = memory::OutOfMemory;
+    fn alloc(&mut self) -> Result<u64, Self::Error> {
+        memory::alloc_pages(1).map(|(_, pa)| pa)
+    }
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` came from alloc() above: an arena page, identity-mapped.
+        unsafe { &mut *memory::phys_ptr::<[u64; 512]>(pa) }
+    }
+}

@@ -1,0 +1,117 @@
+//! The hypervisor's own command line: `key=value` words.
+//!
+//! | option | values | default | meaning |
+//! |---|---|---|---|
+//! | `log` | `error` `warn` `info` `debug` `trace` | `info` | serial log level |
+//! | `on_end` | `poweroff` `reset` `halt` | `poweroff` | what the machine does after the guest ended and the final dump is printed |
+//! | `cpus` | 1..=64 | all | how many CPUs to virtualise |
+
+use alloc::string::{String, ToString};
+use core::fmt;
+
+/// What happens after the guest has ended and the statistics are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndAction {
+    PowerOff,
+    Reset,
+    Halt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub log: log::LevelFilter,
+    pub on_end: EndAction,
+    pub max_cpus: Option<u32>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { log: log::LevelFilter::Info, on_end: EndAction::PowerOff, max_cpus: None }
+    }
+}
+
+/// A bad command-line word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OptionError {
+    Unknown(String),
+    BadValue { key: String, value: String, expected: &'static str },
+}
+
+pub const KNOWN: &str = "log=, on_end=, cpus=";
+
+impl fmt::Display for OptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptionError::Unknown(w) => write!(f, "unknown option '{w}' (known options: {KNOWN})"),
+            OptionError::BadValue { key, value, expected } => {
+                write!(f, "bad value '{value}' for option '{key}' (expected {expected})")
+            }
+        }
+    }
+}
+
+/// Parses the command line. Every word must be a known `key=value`.
+pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
+    let mut o = Options::default();
+    for word in cmdline.split_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            return Err(OptionError::Unknown(word.to_string()));
+        };
+        let bad = |expected| OptionError::BadValue { key: key.to_string(), value: value.to_string(), expected };
+        match key {
+            "log" => {
+                o.log = match value {
+                    "error" => log::LevelFilter::Error,
+                    "warn" => log::LevelFilter::Warn,
+                    "info" => log::LevelFilter::Info,
+                    "debug" => log::LevelFilter::Debug,
+                    "trace" => log::LevelFilter::Trace,
+                    _ => return Err(bad("error, warn, info, debug or trace")),
+                }
+            }
+            "on_end" => {
+                o.on_end = match value {
+                    "poweroff" => EndAction::PowerOff,
+                    "reset" => EndAction::Reset,
+                    "halt" => EndAction::Halt,
+                    _ => return Err(bad("poweroff, reset or halt")),
+                }
+            }
+            "cpus" => match value.parse::<u32>() {
+                Ok(n) if (1..=crate::MAX_CPUS as u32).contains(&n) => o.max_cpus = Some(n),
+                _ => return Err(bad("a number from 1 to 64")),
+            },
+            _ => return Err(OptionError::Unknown(word.to_string())),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_values() {
+        assert_eq!(parse("").unwrap(), Options::default());
+        let o = parse("log=debug  on_end=reset cpus=2").unwrap();
+        assert_eq!(o.log, log::LevelFilter::Debug);
+        assert_eq!(o.on_end, EndAction::Reset);
+        assert_eq!(o.max_cpus, Some(2));
+    }
+
+    #[test]
+    fn errors_name_the_word() {
+        let e = parse("log=info bogus=1").unwrap_err();
+        assert_eq!(e, OptionError::Unknown("bogus=1".into()));
+        assert!(e.to_string().contains("unknown option 'bogus=1'"));
+        assert!(e.to_string().contains("log="));
+        let e = parse("verbose").unwrap_err();
+        assert_eq!(e, OptionError::Unknown("verbose".into()));
+        let e = parse("log=loud").unwrap_err();
+        assert!(e.to_string().contains("bad value 'loud' for option 'log'"), "{e}");
+        assert!(parse("cpus=0").is_err());
+        assert!(parse("cpus=65").is_err());
+        assert!(parse("on_end=explode").is_err());
+    }
+}

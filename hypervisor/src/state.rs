@@ -1,0 +1,94 @@
+//! State shared by all vCPUs, fixed before the guest starts.
+
+use crate::acpi::Acpi;
+use crate::options::Options;
+use crate::vmx::caps::Controls;
+use exitscope_stats::{ReasonSet, Snapshot, VcpuCounters};
+use spin::Once;
+
+/// Most CPUs Exitscope virtualises.
+pub const MAX_CPUS: usize = 64;
+
+/// One counter block per vCPU, each written only by its vCPU.
+pub static COUNTERS: [VcpuCounters; MAX_CPUS] = [const { VcpuCounters::new() }; MAX_CPUS];
+
+/// Ports the hypervisor watches to see the guest end (the I/O bitmap).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortWatch {
+    /// ACPI PM1a/PM1b control (I/O space), from the FADT.
+    pub pm1a: Option<u16>,
+    pub pm1b: Option<u16>,
+    /// SLP_TYP of S5, from the DSDT.
+    pub s5: Option<(u8, u8)>,
+    /// ACPI reset register (I/O space) and value, if not 0xCF9.
+    pub reset: Option<(u16, u8)>,
+}
+
+impl PortWatch {
+    /// Every port the I/O bitmap must intercept.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        let pm = |p: Option<u16>| p.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
+        [0x64u16, 0x92, 0xCF9, 0x8900].into_iter().chain(pm(self.pm1a)).chain(pm(self.pm1b)).chain(self.reset.map(|r| r.0))
+    }
+}
+
+/// Which CPUID bits to hide because VMX cannot keep them working.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuidHide {
+    pub rdtscp: bool,
+    pub invpcid: bool,
+    pub xsaves: bool,
+    pub waitpkg: bool,
+}
+
+pub struct Shared {
+    pub options: Options,
+    pub acpi: Acpi,
+    pub controls: Controls,
+    /// Exit reasons this configuration can produce ("enabled").
+    pub enabled: ReasonSet,
+    /// The hypervisor's physical footprint.
+    pub footprint: (u64, u64),
+    pub ncpus: usize,
+    pub watch: PortWatch,
+    /// XCR0 bits the CPU supports (CPUID.(EAX=0DH,ECX=0)).
+    pub xcr0_supported: u64,
+    pub hide: CpuidHide,
+}
+
+static SHARED: Once<Shared> = Once::new();
+
+pub fn init(s: Shared) -> &'static Shared {
+    SHARED.call_once(|| s)
+}
+
+/// The shared state (set before any vCPU runs).
+#[inline(always)]
+pub fn shared() -> &'static Shared {
+    // SAFETY: init() runs before the first VM entry, and every caller of
+    // shared() runs on the exit path or after init.
+    unsafe { SHARED.get_unchecked() }
+}
+
+pub fn try_shared() -> Option<&'static Shared> {
+    SHARED.get()
+}
+
+/// The live counter blocks of all vCPUs.
+pub fn counters() -> &'static [VcpuCounters] {
+    let n = try_shared().map_or(1, |s| s.ncpus);
+    &COUNTERS[..n]
+}
+
+/// Prints the statistics dump, all vCPUs summed, with a per-vCPU breakdown.
+pub fn print_dump(title: &str) {
+    let blocks = counters();
+    let snap = Snapshot::sum(blocks);
+    let mut per = [(0u64, 0u64); MAX_CPUS];
+    for (i, b) in blocks.iter().enumerate() {
+        per[i] = (b.total_exits(), b.total_cycles());
+    }
+    crate::serial::with_console(|w| {
+        let _ = exitscope_stats::dump::write_dump(w, title, &snap, &per[..blocks.len()]);
+    });
+}

@@ -1,0 +1,791 @@
+//! The exit path: the assembly stub, the one dispatch point, and the
+//! handlers.
+//!
+//! Timing: the stub saves RAX and RDX and immediately reads the TSC; the
+//! handler reads it again as its very last step, after all work, and
+//! charges the difference to the exit's basic reason in this vCPU's
+//! counters. What lies outside the window is the hardware exit itself, two
+//! stores before the first RDTSC, and the register restore and VMRESUME
+//! after the second (about 20 instructions in all; see BENCHMARKS.md).
+
+use super::caps::bits::ENTRY_IA32E_GUEST;
+use super::vcpu::{self, VcpuState};
+use super::{control, guest, ro, vmread, vmwrite};
+use crate::cpu::{self, msr};
+use crate::fatal::{end_guest, GuestEnd};
+use crate::idt;
+use crate::state::{self, shared};
+use core::arch::global_asm;
+use exitscope_stats::leaf;
+use exitscope_stats::reasons::slot_of;
+
+global_asm!(
+    ".section .text.exit_path, \"ax\"",
+    ".global exitscope_vmexit",
+    "exitscope_vmexit:",
+    // RSP = &VcpuState (HOST_RSP). Save the two registers RDTSC clobbers,
+    // then take the exit timestamp.
+    "    mov [rsp + 0], rax",
+    "    mov [rsp + 16], rdx",
+    "    rdtsc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov [rsp + 120], rax",
+    "    mov [rsp + 8], rcx",
+    "    mov [rsp + 24], rbx",
+    "    mov [rsp + 32], rbp",
+    "    mov [rsp + 40], rsi",
+    "    mov [rsp + 48], rdi",
+    "    mov [rsp + 56], r8",
+    "    mov [rsp + 64], r9",
+    "    mov [rsp + 72], r10",
+    "    mov [rsp + 80], r11",
+    "    mov [rsp + 88], r12",
+    "    mov [rsp + 96], r13",
+    "    mov [rsp + 104], r14",
+    "    mov [rsp + 112], r15",
+    "    mov rdi, rsp",
+    "    call exitscope_vmexit_handler",
+    "exitscope_resume:",
+    "    mov rcx, [rsp + 8]",
+    "    mov rdx, [rsp + 16]",
+    "    mov rbx, [rsp + 24]",
+    "    mov rbp, [rsp + 32]",
+    "    mov rsi, [rsp + 40]",
+    "    mov rdi, [rsp + 48]",
+    "    mov r8, [rsp + 56]",
+    "    mov r9, [rsp + 64]",
+    "    mov r10, [rsp + 72]",
+    "    mov r11, [rsp + 80]",
+    "    mov r12, [rsp + 88]",
+    "    mov r13, [rsp + 96]",
+    "    mov r14, [rsp + 104]",
+    "    mov r15, [rsp + 112]",
+    "    mov rax, [rsp + 0]",
+    "    vmresume",
+    // VMRESUME failed (VMfailValid/VMfailInvalid): report and stop.
+    "    mov rdi, rsp",
+    "    mov esi, 1",
+    "    call exitscope_vmentry_failed",
+    "    ud2",
+    "",
+    // exitscope_vmlaunch(state: &VcpuState) -> !: switch to the vCPU's
+    // stack (= HOST_RSP), load the guest registers and launch.
+    ".global exitscope_vmlaunch",
+    "exitscope_vmlaunch:",
+    "    mov rsp, rdi",
+    "    mov rcx, [rsp + 8]",
+    "    mov rdx, [rsp + 16]",
+    "    mov rbx, [rsp + 24]",
+    "    mov rbp, [rsp + 32]",
+    "    mov rsi, [rsp + 40]",
+    "    mov rdi, [rsp + 48]",
+    "    mov r8, [rsp + 56]",
+    "    mov r9, [rsp + 64]",
+    "    mov r10, [rsp + 72]",
+    "    mov r11, [rsp + 80]",
+    "    mov r12, [rsp + 88]",
+    "    mov r13, [rsp + 96]",
+    "    mov r14, [rsp + 104]",
+    "    mov r15, [rsp + 112]",
+    "    mov rax, [rsp + 0]",
+    "    vmlaunch",
+    "    mov rdi, rsp",
+    "    xor esi, esi",
+    "    call exitscope_vmentry_failed",
+    "    ud2",
+);
+
+unsafe extern "C" {
+    fn exitscope_vmlaunch(state: *mut VcpuState) -> !;
+}
+
+/// Enters the guest for the first time on this CPU. Never returns: from now
+/// on the CPU lives in the exit loop.
+pub fn launch(v: &'static mut VcpuState) -> ! {
+    crate::serial::drain();
+    // SAFETY: the VMCS of `v` is current and fully programmed; HOST_RSP is
+    // `v`, which the stub switches to.
+    unsafe { exitscope_vmlaunch(v) }
+}
+
+/// What the dispatcher decided to do with an exit, in vendor-neutral terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Cpuid,
+    Hlt,
+    Io,
+    MsrRead,
+    MsrWrite,
+    CrAccess,
+    Xsetbv,
+    Vmcall,
+    Invd,
+    Wbinvd,
+    /// An instruction the guest may not use (VMX, SMX, TDX): #UD.
+    Undefined,
+    EptViolation,
+    EptMisconfig,
+    TripleFault,
+    Init,
+    Sipi,
+    TaskSwitch,
+    /// VM entry failed (reported with exit-reason bit 31 set).
+    EntryFailure,
+    /// An exit this configuration never asks for.
+    Unexpected(u16),
+}
+
+/// Maps a VMX basic exit reason to what the hypervisor does with it.
+pub const fn classify(basic: u16) -> Exit {
+    match basic {
+        10 => Exit::Cpuid,
+        12 => Exit::Hlt,
+        30 => Exit::Io,
+        31 => Exit::MsrRead,
+        32 => Exit::MsrWrite,
+        28 => Exit::CrAccess,
+        55 => Exit::Xsetbv,
+        18 => Exit::Vmcall,
+        13 => Exit::Invd,
+        54 => Exit::Wbinvd,
+        11 | 19..=27 | 50 | 53 | 59 | 76 | 77 => Exit::Undefined,
+        48 => Exit::EptViolation,
+        49 => Exit::EptMisconfig,
+        2 => Exit::TripleFault,
+        3 => Exit::Init,
+        4 => Exit::Sipi,
+        9 => Exit::TaskSwitch,
+        33 | 34 | 41 => Exit::EntryFailure,
+        n => Exit::Unexpected(n),
+    }
+}
+
+/// The one choke point: every VM exit of every vCPU comes through here.
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
+    let reason = vmread(ro::EXIT_REASON) as u32;
+    v.last_exit = reason;
+    let basic = reason as u16;
+    if reason & (1 << 31) != 0 {
+        entry_failure(v, reason);
+    }
+    match classify(basic) {
+        Exit::EntryFailure => entry_failure(v, reason),
+        Exit::Cpuid => cpuid(v),
+        Exit::Hlt => hlt(v),
+        Exit::Io => io(v),
+        Exit::MsrRead => rdmsr(v),
+        Exit::MsrWrite => wrmsr(v),
+        Exit::CrAccess => cr_access(v),
+        Exit::Xsetbv => xsetbv(v),
+        Exit::Vmcall => vmcall(v),
+        Exit::Invd | Exit::Wbinvd => {
+            // INVD would drop dirty lines the guest does not own; WBINVD is
+            // the safe superset.
+            cpu::wbinvd();
+            skip(v);
+        }
+        Exit::Undefined => inject(vector::UD, None),
+        Exit::EptViolation => ept_violation(v),
+        Exit::EptMisconfig => end_guest(v, GuestEnd::Stopped("EPT misconfiguration (a hypervisor bug)")),
+        Exit::TripleFault => end_guest(v, GuestEnd::TripleFault),
+        Exit::Init => end_guest(v, GuestEnd::Reset("INIT signal")),
+        Exit::Sipi => end_guest(v, GuestEnd::Stopped("unexpected SIPI")),
+        Exit::TaskSwitch => end_guest(v, GuestEnd::Stopped("hardware task switch (not supported)")),
+        Exit::Unexpected(n) => unexpected(v, n),
+    }
+    account(v, basic);
+}
+
+/// Charges the exit to its reason: the last thing before VMRESUME.
+#[inline(always)]
+pub fn account(v: &VcpuState, basic: u16) {
+    let now = cpu::rdtsc();
+    v.counters.record(slot_of(basic), now.wrapping_sub(v.tsc_exit));
+}
+
+/// Exception vectors.
+pub mod vector {
+    pub const UD: u8 = 6;
+    pub const GP: u8 = 13;
+}
+
+/// Injects a hardware exception at the current guest instruction.
+pub fn inject(vector: u8, error: Option<u32>) {
+    let mut info = vector as u64 | 3 << 8 | 1 << 31;
+    if let Some(e) = error {
+        info |= 1 << 11;
+        vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, e as u64);
+    }
+    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+}
+
+/// Moves the guest past the instruction that exited, and ends any
+/// interrupt shadow (blocking by STI or MOV SS), as executing it would.
+#[inline(always)]
+pub fn skip(_v: &VcpuState) {
+    let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
+    vmwrite(guest::RIP, vmread(guest::RIP).wrapping_add(len));
+    let shadow = vmread(guest::INTERRUPTIBILITY_STATE);
+    if shadow & 3 != 0 {
+        vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !3);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CPUID
+
+/// "ExitscopeVMM", as CPUID 0x40000000 returns it in EBX, ECX, EDX.
+pub const SIGNATURE: [u32; 3] = [
+    u32::from_le_bytes(*b"Exit"),
+    u32::from_le_bytes(*b"scop"),
+    u32::from_le_bytes(*b"eVMM"),
+];
+/// Version of the hypervisor interface (leaf 0x40000001 EAX).
+pub const INTERFACE_VERSION: u32 = 1;
+
+fn cpuid(v: &mut VcpuState) {
+    let leaf = v.regs.rax as u32;
+    let sub = v.regs.rcx as u32;
+    let r = if leaf::is_stats_leaf(leaf) {
+        let a = leaf::answer(leaf, sub, state::counters(), &shared().enabled).unwrap_or_default();
+        [a.eax, a.ebx, a.ecx, a.edx]
+    } else {
+        filtered_cpuid(leaf, sub)
+    };
+    v.regs.rax = r[0] as u64;
+    v.regs.rbx = r[1] as u64;
+    v.regs.rcx = r[2] as u64;
+    v.regs.rdx = r[3] as u64;
+    skip(v);
+}
+
+/// CPUID as the guest sees it: the real CPU, minus VMX (and SMX), plus the
+/// hypervisor bit and leaves, minus instructions VMX cannot keep working.
+pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    match leaf {
+        0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
+        0x4000_0001 => [INTERFACE_VERSION, 0, 0, 0],
+        0x4000_0002..=0x4000_00FF => [0; 4],
+        _ => {
+            let mut r = cpu::cpuid(leaf, sub);
+            let h = shared().hide;
+            match (leaf, sub) {
+                (1, _) => {
+                    r[2] &= !(1 << 5 | 1 << 6); // VMX, SMX
+                    r[2] |= 1 << 31; // running under a hypervisor
+                }
+                (7, 0) => {
+                    if h.invpcid {
+                        r[1] &= !(1 << 10);
+                    }
+                    if h.waitpkg {
+                        r[2] &= !(1 << 5);
+                    }
+                }
+                (0xD, 1) if h.xsaves => r[0] &= !(1 << 3),
+                (0x8000_0001, _) if h.rdtscp => r[3] &= !(1 << 27),
+                _ => {}
+            }
+            r
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HLT
+
+fn hlt(v: &mut VcpuState) {
+    skip(v);
+    if vmread(guest::RFLAGS) & (1 << 9) == 0 {
+        // Interrupts off: nothing but an NMI or INIT can wake it. The
+        // guest has halted for good.
+        end_guest(v, GuestEnd::Halted);
+    }
+    // Wait for the next interrupt in the guest's HLT state, not in a spin.
+    vmwrite(guest::ACTIVITY_STATE, 1);
+}
+
+// ---------------------------------------------------------------------------
+// I/O
+
+/// An I/O exit, decoded (SDM Vol. 3, Table 28-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoAccess {
+    pub port: u16,
+    pub size: u8,
+    pub input: bool,
+    pub string: bool,
+    pub rep: bool,
+}
+
+impl IoAccess {
+    pub const fn decode(q: u64) -> IoAccess {
+        IoAccess {
+            size: (q & 7) as u8 + 1,
+            input: q & 8 != 0,
+            string: q & 16 != 0,
+            rep: q & 32 != 0,
+            port: (q >> 16) as u16,
+        }
+    }
+}
+
+/// What an OUT to a watched port means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortEvent {
+    /// Pass the write through to the device.
+    PassThrough,
+    /// Swallow it (collected by the hypervisor).
+    Swallow,
+    End(GuestEnd),
+}
+
+/// Decides what an OUT of `value` (`size` bytes) to `port` means.
+pub fn classify_out(w: &state::PortWatch, port: u16, size: u8, value: u32) -> PortEvent {
+    let byte = value as u8;
+    if port == 0x64 && size == 1 && byte == 0xFE {
+        return PortEvent::End(GuestEnd::Reset("keyboard controller reset (0xFE to port 0x64)"));
+    }
+    if port == 0x92 && size == 1 && byte & 1 != 0 {
+        return PortEvent::End(GuestEnd::Reset("fast reset (port 0x92 bit 0)"));
+    }
+    if port == 0xCF9 && size == 1 && byte & 4 != 0 {
+        return PortEvent::End(GuestEnd::Reset("reset control register (port 0xCF9)"));
+    }
+    if let Some((p, val)) = w.reset {
+        if port == p && size == 1 && byte == val {
+            return PortEvent::End(GuestEnd::Reset("ACPI reset register"));
+        }
+    }
+    for pm in [w.pm1a, w.pm1b].into_iter().flatten() {
+        // The control register is 16 bits; a byte write to pm+1 holds its high half.
+        let cnt = match (port.wrapping_sub(pm), size) {
+            (0, 2 | 4) => Some(value as u16),
+            (1, 1) => Some((byte as u16) << 8),
+            _ => None,
+        };
+        if let Some(cnt) = cnt {
+            if cnt & crate::acpi::SLP_EN != 0 {
+                let typ = crate::acpi::slp_typ(cnt);
+                let s5 = w.s5.map(|(a, b)| if Some(pm) == w.pm1a { a } else { b });
+                return PortEvent::End(if s5.is_none_or(|s| s == typ) {
+                    GuestEnd::PowerOff("ACPI S5 (soft off)")
+                } else {
+                    GuestEnd::Sleep(typ)
+                });
+            }
+        }
+    }
+    if port == 0x8900 {
+        return PortEvent::Swallow;
+    }
+    PortEvent::PassThrough
+}
+
+fn io(v: &mut VcpuState) {
+    let a = IoAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    if a.string {
+        end_guest(v, GuestEnd::Stopped("string I/O (INS/OUTS) to an intercepted port is not supported"));
+    }
+    let mask: u64 = match a.size {
+        1 => 0xFF,
+        2 => 0xFFFF,
+        _ => 0xFFFF_FFFF,
+    };
+    if a.input {
+        // SAFETY: the guest owns these devices; the hypervisor only watches them.
+        let val = unsafe {
+            match a.size {
+                1 => cpu::inb(a.port) as u64,
+                2 => cpu::inw(a.port) as u64,
+                _ => cpu::inl(a.port) as u64,
+            }
+        };
+        // A 32-bit IN zero-extends into RAX; 8/16-bit INs keep the rest.
+        v.regs.rax = if a.size == 4 { val } else { (v.regs.rax & !mask) | val };
+    } else {
+        let val = (v.regs.rax & mask) as u32;
+        match classify_out(&shared().watch, a.port, a.size, val) {
+            PortEvent::End(e) => end_guest(v, e),
+            PortEvent::Swallow => {
+                if a.port == 0x8900 {
+                    bochs_shutdown_byte(v, val as u8);
+                }
+            }
+            // SAFETY: as above: a write the guest is entitled to.
+            PortEvent::PassThrough => unsafe {
+                match a.size {
+                    1 => cpu::outb(a.port, val as u8),
+                    2 => cpu::outw(a.port, val as u16),
+                    _ => cpu::outl(a.port, val),
+                }
+            },
+        }
+    }
+    skip(v);
+}
+
+/// Bochs powers off when "Shutdown" is written to port 0x8900.
+fn bochs_shutdown_byte(v: &mut VcpuState, b: u8) {
+    const WORD: &[u8] = b"Shutdown";
+    if b == WORD[v.shutdown_len] {
+        v.shutdown_len += 1;
+        if v.shutdown_len == WORD.len() {
+            skip(v);
+            end_guest(v, GuestEnd::PowerOff("Bochs shutdown port (0x8900)"));
+        }
+    } else {
+        v.shutdown_len = usize::from(b == WORD[0]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MSRs
+
+/// The value of IA32_FEATURE_CONTROL the guest sees: locked, VMX off (VMX
+/// is not offered to the guest), SENTER off.
+pub const fn guest_feature_control(real: u64) -> u64 {
+    (real | 1) & !(0x6 | 0x7F00)
+}
+
+fn is_vmx_msr(m: u32) -> bool {
+    (msr::IA32_VMX_BASIC..=msr::IA32_VMX_EXIT_CTLS2).contains(&m)
+}
+
+fn rdmsr(v: &mut VcpuState) {
+    let m = v.regs.rcx as u32;
+    let value = match m {
+        msr::IA32_FEATURE_CONTROL => idt::rdmsr_safe(m).map(guest_feature_control),
+        _ if is_vmx_msr(m) => None,
+        _ => idt::rdmsr_safe(m),
+    };
+    match value {
+        Some(x) => {
+            v.regs.rax = x & 0xFFFF_FFFF;
+            v.regs.rdx = x >> 32;
+            skip(v);
+        }
+        None => inject(vector::GP, Some(0)),
+    }
+}
+
+fn wrmsr(v: &mut VcpuState) {
+    let m = v.regs.rcx as u32;
+    let value = (v.regs.rdx << 32) | (v.regs.rax & 0xFFFF_FFFF);
+    let ok = match m {
+        // Locked: any write faults, as on hardware.
+        msr::IA32_FEATURE_CONTROL => false,
+        _ if is_vmx_msr(m) => false,
+        _ => idt::wrmsr_safe(m, value),
+    };
+    if ok {
+        skip(v);
+    } else {
+        inject(vector::GP, Some(0));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Control registers
+
+/// A control-register exit, decoded (SDM Vol. 3, Table 28-3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrAccess {
+    pub cr: u8,
+    /// 0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW.
+    pub kind: u8,
+    pub gpr: u8,
+    pub lmsw_data: u16,
+}
+
+impl CrAccess {
+    pub const fn decode(q: u64) -> CrAccess {
+        CrAccess { cr: (q & 15) as u8, kind: ((q >> 4) & 3) as u8, gpr: ((q >> 8) & 15) as u8, lmsw_data: (q >> 16) as u16 }
+    }
+}
+
+const CR0_PE: u64 = 1;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Whether a MOV to CR0 of `new` would fault (#GP) on hardware.
+pub const fn cr0_write_faults(new: u64) -> bool {
+    new >> 32 != 0 || (new & CR0_PG != 0 && new & CR0_PE == 0) || (new & CR0_NW != 0 && new & CR0_CD == 0)
+}
+
+fn cr_access(v: &mut VcpuState) {
+    let a = CrAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    let c = &shared().controls;
+    let ok = match (a.cr, a.kind) {
+        (0, 0) => write_cr0(v, v.regs.get(a.gpr)),
+        (0, 3) => {
+            // LMSW: only PE, MP, EM, TS; PE can be set but not cleared.
+            let old = vmread(control::CR0_READ_SHADOW);
+            let new = (old & !0xE) | (a.lmsw_data as u64 & 0xF) | (old & CR0_PE);
+            write_cr0(v, new)
+        }
+        (4, 0) => {
+            let new = v.regs.get(a.gpr);
+            if new & CR4_VMXE != 0 || crate::vmx::caps::fix_cr(new, 0, c.cr4_fixed1 | CR4_VMXE).is_none() {
+                false // VMX is not offered to the guest; other bits unsupported
+            } else {
+                vcpu::set_cr4(c, new).is_ok() && {
+                    update_pdptes();
+                    flush_guest_tlb(v);
+                    true
+                }
+            }
+        }
+        _ => end_guest(v, GuestEnd::Stopped("unexpected control-register access")),
+    };
+    if ok {
+        skip(v);
+    } else {
+        inject(vector::GP, Some(0));
+    }
+}
+
+/// Emulates MOV to CR0 (only writes that change CR0.NE get here), with the
+/// long-mode activation or deactivation the write implies.
+fn write_cr0(v: &mut VcpuState, new: u64) -> bool {
+    if cr0_write_faults(new) {
+        return false;
+    }
+    let c = &shared().controls;
+    let old = vmread(guest::CR0);
+    let mut efer = vmread(guest::IA32_EFER_FULL);
+    if old & CR0_PG == 0 && new & CR0_PG != 0 && efer & EFER_LME != 0 {
+        if vmread(guest::CR4) & CR4_PAE == 0 {
+            return false;
+        }
+        efer |= EFER_LMA;
+        v.entry_ctls |= ENTRY_IA32E_GUEST;
+    } else if old & CR0_PG != 0 && new & CR0_PG == 0 && efer & EFER_LMA != 0 {
+        efer &= !EFER_LMA;
+        v.entry_ctls &= !ENTRY_IA32E_GUEST;
+    }
+    vmwrite(guest::IA32_EFER_FULL, efer);
+    vmwrite(control::VMENTRY_CONTROLS, v.entry_ctls as u64);
+    if vcpu::set_cr0(c, new).is_err() {
+        return false;
+    }
+    update_pdptes();
+    flush_guest_tlb(v);
+    true
+}
+
+/// In PAE paging without long mode, VM entry loads the four PDPTEs from the
+/// VMCS; refresh them from guest CR3 after an emulated CR write.
+fn update_pdptes() {
+    let (cr0, cr4, efer) = (vmread(guest::CR0), vmread(guest::CR4), vmread(guest::IA32_EFER_FULL));
+    if cr0 & CR0_PG != 0 && cr4 & CR4_PAE != 0 && efer & EFER_LMA == 0 {
+        let base = vmread(guest::CR3) & 0xFFFF_FFE0;
+        for i in 0..4u64 {
+            // The guest's CR3 is guest-physical, identity-mapped by EPT.
+            if base < shared().footprint.0 || base >= shared().footprint.1 {
+                // SAFETY: reading guest RAM through the identity map.
+                let e = unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u64>(base + i * 8)) };
+                vmwrite(guest::PDPTE0_FULL + (i as u32) * 2, e);
+            }
+        }
+    }
+}
+
+fn flush_guest_tlb(v: &VcpuState) {
+    if shared().controls.vpid {
+        super::invvpid_single(v.vpid);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// XSETBV
+
+/// Whether XCR0 may take `value` on a CPU supporting `supported` (SDM Vol.
+/// 1, 13.3): x87 always on, AVX needs SSE, the AVX-512 trio together and
+/// with AVX, MPX's pair together, AMX's pair together.
+pub const fn xcr0_valid(value: u64, supported: u64) -> bool {
+    let avx512 = 0b111 << 5;
+    let mpx = 0b11 << 3;
+    let amx = 0b11 << 17;
+    value & !supported == 0
+        && value & 1 != 0
+        && !(value & 4 != 0 && value & 2 == 0)
+        && (value & avx512 == 0 || (value & avx512 == avx512 && value & 4 != 0))
+        && (value & mpx == 0 || value & mpx == mpx)
+        && (value & amx == 0 || value & amx == amx)
+}
+
+fn xsetbv(v: &mut VcpuState) {
+    let xcr = v.regs.rcx as u32;
+    let value = (v.regs.rdx << 32) | (v.regs.rax & 0xFFFF_FFFF);
+    if xcr == 0 && xcr0_valid(value, shared().xcr0_supported) && idt::xsetbv_safe(0, value) {
+        skip(v);
+    } else {
+        inject(vector::GP, Some(0));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// VMCALL
+
+/// Hypercall status: no such hypercall (the value KVM uses, -1000).
+pub const HC_ENOSYS: u64 = (-1000i64) as u64;
+
+fn vmcall(v: &mut VcpuState) {
+    v.regs.rax = HC_ENOSYS;
+    skip(v);
+}
+
+// ---------------------------------------------------------------------------
+// EPT and the rest
+
+fn ept_violation(v: &mut VcpuState) {
+    let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
+    let q = vmread(ro::EXIT_QUALIFICATION);
+    let rip = vmread(guest::RIP);
+    let access = if q & 2 != 0 {
+        "write"
+    } else if q & 4 != 0 {
+        "instruction fetch"
+    } else {
+        "read"
+    };
+    let (hs, he) = shared().footprint;
+    let what = if (hs..he).contains(&gpa) { "hypervisor memory" } else { "an unmapped physical address" };
+    crate::hvprintln!("guest {access} of {what}: GPA {gpa:#x} at RIP {rip:#x} (qualification {q:#x}); the guest is stopped");
+    end_guest(v, GuestEnd::Stopped("EPT violation: access outside guest memory"));
+}
+
+fn unexpected(v: &mut VcpuState, n: u16) {
+    let q = vmread(ro::EXIT_QUALIFICATION);
+    let rip = vmread(guest::RIP);
+    let name = exitscope_stats::reasons::name(n as u32).unwrap_or("undefined");
+    crate::hvprintln!("unexpected VM exit {n} ({name}), qualification {q:#x}, guest RIP {rip:#x}");
+    end_guest(v, GuestEnd::Stopped("unexpected VM exit"));
+}
+
+fn entry_failure(v: &mut VcpuState, reason: u32) -> ! {
+    let basic = reason as u16;
+    let q = vmread(ro::EXIT_QUALIFICATION);
+    let what = match (basic, q) {
+        (33, 2) => "invalid guest state (PDPTE load failed)",
+        (33, 3) => "invalid guest state (NMI injection)",
+        (33, 4) => "invalid guest state (VMCS link pointer)",
+        (33, _) => "invalid guest state",
+        (34, _) => "MSR loading failed",
+        (41, _) => "machine-check event",
+        _ => "unknown cause",
+    };
+    crate::hvprintln!(
+        "VM entry failed: reason {basic} ({what}), qualification {q:#x}, guest RIP {:#x}, CR0 {:#x}, CR4 {:#x}, EFER {:#x}",
+        vmread(guest::RIP),
+        vmread(guest::CR0),
+        vmread(guest::CR4),
+        vmread(guest::IA32_EFER_FULL)
+    );
+    end_guest(v, GuestEnd::Stopped("VM entry failed"))
+}
+
+/// VMLAUNCH or VMRESUME did not enter the guest.
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_vmentry_failed(v: &mut VcpuState, resume: u32) -> ! {
+    let what = if resume != 0 { "VMRESUME" } else { "VMLAUNCH" };
+    let err = vmread(ro::VM_INSTRUCTION_ERROR) as u32;
+    crate::hvprintln!("{what} failed: VM-instruction error {err} ({})", super::instruction_error_name(err));
+    end_guest(v, GuestEnd::Stopped("VM entry failed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::PortWatch;
+
+    #[test]
+    fn every_enabled_reason_has_a_handler() {
+        use exitscope_stats::reasons::REASONS;
+        let c = crate::vmx::caps::choose(&crate::vmx::caps::tests::skylake_x(), Default::default()).unwrap();
+        let enabled = crate::vmx::caps::enabled_reasons(&c, false);
+        for r in REASONS.iter().filter(|r| enabled.contains(r.number as u32)) {
+            assert!(!matches!(classify(r.number), Exit::Unexpected(_)), "no handler for enabled reason {} {}", r.number, r.name);
+        }
+    }
+
+    #[test]
+    fn io_qualification() {
+        // OUT DX, AL to 0x92: size 1, out, not string.
+        let a = IoAccess::decode(0x0092_0000 | 0);
+        assert_eq!(a, IoAccess { port: 0x92, size: 1, input: false, string: false, rep: false });
+        let a = IoAccess::decode(0x0CF8_0000 | 3 | 8);
+        assert_eq!((a.port, a.size, a.input), (0xCF8, 4, true));
+        let a = IoAccess::decode(0x03F8_0000 | 16 | 32);
+        assert!(a.string && a.rep);
+    }
+
+    fn bochs_watch() -> PortWatch {
+        PortWatch { pm1a: Some(0xB004), pm1b: None, s5: Some((0, 0)), reset: None }
+    }
+
+    #[test]
+    fn guest_end_ports() {
+        let w = bochs_watch();
+        assert!(matches!(classify_out(&w, 0x64, 1, 0xFE), PortEvent::End(GuestEnd::Reset(_))));
+        assert_eq!(classify_out(&w, 0x64, 1, 0xD1), PortEvent::PassThrough);
+        assert!(matches!(classify_out(&w, 0x92, 1, 0x03), PortEvent::End(GuestEnd::Reset(_))));
+        assert_eq!(classify_out(&w, 0x92, 1, 0x02), PortEvent::PassThrough);
+        assert!(matches!(classify_out(&w, 0xCF9, 1, 0x06), PortEvent::End(GuestEnd::Reset(_))));
+        assert_eq!(classify_out(&w, 0xCF9, 1, 0x02), PortEvent::PassThrough);
+        // A PCI config-address write covers 0xCF9 but is not a reset.
+        assert_eq!(classify_out(&w, 0xCF8, 4, 0x8000_0004), PortEvent::PassThrough);
+        // S5 is SLP_TYP 0 here, with SLP_EN.
+        assert_eq!(classify_out(&w, 0xB004, 2, 0x2000), PortEvent::End(GuestEnd::PowerOff("ACPI S5 (soft off)")));
+        assert_eq!(classify_out(&w, 0xB005, 1, 0x20), PortEvent::End(GuestEnd::PowerOff("ACPI S5 (soft off)")));
+        assert_eq!(classify_out(&w, 0xB004, 2, 0x2000 | 1 << 10), PortEvent::End(GuestEnd::Sleep(1)));
+        assert_eq!(classify_out(&w, 0xB004, 2, 0x0001), PortEvent::PassThrough);
+        assert_eq!(classify_out(&w, 0x8900, 1, b'S' as u32), PortEvent::Swallow);
+        assert!(w.ports().any(|p| p == 0xB005));
+    }
+
+    #[test]
+    fn cr_checks() {
+        assert!(cr0_write_faults(1 << 31)); // PG without PE
+        assert!(cr0_write_faults(1 << 29 | 1)); // NW without CD
+        assert!(cr0_write_faults(1 << 32));
+        assert!(!cr0_write_faults(0x8000_0031));
+        let a = CrAccess::decode(0x0300 | 0x4);
+        assert_eq!((a.cr, a.kind, a.gpr), (4, 0, 3));
+    }
+
+    #[test]
+    fn xcr0_rules() {
+        let sup = 0x2FF; // x87 SSE AVX MPX AVX-512 PKRU
+        assert!(xcr0_valid(0x1, sup));
+        assert!(xcr0_valid(0x7, sup));
+        assert!(xcr0_valid(0xE7, sup));
+        assert!(!xcr0_valid(0x0, sup)); // x87 must stay on
+        assert!(!xcr0_valid(0x5, sup)); // AVX without SSE
+        assert!(!xcr0_valid(0x27, sup)); // part of AVX-512
+        assert!(!xcr0_valid(0xE3, sup)); // AVX-512 without AVX
+        assert!(!xcr0_valid(0x1 | 1 << 9 | 1 << 10, sup)); // unsupported bit
+        assert!(!xcr0_valid(0x1 | 0x8, sup)); // half of MPX
+    }
+
+    #[test]
+    fn feature_control_view() {
+        assert_eq!(guest_feature_control(0x5), 0x1);
+        assert_eq!(guest_feature_control(0x0), 0x1);
+        assert_eq!(guest_feature_control(0xFF07), 0x8001);
+    }
+
+    #[test]
+    fn signature_spells_exitscope() {
+        let b: std::vec::Vec<u8> = SIGNATURE.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(&b, b"ExitscopeVMM");
+    }
+}

@@ -1,0 +1,120 @@
+//! Intel VT-x: capability checks, VMXON, the VMCS of each vCPU, and the exit
+//! path. VMX instructions are wrapped here and nowhere else.
+
+pub mod caps;
+pub mod exit;
+pub mod vcpu;
+
+use core::arch::asm;
+use core::fmt;
+pub use x86::vmx::vmcs::{control, guest, host, ro};
+
+/// VMREAD of a field known to exist in the current VMCS. Used on the exit
+/// path, where the status flags of every access would be dead weight.
+#[inline(always)]
+pub fn vmread(field: u32) -> u64 {
+    let v: u64;
+    // SAFETY: a VMCS is current on this CPU whenever the exit path runs, and
+    // the field encodings are the SDM's. VMREAD only writes `v` and flags.
+    unsafe { asm!("vmread {}, {}", out(reg) v, in(reg) field as u64, options(nostack)) };
+    v
+}
+
+/// VMWRITE of a field known to be writable in the current VMCS.
+#[inline(always)]
+pub fn vmwrite(field: u32, value: u64) {
+    // SAFETY: as for vmread; writing a guest-state or control field only
+    // affects the next VM entry, which validates it.
+    unsafe { asm!("vmwrite {}, {}", in(reg) field as u64, in(reg) value, options(nostack)) };
+}
+
+/// A failed VMX instruction, with the VM-instruction error if valid.
+#[derive(Debug, Clone, Copy)]
+pub struct VmxFail {
+    pub what: &'static str,
+    pub error: Option<u32>,
+}
+
+impl fmt::Display for VmxFail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.error {
+            Some(e) => write!(f, "{} failed: VM-instruction error {e} ({})", self.what, instruction_error_name(e)),
+            None => write!(f, "{} failed (VMfailInvalid: no current VMCS)", self.what),
+        }
+    }
+}
+
+fn check(what: &'static str, r: x86::vmx::Result<()>) -> Result<(), VmxFail> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(x86::vmx::VmFail::VmFailValid) => Err(VmxFail { what, error: Some(vmread(ro::VM_INSTRUCTION_ERROR) as u32) }),
+        Err(x86::vmx::VmFail::VmFailInvalid) => Err(VmxFail { what, error: None }),
+    }
+}
+
+/// VMXON with the region at physical `pa`.
+pub fn vmxon(pa: u64) -> Result<(), VmxFail> {
+    // SAFETY: CR4.VMXE is set, the region is a zeroed page with the revision id.
+    check("VMXON", unsafe { x86::bits64::vmx::vmxon(pa) })
+}
+
+/// VMCLEAR then VMPTRLD of the VMCS at `pa`.
+pub fn load_vmcs(pa: u64) -> Result<(), VmxFail> {
+    // SAFETY: in VMX operation; the page holds the revision id.
+    check("VMCLEAR", unsafe { x86::bits64::vmx::vmclear(pa) })?;
+    // SAFETY: as above.
+    check("VMPTRLD", unsafe { x86::bits64::vmx::vmptrld(pa) })
+}
+
+/// VMWRITE with status checking (for VMCS setup).
+pub fn write_checked(field: u32, value: u64) -> Result<(), VmxFail> {
+    // SAFETY: a VMCS is current; a bad field reports VMfailValid.
+    check("VMWRITE", unsafe { x86::bits64::vmx::vmwrite(field, value) })
+}
+
+/// INVEPT single-context (type 1) or all-context (type 2).
+pub fn invept(single: bool, eptp: u64) {
+    let desc: [u64; 2] = [eptp, 0];
+    let ty: u64 = if single { 1 } else { 2 };
+    // SAFETY: in VMX operation with EPT supported (checked at bring-up).
+    unsafe { asm!("invept {}, [{}]", in(reg) ty, in(reg) &desc, options(nostack)) };
+}
+
+/// INVVPID single-context for `vpid`.
+pub fn invvpid_single(vpid: u16) {
+    let desc: [u64; 2] = [vpid as u64, 0];
+    // SAFETY: in VMX operation with VPID enabled (checked at bring-up).
+    unsafe { asm!("invvpid {}, [{}]", in(reg) 1u64, in(reg) &desc, options(nostack)) };
+}
+
+/// Names of VM-instruction errors (SDM Vol. 3, 31.4).
+pub fn instruction_error_name(e: u32) -> &'static str {
+    match e {
+        1 => "VMCALL executed in VMX root operation",
+        2 => "VMCLEAR with invalid physical address",
+        3 => "VMCLEAR with VMXON pointer",
+        4 => "VMLAUNCH with non-clear VMCS",
+        5 => "VMRESUME with non-launched VMCS",
+        6 => "VMRESUME after VMXOFF",
+        7 => "VM entry with invalid control field(s)",
+        8 => "VM entry with invalid host-state field(s)",
+        9 => "VMPTRLD with invalid physical address",
+        10 => "VMPTRLD with VMXON pointer",
+        11 => "VMPTRLD with incorrect VMCS revision identifier",
+        12 => "VMREAD/VMWRITE from/to unsupported VMCS component",
+        13 => "VMWRITE to read-only VMCS component",
+        15 => "VMXON executed in VMX root operation",
+        16 => "VM entry with invalid executive-VMCS pointer",
+        17 => "VM entry with non-launched executive VMCS",
+        18 => "VM entry with executive-VMCS pointer not VMXON pointer",
+        19 => "VMCALL with non-clear VMCS",
+        20 => "VMCALL with invalid VM-exit control fields",
+        22 => "VMCALL with incorrect MSEG revision identifier",
+        23 => "VMXOFF under dual-monitor treatment of SMIs and SMM",
+        24 => "VMCALL with invalid SMM-monitor features",
+        25 => "VM entry with invalid VM-execution control fields in executive VMCS",
+        26 => "VM entry with events blocked by MOV SS",
+        28 => "Invalid operand to INVEPT/INVVPID",
+        _ => "unknown error",
+    }
+}

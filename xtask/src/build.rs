@@ -1,0 +1,48 @@
+//! Building the bare-metal pieces with cargo and collecting them.
+
+use crate::util::{self, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Built artifacts.
+pub struct Artifacts {
+    pub hypervisor: PathBuf,
+    pub guests: PathBuf,
+}
+
+impl Artifacts {
+    pub fn guest(&self, name: &str) -> PathBuf {
+        self.guests.join(format!("{name}.elf"))
+    }
+}
+
+/// Test guests under tests/guests, by binary name.
+pub const GUESTS: &[(&str, &str)] = &[("probe-guest", "probe")];
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(util::root());
+    c
+}
+
+/// Builds the hypervisor and the test guests (release, x86_64-unknown-none).
+pub fn build(features: &[&str]) -> Result<Artifacts> {
+    let mut c = cargo();
+    c.args(["build", "--release", "--target", "x86_64-unknown-none", "-p", "exitscope-boot"]);
+    if !features.is_empty() {
+        c.args(["--features", &features.join(",")]);
+    }
+    for (pkg, _) in GUESTS {
+        c.args(["-p", pkg]);
+    }
+    util::run(&mut c)?;
+    let bin = util::root().join("target/x86_64-unknown-none/release");
+    let out = util::out_dir();
+    let hv = out.join("exitscope.elf");
+    util::copy(&bin.join("exitscope"), &hv)?;
+    let guests = out.join("guests");
+    for (_, name) in GUESTS {
+        util::copy(&bin.join(name), &guests.join(format!("{name}.elf")))?;
+    }
+    Ok(Artifacts { hypervisor: hv, guests })
+}

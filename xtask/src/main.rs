@@ -1,0 +1,144 @@
+//! `cargo xtask`: build, run and test Exitscope.
+//!
+//! ```text
+//! cargo xtask build                 build the hypervisor and test guests
+//! cargo xtask run [options]         boot Exitscope with a guest in Bochs (or QEMU/KVM)
+//! cargo xtask test [FILTER]         host unit tests, then end-to-end tests in Bochs
+//! ```
+
+mod bochs;
+mod build;
+mod deps;
+mod image;
+mod qemu;
+mod tests;
+mod util;
+
+use std::path::PathBuf;
+use std::time::Duration;
+use util::Result;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build                      build the hypervisor and the test guests
+  run [options]              build, make a GRUB ISO and boot it
+      --guest probe|PATH     the guest: the probe guest (default) or a multiboot1 kernel
+      --guest-args ARGS      the guest's command line
+      --hv-args ARGS         the hypervisor's command line (e.g. \"log=debug\")
+      --cpus N               CPUs (default 1)
+      --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)
+      --timeout SECS         give up after this long (default 120)
+  test [FILTER]              host unit tests, then the end-to-end tests in Bochs
+                             (only those whose name contains FILTER, if given)
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("build") => cmd_build(),
+        Some("run") => cmd_run(&args[1..]),
+        Some("test") => tests::cmd_test(&args[1..]),
+        Some("help" | "-h" | "--help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command '{other}'\n\n{USAGE}")),
+    };
+    if let Err(e) = r {
+        eprintln!("xtask: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn cmd_build() -> Result {
+    let a = build::build(&[])?;
+    println!("hypervisor: {}", a.hypervisor.display());
+    for (_, g) in build::GUESTS {
+        println!("guest:      {}", a.guest(g).display());
+    }
+    Ok(())
+}
+
+/// Options of `run`.
+pub struct RunOpts {
+    pub guest: String,
+    pub guest_args: String,
+    pub hv_args: String,
+    pub cpus: u32,
+    pub emulator: String,
+    pub timeout: u64,
+}
+
+fn parse_run(args: &[String]) -> Result<RunOpts> {
+    let mut o = RunOpts {
+        guest: "probe".into(),
+        guest_args: String::new(),
+        hv_args: String::new(),
+        cpus: 1,
+        emulator: "bochs".into(),
+        timeout: 120,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--guest" => o.guest = val(a)?,
+            "--guest-args" => o.guest_args = val(a)?,
+            "--hv-args" => o.hv_args = val(a)?,
+            "--cpus" => o.cpus = val(a)?.parse().map_err(|_| "--cpus needs a number".to_string())?,
+            "--emulator" => o.emulator = val(a)?,
+            "--timeout" => o.timeout = val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?,
+            _ => return Err(format!("unknown run option '{a}'\n\n{USAGE}")),
+        }
+    }
+    if !(1..=64).contains(&o.cpus) {
+        return Err("--cpus must be between 1 and 64".into());
+    }
+    Ok(o)
+}
+
+fn cmd_run(args: &[String]) -> Result {
+    let o = parse_run(args)?;
+    deps::ensure()?;
+    let a = build::build(&[])?;
+    let guest = match o.guest.as_str() {
+        "probe" => a.guest("probe"),
+        p => {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                return Err(format!("guest '{}' is not a file", p.display()));
+            }
+            p
+        }
+    };
+    match o.emulator.as_str() {
+        "bochs" => {
+            let work = util::out_dir().join("runs").join("run");
+            let iso = work.join("exitscope.iso");
+            image::grub_iso(
+                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: &guest, guest_args: &o.guest_args, modules: &[] },
+                &work,
+                &iso,
+            )?;
+            eprintln!("xtask: booting {} in Bochs ({} CPU)", iso.display(), o.cpus);
+            let out = bochs::run(&bochs::Run {
+                name: "run",
+                iso: &iso,
+                cpus: o.cpus,
+                memory_mb: 512,
+                timeout: Duration::from_secs(o.timeout),
+                echo: true,
+                progress: Some(Duration::from_secs(15)),
+            })?;
+            if out.timed_out {
+                return Err(format!("no end of run within {}s (raise --timeout?)\n{}", o.timeout, out.describe()));
+            }
+            eprintln!("xtask: Bochs finished in {:.1}s; serial log: {}", out.wall.as_secs_f64(), out.dir.join("serial.log").display());
+            Ok(())
+        }
+        "qemu" => qemu::run_kvm(&a.hypervisor, &guest, &o),
+        e => Err(format!("unknown emulator '{e}' (bochs or qemu)")),
+    }
+}

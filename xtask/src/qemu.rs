@@ -1,0 +1,93 @@
+//! QEMU: software emulation (no VMX: Exitscope must refuse cleanly) and
+//! KVM with nested VT-x (real hardware VMX).
+
+use crate::util::{self, Result};
+use crate::RunOpts;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why KVM with VT-x cannot be used here, if it cannot.
+pub fn kvm_unavailable() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist (no KVM on this machine)".into());
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx")) {
+        return Some("this CPU has no VT-x (no 'vmx' flag in /proc/cpuinfo); nested KVM needs an Intel host".into());
+    }
+    let nested = std::fs::read_to_string("/sys/module/kvm_intel/parameters/nested").unwrap_or_default();
+    if !matches!(nested.trim(), "Y" | "1") {
+        return Some("kvm_intel is not loaded with nested=1 (modprobe kvm_intel nested=1)".into());
+    }
+    None
+}
+
+/// Runs QEMU with `-kernel` (multiboot1) and returns the serial output.
+pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], timeout: Duration, echo: bool) -> Result<(String, bool)> {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.arg("-kernel").arg(kernel).args(["-append", hv_args]);
+    if !initrd.is_empty() {
+        c.args(["-initrd", initrd]);
+    }
+    c.args(["-m", "512", "-serial", "stdio", "-display", "none", "-no-reboot", "-monitor", "none"]);
+    c.args(extra);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().map_err(|e| format!("cannot start qemu: {e}"))?;
+    let start = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if echo {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(&buf[..n]);
+                    }
+                    s.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        String::from_utf8_lossy(&s).replace('\r', "")
+    });
+    let mut timed_out = false;
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((reader.join().unwrap_or_default(), timed_out))
+}
+
+/// `cargo xtask run --emulator qemu`: Exitscope under KVM with nested VT-x.
+pub fn run_kvm(hv: &Path, guest: &Path, o: &RunOpts) -> Result {
+    if let Some(why) = kvm_unavailable() {
+        return Err(format!("cannot run under QEMU with KVM: {why}"));
+    }
+    let module = format!("{} {}", guest.display(), o.guest_args);
+    let cpus = o.cpus.to_string();
+    let (_, timed_out) = run_kernel(
+        hv,
+        &o.hv_args,
+        &module,
+        &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus],
+        Duration::from_secs(o.timeout),
+        true,
+    )?;
+    if timed_out {
+        return Err(format!("QEMU did not finish within {}s", o.timeout));
+    }
+    let _ = util::root();
+    Ok(())
+}
