@@ -278,7 +278,7 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
         &raw const exitscope_xsetbv_insn as u64,
         &raw const exitscope_fault_return as u64,
     );
-    if f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs) {
+    if (f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs)) || (f.vector == 6 && f.rip == xs) {
         f.rip = ret;
         return;
     }

@@ -280,7 +280,10 @@ pub fn run(bi: BootInfo) -> ! {
 /// CR0/CR4 as VMX requires, then VMXON.
 fn enable_vmx(c: &caps::Controls, vmxon_pa: u64) -> Result<(), alloc::string::String> {
     let cr0 = caps::fix_cr(cpu::read_cr0(), c.cr0_fixed0, c.cr0_fixed1).ok_or("CR0 has bits VMX does not allow")?;
-    let cr4 = caps::fix_cr(cpu::read_cr4() | (1 << 13), c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
+    // CR4.VMXE, and CR4.OSXSAVE where the CPU has XSAVE so that the
+    // hypervisor can execute a guest's XSETBV on its behalf.
+    let osxsave = if cpu::cpuid(1, 0)[2] & (1 << 26) != 0 { 1 << 18 } else { 0 };
+    let cr4 = caps::fix_cr(cpu::read_cr4() | (1 << 13) | osxsave, c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
     // SAFETY: the values satisfy the VMX fixed-bit MSRs; paging stays on.
     unsafe {
         cpu::write_cr0(cr0);

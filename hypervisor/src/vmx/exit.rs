@@ -275,8 +275,12 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
                 (1, _) => {
                     r[2] &= !(1 << 5 | 1 << 6); // VMX, SMX
                     r[2] |= 1 << 31; // running under a hypervisor
+                    // OSXSAVE mirrors the guest's CR4.OSXSAVE, not the host's.
+                    r[2] = (r[2] & !(1 << 27)) | (((vmread(guest::CR4) >> 18) & 1) as u32) << 27;
                 }
                 (7, 0) => {
+                    // OSPKE mirrors the guest's CR4.PKE.
+                    r[2] = (r[2] & !(1 << 4)) | (((vmread(guest::CR4) >> 22) & 1) as u32) << 4;
                     if h.invpcid {
                         r[1] &= !(1 << 10);
                     }

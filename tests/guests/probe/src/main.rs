@@ -1,0 +1,41 @@
+//! The Exitscope probe: a multiboot1 guest that checks every answer of the
+//! instrumentation CPUID leaves (`exitscope_stats::leaf`) itself.
+//!
+//! It prints progress lines starting with `PROBE `, then
+//! `PROBE cpuid-exits=<n>` (every CPUID it executed; printed after the last
+//! one, so it can be compared with the hypervisor's final dump), then
+//! `PROBE PASS` or `PROBE FAIL: <first mismatch>`, and halts for good
+//! (CLI; HLT, which ends an Exitscope run).
+//!
+//! Checks, in order:
+//! 1. CPUID 0x40000000 is "ExitscopeVMM" with EAX >= 0x40000001; CPUID.1:ECX
+//!    has bit 31 (hypervisor) set and bit 5 (VMX) clear.
+//! 2. Totals: FE(CPUID) at the first query equals the number of CPUIDs run
+//!    before it; back-to-back 0x4FFFFFFC reads differ by 1 (ECX ignored);
+//!    0x4FFFFFFD strictly grows; unnamed registers are 0.
+//! 3. CPUID delta over `iters` (default 1000) CPUID(0): exact exit counts,
+//!    cycles at least one per exit.
+//! 4. VMCALL, RDMSR, IN, XSETBV, MOV to CR0 and INVD, 16 each: exact
+//!    per-reason and total deltas, cycles at least one per exit, the
+//!    architectural results the contract promises.
+//! 5. A sweep over every defined reason: register conventions, never-enabled
+//!    reasons all zero, cycles >= exits, and the totals equal the sums.
+//! 6. Undefined reason numbers give EDX = 0xFFFFFFFF, the rest 0.
+//!
+//! Nothing that can cause a VM exit (printing included: the UART could be
+//! intercepted) runs between a measurement's first and last query, except
+//! the exits being measured; a failed check prints and halts at once.
+//!
+//! Command line: `iters=N` overrides the 1000 of step 3.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod probe;
+
+#[cfg(target_os = "none")]
+guest_rt::entry!(probe::main);
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("probe is a bare-metal guest: build it with --target x86_64-unknown-none");
+}
