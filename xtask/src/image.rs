@@ -9,8 +9,8 @@ use std::process::Command;
 pub struct IsoSpec<'a> {
     pub hypervisor: &'a Path,
     pub hv_args: &'a str,
-    /// Guest kernel and its command line.
-    pub guest: &'a Path,
+    /// Guest kernel (none: to test the error) and its command line.
+    pub guest: Option<&'a Path>,
     pub guest_args: &'a str,
     /// Further modules (an initramfs, or a multiboot guest's modules).
     pub modules: &'a [PathBuf],
@@ -22,13 +22,15 @@ pub fn grub_iso(spec: &IsoSpec, work: &Path, iso: &Path) -> Result {
     let _ = std::fs::remove_dir_all(&tree);
     let boot = tree.join("boot");
     util::copy(spec.hypervisor, &boot.join("exitscope.elf"))?;
-    util::copy(spec.guest, &boot.join("guest"))?;
     let mut cfg = String::from(
         "set timeout=0\nset default=0\n\
          menuentry \"Exitscope\" {\n",
     );
     cfg += &format!("  multiboot2 /boot/exitscope.elf {}\n", spec.hv_args);
-    cfg += &format!("  module2 /boot/guest {}\n", spec.guest_args);
+    if let Some(g) = spec.guest {
+        util::copy(g, &boot.join("guest"))?;
+        cfg += &format!("  module2 /boot/guest {}\n", spec.guest_args);
+    }
     for (i, m) in spec.modules.iter().enumerate() {
         let name = format!("module{i}");
         util::copy(m, &boot.join(&name))?;

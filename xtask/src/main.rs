@@ -118,7 +118,7 @@ fn cmd_run(args: &[String]) -> Result {
             let work = util::out_dir().join("runs").join("run");
             let iso = work.join("exitscope.iso");
             image::grub_iso(
-                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: &guest, guest_args: &o.guest_args, modules: &[] },
+                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: Some(&guest), guest_args: &o.guest_args, modules: &[] },
                 &work,
                 &iso,
             )?;
