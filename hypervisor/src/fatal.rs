@@ -8,7 +8,7 @@ use crate::hvprintln;
 use crate::options::EndAction;
 use crate::state;
 use crate::vmx::vcpu::VcpuState;
-use core::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
 /// Why the guest's run is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +42,60 @@ impl core::fmt::Display for GuestEnd {
 /// Set once a run is ending, so only one CPU prints the final report.
 static ENDING: AtomicBool = AtomicBool::new(false);
 
+/// Set while the ending CPU stops the others; the INIT it sends them makes
+/// them exit, see this flag, and park.
+pub static STOPPING: AtomicBool = AtomicBool::new(false);
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+
+/// vCPUs in the wait-for-SIPI state (bit n = vCPU n). INIT is blocked in
+/// that state, so they cannot be stopped, but they run no guest code and
+/// take no exits (a SIPI would make them exit, see the INIT pending, and
+/// park).
+pub static WAITING_FOR_SIPI: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Parks this CPU for good (called by a vCPU that was told to stop).
+pub fn park() -> ! {
+    PARKED.fetch_add(1, SeqCst);
+    cpu::halt_forever()
+}
+
+/// Stops every other vCPU and waits (bounded) until they are parked, so the
+/// final statistics no longer change. INIT is used because it makes a CPU
+/// in VMX non-root operation exit whatever the guest is doing, and it is
+/// held pending (not lost) while a CPU is in root mode.
+fn stop_other_cpus() {
+    let Some(s) = state::try_shared() else { return };
+    let others = s.ncpus.load(SeqCst).saturating_sub(1);
+    if others == 0 {
+        return;
+    }
+    STOPPING.store(true, SeqCst);
+    crate::smp::LocalApic::current().send(0, crate::smp::icr::init_all_others());
+    let me = current_vcpu().map_or(0, |(id, _)| id);
+    let stopped = || PARKED.load(SeqCst) + (WAITING_FOR_SIPI.load(SeqCst) & !(1 << me)).count_ones() as usize;
+    for _ in 0..10_000_000u64 {
+        if stopped() >= others {
+            return;
+        }
+        cpu::pause();
+    }
+    crate::serial::write_emergency(format_args!(
+        "{}warning: {} of {others} other vCPUs did not stop; their last exits may be missing\n",
+        exitscope_stats::dump::PREFIX,
+        others - stopped().min(others)
+    ));
+}
+
 /// Ends the guest: counts the exit that ended it, prints the reason and the
 /// final statistics, then powers off, resets or halts as configured.
 pub fn end_guest(v: &mut VcpuState, why: GuestEnd) -> ! {
     crate::vmx::exit::account(v, v.last_exit as u16);
     if ENDING.swap(true, SeqCst) {
-        cpu::halt_forever();
+        park();
     }
+    stop_other_cpus();
     let rip = crate::vmx::vmread(crate::vmx::guest::RIP);
+    crate::serial::fresh_line();
     hvprintln!("guest ended on vCPU {}: {why} (guest RIP {rip:#x})", v.id);
     finish(&alloc::format!("final ({why})"))
 }
@@ -71,10 +117,12 @@ fn finish(title: &str) -> ! {
 
 /// A boot-time error: one clear line, then power off.
 pub fn boot_error(msg: core::fmt::Arguments) -> ! {
+    crate::serial::fresh_line();
     crate::serial::write_emergency(format_args!("{}FATAL: {msg}\n", exitscope_stats::dump::PREFIX));
     if ENDING.swap(true, SeqCst) {
-        cpu::halt_forever();
+        park();
     }
+    stop_other_cpus();
     finish("final (hypervisor error)")
 }
 
@@ -108,6 +156,7 @@ fn describe_current() {
 
 /// An exception in VMX root operation (from the IDT).
 pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
+    crate::serial::fresh_line();
     const NAMES: [&str; 32] = [
         "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
         "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor segment overrun",
@@ -132,18 +181,21 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
     ));
     describe_current();
     if ENDING.swap(true, SeqCst) {
-        cpu::halt_forever();
+        park();
     }
+    stop_other_cpus();
     finish("final (hypervisor exception)")
 }
 
 #[cfg(all(not(test), target_os = "none"))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    crate::serial::fresh_line();
     crate::serial::write_emergency(format_args!("{}PANIC: {info}\n", exitscope_stats::dump::PREFIX));
     describe_current();
     if ENDING.swap(true, SeqCst) {
-        cpu::halt_forever();
+        park();
     }
+    stop_other_cpus();
     finish("final (hypervisor panic)")
 }

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod options;
 pub mod platform;
 pub mod serial;
+pub mod smp;
 pub mod state;
 pub mod vmx;
 
@@ -191,19 +192,6 @@ pub fn run(bi: BootInfo) -> ! {
     let mut guest_map = bi.memory.clone();
     guest_map.remove(footprint.0, footprint.1);
 
-    // This CPU: its own GDT/TSS, VMXON, a VMCS.
-    let ncpus = 1;
-    let counters = &state::COUNTERS[0];
-    let mem = match vmx::vcpu::alloc(0, controls.vmcs_revision, counters) {
-        Ok(m) => m,
-        Err(e) => boot_error(format_args!("{e}")),
-    };
-    mem.tables.load();
-    idt::load_idt();
-    if let Err(e) = enable_vmx(&controls, mem.vmxon_pa) {
-        boot_error(format_args!("{e}"));
-    }
-
     // Bitmaps shared by all vCPUs: I/O ports and MSRs the hypervisor watches.
     let watch = state::PortWatch {
         pm1a: match acpi.pm1a_cnt {
@@ -224,21 +212,6 @@ pub fn run(bi: BootInfo) -> ! {
         Ok(x) => x,
         Err(e) => boot_error(format_args!("{e}")),
     };
-
-    // The guest.
-    let loaded = match guest::load(&bi, &staged, &guest_map, acpi.rsdp_addr) {
-        Ok(l) => l,
-        Err(e) => boot_error(format_args!("{e}")),
-    };
-    hvprintln!("guest: {}", loaded.summary);
-
-    // EPT: identity map of everything but the hypervisor.
-    let ranges = ept::guest_ranges(&guest_map, &[footprint]);
-    let eptp = match ept::build(&ranges, &mut ArenaTables, (controls.ept_2m, controls.ept_1g)) {
-        Ok(root) => ept::eptp(root),
-        Err(e) => boot_error(format_args!("{e}")),
-    };
-
     let xcr0_supported = {
         let d = cpu::cpuid(0xD, 0);
         (d[3] as u64) << 32 | d[0] as u64
@@ -251,30 +224,154 @@ pub fn run(bi: BootInfo) -> ! {
         xsaves: controls.hide_xsaves,
         waitpkg: controls.hide_waitpkg,
     };
+    let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
+    let acpi_cpus = acpi.cpus.clone();
     let sh = state::init(state::Shared {
         options: opts,
         acpi,
         controls,
         enabled,
         footprint,
-        ncpus,
+        ncpus: core::sync::atomic::AtomicUsize::new(1),
         watch,
         xcr0_supported,
         hide,
     });
+    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint]);
+    let new_vcpu = |id: usize| -> VcpuSetup {
+        let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
+            Ok(m) => m,
+            Err(e) => boot_error(format_args!("{e}")),
+        };
+        // Each vCPU gets its own EPT tree (same identity layout).
+        let eptp = match ept::build(&ept_ranges, &mut ArenaTables, (sh.controls.ept_2m, sh.controls.ept_1g)) {
+            Ok(root) => ept::eptp(root),
+            Err(e) => boot_error(format_args!("{e}")),
+        };
+        VcpuSetup { mem, eptp, io_bitmaps_pa, msr_bitmap_pa, ready: core::sync::atomic::AtomicBool::new(false) }
+    };
 
-    if let Err(e) = vmx::load_vmcs(mem.vmcs_pa) {
+    // The boot CPU: its own GDT/TSS, then VMXON.
+    let bsp = arena_box(new_vcpu(0));
+    bsp.mem.tables.load();
+    idt::load_idt();
+    if let Err(e) = enable_vmx(&sh.controls, bsp.mem.vmxon_pa) {
         boot_error(format_args!("{e}"));
     }
-    let v = mem.state;
-    if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, mem.tables, io_bitmaps_pa, msr_bitmap_pa, eptp, vmx::vcpu::Start::Guest(&loaded.entry)) {
+
+    // The other CPUs, each parked in VMX non-root operation (wait-for-SIPI).
+    let lapic = smp::LocalApic::current();
+    let bsp_id = lapic.id();
+    let aps: Vec<u32> = acpi_cpus.iter().copied().filter(|&id| id != bsp_id).take(max_cpus.saturating_sub(1)).collect();
+    if !aps.is_empty() {
+        let Some(tramp) = guest_map.lowest_fit(4096, 4096, 0x1000, 0xA0000, &[staged.range]) else {
+            boot_error(format_args!("no free page below 1 MiB for the AP start-up code"))
+        };
+        smp::install_trampoline(tramp, ap_entry as *const () as u64, cpu::read_cr3());
+        for apic_id in aps {
+            let id = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
+            let ap = arena_box(new_vcpu(id));
+            let stack = &*ap.mem.state as *const vmx::vcpu::VcpuState as u64 - 8;
+            let started = smp::start_ap(&lapic, apic_id, tramp, stack, ap as *const VcpuSetup as u64);
+            let mut ready = false;
+            for _ in 0..1000 {
+                if ap.ready.load(core::sync::atomic::Ordering::SeqCst) {
+                    ready = true;
+                    break;
+                }
+                smp::udelay(1000);
+            }
+            if started && ready {
+                sh.ncpus.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+            } else {
+                hvprintln!("warning: CPU with APIC id {apic_id} did not start; continuing without it");
+            }
+        }
+    }
+    let ncpus = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
+    if acpi_cpus.is_empty() {
+        hvprintln!("no ACPI MADT: running on the boot CPU only");
+    }
+
+    // The guest.
+    let loaded = match guest::load(&bi, &staged, &guest_map, sh.acpi.rsdp_addr) {
+        Ok(l) => l,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    hvprintln!("guest: {}", loaded.summary);
+
+    if let Err(e) = vmx::load_vmcs(bsp.mem.vmcs_pa) {
+        boot_error(format_args!("{e}"));
+    }
+    let v = &mut *bsp.mem.state;
+    let start = vmx::vcpu::Start::Guest(&loaded.entry);
+    if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, bsp.mem.tables, io_bitmaps_pa, msr_bitmap_pa, bsp.eptp, start) {
         boot_error(format_args!("VMCS setup: {e}"));
     }
-    vmx::invept(sh.controls.invept_single, eptp);
+    vmx::invept(sh.controls.invept_single, bsp.eptp);
     let (used, total) = memory::arena_usage();
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
-    vmx::exit::launch(v)
+    // SAFETY: the state block lives in the arena for good; it is handed to
+    // the exit loop, which owns it from now on.
+    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
+}
+
+/// What a vCPU needs to start: built by the boot CPU, used on its own CPU.
+struct VcpuSetup {
+    mem: vmx::vcpu::VcpuMemory,
+    eptp: u64,
+    io_bitmaps_pa: u64,
+    msr_bitmap_pa: u64,
+    /// Set by an AP when its VMCS is ready and it is about to enter.
+    ready: core::sync::atomic::AtomicBool,
+}
+
+/// Moves a value into the arena for good.
+fn arena_box<T>(v: T) -> &'static mut T {
+    match memory::arena_alloc(core::mem::size_of::<T>(), core::mem::align_of::<T>()) {
+        Ok(p) => {
+            let p = p as *mut T;
+            // SAFETY: fresh, aligned, exclusive arena memory of the right size.
+            unsafe {
+                p.write(v);
+                &mut *p
+            }
+        }
+        Err(e) => boot_error(format_args!("{e}")),
+    }
+}
+
+/// An AP's first Rust code, entered from the trampoline in long mode on the
+/// hypervisor's page tables, on its own stack.
+extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
+    let sh = state::shared();
+    setup.mem.tables.load();
+    idt::load_idt();
+    if let Err(e) = enable_vmx(&sh.controls, setup.mem.vmxon_pa) {
+        boot_error(format_args!("AP {}: {e}", setup.mem.state.id));
+    }
+    if let Err(e) = vmx::load_vmcs(setup.mem.vmcs_pa) {
+        boot_error(format_args!("AP {}: {e}", setup.mem.state.id));
+    }
+    let v = &mut *setup.mem.state;
+    let r = vmx::vcpu::setup_vmcs(
+        v,
+        &sh.controls,
+        setup.mem.tables,
+        setup.io_bitmaps_pa,
+        setup.msr_bitmap_pa,
+        setup.eptp,
+        vmx::vcpu::Start::WaitForSipi,
+    );
+    if let Err(e) = r {
+        boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
+    }
+    vmx::invept(sh.controls.invept_single, setup.eptp);
+    fatal::WAITING_FOR_SIPI.fetch_or(1 << v.id, core::sync::atomic::Ordering::SeqCst);
+    setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: as for the boot CPU.
+    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
 }
 
 /// CR0/CR4 as VMX requires, then VMXON.

@@ -77,6 +77,19 @@ pub fn drain() {
     }
 }
 
+/// Set once the guest has run: from then on the guest may have left its
+/// console line unfinished.
+pub static GUEST_STARTED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Starts hypervisor output on a line of its own: once the guest has run,
+/// it may be in the middle of a console line, so end that line first (at
+/// worst an empty line appears).
+pub fn fresh_line() {
+    if GUEST_STARTED.load(core::sync::atomic::Ordering::Relaxed) {
+        write_emergency(format_args!("\n"));
+    }
+}
+
 /// Writes pre-formatted text (it must carry its own prefixes).
 pub fn write_raw(args: fmt::Arguments) {
     let _ = CONSOLE.lock().write_fmt(args);

@@ -4,6 +4,7 @@ use crate::acpi::Acpi;
 use crate::options::Options;
 use crate::vmx::caps::Controls;
 use exitscope_stats::{ReasonSet, Snapshot, VcpuCounters};
+use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use spin::Once;
 
 /// Most CPUs Exitscope virtualises.
@@ -49,7 +50,8 @@ pub struct Shared {
     pub enabled: ReasonSet,
     /// The hypervisor's physical footprint.
     pub footprint: (u64, u64),
-    pub ncpus: usize,
+    /// vCPUs running (the boot CPU, then each AP as it comes up).
+    pub ncpus: AtomicUsize,
     pub watch: PortWatch,
     /// XCR0 bits the CPU supports (CPUID.(EAX=0DH,ECX=0)).
     pub xcr0_supported: u64,
@@ -76,7 +78,7 @@ pub fn try_shared() -> Option<&'static Shared> {
 
 /// The live counter blocks of all vCPUs.
 pub fn counters() -> &'static [VcpuCounters] {
-    let n = try_shared().map_or(1, |s| s.ncpus);
+    let n = try_shared().map_or(1, |s| s.ncpus.load(SeqCst));
     &COUNTERS[..n]
 }
 

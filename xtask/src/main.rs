@@ -10,6 +10,7 @@ mod bochs;
 mod build;
 mod deps;
 mod image;
+mod linux;
 mod qemu;
 mod tests;
 mod util;
@@ -24,12 +25,17 @@ usage: cargo xtask <command> [options]
 commands:
   build                      build the hypervisor and the test guests
   run [options]              build, make a GRUB ISO and boot it
-      --guest probe|PATH     the guest: the probe guest (default) or a multiboot1 kernel
-      --guest-args ARGS      the guest's command line
+      --guest linux|probe|PATH
+                             the guest: Debian's cloud kernel with a busybox+exitstat
+                             initramfs (default), the probe guest, or a multiboot1 kernel
+      --guest-args ARGS      the guest's command line (probe or PATH)
+      --kernel PATH          boot this Linux bzImage instead of Debian's
+      --initrd PATH          with this initramfs (default: Exitscope's)
+      --append ARGS          with this kernel command line (default: 'console=ttyS0 cryptomgr.notests')
       --hv-args ARGS         the hypervisor's command line (e.g. \"log=debug\")
       --cpus N               CPUs (default 1)
       --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)
-      --timeout SECS         give up after this long (default 120)
+      --timeout SECS         give up after this long (default 120, Linux 900)
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
                              (only those whose name contains FILTER, if given)
 ";
@@ -64,21 +70,27 @@ fn cmd_build() -> Result {
 /// Options of `run`.
 pub struct RunOpts {
     pub guest: String,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub append: Option<String>,
     pub guest_args: String,
     pub hv_args: String,
     pub cpus: u32,
     pub emulator: String,
-    pub timeout: u64,
+    pub timeout: Option<u64>,
 }
 
 fn parse_run(args: &[String]) -> Result<RunOpts> {
     let mut o = RunOpts {
-        guest: "probe".into(),
+        guest: "linux".into(),
+        kernel: None,
+        initrd: None,
+        append: None,
         guest_args: String::new(),
         hv_args: String::new(),
         cpus: 1,
         emulator: "bochs".into(),
-        timeout: 120,
+        timeout: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -86,10 +98,13 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
         match a.as_str() {
             "--guest" => o.guest = val(a)?,
             "--guest-args" => o.guest_args = val(a)?,
+            "--kernel" => o.kernel = Some(val(a)?),
+            "--initrd" => o.initrd = Some(val(a)?),
+            "--append" => o.append = Some(val(a)?),
             "--hv-args" => o.hv_args = val(a)?,
             "--cpus" => o.cpus = val(a)?.parse().map_err(|_| "--cpus needs a number".to_string())?,
             "--emulator" => o.emulator = val(a)?,
-            "--timeout" => o.timeout = val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?,
+            "--timeout" => o.timeout = Some(val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?),
             _ => return Err(format!("unknown run option '{a}'\n\n{USAGE}")),
         }
     }
@@ -103,42 +118,65 @@ fn cmd_run(args: &[String]) -> Result {
     let o = parse_run(args)?;
     deps::ensure()?;
     let a = build::build(&[])?;
-    let guest = match o.guest.as_str() {
-        "probe" => a.guest("probe"),
-        p => {
-            let p = PathBuf::from(p);
+    let work = util::out_dir().join("runs").join("run");
+    let linux = o.kernel.is_some() || o.guest == "linux";
+    let (guest, guest_args, modules) = if linux {
+        let kernel = match &o.kernel {
+            Some(k) => PathBuf::from(k),
+            None => linux::debian_kernel()?,
+        };
+        let initrd = match &o.initrd {
+            Some(i) => PathBuf::from(i),
+            None => linux::initramfs(&work.join("initramfs.cpio"))?,
+        };
+        for p in [&kernel, &initrd] {
             if !p.is_file() {
-                return Err(format!("guest '{}' is not a file", p.display()));
+                return Err(format!("'{}' is not a file", p.display()));
             }
-            p
         }
+        (kernel, o.append.clone().unwrap_or_else(|| linux::APPEND.to_string()), vec![initrd])
+    } else {
+        let g = match o.guest.as_str() {
+            "probe" => a.guest("probe"),
+            p => PathBuf::from(p),
+        };
+        if !g.is_file() {
+            return Err(format!("guest '{}' is not a file", g.display()));
+        }
+        (g, o.guest_args.clone(), vec![])
     };
+    let timeout = o.timeout.unwrap_or(if linux { 900 } else { 120 });
     match o.emulator.as_str() {
         "bochs" => {
-            let work = util::out_dir().join("runs").join("run");
             let iso = work.join("exitscope.iso");
             image::grub_iso(
-                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: Some(&guest), guest_args: &o.guest_args, modules: &[] },
+                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: Some(&guest), guest_args: &guest_args, modules: &modules },
                 &work,
                 &iso,
             )?;
-            eprintln!("xtask: booting {} in Bochs ({} CPU)", iso.display(), o.cpus);
+            eprintln!(
+                "xtask: booting {} in Bochs ({} CPU{}){}",
+                iso.display(),
+                o.cpus,
+                if o.cpus == 1 { "" } else { "s" },
+                if linux { "; a Linux boot takes a minute or more of emulation" } else { "" }
+            );
             let out = bochs::run(&bochs::Run {
                 name: "run",
                 iso: &iso,
                 cpus: o.cpus,
                 memory_mb: 512,
-                timeout: Duration::from_secs(o.timeout),
+                timeout: Duration::from_secs(timeout),
                 echo: true,
-                progress: Some(Duration::from_secs(15)),
+                progress: Some(Duration::from_secs(10)),
             })?;
             if out.timed_out {
-                return Err(format!("no end of run within {}s (raise --timeout?)\n{}", o.timeout, out.describe()));
+                return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }
             eprintln!("xtask: Bochs finished in {:.1}s; serial log: {}", out.wall.as_secs_f64(), out.dir.join("serial.log").display());
             Ok(())
         }
-        "qemu" => qemu::run_kvm(&a.hypervisor, &guest, &o),
+        "qemu" => qemu::run_kvm(&a.hypervisor, &guest, &guest_args, &modules, &o, timeout),
         e => Err(format!("unknown emulator '{e}' (bochs or qemu)")),
     }
 }

@@ -71,22 +71,29 @@ pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], ti
 }
 
 /// `cargo xtask run --emulator qemu`: Exitscope under KVM with nested VT-x.
-pub fn run_kvm(hv: &Path, guest: &Path, o: &RunOpts) -> Result {
+pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::PathBuf], o: &RunOpts, timeout: u64) -> Result {
     if let Some(why) = kvm_unavailable() {
         return Err(format!("cannot run under QEMU with KVM: {why}"));
     }
-    let module = format!("{} {}", guest.display(), o.guest_args);
+    // QEMU's -initrd takes "file args,file,...": the first is the guest.
+    if guest_args.contains(',') {
+        return Err("QEMU cannot pass a guest command line containing ',' as a module string".into());
+    }
+    let mut list = format!("{} {guest_args}", guest.display());
+    for m in modules {
+        list += &format!(",{}", m.display());
+    }
     let cpus = o.cpus.to_string();
     let (_, timed_out) = run_kernel(
         hv,
         &o.hv_args,
-        &module,
+        &list,
         &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus],
-        Duration::from_secs(o.timeout),
+        Duration::from_secs(timeout),
         true,
     )?;
     if timed_out {
-        return Err(format!("QEMU did not finish within {}s", o.timeout));
+        return Err(format!("QEMU did not finish within {timeout}s"));
     }
     let _ = util::root();
     Ok(())

@@ -15,6 +15,20 @@ use std::time::{Duration, Instant};
 /// Everything a test needs.
 pub struct Ctx {
     pub art: Artifacts,
+    /// The Linux guest (kernel, initramfs), prepared once.
+    pub linux: std::sync::OnceLock<std::result::Result<(PathBuf, PathBuf), String>>,
+}
+
+impl Ctx {
+    fn linux(&self) -> Result<(PathBuf, PathBuf)> {
+        self.linux
+            .get_or_init(|| {
+                let kernel = crate::linux::debian_kernel()?;
+                let initrd = crate::linux::initramfs(&util::out_dir().join("runs").join("initramfs.cpio"))?;
+                Ok((kernel, initrd))
+            })
+            .clone()
+    }
 }
 
 pub struct Test {
@@ -29,6 +43,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "bad-hv-option", run: bad_hv_option },
     Test { name: "no-guest-module", run: no_guest_module },
     Test { name: "corrupt-guest", run: corrupt_guest },
+    Test { name: "linux", run: linux_1cpu },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -38,7 +53,7 @@ pub fn cmd_test(args: &[String]) -> Result {
         unit_tests()?;
     }
     let art = crate::build::build(&[])?;
-    let ctx = Ctx { art };
+    let ctx = Ctx { art, linux: Default::default() };
     let selected: Vec<&Test> = TESTS.iter().filter(|t| t.name.contains(&filter)).collect();
     if selected.is_empty() {
         return Err(format!("no end-to-end test matches '{filter}'"));
@@ -77,10 +92,15 @@ pub fn cmd_test(args: &[String]) -> Result {
 
 fn unit_tests() -> Result {
     eprintln!("xtask: host unit tests");
+    // The bzImage parser is also tested against the real Debian kernel.
+    let kernel = crate::linux::debian_kernel()?;
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(util::root()).args([
-        "test", "-p", "exitscope-stats", "-p", "guest-loader", "-p", "exitscope-hv", "-p", "xtask", "-p", "guest-rt",
-    ]);
+    c.current_dir(util::root())
+        .args([
+            "test", "-p", "exitscope-stats", "-p", "guest-loader", "-p", "exitscope-hv", "-p", "xtask", "-p", "guest-rt", "-p", "exitstat",
+            "--", "--include-ignored",
+        ])
+        .env("EXITSCOPE_TEST_BZIMAGE", kernel);
     util::run(&mut c)
 }
 
@@ -212,4 +232,102 @@ fn corrupt_guest(ctx: &Ctx) -> Result {
     let out = bochs_run("corrupt-guest", &spec, 1, 60)?;
     require(&out, "FATAL: guest kernel: guest image is neither a multiboot1 kernel nor a Linux bzImage")?;
     require(&out, "[exitscope] powering off")
+}
+
+// ---------------------------------------------------------------------------
+// Linux
+
+/// Boots the Debian kernel with the test init script on `cpus` CPUs and
+/// checks what every Linux run must show.
+fn linux_run(ctx: &Ctx, name: &str, cpus: u32) -> Result<bochs::Outcome> {
+    let (kernel, initrd) = ctx.linux()?;
+    let args = format!("{} exitscope.init=test", crate::linux::APPEND);
+    let spec = IsoSpec {
+        hypervisor: &ctx.art.hypervisor,
+        hv_args: "",
+        guest: Some(&kernel),
+        guest_args: &args,
+        modules: std::slice::from_ref(&initrd),
+    };
+    let out = bochs_run(name, &spec, cpus, 900)?;
+    require(&out, "INIT: userspace reached")?;
+    require(&out, &format!("INIT: cpus online: {cpus}"))?;
+    // The CPUID count grows by exactly the CPUIDs exitstat issued.
+    require(&out, "exitstat: check: 1000 CPUIDs, CPUID exits grew by 1001 (expected 1001): PASS")?;
+    require(&out, "CPUID(0x4FFFFFFE, 10) CPUID: exits=")?;
+    require(&out, "exit reason 35 is not defined by the SDM")?;
+    require(&out, "INIT: exitstat --all:")?;
+    let (d, title) = final_dump(&out)?;
+    if !title.contains("ACPI S5") {
+        return Err(format!("the guest did not end by powering off: '{title}'"));
+    }
+    // exitstat's totals were read before the end: never more than the dump.
+    let exits = value_after(&out.serial, "CPUID(0x4FFFFFFC), exits=").ok_or("no exitstat totals")?;
+    let cycles = value_after(&out.serial, "CPUID(0x4FFFFFFD), total time in vmm: ").ok_or("no exitstat cycles")?;
+    if exits > d.total_exits || cycles > d.total_cycles {
+        return Err(format!(
+            "exitstat reported {exits} exits / {cycles} cycles, more than the final dump's {} / {}",
+            d.total_exits, d.total_cycles
+        ));
+    }
+    if d.nvcpus != cpus as usize {
+        return Err(format!("the dump lists {} vCPUs, expected {cpus}", d.nvcpus));
+    }
+    // The guest saw no hypervisor memory: its e820 overlaps no hypervisor region.
+    let hv = hypervisor_region(&out.serial).ok_or("no 'hypervisor region:' line")?;
+    let e820 = guest_e820(&out.serial);
+    if e820.is_empty() {
+        return Err("no BIOS-e820 lines from the guest".into());
+    }
+    for (s, e, kind) in &e820 {
+        if *s < hv.1 && hv.0 < *e {
+            return Err(format!("guest e820 entry {s:#x}-{e:#x} ({kind}) overlaps the hypervisor region {:#x}-{:#x}", hv.0, hv.1));
+        }
+    }
+    Ok(out)
+}
+
+/// `[exitscope] hypervisor region: 0xA-0xB (...)`
+fn hypervisor_region(serial: &str) -> Option<(u64, u64)> {
+    let l = serial.lines().find(|l| l.contains("[exitscope] hypervisor region: "))?;
+    let r = l.split("hypervisor region: ").nth(1)?.split_whitespace().next()?;
+    let (a, b) = r.split_once('-')?;
+    Some((u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()?, u64::from_str_radix(b.trim_start_matches("0x"), 16).ok()?))
+}
+
+/// The guest kernel's `BIOS-e820: [mem 0xA-0xB] type` lines, as half-open ranges.
+fn guest_e820(serial: &str) -> Vec<(u64, u64, String)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let r = l.split("BIOS-e820: [mem ").nth(1)?;
+            let (range, kind) = r.split_once(']')?;
+            let (a, b) = range.split_once('-')?;
+            let a = u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()?;
+            let b = u64::from_str_radix(b.trim_start_matches("0x"), 16).ok()?;
+            Some((a, b + 1, kind.trim().to_string()))
+        })
+        .collect()
+}
+
+fn linux_1cpu(ctx: &Ctx) -> Result {
+    linux_run(ctx, "linux", 1).map(|_| ())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn parses_regions_and_e820() {
+        let log = "[exitscope] hypervisor region: 0x1f000000-0x1fe00000 (14 MiB), not mapped\n\
+                   [    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000001effffff] usable\n\
+                   [    0.000000] BIOS-e820: [mem 0x000000001fff0000-0x000000001fffffff] ACPI data\n";
+        assert_eq!(hypervisor_region(log), Some((0x1f000000, 0x1fe00000)));
+        let e = guest_e820(log);
+        assert_eq!(e.len(), 2);
+        assert_eq!((e[0].0, e[0].1), (0x100000, 0x1f000000));
+        assert_eq!(e[1].2, "ACPI data");
+        assert_eq!(value_after("x CPUID(0x4FFFFFFC), exits=18840\n", "exits="), Some(18840));
+    }
 }

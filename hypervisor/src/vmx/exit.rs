@@ -104,6 +104,7 @@ unsafe extern "C" {
 /// on the CPU lives in the exit loop.
 pub fn launch(v: &'static mut VcpuState) -> ! {
     crate::serial::drain();
+    crate::serial::GUEST_STARTED.store(true, core::sync::atomic::Ordering::Relaxed);
     // SAFETY: the VMCS of `v` is current and fully programmed; HOST_RSP is
     // `v`, which the stub switches to.
     unsafe { exitscope_vmlaunch(v) }
@@ -190,8 +191,8 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
         Exit::EptViolation => ept_violation(v),
         Exit::EptMisconfig => end_guest(v, GuestEnd::Stopped("EPT misconfiguration (a hypervisor bug)")),
         Exit::TripleFault => end_guest(v, GuestEnd::TripleFault),
-        Exit::Init => end_guest(v, GuestEnd::Reset("INIT signal")),
-        Exit::Sipi => end_guest(v, GuestEnd::Stopped("unexpected SIPI")),
+        Exit::Init => init_signal(v),
+        Exit::Sipi => sipi(v),
         Exit::TaskSwitch => end_guest(v, GuestEnd::Stopped("hardware task switch (not supported)")),
         Exit::Unexpected(n) => unexpected(v, n),
     }
@@ -294,6 +295,43 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
             }
             r
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// INIT and SIPI
+
+/// INIT: the hypervisor's own stop request, a reset of the boot CPU, or
+/// (for an AP) the architectural reset into the wait-for-SIPI state.
+fn init_signal(v: &mut VcpuState) {
+    if crate::fatal::STOPPING.load(core::sync::atomic::Ordering::SeqCst) {
+        crate::fatal::park();
+    }
+    if v.id == 0 {
+        end_guest(v, GuestEnd::Reset("INIT signal to the boot CPU"));
+    }
+    log::debug!("vCPU {}: INIT", v.id);
+    let c = &shared().controls;
+    if vcpu::reset_to_wait_for_sipi(c).is_err() {
+        end_guest(v, GuestEnd::Stopped("could not reset a vCPU after INIT"));
+    }
+    v.entry_ctls &= !ENTRY_IA32E_GUEST;
+    vmwrite(control::VMENTRY_CONTROLS, v.entry_ctls as u64);
+    vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    // After INIT, EDX holds the processor signature; the rest is zero.
+    v.regs = vcpu::GuestRegs { rdx: cpu::cpuid(1, 0)[0] as u64, ..Default::default() };
+    flush_guest_tlb(v);
+    crate::fatal::WAITING_FOR_SIPI.fetch_or(1 << v.id, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// SIPI (only delivered in the wait-for-SIPI state): start in real mode at
+/// vector << 12.
+fn sipi(v: &mut VcpuState) {
+    let vector = vmread(ro::EXIT_QUALIFICATION) as u8;
+    log::debug!("vCPU {}: SIPI, vector {vector:#x}", v.id);
+    crate::fatal::WAITING_FOR_SIPI.fetch_and(!(1 << v.id), core::sync::atomic::Ordering::SeqCst);
+    if vcpu::start_at_sipi(vector).is_err() {
+        end_guest(v, GuestEnd::Stopped("could not start a vCPU after SIPI"));
     }
 }
 
@@ -526,6 +564,7 @@ pub const fn cr0_write_faults(new: u64) -> bool {
 
 fn cr_access(v: &mut VcpuState) {
     let a = CrAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    log::trace!("vCPU {}: CR{} access {} value {:#x} at RIP {:#x}", v.id, a.cr, a.kind, v.regs.get(a.gpr), vmread(guest::RIP));
     let c = &shared().controls;
     let ok = match (a.cr, a.kind) {
         (0, 0) => write_cr0(v, v.regs.get(a.gpr)),

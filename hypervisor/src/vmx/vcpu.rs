@@ -380,5 +380,8 @@ pub fn start_at_sipi(vector: u8) -> Result<(), VmxFail> {
     let cs = (vector as u64) << 8;
     set_segment(guest::CS_SELECTOR, cs as u16, cs << 4, 0xFFFF, 0x9B)?;
     write_checked(guest::RIP, 0)?;
+    // A started processor has no event blocking (Bochs reports SMI blocking
+    // in the interruptibility state saved at a SIPI exit).
+    write_checked(guest::INTERRUPTIBILITY_STATE, 0)?;
     write_checked(guest::ACTIVITY_STATE, 0)
 }

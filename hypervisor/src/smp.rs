@@ -1,0 +1,268 @@
+//! Application processors: the local APIC (xAPIC or x2APIC) for IPIs, a PIT
+//! delay, and the real-mode trampoline that brings each AP into long mode
+//! on the hypervisor's page tables.
+//!
+//! The hypervisor starts every AP itself (INIT, SIPI, SIPI, as the SDM's MP
+//! initialisation protocol describes) before the guest exists. Each AP then
+//! enters VMX non-root operation in the wait-for-SIPI state, where the
+//! guest's own INIT/SIPI sequence later starts it.
+
+use crate::cpu::{self, msr};
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+/// Interrupt Command Register encodings (SDM Vol. 3, 11.6.1).
+pub mod icr {
+    pub const INIT: u32 = 5 << 8;
+    pub const STARTUP: u32 = 6 << 8;
+    pub const LEVEL_ASSERT: u32 = 1 << 14;
+    pub const ALL_EXCLUDING_SELF: u32 = 3 << 18;
+    pub const DELIVERY_PENDING: u32 = 1 << 12;
+
+    /// INIT (assert) to one APIC.
+    pub const fn init() -> u32 {
+        INIT | LEVEL_ASSERT
+    }
+    /// Start-up IPI with the page number of the start address.
+    pub const fn startup(vector: u8) -> u32 {
+        STARTUP | LEVEL_ASSERT | vector as u32
+    }
+    /// INIT to every other CPU.
+    pub const fn init_all_others() -> u32 {
+        INIT | LEVEL_ASSERT | ALL_EXCLUDING_SELF
+    }
+}
+
+/// The local APIC of the current CPU, in whichever mode it is.
+pub struct LocalApic {
+    x2apic: bool,
+    base: u64,
+}
+
+impl LocalApic {
+    pub fn current() -> LocalApic {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        let b = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };
+        LocalApic { x2apic: b & (1 << 10) != 0, base: b & 0xF_FFFF_F000 }
+    }
+
+    /// This CPU's APIC id.
+    pub fn id(&self) -> u32 {
+        if self.x2apic {
+            // SAFETY: x2APIC id MSR exists in x2APIC mode.
+            unsafe { cpu::rdmsr(0x802) as u32 }
+        } else {
+            // SAFETY: the xAPIC page is identity-mapped MMIO.
+            unsafe { core::ptr::read_volatile((self.base + 0x20) as *const u32) >> 24 }
+        }
+    }
+
+    /// Sends an IPI (`low` = ICR bits 31:0) to `dest` and waits until the
+    /// APIC accepted it.
+    pub fn send(&self, dest: u32, low: u32) {
+        if self.x2apic {
+            // SAFETY: the x2APIC ICR MSR; the encodings are the SDM's.
+            unsafe { cpu::wrmsr(0x830, (dest as u64) << 32 | low as u64) };
+        } else {
+            // SAFETY: the xAPIC ICR registers, identity-mapped MMIO.
+            unsafe {
+                core::ptr::write_volatile((self.base + 0x310) as *mut u32, dest << 24);
+                core::ptr::write_volatile((self.base + 0x300) as *mut u32, low);
+                for _ in 0..1_000_000 {
+                    if core::ptr::read_volatile((self.base + 0x300) as *const u32) & icr::DELIVERY_PENDING == 0 {
+                        break;
+                    }
+                    cpu::pause();
+                }
+            }
+        }
+    }
+}
+
+/// Busy-waits `us` microseconds on PIT channel 2 (the speaker timer),
+/// which needs no calibration. Used only before the guest runs.
+pub fn udelay(us: u32) {
+    let mut left = us as u64;
+    while left > 0 {
+        let chunk = left.min(50_000); // under 65536 PIT ticks
+        let ticks = (chunk * 1_193_182 / 1_000_000).max(1) as u16;
+        // SAFETY: PIT channel 2 and port 0x61 gate; nothing else uses them
+        // while the hypervisor boots.
+        unsafe {
+            let gate = cpu::inb(0x61);
+            cpu::outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
+            cpu::outb(0x43, 0b1011_0000); // channel 2, lo/hi, mode 0, binary
+            cpu::outb(0x42, ticks as u8);
+            cpu::outb(0x42, (ticks >> 8) as u8);
+            let g = cpu::inb(0x61);
+            cpu::outb(0x61, g & !1);
+            cpu::outb(0x61, g | 1); // restart the count
+            let mut spins = 0u64;
+            while cpu::inb(0x61) & 0x20 == 0 {
+                spins += 1;
+                if spins > 100_000_000 {
+                    break; // no PIT: do not hang
+                }
+            }
+            cpu::outb(0x61, gate);
+        }
+        left -= chunk;
+    }
+}
+
+// The trampoline, copied to a page below 1 MiB. Offsets of its parameter
+// block are fixed (see TRAMPOLINE_* below); the BSP fills them in.
+global_asm!(
+    ".section .rodata.ap_trampoline, \"a\"",
+    ".balign 16",
+    ".global exitscope_ap_trampoline",
+    ".global exitscope_ap_trampoline_end",
+    "exitscope_ap_trampoline:",
+    ".code16",
+    "    cli",
+    "    cld",
+    "    mov ax, cs",
+    "    mov ds, ax",
+    "    mov ebx, dword ptr [0xF0]",      // trampoline physical base
+    "    lgdt [0xE0]",                   // GDT pointer (base patched)
+    "    mov eax, cr0",
+    "    or eax, 1",
+    "    mov cr0, eax",
+    "    .byte 0x66, 0xEA",              // ljmpd 0x08:pm32 (offset patched at 0x100 + 2)
+    "2:  .long 0",
+    "    .word 0x08",
+    ".code32",
+    "3:",
+    "    mov ax, 0x10",
+    "    mov ds, ax",
+    "    mov es, ax",
+    "    mov ss, ax",
+    "    lea esp, [ebx + 0xFF0]",        // a stack at the top of the trampoline page
+    "    mov eax, cr4",
+    "    or eax, 1 << 5",                // PAE
+    "    mov cr4, eax",
+    "    mov eax, dword ptr [ebx + 0xC8]", // CR3 (below 4 GiB)
+    "    mov cr3, eax",
+    "    mov ecx, 0xC0000080",
+    "    rdmsr",
+    "    or eax, 1 << 8",                // LME
+    "    wrmsr",
+    "    mov eax, cr0",
+    "    and eax, ~((1 << 30) | (1 << 29))",
+    "    or eax, (1 << 31) | (1 << 5) | 1",
+    "    mov cr0, eax",
+    "    lea eax, [ebx + 0x80]",         // 64-bit code below (offset fixed)
+    "    push 0x18",
+    "    push eax",
+    "    retf",
+    ".org exitscope_ap_trampoline + 0x80",
+    ".code64",
+    "    mov ebx, ebx",                  // upper half undefined after the mode switch
+    "    mov rsp, qword ptr [rbx + 0xD0]",
+    "    mov rdi, qword ptr [rbx + 0xD8]",
+    "    mov rax, qword ptr [rbx + 0xC0]",
+    "    mov dword ptr [rbx + 0xF4], 1", // "I am in long mode"
+    "    jmp rax",
+    ".org exitscope_ap_trampoline + 0xC0",
+    "    .quad 0",                       // 0xC0: Rust entry
+    "    .quad 0",                       // 0xC8: CR3
+    "    .quad 0",                       // 0xD0: stack top
+    "    .quad 0",                       // 0xD8: argument
+    ".org exitscope_ap_trampoline + 0xE0",
+    "    .word 0x1F",                    // 0xE0: GDT limit
+    "    .long 0",                       // 0xE2: GDT base (patched)
+    ".org exitscope_ap_trampoline + 0xF0",
+    "    .long 0",                       // 0xF0: trampoline base
+    "    .long 0",                       // 0xF4: alive flag
+    ".org exitscope_ap_trampoline + 0x100",
+    "    .quad 0",                       // 0x100: null
+    "    .quad 0x00CF9A000000FFFF",      // 0x08: 32-bit code
+    "    .quad 0x00CF92000000FFFF",      // 0x10: data
+    "    .quad 0x00AF9A000000FFFF",      // 0x18: 64-bit code
+    "exitscope_ap_trampoline_end:",
+    ".code64",
+);
+
+unsafe extern "C" {
+    static exitscope_ap_trampoline: u8;
+    static exitscope_ap_trampoline_end: u8;
+}
+
+pub const OFF_ENTRY: u64 = 0xC0;
+const OFF_CR3: u64 = 0xC8;
+const OFF_STACK: u64 = 0xD0;
+const OFF_ARG: u64 = 0xD8;
+const OFF_GDT_BASE: u64 = 0xE2;
+const OFF_BASE: u64 = 0xF0;
+const OFF_ALIVE: u64 = 0xF4;
+const OFF_GDT: u64 = 0x100;
+
+/// Number of the far-jump operand inside the trampoline (found at runtime).
+fn far_jump_operand(code: &[u8]) -> usize {
+    // The 0x66 0xEA prefix+opcode, then the 32-bit offset.
+    code.windows(2).position(|w| w == [0x66, 0xEA]).expect("trampoline far jump") + 2
+}
+
+/// Places the trampoline at physical `base` (a free page below 1 MiB).
+pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
+    let start = &raw const exitscope_ap_trampoline as *const u8;
+    let end = &raw const exitscope_ap_trampoline_end as *const u8;
+    // SAFETY: the two symbols bracket the trampoline in .rodata.
+    let code = unsafe { core::slice::from_raw_parts(start, end as usize - start as usize) };
+    let jmp = far_jump_operand(code);
+    // The 32-bit entry is the label right after the far jump's 6 operand bytes.
+    let pm32 = base + jmp as u64 + 6;
+    // SAFETY: `base` is a free RAM page below 1 MiB chosen by the caller,
+    // identity-mapped; nothing else uses it until the APs are up.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), base as *mut u8, code.len());
+        let w32 = |off: u64, v: u32| core::ptr::write_unaligned((base + off) as *mut u32, v);
+        let w64 = |off: u64, v: u64| core::ptr::write_unaligned((base + off) as *mut u64, v);
+        w32(jmp as u64, pm32 as u32);
+        w64(OFF_ENTRY, entry);
+        w64(OFF_CR3, cr3);
+        w32(OFF_GDT_BASE, (base + OFF_GDT) as u32);
+        w32(OFF_BASE, base as u32);
+    }
+}
+
+/// Starts the AP with `apic_id` at the trampoline, giving it `stack` and
+/// `arg`. Returns whether it reached long mode in time.
+pub fn start_ap(lapic: &LocalApic, apic_id: u32, base: u64, stack: u64, arg: u64) -> bool {
+    // SAFETY: the trampoline page is ours (see install_trampoline).
+    let alive = unsafe { &*((base + OFF_ALIVE) as *const AtomicU32) };
+    alive.store(0, SeqCst);
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile((base + OFF_STACK) as *mut u64, stack);
+        core::ptr::write_volatile((base + OFF_ARG) as *mut u64, arg);
+    }
+    lapic.send(apic_id, icr::init());
+    udelay(10_000);
+    for _ in 0..2 {
+        lapic.send(apic_id, icr::startup((base >> 12) as u8));
+        udelay(200);
+        if alive.load(SeqCst) != 0 {
+            return true;
+        }
+    }
+    for _ in 0..100 {
+        if alive.load(SeqCst) != 0 {
+            return true;
+        }
+        udelay(1000);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn icr_encodings() {
+        assert_eq!(icr::init(), 0x4500);
+        assert_eq!(icr::startup(0x08), 0x4608);
+        assert_eq!(icr::init_all_others(), 0xC4500);
+    }
+}

@@ -1,0 +1,194 @@
+//! The Linux guest: Debian's cloud kernel (downloaded once and cached), and
+//! an initramfs made of a static busybox, `exitstat` and an init script.
+
+use crate::util::{self, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernel command line Exitscope's Linux guest boots with.
+pub const APPEND: &str = "console=ttyS0 cryptomgr.notests";
+
+fn cache_dir() -> PathBuf {
+    util::out_dir().join("cache")
+}
+
+/// Debian's current cloud kernel (a bzImage), fetched with `apt-get
+/// download` (no install) and unpacked with `dpkg -x`. Cached under
+/// target/exitscope/cache; `EXITSCOPE_KERNEL` overrides it.
+pub fn debian_kernel() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("EXITSCOPE_KERNEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let dir = cache_dir().join("linux");
+    let kernel = dir.join("vmlinuz");
+    if kernel.is_file() {
+        return Ok(kernel);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let depends = util::output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+    let pkg = depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string);
+    let pkg = match pkg {
+        Some(p) => p,
+        None if util::is_root() => {
+            util::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            let d = util::output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+            d.lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|p| p.starts_with("linux-image-"))
+                .map(str::to_string)
+                .ok_or("apt-cache knows no linux-image-cloud-amd64; is this Debian with its main archive?")?
+        }
+        None => return Err("apt-cache knows no linux-image-cloud-amd64 (run apt-get update as root first)".into()),
+    };
+    eprintln!("xtask: downloading {pkg} (Debian cloud kernel, once)");
+    let dl = dir.join("download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
+    util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
+    let deb = std::fs::read_dir(&dl)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("apt-get download produced no .deb")?;
+    let unpack = dl.join("unpacked");
+    util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+    let vmlinuz = std::fs::read_dir(unpack.join("boot"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .ok_or("the kernel package has no /boot/vmlinuz-*")?;
+    util::copy(&vmlinuz, &kernel)?;
+    util::write(&dir.join("version"), vmlinuz.file_name().unwrap().to_string_lossy().as_bytes())?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(kernel)
+}
+
+/// Builds `exitstat` as a static Linux binary.
+pub fn build_exitstat() -> Result<PathBuf> {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(util::root()).args(["build", "--release", "-p", "exitstat", "--target", "x86_64-unknown-linux-musl"]);
+    util::run(&mut c)?;
+    Ok(util::root().join("target/x86_64-unknown-linux-musl/release/exitstat"))
+}
+
+/// The init script of the default Linux guest. The kernel command line
+/// chooses what it does: `exitscope.init=run` (default) prints `exitstat`
+/// and `exitstat --all` and powers off; `exitscope.init=test` also runs the
+/// checks the end-to-end tests look for.
+pub const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mode=run
+for w in $(cat /proc/cmdline); do
+    case "$w" in exitscope.init=*) mode="${w#exitscope.init=}" ;; esac
+done
+echo "INIT: userspace reached (mode $mode)"
+echo "INIT: cpus online: $(nproc)"
+if [ "$mode" = test ]; then
+    exitstat --check 1000
+    exitstat 10
+    exitstat 35
+    exitstat --json
+    for c in $(seq 0 $(($(nproc) - 1))); do
+        echo "INIT: on cpu $c: $(taskset -c $c exitstat --check 100)"
+    done
+fi
+echo "INIT: exitstat totals:"
+exitstat
+echo "INIT: exitstat --all:"
+exitstat --all
+sync
+echo "INIT: powering off"
+sleep 1
+poweroff -f
+"#;
+
+/// Writes an initramfs (uncompressed newc cpio) with busybox, exitstat and
+/// the init script.
+pub fn initramfs(out: &Path) -> Result<PathBuf> {
+    let exitstat = build_exitstat()?;
+    let busybox = std::fs::read("/bin/busybox").map_err(|e| format!("/bin/busybox (package busybox-static): {e}"))?;
+    let exitstat = std::fs::read(&exitstat).map_err(|e| format!("{}: {e}", exitstat.display()))?;
+    let mut c = Cpio::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "usr"] {
+        c.dir(d);
+    }
+    c.node("dev/console", 0o020600, (5, 1));
+    c.file("init", 0o755, INIT.as_bytes());
+    c.file("bin/busybox", 0o755, &busybox);
+    c.file("bin/exitstat", 0o755, &exitstat);
+    util::write(out, c.finish())?;
+    Ok(out.to_path_buf())
+}
+
+/// A newc ("070701") cpio archive, written deterministically (mtime 0).
+#[derive(Default)]
+pub struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.ino += 1;
+        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+    fn pad(&mut self) {
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+    }
+    pub fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[], (0, 0));
+    }
+    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | perm, data, (0, 0));
+    }
+    pub fn node(&mut self, name: &str, mode: u32, rdev: (u32, u32)) {
+        self.entry(name, mode, &[], rdev);
+    }
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_layout() {
+        let mut c = Cpio::default();
+        c.dir("bin");
+        c.file("init", 0o755, b"#!/bin/sh\n");
+        let b = c.finish();
+        assert!(b.starts_with(b"070701"));
+        assert_eq!(b.len() % 4, 0);
+        // The second header starts after the 110-byte header and "bin\0",
+        // padded to a multiple of 4.
+        let second = (110 + 4usize).next_multiple_of(4);
+        assert_eq!(&b[second..second + 6], b"070701");
+        assert!(b.windows(10).any(|w| w == b"TRAILER!!!"));
+        let text = String::from_utf8_lossy(&b);
+        assert!(text.contains("#!/bin/sh"));
+    }
+}
