@@ -91,8 +91,9 @@ pub struct BootInfo {
     /// The hypervisor's own command line (without its file name).
     pub cmdline: String,
     pub rsdp: Option<RsdpInfo>,
-    /// Physical ranges holding boot data still needed (none after parsing:
-    /// everything is copied into the heap). Modules are listed in `modules`.
+    /// Physical ranges that must not be overwritten before the guest is
+    /// loaded, besides the modules: the hypervisor image where the loader
+    /// put it, and any boot-loader data still in use. Free afterwards.
     pub preserve: Vec<(u64, u64)>,
 }
 

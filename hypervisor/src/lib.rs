@@ -50,7 +50,10 @@ pub fn boot_acpi() -> acpi::Acpi {
 pub fn multiboot_entry(magic: u32, info: u32) -> ! {
     early_init();
     match bootinfo::parse_multiboot(magic, info as u64, &guest::IdentityMem) {
-        Ok(bi) => run(bi),
+        Ok(mut bi) => {
+            bi.preserve.push(memory::multiboot_load_range());
+            run(bi)
+        }
         Err(e) => boot_error(format_args!("bad boot information: {e}")),
     }
 }
@@ -164,7 +167,7 @@ pub fn run(bi: BootInfo) -> ! {
     // Move the hypervisor to the top of RAM below 4 GiB.
     let size = memory::image_size();
     let mut keep: Vec<(u64, u64)> = bi.modules.iter().map(|m| (m.start, m.end)).collect();
-    keep.push(memory::load_range());
+    keep.extend_from_slice(&bi.preserve);
     let Some(base) = bi.memory.highest_fit(size, 2 << 20, 1 << 32, &keep) else {
         boot_error(format_args!(
             "too little memory: the hypervisor needs {} MiB of contiguous RAM below 4 GiB besides the boot modules",
@@ -185,7 +188,9 @@ pub fn run(bi: BootInfo) -> ! {
     );
 
     // Stage the modules, then describe the guest's memory.
-    let staged = match guest::stage_modules(&bi, &[footprint, memory::load_range()]) {
+    let mut avoid = bi.preserve.clone();
+    avoid.push(footprint);
+    let staged = match guest::stage_modules(&bi, &avoid) {
         Ok(s) => s,
         Err(e) => boot_error(format_args!("{e}")),
     };

@@ -60,11 +60,23 @@ pub fn footprint() -> (u64, u64) {
     (base, base + image_size())
 }
 
-/// Physical range of the image as loaded (before relocation): the multiboot
-/// section at 1 MiB through the end of the arena.
-pub fn load_range() -> (u64, u64) {
+/// Physical range of the image as a multiboot loader placed it (before
+/// relocation): the multiboot section at 1 MiB through the end of the arena,
+/// one to one with the link addresses.
+pub fn multiboot_load_range() -> (u64, u64) {
     let boot = ptr::addr_of!(__boot_start) as u64;
     (boot, image_end_va() - KERNEL_VMA)
+}
+
+/// Where physical memory appears in the current address space: 0 with the
+/// hypervisor's own page tables (and the multiboot entry's), the boot
+/// loader's offset before relocation on the UEFI path.
+static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
+
+/// Tells the core where the boot loader mapped physical memory (UEFI entry,
+/// before relocation).
+pub fn set_phys_offset(offset: u64) {
+    PHYS_OFFSET.store(offset, SeqCst);
 }
 
 fn image_phys() -> u64 {
@@ -81,10 +93,11 @@ pub fn virt_to_phys<T: ?Sized>(p: *const T) -> u64 {
     va - image_start_va() + image_phys()
 }
 
-/// A pointer to physical memory through the identity map.
+/// A pointer to physical memory through the identity map (or, before
+/// relocation on the UEFI path, the boot loader's physical-memory window).
 #[inline(always)]
 pub fn phys_ptr<T>(pa: u64) -> *mut T {
-    pa as *mut T
+    pa.wrapping_add(PHYS_OFFSET.load(core::sync::atomic::Ordering::Relaxed)) as *mut T
 }
 
 /// Copies `len` bytes between physical ranges (they may overlap).
@@ -185,7 +198,7 @@ const PS: u64 = 1 << 7; // large page
 /// 2 MiB pages), and the image window at its link address with 4 KiB pages.
 /// Returns the new PML4's physical address *after* relocation.
 fn build_host_tables(new_base: u64, phys_limit: u64, huge: bool) -> Result<u64, OutOfMemory> {
-    let after = |p: *const u8| virt_to_phys(p) - image_phys() + new_base;
+    let after = |p: *const u8| p as u64 - image_start_va() + new_base;
     let table = |n| alloc_pages(n).map(|(s, _)| s.as_mut_ptr() as *mut u64);
 
     let pml4 = table(1)?;
@@ -239,7 +252,9 @@ fn build_host_tables(new_base: u64, phys_limit: u64, huge: bool) -> Result<u64, 
 
 core::arch::global_asm!(
     // relocate_image(dst: rdi, src: rsi, len: rdx, cr3: rcx)
-    // Copies the image and switches to the new page tables. Nothing may touch
+    // Copies the image (from its virtual address to the physical
+    // destination as currently mapped) and switches to the new page
+    // tables, which map the image's virtual addresses there. Nothing may touch
     // memory between the copy and the CR3 load: the return address on the
     // stack was copied along and is popped from the new copy.
     ".section .text.relocate, \"ax\"",
@@ -265,11 +280,12 @@ pub fn relocate(new_base: u64, phys_limit: u64, huge_pages: bool) -> Result<(), 
     let cr3 = build_host_tables(new_base, phys_limit, huge_pages)?;
     let used_end = arena_base() as u64 + ARENA_USED.load(SeqCst) as u64;
     let len = (used_end - image_start_va()).next_multiple_of(8);
-    let src = image_phys();
+    let dst = phys_ptr::<u8>(new_base) as u64;
     // SAFETY: interrupts are off and we are the only CPU; the destination is
     // free RAM chosen by the caller; the new tables map everything the code
     // after this point touches.
-    unsafe { exitscope_relocate_image(new_base, src, len, cr3) };
+    unsafe { exitscope_relocate_image(dst, image_start_va(), len, cr3) };
     IMAGE_PHYS.store(new_base, SeqCst);
+    PHYS_OFFSET.store(0, SeqCst);
     Ok(())
 }
