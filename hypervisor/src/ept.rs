@@ -23,9 +23,13 @@ pub struct EptRange {
     pub start: u64,
     pub end: u64,
     pub ty: MemType,
+    /// Writes allowed; if not, the range is read-only and a write exits
+    /// with an EPT violation (used to watch MMIO registers).
+    pub write: bool,
 }
 
 const RWX: u64 = 7;
+const READ: u64 = 1;
 const LARGE: u64 = 1 << 7;
 const PAGE: u64 = 4096;
 
@@ -41,8 +45,9 @@ pub trait Tables {
 
 /// The ranges to map for a guest: everything in `0..top` except `exclude`,
 /// where `top` covers the memory map and at least 4 GiB. Pages entirely in
-/// RAM are write-back, all others uncacheable.
-pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)]) -> Vec<EptRange> {
+/// RAM are write-back, all others uncacheable. Pages in `readonly` are
+/// mapped without write permission.
+pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)], readonly: &[(u64, u64)]) -> Vec<EptRange> {
     let top = map.regions().last().map_or(0, |r| r.end).max(4 << 30).next_multiple_of(2 << 20);
     // Boundaries: RAM rounded inwards to whole pages, exclusions outwards.
     let mut ram: Vec<(u64, u64)> = map
@@ -60,7 +65,7 @@ pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)]) -> Vec<EptRange> {
         }
         match out.last_mut() {
             Some(l) if l.end == s && l.ty == ty => l.end = e,
-            _ => out.push(EptRange { start: s, end: e, ty }),
+            _ => out.push(EptRange { start: s, end: e, ty, write: true }),
         }
     };
     // Walk 0..top, alternating UC gaps and WB RAM.
@@ -71,6 +76,19 @@ pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)]) -> Vec<EptRange> {
         cur = cur.max(e);
     }
     push(cur, top, MemType::Uncacheable);
+    // Read-only pages: split them out with write cleared.
+    for &(rs, re) in readonly {
+        let (rs, re) = (rs / PAGE * PAGE, re.next_multiple_of(PAGE));
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                let a = EptRange { end: r.end.min(rs), ..r };
+                let b = EptRange { start: r.start.max(rs), end: r.end.min(re), write: false, ..r };
+                let c = EptRange { start: r.start.max(re), ..r };
+                [a, b, c].into_iter().filter(|x| x.start < x.end)
+            })
+            .collect();
+    }
     // Cut out the exclusions.
     for &(xs, xe) in exclude {
         let (xs, xe) = (xs / PAGE * PAGE, xe.next_multiple_of(PAGE));
@@ -92,7 +110,8 @@ pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)]) -> Vec<EptRange> {
 pub fn build<T: Tables>(ranges: &[EptRange], t: &mut T, large: (bool, bool)) -> Result<u64, T::Error> {
     let root = t.alloc()?;
     for r in ranges {
-        map(t, root, 4, 0, r.start, r.end, r.ty, large)?;
+        let perm = if r.write { RWX } else { READ };
+        map(t, root, 4, 0, r.start, r.end, r.ty, perm, large)?;
     }
     Ok(root)
 }
@@ -100,7 +119,7 @@ pub fn build<T: Tables>(ranges: &[EptRange], t: &mut T, large: (bool, bool)) -> 
 /// Maps [s, e) into the table at `pa`, whose entries at `level` each cover
 /// `1 << (12 + 9 * (level - 1))` bytes starting at `base`.
 #[allow(clippy::too_many_arguments)]
-fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty: MemType, large: (bool, bool)) -> Result<(), T::Error> {
+fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty: MemType, perm: u64, large: (bool, bool)) -> Result<(), T::Error> {
     let shift = 12 + 9 * (level - 1);
     let size = 1u64 << shift;
     let first = ((s - base) >> shift) as usize;
@@ -110,7 +129,7 @@ fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty:
         let ee = es + size;
         let leaf_ok = level == 1 || (level == 2 && large.0) || (level == 3 && large.1);
         if leaf_ok && s <= es && e >= ee {
-            let flags = if level == 1 { RWX } else { RWX | LARGE };
+            let flags = if level == 1 { perm } else { perm | LARGE };
             t.table(pa)[i] = es | flags | (ty as u64) << 3;
             continue;
         }
@@ -123,7 +142,7 @@ fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty:
             assert!(entry & LARGE == 0 || level == 1, "EPT ranges overlap at {es:#x}");
             entry & 0x000F_FFFF_FFFF_F000
         };
-        map(t, child, level - 1, es, s.max(es), e.min(ee), ty, large)?;
+        map(t, child, level - 1, es, s.max(es), e.min(ee), ty, perm, large)?;
     }
     Ok(())
 }
@@ -134,6 +153,7 @@ pub struct Leaf {
     pub hpa: u64,
     pub ty: u64,
     pub page_size: u64,
+    pub writable: bool,
 }
 
 /// Translates a guest-physical address, as the CPU would.
@@ -148,7 +168,7 @@ pub fn walk<T: Tables>(t: &mut T, root: u64, gpa: u64) -> Option<Leaf> {
         if level == 1 || e & LARGE != 0 {
             let size = 1u64 << shift;
             let frame = e & 0x000F_FFFF_FFFF_F000 & !(size - 1);
-            return Some(Leaf { hpa: frame | (gpa & (size - 1)), ty: (e >> 3) & 7, page_size: size });
+            return Some(Leaf { hpa: frame | (gpa & (size - 1)), ty: (e >> 3) & 7, page_size: size, writable: e & 2 != 0 });
         }
         pa = e & 0x000F_FFFF_FFFF_F000;
     }
@@ -196,7 +216,7 @@ mod tests {
 
     #[test]
     fn identity_map_with_hole() {
-        let ranges = guest_ranges(&bochs_map(), &[HV]);
+        let ranges = guest_ranges(&bochs_map(), &[HV], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&ranges, &mut t, (true, true)).unwrap();
         // Few tables: PML4, PDPT, the first GiB's PD, a PT for the first 2 MiB.
@@ -225,7 +245,7 @@ mod tests {
 
     #[test]
     fn without_large_pages_everything_still_maps() {
-        let ranges = guest_ranges(&bochs_map(), &[HV]);
+        let ranges = guest_ranges(&bochs_map(), &[HV], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&ranges, &mut t, (false, false)).unwrap();
         assert_eq!(walk(&mut t, root, 0x12345678).unwrap().page_size, PAGE);
@@ -235,7 +255,7 @@ mod tests {
 
     #[test]
     fn ranges_are_sorted_disjoint_and_cover_all_but_the_hole() {
-        let r = guest_ranges(&bochs_map(), &[HV]);
+        let r = guest_ranges(&bochs_map(), &[HV], &[]);
         for w in r.windows(2) {
             assert!(w[0].end <= w[1].start);
         }
@@ -244,8 +264,8 @@ mod tests {
         assert!(r.iter().all(|x| x.start % PAGE == 0 && x.end % PAGE == 0));
         // A partial RAM page is not write-back.
         let m = MemoryMap::from_regions([Region { start: 0, end: 0x9FC00, kind: MemKind::Ram }]);
-        let r = guest_ranges(&m, &[]);
-        assert_eq!(r[0], EptRange { start: 0, end: 0x9F000, ty: MemType::WriteBack });
+        let r = guest_ranges(&m, &[], &[]);
+        assert_eq!(r[0], EptRange { start: 0, end: 0x9F000, ty: MemType::WriteBack, write: true });
         assert_eq!(r[1].ty, MemType::Uncacheable);
         assert_eq!(vec![r[1].start], vec![0x9F000]);
     }
@@ -256,12 +276,25 @@ mod tests {
             Region { start: 0, end: 0x8000_0000, kind: MemKind::Ram },
             Region { start: 0x1_0000_0000, end: 0x1_8000_0000, kind: MemKind::Ram },
         ]);
-        let r = guest_ranges(&m, &[]);
+        let r = guest_ranges(&m, &[], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&r, &mut t, (true, true)).unwrap();
         assert_eq!(walk(&mut t, root, 0x1_2345_6000).unwrap().ty, 6);
         assert_eq!(walk(&mut t, root, 0x9000_0000).unwrap().ty, 0);
         assert_eq!(walk(&mut t, root, 0x1_8000_0000), None);
+    }
+
+    #[test]
+    fn readonly_pages_are_split_out() {
+        let apic = 0xFEE0_0000u64;
+        let ranges = guest_ranges(&bochs_map(), &[HV], &[(apic, apic + PAGE)]);
+        let mut t = HostTables(Vec::new());
+        let root = build(&ranges, &mut t, (true, true)).unwrap();
+        let l = walk(&mut t, root, apic + 0x300).unwrap();
+        assert_eq!((l.hpa, l.page_size, l.writable, l.ty), (apic + 0x300, PAGE, false, 0));
+        assert!(walk(&mut t, root, apic + PAGE).unwrap().writable);
+        assert!(walk(&mut t, root, apic - PAGE).unwrap().writable);
+        assert!(walk(&mut t, root, 0x1000).unwrap().writable);
     }
 
     #[test]

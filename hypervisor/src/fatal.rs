@@ -53,6 +53,11 @@ static PARKED: AtomicUsize = AtomicUsize::new(0);
 /// park).
 pub static WAITING_FOR_SIPI: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
+/// vCPUs that executed HLT with interrupts disabled (bit n = vCPU n). The
+/// guest has halted for good when every vCPU is here or waiting for a SIPI.
+/// (An NMI could still wake such a vCPU; INIT clears its bit.)
+pub static HALTED_FOR_GOOD: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Parks this CPU for good (called by a vCPU that was told to stop).
 pub fn park() -> ! {
     PARKED.fetch_add(1, SeqCst);
@@ -72,6 +77,8 @@ fn stop_other_cpus() {
     STOPPING.store(true, SeqCst);
     crate::smp::LocalApic::current().send(0, crate::smp::icr::init_all_others());
     let me = current_vcpu().map_or(0, |(id, _)| id);
+    // vCPUs in HLT (even with interrupts off) take the INIT and park; those
+    // waiting for a SIPI cannot take it but run nothing.
     let stopped = || PARKED.load(SeqCst) + (WAITING_FOR_SIPI.load(SeqCst) & !(1 << me)).count_ones() as usize;
     for _ in 0..10_000_000u64 {
         if stopped() >= others {

@@ -13,9 +13,11 @@ extern crate alloc;
 pub mod acpi;
 pub mod bootinfo;
 pub mod cpu;
+pub mod decode;
 pub mod ept;
 pub mod fatal;
 pub mod guest;
+pub mod guestmem;
 pub mod idt;
 pub mod memory;
 pub mod options;
@@ -230,7 +232,20 @@ pub fn run(bi: BootInfo) -> ! {
         waitpkg: controls.hide_waitpkg,
     };
     let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
-    let acpi_cpus = acpi.cpus.clone();
+    let lapic = smp::LocalApic::current();
+    let bsp_id = lapic.id();
+    let aps: Vec<u32> = acpi.cpus.iter().copied().filter(|&id| id != bsp_id).take(max_cpus.saturating_sub(1)).collect();
+    // With several vCPUs, INIT IPIs are emulated: watch the local APIC page.
+    let apic_trap = if aps.is_empty() {
+        None
+    } else {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        Some(unsafe { cpu::rdmsr(cpu::msr::IA32_APIC_BASE) } & 0xF_FFFF_F000)
+    };
+    if apic_trap.is_some() {
+        trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
+    }
+    let acpi_cpus_found = !acpi.cpus.is_empty();
     let sh = state::init(state::Shared {
         options: opts,
         acpi,
@@ -241,8 +256,11 @@ pub fn run(bi: BootInfo) -> ! {
         watch,
         xcr0_supported,
         hide,
+        apic_trap,
     });
-    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint]);
+    state::APIC_IDS[0].store(bsp_id, core::sync::atomic::Ordering::SeqCst);
+    let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint], &watched);
     let new_vcpu = |id: usize| -> VcpuSetup {
         let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
             Ok(m) => m,
@@ -265,9 +283,6 @@ pub fn run(bi: BootInfo) -> ! {
     }
 
     // The other CPUs, each parked in VMX non-root operation (wait-for-SIPI).
-    let lapic = smp::LocalApic::current();
-    let bsp_id = lapic.id();
-    let aps: Vec<u32> = acpi_cpus.iter().copied().filter(|&id| id != bsp_id).take(max_cpus.saturating_sub(1)).collect();
     if !aps.is_empty() {
         let Some(tramp) = guest_map.lowest_fit(4096, 4096, 0x1000, 0xA0000, &[staged.range]) else {
             boot_error(format_args!("no free page below 1 MiB for the AP start-up code"))
@@ -287,6 +302,7 @@ pub fn run(bi: BootInfo) -> ! {
                 smp::udelay(1000);
             }
             if started && ready {
+                state::APIC_IDS[id].store(apic_id, core::sync::atomic::Ordering::SeqCst);
                 sh.ncpus.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
             } else {
                 hvprintln!("warning: CPU with APIC id {apic_id} did not start; continuing without it");
@@ -294,7 +310,7 @@ pub fn run(bi: BootInfo) -> ! {
         }
     }
     let ncpus = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
-    if acpi_cpus.is_empty() {
+    if !acpi_cpus_found {
         hvprintln!("no ACPI MADT: running on the boot CPU only");
     }
 
@@ -411,6 +427,13 @@ fn make_bitmaps(w: &state::PortWatch) -> Result<(u64, u64), memory::OutOfMemory>
         trap(m);
     }
     Ok((io_pa, msr_pa))
+}
+
+/// Makes writes of `msr` exit (MSR bitmap at physical `bitmap_pa`).
+fn trap_msr_write(bitmap_pa: u64, msr: u32) {
+    let (base, bit) = if msr < 0x2000 { (2048, msr) } else { (3072, msr - 0xC000_0000) };
+    // SAFETY: the bitmap page is ours (allocated by make_bitmaps).
+    unsafe { *memory::phys_ptr::<u8>(bitmap_pa + (base + bit / 8) as u64) |= 1 << (bit % 8) };
 }
 
 /// EPT tables from the arena.

@@ -10,6 +10,9 @@ use spin::Once;
 /// Most CPUs Exitscope virtualises.
 pub const MAX_CPUS: usize = 64;
 
+/// Local APIC id of each vCPU.
+pub static APIC_IDS: [core::sync::atomic::AtomicU32; MAX_CPUS] = [const { core::sync::atomic::AtomicU32::new(0) }; MAX_CPUS];
+
 /// One counter block per vCPU, each written only by its vCPU.
 pub static COUNTERS: [VcpuCounters; MAX_CPUS] = [const { VcpuCounters::new() }; MAX_CPUS];
 
@@ -56,6 +59,9 @@ pub struct Shared {
     /// XCR0 bits the CPU supports (CPUID.(EAX=0DH,ECX=0)).
     pub xcr0_supported: u64,
     pub hide: CpuidHide,
+    /// With several vCPUs: the local APIC page, mapped read-only so that
+    /// INIT IPIs can be emulated (see vmx/apic.rs).
+    pub apic_trap: Option<u64>,
 }
 
 static SHARED: Once<Shared> = Once::new();

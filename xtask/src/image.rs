@@ -1,5 +1,11 @@
-//! Boot images: a hybrid (BIOS + UEFI) GRUB ISO holding the hypervisor and
-//! its guest as multiboot2 modules.
+//! Boot images: a hybrid GRUB ISO holding the hypervisor and its guest as
+//! multiboot2 modules.
+//!
+//! grub-mkrescue makes it hybrid when GRUB for both platforms is installed
+//! (grub-pc-bin, grub-efi-amd64-bin): El Torito boot images for BIOS and
+//! UEFI (a CD), plus GRUB's MBR boot code and a GPT with an EFI system
+//! partition, so the same file written to a USB stick boots on BIOS and on
+//! UEFI machines. The `iso-*` tests boot it each of those ways.
 
 use crate::util::{self, Result};
 use std::path::{Path, PathBuf};
@@ -39,6 +45,12 @@ pub fn grub_iso(spec: &IsoSpec, work: &Path, iso: &Path) -> Result {
     cfg += "  boot\n}\n";
     util::write(&boot.join("grub/grub.cfg"), cfg)?;
     let _ = std::fs::remove_file(iso);
+    // Without either platform's GRUB, grub-mkrescue silently leaves it out.
+    for (dir, pkg) in [("/usr/lib/grub/i386-pc", "grub-pc-bin"), ("/usr/lib/grub/x86_64-efi", "grub-efi-amd64-bin")] {
+        if !Path::new(dir).is_dir() {
+            return Err(format!("{dir} is missing: install {pkg}, or the ISO would not boot on both BIOS and UEFI"));
+        }
+    }
     util::output(Command::new("grub-mkrescue").arg("-o").arg(iso).arg(&tree))?;
     Ok(())
 }

@@ -108,7 +108,7 @@ echo "INIT: exitstat --all:"
 exitstat --all
 sync
 echo "INIT: powering off"
-sleep 1
+sleep 0.2
 poweroff -f
 "#;
 

@@ -4,6 +4,8 @@
 //! cargo xtask build                 build the hypervisor and test guests
 //! cargo xtask run [options]         boot Exitscope with a guest in Bochs (or QEMU/KVM)
 //! cargo xtask test [FILTER]         host unit tests, then end-to-end tests in Bochs
+//! cargo xtask image --uefi|--bios|--iso OUT [options]
+//!                                   UEFI/BIOS disk images, the hybrid GRUB ISO
 //! ```
 
 mod bochs;
@@ -13,6 +15,7 @@ mod image;
 mod linux;
 mod qemu;
 mod tests;
+mod uefi;
 mod util;
 
 use std::path::PathBuf;
@@ -36,8 +39,15 @@ commands:
       --cpus N               CPUs (default 1)
       --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)
       --timeout SECS         give up after this long (default 120, Linux 900)
+  image [options]            write bootable images for a USB stick (or a CD)
+      --uefi OUT.img         UEFI disk image: rust-osdev bootloader, GPT
+      --bios OUT.img         legacy BIOS disk image: rust-osdev bootloader, MBR
+      --iso OUT.iso          hybrid GRUB ISO (BIOS and UEFI, CD or USB stick)
+                             give any of them, with the guest options of run:
+                             --guest, --guest-args, --kernel, --initrd, --append,
+                             --hv-args (the default guest is linux, as for run)
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
-                             (only those whose name contains FILTER, if given)
+                             and QEMU (only those whose name contains FILTER, if given)
 ";
 
 fn main() {
@@ -46,6 +56,7 @@ fn main() {
         Some("build") => cmd_build(),
         Some("run") => cmd_run(&args[1..]),
         Some("test") => tests::cmd_test(&args[1..]),
+        Some("image") => uefi::cmd_image(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -114,13 +125,9 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
     Ok(o)
 }
 
-fn cmd_run(args: &[String]) -> Result {
-    let o = parse_run(args)?;
-    deps::ensure()?;
-    let a = build::build(&[])?;
-    let work = util::out_dir().join("runs").join("run");
-    let linux = o.kernel.is_some() || o.guest == "linux";
-    let (guest, guest_args, modules) = if linux {
+/// The guest of `run` and `image`: kernel, its command line, further modules.
+fn resolve_guest(o: &RunOpts, a: &build::Artifacts, work: &std::path::Path) -> Result<(PathBuf, String, Vec<PathBuf>)> {
+    if o.kernel.is_some() || o.guest == "linux" {
         let kernel = match &o.kernel {
             Some(k) => PathBuf::from(k),
             None => linux::debian_kernel()?,
@@ -134,7 +141,7 @@ fn cmd_run(args: &[String]) -> Result {
                 return Err(format!("'{}' is not a file", p.display()));
             }
         }
-        (kernel, o.append.clone().unwrap_or_else(|| linux::APPEND.to_string()), vec![initrd])
+        Ok((kernel, o.append.clone().unwrap_or_else(|| linux::APPEND.to_string()), vec![initrd]))
     } else {
         let g = match o.guest.as_str() {
             "probe" => a.guest("probe"),
@@ -143,8 +150,17 @@ fn cmd_run(args: &[String]) -> Result {
         if !g.is_file() {
             return Err(format!("guest '{}' is not a file", g.display()));
         }
-        (g, o.guest_args.clone(), vec![])
-    };
+        Ok((g, o.guest_args.clone(), vec![]))
+    }
+}
+
+fn cmd_run(args: &[String]) -> Result {
+    let o = parse_run(args)?;
+    deps::ensure()?;
+    let a = build::build(&[])?;
+    let work = util::out_dir().join("runs").join("run");
+    let linux = o.kernel.is_some() || o.guest == "linux";
+    let (guest, guest_args, modules) = resolve_guest(&o, &a, &work)?;
     let timeout = o.timeout.unwrap_or(if linux { 900 } else { 120 });
     match o.emulator.as_str() {
         "bochs" => {

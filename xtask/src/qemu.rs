@@ -30,8 +30,21 @@ pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], ti
     if !initrd.is_empty() {
         c.args(["-initrd", initrd]);
     }
-    c.args(["-m", "512", "-serial", "stdio", "-display", "none", "-no-reboot", "-monitor", "none"]);
     c.args(extra);
+    run(c, timeout, echo)
+}
+
+/// Runs QEMU with `args` (besides the common ones: 512 MiB, serial on
+/// stdio, no display, no reboot) and returns the serial output and whether
+/// it timed out.
+pub fn run_args(args: &[String], timeout: Duration, echo: bool) -> Result<(String, bool)> {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(args);
+    run(c, timeout, echo)
+}
+
+fn run(mut c: Command, timeout: Duration, echo: bool) -> Result<(String, bool)> {
+    c.args(["-m", "512", "-serial", "stdio", "-display", "none", "-no-reboot", "-monitor", "none"]);
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().map_err(|e| format!("cannot start qemu: {e}"))?;
     let start = Instant::now();

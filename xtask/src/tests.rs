@@ -17,6 +17,8 @@ pub struct Ctx {
     pub art: Artifacts,
     /// The Linux guest (kernel, initramfs), prepared once.
     pub linux: std::sync::OnceLock<std::result::Result<(PathBuf, PathBuf), String>>,
+    /// The bootloader front-end and the disk-image builder, built once.
+    pub uefi: std::sync::OnceLock<std::result::Result<crate::uefi::Tools, String>>,
 }
 
 impl Ctx {
@@ -28,6 +30,10 @@ impl Ctx {
                 Ok((kernel, initrd))
             })
             .clone()
+    }
+
+    fn uefi_tools(&self) -> Result<&crate::uefi::Tools> {
+        self.uefi.get_or_init(crate::uefi::tools).as_ref().map_err(|e| e.clone())
     }
 }
 
@@ -44,6 +50,12 @@ pub const TESTS: &[Test] = &[
     Test { name: "no-guest-module", run: no_guest_module },
     Test { name: "corrupt-guest", run: corrupt_guest },
     Test { name: "linux", run: linux_1cpu },
+    Test { name: "linux-smp", run: linux_2cpu },
+    Test { name: "uefi-bochs-probe", run: uefi_bochs_probe },
+    Test { name: "bios-image-bochs-probe", run: bios_image_bochs_probe },
+    Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
+    Test { name: "iso-uefi-qemu-no-vmx", run: iso_uefi_qemu_no_vmx },
+    Test { name: "iso-usb-bios-qemu-no-vmx", run: iso_usb_bios_qemu_no_vmx },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -53,7 +65,7 @@ pub fn cmd_test(args: &[String]) -> Result {
         unit_tests()?;
     }
     let art = crate::build::build(&[])?;
-    let ctx = Ctx { art, linux: Default::default() };
+    let ctx = Ctx { art, linux: Default::default(), uefi: Default::default() };
     let selected: Vec<&Test> = TESTS.iter().filter(|t| t.name.contains(&filter)).collect();
     if selected.is_empty() {
         return Err(format!("no end-to-end test matches '{filter}'"));
@@ -138,7 +150,7 @@ fn final_dump(out: &bochs::Outcome) -> Result<(ParsedDump, String)> {
     }
 }
 
-fn probe_spec<'a>(ctx: &'a Ctx, guest: &'a PathBuf) -> IsoSpec<'a> {
+fn probe_spec<'a>(ctx: &'a Ctx, guest: &'a std::path::Path) -> IsoSpec<'a> {
     IsoSpec { hypervisor: &ctx.art.hypervisor, hv_args: "", guest: Some(guest), guest_args: "", modules: &[] }
 }
 
@@ -155,8 +167,14 @@ fn value_after(text: &str, key: &str) -> Option<u64> {
 fn probe_once(ctx: &Ctx, name: &str) -> Result<ParsedDump> {
     let guest = ctx.art.guest("probe");
     let out = bochs_run(name, &probe_spec(ctx, &guest), 1, 120)?;
-    require(&out, "PROBE PASS")?;
-    let (d, title) = final_dump(&out)?;
+    check_probe(&out)
+}
+
+/// What every probe run must show: PROBE PASS, the guest halted, and the
+/// final dump agrees with the CPUIDs the probe counted.
+fn check_probe(out: &bochs::Outcome) -> Result<ParsedDump> {
+    require(out, "PROBE PASS")?;
+    let (d, title) = final_dump(out)?;
     if !title.contains("guest halted") {
         return Err(format!("final dump title is '{title}', expected the guest to halt"));
     }
@@ -312,6 +330,133 @@ fn guest_e820(serial: &str) -> Vec<(u64, u64, String)> {
 
 fn linux_1cpu(ctx: &Ctx) -> Result {
     linux_run(ctx, "linux", 1).map(|_| ())
+}
+
+/// Linux on two vCPUs: both online, exitstat exact on each (taskset), and
+/// both vCPUs took exits.
+fn linux_2cpu(ctx: &Ctx) -> Result {
+    let out = linux_run(ctx, "linux-smp", 2)?;
+    for cpu in 0..2 {
+        require(&out, &format!("INIT: on cpu {cpu}: exitstat: check: 100 CPUIDs, CPUID exits grew by 101 (expected 101): PASS"))?;
+    }
+    let (d, _) = final_dump(&out)?;
+    if d.vcpus[..2].iter().any(|&(e, _)| e == 0) {
+        return Err(format!("a vCPU took no exits: {:?}", &d.vcpus[..2]));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The bootloader disk images (UEFI, BIOS) and the hybrid ISO on UEFI
+
+/// The probe as the guest of a boot bundle.
+fn probe_bundle(guest: &std::path::Path) -> crate::uefi::BundleSpec<'_> {
+    crate::uefi::BundleSpec { hv_args: "", guest: Some(guest), guest_args: "", modules: &[] }
+}
+
+/// Writes the disk image that `boot` needs for `spec` and boots it in Bochs.
+fn bochs_disk_run(ctx: &Ctx, name: &str, spec: &crate::uefi::BundleSpec, boot: bochs::Boot, timeout: u64) -> Result<bochs::Outcome> {
+    let tools = ctx.uefi_tools()?;
+    let work = util::out_dir().join("runs").join(name);
+    let img = work.join("disk.img");
+    let images = match boot {
+        bochs::Boot::UefiDisk => crate::uefi::Images { uefi: Some(&img), bios: None },
+        bochs::Boot::BiosDisk => crate::uefi::Images { uefi: None, bios: Some(&img) },
+        bochs::Boot::Cdrom => return Err("bochs_disk_run boots disk images only".into()),
+    };
+    crate::uefi::make_images(tools, spec, &work, &images)?;
+    bochs::run_with(
+        &bochs::Run { name, iso: &img, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None },
+        boot,
+    )
+}
+
+/// Runs QEMU (software emulation, so no VMX) with `args` and checks that
+/// Exitscope was booted by `protocol` and stopped with its clear error. The
+/// serial output is kept in `log`.
+fn qemu_expect_no_vmx(what: &str, log: &std::path::Path, args: &[String], protocol: &str, extra: &[&str]) -> Result {
+    let mut all: Vec<String> = vec!["-cpu".into(), "max".into()];
+    all.extend_from_slice(args);
+    let (serial, timed_out) = crate::qemu::run_args(&all, Duration::from_secs(120), false)?;
+    util::write(log, &serial)?;
+    if timed_out {
+        return Err(format!("{what}: QEMU did not power off within 120s; serial:\n{serial}"));
+    }
+    let booted = format!("[exitscope] booted by {protocol} ");
+    for m in [booted.as_str(), "[exitscope] FATAL: VMX not available", "[exitscope] powering off"].iter().chain(extra) {
+        if !serial.contains(m) {
+            return Err(format!("{what}: no '{m}' on serial:\n{serial}"));
+        }
+    }
+    Ok(())
+}
+
+/// The UEFI disk image in Bochs with OVMF: no ACPI tables there, so one CPU
+/// and the emulator's power-off port; the probe passes as on the multiboot path.
+fn uefi_bochs_probe(ctx: &Ctx) -> Result {
+    let guest = ctx.art.guest("probe");
+    let out = bochs_disk_run(ctx, "uefi-bochs-probe", &probe_bundle(&guest), bochs::Boot::UefiDisk, 600)?;
+    require(&out, "[exitscope] booted by uefi (rust-osdev bootloader")?;
+    require(&out, "[exitscope] ACPI: none found")?;
+    check_probe(&out).map(|_| ())
+}
+
+/// The BIOS disk image in Bochs (Cirrus VGA): the probe passes.
+fn bios_image_bochs_probe(ctx: &Ctx) -> Result {
+    let guest = ctx.art.guest("probe");
+    let out = bochs_disk_run(ctx, "bios-image-bochs-probe", &probe_bundle(&guest), bochs::Boot::BiosDisk, 300)?;
+    require(&out, "[exitscope] booted by bios (rust-osdev bootloader")?;
+    check_probe(&out).map(|_| ())
+}
+
+/// The UEFI disk image in QEMU with OVMF (software emulation): the firmware's
+/// ACPI tables are found, and Exitscope stops with its clear VMX error.
+fn uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
+    let tools = ctx.uefi_tools()?;
+    let work = util::out_dir().join("runs").join("uefi-qemu-no-vmx");
+    let img = work.join("disk.img");
+    let guest = ctx.art.guest("probe");
+    crate::uefi::make_images(tools, &probe_bundle(&guest), &work, &crate::uefi::Images { uefi: Some(&img), bios: None })?;
+    let mut args = crate::uefi::qemu_ovmf_args(&work)?;
+    args.extend(["-drive".into(), format!("format=raw,file={}", img.display())]);
+    qemu_expect_no_vmx("UEFI disk image", &work.join("serial.log"), &args, "uefi", &["[exitscope] ACPI: RSDP"])
+}
+
+/// The hybrid GRUB ISO, booted by GRUB EFI and multiboot2 in QEMU with
+/// OVMF: as a CD-ROM, and written to a USB stick (its GPT EFI partition).
+fn iso_uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
+    let work = util::out_dir().join("runs").join("iso-uefi-qemu-no-vmx");
+    let iso = work.join("exitscope.iso");
+    let guest = ctx.art.guest("probe");
+    image::grub_iso(&probe_spec(ctx, &guest), &work, &iso)?;
+    let mut args = crate::uefi::qemu_ovmf_args(&work)?;
+    args.extend(["-cdrom".into(), iso.display().to_string()]);
+    qemu_expect_no_vmx("ISO as a CD-ROM under UEFI", &work.join("serial-cdrom.log"), &args, "multiboot2", &[])?;
+    let mut args = crate::uefi::qemu_ovmf_args(&work)?;
+    args.extend(usb_stick(&iso));
+    qemu_expect_no_vmx("ISO on a USB stick under UEFI", &work.join("serial-usb.log"), &args, "multiboot2", &[])
+}
+
+/// The hybrid GRUB ISO written to a USB stick, on a legacy BIOS (its MBR
+/// boot code): GRUB for BIOS and multiboot2.
+fn iso_usb_bios_qemu_no_vmx(ctx: &Ctx) -> Result {
+    let work = util::out_dir().join("runs").join("iso-usb-bios-qemu-no-vmx");
+    let iso = work.join("exitscope.iso");
+    let guest = ctx.art.guest("probe");
+    image::grub_iso(&probe_spec(ctx, &guest), &work, &iso)?;
+    qemu_expect_no_vmx("ISO on a USB stick under BIOS", &work.join("serial.log"), &usb_stick(&iso), "multiboot2", &[])
+}
+
+/// QEMU arguments for `image` as a USB mass-storage stick on an xHCI controller.
+fn usb_stick(image: &std::path::Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=none,id=stick,format=raw,readonly=on,file={}", image.display()),
+        "-device".into(),
+        "qemu-xhci".into(),
+        "-device".into(),
+        "usb-storage,drive=stick".into(),
+    ]
 }
 
 #[cfg(test)]

@@ -214,6 +214,10 @@ pub mod vector {
 
 /// Injects a hardware exception at the current guest instruction.
 pub fn inject(vector: u8, error: Option<u32>) {
+    let shadow = vmread(guest::INTERRUPTIBILITY_STATE);
+    if shadow & 4 != 0 {
+        vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !4); // see advance()
+    }
     let mut info = vector as u64 | 3 << 8 | 1 << 31;
     if let Some(e) = error {
         info |= 1 << 11;
@@ -222,15 +226,22 @@ pub fn inject(vector: u8, error: Option<u32>) {
     vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
 }
 
-/// Moves the guest past the instruction that exited, and ends any
-/// interrupt shadow (blocking by STI or MOV SS), as executing it would.
+/// Moves the guest past the instruction that exited.
 #[inline(always)]
 pub fn skip(_v: &VcpuState) {
-    let len = vmread(ro::VMEXIT_INSTRUCTION_LEN);
+    advance(vmread(ro::VMEXIT_INSTRUCTION_LEN));
+}
+
+/// Moves the guest `len` bytes on, past an instruction the hypervisor
+/// carried out, and ends any interrupt shadow (blocking by STI or MOV SS)
+/// as executing it would. Also drops "blocking by SMI", which must be 0
+/// outside SMM and which Bochs sets in the state of APs it started.
+#[inline(always)]
+pub fn advance(len: u64) {
     vmwrite(guest::RIP, vmread(guest::RIP).wrapping_add(len));
     let shadow = vmread(guest::INTERRUPTIBILITY_STATE);
-    if shadow & 3 != 0 {
-        vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !3);
+    if shadow & 7 != 0 {
+        vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !7);
     }
 }
 
@@ -311,6 +322,7 @@ fn init_signal(v: &mut VcpuState) {
         end_guest(v, GuestEnd::Reset("INIT signal to the boot CPU"));
     }
     log::debug!("vCPU {}: INIT", v.id);
+    crate::fatal::HALTED_FOR_GOOD.fetch_and(!(1 << v.id), core::sync::atomic::Ordering::SeqCst);
     let c = &shared().controls;
     if vcpu::reset_to_wait_for_sipi(c).is_err() {
         end_guest(v, GuestEnd::Stopped("could not reset a vCPU after INIT"));
@@ -341,9 +353,17 @@ fn sipi(v: &mut VcpuState) {
 fn hlt(v: &mut VcpuState) {
     skip(v);
     if vmread(guest::RFLAGS) & (1 << 9) == 0 {
-        // Interrupts off: nothing but an NMI or INIT can wake it. The
-        // guest has halted for good.
-        end_guest(v, GuestEnd::Halted);
+        // Interrupts off: nothing but an NMI or INIT can wake this vCPU.
+        // The guest has halted for good once every vCPU has (an SMP guest
+        // parks its other CPUs this way while it powers off or reboots).
+        let me = 1u64 << v.id;
+        let halted = crate::fatal::HALTED_FOR_GOOD.fetch_or(me, core::sync::atomic::Ordering::SeqCst) | me;
+        let waiting = crate::fatal::WAITING_FOR_SIPI.load(core::sync::atomic::Ordering::SeqCst);
+        let n = shared().ncpus.load(core::sync::atomic::Ordering::SeqCst);
+        let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        if (halted | waiting) & all == all {
+            end_guest(v, GuestEnd::Halted);
+        }
     }
     // Wait for the next interrupt in the guest's HLT state, not in a spin.
     vmwrite(guest::ACTIVITY_STATE, 1);
@@ -492,6 +512,9 @@ pub const fn guest_feature_control(real: u64) -> u64 {
     (real | 1) & !(0x6 | 0x7F00)
 }
 
+/// The x2APIC interrupt command register.
+pub const X2APIC_ICR: u32 = 0x830;
+
 fn is_vmx_msr(m: u32) -> bool {
     (msr::IA32_VMX_BASIC..=msr::IA32_VMX_EXIT_CTLS2).contains(&m)
 }
@@ -519,6 +542,7 @@ fn wrmsr(v: &mut VcpuState) {
     let ok = match m {
         // Locked: any write faults, as on hardware.
         msr::IA32_FEATURE_CONTROL => false,
+        X2APIC_ICR if shared().apic_trap.is_some() => super::apic::x2apic_icr(v, value) || idt::wrmsr_safe(m, value),
         _ if is_vmx_msr(m) => false,
         _ => idt::wrmsr_safe(m, value),
     };
@@ -692,6 +716,10 @@ fn vmcall(v: &mut VcpuState) {
 fn ept_violation(v: &mut VcpuState) {
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     let q = vmread(ro::EXIT_QUALIFICATION);
+    if q & 2 != 0 && super::apic::is_watched(gpa) {
+        super::apic::emulate_write(v, gpa);
+        return;
+    }
     let rip = vmread(guest::RIP);
     let access = if q & 2 != 0 {
         "write"

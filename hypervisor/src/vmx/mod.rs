@@ -1,6 +1,7 @@
 //! Intel VT-x: capability checks, VMXON, the VMCS of each vCPU, and the exit
 //! path. VMX instructions are wrapped here and nowhere else.
 
+pub mod apic;
 pub mod caps;
 pub mod exit;
 pub mod vcpu;

@@ -1,0 +1,142 @@
+//! INIT IPIs between vCPUs.
+//!
+//! The guest drives the real local APICs, except for one thing: an INIT
+//! IPI to a vCPU is emulated, never delivered. A vCPU waiting for a SIPI
+//! is already in the state INIT would put it in; delivering the INIT
+//! anyway would leave it pending (INIT is blocked in the wait-for-SIPI
+//! state), to strike right after the SIPI, and Bochs 2.7 never retires an
+//! INIT that caused a VM exit. So with more than one vCPU, the local APIC
+//! page is mapped read-only in EPT: each APIC write exits (an EPT
+//! violation), is decoded and replayed on the real APIC, and INITs are
+//! handled here. In x2APIC mode the ICR is an MSR (0x830) and its writes
+//! are intercepted through the MSR bitmap instead.
+
+use super::vcpu::VcpuState;
+use super::{guest, vmread};
+use crate::decode::{self, Operand};
+use crate::fatal::{end_guest, GuestEnd, WAITING_FOR_SIPI};
+use crate::guest::IdentityMem;
+use crate::guestmem::{self, PagingState};
+use crate::state::{shared, APIC_IDS};
+use core::sync::atomic::Ordering::SeqCst;
+
+const ICR_LOW: u64 = 0x300;
+const ICR_HIGH: u64 = 0x310;
+
+/// Whether `gpa` lies in the local APIC page the hypervisor watches.
+pub fn is_watched(gpa: u64) -> bool {
+    shared().apic_trap.is_some_and(|base| gpa & !0xFFF == base)
+}
+
+fn apic_read(off: u64) -> u32 {
+    let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
+    // SAFETY: the local APIC's MMIO page, identity-mapped, 32-bit register.
+    unsafe { core::ptr::read_volatile((base + off) as *const u32) }
+}
+
+fn apic_write(off: u64, v: u32) {
+    let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
+    // SAFETY: as above; replaying the guest's own register write.
+    unsafe { core::ptr::write_volatile((base + off) as *mut u32, v) }
+}
+
+/// Emulates the guest instruction that wrote the watched APIC page.
+pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
+    let p = PagingState {
+        cr0: vmread(guest::CR0),
+        cr3: vmread(guest::CR3),
+        cr4: vmread(guest::CR4),
+        efer: vmread(guest::IA32_EFER_FULL),
+    };
+    let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
+    let rip = vmread(guest::RIP);
+    let linear = if matches!(mode, decode::CpuMode::Long64) { rip } else { vmread(guest::CS_BASE).wrapping_add(rip) };
+    // Fetch up to 15 bytes; the instruction may end before a page that
+    // is not mapped, so fall back to shorter reads.
+    let mut buf = [0u8; 15];
+    let mut n = 15;
+    while n > 0 && guestmem::read_linear(&IdentityMem, &p, linear, &mut buf[..n]).is_err() {
+        n -= 1;
+    }
+    let acc = match decode::decode(&buf[..n], mode) {
+        Ok(a) if a.size == 4 => a,
+        _ => {
+            crate::hvprintln!(
+                "cannot emulate the guest's write to the local APIC (GPA {gpa:#x}) at RIP {rip:#x}: bytes {:02x?}",
+                &buf[..n]
+            );
+            end_guest(v, GuestEnd::Stopped("unemulated write to the local APIC"));
+        }
+    };
+    let off = gpa & 0xFFF;
+    let value = match acc.value {
+        Operand::Imm(i) => i as u32,
+        op => decode::reg_value(|r| v.regs.get(r), &op, acc.size) as u32,
+    };
+    if acc.xchg {
+        // XCHG: the register receives the old value.
+        if let Operand::Reg { index, .. } = acc.value {
+            let old = apic_read(off) as u64;
+            let r = v.regs.get(index);
+            v.regs.set(index, decode::load_into(r, &acc.value, acc.size, old));
+        }
+    }
+    if off == ICR_LOW {
+        let dest = apic_read(ICR_HIGH) >> 24;
+        if !intercept_init(v, value, dest, false) {
+            apic_write(off, value);
+        }
+    } else {
+        apic_write(off, value);
+    }
+    super::exit::advance(acc.len as u64);
+}
+
+/// A write of the x2APIC ICR (MSR 0x830): true if the hypervisor handled
+/// it, false if it should be written to the real MSR.
+pub fn x2apic_icr(v: &VcpuState, value: u64) -> bool {
+    intercept_init(v, value as u32, (value >> 32) as u32, true)
+}
+
+/// Handles an INIT IPI to vCPUs. Returns false for any other IPI (to be
+/// sent as written).
+fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
+    const INIT: u32 = 5;
+    if (low >> 8) & 7 != INIT {
+        return false;
+    }
+    if low & (1 << 14) == 0 {
+        // INIT level de-assert: obsolete since the Pentium 4, ignored by
+        // the hardware it could reach.
+        log::debug!("vCPU {}: INIT de-assert IPI dropped", v.id);
+        return true;
+    }
+    let n = shared().ncpus.load(SeqCst);
+    let me = v.id;
+    let shorthand = (low >> 18) & 3;
+    let logical = low & (1 << 11) != 0;
+    if shorthand == 0 && logical {
+        return false; // logical destinations: sent as written (not emulated)
+    }
+    let broadcast = if x2apic { 0xFFFF_FFFF } else { 0xFF };
+    for i in 0..n {
+        let id = APIC_IDS[i].load(SeqCst);
+        let hit = match shorthand {
+            0 => dest == broadcast || dest == id,
+            1 => i == me,
+            2 => true,
+            _ => i != me,
+        };
+        if !hit {
+            continue;
+        }
+        if WAITING_FOR_SIPI.load(SeqCst) & (1 << i) != 0 {
+            log::debug!("vCPU {me}: INIT to vCPU {i} (waiting for SIPI already)");
+            continue;
+        }
+        // A running vCPU: deliver a real INIT; it exits and resets itself.
+        log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
+        crate::smp::LocalApic::current().send(id, crate::smp::icr::init());
+    }
+    true
+}
