@@ -5,8 +5,9 @@ use crate::util::{self, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The kernel command line Exitscope's Linux guest boots with.
-pub const APPEND: &str = "console=ttyS0 cryptomgr.notests";
+/// The kernel command line Exitscope's Linux guest boots with. The speed
+/// matters on real serial ports: without it Linux sets COM1 to 9600 baud.
+pub const APPEND: &str = "console=ttyS0,115200 cryptomgr.notests";
 
 fn cache_dir() -> PathBuf {
     util::out_dir().join("cache")

@@ -34,7 +34,7 @@ commands:
       --guest-args ARGS      the guest's command line (probe or PATH)
       --kernel PATH          boot this Linux bzImage instead of Debian's
       --initrd PATH          with this initramfs (default: Exitscope's)
-      --append ARGS          with this kernel command line (default: 'console=ttyS0 cryptomgr.notests')
+      --append ARGS          with this kernel command line (default: 'console=ttyS0,115200 cryptomgr.notests')
       --hv-args ARGS         the hypervisor's command line (e.g. \"log=debug\")
       --cpus N               CPUs (default 1)
       --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)

@@ -49,6 +49,9 @@ pub const TESTS: &[Test] = &[
     Test { name: "bad-hv-option", run: bad_hv_option },
     Test { name: "no-guest-module", run: no_guest_module },
     Test { name: "corrupt-guest", run: corrupt_guest },
+    Test { name: "probe-smp2", run: probe_smp2 },
+    Test { name: "probe-smp4", run: probe_smp4 },
+    Test { name: "probe-smp4-linux-style", run: probe_smp4_linux_style },
     Test { name: "linux", run: linux_1cpu },
     Test { name: "linux-smp", run: linux_2cpu },
     Test { name: "uefi-bochs-probe", run: uefi_bochs_probe },
@@ -165,8 +168,13 @@ fn value_after(text: &str, key: &str) -> Option<u64> {
 
 /// Runs the probe and checks it passed and that the final dump agrees.
 fn probe_once(ctx: &Ctx, name: &str) -> Result<ParsedDump> {
+    probe_with(ctx, name, 1, "")
+}
+
+fn probe_with(ctx: &Ctx, name: &str, cpus: u32, args: &str) -> Result<ParsedDump> {
     let guest = ctx.art.guest("probe");
-    let out = bochs_run(name, &probe_spec(ctx, &guest), 1, 120)?;
+    let spec = IsoSpec { guest_args: args, ..probe_spec(ctx, &guest) };
+    let out = bochs_run(name, &spec, cpus, 180)?;
     check_probe(&out)
 }
 
@@ -190,6 +198,36 @@ fn check_probe(out: &bochs::Outcome) -> Result<ParsedDump> {
 
 fn probe(ctx: &Ctx) -> Result {
     probe_once(ctx, "probe").map(|_| ())
+}
+
+/// The SMP probe: the guest starts its APs itself, runs K CPUIDs on each at
+/// once, and checks from the BSP that the total grew by exactly the sum.
+/// The dump must show every vCPU with exactly its share.
+fn probe_smp(ctx: &Ctx, name: &str, cpus: u32, start: &str) -> Result {
+    let k = 10_000;
+    let d = probe_with(ctx, name, cpus, &format!("smp={cpus} ap_iters={k} smp_start={start}"))?;
+    if d.nvcpus != cpus as usize {
+        return Err(format!("the dump lists {} vCPUs, expected {cpus}", d.nvcpus));
+    }
+    for (i, &(exits, _)) in d.vcpus[1..cpus as usize].iter().enumerate() {
+        // K CPUIDs, the SIPI that started it, and its CR0 write with NE.
+        if exits < k {
+            return Err(format!("vCPU {} took {exits} exits, fewer than its {k} CPUIDs", i + 1));
+        }
+    }
+    Ok(())
+}
+
+fn probe_smp2(ctx: &Ctx) -> Result {
+    probe_smp(ctx, "probe-smp2", 2, "broadcast")
+}
+
+fn probe_smp4(ctx: &Ctx) -> Result {
+    probe_smp(ctx, "probe-smp4", 4, "broadcast")
+}
+
+fn probe_smp4_linux_style(ctx: &Ctx) -> Result {
+    probe_smp(ctx, "probe-smp4-linux-style", 4, "linux")
 }
 
 /// Two runs give identical per-reason counts and cycles: Bochs' TSC counts
@@ -416,10 +454,12 @@ fn uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
     let work = util::out_dir().join("runs").join("uefi-qemu-no-vmx");
     let img = work.join("disk.img");
     let guest = ctx.art.guest("probe");
-    crate::uefi::make_images(tools, &probe_bundle(&guest), &work, &crate::uefi::Images { uefi: Some(&img), bios: None })?;
+    // The bundle carries the hypervisor's command line too.
+    let spec = crate::uefi::BundleSpec { hv_args: "log=info", ..probe_bundle(&guest) };
+    crate::uefi::make_images(tools, &spec, &work, &crate::uefi::Images { uefi: Some(&img), bios: None })?;
     let mut args = crate::uefi::qemu_ovmf_args(&work)?;
     args.extend(["-drive".into(), format!("format=raw,file={}", img.display())]);
-    qemu_expect_no_vmx("UEFI disk image", &work.join("serial.log"), &args, "uefi", &["[exitscope] ACPI: RSDP"])
+    qemu_expect_no_vmx("UEFI disk image", &work.join("serial.log"), &args, "uefi", &["command line 'log=info'", "[exitscope] ACPI: RSDP"])
 }
 
 /// The hybrid GRUB ISO, booted by GRUB EFI and multiboot2 in QEMU with

@@ -98,14 +98,23 @@ pub fn x2apic_icr(v: &VcpuState, value: u64) -> bool {
     intercept_init(v, value as u32, (value >> 32) as u32, true)
 }
 
-/// Handles an INIT IPI to vCPUs. Returns false for any other IPI (to be
-/// sent as written).
+/// Handles INIT and start-up IPIs: they reach vCPUs only, one at a time.
+/// Returns false for any other IPI (to be sent as written).
+///
+/// - INIT: a vCPU waiting for a SIPI is left as it is (INIT would put it
+///   there); a running vCPU gets a real INIT, which makes it exit and reset.
+/// - SIPI: sent to each target vCPU that waits for one, as a unicast IPI
+///   (Bochs 2.7 delivers a broadcast SIPI to the first VMX vCPU only).
+/// - Both: never to a CPU that is not a vCPU (one left out with `cpus=`),
+///   so the guest cannot start a CPU outside VMX.
 fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     const INIT: u32 = 5;
-    if (low >> 8) & 7 != INIT {
+    const STARTUP: u32 = 6;
+    let kind = (low >> 8) & 7;
+    if kind != INIT && kind != STARTUP {
         return false;
     }
-    if low & (1 << 14) == 0 {
+    if kind == INIT && low & (1 << 14) == 0 {
         // INIT level de-assert: obsolete since the Pentium 4, ignored by
         // the hardware it could reach.
         log::debug!("vCPU {}: INIT de-assert IPI dropped", v.id);
@@ -114,11 +123,12 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     let n = shared().ncpus.load(SeqCst);
     let me = v.id;
     let shorthand = (low >> 18) & 3;
-    let logical = low & (1 << 11) != 0;
-    if shorthand == 0 && logical {
+    if shorthand == 0 && low & (1 << 11) != 0 {
         return false; // logical destinations: sent as written (not emulated)
     }
     let broadcast = if x2apic { 0xFFFF_FFFF } else { 0xFF };
+    let lapic = crate::smp::LocalApic::current();
+    let mut hit_any = false;
     for i in 0..n {
         let id = APIC_IDS[i].load(SeqCst);
         let hit = match shorthand {
@@ -130,13 +140,23 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
         if !hit {
             continue;
         }
-        if WAITING_FOR_SIPI.load(SeqCst) & (1 << i) != 0 {
-            log::debug!("vCPU {me}: INIT to vCPU {i} (waiting for SIPI already)");
-            continue;
+        hit_any = true;
+        let waiting = WAITING_FOR_SIPI.load(SeqCst) & (1 << i) != 0;
+        match (kind, waiting) {
+            (INIT, true) => log::debug!("vCPU {me}: INIT to vCPU {i} (waiting for SIPI already)"),
+            (INIT, false) => {
+                log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
+                lapic.send(id, crate::smp::icr::init());
+            }
+            (_, true) => {
+                log::debug!("vCPU {me}: SIPI vector {:#x} to vCPU {i}", low & 0xFF);
+                lapic.send(id, crate::smp::icr::startup(low as u8));
+            }
+            (_, false) => {} // a running CPU ignores SIPIs
         }
-        // A running vCPU: deliver a real INIT; it exits and resets itself.
-        log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
-        crate::smp::LocalApic::current().send(id, crate::smp::icr::init());
+    }
+    if !hit_any && shorthand == 0 && dest != broadcast {
+        log::warn!("vCPU {me}: {} IPI to APIC id {dest}, which is not a vCPU; dropped", if kind == INIT { "INIT" } else { "start-up" });
     }
     true
 }

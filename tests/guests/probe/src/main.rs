@@ -21,16 +21,24 @@
 //! 5. A sweep over every defined reason: register conventions, never-enabled
 //!    reasons all zero, cycles >= exits, and the totals equal the sums.
 //! 6. Undefined reason numbers give EDX = 0xFFFFFFFF, the rest 0.
+//! 7. Only with `smp=N` (N CPUs in all, 2..=64), after steps 1-6: starts
+//!    the N-1 APs (guest-rt's trampoline at physical 0, SIPI vector 0), lets
+//!    each execute `ap_iters=K` (default 10000) CPUID(0) and checks that
+//!    FE(10) grew by exactly (N-1) * K + 1 across them (see `smp.rs`).
 //!
 //! Nothing that can cause a VM exit (printing included: the UART could be
 //! intercepted) runs between a measurement's first and last query, except
 //! the exits being measured; a failed check prints and halts at once.
 //!
-//! Command line: `iters=N` overrides the 1000 of step 3.
+//! Command line: `iters=N` overrides the 1000 of step 3; `smp=N`,
+//! `ap_iters=K` and `smp_start=broadcast|linux` select and shape step 7.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
+#[macro_use]
 mod probe;
+#[cfg(target_os = "none")]
+mod smp;
 
 #[cfg(target_os = "none")]
 guest_rt::entry!(probe::main);

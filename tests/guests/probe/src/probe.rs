@@ -36,14 +36,14 @@ const EXIT_ITERS: u32 = 16;
 
 /// Prints the CPUID count and the failure, then halts. The count line comes
 /// after the last CPUID the probe executes.
-fn fail(args: fmt::Arguments<'_>) -> ! {
+pub(crate) fn fail(args: fmt::Arguments<'_>) -> ! {
     println!("PROBE cpuid-exits={}", cpuid_count());
     println!("PROBE FAIL: {}", args);
     halt_forever()
 }
 
 macro_rules! fail {
-    ($($t:tt)*) => { fail(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::probe::fail(format_args!($($t)*)) };
 }
 
 /// The table entry with `key` (reason numbers come from the table, never
@@ -87,7 +87,7 @@ fn total_cycles() -> u64 {
 }
 
 /// Leaf 0x4FFFFFFE for an enabled reason: exits (EAX); the rest must be 0.
-fn reason_exits(r: &Reason) -> u32 {
+pub(crate) fn reason_exits(r: &Reason) -> u32 {
     let a = cpuid(FE, r.number.into());
     if a[1..] != [0, 0, 0] {
         fail!(
@@ -115,7 +115,7 @@ fn reason_cycles(r: &Reason) -> u64 {
 }
 
 /// Fails unless `actual == expected`.
-fn expect_eq(what: fmt::Arguments<'_>, expected: u64, actual: u64) {
+pub(crate) fn expect_eq(what: fmt::Arguments<'_>, expected: u64, actual: u64) {
     if actual != expected {
         fail!("{what}: expected {expected}, got {actual}");
     }
@@ -129,8 +129,8 @@ fn expect_at_least(what: fmt::Arguments<'_>, min: u64, actual: u64) {
 }
 
 /// Reason numbers the probe uses, looked up in the table by key.
-struct Known {
-    cpuid: &'static Reason,
+pub(crate) struct Known {
+    pub(crate) cpuid: &'static Reason,
     vmcall: &'static Reason,
     msr_read: &'static Reason,
     io: &'static Reason,
@@ -153,6 +153,10 @@ pub fn main(boot: BootInfo) -> ! {
         Some(Ok(n)) => fail!("iters={n} is too large (at most {})", u32::MAX),
         Some(Err(v)) => fail!("bad iters={v:?} (want a number)"),
     };
+    let smp = crate::smp::Config::from_boot(&boot);
+    if let Some(c) = smp {
+        println!("PROBE smp mode: expecting {} CPUs", c.cpus);
+    }
     let k = Known {
         cpuid: reason("CPUID"),
         vmcall: reason("VMCALL"),
@@ -170,6 +174,9 @@ pub fn main(boot: BootInfo) -> ! {
     let xsetbv_exits = step4_exits(&k, leaf1_ecx);
     step5_sweep(&k, xsetbv_exits);
     step6_undefined();
+    if let Some(c) = smp {
+        crate::smp::run(&k, c);
+    }
 
     // No CPUID after this point.
     println!("PROBE cpuid-exits={}", cpuid_count());

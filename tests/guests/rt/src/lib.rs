@@ -15,7 +15,10 @@
 //! * an IDT for vectors 0-31 printing `GUEST EXCEPTION vector=N error=E rip=R`
 //!   and halting, and [`catch`] to run code that is expected to fault;
 //! * CPU helpers ([`cpuid`], [`rdmsr`], [`vmcall`], [`halt_forever`], ...);
-//! * the multiboot command line and `key=value` lookup ([`BootInfo`]).
+//! * the multiboot command line and `key=value` lookup ([`BootInfo`]);
+//! * starting the other CPUs ([`smp::start_aps`]): a real-mode trampoline
+//!   copied to physical address 0, INIT/SIPI through the xAPIC, each AP on
+//!   its own stack in a Rust `extern "C" fn(u32) -> !`.
 //!
 //! # Writing a guest
 //!
@@ -46,7 +49,10 @@
 //! `cargo test --workspace`) only the target-independent parts ([`cmdline`])
 //! are compiled, so the workspace still builds.
 //!
-//! The runtime is single-CPU and runs with interrupts disabled throughout.
+//! The runtime runs with interrupts disabled throughout. It is made for one
+//! CPU, except for what [`smp`] documents: APs started there may use
+//! [`cpuid`] (its counter is atomic) and atomics, and should leave printing
+//! to the BSP.
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
@@ -65,6 +71,8 @@ mod panic;
 #[cfg(target_os = "none")]
 #[doc(hidden)]
 pub mod serial;
+#[cfg(target_os = "none")]
+pub mod smp;
 
 #[cfg(target_os = "none")]
 pub use cpu::*;
