@@ -197,14 +197,18 @@ mod tests {
             std::thread::spawn(move || {
                 let mut last = (0u64, 0u64);
                 let mut reads = 0u64;
-                while !done.load(Relaxed) {
+                loop {
+                    // Read at least once more after the writers finished.
+                    let finished = done.load(std::sync::atomic::Ordering::Acquire);
                     let view: &[VcpuCounters] = &blocks;
                     let now = (view.total_exits(), view.total_cycles());
                     assert!(now.0 >= last.0 && now.1 >= last.1, "went backwards: {last:?} -> {now:?}");
                     last = now;
                     reads += 1;
+                    if finished {
+                        break (reads, last);
+                    }
                 }
-                reads
             })
         };
         let writers: Vec<_> = (0..THREADS)
@@ -221,9 +225,12 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        done.store(true, Relaxed);
-        assert!(reader.join().unwrap() > 0);
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (reads, seen_last) = reader.join().unwrap();
+        assert!(reads > 0);
         let s = Snapshot::sum(blocks.iter());
+        // The reader's final read came after every writer finished.
+        assert_eq!(seen_last, (StatsView::total_exits(&s), StatsView::total_cycles(&s)));
         assert_eq!(StatsView::total_exits(&s), THREADS as u64 * PER_THREAD);
         let want_cycles: u64 = (0..THREADS as u64).map(|t| (1 + t) * PER_THREAD).sum();
         assert_eq!(StatsView::total_cycles(&s), want_cycles);

@@ -4,7 +4,10 @@
 //! `cargo xtask` all use this one crate, so there is one copy of each.
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
 pub mod counters;
+pub mod detail;
 pub mod dump;
 pub mod leaf;
 pub mod reasons;

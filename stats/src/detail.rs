@@ -1,0 +1,476 @@
+//! Detailed per-vCPU statistics, as `perf kvm stat` reports them: minimum,
+//! maximum and spread of each reason's exit latency (a sum of squares and a
+//! log2 histogram), and breakdowns of the busiest reasons by what the exit
+//! qualification says (I/O port, MSR, control register and access, 2 MiB
+//! region of an EPT violation).
+//!
+//! The same single-writer rule as [`crate::counters`]: each vCPU owns one
+//! [`VcpuDetail`] and is its only writer; readers merge the blocks.
+
+use crate::reasons::SLOTS;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+/// Buckets of the latency histogram: bucket `b` counts exits that took
+/// `[2^b, 2^(b+1))` cycles (bucket 0 also holds 0 and 1); the last bucket
+/// holds everything from `2^31` up.
+pub const HIST_BUCKETS: usize = 32;
+
+/// The histogram bucket of an exit that took `cycles`.
+#[inline(always)]
+pub const fn bucket(cycles: u64) -> usize {
+    let b = 63 - (cycles | 1).leading_zeros() as usize;
+    if b < HIST_BUCKETS {
+        b
+    } else {
+        HIST_BUCKETS - 1
+    }
+}
+
+/// Lower bound (cycles) of histogram bucket `b`.
+pub const fn bucket_floor(b: usize) -> u64 {
+    if b == 0 {
+        0
+    } else {
+        1 << b
+    }
+}
+
+#[inline(always)]
+fn bump(a: &AtomicU64, by: u64) {
+    a.store(a.load(Relaxed).wrapping_add(by), Relaxed);
+}
+
+/// Latency details of one reason on one vCPU.
+#[repr(C)]
+#[derive(Debug)]
+pub struct DetailSlot {
+    /// u64::MAX until the first exit.
+    min: AtomicU64,
+    max: AtomicU64,
+    sumsq_lo: AtomicU64,
+    sumsq_hi: AtomicU64,
+    hist: [AtomicU64; HIST_BUCKETS],
+}
+
+impl DetailSlot {
+    const fn new() -> DetailSlot {
+        DetailSlot {
+            min: AtomicU64::new(u64::MAX),
+            max: AtomicU64::new(0),
+            sumsq_lo: AtomicU64::new(0),
+            sumsq_hi: AtomicU64::new(0),
+            hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
+        }
+    }
+}
+
+/// A bounded table of keys and their counts: the first `N` distinct keys
+/// are counted exactly, later ones only in `other`. Single writer.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TopTable<const N: usize> {
+    keys: [AtomicU64; N],
+    counts: [AtomicU64; N],
+    used: AtomicUsize,
+    other: AtomicU64,
+}
+
+impl<const N: usize> Default for TopTable<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> TopTable<N> {
+    pub const fn new() -> Self {
+        TopTable {
+            keys: [const { AtomicU64::new(0) }; N],
+            counts: [const { AtomicU64::new(0) }; N],
+            used: AtomicUsize::new(0),
+            other: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one occurrence of `key` (only the owning vCPU calls this).
+    #[inline]
+    pub fn record(&self, key: u64) {
+        let used = self.used.load(Relaxed);
+        for i in 0..used {
+            if self.keys[i].load(Relaxed) == key {
+                bump(&self.counts[i], 1);
+                return;
+            }
+        }
+        if used < N {
+            self.keys[used].store(key, Relaxed);
+            self.counts[used].store(1, Relaxed);
+            // Publish the slot after its key and count.
+            self.used.store(used + 1, core::sync::atomic::Ordering::Release);
+        } else {
+            bump(&self.other, 1);
+        }
+    }
+
+    /// Adds this table's entries into `into` (key -> count) and returns
+    /// the count of keys that did not fit.
+    pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
+        let used = self.used.load(core::sync::atomic::Ordering::Acquire);
+        for i in 0..used {
+            let (k, c) = (self.keys[i].load(Relaxed), self.counts[i].load(Relaxed));
+            match into.iter_mut().find(|e| e.0 == k) {
+                Some(e) => e.1 += c,
+                None => into.push((k, c)),
+            }
+        }
+        self.other.load(Relaxed)
+    }
+}
+
+/// What a breakdown entry's key means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakdownKind {
+    /// Key: the I/O port.
+    IoPort,
+    /// Key: the MSR index, plus `1 << 32` for writes.
+    Msr,
+    /// Key: control register number * 4 + access type (0 MOV to CR,
+    /// 1 MOV from CR, 2 CLTS, 3 LMSW).
+    ControlRegister,
+    /// Key: guest-physical address >> 21 (the 2 MiB region).
+    EptRegion,
+}
+
+impl BreakdownKind {
+    pub const ALL: [BreakdownKind; 4] =
+        [BreakdownKind::IoPort, BreakdownKind::Msr, BreakdownKind::ControlRegister, BreakdownKind::EptRegion];
+
+    /// Short name (JSON and reports).
+    pub const fn name(self) -> &'static str {
+        match self {
+            BreakdownKind::IoPort => "io_port",
+            BreakdownKind::Msr => "msr",
+            BreakdownKind::ControlRegister => "cr",
+            BreakdownKind::EptRegion => "ept_2m_region",
+        }
+    }
+
+    /// The basic exit reason the breakdown splits.
+    pub const fn reason(self) -> u16 {
+        match self {
+            BreakdownKind::IoPort => 30,
+            BreakdownKind::Msr => 31,
+            BreakdownKind::ControlRegister => 28,
+            BreakdownKind::EptRegion => 48,
+        }
+    }
+}
+
+/// Distinct keys counted exactly per breakdown and vCPU.
+pub const TOP_KEYS: usize = 32;
+
+/// Detailed statistics of one vCPU.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct VcpuDetail {
+    slots: [DetailSlot; SLOTS],
+    pub io_ports: TopTable<TOP_KEYS>,
+    pub msrs: TopTable<TOP_KEYS>,
+    pub ept_regions: TopTable<TOP_KEYS>,
+    /// Control-register accesses by (CR number * 4 + access type).
+    pub cr: [AtomicU64; 64],
+}
+
+impl Default for VcpuDetail {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VcpuDetail {
+    pub const fn new() -> VcpuDetail {
+        VcpuDetail {
+            slots: [const { DetailSlot::new() }; SLOTS],
+            io_ports: TopTable::new(),
+            msrs: TopTable::new(),
+            ept_regions: TopTable::new(),
+            cr: [const { AtomicU64::new(0) }; 64],
+        }
+    }
+
+    /// Records the latency of one exit of `slot` (owning vCPU only).
+    #[inline(always)]
+    pub fn record(&self, slot: usize, cycles: u64) {
+        let s = &self.slots[slot];
+        if cycles < s.min.load(Relaxed) {
+            s.min.store(cycles, Relaxed);
+        }
+        if cycles > s.max.load(Relaxed) {
+            s.max.store(cycles, Relaxed);
+        }
+        let sq = (cycles as u128) * (cycles as u128);
+        let lo = s.sumsq_lo.load(Relaxed);
+        let (new_lo, carry) = lo.overflowing_add(sq as u64);
+        s.sumsq_lo.store(new_lo, Relaxed);
+        s.sumsq_hi.store(s.sumsq_hi.load(Relaxed).wrapping_add((sq >> 64) as u64 + carry as u64), Relaxed);
+        bump(&s.hist[bucket(cycles)], 1);
+    }
+
+    /// Counts a control-register access.
+    #[inline]
+    pub fn record_cr(&self, cr: u8, access: u8) {
+        bump(&self.cr[((cr as usize & 15) << 2) | (access as usize & 3)], 1);
+    }
+
+    /// Forgets minima and maxima (a counter reset; the other figures are
+    /// reset by subtracting a baseline). Called by any CPU: a concurrent
+    /// exit of the owner may survive the reset, which is harmless.
+    pub fn reset_extremes(&self) {
+        for s in &self.slots {
+            s.min.store(u64::MAX, Relaxed);
+            s.max.store(0, Relaxed);
+        }
+    }
+}
+
+/// Detailed figures of one reason, merged over vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasonDetail {
+    /// None if no exit was recorded.
+    pub min: Option<u64>,
+    pub max: u64,
+    pub sumsq: u128,
+    pub hist: [u64; HIST_BUCKETS],
+}
+
+impl Default for ReasonDetail {
+    fn default() -> Self {
+        ReasonDetail { min: None, max: 0, sumsq: 0, hist: [0; HIST_BUCKETS] }
+    }
+}
+
+/// Detailed statistics merged over vCPUs (and a reset baseline taken off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetailSnapshot {
+    pub reasons: Vec<ReasonDetail>,
+    /// Per breakdown kind (in `BreakdownKind::ALL` order): (key, count)
+    /// sorted by count, descending, and the count of keys that did not fit.
+    pub breakdowns: [(Vec<(u64, u64)>, u64); 4],
+}
+
+impl Default for DetailSnapshot {
+    fn default() -> Self {
+        DetailSnapshot {
+            reasons: alloc::vec![ReasonDetail::default(); SLOTS],
+            breakdowns: Default::default(),
+        }
+    }
+}
+
+impl DetailSnapshot {
+    /// Adds one vCPU's block.
+    pub fn add(&mut self, d: &VcpuDetail) {
+        for (r, s) in self.reasons.iter_mut().zip(d.slots.iter()) {
+            let min = s.min.load(Relaxed);
+            if min != u64::MAX {
+                r.min = Some(r.min.map_or(min, |m| m.min(min)));
+            }
+            r.max = r.max.max(s.max.load(Relaxed));
+            r.sumsq = r.sumsq.wrapping_add((s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128);
+            for (h, a) in r.hist.iter_mut().zip(s.hist.iter()) {
+                *h = h.wrapping_add(a.load(Relaxed));
+            }
+        }
+        let [io, msr, cr, ept] = &mut self.breakdowns;
+        io.1 += d.io_ports.merge_into(&mut io.0);
+        msr.1 += d.msrs.merge_into(&mut msr.0);
+        ept.1 += d.ept_regions.merge_into(&mut ept.0);
+        for (k, c) in d.cr.iter().enumerate() {
+            let c = c.load(Relaxed);
+            if c != 0 {
+                match cr.0.iter_mut().find(|e| e.0 == k as u64) {
+                    Some(e) => e.1 += c,
+                    None => cr.0.push((k as u64, c)),
+                }
+            }
+        }
+    }
+
+    /// Takes away a baseline taken at a reset (minima and maxima are reset
+    /// at the source instead).
+    pub fn subtract(&mut self, base: &DetailSnapshot) {
+        for (r, b) in self.reasons.iter_mut().zip(base.reasons.iter()) {
+            r.sumsq = r.sumsq.wrapping_sub(b.sumsq);
+            for (h, bh) in r.hist.iter_mut().zip(b.hist.iter()) {
+                *h = h.wrapping_sub(*bh);
+            }
+        }
+        for (mine, theirs) in self.breakdowns.iter_mut().zip(base.breakdowns.iter()) {
+            for e in mine.0.iter_mut() {
+                if let Some(b) = theirs.0.iter().find(|b| b.0 == e.0) {
+                    e.1 = e.1.saturating_sub(b.1);
+                }
+            }
+            mine.0.retain(|e| e.1 != 0);
+            mine.1 = mine.1.saturating_sub(theirs.1);
+        }
+    }
+
+    /// Sorts every breakdown by count, descending (then by key).
+    pub fn sort(&mut self) {
+        for b in self.breakdowns.iter_mut() {
+            b.0.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
+    }
+
+    /// The snapshot of several vCPUs' blocks, breakdowns sorted.
+    pub fn sum<'a>(blocks: impl IntoIterator<Item = &'a VcpuDetail>) -> DetailSnapshot {
+        let mut s = DetailSnapshot::default();
+        for b in blocks {
+            s.add(b);
+        }
+        s.sort();
+        s
+    }
+}
+
+/// Mean and (population) standard deviation from count, sum and sum of
+/// squares, in floating point (for host-side reports).
+pub fn mean_stddev(count: u64, sum: u64, sumsq: u128) -> (f64, f64) {
+    if count == 0 {
+        return (0.0, 0.0);
+    }
+    let n = count as f64;
+    let mean = sum as f64 / n;
+    let var = (sumsq as f64 / n - mean * mean).max(0.0);
+    (mean, sqrt(var))
+}
+
+/// Square root by Newton's method (core has no f64::sqrt without std).
+fn sqrt(x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    let mut r = if x > 1.0 { x / 2.0 } else { 1.0 };
+    for _ in 0..64 {
+        let next = 0.5 * (r + x / r);
+        if (next - r).abs() <= f64::EPSILON * r {
+            return next;
+        }
+        r = next;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counters::{Snapshot, VcpuCounters};
+
+    #[test]
+    fn buckets_are_log2() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1), 0);
+        assert_eq!(bucket(2), 1);
+        assert_eq!(bucket(3), 1);
+        assert_eq!(bucket(4), 2);
+        assert_eq!(bucket(1023), 9);
+        assert_eq!(bucket(1024), 10);
+        assert_eq!(bucket(u64::MAX), HIST_BUCKETS - 1);
+        for b in 1..HIST_BUCKETS - 1 {
+            assert_eq!(bucket(bucket_floor(b)), b);
+            assert_eq!(bucket(bucket_floor(b + 1) - 1), b);
+        }
+    }
+
+    #[test]
+    fn min_max_sumsq_and_histogram() {
+        let d = VcpuDetail::new();
+        for c in [100u64, 130, 90, 5000] {
+            d.record(10, c);
+        }
+        let s = DetailSnapshot::sum([&d]);
+        let r = &s.reasons[10];
+        assert_eq!(r.min, Some(90));
+        assert_eq!(r.max, 5000);
+        assert_eq!(r.sumsq, 100 * 100 + 130 * 130 + 90 * 90 + 5000 * 5000);
+        assert_eq!(r.hist[bucket(90)], 2); // 90 and 100 are both in [64,128)
+        assert_eq!(r.hist[bucket(130)], 1);
+        assert_eq!(r.hist[bucket(5000)], 1);
+        assert_eq!(r.hist.iter().sum::<u64>(), 4);
+        assert_eq!(s.reasons[12].min, None);
+    }
+
+    #[test]
+    fn sumsq_carries_past_64_bits() {
+        let d = VcpuDetail::new();
+        let big = 1u64 << 40; // (2^40)^2 = 2^80
+        for _ in 0..3 {
+            d.record(48, big);
+        }
+        let s = DetailSnapshot::sum([&d]);
+        assert_eq!(s.reasons[48].sumsq, 3u128 << 80);
+    }
+
+    #[test]
+    fn merge_over_vcpus_and_baseline() {
+        let (a, b) = (VcpuDetail::new(), VcpuDetail::new());
+        a.record(30, 50);
+        b.record(30, 500);
+        a.io_ports.record(0xCF8);
+        a.io_ports.record(0xCF8);
+        b.io_ports.record(0xCF8);
+        b.io_ports.record(0x92);
+        a.record_cr(0, 0);
+        b.record_cr(0, 0);
+        b.record_cr(4, 0);
+        let base = DetailSnapshot::sum([&a, &b]);
+        let r = &base.reasons[30];
+        assert_eq!((r.min, r.max), (Some(50), 500));
+        assert_eq!(base.breakdowns[0].0, [(0xCF8, 3), (0x92, 1)]);
+        assert_eq!(base.breakdowns[2].0, [(0, 2), (16, 1)]);
+        // More exits after a "reset": the baseline takes the old ones off.
+        a.io_ports.record(0x92);
+        a.record(30, 70);
+        let mut now = DetailSnapshot::sum([&a, &b]);
+        now.subtract(&base);
+        now.sort();
+        assert_eq!(now.breakdowns[0].0, [(0x92, 1)]);
+        assert_eq!(now.reasons[30].sumsq, 70 * 70);
+        assert_eq!(now.reasons[30].hist.iter().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn top_table_overflows_into_other() {
+        let t = TopTable::<4>::new();
+        for k in 0..6u64 {
+            t.record(k);
+            t.record(k);
+        }
+        let mut v = Vec::new();
+        let other = t.merge_into(&mut v);
+        assert_eq!(v.len(), 4);
+        assert!(v.iter().all(|e| e.1 == 2));
+        assert_eq!(other, 4);
+    }
+
+    #[test]
+    fn stddev_matches_the_definition() {
+        let xs = [100u64, 130, 90, 5000];
+        let c = VcpuCounters::new();
+        let d = VcpuDetail::new();
+        for &x in &xs {
+            c.record(10, x);
+            d.record(10, x);
+        }
+        let s = Snapshot::of(&c);
+        let ds = DetailSnapshot::sum([&d]);
+        let (mean, sd) = mean_stddev(s.exits[10], s.cycles[10], ds.reasons[10].sumsq);
+        let m = xs.iter().sum::<u64>() as f64 / 4.0;
+        let var = xs.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / 4.0;
+        assert!((mean - m).abs() < 1e-9);
+        assert!((sd - var.sqrt()).abs() < 1e-6, "{sd} vs {}", var.sqrt());
+        assert_eq!(mean_stddev(0, 0, 0), (0.0, 0.0));
+        assert_eq!(mean_stddev(1, 7, 49).1, 0.0);
+    }
+}
