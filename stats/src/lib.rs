@@ -6,6 +6,7 @@
 
 extern crate alloc;
 
+pub mod control;
 pub mod counters;
 pub mod detail;
 pub mod dump;
