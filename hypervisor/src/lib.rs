@@ -24,6 +24,7 @@ pub mod options;
 pub mod platform;
 pub mod serial;
 pub mod smp;
+pub mod statsys;
 pub mod state;
 pub mod vmx;
 
@@ -36,7 +37,7 @@ use vmx::caps::{self, FeatureControl, VmxProbe};
 
 #[cfg(all(not(test), target_os = "none"))]
 #[global_allocator]
-static ALLOC: memory::ArenaAllocator = memory::ArenaAllocator;
+static ALLOC: memory::HeapAllocator = memory::HeapAllocator;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -63,6 +64,9 @@ pub fn multiboot_entry(magic: u32, info: u32) -> ! {
 /// Serial console and exception handling, before anything else.
 pub fn early_init() {
     serial::init(log::LevelFilter::Info);
+    if let Err(e) = memory::init_heap() {
+        boot_error(format_args!("{e}"));
+    }
     idt::init_idt();
     idt::load_idt();
     hvprintln!("Exitscope {VERSION}: VM-exit statistics hypervisor");
@@ -232,6 +236,7 @@ pub fn run(bi: BootInfo) -> ! {
         waitpkg: controls.hide_waitpkg,
     };
     let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
+    let timeline = opts.timeline;
     let lapic = smp::LocalApic::current();
     let bsp_id = lapic.id();
     let aps: Vec<u32> = acpi.cpus.iter().copied().filter(|&id| id != bsp_id).take(max_cpus.saturating_sub(1)).collect();
@@ -332,6 +337,9 @@ pub fn run(bi: BootInfo) -> ! {
     vmx::invept(sh.controls.invept_single, bsp.eptp);
     let (used, total) = memory::arena_usage();
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
+    if let (true, Some(t)) = (cfg!(feature = "detailed"), timeline) {
+        statsys::start_timeline(t);
+    }
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
     // SAFETY: the state block lives in the arena for good; it is handed to
     // the exit loop, which owns it from now on.

@@ -171,18 +171,32 @@ pub fn arena_usage() -> (usize, usize) {
     (ARENA_USED.load(SeqCst), ARENA_SIZE)
 }
 
-/// The global allocator: the arena. `dealloc` gives memory back only when it
-/// is the most recent allocation (enough for the short-lived vectors of boot
-/// planning); otherwise it is kept.
-pub struct ArenaAllocator;
+/// General-purpose heap (Vec, String, boxes), carved from the arena at
+/// boot; it frees memory properly, unlike the arena's page allocations.
+pub const HEAP_SIZE: usize = 4 << 20;
 
-unsafe impl GlobalAlloc for ArenaAllocator {
+static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// Sets up the heap; must run before the first allocation.
+pub fn init_heap() -> Result<(), OutOfMemory> {
+    let p = arena_alloc(HEAP_SIZE, PAGE)?;
+    // SAFETY: the range is fresh arena memory, ours for good, and the heap
+    // is initialised once, before any allocation.
+    unsafe { HEAP.lock().init(p, HEAP_SIZE) };
+    Ok(())
+}
+
+/// The global allocator: the heap above.
+pub struct HeapAllocator;
+
+unsafe impl GlobalAlloc for HeapAllocator {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        arena_alloc(l.size(), l.align()).unwrap_or(ptr::null_mut())
+        // SAFETY: forwarded to the heap with the caller's layout.
+        unsafe { HEAP.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        let off = p as usize - arena_base();
-        let _ = ARENA_USED.compare_exchange(off + l.size(), off, SeqCst, SeqCst);
+        // SAFETY: forwarded; `p` came from alloc with this layout.
+        unsafe { HEAP.dealloc(p, l) }
     }
 }
 

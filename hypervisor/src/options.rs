@@ -5,6 +5,7 @@
 //! | `log` | `error` `warn` `info` `debug` `trace` | `info` | serial log level |
 //! | `on_end` | `poweroff` `reset` `halt` | `poweroff` | what the machine does after the guest ended and the final dump is printed |
 //! | `cpus` | 1..=64 | all | how many CPUs to virtualise |
+//! | `timeline` | TSC ticks, or `off` | `1000000` | sample the per-reason exit counts every this many ticks (the ring doubles the interval when full) |
 
 use alloc::string::{String, ToString};
 use core::fmt;
@@ -22,11 +23,13 @@ pub struct Options {
     pub log: log::LevelFilter,
     pub on_end: EndAction,
     pub max_cpus: Option<u32>,
+    /// Timeline sample interval in TSC ticks (None: off).
+    pub timeline: Option<u64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: log::LevelFilter::Info, on_end: EndAction::PowerOff, max_cpus: None }
+        Options { log: log::LevelFilter::Info, on_end: EndAction::PowerOff, max_cpus: None, timeline: Some(DEFAULT_TIMELINE) }
     }
 }
 
@@ -37,7 +40,11 @@ pub enum OptionError {
     BadValue { key: String, value: String, expected: &'static str },
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=";
+
+/// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
+/// 50M instructions per second, a third of a millisecond on hardware).
+pub const DEFAULT_TIMELINE: u64 = 1_000_000;
 
 impl fmt::Display for OptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -81,6 +88,15 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                 Ok(n) if (1..=crate::MAX_CPUS as u32).contains(&n) => o.max_cpus = Some(n),
                 _ => return Err(bad("a number from 1 to 64")),
             },
+            "timeline" => {
+                o.timeline = match value {
+                    "off" => None,
+                    v => match v.parse::<u64>() {
+                        Ok(n) if n >= 1000 => Some(n),
+                        _ => return Err(bad("'off' or a number of TSC ticks, at least 1000")),
+                    },
+                }
+            }
             _ => return Err(OptionError::Unknown(word.to_string())),
         }
     }
@@ -98,6 +114,10 @@ mod tests {
         assert_eq!(o.log, log::LevelFilter::Debug);
         assert_eq!(o.on_end, EndAction::Reset);
         assert_eq!(o.max_cpus, Some(2));
+        assert_eq!(parse("timeline=off").unwrap().timeline, None);
+        assert_eq!(parse("timeline=5000").unwrap().timeline, Some(5000));
+        assert!(parse("timeline=10").is_err());
+        assert!(parse("timeline=often").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::acpi::Acpi;
 use crate::options::Options;
 use crate::vmx::caps::Controls;
-use exitscope_stats::{ReasonSet, Snapshot, VcpuCounters};
+use exitscope_stats::{ReasonSet, VcpuCounters};
 use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use spin::Once;
 
@@ -88,15 +88,7 @@ pub fn counters() -> &'static [VcpuCounters] {
     &COUNTERS[..n]
 }
 
-/// Prints the statistics dump, all vCPUs summed, with a per-vCPU breakdown.
+/// Prints the statistics dump (human table and JSON lines).
 pub fn print_dump(title: &str) {
-    let blocks = counters();
-    let snap = Snapshot::sum(blocks);
-    let mut per = [(0u64, 0u64); MAX_CPUS];
-    for (i, b) in blocks.iter().enumerate() {
-        per[i] = (b.total_exits(), b.total_cycles());
-    }
-    crate::serial::with_console(|w| {
-        let _ = exitscope_stats::dump::write_dump(w, title, &snap, &per[..blocks.len()]);
-    });
+    crate::statsys::print_dump(title);
 }

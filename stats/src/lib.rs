@@ -4,14 +4,23 @@
 //! `cargo xtask` all use this one crate, so there is one copy of each.
 #![cfg_attr(not(test), no_std)]
 
+// The detailed statistics, the JSON dump and the timeline need a heap; the
+// table, the leaves, the counters and the text dump do not (bare-metal
+// test guests use the crate without `alloc`).
+#[cfg(feature = "alloc")]
 extern crate alloc;
 
 pub mod control;
 pub mod counters;
+#[cfg(feature = "alloc")]
 pub mod detail;
 pub mod dump;
+#[cfg(feature = "alloc")]
+pub mod json;
 pub mod leaf;
 pub mod reasons;
+#[cfg(feature = "alloc")]
+pub mod timeline;
 
 pub use counters::{Snapshot, VcpuCounters};
 pub use leaf::{CpuidRegs, StatsView};

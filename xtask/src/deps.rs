@@ -19,6 +19,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ovmf", "/usr/share/OVMF/OVMF_CODE.fd"),
     ("busybox-static", "/bin/busybox"),
     ("cpio", "/usr/bin/cpio"),
+    // The font of `cargo xtask report`'s charts.
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];
 
 /// Makes sure every package is there.

@@ -4,16 +4,20 @@
 //! cargo xtask build                 build the hypervisor and test guests
 //! cargo xtask run [options]         boot Exitscope with a guest in Bochs (or QEMU/KVM)
 //! cargo xtask test [FILTER]         host unit tests, then end-to-end tests in Bochs
+//! cargo xtask bench [options]       exit, instrumentation and Linux-boot benchmarks
 //! cargo xtask image --uefi|--bios|--iso OUT [options]
 //!                                   UEFI/BIOS disk images, the hybrid GRUB ISO
+//! cargo xtask report LOG [options]  perf-kvm-stat-like table and charts of a serial log
 //! ```
 
+mod bench;
 mod bochs;
 mod build;
 mod deps;
 mod image;
 mod linux;
 mod qemu;
+mod report;
 mod tests;
 mod uefi;
 mod util;
@@ -48,6 +52,24 @@ commands:
                              --hv-args (the default guest is linux, as for run)
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
                              and QEMU (only those whose name contains FILTER, if given)
+  bench [options]            exit round trips, instrumentation overhead and a Linux boot,
+                             measured side by side (see BENCHMARKS.md); prints a table,
+                             writes target/bench/results.json
+      --emulator bochs|qemu  Bochs (default: deterministic instruction counts; three
+                             hypervisor builds; Linux native vs. under Exitscope) or
+                             QEMU with KVM (the bench guest as a KVM guest and nested
+                             under Exitscope; says why and exits 0 without /dev/kvm and VT-x)
+      --iters N              loop iterations per measurement (default 10000)
+      --no-linux             skip the Linux boots (Bochs)
+  report LOG [options]       the perf-kvm-stat-like table of a serial log's last dump
+                             (JSON dump preferred, else the human one) and charts as
+                             SVG and PNG in <directory of LOG>/report/ (run does this
+                             at the end of every run)
+      --tsc-hz HZ            TSC frequency for a time axis in seconds (default: what
+                             a Linux guest logged, else TSC ticks)
+      --out DIR              write the charts there instead
+      --json                 print the table as one JSON object
+      --no-charts            only the table
 ";
 
 fn main() {
@@ -56,7 +78,9 @@ fn main() {
         Some("build") => cmd_build(),
         Some("run") => cmd_run(&args[1..]),
         Some("test") => tests::cmd_test(&args[1..]),
+        Some("bench") => bench::cmd_bench(&args[1..]),
         Some("image") => uefi::cmd_image(&args[1..]),
+        Some("report") => report::cmd_report(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -186,6 +210,8 @@ fn cmd_run(args: &[String]) -> Result {
                 echo: true,
                 progress: Some(Duration::from_secs(10)),
             })?;
+            // The report comes first: a run cut short may still have a dump.
+            report::after_run(&out.dir.join("serial.log"));
             if out.timed_out {
                 return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }

@@ -97,7 +97,7 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
         list += &format!(",{}", m.display());
     }
     let cpus = o.cpus.to_string();
-    let (_, timed_out) = run_kernel(
+    let (serial, timed_out) = run_kernel(
         hv,
         &o.hv_args,
         &list,
@@ -105,9 +105,13 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
         Duration::from_secs(timeout),
         true,
     )?;
+    // Keep the serial log, and report on it (a run cut short may still have a dump).
+    let log = util::out_dir().join("runs").join("run-qemu").join("serial.log");
+    util::write(&log, &serial)?;
+    crate::report::after_run(&log);
     if timed_out {
-        return Err(format!("QEMU did not finish within {timeout}s"));
+        return Err(format!("QEMU did not finish within {timeout}s; serial log: {}", log.display()));
     }
-    let _ = util::root();
+    eprintln!("xtask: QEMU finished; serial log: {}", log.display());
     Ok(())
 }

@@ -59,6 +59,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
     Test { name: "iso-uefi-qemu-no-vmx", run: iso_uefi_qemu_no_vmx },
     Test { name: "iso-usb-bios-qemu-no-vmx", run: iso_usb_bios_qemu_no_vmx },
+    Test { name: "bios-image-bad-bundle", run: bios_image_bad_bundle },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -485,6 +486,24 @@ fn iso_usb_bios_qemu_no_vmx(ctx: &Ctx) -> Result {
     let guest = ctx.art.guest("probe");
     image::grub_iso(&probe_spec(ctx, &guest), &work, &iso)?;
     qemu_expect_no_vmx("ISO on a USB stick under BIOS", &work.join("serial.log"), &usb_stick(&iso), "multiboot2", &[])
+}
+
+/// A BIOS disk image whose ramdisk is not a boot bundle: one clear line,
+/// then power-off. (In Bochs: the error comes before ACPI is read, so only
+/// the emulator's shutdown port can power off; elsewhere the machine halts.)
+fn bios_image_bad_bundle(ctx: &Ctx) -> Result {
+    let tools = ctx.uefi_tools()?;
+    let name = "bios-image-bad-bundle";
+    let work = util::out_dir().join("runs").join(name);
+    let (junk, img) = (work.join("junk.bin"), work.join("disk.img"));
+    util::write(&junk, b"this is not a boot bundle\n".repeat(200))?;
+    crate::uefi::images_with_ramdisk(tools, &junk, &crate::uefi::Images { uefi: None, bios: Some(&img) })?;
+    let out = bochs::run_with(
+        &bochs::Run { name, iso: &img, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(120), echo: false, progress: None },
+        bochs::Boot::BiosDisk,
+    )?;
+    require(&out, "[exitscope] FATAL: bad boot bundle in the ramdisk: not an Exitscope boot bundle")?;
+    require(&out, "[exitscope] powering off")
 }
 
 /// QEMU arguments for `image` as a USB mass-storage stick on an xHCI controller.

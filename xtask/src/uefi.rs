@@ -124,8 +124,13 @@ pub fn tools() -> Result<Tools> {
 pub fn make_images(tools: &Tools, spec: &BundleSpec, work: &Path, out: &Images) -> Result {
     let bundle = work.join("bundle.bin");
     write_bundle(spec, &bundle)?;
+    images_with_ramdisk(tools, &bundle, out)
+}
+
+/// Writes the requested images with `bundle` (any file) as the ramdisk.
+pub fn images_with_ramdisk(tools: &Tools, bundle: &Path, out: &Images) -> Result {
     let mut c = Command::new(&tools.builder);
-    c.arg("--kernel").arg(&tools.kernel).arg("--ramdisk").arg(&bundle);
+    c.arg("--kernel").arg(&tools.kernel).arg("--ramdisk").arg(bundle);
     if let Some(p) = out.uefi {
         c.arg("--uefi").arg(p);
     }

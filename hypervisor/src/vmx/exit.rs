@@ -17,6 +17,7 @@ use crate::idt;
 use crate::state::{self, shared};
 use core::arch::global_asm;
 use exitscope_stats::leaf;
+#[cfg(feature = "accounting")]
 use exitscope_stats::reasons::slot_of;
 
 global_asm!(
@@ -199,11 +200,26 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     account(v, basic);
 }
 
-/// Charges the exit to its reason: the last thing before VMRESUME.
+/// Charges the exit to its reason: the last thing before VMRESUME. The
+/// second RDTSC ends the measured window; recording comes after it.
 #[inline(always)]
 pub fn account(v: &VcpuState, basic: u16) {
-    let now = cpu::rdtsc();
-    v.counters.record(slot_of(basic), now.wrapping_sub(v.tsc_exit));
+    #[cfg(feature = "accounting")]
+    {
+        let now = cpu::rdtsc();
+        let cycles = now.wrapping_sub(v.tsc_exit);
+        let slot = slot_of(basic);
+        #[cfg(feature = "detailed")]
+        {
+            if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
+                crate::statsys::timeline_sample(now);
+            }
+            v.detail.record(slot, cycles);
+        }
+        v.counters.record(slot, cycles);
+    }
+    #[cfg(not(feature = "accounting"))]
+    let _ = (v, basic);
 }
 
 /// Exception vectors.
@@ -261,8 +277,9 @@ fn cpuid(v: &mut VcpuState) {
     let leaf = v.regs.rax as u32;
     let sub = v.regs.rcx as u32;
     let r = if leaf::is_stats_leaf(leaf) {
-        let a = leaf::answer(leaf, sub, state::counters(), &shared().enabled).unwrap_or_default();
-        [a.eax, a.ebx, a.ecx, a.edx]
+        crate::statsys::stats_leaf(leaf, sub)
+    } else if exitscope_stats::control::is_control_leaf(leaf) {
+        crate::statsys::control_leaf(leaf, sub, v.id)
     } else {
         filtered_cpuid(leaf, sub)
     };
@@ -448,6 +465,8 @@ pub fn classify_out(w: &state::PortWatch, port: u16, size: u8, value: u32) -> Po
 
 fn io(v: &mut VcpuState) {
     let a = IoAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    #[cfg(feature = "detailed")]
+    v.detail.io_ports.record(a.port as u64);
     if a.string {
         end_guest(v, GuestEnd::Stopped("string I/O (INS/OUTS) to an intercepted port is not supported"));
     }
@@ -521,6 +540,8 @@ fn is_vmx_msr(m: u32) -> bool {
 
 fn rdmsr(v: &mut VcpuState) {
     let m = v.regs.rcx as u32;
+    #[cfg(feature = "detailed")]
+    v.detail.msrs.record(m as u64);
     let value = match m {
         msr::IA32_FEATURE_CONTROL => idt::rdmsr_safe(m).map(guest_feature_control),
         _ if is_vmx_msr(m) => None,
@@ -538,6 +559,8 @@ fn rdmsr(v: &mut VcpuState) {
 
 fn wrmsr(v: &mut VcpuState) {
     let m = v.regs.rcx as u32;
+    #[cfg(feature = "detailed")]
+    v.detail.msrs.record(m as u64 | 1 << 32);
     let value = (v.regs.rdx << 32) | (v.regs.rax & 0xFFFF_FFFF);
     let ok = match m {
         // Locked: any write faults, as on hardware.
@@ -588,6 +611,8 @@ pub const fn cr0_write_faults(new: u64) -> bool {
 
 fn cr_access(v: &mut VcpuState) {
     let a = CrAccess::decode(vmread(ro::EXIT_QUALIFICATION));
+    #[cfg(feature = "detailed")]
+    v.detail.record_cr(a.cr, a.kind);
     log::trace!("vCPU {}: CR{} access {} value {:#x} at RIP {:#x}", v.id, a.cr, a.kind, v.regs.get(a.gpr), vmread(guest::RIP));
     let c = &shared().controls;
     let ok = match (a.cr, a.kind) {
@@ -715,6 +740,8 @@ fn vmcall(v: &mut VcpuState) {
 
 fn ept_violation(v: &mut VcpuState) {
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
+    #[cfg(feature = "detailed")]
+    v.detail.ept_regions.record(gpa >> 21);
     let q = vmread(ro::EXIT_QUALIFICATION);
     if q & 2 != 0 && super::apic::is_watched(gpa) {
         super::apic::emulate_write(v, gpa);

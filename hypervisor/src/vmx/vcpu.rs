@@ -88,6 +88,9 @@ pub struct VcpuState {
     pub tsc_exit: u64,
     /// This vCPU's counter block; only this vCPU writes it.
     pub counters: &'static VcpuCounters,
+    /// This vCPU's detailed statistics (same rule).
+    #[cfg(feature = "detailed")]
+    pub detail: &'static exitscope_stats::detail::VcpuDetail,
     pub id: usize,
     pub vpid: u16,
     pub vmcs_pa: u64,
@@ -131,6 +134,18 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
     let (fault_stack, _) = memory::alloc_pages(FAULT_STACK_SIZE / memory::PAGE)?;
     let ist_top = fault_stack.as_ptr() as u64 + FAULT_STACK_SIZE as u64;
     let tables_ptr = memory::arena_alloc(core::mem::size_of::<crate::idt::PerCpuTables>(), 64)? as *mut crate::idt::PerCpuTables;
+    #[cfg(feature = "detailed")]
+    let detail = {
+        let p = memory::arena_alloc(core::mem::size_of::<exitscope_stats::detail::VcpuDetail>(), 64)?
+            as *mut exitscope_stats::detail::VcpuDetail;
+        // SAFETY: fresh, aligned arena memory of the right size, never freed.
+        let d: &'static exitscope_stats::detail::VcpuDetail = unsafe {
+            p.write(exitscope_stats::detail::VcpuDetail::new());
+            &*p
+        };
+        crate::statsys::DETAILS[id].store(p, core::sync::atomic::Ordering::SeqCst);
+        d
+    };
     // SAFETY: both pointers are fresh, aligned, exclusive arena memory of
     // the right size; they are initialised before use and never freed.
     let (state, tables) = unsafe {
@@ -138,6 +153,8 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
             regs: GuestRegs::default(),
             tsc_exit: 0,
             counters,
+            #[cfg(feature = "detailed")]
+            detail,
             id,
             vpid: (id + 1) as u16,
             vmcs_pa,
