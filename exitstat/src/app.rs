@@ -3,6 +3,8 @@
 
 use crate::cli::{self, Cli, Mode};
 use crate::json::{self, Object};
+use crate::modes;
+use exitscope_stats::control::{CMD_DUMP, CMD_RESET};
 use crate::leaves::{
     self, Detection, Leaves, ReasonReading, Totals, CPUID_REASON, HV_LEAF, MIN_MAX_LEAF,
 };
@@ -142,6 +144,12 @@ fn run_mode(cli: &Cli, l: &mut dyn Leaves) -> Outcome {
             }
             o.code = if c.pass() { OK } else { FAIL };
         }
+        Mode::Reset => return modes::reset_or_dump(l, CMD_RESET, cli.json),
+        Mode::Dump => return modes::reset_or_dump(l, CMD_DUMP, cli.json),
+        Mode::Run(ref argv) => return modes::run_cmd(l, argv, cli.json),
+        Mode::Watch(secs) => return modes::watch(l, secs, cli.json),
+        Mode::Detail(nr) => return modes::detail(l, nr, cli.json),
+        Mode::Breakdown(kind) => return modes::breakdown(l, kind, cli.json),
         Mode::Help => unreachable!("handled by run"),
     }
     o

@@ -13,6 +13,19 @@ pub enum Mode {
     All,
     /// `--check N`: run N CPUIDs and check the CPUID exit count.
     Check(u32),
+    /// `--reset`: reset every counter (control interface).
+    Reset,
+    /// `--dump`: the hypervisor prints its statistics on serial.
+    Dump,
+    /// `--run CMD [ARGS...]`: the exits and cycles a command causes.
+    Run(Vec<String>),
+    /// `--watch SECS`: exits per second per reason, every second.
+    Watch(u32),
+    /// `--detail N`: min, max, average, stddev and histogram of reason N.
+    Detail(u32),
+    /// `--breakdown io|msr|cr|ept`: the entries of one breakdown (index
+    /// into `BreakdownKind::ALL`).
+    Breakdown(usize),
     /// `-h`, `--help`.
     Help,
 }
@@ -26,7 +39,8 @@ pub struct Cli {
 }
 
 pub const USAGE: &str = "\
-usage: exitstat [--json] [N | --all | --check N]
+usage: exitstat [--json] [N | --all | --check N | --reset | --dump | --watch SECS |
+                          --detail N | --breakdown io|msr|cr|ept | --run CMD [ARGS...]]
        exitstat --help";
 
 /// The `--help` text (without the reason-table source, added by the caller).
@@ -39,17 +53,48 @@ usage:
   exitstat --all         every exit reason with a nonzero count, then the totals
   exitstat --check N     run N CPUID(0) instructions and check that the CPUID
                          exit count grew by N+1 (N plus the first read's own exit)
+  exitstat --reset       reset every counter of the hypervisor to zero
+  exitstat --dump        make the hypervisor print its statistics (table and JSON
+                         lines) on its serial console now
+  exitstat --run CMD [ARGS...]
+                         run CMD, wait for it, and print the exits and cycles of
+                         each reason that grew meanwhile, and the totals; exits
+                         with CMD's status. exitstat's own reads are not counted:
+                         the CPUID row leaves out exactly the 2 CPUID exits of
+                         exitstat's reads that fall between the two snapshots, and
+                         the cycles of an identical pair of reads measured just
+                         before (exact where exit costs repeat, as in Bochs; an
+                         estimate on hardware). Anything else the guest does
+                         meanwhile (interrupts, other processes) is counted.
+  exitstat --watch SECS  every second for SECS seconds, the exits per second of
+                         each reason that changed, busiest first, then a summary;
+                         exitstat's own reads (one per reason per second) are
+                         left out of the CPUID figures
+  exitstat --detail N    min, max, average and standard deviation of the time
+                         an exit of reason N takes, and its log2 histogram
+  exitstat --breakdown io|msr|cr|ept
+                         the I/O ports, MSRs, control-register accesses or 2 MiB
+                         guest-physical regions (EPT violations) that caused
+                         exits, by count
   exitstat -h, --help    this text
 
 options:
-  --json                 print one JSON object on one line instead
+  --json                 print JSON instead (one object on one line; --watch
+                         prints one line per second and then the summary);
+                         give it before --run
 
-Numbers come from the CPUID leaves 0x4FFFFFFC-0x4FFFFFFF. Each read is itself
-a CPUID exit, counted after it is answered; exit counts are the low 32 bits.
-A defined reason with no exits may be one the hypervisor does not intercept.
+Numbers come from the CPUID leaves 0x4FFFFFFC-0x4FFFFFFF, and for --reset,
+--dump, --run, --watch, --detail and --breakdown from the control interface,
+leaves 0x4FFFFFF0-0x4FFFFFF8 (--detail and --breakdown need a hypervisor built
+with detailed statistics). Each read is itself a CPUID exit, counted after it
+is answered; exit counts of the four original leaves are the low 32 bits, the
+control interface's are 64-bit. A defined reason with no exits may be one the
+hypervisor does not intercept. Figures follow the last reset.
 
-exit status: 0 ok; 1 check failed, or the hypervisor and exitstat disagree on
-the reason table; 2 usage error, or not running under Exitscope";
+exit status: 0 ok (--run: CMD's status, 128+N if a signal N ended it, 127 if
+it could not be started); 1 check failed, or the hypervisor and exitstat
+disagree on the reason table, or a control command failed; 2 usage error, not
+running under Exitscope, or the hypervisor lacks what the mode needs";
 
 /// Parses a reason number or count: decimal, or hexadecimal after `0x`/`0X`.
 pub fn parse_number(s: &str) -> Option<u32> {
@@ -123,6 +168,47 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
                 }
                 set(Mode::Check(count), format!("--check {n}"))?;
             }
+            "--reset" => set(Mode::Reset, a)?,
+            "--dump" => set(Mode::Dump, a)?,
+            "--run" => {
+                let argv: Vec<String> = args.by_ref().map(|a| a.to_string_lossy().into_owned()).collect();
+                if argv.is_empty() {
+                    return Err("'--run' needs a command".into());
+                }
+                set(Mode::Run(argv), a)?;
+            }
+            "--watch" => {
+                let Some(n) = args.next() else {
+                    return Err("'--watch' needs a number of seconds".into());
+                };
+                let n = n.to_string_lossy().into_owned();
+                let secs = number(&n, "number of seconds")?;
+                if secs == 0 {
+                    return Err("'--watch' needs at least 1 second".into());
+                }
+                set(Mode::Watch(secs), format!("--watch {n}"))?;
+            }
+            "--detail" => {
+                let Some(n) = args.next() else {
+                    return Err("'--detail' needs an exit reason number".into());
+                };
+                let n = n.to_string_lossy().into_owned();
+                set(Mode::Detail(number(&n, "exit reason number")?), format!("--detail {n}"))?;
+            }
+            "--breakdown" => {
+                let Some(k) = args.next() else {
+                    return Err("'--breakdown' needs a kind: io, msr, cr or ept".into());
+                };
+                let k = k.to_string_lossy().into_owned();
+                let kind = match k.as_str() {
+                    "io" | "io_port" => 0,
+                    "msr" => 1,
+                    "cr" => 2,
+                    "ept" | "ept_2m_region" => 3,
+                    _ => return Err(format!("unknown breakdown '{k}' (io, msr, cr or ept)")),
+                };
+                set(Mode::Breakdown(kind), format!("--breakdown {k}"))?;
+            }
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option '{s}'")),
             _ => {
                 let n = number(&a, "exit reason number")?;
@@ -163,6 +249,22 @@ mod tests {
     }
 
     #[test]
+    fn control_modes() {
+        assert_eq!(p(&["--reset"]), ok(Mode::Reset, false));
+        assert_eq!(p(&["--dump", "--json"]), ok(Mode::Dump, true));
+        assert_eq!(p(&["--watch", "5"]), ok(Mode::Watch(5), false));
+        assert_eq!(p(&["--detail", "0x30"]), ok(Mode::Detail(48), false));
+        assert_eq!(p(&["--breakdown", "io"]), ok(Mode::Breakdown(0), false));
+        assert_eq!(p(&["--breakdown", "msr"]), ok(Mode::Breakdown(1), false));
+        assert_eq!(p(&["--breakdown", "cr"]), ok(Mode::Breakdown(2), false));
+        assert_eq!(p(&["--breakdown", "ept"]), ok(Mode::Breakdown(3), false));
+        // Everything after --run is the command, options included.
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(p(&["--run", "touch", "/tmp/x"]), ok(Mode::Run(argv(&["touch", "/tmp/x"])), false));
+        assert_eq!(p(&["--json", "--run", "ls", "--json", "-h"]), ok(Mode::Run(argv(&["ls", "--json", "-h"])), true));
+    }
+
+    #[test]
     fn json_combines_in_any_order() {
         assert_eq!(p(&["--json"]), ok(Mode::Totals, true));
         assert_eq!(p(&["--json", "10"]), ok(Mode::Reason(10), true));
@@ -185,7 +287,14 @@ mod tests {
         assert_eq!(err(&["--bogus"]), "unknown option '--bogus'");
         assert_eq!(err(&["-x"]), "unknown option '-x'");
         assert_eq!(err(&["-1"]), "unknown option '-1'");
-        assert_eq!(err(&["--reset"]), "unknown option '--reset'");
+        assert_eq!(err(&["--reset", "--dump"]), "'--dump' cannot be combined with '--reset'");
+        assert_eq!(err(&["--run"]), "'--run' needs a command");
+        assert_eq!(err(&["--watch"]), "'--watch' needs a number of seconds");
+        assert_eq!(err(&["--watch", "0"]), "'--watch' needs at least 1 second");
+        assert!(err(&["--watch", "x"]).starts_with("invalid number of seconds 'x'"));
+        assert_eq!(err(&["--detail"]), "'--detail' needs an exit reason number");
+        assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr or ept)");
+        assert_eq!(err(&["--all", "--run", "ls"]), "'--run' cannot be combined with '--all'");
         assert_eq!(
             err(&["abc"]),
             "invalid exit reason number 'abc' (expected a decimal number or 0x-prefixed hex)"

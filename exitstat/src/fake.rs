@@ -1,10 +1,16 @@
 //! A fake Exitscope for the unit tests: answers CPUID the way the hypervisor
 //! does (through `exitscope_stats::leaf::answer`) and counts each CPUID as an
-//! exit after answering it, as the counting rule says.
+//! exit after answering it, as the counting rule says. It also answers the
+//! control leaves as `exitscope_stats::control` documents them, keeping
+//! its detailed statistics in the crate's own `DetailSnapshot`, and models
+//! the clock, sleeping and running a command.
 
-use crate::leaves::{Leaves, CPUID_REASON, HV_LEAF, HYPERVISOR_BIT, SIGNATURE};
-use exitscope_stats::leaf::{self, CpuidRegs, StatsView};
-use exitscope_stats::reasons::{ReasonSet, SLOTS};
+use crate::leaves::{CommandStatus, Leaves, CPUID_REASON, HV_LEAF, HYPERVISOR_BIT, SIGNATURE};
+use exitscope_stats::control::{self as ctl, BREAKDOWN_OTHER, BREAKDOWN_VALID};
+use exitscope_stats::detail::{bucket, BreakdownKind, DetailSnapshot, HIST_BUCKETS};
+use exitscope_stats::leaf::{self, CpuidRegs, ReasonClass, StatsView};
+use exitscope_stats::reasons::{ReasonSet, MAX_DEFINED, SLOTS};
+use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Fake {
@@ -25,6 +31,29 @@ pub struct Fake {
     pub extra_exit_every: Option<u64>,
     /// Every (leaf, subleaf) executed, in order.
     pub log: Vec<(u32, u32)>,
+    /// INFO's interface version (0: no control interface: INFO answers zeros).
+    pub control_version: u32,
+    /// Built with detailed statistics.
+    pub detailed: bool,
+    /// CMD_RESET answers "not available".
+    pub reset_unavailable: bool,
+    pub vcpus: u32,
+    /// Min, max, sum of squares, histogram and breakdowns, kept as exits
+    /// are recorded.
+    pub detail: DetailSnapshot,
+    /// CONTROL commands received.
+    pub commands: Vec<u32>,
+    /// Simulated time (advanced by `sleep` only).
+    pub clock: Duration,
+    /// Exits per second that happen while exitstat sleeps: (slot, rate, cycles each).
+    pub background: Vec<(usize, u64, u64)>,
+    /// What `run_command` does: (slot, exits, cycles each), and its status.
+    pub command_effect: Vec<(usize, u64, u64)>,
+    pub command_status: Result<CommandStatus, String>,
+    /// Commands run.
+    pub ran: Vec<Vec<String>>,
+    /// What `emit` printed.
+    pub emitted: String,
 }
 
 impl Fake {
@@ -46,6 +75,130 @@ impl Fake {
             tamper: None,
             extra_exit_every: None,
             log: Vec::new(),
+            control_version: ctl::INTERFACE_VERSION,
+            detailed: true,
+            reset_unavailable: false,
+            vcpus: 1,
+            detail: DetailSnapshot::default(),
+            commands: Vec::new(),
+            clock: Duration::ZERO,
+            background: Vec::new(),
+            command_effect: Vec::new(),
+            command_status: Ok(CommandStatus::Exited(0)),
+            ran: Vec::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Counts one exit of `slot` that took `cycles`, details included.
+    pub fn record(&mut self, slot: usize, cycles: u64) {
+        self.exits[slot] += 1;
+        self.cycles[slot] += cycles;
+        let d = &mut self.detail.reasons[slot];
+        d.min = Some(d.min.map_or(cycles, |m| m.min(cycles)));
+        d.max = d.max.max(cycles);
+        d.sumsq += cycles as u128 * cycles as u128;
+        d.hist[bucket(cycles)] += 1;
+    }
+
+    /// Counts `n` exits of `slot` totalling `cycles` (as evenly as whole
+    /// cycles allow), details included.
+    pub fn record_many(&mut self, slot: usize, n: u64, cycles: u64) {
+        for i in 0..n {
+            let each = cycles / n + u64::from(i < cycles % n);
+            self.record(slot, each);
+        }
+    }
+
+    /// Counts an access in breakdown `kind` (kept sorted as the hypervisor answers).
+    pub fn record_key(&mut self, kind: BreakdownKind, key: u64, n: u64) {
+        let b = &mut self.detail.breakdowns[kind as usize];
+        match b.0.iter_mut().find(|e| e.0 == key) {
+            Some(e) => e.1 += n,
+            None => b.0.push((key, n)),
+        }
+        self.detail.sort();
+    }
+
+    /// Answers a control leaf.
+    fn control(&mut self, eax: u32, ecx: u32) -> CpuidRegs {
+        let zero = CpuidRegs::default();
+        let wide = |v: u64| CpuidRegs { ebx: (v >> 32) as u32, ecx: v as u32, ..zero };
+        if self.control_version == 0 {
+            return zero;
+        }
+        let class = |r: u32, enabled: &ReasonSet| leaf::classify(r, enabled);
+        let per_reason = |r: u32, f: &dyn Fn(usize) -> CpuidRegs, enabled: &ReasonSet| match class(r, enabled) {
+            ReasonClass::Undefined => CpuidRegs { edx: leaf::UNDEFINED_EDX, ..zero },
+            ReasonClass::NotEnabled => zero,
+            ReasonClass::Enabled(r) => f(r as usize),
+        };
+        match eax {
+            ctl::LEAF_INFO => CpuidRegs {
+                eax: self.control_version,
+                ebx: self.vcpus,
+                ecx: if self.detailed { ctl::FLAG_DETAILED } else { 0 },
+                edx: MAX_DEFINED as u32,
+            },
+            ctl::LEAF_CONTROL => {
+                self.commands.push(ecx);
+                match ecx {
+                    ctl::CMD_DUMP => zero,
+                    ctl::CMD_RESET if self.reset_unavailable => CpuidRegs { eax: ctl::STATUS_UNAVAILABLE, ..zero },
+                    ctl::CMD_RESET => {
+                        self.exits = [0; SLOTS];
+                        self.cycles = [0; SLOTS];
+                        self.detail = DetailSnapshot::default();
+                        zero
+                    }
+                    _ => CpuidRegs { eax: ctl::STATUS_UNKNOWN, ..zero },
+                }
+            }
+            ctl::LEAF_EXITS64 if ecx == ctl::ALL_REASONS => wide(self.total_exits()),
+            ctl::LEAF_EXITS64 => per_reason(ecx, &|r| wide(self.exits[r]), &self.enabled),
+            ctl::LEAF_MIN | ctl::LEAF_MAX | ctl::LEAF_HIST | ctl::LEAF_SUMSQ => {
+                if !self.detailed {
+                    return zero;
+                }
+                let sub = (ecx >> 16) as usize;
+                per_reason(
+                    ecx & 0xFFFF,
+                    &|r| {
+                        let d = &self.detail.reasons[r];
+                        match eax {
+                            ctl::LEAF_MIN => wide(d.min.unwrap_or(0)),
+                            ctl::LEAF_MAX => wide(d.max),
+                            ctl::LEAF_HIST if sub < HIST_BUCKETS => wide(d.hist[sub]),
+                            ctl::LEAF_SUMSQ if sub < 2 => wide((d.sumsq >> (64 * sub)) as u64),
+                            _ => zero,
+                        }
+                    },
+                    &self.enabled,
+                )
+            }
+            ctl::LEAF_BREAKDOWN => {
+                if !self.detailed {
+                    return zero;
+                }
+                let Some(b) = self.detail.breakdowns.get((ecx & 0xFF) as usize) else { return zero };
+                let index = ecx >> 8;
+                if index == BREAKDOWN_OTHER {
+                    return CpuidRegs { edx: BREAKDOWN_VALID, ..wide(b.1) };
+                }
+                match b.0.get(index as usize) {
+                    Some(&(key, count)) => CpuidRegs {
+                        eax: key as u32,
+                        edx: BREAKDOWN_VALID | ((key >> 32) as u32 & 0x7FFF_FFFF),
+                        ..wide(count)
+                    },
+                    None => zero,
+                }
+            }
+            ctl::LEAF_VCPU if ecx == 0 => {
+                let (e, c) = (self.total_exits(), self.total_cycles());
+                CpuidRegs { eax: e as u32, edx: (e >> 32) as u32, ..wide(c) }
+            }
+            _ => zero,
         }
     }
 
@@ -65,8 +218,10 @@ impl Fake {
             (32, 88, 102_000),
             (48, 14, 4_200_000),
         ] {
-            f.exits[nr] = exits;
-            f.cycles[nr] = cycles;
+            f.record_many(nr, exits, cycles);
+        }
+        for (port, n) in [(0x3F8, 9000), (0x3FD, 8000), (0xCF8, 102)] {
+            f.record_key(BreakdownKind::IoPort, port, n);
         }
         f
     }
@@ -133,6 +288,7 @@ impl Leaves for Fake {
                 ecx: word(1),
                 edx: word(2),
             },
+            _ if ctl::is_control_leaf(eax) && self.exitscope => self.control(eax, ecx),
             _ if leaf::is_stats_leaf(eax) => {
                 if self.exitscope {
                     leaf::answer(eax, ecx, &*self, &self.enabled).unwrap()
@@ -152,8 +308,7 @@ impl Leaves for Fake {
         }
         // The exit completes after the answer is made.
         let slot = CPUID_REASON as usize;
-        self.exits[slot] += 1;
-        self.cycles[slot] += self.cpuid_cost;
+        self.record(slot, self.cpuid_cost);
         if let Some(k) = self.extra_exit_every {
             let zeros = self.log.iter().filter(|q| **q == (0, 0)).count() as u64;
             if eax == 0 && zeros.is_multiple_of(k) {
@@ -161,5 +316,31 @@ impl Leaves for Fake {
             }
         }
         r
+    }
+
+    fn now(&mut self) -> Duration {
+        self.clock
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        self.clock += d;
+        for (slot, rate, each) in self.background.clone() {
+            let n = (rate as f64 * d.as_secs_f64()).round() as u64;
+            self.record_many(slot, n, n * each);
+        }
+    }
+
+    fn run_command(&mut self, argv: &[String]) -> Result<CommandStatus, String> {
+        self.ran.push(argv.to_vec());
+        if self.command_status.is_ok() {
+            for (slot, n, each) in self.command_effect.clone() {
+                self.record_many(slot, n, n * each);
+            }
+        }
+        self.command_status.clone()
+    }
+
+    fn emit(&mut self, text: &str) {
+        self.emitted += text;
     }
 }

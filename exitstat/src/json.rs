@@ -50,6 +50,17 @@ impl Object {
         self
     }
 
+    /// A finite number with up to 3 decimals (non-finite: null).
+    pub fn float(mut self, k: &str, v: f64) -> Self {
+        self.key(k);
+        if v.is_finite() {
+            let _ = write!(self.buf, "{v:.3}");
+        } else {
+            self.buf.push_str("null");
+        }
+        self
+    }
+
     pub fn bool(mut self, k: &str, v: bool) -> Self {
         self.key(k);
         self.buf.push_str(if v { "true" } else { "false" });
@@ -114,6 +125,8 @@ mod tests {
             .bool("t", true)
             .bool("f", false)
             .num("big", u64::MAX)
+            .float("x", 1.5)
+            .float("nan", f64::NAN)
             .str("s", Some("x\"y"))
             .str("none", None)
             .raw("arr", &array([inner.clone(), inner]))
@@ -121,7 +134,7 @@ mod tests {
             .finish();
         assert_eq!(
             o,
-            r#"{"t":true,"f":false,"big":18446744073709551615,"s":"x\"y","none":null,"arr":[{"n":1},{"n":1}],"empty":[]}"#
+            r#"{"t":true,"f":false,"big":18446744073709551615,"x":1.500,"nan":null,"s":"x\"y","none":null,"arr":[{"n":1},{"n":1}],"empty":[]}"#
         );
         let v: serde_json::Value = serde_json::from_str(&o).unwrap();
         assert_eq!(v["big"].as_u64(), Some(u64::MAX));

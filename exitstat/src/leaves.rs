@@ -6,19 +6,75 @@
 //! every exit that completed before the querying CPUID, not the query itself.
 //! So each read below adds one CPUID exit that later reads will see.
 
+use exitscope_stats::control::{self as ctl, BREAKDOWN_OTHER, BREAKDOWN_VALID};
+use exitscope_stats::detail::HIST_BUCKETS;
 use exitscope_stats::leaf::{self, CpuidRegs, UNDEFINED_EDX};
+use std::time::{Duration, Instant};
 
-/// Access to the CPU's (or the hypervisor's) CPUID answers.
-///
-/// The control interface of later modes (`--reset`, `--run`, `--watch`) is
-/// meant to be added here as further methods, so the fake can model it too.
+/// How a command run by `--run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal ended it.
+    Signaled(i32),
+}
+
+impl CommandStatus {
+    /// The shell's convention: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            CommandStatus::Exited(c) => c,
+            CommandStatus::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for CommandStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandStatus::Exited(c) => write!(f, "exited with status {c}"),
+            CommandStatus::Signaled(s) => write!(f, "was killed by signal {s}"),
+        }
+    }
+}
+
+/// Access to the CPU's (or the hypervisor's) CPUID answers, and the few
+/// other things the modes do to the outside world (sleeping, the clock,
+/// running a command, printing as they go), so that the fake can model
+/// all of it.
 pub trait Leaves {
     /// Executes CPUID with EAX = `leaf` and ECX = `subleaf`.
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> CpuidRegs;
+
+    /// Time since some fixed moment (monotonic).
+    fn now(&mut self) -> Duration;
+
+    /// Waits for `d`.
+    fn sleep(&mut self, d: Duration);
+
+    /// Runs `argv` with exitstat's standard input and output and waits for
+    /// it; `Err` if it could not be started.
+    fn run_command(&mut self, argv: &[String]) -> Result<CommandStatus, String>;
+
+    /// Prints `text` on stdout right away (`--watch` prints as it goes).
+    fn emit(&mut self, text: &str);
 }
 
-/// The real instruction, executed from user mode.
-pub struct RealCpuid;
+/// The real instruction, executed from user mode, and the real process.
+pub struct RealCpuid {
+    start: Instant,
+}
+
+impl RealCpuid {
+    pub fn new() -> RealCpuid {
+        // The standard library detects CPU features with CPUID the first
+        // time it needs them, and caches them. Do it now, so that it cannot
+        // happen between the two snapshots of --run or --watch.
+        let _ = std::is_x86_feature_detected!("sse2");
+        RealCpuid { start: Instant::now() }
+    }
+}
 
 impl Leaves for RealCpuid {
     #[inline(always)]
@@ -30,6 +86,36 @@ impl Leaves for RealCpuid {
             ecx: r.ecx,
             edx: r.edx,
         }
+    }
+
+    fn now(&mut self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d)
+    }
+
+    fn run_command(&mut self, argv: &[String]) -> Result<CommandStatus, String> {
+        use std::os::unix::process::ExitStatusExt;
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let st = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()
+            .map_err(|e| format!("cannot run '{}': {e}", argv[0]))?;
+        Ok(match (st.code(), st.signal()) {
+            (Some(c), _) => CommandStatus::Exited(c),
+            (None, Some(s)) => CommandStatus::Signaled(s),
+            (None, None) => CommandStatus::Exited(-1),
+        })
+    }
+
+    fn emit(&mut self, text: &str) {
+        use std::io::Write;
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(text.as_bytes());
+        let _ = o.flush();
     }
 }
 
@@ -172,4 +258,122 @@ pub fn check(l: &mut dyn Leaves, n: u32) -> CheckResult {
         delta: after.eax.wrapping_sub(before.eax),
         undefined: before.edx == UNDEFINED_EDX || after.edx == UNDEFINED_EDX,
     }
+}
+
+// ---------------------------------------------------------------------------
+// The control interface (exitscope_stats::control)
+
+/// The answer of the INFO leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Info {
+    pub version: u32,
+    pub vcpus: u32,
+    pub flags: u32,
+    pub max_reason: u32,
+}
+
+impl Info {
+    /// Whether the answer looks like an INFO answer at all: a hypervisor
+    /// without the control interface answers zeros, or whatever the CPU
+    /// answers for an unknown leaf.
+    pub fn present(&self) -> bool {
+        (1..=255).contains(&self.version) && (59..=0xFFFF).contains(&self.max_reason) && self.vcpus != 0
+    }
+    pub fn detailed(&self) -> bool {
+        self.flags & ctl::FLAG_DETAILED != 0
+    }
+}
+
+/// Reads the INFO leaf.
+pub fn read_info(l: &mut dyn Leaves) -> Info {
+    let r = l.cpuid(ctl::LEAF_INFO, 0);
+    Info {
+        version: r.eax,
+        vcpus: r.ebx,
+        flags: r.ecx,
+        max_reason: r.edx,
+    }
+}
+
+/// Sends a CONTROL command; returns the status (EAX).
+pub fn control(l: &mut dyn Leaves, cmd: u32) -> u32 {
+    l.cpuid(ctl::LEAF_CONTROL, cmd).eax
+}
+
+/// A 64-bit value in EBX:ECX, and whether EDX said "undefined reason".
+fn wide(r: CpuidRegs) -> (u64, bool) {
+    (leaf::join64(r.ebx, r.ecx), r.edx == UNDEFINED_EDX)
+}
+
+/// 64-bit exits of reason `nr` (EXITS64), and whether it is undefined.
+pub fn exits64(l: &mut dyn Leaves, nr: u32) -> (u64, bool) {
+    wide(l.cpuid(ctl::LEAF_EXITS64, nr))
+}
+
+/// Cycles of reason `nr` (leaf 0x4FFFFFFF).
+pub fn cycles(l: &mut dyn Leaves, nr: u32) -> u64 {
+    let r = l.cpuid(leaf::LEAF_REASON_CYCLES, nr);
+    leaf::join64(r.ebx, r.ecx)
+}
+
+/// Everything the control interface says about one reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetailReading {
+    pub nr: u32,
+    /// The hypervisor answered EDX=0xFFFFFFFF (not defined).
+    pub undefined: bool,
+    pub exits: u64,
+    pub cycles: u64,
+    /// 0 if no exit was recorded.
+    pub min: u64,
+    pub max: u64,
+    pub sumsq: u128,
+    pub hist: [u64; HIST_BUCKETS],
+}
+
+/// Reads exits, cycles, min, max, sum of squares and the histogram of
+/// reason `nr`, in that order (each read is one CPUID exit: for reason 10
+/// every figure also counts the reads before it).
+pub fn read_detail(l: &mut dyn Leaves, nr: u32) -> DetailReading {
+    let (exits, undefined) = exits64(l, nr);
+    let cycles = cycles(l, nr);
+    let (min, _) = wide(l.cpuid(ctl::LEAF_MIN, nr));
+    let (max, _) = wide(l.cpuid(ctl::LEAF_MAX, nr));
+    let (lo, _) = wide(l.cpuid(ctl::LEAF_SUMSQ, nr));
+    let (hi, _) = wide(l.cpuid(ctl::LEAF_SUMSQ, nr | 1 << 16));
+    let mut hist = [0u64; HIST_BUCKETS];
+    for (b, h) in hist.iter_mut().enumerate() {
+        *h = wide(l.cpuid(ctl::LEAF_HIST, nr | (b as u32) << 16)).0;
+    }
+    DetailReading {
+        nr,
+        undefined,
+        exits,
+        cycles,
+        min,
+        max,
+        sumsq: (hi as u128) << 64 | lo as u128,
+        hist,
+    }
+}
+
+/// The most entries read from one breakdown (a bound against a
+/// hypervisor that never says "no more").
+pub const MAX_BREAKDOWN_ENTRIES: u32 = 4096;
+
+/// Reads breakdown `kind` (index into `BreakdownKind::ALL`): the entries
+/// (key, count) in the hypervisor's order and the count of keys not
+/// tracked individually.
+pub fn read_breakdown(l: &mut dyn Leaves, kind: usize) -> (Vec<(u64, u64)>, u64) {
+    let mut v = Vec::new();
+    for i in 0..MAX_BREAKDOWN_ENTRIES {
+        let r = l.cpuid(ctl::LEAF_BREAKDOWN, kind as u32 | i << 8);
+        if r.edx & BREAKDOWN_VALID == 0 {
+            break;
+        }
+        let key = ((r.edx & 0x7FFF_FFFF) as u64) << 32 | r.eax as u64;
+        v.push((key, leaf::join64(r.ebx, r.ecx)));
+    }
+    let o = l.cpuid(ctl::LEAF_BREAKDOWN, kind as u32 | BREAKDOWN_OTHER << 8);
+    (v, leaf::join64(o.ebx, o.ecx))
 }

@@ -8,11 +8,12 @@ mod cli;
 mod fake;
 mod json;
 mod leaves;
+mod modes;
 
 use std::io::Write;
 
 fn main() {
-    let o = app::run(std::env::args_os().skip(1), &mut leaves::RealCpuid);
+    let o = app::run(std::env::args_os().skip(1), &mut leaves::RealCpuid::new());
     // A closed pipe must not turn into a panic; the exit status still tells.
     let _ = std::io::stdout().lock().write_all(o.stdout.as_bytes());
     let _ = std::io::stdout().flush();

@@ -65,8 +65,8 @@ commands:
                              (JSON dump preferred, else the human one) and charts as
                              SVG and PNG in <directory of LOG>/report/ (run does this
                              at the end of every run)
-      --tsc-hz HZ            TSC frequency for a time axis in seconds (default: what
-                             a Linux guest logged, else TSC ticks)
+      --tsc-hz HZ            TSC frequency for a time axis in seconds (default: TSC
+                             ticks; the report suggests what a Linux guest logged)
       --out DIR              write the charts there instead
       --json                 print the table as one JSON object
       --no-charts            only the table

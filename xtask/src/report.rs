@@ -33,9 +33,9 @@ pub const FONT_BOLD: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.tt
 pub const USAGE: &str = "\
 usage: cargo xtask report LOG [--tsc-hz HZ] [--out DIR] [--json] [--no-charts]
   LOG            a serial log of an Exitscope run (Bochs, QEMU or bare metal)
-  --tsc-hz HZ    the TSC frequency, for a time axis in seconds (default: the
-                 frequency a Linux guest logged as 'tsc: Detected ... MHz TSC',
-                 else TSC ticks)
+  --tsc-hz HZ    the TSC frequency, for a time axis in seconds (default: TSC
+                 ticks; the report suggests what a Linux guest logged as
+                 'tsc: Detected ... MHz TSC')
   --out DIR      where the charts go (default: <directory of LOG>/report)
   --json         print the table as one JSON object instead of text
   --no-charts    only the table";
@@ -85,7 +85,8 @@ pub fn cmd_report(args: &[String]) -> Result {
         Some(d) => d,
         None => return Err(format!("{}: no exit-statistics dump in this log: nothing to report", o.log.display())),
     };
-    let mut r = Report::new(&data, o.tsc_hz.map(|hz| (hz, "--tsc-hz".to_string())).or_else(|| linux_tsc_hz(&text)));
+    let mut r = Report::new(&data, o.tsc_hz.map(|hz| (hz, "--tsc-hz".to_string())));
+    r.hint = linux_tsc_hz(&text).map(|h| h.0);
     if o.charts {
         let dir = o.out.clone().unwrap_or_else(|| default_dir(&o.log));
         r.charts = write_charts(&data, r.tsc.as_ref(), &dir)?;
@@ -121,7 +122,8 @@ pub fn after_run(log: &Path) {
         }
     };
     let dir = default_dir(log);
-    let mut r = Report::new(&data, linux_tsc_hz(&text));
+    let mut r = Report::new(&data, None);
+    r.hint = linux_tsc_hz(&text).map(|h| h.0);
     match write_charts(&data, r.tsc.as_ref(), &dir) {
         Ok(c) => {
             r.charts = c;
@@ -291,6 +293,8 @@ pub struct Report<'a> {
     pub tsc: Option<(f64, String)>,
     pub chart_dir: Option<PathBuf>,
     pub charts: Charts,
+    /// A TSC frequency the log suggests (a Linux guest's), to mention only.
+    pub hint: Option<f64>,
 }
 
 /// What `write_charts` wrote, and what it could not draw and why.
@@ -306,7 +310,7 @@ fn opt(v: Option<u64>) -> String {
 
 impl<'a> Report<'a> {
     pub fn new(data: &'a Data, tsc: Option<(f64, String)>) -> Report<'a> {
-        Report { data, rows: rows(data), tsc, chart_dir: None, charts: Charts::default() }
+        Report { data, rows: rows(data), tsc, chart_dir: None, charts: Charts::default(), hint: None }
     }
 
     /// The `perf kvm stat`-like table and the notes, as text.
@@ -390,8 +394,18 @@ impl<'a> Report<'a> {
             }
             None => {}
         }
-        if let Some((hz, from)) = &self.tsc {
-            let _ = writeln!(s, "TSC frequency {:.3} MHz, from {from}.", hz / 1e6);
+        match (&self.tsc, self.hint) {
+            (Some((hz, from)), _) => {
+                let _ = writeln!(s, "TSC frequency {:.3} MHz, from {from}.", hz / 1e6);
+            }
+            (None, Some(hz)) if d.timeline.is_some() => {
+                let _ = writeln!(
+                    s,
+                    "Time is in TSC ticks. The Linux guest measured its TSC at {:.3} MHz: '--tsc-hz {hz:.0}' would show seconds (under Bochs the TSC counts instructions, so those are not emulated seconds).",
+                    hz / 1e6
+                );
+            }
+            _ => {}
         }
         if let Some(dir) = &self.chart_dir {
             if self.charts.written.is_empty() {
@@ -538,13 +552,16 @@ fn render(chart: &impl Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     Ok(vec![svg, png])
 }
 
+/// Draws one chart into (directory, file stem).
+type Renderer = Box<dyn FnOnce(&Path, &str) -> Result<Vec<PathBuf>>>;
+
 /// Writes every chart the data allows into `dir` (removing stale ones).
 pub fn write_charts(d: &Data, tsc: Option<&(f64, String)>, dir: &Path) -> Result<Charts> {
     fonts()?;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut c = Charts::default();
     let rows = rows(d);
-    let mut out = |stem: &str, chart: std::result::Result<Box<dyn FnOnce(&Path, &str) -> Result<Vec<PathBuf>>>, String>| -> Result {
+    let mut out = |stem: &str, chart: std::result::Result<Renderer, String>| -> Result {
         for ext in ["svg", "png"] {
             let _ = std::fs::remove_file(dir.join(format!("{stem}.{ext}")));
         }
@@ -562,8 +579,8 @@ pub fn write_charts(d: &Data, tsc: Option<&(f64, String)>, dir: &Path) -> Result
         let exits = Bars {
             caption: format!("VM exits per reason — {title}"),
             x_desc: "exits (count)".into(),
-            y_desc: "exit reason (SDM name, basic reason number)".into(),
-            bars: rows.iter().map(|r| (r.label.clone(), r.exits as f64, format!("{} ({:.1}%)", r.exits, r.exits_pct))).collect(),
+            y_desc: "exit reason (number)".into(),
+            bars: rows.iter().map(|r| (r.label.clone(), r.exits as f64, format!("{} ({})", r.exits, short_pct(r.exits_pct)))).collect(),
         };
         out("exits-per-reason", Ok(Box::new(move |dir: &Path, s: &str| render(&exits, dir, s))))?;
         let mut by_cycles = rows.clone();
@@ -571,10 +588,10 @@ pub fn write_charts(d: &Data, tsc: Option<&(f64, String)>, dir: &Path) -> Result
         let cycles = Bars {
             caption: format!("Cycles in the hypervisor per reason — {title}"),
             x_desc: "cycles spent handling the exits (TSC ticks)".into(),
-            y_desc: "exit reason (SDM name, basic reason number)".into(),
+            y_desc: "exit reason (number)".into(),
             bars: by_cycles
                 .iter()
-                .map(|r| (r.label.clone(), r.cycles as f64, format!("{} ({:.1}%)", si(r.cycles as f64), r.cycles_pct)))
+                .map(|r| (r.label.clone(), r.cycles as f64, format!("{} ({})", si(r.cycles as f64), short_pct(r.cycles_pct))))
                 .collect(),
         };
         out("cycles-per-reason", Ok(Box::new(move |dir: &Path, s: &str| render(&cycles, dir, s))))?;
@@ -584,6 +601,15 @@ pub fn write_charts(d: &Data, tsc: Option<&(f64, String)>, dir: &Path) -> Result
     let hist = Hist::new(d, &rows);
     out("latency-histogram", hist.map(|h| Box::new(move |dir: &Path, s: &str| render(&h, dir, s)) as _))?;
     Ok(c)
+}
+
+/// A share for a bar label: "81.1%", "0.06%".
+pub fn short_pct(p: f64) -> String {
+    if p >= 1.0 || p == 0.0 {
+        format!("{p:.1}%")
+    } else {
+        format!("{p:.2}%")
+    }
 }
 
 /// 1234567 -> "1.23M".
@@ -602,6 +628,7 @@ pub fn si(v: f64) -> String {
     };
     let x = v / d;
     let s = if x.abs() >= 100.0 { format!("{x:.0}") } else if x.abs() >= 10.0 { format!("{x:.1}") } else { format!("{x:.2}") };
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
     format!("{s}{suffix}")
 }
 
@@ -629,7 +656,8 @@ struct Bars {
 
 impl Chart for Bars {
     fn size(&self) -> (u32, u32) {
-        (W, 190 + 46 * self.bars.len().max(1) as u32)
+        // Tall enough for the vertical axis description too.
+        (W, (190 + 46 * self.bars.len().max(1) as u32).max(480))
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
@@ -645,7 +673,7 @@ impl Chart for Bars {
             .margin(20)
             .x_label_area_size(70)
             .y_label_area_size(name_w + 60)
-            .build_cartesian_2d(0.0..x_max, (0..n as i32).into_segmented())
+            .build_cartesian_2d(0.0..x_max, (0..n as i32 - 1).into_segmented())
             .map_err(e2s)?;
         let names: Vec<&str> = self.bars.iter().map(|b| b.0.as_str()).collect();
         let ylab = |v: &SegmentValue<i32>| match v {
@@ -687,7 +715,8 @@ struct Rate {
     caption: String,
     x_desc: String,
     y_desc: String,
-    /// x of each point.
+    /// x of the end of each interval (it starts where the previous one
+    /// ends, the first at 0).
     xs: Vec<f64>,
     /// (name, colour, per-point values), bottom of the stack first.
     series: Vec<(String, RGBColor, Vec<f64>)>,
@@ -728,8 +757,10 @@ impl Rate {
         }
         let mut order: Vec<usize> = (0..SLOTS).filter(|&s| totals[s] != 0).collect();
         order.sort_by(|a, b| totals[*b].cmp(&totals[*a]).then(a.cmp(b)));
-        let top: Vec<usize> = order.iter().copied().take(6).collect();
-        let rest: Vec<usize> = order.iter().copied().skip(6).collect();
+        // Six by name and "other"; seven by name if that is all.
+        let named = if order.len() <= 7 { 7 } else { 6 };
+        let top: Vec<usize> = order.iter().copied().take(named).collect();
+        let rest: Vec<usize> = order.iter().copied().skip(named).collect();
         let (scale, x_desc, y_desc) = match tsc {
             Some((hz, from)) => (
                 *hz,
@@ -784,7 +815,9 @@ impl Chart for Rate {
             let below = stacks.last().cloned().unwrap_or_else(|| vec![0.0; n]);
             stacks.push(below.iter().zip(v).map(|(a, b)| a + b).collect());
         }
-        let ymax = stacks.last().map_or(1.0, |s| s.iter().copied().fold(0.0, f64::max)).max(1.0) * 1.08;
+        // Headroom above the stack for the legend (one line per series).
+        let room = 1.12 + 0.045 * self.series.len() as f64;
+        let ymax = stacks.last().map_or(1.0, |s| s.iter().copied().fold(0.0, f64::max)).max(1.0) * room;
         let x0 = 0.0;
         let x1 = self.xs.last().copied().unwrap_or(1.0).max(f64::MIN_POSITIVE);
         let mut chart = ChartBuilder::on(root)
@@ -809,7 +842,14 @@ impl Chart for Rate {
             .map_err(e2s)?;
         // Top of the stack first, so each band keeps its own colour.
         for (k, (name, color, _)) in self.series.iter().enumerate().rev() {
-            let pts: Vec<(f64, f64)> = self.xs.iter().copied().zip(stacks[k].iter().copied()).collect();
+            // Steps: an interval's count holds over the whole interval.
+            let mut pts: Vec<(f64, f64)> = Vec::with_capacity(2 * n);
+            let mut from = 0.0;
+            for (&x, &y) in self.xs.iter().zip(&stacks[k]) {
+                pts.push((from, y));
+                pts.push((x, y));
+                from = x;
+            }
             let c = *color;
             chart
                 .draw_series(AreaSeries::new(pts, 0.0, c.mix(0.85)).border_style(c.stroke_width(1)))
@@ -885,10 +925,15 @@ impl Hist {
                 }
             }
             let i = series.len();
-            series.push((format!("{} — {} exits, avg {:.0} cycles", r.label, n, r.avg), COLORS[i], share));
+            series.push((format!("{} — {n} exit{}, avg {:.0} cycles", r.label, if n == 1 { "" } else { "s" }, r.avg), COLORS[i], share));
         }
         if series.is_empty() {
             return Err("no exit has a recorded latency".into());
+        }
+        // At least five buckets, for context.
+        while hi - lo < 4 {
+            lo = lo.saturating_sub(1);
+            hi = (hi + 1).min(HIST_BUCKETS - 1);
         }
         Ok(Hist {
             caption: format!("Exit latency histogram, {} busiest reason{}", series.len(), if series.len() == 1 { "" } else { "s" }),
@@ -905,7 +950,8 @@ impl Chart for Hist {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
-        let ymax = self.series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max).max(1.0) * 1.15;
+        let room = 1.08 + 0.05 * self.series.len() as f64;
+        let ymax = (self.series.iter().flat_map(|s| s.2.iter().copied()).fold(0.0, f64::max).max(1.0) * room).min(100.0 * room);
         let (lo, hi) = (self.lo as f64 - 0.5, self.hi as f64 + 0.5);
         let mut chart = ChartBuilder::on(root)
             .caption(&self.caption, caption_font())
@@ -922,14 +968,15 @@ impl Chart for Hist {
                 String::new()
             }
         };
-        let ylab = |v: &f64| format!("{v:.0}%");
+        // The headroom above 100% is for the legend: no ticks there.
+        let ylab = |v: &f64| if *v <= 100.0 + 1e-9 { format!("{v:.0}%") } else { String::new() };
         chart
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(self.hi - self.lo + 1)
             .x_label_formatter(&xlab)
             .y_label_formatter(&ylab)
-            .x_desc("time one exit took in the hypervisor (cycles; log2 buckets: 64-127 means 64 to 127)")
+            .x_desc("time one exit took in the hypervisor (cycles; log2 buckets: 64-127 means 64 to 127; k = 1024, M = 2^20)")
             .y_desc("share of the reason's exits (%)")
             .axis_desc_style(font(LABEL))
             .label_style(font(TICK))
@@ -1114,7 +1161,8 @@ mod tests {
         assert_eq!(bucket_label(31), "2G+");
         assert_eq!(si(1234.0), "1234");
         assert_eq!(si(1_234_567.0), "1.23M");
-        assert_eq!(si(5.1e9), "5.10G");
+        assert_eq!(si(5.1e9), "5.1G");
+        assert_eq!(si(50_000.0), "50k");
         let (hz, from) = linux_tsc_hz("x\n[    0.000000] tsc: Detected 3499.912 MHz TSC\r\n").unwrap();
         assert!((hz - 3_499_912_000.0).abs() < 1.0);
         assert!(from.contains("3499.912 MHz"));
