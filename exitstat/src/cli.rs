@@ -53,6 +53,8 @@ usage:
   exitstat --all         every exit reason with a nonzero count, then the totals
   exitstat --check N     run N CPUID(0) instructions and check that the CPUID
                          exit count grew by N+1 (N plus the first read's own exit)
+  exitstat --cpuid N     execute exactly N CPUID(0) instructions and nothing else
+                         (a workload with a known cost, e.g. for --run)
   exitstat --reset       reset every counter of the hypervisor to zero
   exitstat --dump        make the hypervisor print its statistics (table and JSON
                          lines) on its serial console now

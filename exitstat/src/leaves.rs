@@ -377,3 +377,12 @@ pub fn read_breakdown(l: &mut dyn Leaves, kind: usize) -> (Vec<(u64, u64)>, u64)
     let o = l.cpuid(ctl::LEAF_BREAKDOWN, kind as u32 | BREAKDOWN_OTHER << 8);
     (v, leaf::join64(o.ebx, o.ecx))
 }
+
+/// Executes exactly `n` CPUID instructions with EAX=ECX=0 (a workload whose
+/// exits are known: `exitstat --run exitstat --cpuid N`).
+#[inline(never)]
+pub fn cpuid_loop(n: u64) {
+    for _ in 0..n {
+        let _ = std::hint::black_box(core::arch::x86_64::__cpuid_count(0, 0));
+    }
+}

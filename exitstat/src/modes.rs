@@ -81,10 +81,24 @@ pub fn reset_or_dump(l: &mut dyn Leaves, cmd: u32, json: bool) -> Outcome {
     if let Err(o) = require(l, Need::Interface, mode, json, &mut notes) {
         return o;
     }
+    // For --dump, the totals as the leaves answer right before the request:
+    // the dump then counts exactly these two reads more (the counting rule),
+    // which lets anyone check the dump against the leaves.
+    let before = (cmd == exitscope_stats::control::CMD_DUMP).then(|| leaves::read_totals(l));
     let status = leaves::control(l, cmd);
     let (ok, text) = match (status, cmd) {
         (STATUS_OK, CMD_RESET) => (true, "exitstat: every counter of the hypervisor is reset to zero".to_string()),
-        (STATUS_OK, _) => (true, "exitstat: the hypervisor printed its statistics on its serial console".to_string()),
+        (STATUS_OK, _) => {
+            let b = before.unwrap_or(leaves::Totals { exits: 0, cycles: 0 });
+            (
+                true,
+                format!(
+                    "exitstat: the hypervisor printed its statistics on its serial console\n\
+                     exitstat: leaves just before the dump: exits={} cycles={} (the dump also counts these 2 reads)",
+                    b.exits, b.cycles
+                ),
+            )
+        }
         (STATUS_UNAVAILABLE, _) => (false, format!("exitstat: {mode}: not available in this build of the hypervisor")),
         (s, _) => (false, format!("exitstat: {mode}: the hypervisor does not know this command (status 0x{s:X})")),
     };
@@ -620,7 +634,14 @@ mod tests {
         assert_eq!((f.total_exits(), f.exits[10], f.exits[30]), (1, 1, 0));
 
         let o = run_fake(&mut f, &["--dump"]);
-        assert_eq!(o.stdout, "exitstat: the hypervisor printed its statistics on its serial console\n");
+        let mut lines = o.stdout.lines();
+        assert_eq!(lines.next(), Some("exitstat: the hypervisor printed its statistics on its serial console"));
+        let second = lines.next().unwrap();
+        assert!(second.starts_with("exitstat: leaves just before the dump: exits="), "{second}");
+        let before: u64 = second.split("exits=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        // The dump request came after the two totals reads: 2 more exits,
+        // then the request's own (counted after it is answered).
+        assert_eq!(f.total_exits(), before + 3);
         assert_eq!(f.commands, [ctl::CMD_RESET, ctl::CMD_DUMP]);
         let v = json_of(&run_fake(&mut f, &["--reset", "--json"]).stdout);
         assert_eq!(v, serde_json::json!({"exitscope": true, "reset": true, "status": 0}));

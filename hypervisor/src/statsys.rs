@@ -237,6 +237,8 @@ pub fn timeline_sample(now: u64) {
 
 /// Prints the statistics: the human table, then the JSON lines.
 pub fn print_dump(title: &str) {
+    // The moment the figures are taken (printing them takes a while).
+    let tsc = crate::cpu::rdtsc();
     let c = current();
     let detail = current_detail();
     let per: Vec<(u64, u64)> = (0..ncpus())
@@ -254,6 +256,7 @@ pub fn print_dump(title: &str) {
                 per_vcpu: &per,
                 detail: detail.as_ref(),
                 timeline: timeline.as_deref(),
+                tsc: Some(tsc),
             },
         );
     });

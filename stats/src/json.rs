@@ -63,6 +63,9 @@ pub struct JsonDump<'a> {
     pub per_vcpu: &'a [(u64, u64)],
     pub detail: Option<&'a DetailSnapshot>,
     pub timeline: Option<&'a Timeline>,
+    /// The TSC when the dump was taken (so a reader knows how far the
+    /// timeline reaches).
+    pub tsc: Option<u64>,
 }
 
 /// A string as a JSON string literal, quotes included.
@@ -194,12 +197,13 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
     l.line(
         "begin",
         format_args!(
-            ",\"title\":{},\"vcpus\":{},\"reasons_source\":{},\"slots\":{SLOTS},\"unknown_slot\":{UNKNOWN_SLOT},\"hist_buckets\":{HIST_BUCKETS},\"detail\":{},\"timeline\":{}",
+            ",\"title\":{},\"vcpus\":{},\"reasons_source\":{},\"slots\":{SLOTS},\"unknown_slot\":{UNKNOWN_SLOT},\"hist_buckets\":{HIST_BUCKETS},\"detail\":{},\"timeline\":{},\"tsc\":{}",
             Str(d.title),
             d.per_vcpu.len(),
             Str(SDM_SOURCE),
             d.detail.is_some(),
-            d.timeline.is_some()
+            d.timeline.is_some(),
+            Opt(d.tsc)
         ),
     )?;
     for slot in (0..SLOTS).filter(|&s| d.snap.exits[s] != 0) {
@@ -289,6 +293,8 @@ pub struct ParsedTimeline {
 pub struct ParsedJson {
     pub schema: u64,
     pub title: String,
+    /// The TSC when the dump was taken, if the writer gave it.
+    pub tsc: Option<u64>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -616,6 +622,7 @@ impl Block {
         Block {
             p: ParsedJson {
                 schema: SCHEMA_VERSION,
+                tsc: None,
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -787,6 +794,7 @@ pub fn parse_last_json(text: &str) -> Result<ParsedJson, JsonError> {
                     b.p.detail = Some(DetailSnapshot::default());
                 }
                 let _ = boolean(&v, "timeline")?;
+                b.p.tsc = opt_num(&v, "tsc")?;
                 Ok(())
             })();
             if let Err(why) = head {
@@ -884,6 +892,7 @@ mod tests {
             per_vcpu: &per,
             detail: Some(&det),
             timeline: Some(&t),
+            tsc: Some(123_456_789),
         });
         (s, snap, per, det, t)
     }
@@ -915,13 +924,13 @@ mod tests {
     #[test]
     fn without_details_or_timeline() {
         let (snap, per, _, _) = sample();
-        let s = write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None });
+        let s = write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
         assert_eq!(p.snap, snap);
         assert_eq!((p.detail, p.timeline), (None, None));
         // An empty dump is still a dump.
-        let s = write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None });
+        let s = write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
     }
@@ -997,7 +1006,7 @@ mod tests {
     #[test]
     fn the_last_complete_dump_wins() {
         let (s, snap, per, ..) = full();
-        let first = write(&JsonDump { title: "first", snap: &Snapshot::default(), per_vcpu: &per, detail: None, timeline: None });
+        let first = write(&JsonDump { title: "first", snap: &Snapshot::default(), per_vcpu: &per, detail: None, timeline: None, tsc: None });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
         assert_eq!(p.snap, snap);

@@ -102,6 +102,19 @@ if [ "$mode" = test ]; then
     for c in $(seq 0 $(($(nproc) - 1))); do
         echo "INIT: on cpu $c: $(taskset -c $c exitstat --check 100)"
     done
+    echo "INIT: run0:"
+    exitstat --run exitstat --cpuid 0
+    echo "INIT: run5000:"
+    exitstat --run exitstat --cpuid 5000
+    echo "INIT: dump:"
+    exitstat --dump
+    echo "INIT: reset:"
+    exitstat
+    exitstat --reset
+    echo "INIT: after reset:"
+    exitstat
+    exitstat --detail 10
+    exitstat --breakdown io
 fi
 echo "INIT: exitstat totals:"
 exitstat

@@ -45,6 +45,7 @@ pub struct Test {
 pub const TESTS: &[Test] = &[
     Test { name: "probe", run: probe },
     Test { name: "probe-deterministic", run: probe_deterministic },
+    Test { name: "bench-smoke", run: bench_smoke },
     Test { name: "qemu-no-vmx", run: qemu_no_vmx },
     Test { name: "bad-hv-option", run: bad_hv_option },
     Test { name: "no-guest-module", run: no_guest_module },
@@ -161,6 +162,12 @@ fn probe_spec<'a>(ctx: &'a Ctx, guest: &'a std::path::Path) -> IsoSpec<'a> {
 /// A value printed as `KEY=<number>` on serial.
 fn value_after(text: &str, key: &str) -> Option<u64> {
     let i = text.rfind(key)? + key.len();
+    text[i..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// The first value printed as `KEY=<number>` in `text`.
+fn first_value_after(text: &str, key: &str) -> Option<u64> {
+    let i = text.find(key)? + key.len();
     text[i..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
@@ -367,8 +374,61 @@ fn guest_e820(serial: &str) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
+/// Linux on one vCPU, with the statistics features checked end to end:
+/// `exitstat --run` over a known workload, `--dump` against the leaves,
+/// `--reset`, and the timeline covering the boot.
 fn linux_1cpu(ctx: &Ctx) -> Result {
-    linux_run(ctx, "linux", 1).map(|_| ())
+    let out = linux_run(ctx, "linux", 1)?;
+    let s = &out.serial;
+    let after = |marker: &str| -> Result<&str> {
+        let i = s.find(marker).ok_or_else(|| format!("no '{marker}' on serial"))?;
+        Ok(&s[i + marker.len()..])
+    };
+    // --run: the CPUID row grows by exactly the workload's 5000 CPUIDs more
+    // than for an empty workload (process start and exit cost the same).
+    let cpuid_row = |text: &str| -> u64 {
+        let block = text.split("INIT: ").next().unwrap_or("");
+        block
+            .lines()
+            .find(|l| l.trim_start().starts_with("10 ") && l.contains("CPUID"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (r0, r5000) = (cpuid_row(after("INIT: run0:")?), cpuid_row(after("INIT: run5000:")?));
+    if r5000 != r0 + 5000 {
+        return Err(format!("exitstat --run: CPUID exits {r5000} for 5000 CPUIDs, {r0} for none: not exactly 5000 apart"));
+    }
+    // --dump: the on-request JSON dump agrees with the leaves read just before.
+    let before = first_value_after(after("INIT: dump:")?, "leaves just before the dump: exits=").ok_or("no --dump line")?;
+    let begin = s.find("\"title\":\"on request of vCPU").ok_or("no on-request dump")?;
+    let end = begin + s[begin..].find("\"type\":\"end\"").ok_or("on-request dump has no end")?;
+    let end = end + s[end..].find('\n').unwrap_or(s.len() - end);
+    let block_start = s[..begin].rfind('\n').map_or(0, |i| i + 1);
+    let j = exitscope_stats::json::parse_last_json(&s[block_start..end]).map_err(|e| format!("on-request JSON dump: {e}"))?;
+    if j.total_exits != before + 2 {
+        return Err(format!("JSON dump total {} != leaves {before} + the 2 reads before the request", j.total_exits));
+    }
+    // --reset: the totals restart from zero.
+    let pre = first_value_after(after("INIT: reset:")?, "exits=").ok_or("no totals before the reset")?;
+    let post = first_value_after(after("INIT: after reset:")?, "exits=").ok_or("no totals after the reset")?;
+    if post >= 100 || post >= pre {
+        return Err(format!("after --reset the total is {post} (before: {pre}); expected a fresh count"));
+    }
+    // The final JSON dump's timeline covers the boot: from the guest's
+    // start to within one interval of the end.
+    let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
+    let t = fin.timeline.as_ref().ok_or("final dump has no timeline")?;
+    let end_tsc = fin.tsc.ok_or("final dump has no TSC")?;
+    let last = t.samples.last().map_or(0, |x| x.0);
+    if t.samples.len() < 10 || end_tsc.saturating_sub(last) > t.interval {
+        return Err(format!(
+            "timeline: {} samples, last at {last}, dump at {end_tsc}, interval {}: does not cover the boot",
+            t.samples.len(),
+            t.interval
+        ));
+    }
+    Ok(())
 }
 
 /// Linux on two vCPUs: both online, exitstat exact on each (taskset), and
@@ -534,4 +594,31 @@ mod unit {
         assert_eq!(e[1].2, "ACPI data");
         assert_eq!(value_after("x CPUID(0x4FFFFFFC), exits=18840\n", "exits="), Some(18840));
     }
+}
+
+/// A short run of the benchmark guest (`cargo xtask bench` runs the full
+/// one): every measurement present, exact exit counts, nothing else
+/// exiting, and sane figures (guest round trip > hypervisor cycles per exit
+/// > 0; the native loop takes no exit). No timing is asserted.
+fn bench_smoke(ctx: &Ctx) -> Result {
+    let guest = ctx.art.guest("bench");
+    let spec = IsoSpec { guest_args: "iters=50", ..probe_spec(ctx, &guest) };
+    let out = bochs_run("bench-smoke", &spec, 1, 120)?;
+    let g = crate::bench::parse_guest(&out.serial).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    if g.iters != 50 {
+        return Err(format!("the bench guest ran iters={}, not 50", g.iters));
+    }
+    crate::bench::check_guest(&g, true).map_err(|e| format!("{e}\n{}", out.describe()))?;
+    let (d, _) = final_dump(&out)?;
+    // 50 loop exits each of VMCALL (18) and RDMSR (31), plus the guest's one
+    // unmeasured try of each; at least as many I/O exits (30) for the OUTs.
+    for (reason, name) in [(18, "VMCALL"), (31, "RDMSR")] {
+        if d.snap.exits[reason] != 51 {
+            return Err(format!("the final dump has {} {name} exits, expected 51", d.snap.exits[reason]));
+        }
+    }
+    if d.snap.exits[30] < 51 {
+        return Err(format!("the final dump has {} I/O exits, expected at least 51", d.snap.exits[30]));
+    }
+    Ok(())
 }

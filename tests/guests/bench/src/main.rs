@@ -16,8 +16,9 @@
 //!
 //! The `xor eax,eax` resets the input CPUID and VMCALL overwrite (the
 //! others do not need it but keep the shape); the native loop has it too,
-//! so `(loop - native) / N` is the cost of INSN alone. ECX and DX are set
-//! before the first RDTSC. Nothing else runs inside the timed region.
+//! so `(loop - native) / N` is the cost of INSN alone. ECX is set before
+//! the first RDTSC, DX (which RDTSC overwrites) right after it, in every
+//! loop alike. Nothing else runs inside the timed region.
 //!
 //! Around each loop, outside the timed region, the guest reads the
 //! instrumentation leaves (each read is itself a CPUID exit, counted by the
@@ -45,7 +46,7 @@
 //!
 //! ```text
 //! BENCH START hv=exitscope accounting=on iters=10000
-//! BENCH timer overhead=6
+//! BENCH timer overhead=7
 //! BENCH leafcost cycles=...
 //! BENCH native iters=10000 guest_cycles=30000 hv_exits=0 hv_cycles=0 other_exits=0
 //! BENCH cpuid iters=10000 guest_cycles=... hv_exits=10000 hv_cycles=... other_exits=0
