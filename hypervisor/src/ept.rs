@@ -147,6 +147,32 @@ fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty:
     Ok(())
 }
 
+/// The page to map when the guest touches `gpa` under `ept=lazy`: the
+/// aligned 2 MiB block around it if `allow_2m` and one range (same type and
+/// rights) covers the whole block, else its 4 KiB page. None if no range
+/// holds `gpa`: the hypervisor's footprint and everything beyond the
+/// layout stay unmapped. `ranges` must be sorted and disjoint (as
+/// [`guest_ranges`] returns them).
+pub fn lazy_page(ranges: &[EptRange], gpa: u64, allow_2m: bool) -> Option<EptRange> {
+    let i = ranges.partition_point(|r| r.end <= gpa);
+    let r = ranges.get(i).filter(|r| r.start <= gpa)?;
+    const BLOCK: u64 = 2 << 20;
+    let block = gpa & !(BLOCK - 1);
+    let (start, end) = if allow_2m && r.start <= block && block + BLOCK <= r.end {
+        (block, block + BLOCK)
+    } else {
+        (gpa & !(PAGE - 1), (gpa & !(PAGE - 1)) + PAGE)
+    };
+    Some(EptRange { start, end, ..*r })
+}
+
+/// Maps one range (from [`lazy_page`]) into the tree at `root`, with the
+/// largest pages it allows.
+pub fn map_range<T: Tables>(t: &mut T, root: u64, r: &EptRange, large: (bool, bool)) -> Result<(), T::Error> {
+    let perm = if r.write { RWX } else { READ };
+    map(t, root, 4, 0, r.start, r.end, r.ty, perm, large)
+}
+
 /// A translation found by [`walk`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf {
@@ -295,6 +321,57 @@ mod tests {
         assert!(walk(&mut t, root, apic + PAGE).unwrap().writable);
         assert!(walk(&mut t, root, apic - PAGE).unwrap().writable);
         assert!(walk(&mut t, root, 0x1000).unwrap().writable);
+    }
+
+    #[test]
+    fn lazy_pages_follow_the_layout() {
+        let apic = 0xFEE0_0000u64;
+        let ranges = guest_ranges(&bochs_map(), &[HV], &[(apic, apic + PAGE)]);
+        let mut t = HostTables(Vec::new());
+        let root = t.alloc().unwrap();
+        // Nothing is mapped at first.
+        assert_eq!(walk(&mut t, root, 0x40_0000), None);
+        // RAM in a whole 2 MiB block: a 2 MiB page, write-back.
+        let p = lazy_page(&ranges, 0x40_1234, true).unwrap();
+        assert_eq!((p.start, p.end, p.ty, p.write), (0x40_0000, 0x60_0000, MemType::WriteBack, true));
+        map_range(&mut t, root, &p, (true, true)).unwrap();
+        let l = walk(&mut t, root, 0x5F_FFFF).unwrap();
+        assert_eq!((l.hpa, l.page_size), (0x5F_FFFF, 2 << 20));
+        assert_eq!(walk(&mut t, root, 0x60_0000), None, "only that block");
+        // Without 2 MiB pages, 4 KiB.
+        assert_eq!(lazy_page(&ranges, 0x40_1234, false).unwrap().end - 0x40_1000, PAGE);
+        // The first 2 MiB mixes RAM and the BIOS hole: 4 KiB pages.
+        let p = lazy_page(&ranges, 0x10_0010, true).unwrap();
+        assert_eq!((p.start, p.end), (0x10_0000, 0x10_1000));
+        map_range(&mut t, root, &p, (true, true)).unwrap();
+        assert_eq!(walk(&mut t, root, 0x10_0FFF).unwrap().page_size, PAGE);
+        assert_eq!(walk(&mut t, root, 0x10_1000), None);
+        let p = lazy_page(&ranges, 0xA_0000, true).unwrap();
+        assert_eq!((p.start, p.ty), (0xA_0000, MemType::Uncacheable));
+        // The block below the hypervisor ends at its start; its own pages never map.
+        for gpa in (HV.0..HV.1).step_by(0x1_0000) {
+            assert_eq!(lazy_page(&ranges, gpa, true), None, "hypervisor page {gpa:#x}");
+        }
+        let below = lazy_page(&ranges, HV.0 - 1, true).unwrap();
+        assert_eq!(below.end, HV.0);
+        assert!(lazy_page(&ranges, HV.1, true).is_some());
+        // The watched APIC page: read-only, 4 KiB; its neighbours 4 KiB too.
+        let p = lazy_page(&ranges, apic + 0x300, true).unwrap();
+        assert_eq!((p.start, p.end, p.write), (apic, apic + PAGE, false));
+        map_range(&mut t, root, &p, (true, true)).unwrap();
+        assert!(!walk(&mut t, root, apic).unwrap().writable);
+        assert_eq!(lazy_page(&ranges, apic + PAGE, true).unwrap().end, apic + 2 * PAGE);
+        // Beyond the layout (4 GiB here): nothing.
+        assert_eq!(lazy_page(&ranges, 0x1_0000_0000, true), None);
+        // Filling every page of the layout this way gives the eager map.
+        let mut t2 = HostTables(Vec::new());
+        let eager = build(&ranges, &mut t2, (true, true)).unwrap();
+        for gpa in [0u64, 0x9F000, 0x10_0000, 0x1E00_0000, 0x1FFF_0000, 0x8000_0000, 0xFEC0_0000, apic] {
+            let p = lazy_page(&ranges, gpa, true).unwrap();
+            map_range(&mut t, root, &p, (true, true)).unwrap();
+            let (a, b) = (walk(&mut t, root, gpa).unwrap(), walk(&mut t2, eager, gpa).unwrap());
+            assert_eq!((a.hpa, a.ty, a.writable), (b.hpa, b.ty, b.writable), "{gpa:#x}");
+        }
     }
 
     #[test]

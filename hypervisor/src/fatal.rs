@@ -8,7 +8,7 @@ use crate::hvprintln;
 use crate::options::EndAction;
 use crate::state;
 use crate::vmx::vcpu::VcpuState;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 
 /// Why the guest's run is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,36 @@ impl core::fmt::Display for GuestEnd {
 
 /// Set once a run is ending, so only one CPU prints the final report.
 static ENDING: AtomicBool = AtomicBool::new(false);
+/// APIC id of the CPU printing the final report (`u32::MAX`: none yet).
+static ENDING_CPU: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// This CPU's initial APIC id (CPUID does not exit in root mode).
+fn cpu_id() -> u32 {
+    crate::cpu::cpuid(1, 0)[1] >> 24
+}
+
+/// Claims the final report for this CPU. `Ok` if it is the first to end
+/// the run; `Err(true)` if this very CPU is already ending it (a failure
+/// while reporting); `Err(false)` if another CPU is.
+fn claim_ending() -> Result<(), bool> {
+    if ENDING.swap(true, SeqCst) {
+        return Err(ENDING_CPU.load(SeqCst) == cpu_id());
+    }
+    ENDING_CPU.store(cpu_id(), SeqCst);
+    Ok(())
+}
+
+/// A second failure on the CPU that is already printing the final report
+/// (a panic or exception inside the report itself): say so, and end the
+/// run without trying the report again.
+fn failed_while_ending() -> ! {
+    crate::serial::write_emergency(format_args!(
+        "{}FATAL: a second failure while ending the run; no further report\n",
+        exitscope_stats::dump::PREFIX
+    ));
+    let action = state::try_shared().map_or(EndAction::PowerOff, |s| s.options.on_end);
+    crate::platform::finish(action, &crate::boot_acpi())
+}
 
 /// Set while the ending CPU stops the others; the INIT it sends them makes
 /// them exit, see this flag, and park.
@@ -65,9 +95,18 @@ pub fn park() -> ! {
 }
 
 /// Stops every other vCPU and waits (bounded) until they are parked, so the
-/// final statistics no longer change. INIT is used because it makes a CPU
-/// in VMX non-root operation exit whatever the guest is doing, and it is
-/// held pending (not lost) while a CPU is in root mode.
+/// final statistics no longer change.
+///
+/// Why INIT and not NMI: INIT makes a CPU in VMX non-root operation exit
+/// (reason 3) whatever the guest is doing, even in a guest that blocks
+/// interrupts and NMIs, and it is held pending, not lost, while a CPU is
+/// in root mode, so a CPU busy in an exit handler stops right after it.
+/// An NMI would do neither here: NMI exiting is off (the guest owns NMIs),
+/// so an NMI to a CPU in the guest would run the *guest's* NMI handler,
+/// and one to a CPU in root mode is handed to the guest as well (see
+/// `isolation::nmi_in_root_mode`). A CPU that never comes back to VM entry
+/// (stuck in root mode) cannot be stopped by either; the wait is bounded
+/// and says how many CPUs did not stop.
 fn stop_other_cpus() {
     let Some(s) = state::try_shared() else { return };
     let others = s.ncpus.load(SeqCst).saturating_sub(1);
@@ -97,14 +136,44 @@ fn stop_other_cpus() {
 /// final statistics, then powers off, resets or halts as configured.
 pub fn end_guest(v: &mut VcpuState, why: GuestEnd) -> ! {
     crate::vmx::exit::account(v, v.last_exit as u16);
-    if ENDING.swap(true, SeqCst) {
-        park();
+    match claim_ending() {
+        Ok(()) => {}
+        Err(true) => failed_while_ending(),
+        Err(false) => park(),
     }
     stop_other_cpus();
     let rip = crate::vmx::vmread(crate::vmx::guest::RIP);
     crate::serial::fresh_line();
+    if v.last_exit & (1 << 31) != 0 && v.last_exit as u16 == 33 {
+        report_guest_state();
+    }
     hvprintln!("guest ended on vCPU {}: {why} (guest RIP {rip:#x})", v.id);
+    report_containment();
     finish(&alloc::format!("final ({why})"))
+}
+
+/// After a VM entry failed on guest state: the checks that fail.
+fn report_guest_state() {
+    let problems = crate::vmx::isolation::guest_state_problems(&crate::vmx::isolation::sample_guest_state());
+    if problems.is_empty() {
+        hvprintln!("guest-state check: none of the checks Exitscope knows fails (an emulator's log may name the check: Bochs 'VMENTER FAIL')");
+    }
+    for p in problems {
+        hvprintln!("guest-state check failed: {p}");
+    }
+}
+
+/// What the isolation code contained during the run, if anything.
+fn report_containment() {
+    crate::vmx::isolation::print_summary();
+    let (passed, dropped) = crate::vmx::isolation::nmis_in_root_mode();
+    if passed + dropped > 0 {
+        crate::serial::write_emergency(format_args!(
+            "{}isolation: {} NMI(s) arrived in VMX root operation: {passed} passed to the guest, {dropped} dropped (the guest could not take them then)\n",
+            exitscope_stats::dump::PREFIX,
+            passed + dropped
+        ));
+    }
 }
 
 /// Prints the statistics (if the hypervisor got that far) and ends the run.
@@ -126,15 +195,18 @@ fn finish(title: &str) -> ! {
 pub fn boot_error(msg: core::fmt::Arguments) -> ! {
     crate::serial::fresh_line();
     crate::serial::write_emergency(format_args!("{}FATAL: {msg}\n", exitscope_stats::dump::PREFIX));
-    if ENDING.swap(true, SeqCst) {
-        park();
+    match claim_ending() {
+        Ok(()) => {}
+        Err(true) => failed_while_ending(),
+        Err(false) => park(),
     }
     stop_other_cpus();
     finish("final (hypervisor error)")
 }
 
-/// The current vCPU, if this CPU is running one (GS base points at it).
-fn current_vcpu() -> Option<(usize, u32)> {
+/// The current vCPU, if this CPU is running one (GS base points at it):
+/// its number and the full exit reason it last handled.
+pub fn current_vcpu() -> Option<(usize, u32)> {
     state::try_shared()?;
     // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
     let gs = unsafe { cpu::rdmsr(crate::cpu::msr::IA32_GS_BASE) };
@@ -187,11 +259,13 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
         cr2
     ));
     describe_current();
-    if ENDING.swap(true, SeqCst) {
-        park();
+    match claim_ending() {
+        Ok(()) => {}
+        Err(true) => failed_while_ending(),
+        Err(false) => park(),
     }
     stop_other_cpus();
-    finish("final (hypervisor exception)")
+    finish_after_failure("final (hypervisor exception)")
 }
 
 #[cfg(all(not(test), target_os = "none"))]
@@ -200,9 +274,41 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::serial::fresh_line();
     crate::serial::write_emergency(format_args!("{}PANIC: {info}\n", exitscope_stats::dump::PREFIX));
     describe_current();
-    if ENDING.swap(true, SeqCst) {
-        park();
+    match claim_ending() {
+        Ok(()) => {}
+        Err(true) => failed_while_ending(),
+        Err(false) => park(),
     }
     stop_other_cpus();
-    finish("final (hypervisor panic)")
+    finish_after_failure("final (hypervisor panic)")
+}
+
+/// Serial output that cannot be blocked by a lock a failed CPU still holds.
+struct Emergency;
+
+impl core::fmt::Write for Emergency {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        crate::serial::write_emergency(format_args!("{s}"));
+        Ok(())
+    }
+}
+
+/// Ends the run after a panic or an exception in root mode. The failed
+/// code may have held any lock (the console, the statistics baseline, the
+/// heap), so the statistics are printed from the counter blocks directly:
+/// no lock, no allocation. They are the counts since boot (a reset done
+/// through the control leaf is not subtracted here).
+fn finish_after_failure(title: &str) -> ! {
+    let Some(s) = state::try_shared() else {
+        crate::platform::finish(EndAction::PowerOff, &crate::boot_acpi())
+    };
+    let blocks = state::counters();
+    let snap = exitscope_stats::Snapshot::sum(blocks);
+    let mut per = [(0u64, 0u64); state::MAX_CPUS];
+    for (p, b) in per.iter_mut().zip(blocks) {
+        *p = (b.total_exits(), b.total_cycles());
+    }
+    report_containment();
+    let _ = exitscope_stats::dump::write_dump(&mut Emergency, title, &snap, &per[..blocks.len()]);
+    crate::platform::finish(s.options.on_end, &s.acpi)
 }

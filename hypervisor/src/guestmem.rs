@@ -8,8 +8,9 @@
 //! pages), 4-level and 5-level paging (1 GiB, 2 MiB and 4 KiB pages).
 //!
 //! What this walker does not do, on purpose:
-//! - It never writes: accessed and dirty bits are not set. The hypervisor
-//!   only peeks; the guest's own access sets them when it happens.
+//! - It never writes paging structures: accessed and dirty bits are not
+//!   set. [`write_linear`] writes the data the guest's instruction would
+//!   have written (string I/O, SGDT and the like), nothing else.
 //! - It reads the page tables through `PhysMem`, so guest-physical must be
 //!   host-physical there (the identity EPT map) or the reader must
 //!   translate.
@@ -78,6 +79,16 @@ pub enum WalkError {
     Unreadable(u64),
     /// The linear address is not canonical: the guest would take a #GP/#SS.
     NonCanonical(u64),
+    /// The page's rights do not allow the access ([`read_linear_as`] and
+    /// [`write_linear`] only): the guest would take a #PF with P = 1.
+    Protection(u64),
+}
+
+/// Physical memory the hypervisor may write on the guest's behalf.
+pub trait PhysMemMut: PhysMem {
+    /// Writes `data` at physical `pa`; false if the range may not be
+    /// written (it is not the guest's).
+    fn write(&self, pa: u64, data: &[u8]) -> bool;
 }
 
 /// The paging mode the control registers select.
@@ -312,6 +323,61 @@ pub fn read_linear(mem: &impl PhysMem, p: &PagingState, linear: u64, buf: &mut [
         let n = (buf.len() - done).min(usize::try_from(in_page).unwrap_or(usize::MAX));
         let src = mem.bytes(t.gpa, n).ok_or(WalkError::Unreadable(t.gpa))?;
         buf[done..done + n].copy_from_slice(src);
+        done += n;
+    }
+    Ok(())
+}
+
+/// [`read_linear`] for an access the guest makes itself: the pages must
+/// also permit a read from user mode when `user` (CPL 3).
+pub fn read_linear_as(mem: &impl PhysMem, p: &PagingState, linear: u64, buf: &mut [u8], user: bool) -> Result<(), WalkError> {
+    each_page(p, linear, buf.len(), |la, done, n| {
+        let t = translate(mem, p, la)?;
+        if !t.permits(Access::Read, user, p) {
+            return Err(WalkError::Protection(la));
+        }
+        buf[done..done + n].copy_from_slice(mem.bytes(t.gpa, n).ok_or(WalkError::Unreadable(t.gpa))?);
+        Ok(())
+    })
+}
+
+/// Writes `data` at a guest-linear address as a guest access from user
+/// mode (`user`, CPL 3) or supervisor mode would: every page is translated
+/// and its rights checked first ([`Translation::permits`]), so a fault
+/// writes nothing. Accessed and dirty bits are not set.
+pub fn write_linear(mem: &impl PhysMemMut, p: &PagingState, linear: u64, data: &[u8], user: bool) -> Result<(), WalkError> {
+    check_linear(mem, p, linear, data.len(), Access::Write, user)?;
+    each_page(p, linear, data.len(), |la, done, n| {
+        let t = translate(mem, p, la)?;
+        if mem.write(t.gpa, &data[done..done + n]) {
+            Ok(())
+        } else {
+            Err(WalkError::Unreadable(t.gpa))
+        }
+    })
+}
+
+/// Translates every page of `len` bytes at `linear` and checks `access`;
+/// also that the reader can read each piece.
+pub fn check_linear(mem: &impl PhysMem, p: &PagingState, linear: u64, len: usize, access: Access, user: bool) -> Result<(), WalkError> {
+    each_page(p, linear, len, |la, _, n| {
+        let t = translate(mem, p, la)?;
+        if !t.permits(access, user, p) {
+            return Err(WalkError::Protection(la));
+        }
+        mem.bytes(t.gpa, n).map(drop).ok_or(WalkError::Unreadable(t.gpa))
+    })
+}
+
+/// Calls `f(linear, offset, bytes)` for each piece of `len` bytes at
+/// `linear` that lies in one 4 KiB page (a safe split for every page size).
+fn each_page(p: &PagingState, linear: u64, len: usize, mut f: impl FnMut(u64, usize, usize) -> Result<(), WalkError>) -> Result<(), WalkError> {
+    let wrap = |la: u64| if p.efer & EFER_LMA != 0 { la } else { la & 0xFFFF_FFFF };
+    let mut done = 0;
+    while done < len {
+        let la = wrap(linear.wrapping_add(done as u64));
+        let n = (len - done).min((PAGE_4K - (la & (PAGE_4K - 1))) as usize);
+        f(la, done, n)?;
         done += n;
     }
     Ok(())
@@ -635,5 +701,69 @@ mod tests {
         // rule is "no truncation") they do not.
         let p = PagingState { efer: EFER_LMA, ..p };
         assert_eq!(read_linear(&m, &p, 0xFFFF_FFFE, &mut buf), Err(WalkError::Unreadable(0x1_0000_0000)));
+    }
+
+    /// Test memory that can be written, refusing one range.
+    struct Rw {
+        mem: core::cell::RefCell<Buf>,
+        refuse: (u64, u64),
+    }
+    impl PhysMem for Rw {
+        fn bytes(&self, pa: u64, len: usize) -> Option<&[u8]> {
+            if pa < self.refuse.1 && self.refuse.0 < pa + len as u64 {
+                return None;
+            }
+            let m = self.mem.borrow();
+            let s = m.bytes(pa, len)?;
+            // SAFETY (test only): the buffer is never reallocated.
+            Some(unsafe { core::slice::from_raw_parts(s.as_ptr(), s.len()) })
+        }
+    }
+    impl PhysMemMut for Rw {
+        fn write(&self, pa: u64, data: &[u8]) -> bool {
+            if self.bytes(pa, data.len()).is_none() {
+                return false;
+            }
+            self.mem.borrow_mut().put(pa, data);
+            true
+        }
+    }
+
+    #[test]
+    fn write_linear_across_pages_and_rights() {
+        let mut m = mem();
+        let la = 0x7000_0FFC;
+        long_tables(&mut m, la);
+        // Page 0x7000_0000 -> 0xB000 (user, writable); 0x7000_1000 -> 0x6000 (user, read-only).
+        m.put64(0x4000 + ((la >> 12) & 0x1FF) * 8, 0xB000 | 7);
+        m.put64(0x4000 + (((la >> 12) + 1) & 0x1FF) * 8, 0x6000 | 5);
+        let rw = Rw { mem: core::cell::RefCell::new(m), refuse: (0xE000, 0xF000) };
+        let wp = PagingState { cr0: LONG.cr0 | CR0_WP, ..LONG };
+        // Within the writable page.
+        write_linear(&rw, &wp, la, b"abcd", true).unwrap();
+        assert_eq!(rw.bytes(0xBFFC, 4).unwrap(), b"abcd");
+        // Across into the read-only page: nothing is written.
+        assert_eq!(write_linear(&rw, &wp, la, b"123456", true), Err(WalkError::Protection(0x7000_1000)));
+        assert_eq!(rw.bytes(0xBFFC, 4).unwrap(), b"abcd", "a faulting write changes nothing");
+        // A supervisor write with CR0.WP = 0 may write read-only pages.
+        write_linear(&rw, &LONG, la, b"123456", false).unwrap();
+        assert_eq!(rw.bytes(0xBFFC, 4).unwrap(), b"1234");
+        assert_eq!(rw.bytes(0x6000, 2).unwrap(), b"56");
+        // Reads: a user read of a supervisor page is refused.
+        let mut b = [0u8; 6];
+        read_linear_as(&rw, &wp, la, &mut b, true).unwrap();
+        assert_eq!(&b, b"123456");
+        let pte = 0x4000 + ((la >> 12) & 0x1FF) * 8;
+        rw.mem.borrow_mut().put64(pte, 0xB000 | 3); // supervisor
+        assert_eq!(read_linear_as(&rw, &wp, la, &mut b, true), Err(WalkError::Protection(la)));
+        read_linear_as(&rw, &wp, la, &mut b, false).unwrap();
+        // Not present, and a frame the writer refuses (the hypervisor's).
+        assert!(matches!(write_linear(&rw, &LONG, 0x7000_2000, b"x", false), Err(WalkError::NotPresent { level: 1, .. })));
+        rw.mem.borrow_mut().put64(pte, 0xE000 | 3);
+        assert_eq!(write_linear(&rw, &LONG, la, b"x", false), Err(WalkError::Unreadable(0xEFFC)));
+        // Paging off, 32-bit wrap.
+        let off = PagingState::default();
+        write_linear(&rw, &off, 0x1_0000_0010, b"lo", false).unwrap();
+        assert_eq!(rw.bytes(0x10, 2).unwrap(), b"lo");
     }
 }

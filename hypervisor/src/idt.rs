@@ -1,8 +1,8 @@
 //! The hypervisor's own IDT and per-CPU GDT/TSS, so that an exception in VMX
 //! root operation is reported on serial instead of triple-faulting the
 //! machine. Faults on a few instructions that may legitimately fault
-//! (RDMSR/WRMSR/XSETBV done on the guest's behalf) are recovered through a
-//! fixup table.
+//! (RDMSR/WRMSR/XSETBV/RDPMC done on the guest's behalf) are recovered
+//! through a fixup table.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -232,6 +232,18 @@ global_asm!(
     "    xsetbv",
     "    xor eax, eax",
     "    ret",
+    // u32 exitscope_rdpmc_safe(u32 counter, u64 *out)
+    ".global exitscope_rdpmc_safe",
+    "exitscope_rdpmc_safe:",
+    "    mov ecx, edi",
+    ".global exitscope_rdpmc_insn",
+    "exitscope_rdpmc_insn:",
+    "    rdpmc",
+    "    shl rdx, 32",
+    "    or rax, rdx",
+    "    mov [rsi], rax",
+    "    xor eax, eax",
+    "    ret",
     ".global exitscope_fault_return",
     "exitscope_fault_return:",
     "    mov eax, 1",
@@ -242,6 +254,8 @@ unsafe extern "C" {
     fn exitscope_rdmsr_safe(msr: u32, out: *mut u64) -> u32;
     fn exitscope_wrmsr_safe(msr: u32, value: u64) -> u32;
     fn exitscope_xsetbv_safe(xcr: u32, value: u64) -> u32;
+    fn exitscope_rdpmc_safe(counter: u32, out: *mut u64) -> u32;
+    static exitscope_rdpmc_insn: u8;
     static exitscope_rdmsr_insn: u8;
     static exitscope_wrmsr_insn: u8;
     static exitscope_xsetbv_insn: u8;
@@ -267,19 +281,34 @@ pub fn xsetbv_safe(xcr: u32, value: u64) -> bool {
     unsafe { exitscope_xsetbv_safe(xcr, value) == 0 }
 }
 
+/// RDPMC that reports #GP (a counter the CPU does not have) instead of
+/// crashing.
+pub fn rdpmc_safe(counter: u32) -> Option<u64> {
+    let mut v = 0;
+    // SAFETY: as for rdmsr_safe; RDPMC only reads a counter.
+    (unsafe { exitscope_rdpmc_safe(counter, &mut v) } == 0).then_some(v)
+}
+
 /// Last exception seen in root mode (vector << 32 | error code), for reports.
 pub static LAST_ROOT_FAULT: AtomicU64 = AtomicU64::new(0);
 
 #[unsafe(no_mangle)]
 extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
-    let (rd, wr, xs, ret) = (
+    let (rd, wr, xs, pmc, ret) = (
         &raw const exitscope_rdmsr_insn as u64,
         &raw const exitscope_wrmsr_insn as u64,
         &raw const exitscope_xsetbv_insn as u64,
+        &raw const exitscope_rdpmc_insn as u64,
         &raw const exitscope_fault_return as u64,
     );
-    if (f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs)) || (f.vector == 6 && f.rip == xs) {
+    if (f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs || f.rip == pmc)) || (f.vector == 6 && f.rip == xs) {
         f.rip = ret;
+        return;
+    }
+    if f.vector == 2 {
+        // An NMI, not an exception: NMIs belong to the guest (NMI exiting
+        // is off); one that lands in root mode is passed on, never fatal.
+        crate::vmx::isolation::nmi_in_root_mode();
         return;
     }
     LAST_ROOT_FAULT.store(f.vector << 32 | (f.error_code & 0xFFFF_FFFF), Relaxed);

@@ -14,6 +14,7 @@ pub mod acpi;
 pub mod bootinfo;
 pub mod cpu;
 pub mod decode;
+pub mod emulate;
 pub mod ept;
 pub mod fatal;
 pub mod guest;
@@ -30,6 +31,7 @@ pub mod vmx;
 
 use alloc::vec::Vec;
 use bootinfo::BootInfo;
+use exitscope_stats::intercept::Class;
 use fatal::boot_error;
 use guest_loader::memmap::MemKind;
 pub use state::MAX_CPUS;
@@ -150,7 +152,7 @@ pub fn run(bi: BootInfo) -> ! {
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
         }
     }
-    let controls = match caps::choose(&probe, caps::Wanted::default()) {
+    let controls = match caps::choose(&probe, &opts.intercept) {
         Ok(c) => c,
         Err(e) => boot_error(format_args!("{e}")),
     };
@@ -164,6 +166,7 @@ pub fn run(bi: BootInfo) -> ! {
     for s in &controls.skipped {
         hvprintln!("VMX: not available on this CPU, skipped: {s}");
     }
+    print_interception(&opts.intercept, &controls);
 
     // The guest must exist before anything moves.
     if bi.modules.is_empty() {
@@ -219,7 +222,7 @@ pub fn run(bi: BootInfo) -> ! {
             _ => None,
         },
     };
-    let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch) {
+    let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
         Ok(x) => x,
         Err(e) => boot_error(format_args!("{e}")),
     };
@@ -234,6 +237,7 @@ pub fn run(bi: BootInfo) -> ! {
         invpcid: controls.hide_invpcid,
         xsaves: controls.hide_xsaves,
         waitpkg: controls.hide_waitpkg,
+        monitor: controls.classes.contains(Class::Mwait),
     };
     let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
     let timeline = opts.timeline;
@@ -251,6 +255,15 @@ pub fn run(bi: BootInfo) -> ! {
         trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
+    let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint], &watched);
+    let efer_allowed = {
+        let ext = cpu::cpuid(0x8000_0000, 0)[0];
+        let d = if ext >= 0x8000_0001 { cpu::cpuid(0x8000_0001, 0)[3] } else { 0 };
+        let bit = |cpuid_bit: u32, efer: u64| if d & (1 << cpuid_bit) != 0 { efer } else { 0 };
+        bit(11, 1) | bit(29, 1 << 8) | bit(20, 1 << 11)
+    };
+    let phys_bits = if cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0)[0] as u8 } else { 36 };
     let sh = state::init(state::Shared {
         options: opts,
         acpi,
@@ -262,17 +275,25 @@ pub fn run(bi: BootInfo) -> ! {
         xcr0_supported,
         hide,
         apic_trap,
+        ept_ranges,
+        efer_allowed,
+        phys_bits,
+        ins_outs_info: probe.basic & (1 << 54) != 0,
     });
     state::APIC_IDS[0].store(bsp_id, core::sync::atomic::Ordering::SeqCst);
-    let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
-    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint], &watched);
     let new_vcpu = |id: usize| -> VcpuSetup {
         let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
             Ok(m) => m,
             Err(e) => boot_error(format_args!("{e}")),
         };
-        // Each vCPU gets its own EPT tree (same identity layout).
-        let eptp = match ept::build(&ept_ranges, &mut ArenaTables, (sh.controls.ept_2m, sh.controls.ept_1g)) {
+        // Each vCPU gets its own EPT tree (same identity layout), built
+        // whole or, under ept=lazy, filled on demand from an empty root.
+        let tree = if sh.controls.lazy_ept {
+            ept::Tables::alloc(&mut ArenaTables)
+        } else {
+            ept::build(&sh.ept_ranges, &mut ArenaTables, (sh.controls.ept_2m, sh.controls.ept_1g))
+        };
+        let eptp = match tree {
             Ok(root) => ept::eptp(root),
             Err(e) => boot_error(format_args!("{e}")),
         };
@@ -339,6 +360,9 @@ pub fn run(bi: BootInfo) -> ! {
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
     if let (true, Some(t)) = (cfg!(feature = "detailed"), timeline) {
         statsys::start_timeline(t);
+    }
+    if sh.controls.classes.contains(Class::Extint) {
+        mask_legacy_pic();
     }
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
     // SAFETY: the state block lives in the arena for good; it is handed to
@@ -418,19 +442,67 @@ fn enable_vmx(c: &caps::Controls, vmxon_pa: u64) -> Result<(), alloc::string::St
     vmx::vmxon(vmxon_pa).map_err(|e| alloc::format!("{e}"))
 }
 
-/// Builds the I/O bitmaps (two pages) and the MSR bitmap (one page).
-fn make_bitmaps(w: &state::PortWatch) -> Result<(u64, u64), memory::OutOfMemory> {
+/// Prints the interception in effect: the profile, every class on, EPT,
+/// the preemption timer.
+fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps::Controls) {
+    let mut classes = alloc::string::String::new();
+    for info in c.classes.iter() {
+        if !classes.is_empty() {
+            classes.push(',');
+        }
+        classes.push_str(info.name);
+    }
+    let preempt = match c.preempt {
+        Some(p) => alloc::format!("every {} TSC ticks (timer value {}, rate 2^{})", p.ticks, p.value, p.rate),
+        None => "off".into(),
+    };
+    hvprintln!(
+        "interception: profile {}, intercept={classes}, ept={}, preempt {preempt}",
+        want.profile.name(),
+        if c.lazy_ept { "lazy" } else { "eager" },
+    );
+}
+
+/// Masks every line of the legacy 8259 PICs. With external-interrupt
+/// exiting, an interrupt is acknowledged (and its vector fixed) the moment
+/// it arrives, even while the guest has interrupts off; one the firmware
+/// left pending would otherwise reach the guest later with the firmware's
+/// vector (the BIOS puts IRQ 0 at vector 8, which a protected-mode guest
+/// takes for a double fault). A guest that uses the PIC programs and
+/// unmasks it itself.
+fn mask_legacy_pic() {
+    // SAFETY: the PIC mask registers; the guest has not run yet.
+    unsafe {
+        cpu::outb(0x21, 0xFF);
+        cpu::outb(0xA1, 0xFF);
+    }
+}
+
+/// Builds the I/O bitmaps (two pages) and the MSR bitmap (one page):
+/// every port (`io_all`) or only the watched ones; every MSR (`msr_all`)
+/// or only the hypervisor's.
+fn make_bitmaps(w: &state::PortWatch, io_all: bool, msr_all: bool) -> Result<(u64, u64), memory::OutOfMemory> {
     let (io, io_pa) = memory::alloc_pages(2)?;
     for p in w.ports() {
         io[p as usize / 8] |= 1 << (p % 8);
     }
+    if io_all {
+        io.fill(0xFF);
+    }
     let (msr, msr_pa) = memory::alloc_pages(1)?;
+    if msr_all {
+        msr.fill(0xFF);
+    }
     let mut trap = |m: u32| {
         let (base, bit) = if m < 0x2000 { (0, m) } else { (1024, m - 0xC000_0000) };
         msr[(base + bit / 8) as usize] |= 1 << (bit % 8); // read
         msr[(base + 2048 + bit / 8) as usize] |= 1 << (bit % 8); // write
     };
     trap(cpu::msr::IA32_FEATURE_CONTROL);
+    // KVM's original paravirtual clock MSRs: in the bitmap's range, so they
+    // must be trapped explicitly to be refused (see isolation.rs).
+    trap(0x11);
+    trap(0x12);
     for m in cpu::msr::IA32_VMX_BASIC..=cpu::msr::IA32_VMX_EXIT_CTLS2 {
         trap(m);
     }
@@ -445,7 +517,7 @@ fn trap_msr_write(bitmap_pa: u64, msr: u32) {
 }
 
 /// EPT tables from the arena.
-struct ArenaTables;
+pub(crate) struct ArenaTables;
 
 impl ept::Tables for ArenaTables {
     type Error = memory::OutOfMemory;

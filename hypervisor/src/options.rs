@@ -6,9 +6,14 @@
 //! | `on_end` | `poweroff` `reset` `halt` | `poweroff` | what the machine does after the guest ended and the final dump is printed |
 //! | `cpus` | 1..=64 | all | how many CPUs to virtualise |
 //! | `timeline` | TSC ticks, or `off` | `1000000` | sample the per-reason exit counts every this many ticks (the ring doubles the interval when full) |
+//! | `profile` | `minimal` `kvm-like` `all` | `minimal` | the interception profile (see `exitscope_stats::intercept`) |
+//! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
+//! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
+//! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
 
 use alloc::string::{String, ToString};
 use core::fmt;
+use exitscope_stats::intercept::{self, Interception};
 
 /// What happens after the guest has ended and the statistics are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,11 +30,19 @@ pub struct Options {
     pub max_cpus: Option<u32>,
     /// Timeline sample interval in TSC ticks (None: off).
     pub timeline: Option<u64>,
+    /// Which exits to intercept (`profile=`, `intercept=`, `preempt=`, `ept=`).
+    pub intercept: Interception,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: log::LevelFilter::Info, on_end: EndAction::PowerOff, max_cpus: None, timeline: Some(DEFAULT_TIMELINE) }
+        Options {
+            log: log::LevelFilter::Info,
+            on_end: EndAction::PowerOff,
+            max_cpus: None,
+            timeline: Some(DEFAULT_TIMELINE),
+            intercept: Interception::default(),
+        }
     }
 }
 
@@ -38,9 +51,12 @@ impl Default for Options {
 pub enum OptionError {
     Unknown(String),
     BadValue { key: String, value: String, expected: &'static str },
+    /// A bad interception word (`profile=`, `intercept=`, `preempt=`,
+    /// `ept=`); the message names the bad part.
+    Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -53,6 +69,7 @@ impl fmt::Display for OptionError {
             OptionError::BadValue { key, value, expected } => {
                 write!(f, "bad value '{value}' for option '{key}' (expected {expected})")
             }
+            OptionError::Intercept(why) => f.write_str(why),
         }
     }
 }
@@ -60,6 +77,7 @@ impl fmt::Display for OptionError {
 /// Parses the command line. Every word must be a known `key=value`.
 pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
     let mut o = Options::default();
+    let mut icpt = intercept::Builder::default();
     for word in cmdline.split_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
             return Err(OptionError::Unknown(word.to_string()));
@@ -97,9 +115,14 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     },
                 }
             }
-            _ => return Err(OptionError::Unknown(word.to_string())),
+            _ => match icpt.word(key, value) {
+                Ok(true) => {}
+                Ok(false) => return Err(OptionError::Unknown(word.to_string())),
+                Err(e) => return Err(OptionError::Intercept(e.to_string())),
+            },
         }
     }
+    o.intercept = icpt.finish();
     Ok(o)
 }
 
@@ -133,5 +156,32 @@ mod tests {
         assert!(parse("cpus=0").is_err());
         assert!(parse("cpus=65").is_err());
         assert!(parse("on_end=explode").is_err());
+    }
+
+    #[test]
+    fn interception_words() {
+        use exitscope_stats::intercept::{Class, ClassSet, Profile};
+        let o = parse("").unwrap();
+        assert_eq!(o.intercept.profile, Profile::Minimal);
+        assert_eq!(o.intercept.classes, ClassSet::of(&[Class::Hlt]));
+        let o = parse("log=debug intercept=rdtsc,pause profile=kvm-like preempt=200000 ept=eager").unwrap();
+        assert_eq!(o.log, log::LevelFilter::Debug);
+        let i = o.intercept;
+        assert_eq!(i.profile, Profile::KvmLike);
+        assert!(i.has(Class::Rdtsc) && i.has(Class::Pause) && i.has(Class::Io) && i.has(Class::Extint));
+        assert_eq!(i.preempt, Some(200_000));
+        assert!(!i.lazy_ept);
+        assert_eq!(parse("profile=all intercept=-io").unwrap().intercept.classes, ClassSet::ALL.minus(ClassSet::of(&[Class::Io])));
+        // Errors name the word and say what is known.
+        let e = parse("intercept=io,bogus").unwrap_err().to_string();
+        assert!(e.starts_with("unknown interception 'bogus' in intercept= (known: io msr hlt"), "{e}");
+        assert!(e.contains("rdpmc"), "{e}");
+        let e = parse("profile=fastest").unwrap_err().to_string();
+        assert!(e.contains("unknown profile 'fastest'") && e.contains("kvm-like"), "{e}");
+        assert!(parse("preempt=5").unwrap_err().to_string().contains("preempt="));
+        assert!(parse("ept=maybe").unwrap_err().to_string().contains("lazy or eager"));
+        assert!(parse("intercept=-hlt").unwrap_err().to_string().contains("cannot be turned off"));
+        // An unknown key is still unknown.
+        assert_eq!(parse("intercepts=io").unwrap_err(), OptionError::Unknown("intercepts=io".into()));
     }
 }

@@ -4,8 +4,16 @@
 
 use crate::acpi::{self, Acpi, AcpiReg};
 use crate::cpu::{self, inw, outb, outw};
-use crate::hvprintln;
 use crate::options::EndAction;
+
+/// One prefixed line. These are the run's last words, often after a
+/// failure: written so that a console lock a failed CPU still holds cannot
+/// silence them (`serial::write_emergency`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        crate::serial::write_emergency(format_args!("{}{}\n", exitscope_stats::dump::PREFIX, format_args!($($arg)*)))
+    };
+}
 
 fn write_reg(r: AcpiReg, v: u16) {
     match r {
@@ -35,7 +43,7 @@ fn spin(n: u64) {
 /// Turns the machine off: ACPI S5, then Bochs' and QEMU's shutdown ports,
 /// then halts for good.
 pub fn power_off(a: &Acpi) -> ! {
-    hvprintln!("powering off");
+    say!("powering off");
     crate::serial::drain();
     if let (Some(pm1a), Some((typa, typb))) = (a.pm1a_cnt, a.s5) {
         if read_reg(pm1a) & acpi::SCI_EN == 0 && a.smi_cmd != 0 && a.acpi_enable != 0 {
@@ -60,7 +68,7 @@ pub fn power_off(a: &Acpi) -> ! {
         // is unassigned and writes are ignored.
         unsafe { outb(0x8900, b) };
     }
-    hvprintln!("could not power off (no usable ACPI S5); halted");
+    say!("could not power off (no usable ACPI S5); halted");
     crate::serial::drain();
     cpu::halt_forever()
 }
@@ -68,7 +76,7 @@ pub fn power_off(a: &Acpi) -> ! {
 /// Resets the machine: ACPI reset register, port 0xCF9, the keyboard
 /// controller, then a triple fault.
 pub fn reset(a: &Acpi) -> ! {
-    hvprintln!("resetting the machine");
+    say!("resetting the machine");
     crate::serial::drain();
     if let Some((reg, val)) = a.reset_reg {
         match reg {
@@ -100,7 +108,7 @@ pub fn finish(action: EndAction, a: &Acpi) -> ! {
         EndAction::PowerOff => power_off(a),
         EndAction::Reset => reset(a),
         EndAction::Halt => {
-            hvprintln!("halted (on_end=halt)");
+            say!("halted (on_end=halt)");
             crate::serial::drain();
             cpu::halt_forever()
         }

@@ -43,6 +43,9 @@ pub struct CpuidHide {
     pub invpcid: bool,
     pub xsaves: bool,
     pub waitpkg: bool,
+    /// MONITOR/MWAIT (CPUID.1:ECX bit 3 and leaf 5), hidden when they are
+    /// intercepted, as KVM hides them: the guest then idles with HLT.
+    pub monitor: bool,
 }
 
 pub struct Shared {
@@ -62,6 +65,17 @@ pub struct Shared {
     /// With several vCPUs: the local APIC page, mapped read-only so that
     /// INIT IPIs can be emulated (see vmx/apic.rs).
     pub apic_trap: Option<u64>,
+    /// The guest-physical ranges EPT maps (sorted, disjoint; the
+    /// hypervisor's footprint is a hole): built up front, or on demand
+    /// under `ept=lazy`. Also what the hypervisor may read and write for
+    /// the guest when it emulates an instruction.
+    pub ept_ranges: alloc::vec::Vec<crate::ept::EptRange>,
+    /// IA32_EFER bits the guest may set (SCE, LME, NXE as CPUID reports them).
+    pub efer_allowed: u64,
+    /// MAXPHYADDR (CPUID.80000008H:EAX[7:0]).
+    pub phys_bits: u8,
+    /// VM exits of INS/OUTS report instruction information (IA32_VMX_BASIC bit 54).
+    pub ins_outs_info: bool,
 }
 
 static SHARED: Once<Shared> = Once::new();

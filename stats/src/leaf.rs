@@ -213,11 +213,95 @@ mod tests {
 
     mod prop {
         use super::*;
+        use crate::Snapshot;
         use proptest::prelude::*;
 
+        /// ECX values from every class a guest can send: any u32, the
+        /// defined range, the undefined numbers inside the table, just above
+        /// it, numbers whose low 16 bits alias a defined reason, and the
+        /// extremes.
+        fn any_ecx() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                any::<u32>(),
+                0..=MAX_DEFINED as u32,
+                proptest::sample::select(vec![35u32, 38, 42, 71, 82, 83]),
+                (MAX_DEFINED as u32 + 1)..=0xFFFF,
+                (1u32..=0xFFFF, 0..=MAX_DEFINED as u32).prop_map(|(hi, r)| hi << 16 | r),
+                Just(u32::MAX),
+                Just(0x8000_0000u32),
+            ]
+        }
+
+        /// The defined reasons whose bit is set in `bits`.
+        fn set_of(bits: u128) -> ReasonSet {
+            let mut s = ReasonSet::EMPTY;
+            for n in 0..=MAX_DEFINED {
+                if bits >> n & 1 == 1 {
+                    s.insert(n)
+                }
+            }
+            s
+        }
+
+        /// A snapshot with per-reason counts below 2^31 (no 32-bit wrap).
+        fn snapshot() -> impl Strategy<Value = Snapshot> {
+            (proptest::collection::vec(0u64..1 << 20, crate::reasons::SLOTS), proptest::collection::vec(0u64..1 << 40, crate::reasons::SLOTS))
+                .prop_map(|(e, c)| {
+                    let mut s = Snapshot::default();
+                    s.exits.copy_from_slice(&e);
+                    s.cycles.copy_from_slice(&c);
+                    s
+                })
+        }
+
         proptest! {
+            /// Only the four leaves are answered, whatever the leaf number.
             #[test]
-            fn every_ecx_lands_in_exactly_one_class(ecx in any::<u32>(), bits in any::<u128>()) {
+            fn only_four_leaves_over_all_u32(leaf in any::<u32>(), ecx in any_ecx()) {
+                prop_assert_eq!(answer(leaf, ecx, &Fake, &all_defined()).is_some(), (LEAF_TOTAL_EXITS..=LEAF_REASON_CYCLES).contains(&leaf));
+            }
+
+            /// The totals leaves ignore ECX over the full u32 range.
+            #[test]
+            fn totals_ignore_every_ecx(ecx in any_ecx(), bits in any::<u128>()) {
+                let e = set_of(bits);
+                prop_assert_eq!(answer(LEAF_TOTAL_EXITS, ecx, &Fake, &e), answer(LEAF_TOTAL_EXITS, 0, &Fake, &e));
+                prop_assert_eq!(answer(LEAF_TOTAL_CYCLES, ecx, &Fake, &e), answer(LEAF_TOTAL_CYCLES, 0, &Fake, &e));
+            }
+
+            /// No ECX above 0xFFFF aliases a reason through its low bits,
+            /// and the class is the same for both per-reason leaves.
+            #[test]
+            fn high_ecx_never_aliases(ecx in any_ecx()) {
+                let e = all_defined();
+                let a = answer(LEAF_REASON_EXITS, ecx, &Fake, &e).unwrap();
+                let c = answer(LEAF_REASON_CYCLES, ecx, &Fake, &e).unwrap();
+                if ecx > MAX_DEFINED as u32 {
+                    prop_assert_eq!(a, CpuidRegs { eax: 0, ebx: 0, ecx: 0, edx: UNDEFINED_EDX });
+                    prop_assert_eq!(c, a);
+                }
+                prop_assert_eq!(a.edx == UNDEFINED_EDX, c.edx == UNDEFINED_EDX);
+            }
+
+            /// Counters that only grow give answers that only grow: for every
+            /// leaf and ECX, the answer after more exits is never smaller.
+            #[test]
+            fn answers_never_go_backwards(before in snapshot(), more in snapshot(), ecx in any_ecx(), bits in any::<u128>()) {
+                let e = set_of(bits);
+                let mut after = before.clone();
+                for i in 0..crate::reasons::SLOTS {
+                    after.exits[i] += more.exits[i];
+                    after.cycles[i] += more.cycles[i];
+                }
+                for leaf in LEAF_TOTAL_EXITS..=LEAF_REASON_CYCLES {
+                    let (a, b) = (answer(leaf, ecx, &before, &e).unwrap(), answer(leaf, ecx, &after, &e).unwrap());
+                    prop_assert!(b.eax >= a.eax, "leaf {:#x} ECX {:#x}: EAX {} -> {}", leaf, ecx, a.eax, b.eax);
+                    prop_assert!(join64(b.ebx, b.ecx) >= join64(a.ebx, a.ecx), "leaf {:#x} ECX {:#x}: EBX:ECX went back", leaf, ecx);
+                    prop_assert_eq!(a.edx, b.edx);
+                }
+            }
+            #[test]
+            fn every_ecx_lands_in_exactly_one_class(ecx in any_ecx(), bits in any::<u128>()) {
                 let enabled = {
                     let mut s = ReasonSet::EMPTY;
                     for n in 0..=MAX_DEFINED { if bits >> n & 1 == 1 { s.insert(n) } }

@@ -35,6 +35,28 @@ pub enum Boot {
     BiosDisk,
 }
 
+/// Machine settings a few tests change; every other run uses the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Machine {
+    /// The BIOS for `Boot::Cdrom` and `Boot::BiosDisk`.
+    pub bios: Bios,
+    /// Unimplemented MSRs raise #GP (`ignore_bad_msrs=0`), as on hardware,
+    /// instead of reading as 0.
+    pub strict_msrs: bool,
+}
+
+/// Which BIOS ROM Bochs runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bios {
+    /// `BIOS-bochs-latest`: ACPI tables and a MADT; it locks
+    /// IA32_FEATURE_CONTROL with VMX on.
+    #[default]
+    Latest,
+    /// `BIOS-bochs-legacy`: no ACPI, and IA32_FEATURE_CONTROL left
+    /// unlocked (as at reset), as some firmware leaves it.
+    Legacy,
+}
+
 pub struct Outcome {
     pub serial: String,
     pub timed_out: bool,
@@ -88,11 +110,15 @@ fn seed_shim() -> Result<PathBuf> {
     Ok(so)
 }
 
-fn bochsrc(r: &Run, boot: Boot, serial: &Path, log: &Path) -> String {
+fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, log: &Path) -> String {
     let image = r.iso.display();
+    let bios = match m.bios {
+        Bios::Latest => "romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n",
+        Bios::Legacy => "romimage: file=/usr/share/bochs/BIOS-bochs-legacy\n",
+    };
     let (rom, vga, pci, drive) = match boot {
         Boot::Cdrom => (
-            "romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n",
+            bios,
             "vgaromimage: file=/usr/share/vgabios/vgabios.bin\n",
             "pci: enabled=1, chipset=i440fx\n",
             format!("ata0-master: type=cdrom, path=\"{image}\", status=inserted\nboot: cdrom\n"),
@@ -104,7 +130,7 @@ fn bochsrc(r: &Run, boot: Boot, serial: &Path, log: &Path) -> String {
             format!("ata0-master: type=disk, path=\"{image}\", mode=flat\nboot: disk\n"),
         ),
         Boot::BiosDisk => (
-            "romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n",
+            bios,
             "vgaromimage: file=/usr/share/vgabios/vgabios.cirrus.bin\nvga: extension=cirrus\n",
             "pci: enabled=1, chipset=i440fx, slot1=cirrus\n",
             format!("ata0-master: type=disk, path=\"{image}\", mode=flat\nboot: disk\n"),
@@ -115,7 +141,7 @@ fn bochsrc(r: &Run, boot: Boot, serial: &Path, log: &Path) -> String {
          memory: guest={mem}, host={mem}\n\
          {rom}\
          {vga}\
-         cpu: model=corei7_skylake_x, count={cpus}, ips=50000000, reset_on_triple_fault=0, ignore_bad_msrs=1\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips=50000000, reset_on_triple_fault=0, ignore_bad_msrs={ibm}\n\
          clock: sync=none, time0=946684800\n\
          {pci}\
          {drive}\
@@ -130,6 +156,7 @@ fn bochsrc(r: &Run, boot: Boot, serial: &Path, log: &Path) -> String {
          port_e9_hack: enabled=1\n",
         mem = r.memory_mb,
         cpus = r.cpus,
+        ibm = u8::from(!m.strict_msrs),
         serial = serial.display(),
         log = log.display(),
     )
@@ -143,6 +170,11 @@ pub fn run(r: &Run) -> Result<Outcome> {
 /// Runs Bochs, booting `r.iso` as `boot` says, until it stops by itself or
 /// the timeout passes.
 pub fn run_with(r: &Run, boot: Boot) -> Result<Outcome> {
+    run_machine(r, boot, &Machine::default())
+}
+
+/// [`run_with`] on a machine with non-default settings.
+pub fn run_machine(r: &Run, boot: Boot, m: &Machine) -> Result<Outcome> {
     let dir = util::out_dir().join("runs").join(r.name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // A killed Bochs leaves lock files that make the next run fail.
@@ -158,7 +190,7 @@ pub fn run_with(r: &Run, boot: Boot) -> Result<Outcome> {
     let _ = std::fs::remove_file(&serial);
     util::write(&serial, "")?;
     let rc = dir.join("bochsrc");
-    util::write(&rc, bochsrc(r, boot, &serial, &log))?;
+    util::write(&rc, bochsrc(r, boot, m, &serial, &log))?;
     let cmds = dir.join("commands");
     util::write(&cmds, "c\nquit\n")?;
     let shim = seed_shim()?;

@@ -17,7 +17,7 @@ impl Artifacts {
 }
 
 /// Test guests under tests/guests, by binary name.
-pub const GUESTS: &[(&str, &str)] = &[("probe-guest", "probe"), ("bench-guest", "bench")];
+pub const GUESTS: &[(&str, &str)] = &[("probe-guest", "probe"), ("bench-guest", "bench"), ("fuzz-guest", "fuzz"), ("fwshim", "fwshim")];
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

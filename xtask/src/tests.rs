@@ -61,6 +61,28 @@ pub const TESTS: &[Test] = &[
     Test { name: "iso-uefi-qemu-no-vmx", run: iso_uefi_qemu_no_vmx },
     Test { name: "iso-usb-bios-qemu-no-vmx", run: iso_usb_bios_qemu_no_vmx },
     Test { name: "bios-image-bad-bundle", run: bios_image_bad_bundle },
+    Test { name: "fuzz", run: fuzz_stream },
+    Test { name: "isolation-hole-sweep", run: isolation_hole_sweep },
+    Test { name: "isolation-undecodable", run: isolation_undecodable },
+    Test { name: "isolation-exec", run: isolation_exec },
+    Test { name: "guest-triple-fault", run: guest_triple_fault },
+    Test { name: "guest-reset", run: guest_reset },
+    Test { name: "bad-boot-guest-too-large", run: bad_boot_guest_too_large },
+    Test { name: "bad-boot-truncated-guest", run: bad_boot_truncated_guest },
+    Test { name: "bad-boot-too-little-memory", run: bad_boot_too_little_memory },
+    Test { name: "bad-boot-no-memory-map", run: bad_boot_no_memory_map },
+    Test { name: "bad-boot-vmx-locked-off", run: bad_boot_vmx_locked_off },
+    Test { name: "vmx-unlocked-by-firmware", run: vmx_unlocked_by_firmware },
+    Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
+    Test { name: "guest-poweroff", run: guest_poweroff },
+    Test { name: "probe-kvm-like", run: probe_kvm_like },
+    Test { name: "probe-all", run: probe_all },
+    Test { name: "probe-all-preempt", run: probe_all_preempt },
+    Test { name: "probe-intercept-subset", run: probe_intercept_subset },
+    Test { name: "probe-all-minus", run: probe_all_minus },
+    Test { name: "probe-smp2-all", run: probe_smp2_all },
+    Test { name: "linux-kvm-like", run: linux_kvm_like },
+    Test { name: "linux-all", run: linux_all },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -304,11 +326,16 @@ fn corrupt_guest(ctx: &Ctx) -> Result {
 /// Boots the Debian kernel with the test init script on `cpus` CPUs and
 /// checks what every Linux run must show.
 fn linux_run(ctx: &Ctx, name: &str, cpus: u32) -> Result<bochs::Outcome> {
+    linux_run_with(ctx, name, cpus, "")
+}
+
+/// [`linux_run`] with a hypervisor command line.
+fn linux_run_with(ctx: &Ctx, name: &str, cpus: u32, hv_args: &str) -> Result<bochs::Outcome> {
     let (kernel, initrd) = ctx.linux()?;
     let args = format!("{} exitscope.init=test", crate::linux::APPEND);
     let spec = IsoSpec {
         hypervisor: &ctx.art.hypervisor,
-        hv_args: "",
+        hv_args,
         guest: Some(&kernel),
         guest_args: &args,
         modules: std::slice::from_ref(&initrd),
@@ -621,4 +648,481 @@ fn bench_smoke(ctx: &Ctx) -> Result {
         return Err(format!("the final dump has {} I/O exits, expected at least 51", d.snap.exits[30]));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Isolation and robustness: the fuzz guest, hostile memory accesses, guest
+// ends, bad boot inputs (tests/guests/fuzz, tests/guests/fwshim)
+
+/// Operations of the `fuzz` test (the guest's default is 20,000).
+const FUZZ_OPS: u64 = 50_000;
+const FUZZ_SEED: u64 = 0x5EED;
+
+/// Boots the fuzz guest with `args` on `machine` and `memory_mb` of RAM.
+fn fuzz_run(ctx: &Ctx, name: &str, args: &str, machine: bochs::Machine, memory_mb: u32, timeout: u64) -> Result<bochs::Outcome> {
+    fuzz_run_on(ctx, name, args, 1, machine, memory_mb, timeout)
+}
+
+/// [`fuzz_run`] on `cpus` CPUs.
+fn fuzz_run_on(ctx: &Ctx, name: &str, args: &str, cpus: u32, machine: bochs::Machine, memory_mb: u32, timeout: u64) -> Result<bochs::Outcome> {
+    let guest = ctx.art.guest("fuzz");
+    let spec = IsoSpec { guest_args: args, ..probe_spec(ctx, &guest) };
+    let work = util::out_dir().join("runs").join(name);
+    let iso = work.join("exitscope.iso");
+    image::grub_iso(&spec, &work, &iso)?;
+    let run = bochs::Run { name, iso: &iso, cpus, memory_mb, timeout: Duration::from_secs(timeout), echo: false, progress: None };
+    bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
+}
+
+/// The hypervisor neither failed nor was restarted: no FATAL, PANIC or
+/// root-mode exception line, one boot banner, and the run ended by itself.
+fn no_hypervisor_failure(out: &bochs::Outcome) -> Result {
+    for bad in ["[exitscope] FATAL", "[exitscope] PANIC", "hypervisor exception"] {
+        if out.serial.contains(bad) {
+            return Err(format!("'{bad}' on serial\n{}", out.describe()));
+        }
+    }
+    if out.serial.matches("[exitscope] Exitscope ").count() != 1 {
+        return Err(format!("the hypervisor started more than once (a reset?)\n{}", out.describe()));
+    }
+    if out.timed_out {
+        return Err(format!("the run did not end by itself\n{}", out.describe()));
+    }
+    Ok(())
+}
+
+/// A bad boot input: exactly one FATAL line, containing `msg`, one boot
+/// (no reboot loop), the machine powered off by itself (no hang).
+fn one_fatal_line(out: &bochs::Outcome, msg: &str) -> Result {
+    let fatal: Vec<&str> = out.serial.lines().filter(|l| l.contains("[exitscope] FATAL: ")).collect();
+    if fatal.len() != 1 || !fatal[0].contains(msg) {
+        return Err(format!("expected one FATAL line with '{msg}', got {fatal:?}\n{}", out.describe()));
+    }
+    if out.serial.matches("[exitscope] Exitscope ").count() != 1 {
+        return Err(format!("the hypervisor started more than once (a reboot loop?)\n{}", out.describe()));
+    }
+    if out.timed_out {
+        return Err(format!("no power-off: the run hung\n{}", out.describe()));
+    }
+    require(out, "[exitscope] powering off")
+}
+
+/// `0x...` right after `key` in `line`.
+fn hex_after(line: &str, key: &str) -> Option<u64> {
+    let s = &line[line.find(key)? + key.len()..];
+    let h = s.strip_prefix("0x")?;
+    let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
+    u64::from_str_radix(&h[..end], 16).ok()
+}
+
+/// `key=N` numbers of the first line starting with `prefix`.
+fn fields(serial: &str, prefix: &str) -> Option<std::collections::HashMap<String, u64>> {
+    let l = serial.lines().find(|l| l.starts_with(prefix))?;
+    Some(
+        l[prefix.len()..]
+            .split_whitespace()
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// The hole the fuzz guest found in its memory map.
+fn guest_hole(serial: &str) -> Option<(u64, u64)> {
+    let l = serial.lines().find(|l| l.starts_with("FUZZ memory map: "))?;
+    let r = l.split(" hole ").nth(1)?.split_whitespace().next()?;
+    let (a, b) = r.split_once('-')?;
+    Some((hex_after(a, "")?, hex_after(b, "")?))
+}
+
+/// The guest's hole is exactly the hypervisor's footprint.
+fn hole_is_footprint(out: &bochs::Outcome) -> Result<(u64, u64)> {
+    let hv = hypervisor_region(&out.serial).ok_or("no 'hypervisor region:' line")?;
+    let hole = guest_hole(&out.serial).ok_or_else(|| format!("the guest found no hole in its memory map\n{}", out.describe()))?;
+    if hole != hv {
+        return Err(format!("the guest's memory-map hole {hole:x?} is not the hypervisor region {hv:x?}"));
+    }
+    Ok(hv)
+}
+
+/// The hypervisor's `isolation: ...` summary: (all, hypervisor, pages,
+/// footprint pages, unbacked, reads, writes).
+fn isolation_summary(serial: &str) -> Option<[u64; 7]> {
+    let l = serial.lines().find(|l| l.contains("[exitscope] isolation: ") && l.contains("outside guest memory"))?;
+    let nums: Vec<u64> = l
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    nums.try_into().ok()
+}
+
+/// 50,000 seeded operations of a hostile guest (CPUID with every ECX
+/// class, MSRs, VMX instructions, XSETBV, INVD, unused ports, hypervisor
+/// and unbacked memory, VMCALL), with unimplemented MSRs faulting as on
+/// hardware: no mismatch with the architecture or the leaf contract, the
+/// exact exit count of every reason it caused, and a hypervisor that
+/// survives, counts every contained access under reason 48, and reports.
+fn fuzz_stream(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { strict_msrs: true, ..Default::default() };
+    let out = fuzz_run(ctx, "fuzz", &format!("ops={FUZZ_OPS} seed={FUZZ_SEED}"), machine, 512, 300)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "FUZZ PASS")?;
+    let s = fields(&out.serial, "FUZZ SUMMARY ").ok_or("no FUZZ SUMMARY line")?;
+    if s.get("ops") < Some(&20_000) || s.get("mismatches") != Some(&0) || s.get("seed") != Some(&FUZZ_SEED) {
+        return Err(format!("FUZZ SUMMARY {s:?}: want ops >= 20000, mismatches=0, seed={FUZZ_SEED}"));
+    }
+    hole_is_footprint(&out)?;
+    let (d, title) = final_dump(&out)?;
+    if !title.contains("guest halted") {
+        return Err(format!("final dump title '{title}': the guest did not end by halting"));
+    }
+    let iso = isolation_summary(&out.serial).ok_or("no 'isolation:' summary line")?;
+    if iso[0] != d.snap.exits[48] || iso[0] != iso[1] + iso[4] {
+        return Err(format!("isolation summary {iso:?} does not add up to the dump's {} EPT violations", d.snap.exits[48]));
+    }
+    Ok(())
+}
+
+/// Writes over every page of the hypervisor's footprint (and unbacked
+/// pages above 4 GiB), reading each back: every store dropped, every load
+/// all-ones, the RAM on both sides untouched, each access counted under
+/// reason 48, and the hypervisor's summary agrees with the guest's count.
+fn isolation_hole_sweep(ctx: &Ctx) -> Result {
+    let out = fuzz_run(ctx, "isolation-hole-sweep", "mode=hole seed=7", Default::default(), 512, 180)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "HOLE PASS")?;
+    let (a, b) = hole_is_footprint(&out)?;
+    let g = fields(&out.serial, "HOLE SUMMARY ").ok_or("no HOLE SUMMARY line")?;
+    let get = |k: &str| g.get(k).copied().ok_or_else(|| format!("no {k}= in HOLE SUMMARY"));
+    let pages = (b - a) / 4096;
+    if get("pages")? != pages || get("mismatches")? != 0 {
+        return Err(format!("HOLE SUMMARY {g:?}: want pages={pages} (the whole footprint), mismatches=0"));
+    }
+    let iso = isolation_summary(&out.serial).ok_or("no 'isolation:' summary line")?;
+    let want = [get("accesses")?, get("hypervisor")?, pages, pages, get("unbacked")?, get("reads")?, get("writes")?];
+    if iso != want {
+        return Err(format!("the hypervisor's isolation summary {iso:?} differs from the guest's count {want:?}"));
+    }
+    let (d, title) = final_dump(&out)?;
+    if d.snap.exits[48] != get("accesses")? || !title.contains("guest halted") {
+        return Err(format!("dump '{title}' has {} EPT violations, the guest made {}", d.snap.exits[48], get("accesses")?));
+    }
+    Ok(())
+}
+
+/// An access outside guest memory that the policy does not emulate: the
+/// guest is stopped with a report naming the GPA and RIP it printed.
+fn isolation_stop(ctx: &Ctx, name: &str, mode: &str, report: &str, why: &str) -> Result {
+    let out = fuzz_run(ctx, name, &format!("mode={mode}"), Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    let (a, _) = hole_is_footprint(&out)?;
+    let l = out.serial.lines().find(|l| l.starts_with(&format!("FUZZ {mode}: "))).ok_or("no guest line")?;
+    let rip = if mode == "exec" { a } else { hex_after(l, "at RIP ").ok_or("no RIP in the guest's line")? };
+    require(&out, &format!("[exitscope] guest {report} of hypervisor memory: GPA {a:#x} at RIP {rip:#x}"))?;
+    require(&out, &format!("guest ended on vCPU 0: guest stopped: {why}"))?;
+    let (_, title) = final_dump(&out)?;
+    if !title.contains("guest stopped") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    Ok(())
+}
+
+fn isolation_undecodable(ctx: &Ctx) -> Result {
+    isolation_stop(ctx, "isolation-undecodable", "undecodable", "read", "EPT violation: access outside guest memory by an instruction")
+}
+
+fn isolation_exec(ctx: &Ctx) -> Result {
+    isolation_stop(ctx, "isolation-exec", "exec", "instruction fetch", "EPT violation: instruction fetch outside guest memory")
+}
+
+/// A guest that triple-faults: one line saying so, and the final dump.
+fn guest_triple_fault(ctx: &Ctx) -> Result {
+    let out = fuzz_run(ctx, "guest-triple-fault", "mode=triple", Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "[exitscope] guest ended on vCPU 0: guest triple fault (guest RIP ")?;
+    let (d, title) = final_dump(&out)?;
+    if title != "final (guest triple fault)" || d.snap.exits[2] != 1 {
+        return Err(format!("final dump '{title}' with {} triple-fault exits", d.snap.exits[2]));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+/// A guest that resets the machine: one line saying how, and the final dump.
+fn guest_reset(ctx: &Ctx) -> Result {
+    let out = fuzz_run(ctx, "guest-reset", "mode=reset", Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "[exitscope] guest ended on vCPU 0: guest reset: keyboard controller reset (0xFE to port 0x64)")?;
+    let (_, title) = final_dump(&out)?;
+    if !title.contains("guest reset") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+/// A multiboot1 kernel whose memory image (4 KiB of code at 1 MiB, then
+/// bss) ends at 1 GiB + 1 MiB: more than the machine's RAM.
+fn huge_bss_kernel() -> Vec<u8> {
+    let mut img = vec![0u8; 8192];
+    let (magic, flags) = (0x1BAD_B002u32, 1u32 << 16 | 1 << 1);
+    let header = [
+        magic,
+        flags,
+        0u32.wrapping_sub(magic.wrapping_add(flags)),
+        0x10_0000,   // header_addr
+        0x10_0000,   // load_addr
+        0x10_2000,   // load_end_addr
+        0x4010_0000, // bss_end_addr
+        0x10_0020,   // entry_addr
+    ];
+    for (i, w) in header.iter().enumerate() {
+        img[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    img[0x20..0x24].copy_from_slice(&[0xFA, 0xF4, 0xEB, 0xFC]); // cli; hlt; jmp $-2
+    img
+}
+
+fn bad_boot_guest_too_large(ctx: &Ctx) -> Result {
+    let dir = util::out_dir().join("runs").join("bad-boot-guest-too-large");
+    let kernel = dir.join("huge-bss.bin");
+    util::write(&kernel, huge_bss_kernel())?;
+    let spec = probe_spec(ctx, &kernel);
+    let out = bochs_run("bad-boot-guest-too-large", &spec, 1, 60)?;
+    one_fatal_line(&out, "cannot load the multiboot guest: guest segment 0x100000-0x40100000 is not in guest RAM")?;
+    require(&out, "guest needs 1048576 KiB at 0x100000")
+}
+
+/// A multiboot kernel cut short: its header promises more than the file has.
+fn bad_boot_truncated_guest(ctx: &Ctx) -> Result {
+    let dir = util::out_dir().join("runs").join("bad-boot-truncated-guest");
+    let whole = std::fs::read(ctx.art.guest("fuzz")).map_err(|e| e.to_string())?;
+    let cut = dir.join("truncated.elf");
+    util::write(&cut, &whole[..whole.len().min(32 * 1024)])?;
+    let out = bochs_run("bad-boot-truncated-guest", &probe_spec(ctx, &cut), 1, 60)?;
+    one_fatal_line(&out, "multiboot image truncated")
+}
+
+/// 32 MiB of RAM, the least with which the BIOS and GRUB still boot the
+/// ISO (24 MiB hangs in the BIOS or GRUB): no room for the hypervisor's
+/// 14 MiB besides the boot modules and its load image.
+fn bad_boot_too_little_memory(ctx: &Ctx) -> Result {
+    let out = fuzz_run(ctx, "bad-boot-too-little-memory", "mode=triple", Default::default(), 32, 60)?;
+    one_fatal_line(&out, "too little memory: the hypervisor needs ")
+}
+
+/// An ISO where GRUB loads fwshim (multiboot1) with `shim_args`, and the
+/// shim loads Exitscope and the fuzz guest (its modules).
+fn shim_iso(ctx: &Ctx, name: &str, shim_args: &str, guest_args: &str) -> Result<PathBuf> {
+    let work = util::out_dir().join("runs").join(name);
+    let tree = work.join("iso");
+    let _ = std::fs::remove_dir_all(&tree);
+    let boot = tree.join("boot");
+    util::copy(&ctx.art.guest("fwshim"), &boot.join("fwshim"))?;
+    util::copy(&ctx.art.hypervisor, &boot.join("exitscope.elf"))?;
+    util::copy(&ctx.art.guest("fuzz"), &boot.join("guest"))?;
+    let cfg = format!(
+        "set timeout=0\nset default=0\nmenuentry \"Exitscope through fwshim\" {{\n  multiboot /boot/fwshim {shim_args}\n  module /boot/exitscope.elf\n  module /boot/guest {guest_args}\n  boot\n}}\n"
+    );
+    util::write(&boot.join("grub/grub.cfg"), cfg)?;
+    let iso = work.join("exitscope.iso");
+    let _ = std::fs::remove_file(&iso);
+    util::output(Command::new("grub-mkrescue").arg("-o").arg(&iso).arg(&tree))?;
+    Ok(iso)
+}
+
+fn shim_run(ctx: &Ctx, name: &str, shim_args: &str, machine: bochs::Machine) -> Result<bochs::Outcome> {
+    let iso = shim_iso(ctx, name, shim_args, "mode=triple")?;
+    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(60), echo: false, progress: None };
+    bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
+}
+
+/// A loader that gives no memory map (and no mem_lower/mem_upper).
+fn bad_boot_no_memory_map(ctx: &Ctx) -> Result {
+    let out = shim_run(ctx, "bad-boot-no-memory-map", "mmap=none", Default::default())?;
+    require(&out, "FWSHIM mmap=none")?;
+    one_fatal_line(&out, "no usable memory map")
+}
+
+/// A firmware that locked IA32_FEATURE_CONTROL with VMX off. The Bochs
+/// BIOS locks it with VMX on; its legacy BIOS leaves it unlocked, so the
+/// shim can lock it off first.
+fn bad_boot_vmx_locked_off(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
+    let out = shim_run(ctx, "bad-boot-vmx-locked-off", "feature_control=locked-off", machine)?;
+    require(&out, "FWSHIM IA32_FEATURE_CONTROL was 0x0: wrote 0x1 (locked, VMX off): ok, now 0x1")?;
+    one_fatal_line(&out, "VMX is disabled by firmware: IA32_FEATURE_CONTROL is locked with VMX off")
+}
+
+/// A firmware that left IA32_FEATURE_CONTROL unlocked: Exitscope enables
+/// VMX, locks it, and runs the guest.
+fn vmx_unlocked_by_firmware(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
+    let out = fuzz_run(ctx, "vmx-unlocked-by-firmware", "ops=2000 strict_msrs=0", machine, 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "[exitscope] IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
+    hole_is_footprint(&out)?;
+    require(&out, "FUZZ PASS")
+}
+
+/// Two vCPUs: one sends 2000 NMIs to the other while it takes CPUID exits.
+/// NMI exiting is off, so NMIs belong to the guest; those that land while
+/// the hypervisor handles an exit must be passed on (or dropped when the
+/// guest cannot take one), never kill it (before, one did: "FATAL:
+/// hypervisor exception NMI").
+fn isolation_nmi_storm(ctx: &Ctx) -> Result {
+    let out = fuzz_run_on(ctx, "isolation-nmi-storm", "mode=nmi nmis=2000", 2, Default::default(), 512, 180)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "NMI PASS")?;
+    let g = fields(&out.serial, "NMI SUMMARY ").ok_or("no NMI SUMMARY line")?;
+    let l = out.serial.lines().find(|l| l.contains("NMI(s) arrived in VMX root operation")).ok_or_else(|| {
+        format!("no NMI landed in VMX root operation: the test did not test anything\n{}", out.describe())
+    })?;
+    let n: Vec<u64> = l.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    let (passed, dropped) = (n.get(1).copied().unwrap_or(0), n.get(2).copied().unwrap_or(0));
+    if passed == 0 || g.get("received").copied().unwrap_or(0) + dropped > g.get("sent").copied().unwrap_or(0) {
+        return Err(format!("NMIs: guest {g:?}, hypervisor '{l}'"));
+    }
+    let (_, title) = final_dump(&out)?;
+    if !title.contains("guest halted") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    Ok(())
+}
+
+/// A guest that powers the machine off: one line saying how, and the final dump.
+fn guest_poweroff(ctx: &Ctx) -> Result {
+    let out = fuzz_run(ctx, "guest-poweroff", "mode=poweroff", Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "[exitscope] guest ended on vCPU 0: guest powered off: Bochs shutdown port (0x8900)")?;
+    let (_, title) = final_dump(&out)?;
+    if !title.contains("guest powered off") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+#[cfg(test)]
+mod isolation_unit {
+    use super::*;
+
+    #[test]
+    fn parses_the_isolation_lines() {
+        let log = "FUZZ memory map: 7 entries; hole 0x1f000000-0x1fe00000 (14336 KiB) between two RAM ranges: the hypervisor's footprint\n\
+                   HOLE SUMMARY pages=3584 accesses=10784 hypervisor=10752 unbacked=32 reads=5483 writes=5865 ept_exits=10784 mismatches=0\n\
+                   [exitscope] isolation: 1650 NMI(s) arrived in VMX root operation: 1650 passed to the guest, 0 dropped\n\
+                   [exitscope] isolation: 10784 guest accesses outside guest memory were contained: 10752 to hypervisor memory (3584 of its 3584 pages), 32 to unbacked addresses; 5483 reads answered with all-ones, 5865 writes dropped\n";
+        assert_eq!(guest_hole(log), Some((0x1f000000, 0x1fe00000)));
+        let f = fields(log, "HOLE SUMMARY ").unwrap();
+        assert_eq!((f["pages"], f["unbacked"], f["mismatches"]), (3584, 32, 0));
+        assert_eq!(isolation_summary(log), Some([10784, 10752, 3584, 3584, 32, 5483, 5865]));
+        assert_eq!(hex_after("GPA 0x1f000000 at RIP 0x1043ab (q", "at RIP "), Some(0x1043ab));
+        let k = huge_bss_kernel();
+        let w = |i: usize| u32::from_le_bytes(k[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(w(0).wrapping_add(w(1)).wrapping_add(w(2)), 0, "multiboot checksum");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Interception profiles (profile=, intercept=, preempt=, ept=)
+
+/// Checks a run under interception options `opts`: the hypervisor printed
+/// what it intercepts, and every reason in the final dump is one these
+/// options enable (none "not enabled" took an exit).
+fn check_interception(out: &bochs::Outcome, opts: &str) -> Result {
+    let want = exitscope_stats::intercept::from_cmdline(opts).map_err(|e| format!("bad test options '{opts}': {e}"))?;
+    require(out, &format!("[exitscope] interception: profile {}, ", want.profile.name()))?;
+    only_enabled(&final_dump(out)?.0, opts)
+}
+
+/// Every reason with exits in `d` is one that `opts` enables.
+fn only_enabled(d: &ParsedDump, opts: &str) -> Result {
+    let want = exitscope_stats::intercept::from_cmdline(opts).map_err(|e| format!("bad test options '{opts}': {e}"))?;
+    let enabled = want.reasons();
+    for (r, &n) in d.snap.exits.iter().enumerate() {
+        if n > 0 && !enabled.contains(r as u32) {
+            return Err(format!("a dump has {n} exits of reason {r}, which '{opts}' does not enable"));
+        }
+    }
+    Ok(())
+}
+
+/// The probe under interception options `opts`, given to the hypervisor
+/// and to the probe (which checks one exit type per option).
+fn probe_intercepting(ctx: &Ctx, name: &str, opts: &str) -> Result {
+    let guest = ctx.art.guest("probe");
+    let spec = IsoSpec { hv_args: opts, guest_args: opts, ..probe_spec(ctx, &guest) };
+    let out = bochs_run(name, &spec, 1, 180)?;
+    check_probe(&out)?;
+    require(&out, "PROBE interception: profile ")?;
+    check_interception(&out, opts)
+}
+
+fn probe_kvm_like(ctx: &Ctx) -> Result {
+    probe_intercepting(ctx, "probe-kvm-like", "profile=kvm-like")
+}
+
+fn probe_all(ctx: &Ctx) -> Result {
+    probe_intercepting(ctx, "probe-all", "profile=all")
+}
+
+fn probe_all_preempt(ctx: &Ctx) -> Result {
+    probe_intercepting(ctx, "probe-all-preempt", "profile=all preempt=200000")
+}
+
+/// A few classes on top of the minimal profile, and lazy EPT alone.
+fn probe_intercept_subset(ctx: &Ctx) -> Result {
+    probe_intercepting(ctx, "probe-intercept-subset", "intercept=io,rdtsc,pause,desc ept=lazy")
+}
+
+/// Everything but I/O, MSRs, external interrupts and MWAIT, with the EPT
+/// built up front and a short preemption-timer period.
+fn probe_all_minus(ctx: &Ctx) -> Result {
+    probe_intercepting(ctx, "probe-all-minus", "profile=all intercept=-io,-msr,-extint,-mwait ept=eager preempt=50000")
+}
+
+/// Two vCPUs under every class, lazy EPT and the preemption timer (the
+/// APs wait for their SIPI with the timer running).
+fn probe_smp2_all(ctx: &Ctx) -> Result {
+    let opts = "profile=all preempt=300000";
+    let guest = ctx.art.guest("probe");
+    let args = format!("{opts} smp=2 ap_iters=1000");
+    let spec = IsoSpec { hv_args: opts, guest_args: &args, ..probe_spec(ctx, &guest) };
+    let out = bochs_run("probe-smp2-all", &spec, 2, 180)?;
+    check_probe(&out)?;
+    check_interception(&out, opts)
+}
+
+/// Linux under a profile: boots to `exitstat --all`, powers off by ACPI S5
+/// (`linux_run`'s checks, the memory-map isolation check included), and the
+/// dump the test init asks for before it resets the counters (the whole
+/// boot) has exits of each reason in `expect`, and none the profile leaves
+/// off.
+fn linux_intercepting(ctx: &Ctx, name: &str, opts: &str, expect: &[u16]) -> Result {
+    let out = linux_run_with(ctx, name, 1, opts)?;
+    check_interception(&out, opts)?;
+    let boot = out.serial.split("INIT: reset:").next().unwrap_or_default();
+    let (d, title) = dump::parse_last(boot).map_err(|e| format!("no dump before the reset: {e}\n{}", out.describe()))?;
+    if !title.contains("on request") {
+        return Err(format!("the dump before the reset is '{title}', not the one exitstat --dump asked for"));
+    }
+    only_enabled(&d, opts)?;
+    for &r in expect {
+        if d.snap.exits[r as usize] == 0 {
+            return Err(format!("no exits of reason {r} in a Linux boot under '{opts}'"));
+        }
+    }
+    Ok(())
+}
+
+fn linux_kvm_like(ctx: &Ctx) -> Result {
+    // External interrupts, INVLPG, CR access, I/O, MSRs, EPT violations
+    // (whether the kernel idles with HLT before the init's dump depends on
+    // timing; the probe checks HLT).
+    linux_intercepting(ctx, "linux-kvm-like", "profile=kvm-like", &[1, 14, 28, 30, 31, 32, 48])
+}
+
+fn linux_all(ctx: &Ctx) -> Result {
+    linux_intercepting(ctx, "linux-all", "profile=all", &[1, 14, 16, 28, 30, 31, 40, 46, 48, 51])
 }

@@ -15,7 +15,6 @@ use super::vcpu::VcpuState;
 use super::{guest, vmread};
 use crate::decode::{self, Operand};
 use crate::fatal::{end_guest, GuestEnd, WAITING_FOR_SIPI};
-use crate::guest::IdentityMem;
 use crate::guestmem::{self, PagingState};
 use crate::state::{shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
@@ -55,7 +54,10 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     // is not mapped, so fall back to shorter reads.
     let mut buf = [0u8; 15];
     let mut n = 15;
-    while n > 0 && guestmem::read_linear(&IdentityMem, &p, linear, &mut buf[..n]).is_err() {
+    // Through a view that only reads guest RAM: the guest's page tables
+    // could point anywhere (and change under us on another vCPU).
+    let mem = super::isolation::GuestView::new(v.eptp, shared().footprint);
+    while n > 0 && guestmem::read_linear(&mem, &p, linear, &mut buf[..n]).is_err() {
         n -= 1;
     }
     let acc = match decode::decode(&buf[..n], mode) {

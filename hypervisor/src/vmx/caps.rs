@@ -4,6 +4,7 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use exitscope_stats::intercept::{Class, ClassSet, Interception};
 
 /// Bits of the execution, exit and entry controls that Exitscope uses.
 pub mod bits {
@@ -179,21 +180,92 @@ pub struct Controls {
     pub hide_invpcid: bool,
     pub hide_xsaves: bool,
     pub hide_waitpkg: bool,
+    /// The interception classes in effect: those asked for, less those the
+    /// CPU cannot do (listed in `skipped`).
+    pub classes: ClassSet,
+    /// EPT filled on demand (`ept=lazy`).
+    pub lazy_ept: bool,
+    /// The preemption timer (`preempt=`), if the CPU has it.
+    pub preempt: Option<Preempt>,
+    /// "Use TSC offsetting" is on (the offset starts at 0).
+    pub tsc_offsetting: bool,
+    /// The guest's DR7 and IA32_DEBUGCTL live in the VMCS ("save debug
+    /// controls" on exit, "load debug controls" on entry).
+    pub debug_ctls: bool,
+    /// INVVPID types the CPU has (bit n = type n: 0 individual address,
+    /// 1 single context, 2 all contexts, 3 single context retaining globals).
+    pub invvpid_types: u8,
 }
 
-/// Optional extra interceptions on top of the core set (the interception
-/// profiles of a later stage build on this).
+/// The VMX-preemption timer as programmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preempt {
+    /// The period asked for, in TSC ticks.
+    pub ticks: u64,
+    /// The timer's value: `ticks >> rate`, at least 1.
+    pub value: u32,
+    /// The timer counts down once every 2^rate TSC ticks (IA32_VMX_MISC bits 4:0).
+    pub rate: u8,
+    /// "Save VMX-preemption timer value" is on: the count goes on across
+    /// exits; without it every VM entry restarts it from `value`.
+    pub saved: bool,
+}
+
+/// Extra controls on top of the core set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Wanted {
     pub pin: u32,
     pub cpu: u32,
     pub cpu2: u32,
+    pub exit: u32,
+}
+
+impl Wanted {
+    const fn cpu(cpu: u32) -> Wanted {
+        Wanted { pin: 0, cpu, cpu2: 0, exit: 0 }
+    }
+    const fn cpu2(cpu2: u32) -> Wanted {
+        Wanted { pin: 0, cpu: 0, cpu2, exit: 0 }
+    }
+    /// Whether the CPU allows every bit.
+    fn available(&self, p: &VmxProbe) -> bool {
+        adjust(self.pin, p.pinbased).1 == 0
+            && adjust(self.cpu, p.procbased).1 == 0
+            && adjust(self.cpu2, p.procbased2).1 == 0
+            && adjust(self.exit, p.exit).1 == 0
+    }
+}
+
+/// The controls each interception class needs, and the line that reports
+/// it skipped when the CPU lacks one. Interrupt-window exiting is switched
+/// on and off while the guest runs, so it is checked here but not set.
+pub fn class_controls(c: Class) -> (Wanted, &'static str) {
+    match c {
+        // The I/O and MSR bitmaps and HLT exiting are in the core set.
+        Class::Io | Class::Msr | Class::Hlt => (Wanted::default(), ""),
+        Class::Extint => (
+            Wanted { pin: PIN_EXT_INT_EXITING, cpu: CPU_INTERRUPT_WINDOW, cpu2: 0, exit: EXIT_ACK_INTERRUPT },
+            "intercept=extint (external-interrupt exiting, interrupt-window exiting or acknowledge interrupt on exit)",
+        ),
+        Class::Rdtsc => (Wanted::cpu(CPU_RDTSC), "intercept=rdtsc (RDTSC exiting)"),
+        Class::Invlpg => (Wanted::cpu(CPU_INVLPG), "intercept=invlpg (INVLPG exiting)"),
+        Class::Cr3 => (Wanted::cpu(CPU_CR3_LOAD | CPU_CR3_STORE), "intercept=cr3 (CR3-load or CR3-store exiting)"),
+        Class::Pause => (Wanted::cpu(CPU_PAUSE), "intercept=pause (PAUSE exiting)"),
+        Class::Mwait => (Wanted::cpu(CPU_MWAIT | CPU_MONITOR), "intercept=mwait (MWAIT or MONITOR exiting)"),
+        Class::Dr => (Wanted::cpu(CPU_MOV_DR), "intercept=dr (MOV-DR exiting)"),
+        Class::Desc => (Wanted::cpu2(CPU2_DESC_TABLE), "intercept=desc (descriptor-table exiting)"),
+        Class::Rdpmc => (Wanted::cpu(CPU_RDPMC), "intercept=rdpmc (RDPMC exiting)"),
+        Class::Wbinvd => (Wanted::cpu2(CPU2_WBINVD), "intercept=wbinvd (WBINVD exiting)"),
+    }
 }
 
 /// Chooses the controls: the core set (HLT, I/O and MSR bitmaps, EPT,
-/// unrestricted guest, EFER and PAT switching) is required; VPID and the
-/// controls that keep RDTSCP/INVPCID/XSAVES/WAITPKG usable are optional.
-pub fn choose(p: &VmxProbe, extra: Wanted) -> Result<Controls, VmxError> {
+/// unrestricted guest, EFER and PAT switching) is required; VPID, TSC
+/// offsetting, the debug-control switching and the controls that keep
+/// RDTSCP/INVPCID/XSAVES/WAITPKG usable are optional; each interception
+/// class of `want` is on if the CPU has its controls, and otherwise named
+/// in `skipped`.
+pub fn choose(p: &VmxProbe, want: &Interception) -> Result<Controls, VmxError> {
     let basic = p.basic;
     if (basic >> 50) & 0xF != 6 {
         return Err(VmxError::BadBasic("VMCS memory type is not write-back"));
@@ -261,7 +333,7 @@ pub fn choose(p: &VmxProbe, extra: Wanted) -> Result<Controls, VmxError> {
         return Err(VmxError::MissingEptFeature("INVEPT single- or all-context"));
     }
 
-    let mut cpu2 = CPU2_EPT | CPU2_UNRESTRICTED | extra.cpu2;
+    let mut cpu2 = CPU2_EPT | CPU2_UNRESTRICTED;
     // VPID needs INVVPID (bit 32) with single-context (41) or all-context (42).
     let vpid_ok = adjust(CPU2_VPID, p.procbased2).1 == 0 && ev & (1 << 32) != 0 && ev & (3 << 41) != 0;
     if vpid_ok {
@@ -288,17 +360,60 @@ pub fn choose(p: &VmxProbe, extra: Wanted) -> Result<Controls, VmxError> {
     keep(p.has_waitpkg, CPU2_USER_WAIT_PAUSE, "enable user wait and pause: WAITPKG hidden from the guest", &mut h4);
     (c.hide_rdtscp, c.hide_invpcid, c.hide_xsaves, c.hide_waitpkg) = (h1, h2, h3, h4);
 
-    let (cpu2v, dropped2) = adjust(cpu2, p.procbased2);
-    let (pinv, dropped_pin) = adjust(extra.pin, p.pinbased);
-    let (cpuv, dropped_cpu) = adjust(CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY | extra.cpu, p.procbased);
-    if dropped2 | dropped_pin | dropped_cpu != 0 {
-        c.skipped.push("some requested interceptions (see the interception report)");
+    // Optional parts of the core set.
+    let mut extra = Wanted::default();
+    let mut entry = ENTRY_LOAD_EFER | ENTRY_LOAD_PAT;
+    if adjust(CPU_TSC_OFFSETTING, p.procbased).1 == 0 {
+        extra.cpu |= CPU_TSC_OFFSETTING;
+        c.tsc_offsetting = true;
     }
-    c.pin = pinv;
-    c.cpu = cpuv;
-    c.cpu2 = cpu2v;
-    c.exit = adjust(EXIT_HOST_64 | EXIT_SAVE_EFER | EXIT_LOAD_EFER | EXIT_SAVE_PAT | EXIT_LOAD_PAT, p.exit).0;
-    c.entry = adjust(ENTRY_LOAD_EFER | ENTRY_LOAD_PAT, p.entry).0;
+    if adjust(EXIT_SAVE_DEBUG, p.exit).1 == 0 && adjust(ENTRY_LOAD_DEBUG, p.entry).1 == 0 {
+        extra.exit |= EXIT_SAVE_DEBUG;
+        entry |= ENTRY_LOAD_DEBUG;
+        c.debug_ctls = true;
+    } else {
+        c.skipped.push("save/load debug controls: the guest's DR7 and IA32_DEBUGCTL do not survive VM exits");
+    }
+    if c.vpid {
+        c.invvpid_types = ((ev >> 40) & 0xF) as u8;
+    }
+
+    // The interception classes.
+    for info in want.classes.iter() {
+        let (w, name) = class_controls(info.class);
+        if w.available(p) {
+            c.classes.insert(info.class);
+            extra.pin |= w.pin;
+            extra.cpu |= w.cpu & !CPU_INTERRUPT_WINDOW;
+            extra.cpu2 |= w.cpu2;
+            extra.exit |= w.exit;
+        } else {
+            c.skipped.push(name);
+        }
+    }
+    if let Some(ticks) = want.preempt {
+        if adjust(PIN_PREEMPTION_TIMER, p.pinbased).1 == 0 {
+            let rate = (p.misc & 0x1F) as u8;
+            let saved = adjust(EXIT_SAVE_PREEMPTION, p.exit).1 == 0;
+            if saved {
+                extra.exit |= EXIT_SAVE_PREEMPTION;
+            } else {
+                c.skipped.push("save VMX-preemption timer value: the timer restarts at every VM entry");
+            }
+            extra.pin |= PIN_PREEMPTION_TIMER;
+            let value = (ticks >> rate).clamp(1, u32::MAX as u64) as u32;
+            c.preempt = Some(Preempt { ticks, value, rate, saved });
+        } else {
+            c.skipped.push("preempt= (the VMX-preemption timer)");
+        }
+    }
+    c.lazy_ept = want.lazy_ept;
+
+    c.cpu2 = adjust(cpu2 | extra.cpu2, p.procbased2).0;
+    c.pin = adjust(extra.pin, p.pinbased).0;
+    c.cpu = adjust(CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY | extra.cpu, p.procbased).0;
+    c.exit = adjust(EXIT_HOST_64 | EXIT_SAVE_EFER | EXIT_LOAD_EFER | EXIT_SAVE_PAT | EXIT_LOAD_PAT | extra.exit, p.exit).0;
+    c.entry = adjust(entry, p.entry).0;
     Ok(c)
 }
 
@@ -326,6 +441,7 @@ pub fn enabled_reasons(c: &Controls, msr_imm: bool) -> exitscope_stats::ReasonSe
     ]);
     // CR0.NE and CR4.VMXE are always owned by the hypervisor.
     s.insert(28);
+    debug_assert!(s.union(ReasonSet::of(&[12, 30, 31, 32])) == exitscope_stats::intercept::BASE_REASONS);
     let on = |bits: u32, b: u32| bits & b != 0;
     let mut add = |cond: bool, r: u16| {
         if cond {
@@ -334,7 +450,9 @@ pub fn enabled_reasons(c: &Controls, msr_imm: bool) -> exitscope_stats::ReasonSe
     };
     add(on(c.pin, PIN_EXT_INT_EXITING), 1);
     add(on(c.pin, PIN_NMI_EXITING), 0);
-    add(on(c.cpu, CPU_INTERRUPT_WINDOW), 7);
+    // Interrupt-window exiting is switched on while an acknowledged
+    // interrupt waits for the guest to accept it.
+    add(on(c.cpu, CPU_INTERRUPT_WINDOW) || on(c.pin, PIN_EXT_INT_EXITING), 7);
     add(on(c.cpu, CPU_NMI_WINDOW), 8);
     add(on(c.cpu, CPU_HLT), 12);
     add(on(c.cpu, CPU_INVLPG), 14);
@@ -412,7 +530,7 @@ pub mod tests {
 
     #[test]
     fn skylake_x_controls() {
-        let c = choose(&skylake_x(), Wanted::default()).unwrap();
+        let c = choose(&skylake_x(), &Interception::default()).unwrap();
         assert_eq!(c.vmcs_revision, 0x2B);
         assert!(c.vpid && c.ept_2m && c.ept_1g);
         assert_eq!(c.cpu2 & (CPU2_EPT | CPU2_UNRESTRICTED | CPU2_VPID), CPU2_EPT | CPU2_UNRESTRICTED | CPU2_VPID);
@@ -429,21 +547,21 @@ pub mod tests {
     fn missing_features_are_named() {
         let mut p = skylake_x();
         p.procbased2 &= !((CPU2_UNRESTRICTED as u64) << 32);
-        assert_eq!(choose(&p, Wanted::default()), Err(VmxError::MissingControl("unrestricted guest")));
+        assert_eq!(choose(&p, &Interception::default()), Err(VmxError::MissingControl("unrestricted guest")));
         let mut p = skylake_x();
         p.ept_vpid &= !(1 << 6);
-        assert_eq!(choose(&p, Wanted::default()), Err(VmxError::MissingEptFeature("4-level page walk")));
+        assert_eq!(choose(&p, &Interception::default()), Err(VmxError::MissingEptFeature("4-level page walk")));
         let mut p = skylake_x();
         p.procbased2 &= !((CPU2_VPID as u64) << 32);
         p.procbased2 &= !((CPU2_XSAVES as u64) << 32);
-        let c = choose(&p, Wanted::default()).unwrap();
+        let c = choose(&p, &Interception::default()).unwrap();
         assert!(!c.vpid && c.hide_xsaves);
         assert_eq!(c.skipped.len(), 2);
     }
 
     #[test]
     fn enabled_set_follows_the_controls() {
-        let c = choose(&skylake_x(), Wanted::default()).unwrap();
+        let c = choose(&skylake_x(), &Interception::default()).unwrap();
         let e = enabled_reasons(&c, false);
         for r in [2, 3, 4, 10, 12, 13, 18, 28, 30, 31, 32, 48, 55] {
             assert!(e.contains(r), "reason {r} should be enabled");
@@ -451,9 +569,79 @@ pub mod tests {
         for r in [0, 1, 7, 14, 16, 36, 37, 40, 52, 54, 84] {
             assert!(!e.contains(r), "reason {r} should not be enabled");
         }
-        let c2 = choose(&skylake_x(), Wanted { cpu: CPU_RDTSC | CPU_PAUSE, ..Wanted::default() }).unwrap();
+        let want = exitscope_stats::intercept::from_cmdline("intercept=rdtsc,pause").unwrap();
+        let c2 = choose(&skylake_x(), &want).unwrap();
         let e2 = enabled_reasons(&c2, true);
         assert!(e2.contains(16) && e2.contains(40) && e2.contains(51) && e2.contains(84));
+        assert!(!e2.contains(1) && !e2.contains(7) && !e2.contains(52));
+    }
+
+    /// The enablement table: on a CPU with every control, each profile and
+    /// option enables exactly the reasons `exitscope_stats::intercept`
+    /// documents (the base set, each class's reasons, 52 for `preempt=`).
+    #[test]
+    fn enablement_table() {
+        use exitscope_stats::intercept::{from_cmdline, Profile, CLASSES};
+        let lines: std::vec::Vec<std::string::String> = Profile::ALL_PROFILES
+            .iter()
+            .map(|p| std::format!("profile={}", p.name()))
+            .chain(CLASSES.iter().map(|c| std::format!("intercept={}", c.name)))
+            .chain(["preempt=100000", "ept=lazy", "profile=all preempt=5000", "profile=all intercept=-rdtsc,-invlpg"].map(Into::into))
+            .collect();
+        for line in &lines {
+            let want = from_cmdline(line).unwrap();
+            let c = choose(&skylake_x(), &want).unwrap();
+            assert!(c.skipped.is_empty(), "{line}: {:?}", c.skipped);
+            assert_eq!(c.classes, want.classes, "{line}");
+            assert_eq!(enabled_reasons(&c, false), want.reasons(), "{line}");
+        }
+        // Controls of the all profile.
+        let c = choose(&skylake_x(), &from_cmdline("profile=all preempt=5000").unwrap()).unwrap();
+        for (bits, b) in [
+            (c.cpu, CPU_RDTSC | CPU_INVLPG | CPU_CR3_LOAD | CPU_CR3_STORE | CPU_PAUSE | CPU_MWAIT | CPU_MONITOR | CPU_MOV_DR | CPU_RDPMC),
+            (c.cpu2, CPU2_DESC_TABLE | CPU2_WBINVD),
+            (c.pin, PIN_EXT_INT_EXITING | PIN_PREEMPTION_TIMER),
+            (c.exit, EXIT_ACK_INTERRUPT | EXIT_SAVE_PREEMPTION | EXIT_SAVE_DEBUG),
+        ] {
+            assert_eq!(bits & b, b);
+        }
+        // Interrupt-window exiting is off until an interrupt waits.
+        assert_eq!(c.cpu & CPU_INTERRUPT_WINDOW, 0);
+        assert!(c.lazy_ept && c.tsc_offsetting && c.debug_ctls);
+        assert_eq!(c.preempt, Some(Preempt { ticks: 5000, value: 5000, rate: 0, saved: true }));
+        assert_eq!(c.invvpid_types, 0xF);
+        // The minimal profile asks for none of them.
+        let m = choose(&skylake_x(), &Interception::default()).unwrap();
+        assert_eq!(m.cpu & (CPU_RDTSC | CPU_INVLPG | CPU_CR3_LOAD | CPU_PAUSE | CPU_MOV_DR), 0);
+        assert_eq!(m.pin & (PIN_EXT_INT_EXITING | PIN_PREEMPTION_TIMER), 0);
+        assert!(!m.lazy_ept && m.preempt.is_none());
+    }
+
+    #[test]
+    fn missing_interception_controls_are_reported_and_skipped() {
+        use exitscope_stats::intercept::{from_cmdline, Class};
+        let mut p = skylake_x();
+        p.exit &= !((EXIT_ACK_INTERRUPT as u64) << 32);
+        p.procbased2 &= !((CPU2_DESC_TABLE as u64) << 32);
+        p.pinbased &= !((PIN_PREEMPTION_TIMER as u64) << 32);
+        p.misc = (p.misc & !0x1F) | 5;
+        let c = choose(&p, &from_cmdline("profile=all preempt=100000").unwrap()).unwrap();
+        assert!(!c.classes.contains(Class::Extint) && !c.classes.contains(Class::Desc));
+        assert!(c.classes.contains(Class::Rdtsc));
+        assert_eq!(c.pin & PIN_EXT_INT_EXITING, 0, "no half-enabled class");
+        assert!(c.preempt.is_none());
+        for s in ["intercept=extint", "intercept=desc", "preempt="] {
+            assert!(c.skipped.iter().any(|x| x.starts_with(s)), "{s} not reported: {:?}", c.skipped);
+        }
+        let e = enabled_reasons(&c, false);
+        for r in [1, 7, 46, 47, 52] {
+            assert!(!e.contains(r), "reason {r}");
+        }
+        // The timer's rate divides the period.
+        let mut p = skylake_x();
+        p.misc = (p.misc & !0x1F) | 5;
+        let c = choose(&p, &from_cmdline("preempt=100000").unwrap()).unwrap();
+        assert_eq!(c.preempt.unwrap().value, 100000 >> 5);
     }
 
     #[test]

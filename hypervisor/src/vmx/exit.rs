@@ -9,6 +9,7 @@
 //! after the second (about 20 instructions in all; see BENCHMARKS.md).
 
 use super::caps::bits::ENTRY_IA32E_GUEST;
+use super::intercept;
 use super::vcpu::{self, VcpuState};
 use super::{control, guest, ro, vmread, vmwrite};
 use crate::cpu::{self, msr};
@@ -124,6 +125,20 @@ pub enum Exit {
     Vmcall,
     Invd,
     Wbinvd,
+    // The interception classes (vmx/intercept.rs).
+    ExternalInterrupt,
+    InterruptWindow,
+    PreemptionTimer,
+    Rdtsc,
+    Rdtscp,
+    Rdpmc,
+    Invlpg,
+    Invpcid,
+    MovDr,
+    /// PAUSE, MONITOR, MWAIT: no-ops.
+    Nop,
+    GdtrIdtr,
+    LdtrTr,
     /// An instruction the guest may not use (VMX, SMX, TDX): #UD.
     Undefined,
     EptViolation,
@@ -151,6 +166,18 @@ pub const fn classify(basic: u16) -> Exit {
         18 => Exit::Vmcall,
         13 => Exit::Invd,
         54 => Exit::Wbinvd,
+        1 => Exit::ExternalInterrupt,
+        7 => Exit::InterruptWindow,
+        52 => Exit::PreemptionTimer,
+        16 => Exit::Rdtsc,
+        51 => Exit::Rdtscp,
+        15 => Exit::Rdpmc,
+        14 => Exit::Invlpg,
+        58 => Exit::Invpcid,
+        29 => Exit::MovDr,
+        36 | 39 | 40 => Exit::Nop,
+        46 => Exit::GdtrIdtr,
+        47 => Exit::LdtrTr,
         11 | 19..=27 | 50 | 53 | 59 | 76 | 77 => Exit::Undefined,
         48 => Exit::EptViolation,
         49 => Exit::EptMisconfig,
@@ -189,6 +216,18 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
             skip(v);
         }
         Exit::Undefined => inject(vector::UD, None),
+        Exit::ExternalInterrupt => intercept::external_interrupt(v),
+        Exit::InterruptWindow => intercept::interrupt_window(v),
+        Exit::PreemptionTimer => intercept::preemption_timer(v),
+        Exit::Rdtsc => intercept::rdtsc(v),
+        Exit::Rdtscp => intercept::rdtscp(v),
+        Exit::Rdpmc => intercept::rdpmc(v),
+        Exit::Invlpg => intercept::invlpg(v),
+        Exit::Invpcid => intercept::invpcid(v),
+        Exit::MovDr => intercept::mov_dr(v),
+        Exit::Nop => intercept::nop(v),
+        Exit::GdtrIdtr => intercept::gdtr_idtr(v),
+        Exit::LdtrTr => intercept::ldtr_tr(v),
         Exit::EptViolation => ept_violation(v),
         Exit::EptMisconfig => end_guest(v, GuestEnd::Stopped("EPT misconfiguration (a hypervisor bug)")),
         Exit::TripleFault => end_guest(v, GuestEnd::TripleFault),
@@ -225,17 +264,20 @@ pub fn account(v: &VcpuState, basic: u16) {
 /// Exception vectors.
 pub mod vector {
     pub const UD: u8 = 6;
+    pub const NP: u8 = 11;
     pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
 }
 
-/// Injects a hardware exception at the current guest instruction.
+/// Injects a hardware exception at the current guest instruction. In real
+/// mode (CR0.PE = 0) no error code is delivered, as on the CPU.
 pub fn inject(vector: u8, error: Option<u32>) {
     let shadow = vmread(guest::INTERRUPTIBILITY_STATE);
     if shadow & 4 != 0 {
         vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !4); // see advance()
     }
     let mut info = vector as u64 | 3 << 8 | 1 << 31;
-    if let Some(e) = error {
+    if let Some(e) = error.filter(|_| vmread(guest::CR0) & CR0_PE != 0) {
         info |= 1 << 11;
         vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, e as u64);
     }
@@ -303,6 +345,9 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
             match (leaf, sub) {
                 (1, _) => {
                     r[2] &= !(1 << 5 | 1 << 6); // VMX, SMX
+                    if h.monitor {
+                        r[2] &= !(1 << 3); // MONITOR/MWAIT, intercepted
+                    }
                     r[2] |= 1 << 31; // running under a hypervisor
                     // OSXSAVE mirrors the guest's CR4.OSXSAVE, not the host's.
                     r[2] = (r[2] & !(1 << 27)) | (((vmread(guest::CR4) >> 18) & 1) as u32) << 27;
@@ -318,6 +363,7 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
                     }
                 }
                 (0xD, 1) if h.xsaves => r[0] &= !(1 << 3),
+                (5, _) if h.monitor => r = [0; 4],
                 (0x8000_0001, _) if h.rdtscp => r[3] &= !(1 << 27),
                 _ => {}
             }
@@ -347,6 +393,7 @@ fn init_signal(v: &mut VcpuState) {
     v.entry_ctls &= !ENTRY_IA32E_GUEST;
     vmwrite(control::VMENTRY_CONTROLS, v.entry_ctls as u64);
     vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    intercept::reset_events(v);
     // After INIT, EDX holds the processor signature; the rest is zero.
     v.regs = vcpu::GuestRegs { rdx: cpu::cpuid(1, 0)[0] as u64, ..Default::default() };
     flush_guest_tlb(v);
@@ -381,6 +428,9 @@ fn hlt(v: &mut VcpuState) {
         if (halted | waiting) & all == all {
             end_guest(v, GuestEnd::Halted);
         }
+    } else if !v.irqs.is_empty() {
+        // An interrupt acknowledged on exit waits: it wakes the HLT at once.
+        return intercept::deliver_irqs(v);
     }
     // Wait for the next interrupt in the guest's HLT state, not in a spin.
     vmwrite(guest::ACTIVITY_STATE, 1);
@@ -468,7 +518,7 @@ fn io(v: &mut VcpuState) {
     #[cfg(feature = "detailed")]
     v.detail.io_ports.record(a.port as u64);
     if a.string {
-        end_guest(v, GuestEnd::Stopped("string I/O (INS/OUTS) to an intercepted port is not supported"));
+        return intercept::string_io(v, a);
     }
     let mask: u64 = match a.size {
         1 => 0xFF,
@@ -476,36 +526,46 @@ fn io(v: &mut VcpuState) {
         _ => 0xFFFF_FFFF,
     };
     if a.input {
-        // SAFETY: the guest owns these devices; the hypervisor only watches them.
-        let val = unsafe {
-            match a.size {
-                1 => cpu::inb(a.port) as u64,
-                2 => cpu::inw(a.port) as u64,
-                _ => cpu::inl(a.port) as u64,
-            }
-        };
+        let val = port_in(a.port, a.size) as u64;
         // A 32-bit IN zero-extends into RAX; 8/16-bit INs keep the rest.
         v.regs.rax = if a.size == 4 { val } else { (v.regs.rax & !mask) | val };
     } else {
-        let val = (v.regs.rax & mask) as u32;
-        match classify_out(&shared().watch, a.port, a.size, val) {
-            PortEvent::End(e) => end_guest(v, e),
-            PortEvent::Swallow => {
-                if a.port == 0x8900 {
-                    bochs_shutdown_byte(v, val as u8);
-                }
-            }
-            // SAFETY: as above: a write the guest is entitled to.
-            PortEvent::PassThrough => unsafe {
-                match a.size {
-                    1 => cpu::outb(a.port, val as u8),
-                    2 => cpu::outw(a.port, val as u16),
-                    _ => cpu::outl(a.port, val),
-                }
-            },
-        }
+        port_out(v, a.port, a.size, (v.regs.rax & mask) as u32);
     }
     skip(v);
+}
+
+/// Reads `size` bytes from `port` for the guest.
+pub(super) fn port_in(port: u16, size: u8) -> u32 {
+    // SAFETY: the guest owns these devices; the hypervisor only watches them.
+    unsafe {
+        match size {
+            1 => cpu::inb(port) as u32,
+            2 => cpu::inw(port) as u32,
+            _ => cpu::inl(port),
+        }
+    }
+}
+
+/// Writes `val` (`size` bytes) to `port` for the guest, or ends the run if
+/// the write does (see [`classify_out`]).
+pub(super) fn port_out(v: &mut VcpuState, port: u16, size: u8, val: u32) {
+    match classify_out(&shared().watch, port, size, val) {
+        PortEvent::End(e) => end_guest(v, e),
+        PortEvent::Swallow => {
+            if port == 0x8900 {
+                bochs_shutdown_byte(v, val as u8);
+            }
+        }
+        // SAFETY: as above: a write the guest is entitled to.
+        PortEvent::PassThrough => unsafe {
+            match size {
+                1 => cpu::outb(port, val as u8),
+                2 => cpu::outw(port, val as u16),
+                _ => cpu::outl(port, val),
+            }
+        },
+    }
 }
 
 /// Bochs powers off when "Shutdown" is written to port 0x8900.
@@ -545,7 +605,7 @@ fn rdmsr(v: &mut VcpuState) {
     let value = match m {
         msr::IA32_FEATURE_CONTROL => idt::rdmsr_safe(m).map(guest_feature_control),
         _ if is_vmx_msr(m) => None,
-        _ => idt::rdmsr_safe(m),
+        _ => intercept::rdmsr(m),
     };
     match value {
         Some(x) => {
@@ -567,7 +627,10 @@ fn wrmsr(v: &mut VcpuState) {
         msr::IA32_FEATURE_CONTROL => false,
         X2APIC_ICR if shared().apic_trap.is_some() => super::apic::x2apic_icr(v, value) || idt::wrmsr_safe(m, value),
         _ if is_vmx_msr(m) => false,
-        _ => idt::wrmsr_safe(m, value),
+        // An outer hypervisor's paravirtual MSRs take physical addresses it
+        // would write to: never forward them (see isolation.rs).
+        _ if !super::isolation::forward_msr_write(m) => false,
+        _ => intercept::wrmsr(m, value),
     };
     if ok {
         skip(v);
@@ -629,11 +692,16 @@ fn cr_access(v: &mut VcpuState) {
                 false // VMX is not offered to the guest; other bits unsupported
             } else {
                 vcpu::set_cr4(c, new).is_ok() && {
-                    update_pdptes();
+                    update_pdptes(v);
                     flush_guest_tlb(v);
                     true
                 }
             }
+        }
+        (3, 0) => intercept::mov_to_cr3(v, v.regs.get(a.gpr)),
+        (3, 1) => {
+            intercept::mov_from_cr3(v, a.gpr);
+            true
         }
         _ => end_guest(v, GuestEnd::Stopped("unexpected control-register access")),
     };
@@ -668,24 +736,24 @@ fn write_cr0(v: &mut VcpuState, new: u64) -> bool {
     if vcpu::set_cr0(c, new).is_err() {
         return false;
     }
-    update_pdptes();
+    update_pdptes(v);
     flush_guest_tlb(v);
     true
 }
 
 /// In PAE paging without long mode, VM entry loads the four PDPTEs from the
 /// VMCS; refresh them from guest CR3 after an emulated CR write.
-fn update_pdptes() {
+pub(super) fn update_pdptes(v: &VcpuState) {
+    use crate::bootinfo::PhysMem;
     let (cr0, cr4, efer) = (vmread(guest::CR0), vmread(guest::CR4), vmread(guest::IA32_EFER_FULL));
     if cr0 & CR0_PG != 0 && cr4 & CR4_PAE != 0 && efer & EFER_LMA == 0 {
         let base = vmread(guest::CR3) & 0xFFFF_FFE0;
+        // Read through a view of guest RAM only: CR3 is the guest's to set.
+        // A PDPTE outside guest RAM reads as not present.
+        let mem = super::isolation::GuestView::new(v.eptp, shared().footprint);
         for i in 0..4u64 {
-            // The guest's CR3 is guest-physical, identity-mapped by EPT.
-            if base < shared().footprint.0 || base >= shared().footprint.1 {
-                // SAFETY: reading guest RAM through the identity map.
-                let e = unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u64>(base + i * 8)) };
-                vmwrite(guest::PDPTE0_FULL + (i as u32) * 2, e);
-            }
+            let e = mem.u64_at(base + i * 8).unwrap_or(0);
+            vmwrite(guest::PDPTE0_FULL + (i as u32) * 2, e);
         }
     }
 }
@@ -739,6 +807,11 @@ fn vmcall(v: &mut VcpuState) {
 // EPT and the rest
 
 fn ept_violation(v: &mut VcpuState) {
+    // ept=lazy: a page of guest memory not mapped yet is no access outside it.
+    if shared().controls.lazy_ept && intercept::lazy_ept(v) {
+        return;
+    }
+    if super::isolation::ept_violation(v) { return; } // memory outside the guest: isolation.rs
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     #[cfg(feature = "detailed")]
     v.detail.ept_regions.record(gpa >> 21);
@@ -808,8 +881,11 @@ mod tests {
     #[test]
     fn every_enabled_reason_has_a_handler() {
         use exitscope_stats::reasons::REASONS;
-        let c = crate::vmx::caps::choose(&crate::vmx::caps::tests::skylake_x(), Default::default()).unwrap();
+        // The widest configuration: every class and the preemption timer.
+        let want = exitscope_stats::intercept::from_cmdline("profile=all preempt=100000").unwrap();
+        let c = crate::vmx::caps::choose(&crate::vmx::caps::tests::skylake_x(), &want).unwrap();
         let enabled = crate::vmx::caps::enabled_reasons(&c, false);
+        assert!(enabled.contains(52) && enabled.contains(7));
         for r in REASONS.iter().filter(|r| enabled.contains(r.number as u32)) {
             assert!(!matches!(classify(r.number), Exit::Unexpected(_)), "no handler for enabled reason {} {}", r.number, r.name);
         }
@@ -818,7 +894,7 @@ mod tests {
     #[test]
     fn io_qualification() {
         // OUT DX, AL to 0x92: size 1, out, not string.
-        let a = IoAccess::decode(0x0092_0000 | 0);
+        let a = IoAccess::decode(0x0092_0000);
         assert_eq!(a, IoAccess { port: 0x92, size: 1, input: false, string: false, rep: false });
         let a = IoAccess::decode(0x0CF8_0000 | 3 | 8);
         assert_eq!((a.port, a.size, a.input), (0xCF8, 4, true));

@@ -4,6 +4,8 @@
 pub mod apic;
 pub mod caps;
 pub mod exit;
+pub mod intercept;
+pub mod isolation;
 pub mod vcpu;
 
 use core::arch::asm;
@@ -86,6 +88,55 @@ pub fn invvpid_single(vpid: u16) {
     let desc: [u64; 2] = [vpid as u64, 0];
     // SAFETY: in VMX operation with VPID enabled (checked at bring-up).
     unsafe { asm!("invvpid {}, [{}]", in(reg) 1u64, in(reg) &desc, options(nostack)) };
+}
+
+/// INVVPID of `ty` (0 individual address, 1 single context, 2 all
+/// contexts, 3 single context retaining globals) for `vpid` and linear
+/// address `la` (used by type 0 only, which needs it canonical).
+pub fn invvpid(ty: u64, vpid: u16, la: u64) {
+    let desc: [u64; 2] = [vpid as u64, la];
+    // SAFETY: in VMX operation with VPID enabled; the caller picks a type
+    // the CPU reports in IA32_VMX_EPT_VPID_CAP.
+    unsafe { asm!("invvpid {}, [{}]", in(reg) ty, in(reg) &desc, options(nostack)) };
+}
+
+/// Reads debug register DR`n` (0-3 or 6), which the hypervisor never uses:
+/// what it holds is the guest's.
+pub fn read_dr(n: u8) -> u64 {
+    let v: u64;
+    // SAFETY: reading a debug register in ring 0 has no side effects.
+    unsafe {
+        match n {
+            0 => asm!("mov {}, dr0", out(reg) v, options(nomem, nostack)),
+            1 => asm!("mov {}, dr1", out(reg) v, options(nomem, nostack)),
+            2 => asm!("mov {}, dr2", out(reg) v, options(nomem, nostack)),
+            3 => asm!("mov {}, dr3", out(reg) v, options(nomem, nostack)),
+            _ => asm!("mov {}, dr6", out(reg) v, options(nomem, nostack)),
+        }
+    }
+    v
+}
+
+/// Writes debug register DR`n` (0-3 or 6) for the guest. Root mode runs
+/// with DR7 = 0x400 (a VM exit sets it), so the breakpoints stay off here.
+pub fn write_dr(n: u8, v: u64) {
+    // SAFETY: as above; DR7 keeps breakpoints disabled in root mode.
+    unsafe {
+        match n {
+            0 => asm!("mov dr0, {}", in(reg) v, options(nomem, nostack)),
+            1 => asm!("mov dr1, {}", in(reg) v, options(nomem, nostack)),
+            2 => asm!("mov dr2, {}", in(reg) v, options(nomem, nostack)),
+            3 => asm!("mov dr3, {}", in(reg) v, options(nomem, nostack)),
+            _ => asm!("mov dr6, {}", in(reg) v, options(nomem, nostack)),
+        }
+    }
+}
+
+/// Sets CR2 for a page fault injected into the guest (VMX does not switch
+/// CR2, and the hypervisor takes no page faults of its own).
+pub fn write_cr2(v: u64) {
+    // SAFETY: CR2 only reports the last page-fault address.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack)) };
 }
 
 /// Names of VM-instruction errors (SDM Vol. 3, 31.4).

@@ -102,6 +102,12 @@ pub struct VcpuState {
     /// Bytes written to Bochs' shutdown port (0x8900) so far.
     pub shutdown_buf: [u8; 8],
     pub shutdown_len: usize,
+    /// External interrupts acknowledged on exit, waiting for the guest to
+    /// accept one (`intercept=extint`).
+    pub irqs: crate::emulate::IrqQueue,
+    /// Primary processor-based controls as last written (interrupt-window
+    /// exiting comes and goes).
+    pub proc_ctls: u32,
 }
 
 pub const OFFSET_TSC_EXIT: usize = 120;
@@ -163,6 +169,8 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
             last_exit: 0,
             shutdown_buf: [0; 8],
             shutdown_len: 0,
+            irqs: crate::emulate::IrqQueue([0; 4]),
+            proc_ctls: 0,
         });
         tables_ptr.write(crate::idt::PerCpuTables::new(ist_top));
         (&mut *state_ptr, &mut *tables_ptr)
@@ -251,6 +259,13 @@ pub fn setup_vmcs(
     v.entry_ctls = c.entry | if long { ENTRY_IA32E_GUEST } else { 0 };
     w(control::PINBASED_EXEC_CONTROLS, c.pin as u64)?;
     w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, c.cpu as u64)?;
+    v.proc_ctls = c.cpu;
+    if c.tsc_offsetting {
+        w(control::TSC_OFFSET_FULL, 0)?;
+    }
+    if let Some(p) = c.preempt {
+        w(guest::VMX_PREEMPTION_TIMER_VALUE, p.value as u64)?;
+    }
     w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, c.cpu2 as u64)?;
     w(control::VMEXIT_CONTROLS, c.exit as u64)?;
     w(control::VMENTRY_CONTROLS, v.entry_ctls as u64)?;

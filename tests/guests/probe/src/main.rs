@@ -21,7 +21,15 @@
 //! 5. A sweep over every defined reason: register conventions, never-enabled
 //!    reasons all zero, cycles >= exits, and the totals equal the sums.
 //! 6. Undefined reason numbers give EDX = 0xFFFFFFFF, the rest 0.
-//! 7. Only with `smp=N` (N CPUs in all, 2..=64), after steps 1-6: starts
+//! 7. Interception (`intercept.rs`): the probe's command line carries the
+//!    hypervisor's interception words (`profile=`, `intercept=`, `preempt=`,
+//!    `ept=`, parsed by `exitscope_stats::intercept`). For each option that
+//!    is on, its exit N times and exactly +N on the reason's leaf (and the
+//!    instruction's architectural result); for each that is off, no exit
+//!    and all-zero leaves. Step 5 also expects all zeros for every reason
+//!    the options leave off, and with `preempt=` the total-exit checks
+//!    allow for the timer's exits that land in a window.
+//! 8. Only with `smp=N` (N CPUs in all, 2..=64), after steps 1-7: starts
 //!    the N-1 APs (guest-rt's trampoline at physical 0, SIPI vector 0), lets
 //!    each execute `ap_iters=K` (default 10000) CPUID(0) and checks that
 //!    FE(10) grew by exactly (N-1) * K + 1 across them (see `smp.rs`).
@@ -31,12 +39,15 @@
 //! the exits being measured; a failed check prints and halts at once.
 //!
 //! Command line: `iters=N` overrides the 1000 of step 3; `smp=N`,
-//! `ap_iters=K` and `smp_start=broadcast|linux` select and shape step 7.
+//! `ap_iters=K` and `smp_start=broadcast|linux` select and shape step 8;
+//! the interception words shape steps 5 and 7.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 #[macro_use]
 mod probe;
+#[cfg(target_os = "none")]
+mod intercept;
 #[cfg(target_os = "none")]
 mod smp;
 

@@ -1,13 +1,15 @@
 //! The probe's checks (see the crate docs for the list).
 
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
+use exitscope_stats::intercept::{self, Interception};
 use exitscope_stats::leaf::{
     join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD,
     LEAF_TOTAL_EXITS as FC, UNDEFINED_EDX,
 };
 use exitscope_stats::reasons::{self, Reason, MAX_DEFINED, REASONS, SLOTS};
-use guest_rt::{cpuid, cpuid_count, halt_forever, println, BootInfo};
+use guest_rt::{cpuid, cpuid_count, halt_forever, print, println, BootInfo};
 
 /// Hypervisor signature leaf and the signature Exitscope promises there.
 const HV_LEAF: u32 = 0x4000_0000;
@@ -33,6 +35,21 @@ const HC_NO_SUCH_HYPERCALL: u64 = (-1000i64) as u64;
 const DEFAULT_ITERS: u32 = 1000;
 /// Iterations of each exit type in step 4.
 const EXIT_ITERS: u32 = 16;
+
+/// Whether the preemption timer is on (`preempt=`): its exits can land in
+/// any measurement window, so total-exit checks allow for them.
+static PREEMPT: AtomicBool = AtomicBool::new(false);
+
+/// Preemption-timer exits so far (0 when the timer is off). Read before and
+/// after a measurement window, the difference bounds the timer exits that
+/// landed in it.
+pub(crate) fn timer_exits() -> u64 {
+    if PREEMPT.load(Ordering::Relaxed) {
+        u64::from(cpuid(FE, intercept::PREEMPT_REASON.into())[0])
+    } else {
+        0
+    }
+}
 
 /// Prints the CPUID count and the failure, then halts. The count line comes
 /// after the last CPUID the probe executes.
@@ -121,8 +138,19 @@ pub(crate) fn expect_eq(what: fmt::Arguments<'_>, expected: u64, actual: u64) {
     }
 }
 
+/// Fails unless `actual` is `expected` plus at most `slack` (timer exits
+/// that landed in the window; 0 without `preempt=`).
+pub(crate) fn expect_total(what: fmt::Arguments<'_>, expected: u64, actual: u64, slack: u64) {
+    if actual < expected || actual - expected > slack {
+        if slack == 0 {
+            fail!("{what}: expected {expected}, got {actual}");
+        }
+        fail!("{what}: expected {expected} (+ up to {slack} preemption-timer exits), got {actual}");
+    }
+}
+
 /// Fails unless `actual >= min`.
-fn expect_at_least(what: fmt::Arguments<'_>, min: u64, actual: u64) {
+pub(crate) fn expect_at_least(what: fmt::Arguments<'_>, min: u64, actual: u64) {
     if actual < min {
         fail!("{what}: expected at least {min}, got {actual}");
     }
@@ -137,8 +165,10 @@ pub(crate) struct Known {
     xsetbv: &'static Reason,
     cr: &'static Reason,
     invd: &'static Reason,
-    /// Defined reasons Exitscope never enables in this configuration.
-    never: [&'static Reason; 2],
+    /// The interception this run asked for (the hypervisor's options, also
+    /// on the probe's command line): reasons whose class is off must read
+    /// all zeros.
+    pub(crate) icpt: Interception,
 }
 
 pub fn main(boot: BootInfo) -> ! {
@@ -157,6 +187,12 @@ pub fn main(boot: BootInfo) -> ! {
     if let Some(c) = smp {
         println!("PROBE smp mode: expecting {} CPUs", c.cpus);
     }
+    let icpt = match intercept::from_cmdline(boot.cmdline()) {
+        Ok(i) => i,
+        Err(e) => fail!("bad interception options on the command line: {e}"),
+    };
+    PREEMPT.store(icpt.preempt.is_some(), Ordering::Relaxed);
+    crate::intercept::setup(&icpt);
     let k = Known {
         cpuid: reason("CPUID"),
         vmcall: reason("VMCALL"),
@@ -165,7 +201,7 @@ pub fn main(boot: BootInfo) -> ! {
         xsetbv: reason("XSETBV"),
         cr: reason("CR_ACCESS"),
         invd: reason("INVD"),
-        never: [reason("MONITOR_TRAP_FLAG"), reason("EXTERNAL_INTERRUPT")],
+        icpt,
     };
 
     let leaf1_ecx = step1_signature();
@@ -174,6 +210,7 @@ pub fn main(boot: BootInfo) -> ! {
     let xsetbv_exits = step4_exits(&k, leaf1_ecx);
     step5_sweep(&k, xsetbv_exits);
     step6_undefined();
+    crate::intercept::run(&k, smp.is_some());
     if let Some(c) = smp {
         crate::smp::run(&k, c);
     }
@@ -238,18 +275,22 @@ fn step2_totals(k: &Known) {
         e.into(),
     );
 
+    let t0 = timer_exits();
     let a = total_exits(0);
     let b = total_exits(0);
     let c = total_exits(0xFFFF_FFFF); // ECX is ignored by this leaf
-    expect_eq(
+    let slack = timer_exits() - t0;
+    expect_total(
         format_args!("back-to-back FC reads: difference (a={a}, b={b})"),
         1,
         b.wrapping_sub(a).into(),
+        slack,
     );
-    expect_eq(
+    expect_total(
         format_args!("FC with ecx=0xffffffff after FC: difference (b={b}, c={c})"),
         1,
         c.wrapping_sub(b).into(),
+        slack,
     );
 
     let d0 = total_cycles();
@@ -268,6 +309,7 @@ fn step2_totals(k: &Known) {
 /// * FE(10): FE(before) + FC(before) + n + FC(after)    = n + 3
 /// * FF(10): FF, FE, FC before + n + FC, FE after       = n + 5 exits
 fn step3_cpuid_delta(k: &Known, n: u32) {
+    let t0 = timer_exits();
     let f0 = reason_cycles(k.cpuid);
     let e0 = reason_exits(k.cpuid);
     let c0 = total_exits(0);
@@ -277,12 +319,14 @@ fn step3_cpuid_delta(k: &Known, n: u32) {
     let c1 = total_exits(0);
     let e1 = reason_exits(k.cpuid);
     let f1 = reason_cycles(k.cpuid);
+    let slack = timer_exits() - t0;
 
     let n64 = u64::from(n);
-    expect_eq(
+    expect_total(
         format_args!("FC around {n} CPUID(0) (FC read just before and just after the loop): delta"),
         (n64 + 1) & 0xFFFF_FFFF,
         c1.wrapping_sub(c0).into(),
+        slack,
     );
     expect_eq(
         format_args!(
@@ -311,46 +355,61 @@ fn step3_cpuid_delta(k: &Known, n: u32) {
 /// where each run causes `per_iter` exits of `r` and nothing else, and checks:
 /// FE(r) grows by exactly `iters * per_iter`, FC by that plus 1 (its own
 /// first query), FF(r) by at least that many cycles.
-fn measure(label: &str, r: &Reason, iters: u32, per_iter: u32, mut action: impl FnMut(u32)) {
-    let f0 = reason_cycles(r);
-    let e0 = reason_exits(r);
+fn measure(label: &str, r: &Reason, iters: u32, per_iter: u32, action: impl FnMut(u32)) {
+    measure_n(label, &[(r, per_iter)], iters, action);
+}
+
+/// [`measure`] for an action that causes exits of several reasons: each
+/// run causes `per_iter` exits of each `(reason, per_iter)` and nothing
+/// else (none of them CPUID). FE of each grows by exactly `iters *
+/// per_iter`, FC by the sum plus 1, FF of the first reason by at least its
+/// exits. Queries: FF(r0) FE(r0..rn) FC, the runs, FC FE(rn..r0) FF(r0).
+pub(crate) fn measure_n(label: &str, rs: &[(&Reason, u32)], iters: u32, mut action: impl FnMut(u32)) {
+    const MAX: usize = 4;
+    if rs.is_empty() || rs.len() > MAX {
+        fail!("{label}: measure_n takes 1 to {MAX} reasons");
+    }
+    let t0 = timer_exits();
+    let f0 = reason_cycles(rs[0].0);
+    let mut e0 = [0u32; MAX];
+    for (i, (r, _)) in rs.iter().enumerate() {
+        e0[i] = reason_exits(r);
+    }
     let c0 = total_exits(0);
     for i in 0..iters {
         action(i);
     }
     let c1 = total_exits(0);
-    let e1 = reason_exits(r);
-    let f1 = reason_cycles(r);
+    let mut e1 = [0u32; MAX];
+    for (i, (r, _)) in rs.iter().enumerate().rev() {
+        e1[i] = reason_exits(r);
+    }
+    let f1 = reason_cycles(rs[0].0);
+    let slack = timer_exits() - t0;
 
-    let exits = u64::from(iters) * u64::from(per_iter);
-    expect_eq(
-        format_args!(
-            "{label}: FE({}) delta over {iters} iterations ({per_iter} exit(s) each)",
-            r.number
-        ),
-        exits & 0xFFFF_FFFF,
-        e1.wrapping_sub(e0).into(),
-    );
-    expect_eq(
-        format_args!(
-            "{label}: FC delta ({exits} {} exits + 1 for the first FC query)",
-            r.key
-        ),
-        (exits + 1) & 0xFFFF_FFFF,
+    let mut all = 0u64;
+    for (i, &(r, per_iter)) in rs.iter().enumerate() {
+        let exits = u64::from(iters) * u64::from(per_iter);
+        all += exits;
+        expect_eq(
+            format_args!("{label}: FE({}) {} delta over {iters} iterations ({per_iter} exit(s) each)", r.number, r.key),
+            exits & 0xFFFF_FFFF,
+            e1[i].wrapping_sub(e0[i]).into(),
+        );
+    }
+    expect_total(
+        format_args!("{label}: FC delta ({all} exits + 1 for the first FC query)"),
+        (all + 1) & 0xFFFF_FFFF,
         c1.wrapping_sub(c0).into(),
+        slack,
     );
-    expect_at_least(
-        format_args!("{label}: FF({}) cycle delta", r.number),
-        exits,
-        f1.wrapping_sub(f0),
-    );
-    println!(
-        "PROBE {label} ok (reason {} {}: +{} exits, +{} cycles)",
-        r.number,
-        r.key,
-        e1.wrapping_sub(e0),
-        f1.wrapping_sub(f0)
-    );
+    let first = u64::from(iters) * u64::from(rs[0].1);
+    expect_at_least(format_args!("{label}: FF({}) cycle delta", rs[0].0.number), first, f1.wrapping_sub(f0));
+    print!("PROBE {label} ok (");
+    for (i, (r, _)) in rs.iter().enumerate() {
+        print!("{}reason {} {}: +{} exits", if i > 0 { ", " } else { "" }, r.number, r.key, e1[i].wrapping_sub(e0[i]));
+    }
+    println!("; +{} cycles)", f1.wrapping_sub(f0));
 }
 
 /// VMCALL RAX=0 with patterns in every other general register the asm can
@@ -504,6 +563,8 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
     }
     let t = cpuid(FC, 0);
     let d = cpuid(FD, 0);
+    // Timer exits after the sweep read FE(52) and before FC (none without preempt=).
+    let late_timer = timer_exits().saturating_sub(fe[usize::from(intercept::PREEMPT_REASON)][0].into());
 
     // Register conventions first.
     if t[1..] != [0, 0, 0] {
@@ -520,11 +581,11 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
     }
     for r in REASONS.iter() {
         let n = usize::from(r.number);
-        if k.never.iter().any(|x| x.number == r.number) {
+        if k.icpt.reason_off(r.number) {
             for (leaf, a) in [(FE, fe[n]), (FF, ff[n])] {
                 if a != [0; 4] {
                     fail!(
-                        "CPUID {leaf:#x} ecx={} ({}, never enabled): expected all zero, got {}",
+                        "CPUID {leaf:#x} ecx={} ({}, not enabled by these options): expected all zero, got {}",
                         r.number,
                         r.name,
                         Regs(a)
@@ -587,12 +648,13 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
         .fold(0u32, |s, r| s.wrapping_add(fe[usize::from(r.number)][0]));
     let unseen = 2 * (REASONS.len() as u64 - pos10); // FE(10), FF(10), and 2 per later reason
     let expected_t = u64::from(sum_exits.wrapping_add(unseen as u32));
-    expect_eq(
+    expect_total(
         format_args!(
             "FC after the sweep = sum of FE(r) ({sum_exits}) + {unseen} CPUID exits from FE(10) on"
         ),
         expected_t,
         t[0].into(),
+        late_timer,
     );
     let mut sum_cycles = 0u64;
     for r in REASONS.iter() {

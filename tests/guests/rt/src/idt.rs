@@ -9,8 +9,8 @@
 //! * prints `GUEST EXCEPTION vector=N error=0xE rip=0xR` (plus ` cr2=0x..`
 //!   for #PF) and halts for good.
 //!
-//! Vectors 32-255 are outside the IDT limit: an interrupt there (none should
-//! come: IF is always 0) turns into #GP with an IDT error code.
+//! Vectors 32-255 are interrupts (see [`crate::irq`]): each counts itself
+//! and, except the spurious vector 0xFF, signals EOI to the local APIC.
 //!
 //! Single CPU only: the catch state lives in globals.
 
@@ -135,6 +135,8 @@ guest_rt_isr_table:
 extern "C" {
     /// Addresses of the 32 stubs (in `.rodata`).
     static guest_rt_isr_table: [u64; 32];
+    /// The interrupt stubs of vectors 32-255, [`crate::irq::STUB_SIZE`] bytes each.
+    static guest_rt_irq_stubs: u8;
     fn guest_rt_catch_call(ctx: *mut u8, f: unsafe extern "C" fn(*mut u8)) -> u64;
 }
 
@@ -209,12 +211,12 @@ impl Gate {
 }
 
 #[repr(C, align(16))]
-struct Idt(UnsafeCell<[Gate; 32]>);
+struct Idt(UnsafeCell<[Gate; 256]>);
 
 // SAFETY: written once by `init` before anything else runs (single CPU).
 unsafe impl Sync for Idt {}
 
-static IDT: Idt = Idt(UnsafeCell::new([Gate::MISSING; 32]));
+static IDT: Idt = Idt(UnsafeCell::new([Gate::MISSING; 256]));
 
 /// Fills the IDT and loads it (LIDT). Called once from the boot path.
 pub(crate) fn init() {
@@ -225,13 +227,19 @@ pub(crate) fn init() {
         // SAFETY: nothing else accesses the IDT yet (boot path, single CPU).
         unsafe { (*gates)[v] = Gate::interrupt(handler) };
     }
+    let stubs = &raw const guest_rt_irq_stubs as u64;
+    for v in 32..256 {
+        let handler = stubs + (v as u64 - 32) * crate::irq::STUB_SIZE;
+        // SAFETY: as above.
+        unsafe { (*gates)[v] = Gate::interrupt(handler) };
+    }
     #[repr(C, packed)]
     struct Pointer {
         limit: u16,
         base: u64,
     }
     let ptr = Pointer {
-        limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16,
+        limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
         base: gates as u64,
     };
     // SAFETY: `ptr` describes the static IDT filled above, which lives forever.

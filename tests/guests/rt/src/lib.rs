@@ -14,6 +14,7 @@
 //!   `GUEST PANIC: ...`;
 //! * an IDT for vectors 0-31 printing `GUEST EXCEPTION vector=N error=E rip=R`
 //!   and halting, and [`catch`] to run code that is expected to fault;
+//!   vectors 32-255 count interrupts and EOI the local APIC ([`irq`]);
 //! * CPU helpers ([`cpuid`], [`rdmsr`], [`vmcall`], [`halt_forever`], ...);
 //! * the multiboot command line and `key=value` lookup ([`BootInfo`]);
 //! * starting the other CPUs ([`smp::start_aps`]): a real-mode trampoline
@@ -64,6 +65,8 @@ mod boot;
 mod cpu;
 #[cfg(target_os = "none")]
 mod idt;
+#[cfg(target_os = "none")]
+pub mod irq;
 #[cfg(target_os = "none")]
 mod multiboot;
 #[cfg(target_os = "none")]

@@ -1,0 +1,163 @@
+//! The entry point and the modes (see the crate documentation).
+
+use crate::fuzz::{Fuzz, Rng};
+use crate::mmap;
+use crate::ops::{self, FORMS};
+use exitscope_stats::leaf::LEAF_REASON_EXITS as FE;
+use guest_rt::{cpuid, halt_forever, println, BootInfo};
+
+const DEFAULT_OPS: u64 = 20_000;
+
+fn fail(what: core::fmt::Arguments<'_>) -> ! {
+    println!("FUZZ FAIL: {what}");
+    halt_forever()
+}
+
+pub fn main(boot: BootInfo) -> ! {
+    println!("FUZZ Exitscope fuzz guest {} (cmdline \"{}\")", env!("CARGO_PKG_VERSION"), boot.cmdline());
+    let r = cpuid(0x4000_0000, 0);
+    let sig = [u32::from_le_bytes(*b"Exit"), u32::from_le_bytes(*b"scop"), u32::from_le_bytes(*b"eVMM")];
+    if r[1..] != sig {
+        fail(format_args!("not running under Exitscope (no ExitscopeVMM signature at CPUID 0x40000000)"));
+    }
+    let num = |key: &str, default: u64| match boot.arg_u64(key) {
+        None => default,
+        Some(Ok(n)) => n,
+        Some(Err(v)) => fail(format_args!("bad {key}={v:?} (want a number)")),
+    };
+    let seed = num("seed", 1);
+    let map = mmap::read(&boot);
+    let found = map.as_ref().and_then(mmap::find_hole);
+    match (&map, found) {
+        (None, _) => println!("FUZZ no memory map from the loader"),
+        (Some(m), Some((s, e, how))) => println!(
+            "FUZZ memory map: {} entries; hole {s:#x}-{e:#x} ({} KiB) {how}: the hypervisor's footprint",
+            m.len,
+            (e - s) / 1024
+        ),
+        (Some(m), None) => println!("FUZZ memory map: {} entries; no hole found", m.len),
+    }
+    let hole = found.map(|(s, e, _)| (s, e));
+    let need_hole = || hole.unwrap_or_else(|| fail(format_args!("no hole in the memory map: where is the hypervisor?")));
+    match boot.arg("mode").unwrap_or("fuzz") {
+        "fuzz" => {
+            let ops = num("ops", DEFAULT_OPS);
+            let strict = num("strict_msrs", 1) != 0;
+            let hole = need_hole();
+            println!("FUZZ mode=fuzz seed={seed} ops={ops} strict_msrs={}", strict as u8);
+            let mut f = Fuzz::new(seed, Some(hole), strict);
+            f.run(ops);
+            f.print_summary(seed);
+            if f.mismatches == 0 {
+                println!("FUZZ PASS");
+            } else {
+                println!("FUZZ FAIL: {} mismatches", f.mismatches);
+            }
+            halt_forever()
+        }
+        "hole" => sweep(need_hole(), seed),
+        "undecodable" => {
+            let (s, _) = need_hole();
+            println!("FUZZ undecodable: MOVZX from GPA {s:#x} at RIP {:#x}; Exitscope must stop the guest", ops::movzx_rip());
+            let v = ops::movzx_from(s);
+            fail(format_args!("the MOVZX from the hypervisor's memory returned {v:#x}"))
+        }
+        "exec" => {
+            let (s, _) = need_hole();
+            println!("FUZZ exec: jumping to GPA {s:#x}; Exitscope must stop the guest");
+            ops::jump_to(s)
+        }
+        "nmi" => crate::nmi::run(num("nmis", 2000)),
+        "triple" => {
+            println!("FUZZ triple: empty IDT, then INT3: a triple fault");
+            ops::triple_fault()
+        }
+        "poweroff" => {
+            println!("FUZZ poweroff: \"Shutdown\" to port 0x8900 (the emulator's power-off port)");
+            for &b in b"Shutdown" {
+                // SAFETY: deliberately powers the (virtual) machine off.
+                unsafe { guest_rt::outb(0x8900, b) };
+            }
+            fail(format_args!("still running after the power-off request"))
+        }
+        "reset" => {
+            println!("FUZZ reset: 0xFE to port 0x64 (keyboard controller reset)");
+            // SAFETY: deliberately resets the (virtual) machine.
+            unsafe { guest_rt::outb(0x64, 0xFE) };
+            fail(format_args!("still running after the reset request"))
+        }
+        m => fail(format_args!("unknown mode={m} (fuzz, hole, undecodable, exec, nmi, triple, reset, poweroff)")),
+    }
+}
+
+/// `mode=hole`: every page of the footprint, plus 16 unbacked pages.
+fn sweep((start, end): (u64, u64), seed: u64) -> ! {
+    let mut rng = Rng::new(seed);
+    // Canaries in the guest RAM right below and right above the hole.
+    let (below, above) = (start - 8, end);
+    let (keep_below, keep_above) = (ops::peek(below), ops::peek(above));
+    let (cb, ca) = (0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210);
+    ops::poke(below, cb);
+    ops::poke(above, ca);
+    let ept_before = cpuid(FE, 48)[0];
+    let (mut pages, mut accesses, mut reads, mut writes, mut bad, mut unbacked) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut run = |at: u64, f: usize, rng: &mut Rng, bad: &mut u64| {
+        let form = FORMS[f];
+        let reg = rng.next();
+        let want = if form.read { ops::all_ones_into(reg, &form) } else { reg };
+        let got = ops::access(f, at, reg);
+        accesses += 1;
+        reads += form.read as u64;
+        writes += form.write as u64;
+        if got != Ok(want) {
+            *bad += 1;
+            if *bad <= 20 {
+                println!("HOLE MISMATCH '{}' at {at:#x}: {got:x?}, expected {want:#x}", form.name);
+            }
+        }
+    };
+    let mut page = start;
+    while page < end {
+        let off = 0x20 + (rng.below(0xFC0 / 8) * 8);
+        run(page + off, 3, &mut rng, &mut bad); // mov [m], rax
+        run(page + off, 12, &mut rng, &mut bad); // mov rax, [m]: all-ones
+        let other = (pages as usize) % FORMS.len();
+        run(page + 0x20 + (rng.below(0xFC0 / 8) * 8), other, &mut rng, &mut bad);
+        pages += 1;
+        page += 4096;
+    }
+    if cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 {
+        let base = ops::map_above_4g();
+        for i in 0..16u64 {
+            let at = base + i * (64 << 20) + 0x100;
+            run(at, 3, &mut rng, &mut bad);
+            run(at, 12, &mut rng, &mut bad);
+            unbacked += 2;
+        }
+    }
+    let ept_after = cpuid(FE, 48)[0];
+    let delta = ept_after.wrapping_sub(ept_before) as u64;
+    if delta != accesses {
+        bad += 1;
+        println!("HOLE MISMATCH reason 48 (EPT violation) grew by {delta}, the guest made {accesses} accesses");
+    }
+    for (at, want) in [(below, cb), (above, ca)] {
+        let got = ops::peek(at);
+        if got != want {
+            bad += 1;
+            println!("HOLE MISMATCH guest RAM at {at:#x} next to the hole changed: {got:#x}, expected {want:#x}");
+        }
+    }
+    ops::poke(below, keep_below);
+    ops::poke(above, keep_above);
+    println!(
+        "HOLE SUMMARY pages={pages} accesses={accesses} hypervisor={} unbacked={unbacked} reads={reads} writes={writes} ept_exits={delta} mismatches={bad}",
+        accesses - unbacked
+    );
+    if bad == 0 {
+        println!("HOLE PASS");
+    } else {
+        println!("HOLE FAIL: {bad} mismatches");
+    }
+    halt_forever()
+}
