@@ -18,7 +18,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("ovmf", "/usr/share/OVMF/OVMF_CODE.fd"),
     ("busybox-static", "/bin/busybox"),
-    ("cpio", "/usr/bin/cpio"),
     // The font of `cargo xtask report`'s charts.
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];

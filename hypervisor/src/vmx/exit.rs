@@ -21,18 +21,149 @@ use exitscope_stats::leaf;
 #[cfg(feature = "accounting")]
 use exitscope_stats::reasons::slot_of;
 
+/// Basic CPUID leaves (0-31) that Exitscope passes through unchanged, as a
+/// bit mask: every one but those `filtered_cpuid` patches (1, 5, 7, 0xD).
+/// The stub answers these itself; all other leaves go through Rust.
+pub const FAST_CPUID_LEAVES: u32 = !(1 << 1 | 1 << 5 | 1 << 7 | 1 << 0xD);
+
+/// Whether the exit stub answers CPUID `leaf` itself (the same test as the
+/// stub's `cmp eax, 32; bt`).
+pub const fn is_fast_cpuid_leaf(leaf: u32) -> bool {
+    leaf < 32 && FAST_CPUID_LEAVES & (1 << leaf) != 0
+}
+
+// The stub's first RDTSC: the exit timestamp, stored in two halves.
+#[cfg(feature = "accounting")]
+macro_rules! stub_take_timestamp {
+    () => {
+        concat!(
+            "    rdtsc\n",
+            "    mov [rsp + {TSC_EXIT}], eax\n",
+            "    mov [rsp + {TSC_EXIT} + 4], edx\n",
+        )
+    };
+}
+#[cfg(not(feature = "accounting"))]
+macro_rules! stub_take_timestamp {
+    () => {
+        ""
+    };
+}
+
+// The fast path's accounting: the second RDTSC ends the window, then the
+// exit and its cycles are added to reason 10's slot of this vCPU's block
+// (a single writer: plain read-modify-write, as `VcpuCounters::record`).
+#[cfg(all(feature = "accounting", not(feature = "detailed")))]
+macro_rules! stub_fast_account {
+    () => {
+        concat!(
+            "    rdtsc\n",
+            "    shl rdx, 32\n",
+            "    or rax, rdx\n",
+            "    sub rax, [rsp + {TSC_EXIT}]\n",
+            "    mov rdx, [rsp + {COUNTERS}]\n",
+            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
+            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+        )
+    };
+}
+// With the detailed statistics, the recording is `account`'s, in Rust: save
+// the caller-saved registers that still hold guest values and call it.
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_account {
+    () => {
+        concat!(
+            "    rdtsc\n",
+            "    shl rdx, 32\n",
+            "    or rax, rdx\n",
+            "    mov [rsp + 8], rcx\n",
+            "    mov [rsp + 40], rsi\n",
+            "    mov [rsp + 48], rdi\n",
+            "    mov [rsp + 56], r8\n",
+            "    mov [rsp + 64], r9\n",
+            "    mov [rsp + 72], r10\n",
+            "    mov [rsp + 80], r11\n",
+            "    mov rdi, rsp\n",
+            "    mov rsi, rax\n",
+            "    call exitscope_fast_cpuid_record\n",
+            "    mov rcx, [rsp + 8]\n",
+            "    mov rsi, [rsp + 40]\n",
+            "    mov rdi, [rsp + 48]\n",
+            "    mov r8, [rsp + 56]\n",
+            "    mov r9, [rsp + 64]\n",
+            "    mov r10, [rsp + 72]\n",
+            "    mov r11, [rsp + 80]\n",
+        )
+    };
+}
+#[cfg(not(feature = "accounting"))]
+macro_rules! stub_fast_account {
+    () => {
+        ""
+    };
+}
+
+// The exit stub. RSP = &VcpuState (HOST_RSP). It saves RAX and RDX, takes
+// the exit timestamp (accounting builds), and then tries the CPUID fast
+// path: a CPUID exit for a basic leaf that Exitscope passes through
+// unchanged (`FAST_CPUID_LEAVES`) is answered here, in about 40
+// instructions, without saving the other 13 registers or entering Rust.
+// It does exactly what the Rust path does for such a leaf: execute CPUID
+// with the guest's EAX and ECX, move RIP past the instruction and end an
+// interrupt shadow (`advance`), record the exit (`account`), and resume.
+// Everything else takes the generic path: save all registers, call
+// `exitscope_vmexit_handler`, restore, VMRESUME.
 global_asm!(
     ".section .text.exit_path, \"ax\"",
     ".global exitscope_vmexit",
     "exitscope_vmexit:",
-    // RSP = &VcpuState (HOST_RSP). Save the two registers RDTSC clobbers,
-    // then take the exit timestamp.
+    // (Offsets not every build uses: {TSC_EXIT} {COUNTERS} {CPUID_SLOT}.)
+    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} */",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
-    "    rdtsc",
-    "    shl rdx, 32",
-    "    or rax, rdx",
-    "    mov [rsp + 120], rax",
+    stub_take_timestamp!(),
+    // The CPUID fast path. RAX and RDX are free; every other register
+    // still holds the guest's value.
+    "    mov eax, {EXIT_REASON}",
+    "    vmread rdx, rax",
+    "    cmp edx, 10",
+    "    jne 2f",
+    "    mov eax, [rsp + 0]",
+    "    cmp eax, 32",
+    "    jae 2f",
+    "    mov edx, {FAST_LEAVES}",
+    "    bt edx, eax",
+    "    jnc 2f",
+    "    mov dword ptr [rsp + {LAST_EXIT}], 10",
+    "    cpuid",
+    "    mov [rsp + 0], rax",
+    "    mov [rsp + 16], rdx",
+    // RIP += instruction length. The RSI slot is scratch here: the fast
+    // path never reloads RSI from it.
+    "    mov edx, {INSN_LEN}",
+    "    vmread rax, rdx",
+    "    mov edx, {GUEST_RIP}",
+    "    vmread [rsp + 40], rdx",
+    "    add rax, [rsp + 40]",
+    "    vmwrite rdx, rax",
+    "    mov edx, {INTERRUPTIBILITY}",
+    "    vmread rax, rdx",
+    "    test al, 7",
+    "    jnz 4f",
+    "3:",
+    stub_fast_account!(),
+    "    mov rax, [rsp + 0]",
+    "    mov rdx, [rsp + 16]",
+    "    vmresume",
+    "    jmp 5f",
+    // Blocking by STI, MOV SS or SMI ends with the instruction (as in
+    // `advance`).
+    "4:",
+    "    and eax, -8",
+    "    vmwrite rdx, rax",
+    "    jmp 3b",
+    // The generic path.
+    "2:",
     "    mov [rsp + 8], rcx",
     "    mov [rsp + 24], rbx",
     "    mov [rsp + 32], rbp",
@@ -66,6 +197,7 @@ global_asm!(
     "    mov rax, [rsp + 0]",
     "    vmresume",
     // VMRESUME failed (VMfailValid/VMfailInvalid): report and stop.
+    "5:",
     "    mov rdi, rsp",
     "    mov esi, 1",
     "    call exitscope_vmentry_failed",
@@ -96,6 +228,15 @@ global_asm!(
     "    xor esi, esi",
     "    call exitscope_vmentry_failed",
     "    ud2",
+    EXIT_REASON = const ro::EXIT_REASON,
+    INSN_LEN = const ro::VMEXIT_INSTRUCTION_LEN,
+    GUEST_RIP = const guest::RIP,
+    INTERRUPTIBILITY = const guest::INTERRUPTIBILITY_STATE,
+    FAST_LEAVES = const FAST_CPUID_LEAVES,
+    LAST_EXIT = const core::mem::offset_of!(VcpuState, last_exit),
+    TSC_EXIT = const vcpu::OFFSET_TSC_EXIT,
+    COUNTERS = const core::mem::offset_of!(VcpuState, counters),
+    CPUID_SLOT = const 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
 );
 
 unsafe extern "C" {
@@ -244,21 +385,32 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
 #[inline(always)]
 pub fn account(v: &VcpuState, basic: u16) {
     #[cfg(feature = "accounting")]
-    {
-        let now = cpu::rdtsc();
-        let cycles = now.wrapping_sub(v.tsc_exit);
-        let slot = slot_of(basic);
-        #[cfg(feature = "detailed")]
-        {
-            if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
-                crate::statsys::timeline_sample(now);
-            }
-            v.detail.record(slot, cycles);
-        }
-        v.counters.record(slot, cycles);
-    }
+    record(v, slot_of(basic), cpu::rdtsc());
     #[cfg(not(feature = "accounting"))]
     let _ = (v, basic);
+}
+
+/// Records one exit of `slot` whose window ended at TSC `now`.
+#[cfg(feature = "accounting")]
+#[inline(always)]
+fn record(v: &VcpuState, slot: usize, now: u64) {
+    let cycles = now.wrapping_sub(v.tsc_exit);
+    #[cfg(feature = "detailed")]
+    {
+        if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
+            crate::statsys::timeline_sample(now);
+        }
+        v.detail.record(slot, cycles);
+    }
+    v.counters.record(slot, cycles);
+}
+
+/// The CPUID fast path's recording in builds with the detailed statistics
+/// (the stub calls it with the TSC that ended the window).
+#[cfg(feature = "detailed")]
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64) {
+    record(v, 10, now);
 }
 
 /// Exception vectors.
@@ -877,6 +1029,19 @@ extern "C" fn exitscope_vmentry_failed(v: &mut VcpuState, resume: u32) -> ! {
 mod tests {
     use super::*;
     use crate::state::PortWatch;
+
+    #[test]
+    fn the_cpuid_fast_path_takes_only_unpatched_basic_leaves() {
+        // The leaves `filtered_cpuid` changes, and every non-basic leaf
+        // (Exitscope's own 0x4000xxxx/0x4FFFFFFx ones included), must go
+        // through Rust.
+        for leaf in [1, 5, 7, 0xD, 32, 0x4000_0000, 0x4FFF_FFFC, 0x4FFF_FFFF, 0x8000_0001, u32::MAX] {
+            assert!(!is_fast_cpuid_leaf(leaf), "leaf {leaf:#x}");
+        }
+        let fast: Vec<u32> = (0..64).filter(|&l| is_fast_cpuid_leaf(l)).collect();
+        assert_eq!(fast.len(), 28);
+        assert!(fast.contains(&0) && fast.contains(&0xB) && fast.contains(&31));
+    }
 
     #[test]
     fn every_enabled_reason_has_a_handler() {

@@ -505,7 +505,9 @@ fn ept(i: &Interception) {
 /// timer's count after each, until it has expired `N` times: the count
 /// grows one at a time, and between the first and the last expiry at least
 /// `N - 1` periods passed on the TSC (the timer counts guest time only, so
-/// more passes, but not less).
+/// more passes, but not less). The guest sees an expiry only at the end of
+/// the chunk it fell in, so the bound it checks is that minus the longest
+/// chunk.
 fn preempt(i: &Interception) {
     let Some(ticks) = i.preempt else {
         none("preempt", &[PREEMPT_REASON], || {});
@@ -515,11 +517,14 @@ fn preempt(i: &Interception) {
     let start = timer_exits();
     let (mut seen, mut chunks) = (start, 0u64);
     let (mut first_tsc, mut last_tsc) = (0u64, 0u64);
+    let mut longest_chunk = 0u64;
     while seen - start < u64::from(N) {
+        let t0 = guest_rt::rdtsc();
         for j in 0..chunk {
             core::hint::black_box(j);
         }
         let now = timer_exits();
+        longest_chunk = longest_chunk.max(guest_rt::rdtsc() - t0);
         if now - seen > 1 {
             crate::probe::fail(format_args!("preempt: {} timer exits within one chunk of {chunk} loop iterations", now - seen));
         }
@@ -536,8 +541,8 @@ fn preempt(i: &Interception) {
         }
     }
     expect_at_least(
-        format_args!("preempt: TSC ticks from the first to the {N}th expiry (period {ticks})"),
-        u64::from(N - 1) * ticks,
+        format_args!("preempt: TSC ticks from the first to the {N}th expiry seen (period {ticks}, chunks up to {longest_chunk} ticks)"),
+        (u64::from(N - 1) * ticks).saturating_sub(longest_chunk),
         last_tsc - first_tsc,
     );
     let r = reason(PREEMPT_REASON);
