@@ -52,7 +52,7 @@ fn checksum_ok(b: &[u8]) -> bool {
 
 /// Scans the BIOS areas for the RSDP (EBDA first KiB, then 0xE0000-0xFFFFF).
 pub fn find_rsdp(mem: &impl PhysMem) -> Option<u64> {
-    let ebda = mem.u16_at(0x40E).map(|s| (s as u64) << 4).filter(|&e| e >= 0x80000 && e < 0xA0000);
+    let ebda = mem.u16_at(0x40E).map(|s| (s as u64) << 4).filter(|e| (0x80000..0xA0000).contains(e));
     let ranges = ebda.map(|e| (e, e + 1024)).into_iter().chain([(0xE0000, 0x100000)]);
     for (start, end) in ranges {
         let mut p = start;

@@ -241,12 +241,10 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootInfoError> {
                 }
                 bi.memory = MemoryMap::from_regions(regions);
             }
-            14 | 15 => {
-                // A copy of the RSDP; prefer the ACPI 2.0 one.
-                if ty == 15 || bi.rsdp.is_none() {
-                    let b = mem.bytes(body, body_len as usize).unwrap_or(&[]);
-                    bi.rsdp = Some(RsdpInfo::Copy(b.to_vec()));
-                }
+            // A copy of the RSDP; prefer the ACPI 2.0 one.
+            14 | 15 if ty == 15 || bi.rsdp.is_none() => {
+                let b = mem.bytes(body, body_len as usize).unwrap_or(&[]);
+                bi.rsdp = Some(RsdpInfo::Copy(b.to_vec()));
             }
             _ => {}
         }

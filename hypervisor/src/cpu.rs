@@ -20,6 +20,11 @@ pub fn rdtsc() -> u64 {
 }
 
 /// Reads a model-specific register. The MSR must exist (else #GP).
+///
+/// # Safety
+///
+/// Must run at CPL 0, and `msr` must be implemented on this CPU; otherwise
+/// RDMSR raises #GP.
 #[inline(always)]
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
@@ -29,6 +34,13 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 }
 
 /// Writes a model-specific register.
+///
+/// # Safety
+///
+/// Must run at CPL 0; `msr` must be implemented and writable on this CPU and
+/// `value` must be valid for it (else #GP). The caller is responsible for
+/// whatever the write changes (paging, APIC, segment bases, ...) leaving the
+/// machine in a consistent state.
 #[inline(always)]
 pub unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: caller guarantees the MSR exists and the value is valid.
@@ -37,6 +49,13 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
     };
 }
 
+/// Reads a byte from I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port`: a port read can have side effects on the device (e.g. it
+/// may acknowledge or consume data).
 #[inline(always)]
 pub unsafe fn inb(port: u16) -> u8 {
     let v: u8;
@@ -45,6 +64,13 @@ pub unsafe fn inb(port: u16) -> u8 {
     v
 }
 
+/// Reads a 16-bit word from I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port`: a port read can have side effects on the device (e.g. it
+/// may acknowledge or consume data).
 #[inline(always)]
 pub unsafe fn inw(port: u16) -> u16 {
     let v: u16;
@@ -53,6 +79,13 @@ pub unsafe fn inw(port: u16) -> u16 {
     v
 }
 
+/// Reads a 32-bit doubleword from I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port`: a port read can have side effects on the device (e.g. it
+/// may acknowledge or consume data).
 #[inline(always)]
 pub unsafe fn inl(port: u16) -> u32 {
     let v: u32;
@@ -61,18 +94,39 @@ pub unsafe fn inl(port: u16) -> u32 {
     v
 }
 
+/// Writes a byte to I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port` and `v` must be a value that device accepts in its current
+/// state.
 #[inline(always)]
 pub unsafe fn outb(port: u16, v: u8) {
     // SAFETY: caller owns the device behind `port`.
     unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
 }
 
+/// Writes a 16-bit word to I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port` and `v` must be a value that device accepts in its current
+/// state.
 #[inline(always)]
 pub unsafe fn outw(port: u16, v: u16) {
     // SAFETY: as for outb.
     unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) };
 }
 
+/// Writes a 32-bit doubleword to I/O port `port`.
+///
+/// # Safety
+///
+/// Must run with I/O privilege (CPL 0 here). The caller must own the device
+/// behind `port` and `v` must be a value that device accepts in its current
+/// state.
 #[inline(always)]
 pub unsafe fn outl(port: u16, v: u32) {
     // SAFETY: as for outb.
@@ -88,6 +142,15 @@ macro_rules! cr_rw {
             unsafe { asm!(concat!("mov {}, ", $cr), out(reg) v, options(nomem, nostack, preserves_flags)) };
             v
         }
+        #[doc = concat!("Writes `", $cr, "`.")]
+        ///
+        /// # Safety
+        ///
+        /// Must run at CPL 0, and `v` must be a valid value for the register
+        /// (reserved bits clear, a legal combination of bits) or the write
+        /// raises #GP. The caller must ensure the new value keeps the
+        /// machine consistent, e.g. paging, caching and the page tables in
+        /// use stay valid for all code and data still being accessed.
         #[inline(always)]
         pub unsafe fn $write(v: u64) {
             // SAFETY: caller guarantees the new value keeps the machine consistent.
@@ -100,6 +163,11 @@ cr_rw!(read_cr3, write_cr3, "cr3");
 cr_rw!(read_cr4, write_cr4, "cr4");
 
 /// Reads an extended control register (XGETBV).
+///
+/// # Safety
+///
+/// CR4.OSXSAVE must be set (else #UD) and `xcr` must be an XCR this CPU
+/// implements (else #GP).
 #[inline(always)]
 pub unsafe fn xgetbv(xcr: u32) -> u64 {
     let (lo, hi): (u32, u32);
@@ -109,6 +177,13 @@ pub unsafe fn xgetbv(xcr: u32) -> u64 {
 }
 
 /// Writes an extended control register (XSETBV).
+///
+/// # Safety
+///
+/// Must run at CPL 0 with CR4.OSXSAVE set (else #UD). `xcr` must be an
+/// implemented XCR and `value` valid for it, i.e. for XCR0 a combination
+/// supported per CPUID leaf 0xD (else #GP); see `idt::xsetbv_safe` for a
+/// variant that recovers from the fault.
 #[inline(always)]
 pub unsafe fn xsetbv(xcr: u32, value: u64) {
     // SAFETY: caller validated the value against CPUID leaf 0xD.

@@ -11,6 +11,10 @@ use guest_loader::memmap::MemoryMap;
 use guest_loader::plan::{Entry, LoadPlan, Source};
 use guest_loader::{bzimage, plan};
 
+/// Where each guest module's bytes are staged: per module, the `(pa, len)`
+/// pieces that are copied one after the other.
+type ModuleSources = Vec<Vec<(u64, u64)>>;
+
 /// Physical memory through the identity map.
 pub struct IdentityMem;
 
@@ -71,7 +75,7 @@ pub fn load(bi: &BootInfo, staged: &Staged, memory: &MemoryMap, rsdp: Option<u64
     let cmdline = bi.modules[0].cmdline();
     let avoid = [staged.range];
     let kind = image::require_known(kernel).map_err(|e| format!("guest kernel: {e}"))?;
-    let (plan, kind_name, module_lens, module_src): (LoadPlan, _, Vec<u64>, Vec<Vec<(u64, u64)>>) = match kind {
+    let (plan, kind_name, module_lens, module_src): (LoadPlan, _, Vec<u64>, ModuleSources) = match kind {
         ImageKind::Multiboot1 => {
             let refs: Vec<plan::ModuleRef> = staged.modules[1..]
                 .iter()

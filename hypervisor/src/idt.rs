@@ -85,9 +85,9 @@ const IST_FAULT: u64 = 1;
 
 /// Fills the IDT (once, on the boot CPU).
 pub fn init_idt() {
-    for v in 0..32 {
-        // SAFETY: reading a table of addresses emitted above.
-        let handler = unsafe { exitscope_isr_table[v] };
+    // SAFETY: reading a table of addresses emitted above (never written).
+    let table = unsafe { &exitscope_isr_table };
+    for (v, &handler) in table.iter().enumerate() {
         let ist = if v == 8 || v == 2 { IST_FAULT } else { 0 };
         let lo = (handler & 0xFFFF) | (0x08 << 16) | (ist << 32) | (0x8E << 40) | ((handler >> 16) & 0xFFFF) << 48;
         let hi = handler >> 32;

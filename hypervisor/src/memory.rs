@@ -290,7 +290,7 @@ unsafe extern "C" {
 /// everything still needed) and switches to page tables that identity-map
 /// `0..phys_limit`. Only the used part of the arena is copied.
 pub fn relocate(new_base: u64, phys_limit: u64, huge_pages: bool) -> Result<(), OutOfMemory> {
-    assert!(new_base % (2 << 20) == 0);
+    assert!(new_base.is_multiple_of(2 << 20));
     let cr3 = build_host_tables(new_base, phys_limit, huge_pages)?;
     let used_end = arena_base() as u64 + ARENA_USED.load(SeqCst) as u64;
     let len = (used_end - image_start_va()).next_multiple_of(8);

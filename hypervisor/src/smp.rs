@@ -205,8 +205,8 @@ fn far_jump_operand(code: &[u8]) -> usize {
 
 /// Places the trampoline at physical `base` (a free page below 1 MiB).
 pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
-    let start = &raw const exitscope_ap_trampoline as *const u8;
-    let end = &raw const exitscope_ap_trampoline_end as *const u8;
+    let start = &raw const exitscope_ap_trampoline;
+    let end = &raw const exitscope_ap_trampoline_end;
     // SAFETY: the two symbols bracket the trampoline in .rodata.
     let code = unsafe { core::slice::from_raw_parts(start, end as usize - start as usize) };
     let jmp = far_jump_operand(code);

@@ -131,8 +131,10 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     let broadcast = if x2apic { 0xFFFF_FFFF } else { 0xFF };
     let lapic = crate::smp::LocalApic::current();
     let mut hit_any = false;
-    for i in 0..n {
-        let id = APIC_IDS[i].load(SeqCst);
+    // `ncpus` never exceeds MAX_CPUS (= APIC_IDS.len()): a vCPU is only
+    // counted after its APIC_IDS slot was stored.
+    for (i, apic_id) in APIC_IDS.iter().enumerate().take(n) {
+        let id = apic_id.load(SeqCst);
         let hit = match shorthand {
             0 => dest == broadcast || dest == id,
             1 => i == me,
