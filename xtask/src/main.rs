@@ -199,7 +199,7 @@ fn cmd_run(args: &[String]) -> Result {
                 iso.display(),
                 o.cpus,
                 if o.cpus == 1 { "" } else { "s" },
-                if linux { "; a Linux boot takes a minute or more of emulation" } else { "" }
+                if linux { "; Linux boots in about 20-40 s of emulation, its console follows" } else { "" }
             );
             let out = bochs::run(&bochs::Run {
                 name: "run",
