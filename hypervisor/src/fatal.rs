@@ -268,6 +268,20 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
     finish_after_failure("final (hypervisor exception)")
 }
 
+/// `fault=`: fails on purpose, so that tests can show what a real failure
+/// of the hypervisor looks like. Never returns.
+pub fn inject_fault(f: crate::options::Fault) -> ! {
+    match f {
+        crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
+        crate::options::Fault::Exception => {
+            // SAFETY: UD2 raises #UD in VMX root operation on purpose; the
+            // hypervisor's IDT sends it to `root_exception`, which reports
+            // it and never returns to this code.
+            unsafe { core::arch::asm!("ud2", options(noreturn)) }
+        }
+    }
+}
+
 #[cfg(all(not(test), target_os = "none"))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

@@ -10,6 +10,7 @@
 //! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
 //! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
+//! | `fault` | `panic` `exception` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL |
 
 use alloc::string::{String, ToString};
 use core::fmt;
@@ -23,6 +24,17 @@ pub enum EndAction {
     Halt,
 }
 
+/// A failure of the hypervisor itself, injected on purpose (`fault=`) so
+/// that its report can be tested: everything after the failure is the real
+/// failure path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A Rust panic (the panic handler).
+    Panic,
+    /// An invalid-opcode exception in VMX root operation (the IDT).
+    Exception,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     pub log: log::LevelFilter,
@@ -32,6 +44,8 @@ pub struct Options {
     pub timeline: Option<u64>,
     /// Which exits to intercept (`profile=`, `intercept=`, `preempt=`, `ept=`).
     pub intercept: Interception,
+    /// Fail on purpose at the guest's first VMCALL (`fault=`).
+    pub fault: Option<Fault>,
 }
 
 impl Default for Options {
@@ -42,6 +56,7 @@ impl Default for Options {
             max_cpus: None,
             timeline: Some(DEFAULT_TIMELINE),
             intercept: Interception::default(),
+            fault: None,
         }
     }
 }
@@ -56,7 +71,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -115,6 +130,13 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     },
                 }
             }
+            "fault" => {
+                o.fault = Some(match value {
+                    "panic" => Fault::Panic,
+                    "exception" => Fault::Exception,
+                    _ => return Err(bad("panic or exception")),
+                })
+            }
             _ => match icpt.word(key, value) {
                 Ok(true) => {}
                 Ok(false) => return Err(OptionError::Unknown(word.to_string())),
@@ -141,6 +163,10 @@ mod tests {
         assert_eq!(parse("timeline=5000").unwrap().timeline, Some(5000));
         assert!(parse("timeline=10").is_err());
         assert!(parse("timeline=often").is_err());
+        assert_eq!(parse("").unwrap().fault, None);
+        assert_eq!(parse("fault=panic").unwrap().fault, Some(Fault::Panic));
+        assert_eq!(parse("fault=exception").unwrap().fault, Some(Fault::Exception));
+        assert!(parse("fault=maybe").unwrap_err().to_string().contains("panic or exception"));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "vmx-unlocked-by-firmware", run: vmx_unlocked_by_firmware },
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
+    Test { name: "hv-panic", run: hv_panic },
+    Test { name: "hv-exception-smp2", run: hv_exception_smp2 },
     Test { name: "probe-kvm-like", run: probe_kvm_like },
     Test { name: "probe-all", run: probe_all },
     Test { name: "probe-all-preempt", run: probe_all_preempt },
@@ -1146,4 +1148,66 @@ fn linux_kvm_like(ctx: &Ctx) -> Result {
 
 fn linux_all(ctx: &Ctx) -> Result {
     linux_intercepting(ctx, "linux-all", "profile=all", &[1, 14, 16, 28, 30, 31, 40, 46, 48, 51])
+}
+
+// ---------------------------------------------------------------------------
+// Failures of the hypervisor itself (injected with `fault=`)
+
+/// The probe under `fault=KIND`, which makes the hypervisor fail at the
+/// probe's first VMCALL: one line saying what failed, one naming the vCPU
+/// and its last exit (18, VMCALL), the other vCPUs stopped, the statistics
+/// (with the exits the probe took before: CPUIDs), and a power-off; one
+/// boot, no hang, no triple fault.
+fn hv_failure(ctx: &Ctx, name: &str, cpus: u32, fault: &str, first_line: &str, title: &str) -> Result {
+    let guest = ctx.art.guest("probe");
+    let hv_args = format!("fault={fault}");
+    let spec = IsoSpec { hv_args: &hv_args, ..probe_spec(ctx, &guest) };
+    let out = bochs_run(name, &spec, cpus, 120)?;
+    let lines: Vec<&str> = out.serial.lines().filter(|l| l.contains(first_line)).collect();
+    if lines.len() != 1 {
+        return Err(format!("expected one line with '{first_line}', got {lines:?}\n{}", out.describe()));
+    }
+    require(&out, "[exitscope] on vCPU 0, last exit reason 18 (VMCALL)")?;
+    let (d, t) = final_dump(&out)?;
+    if t != title {
+        return Err(format!("final dump title '{t}', expected '{title}'"));
+    }
+    if d.snap.exits[10] == 0 || d.nvcpus != cpus as usize {
+        return Err(format!("the dump has {} CPUID exits and {} vCPUs; expected some and {cpus}", d.snap.exits[10], d.nvcpus));
+    }
+    if out.serial.contains("did not stop") {
+        return Err(format!("a vCPU did not stop\n{}", out.describe()));
+    }
+    if out.serial.contains("PROBE PASS") {
+        return Err("the probe went on after the failure".into());
+    }
+    if out.serial.matches("[exitscope] Exitscope ").count() != 1 || out.timed_out {
+        return Err(format!("not exactly one boot ending by itself\n{}", out.describe()));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+/// A panic in the hypervisor (`fault=panic`).
+fn hv_panic(ctx: &Ctx) -> Result {
+    hv_failure(
+        ctx,
+        "hv-panic",
+        1,
+        "panic",
+        "[exitscope] PANIC: panicked at hypervisor/src/fatal.rs",
+        "final (hypervisor panic)",
+    )
+}
+
+/// An exception in VMX root operation (`fault=exception`, a UD2), with a
+/// second vCPU (waiting for its SIPI) to stop.
+fn hv_exception_smp2(ctx: &Ctx) -> Result {
+    hv_failure(
+        ctx,
+        "hv-exception-smp2",
+        2,
+        "exception",
+        "[exitscope] FATAL: hypervisor exception #UD invalid opcode (vector 6)",
+        "final (hypervisor exception)",
+    )
 }

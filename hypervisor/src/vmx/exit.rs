@@ -951,6 +951,9 @@ fn xsetbv(v: &mut VcpuState) {
 pub const HC_ENOSYS: u64 = (-1000i64) as u64;
 
 fn vmcall(v: &mut VcpuState) {
+    if let Some(f) = shared().options.fault {
+        crate::fatal::inject_fault(f);
+    }
     v.regs.rax = HC_ENOSYS;
     skip(v);
 }
