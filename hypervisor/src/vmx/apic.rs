@@ -12,10 +12,8 @@
 //! are intercepted through the MSR bitmap instead.
 
 use super::vcpu::VcpuState;
-use super::{guest, vmread};
 use crate::decode::{self, Operand};
 use crate::fatal::{end_guest, GuestEnd, WAITING_FOR_SIPI};
-use crate::guestmem::{self, PagingState};
 use crate::state::{shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
 
@@ -41,25 +39,10 @@ fn apic_write(off: u64, v: u32) {
 
 /// Emulates the guest instruction that wrote the watched APIC page.
 pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
-    let p = PagingState {
-        cr0: vmread(guest::CR0),
-        cr3: vmread(guest::CR3),
-        cr4: vmread(guest::CR4),
-        efer: vmread(guest::IA32_EFER_FULL),
-    };
-    let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
-    let rip = vmread(guest::RIP);
-    let linear = if matches!(mode, decode::CpuMode::Long64) { rip } else { vmread(guest::CS_BASE).wrapping_add(rip) };
-    // Fetch up to 15 bytes; the instruction may end before a page that
-    // is not mapped, so fall back to shorter reads.
-    let mut buf = [0u8; 15];
-    let mut n = 15;
     // Through a view that only reads guest RAM: the guest's page tables
     // could point anywhere (and change under us on another vCPU).
     let mem = super::isolation::GuestView::new(v.eptp, shared().footprint);
-    while n > 0 && guestmem::read_linear(&mem, &p, linear, &mut buf[..n]).is_err() {
-        n -= 1;
-    }
+    let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
     let acc = match decode::decode(&buf[..n], mode) {
         Ok(a) if a.size == 4 => a,
         _ => {

@@ -103,6 +103,30 @@ macro_rules! stub_fast_account {
     };
 }
 
+// Loads the fifteen guest registers from the state block at RSP (before
+// VMRESUME and VMLAUNCH).
+macro_rules! load_guest_regs {
+    () => {
+        concat!(
+            "    mov rcx, [rsp + 8]\n",
+            "    mov rdx, [rsp + 16]\n",
+            "    mov rbx, [rsp + 24]\n",
+            "    mov rbp, [rsp + 32]\n",
+            "    mov rsi, [rsp + 40]\n",
+            "    mov rdi, [rsp + 48]\n",
+            "    mov r8, [rsp + 56]\n",
+            "    mov r9, [rsp + 64]\n",
+            "    mov r10, [rsp + 72]\n",
+            "    mov r11, [rsp + 80]\n",
+            "    mov r12, [rsp + 88]\n",
+            "    mov r13, [rsp + 96]\n",
+            "    mov r14, [rsp + 104]\n",
+            "    mov r15, [rsp + 112]\n",
+            "    mov rax, [rsp + 0]\n",
+        )
+    };
+}
+
 // The exit stub. RSP = &VcpuState (HOST_RSP). It saves RAX and RDX, takes
 // the exit timestamp (accounting builds), and then tries the CPUID fast
 // path: a CPUID exit for a basic leaf that Exitscope passes through
@@ -180,21 +204,7 @@ global_asm!(
     "    mov rdi, rsp",
     "    call exitscope_vmexit_handler",
     "exitscope_resume:",
-    "    mov rcx, [rsp + 8]",
-    "    mov rdx, [rsp + 16]",
-    "    mov rbx, [rsp + 24]",
-    "    mov rbp, [rsp + 32]",
-    "    mov rsi, [rsp + 40]",
-    "    mov rdi, [rsp + 48]",
-    "    mov r8, [rsp + 56]",
-    "    mov r9, [rsp + 64]",
-    "    mov r10, [rsp + 72]",
-    "    mov r11, [rsp + 80]",
-    "    mov r12, [rsp + 88]",
-    "    mov r13, [rsp + 96]",
-    "    mov r14, [rsp + 104]",
-    "    mov r15, [rsp + 112]",
-    "    mov rax, [rsp + 0]",
+    load_guest_regs!(),
     "    vmresume",
     // VMRESUME failed (VMfailValid/VMfailInvalid): report and stop.
     "5:",
@@ -208,21 +218,7 @@ global_asm!(
     ".global exitscope_vmlaunch",
     "exitscope_vmlaunch:",
     "    mov rsp, rdi",
-    "    mov rcx, [rsp + 8]",
-    "    mov rdx, [rsp + 16]",
-    "    mov rbx, [rsp + 24]",
-    "    mov rbp, [rsp + 32]",
-    "    mov rsi, [rsp + 40]",
-    "    mov rdi, [rsp + 48]",
-    "    mov r8, [rsp + 56]",
-    "    mov r9, [rsp + 64]",
-    "    mov r10, [rsp + 72]",
-    "    mov r11, [rsp + 80]",
-    "    mov r12, [rsp + 88]",
-    "    mov r13, [rsp + 96]",
-    "    mov r14, [rsp + 104]",
-    "    mov r15, [rsp + 112]",
-    "    mov rax, [rsp + 0]",
+    load_guest_regs!(),
     "    vmlaunch",
     "    mov rdi, rsp",
     "    xor esi, esi",

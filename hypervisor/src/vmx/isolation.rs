@@ -272,7 +272,7 @@ impl PhysMem for GuestView {
 
 /// The guest's instruction at RIP: up to 15 bytes (fewer if the
 /// instruction ends before an unreadable page), and the decoding mode.
-fn fetch_instruction(view: &GuestView) -> ([u8; 15], usize, decode::CpuMode, u64) {
+pub(crate) fn fetch_instruction(view: &GuestView) -> ([u8; 15], usize, decode::CpuMode, u64) {
     let p = PagingState {
         cr0: vmread(guest::CR0),
         cr3: vmread(guest::CR3),
