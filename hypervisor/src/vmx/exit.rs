@@ -1,12 +1,13 @@
-//! The exit path: the assembly stub, the one dispatch point, and the
-//! handlers.
+//! The exit path: the assembly stub (with the CPUID fast path), the one
+//! dispatch point, and the handlers.
 //!
 //! Timing: the stub saves RAX and RDX and immediately reads the TSC; the
-//! handler reads it again as its very last step, after all work, and
-//! charges the difference to the exit's basic reason in this vCPU's
-//! counters. What lies outside the window is the hardware exit itself, two
-//! stores before the first RDTSC, and the register restore and VMRESUME
-//! after the second (about 20 instructions in all; see BENCHMARKS.md).
+//! second read is the last step of the handling (in the stub's fast path,
+//! or in `account` at the end of the Rust dispatcher), and the difference
+//! is charged to the exit's basic reason in this vCPU's counters. What
+//! lies outside the window is the hardware exit itself, two stores before
+//! the first RDTSC, and the recording, register restore and VMRESUME after
+//! the second (see BENCHMARKS.md for the figures).
 
 use super::caps::bits::ENTRY_IA32E_GUEST;
 use super::intercept;
