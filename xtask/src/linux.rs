@@ -115,6 +115,11 @@ if [ "$mode" = test ]; then
     exitstat
     exitstat --detail 10
     exitstat --breakdown io
+    echo "INIT: watch:"
+    exitstat --watch 3 &
+    sleep 1
+    exitstat --cpuid 100000
+    wait
 fi
 echo "INIT: exitstat totals:"
 exitstat

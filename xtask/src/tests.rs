@@ -429,6 +429,23 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
     if r5000 != r0 + 5000 {
         return Err(format!("exitstat --run: CPUID exits {r5000} for 5000 CPUIDs, {r0} for none: not exactly 5000 apart"));
     }
+    // --watch: the 100000 CPUIDs another process executes during the watch
+    // are in its summary, exactly (exitstat's own reads left out).
+    let watched = after("INIT: watch:")?;
+    let watched = &watched[..watched.find("INIT: exitstat totals:").unwrap_or(watched.len())];
+    if !watched.contains("exitstat: summary over ") {
+        return Err(format!("exitstat --watch printed no summary:\n{watched}"));
+    }
+    let w = watched
+        .lines()
+        .skip_while(|l| !l.starts_with("exitstat: summary over "))
+        .find(|l| l.trim_start().starts_with("10 ") && l.contains("CPUID"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    if w != r0 + 100_000 {
+        return Err(format!("exitstat --watch: {w} CPUID exits in its summary, expected {} (100000 + {r0} of an empty run)", r0 + 100_000));
+    }
     // --dump: the on-request JSON dump agrees with the leaves read just before.
     let before = first_value_after(after("INIT: dump:")?, "leaves just before the dump: exits=").ok_or("no --dump line")?;
     let begin = s.find("\"title\":\"on request of vCPU").ok_or("no on-request dump")?;
