@@ -178,6 +178,12 @@ fn resolve_guest(o: &RunOpts, a: &build::Artifacts, work: &std::path::Path) -> R
     }
 }
 
+/// The hypervisor's own failure line in a serial log (a bad boot input, a
+/// panic, an exception in root mode), if it printed one.
+fn hypervisor_failure(serial: &str) -> Option<&str> {
+    serial.lines().map(str::trim).find(|l| l.starts_with("[exitscope] FATAL:") || l.starts_with("[exitscope] PANIC:"))
+}
+
 fn cmd_run(args: &[String]) -> Result {
     let o = parse_run(args)?;
     deps::ensure()?;
@@ -216,7 +222,7 @@ fn cmd_run(args: &[String]) -> Result {
                 return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }
             eprintln!("xtask: Bochs finished in {:.1}s; serial log: {}", out.wall.as_secs_f64(), out.dir.join("serial.log").display());
-            Ok(())
+            hypervisor_failure(&out.serial).map_or(Ok(()), |line| Err(format!("the hypervisor stopped: {line}")))
         }
         "qemu" => qemu::run_kvm(&a.hypervisor, &guest, &guest_args, &modules, &o, timeout),
         e => Err(format!("unknown emulator '{e}' (bochs or qemu)")),

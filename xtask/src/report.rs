@@ -390,7 +390,7 @@ impl<'a> Report<'a> {
                 );
             }
             None if d.source == Source::Json => {
-                let _ = writeln!(s, "No timeline in this dump (the hypervisor ran with timeline=off).");
+                let _ = writeln!(s, "No timeline in this dump (the hypervisor ran with timeline=off, or stopped before the guest started).");
             }
             None => {}
         }
@@ -741,7 +741,7 @@ impl Rate {
         let Some(t) = &d.timeline else {
             return Err(match d.source {
                 Source::Human => "no timeline in this log (only the human dump; the JSON dump carries the timeline)".into(),
-                Source::Json => "no timeline in the dump (the hypervisor ran with timeline=off)".into(),
+                Source::Json => "no timeline in the dump (the hypervisor ran with timeline=off, or stopped before the guest started)".into(),
             });
         };
         if t.samples.len() < 2 {
