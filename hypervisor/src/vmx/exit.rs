@@ -393,13 +393,14 @@ pub fn account(v: &VcpuState, basic: u16) {
 fn record(v: &VcpuState, slot: usize, now: u64) {
     let cycles = now.wrapping_sub(v.tsc_exit);
     #[cfg(feature = "detailed")]
-    {
-        if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
-            crate::statsys::timeline_sample(now);
-        }
-        v.detail.record(slot, cycles);
-    }
+    v.detail.record(slot, cycles);
     v.counters.record(slot, cycles);
+    // Last, so that the rare sample is a tail call and the common path
+    // keeps nothing live across it (the sample includes this exit).
+    #[cfg(feature = "detailed")]
+    if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
+        crate::statsys::timeline_sample(now);
+    }
 }
 
 /// The CPUID fast path's recording in builds with the detailed statistics
