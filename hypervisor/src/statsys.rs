@@ -221,7 +221,7 @@ pub fn start_timeline(interval: u64) {
     *TIMELINE.lock() = Some(t);
 }
 
-/// Takes the timeline samples due at `now` (called on the exit path, before
+/// Takes the timeline samples due at `now` (called on the exit path, after
 /// the exit that noticed them is counted). Only one CPU samples at a time;
 /// the others carry on.
 #[cold]
