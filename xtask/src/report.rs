@@ -527,6 +527,18 @@ fn e2s<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
 }
 
+/// The legend box of the charts with series labels, in the upper right.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(font(TICK))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e2s)
+}
+
 /// A chart that can be drawn on any backend.
 trait Chart {
     fn size(&self) -> (u32, u32);
@@ -857,15 +869,7 @@ impl Chart for Rate {
                 .label(name.clone())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 7), (x + 18, y + 7)], c.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(font(TICK))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e2s)?;
-        Ok(())
+        draw_legend(&mut chart)
     }
 }
 
@@ -997,15 +1001,7 @@ impl Chart for Hist {
                 .label(name.clone())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 7), (x + 18, y + 7)], c.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(font(TICK))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()
-            .map_err(e2s)?;
-        Ok(())
+        draw_legend(&mut chart)
     }
 }
 
