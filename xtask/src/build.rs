@@ -27,6 +27,7 @@ fn cargo() -> Command {
 
 /// Builds the hypervisor and the test guests (release, x86_64-unknown-none).
 pub fn build(features: &[&str]) -> Result<Artifacts> {
+    crate::toolchain::ensure()?;
     let mut c = cargo();
     c.args(["build", "--release", "--target", "x86_64-unknown-none", "-p", "exitscope-boot"]);
     if !features.is_empty() {

@@ -19,6 +19,7 @@ mod linux;
 mod qemu;
 mod report;
 mod tests;
+mod toolchain;
 mod uefi;
 mod util;
 
