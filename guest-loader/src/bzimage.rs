@@ -963,6 +963,7 @@ mod tests {
     fn random_maps_give_valid_plans_or_errors() {
         let mut rng = Rng::new(11);
         let img = bzimage(&TestBz::default());
+        let (mut planned, mut refused) = (0, 0);
         for _ in 0..300 {
             let (memory, avoid) = random_map(&mut rng);
             let initrd_len = rng.below(3) * (1 + rng.below(8 << 20));
@@ -975,10 +976,15 @@ mod tests {
             } else {
                 vec![]
             };
-            if let Ok(plan) = plan_linux(&inp) {
-                assert_plan_ok(&plan, img.len(), &lens, &memory, &avoid);
+            match plan_linux(&inp) {
+                Ok(plan) => {
+                    assert_plan_ok(&plan, img.len(), &lens, &memory, &avoid);
+                    planned += 1;
+                }
+                Err(_) => refused += 1,
             }
         }
+        assert!(planned >= 150 && refused >= 10, "{planned} of 300 random maps gave a plan, {refused} were refused");
     }
 
     /// Against a real kernel: `EXITSCOPE_TEST_BZIMAGE=/boot/vmlinuz-... cargo
