@@ -1058,8 +1058,8 @@ fn kvm_missing() -> Option<String> {
 
 fn bench_qemu(o: &Opts) -> Result {
     if let Some(why) = kvm_missing() {
-        println!("xtask: bench --emulator qemu: not run: {why}. Nothing was measured.");
-        return Ok(());
+        // A failure, not a quiet success: a script must not take this for a measurement.
+        return Err(format!("bench --emulator qemu SKIPPED: {why}. Nothing was measured."));
     }
     crate::deps::ensure()?;
     let art = crate::build::build(&[])?;
