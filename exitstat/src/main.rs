@@ -28,7 +28,7 @@ fn main() {
             }
         }
     }
-    let o = app::run(args.into_iter(), &mut leaves::RealCpuid::new());
+    let o = app::run(args, &mut leaves::RealCpuid::new());
     // A closed pipe must not turn into a panic; the exit status still tells.
     let _ = std::io::stdout().lock().write_all(o.stdout.as_bytes());
     let _ = std::io::stdout().flush();

@@ -16,6 +16,7 @@ mod build;
 mod deps;
 mod image;
 mod linux;
+mod lint;
 mod qemu;
 mod report;
 mod tests;
@@ -53,6 +54,7 @@ commands:
                              --hv-args (the default guest is linux, as for run)
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
                              and QEMU (only those whose name contains FILTER, if given)
+  lint                       cargo fmt --check and clippy with warnings denied
   bench [options]            exit round trips, instrumentation overhead and a Linux boot,
                              measured side by side (see BENCHMARKS.md); prints a table,
                              writes target/bench/results.json
@@ -82,6 +84,7 @@ fn main() {
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("image") => uefi::cmd_image(&args[1..]),
         Some("report") => report::cmd_report(&args[1..]),
+        Some("lint") => lint::cmd_lint(),
         Some("help" | "-h" | "--help") | None => {
             print!("{USAGE}");
             Ok(())

@@ -61,7 +61,7 @@ pub fn missing(spec: &Spec, installed_targets: &[&str], installed_components: &[
     let components = spec
         .components
         .iter()
-        .filter(|c| !has(c) && !(c.as_str() == "llvm-tools-preview" && has("llvm-tools")))
+        .filter(|c| !(has(c) || c.as_str() == "llvm-tools-preview" && has("llvm-tools")))
         .cloned()
         .collect();
     (targets, components)
