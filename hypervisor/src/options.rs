@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | `log` | `error` `warn` `info` `debug` `trace` | `info` | serial log level |
 //! | `on_end` | `poweroff` `reset` `halt` | `poweroff` | what the machine does after the guest ended and the final dump is printed |
-//! | `cpus` | 1..=64 | all | how many CPUs to virtualise |
+//! | `cpus` | 1..=256 | all (at most 256) | how many CPUs to virtualise (the first N of the MADT, boot CPU included) |
 //! | `timeline` | TSC ticks, or `off` | `1000000` | sample the per-reason exit counts every this many ticks (the ring doubles the interval when full) |
 //! | `profile` | `minimal` `kvm-like` `all` | `minimal` | the interception profile (see `exitscope_stats::intercept`) |
 //! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
@@ -180,7 +180,8 @@ mod tests {
         let e = parse("log=loud").unwrap_err();
         assert!(e.to_string().contains("bad value 'loud' for option 'log'"), "{e}");
         assert!(parse("cpus=0").is_err());
-        assert!(parse("cpus=65").is_err());
+        assert!(parse("cpus=256").is_ok());
+        assert!(parse("cpus=257").is_err());
         assert!(parse("on_end=explode").is_err());
     }
 
