@@ -152,10 +152,14 @@ pub fn run(bi: BootInfo) -> ! {
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
         }
     }
-    let controls = match caps::choose(&probe, &opts.intercept) {
+    let mut controls = match caps::choose(&probe, &opts.intercept) {
         Ok(c) => c,
         Err(e) => boot_error(format_args!("{e}")),
     };
+    if opts.no_1g_pages {
+        controls.ept_1g = false;
+        hvprintln!("pages_1g=off (test-only): using no 1 GiB pages, as on a CPU without them");
+    }
     hvprintln!(
         "VMX: VMCS revision {:#x}, EPT ({}{}), {}, unrestricted guest",
         controls.vmcs_revision,
@@ -183,7 +187,7 @@ pub fn run(bi: BootInfo) -> ! {
     // Size the footprint: one vCPU block per CPU, one EPT tree for all
     // (MAXPHYADDR wide), the host identity map.
     let phys_bits = if cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0)[0] as u8 } else { 36 };
-    let huge = cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
+    let huge = !opts.no_1g_pages && cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
     let map_end = bi.memory.regions().last().map_or(1 << 32, |r| r.end);
     let phys_limit = memory::identity_limit(map_end, phys_bits, huge);
     let (map_top, phys_top) = (ept::map_top(&bi.memory), ept::phys_top(&bi.memory, phys_bits));
