@@ -538,6 +538,20 @@ mod tests {
     }
 
     #[test]
+    fn on_demand_mapping_starts_where_the_tree_ends() {
+        let top = map_top(&big_map());
+        assert_eq!(top, 0x40_4000_0000);
+        assert_eq!(lazy_from(top, (true, true), false), u64::MAX, "1 GiB pages: all up front");
+        assert_eq!(lazy_from(top, (true, false), false), top, "2 MiB pages: above the map on demand");
+        assert_eq!(lazy_from(top, (true, true), true), 0, "ept=lazy: all on demand");
+        // On demand, the reserve; up front with 1 GiB pages, none.
+        let r = guest_ranges(&big_map(), 1 << 46, &[HV], &[]);
+        assert_eq!(plan_tables(&r, top, (true, true), false), table_count(&r, (true, true)));
+        assert_eq!(plan_tables(&r, top, (true, false), false), table_count(&below(&r, top), (true, false)) + LAZY_RESERVE);
+        assert_eq!(plan_tables(&r, top, (true, true), true), table_count(&below(&r, top), (true, false)) + LAZY_RESERVE);
+    }
+
+    #[test]
     fn table_count_matches_the_builder() {
         let apic = 0xFEE0_0000u64;
         for (map, top) in [(bochs_map(), 0), (big_map(), 1 << 39), (big_map(), 1 << 46)] {
