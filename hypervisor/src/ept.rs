@@ -1,10 +1,24 @@
 //! Extended page tables: a pure builder and walker.
 //!
-//! The guest gets an identity map of physical memory: RAM write-back,
-//! everything else (device memory, firmware, holes) uncacheable, and the
+//! The guest gets an identity map of the whole physical address space up to
+//! MAXPHYADDR: RAM write-back, everything else (device memory such as
+//! 64-bit PCI BARs above RAM, firmware, holes) uncacheable, and the
 //! hypervisor's own footprint not mapped at all. The builder uses the
 //! largest page size a range allows (1 GiB, 2 MiB, 4 KiB), so a machine
 //! with a few memory ranges needs a handful of tables.
+//!
+//! Memory types: leaf entries carry the EPT memory type with the
+//! ignore-PAT bit clear, so the guest's PAT still combines with it as on
+//! bare metal (SDM Vol. 3, 29.3.7.2): write-back RAM takes whatever type
+//! the guest's PAT asks for, while an uncacheable EPT type makes device
+//! memory uncacheable whatever the guest's PAT says. The host MTRRs do not
+//! apply to guest accesses under EPT.
+//!
+//! One tree serves every vCPU. Built up front (`ept=eager`) it is only
+//! read by the CPU. Filled on demand (`ept=lazy`, and beyond the memory
+//! map without 1 GiB EPT pages) it grows under a lock; entries only ever go
+//! from not present to present, which needs no INVEPT, and a vCPU that
+//! faults on a page another vCPU mapped meanwhile just retries.
 
 use alloc::vec::Vec;
 use guest_loader::memmap::{MemKind, MemoryMap};
@@ -43,12 +57,28 @@ pub trait Tables {
     fn table(&mut self, pa: u64) -> &mut [u64; 512];
 }
 
+/// The most guest-physical address space a 4-level EPT maps (2^48).
+pub const EPT_MAX: u64 = 1 << 48;
+
+/// The end of the memory map as EPT covers it up front without 1 GiB EPT
+/// pages: the last region's end, at least 4 GiB, 2 MiB aligned.
+pub fn map_top(map: &MemoryMap) -> u64 {
+    map.regions().last().map_or(0, |r| r.end).max(4 << 30).next_multiple_of(2 << 20)
+}
+
+/// The top of the guest-physical address space for MAXPHYADDR `phys_bits`
+/// (what [`guest_ranges`] is given), never below the memory map.
+pub fn phys_top(map: &MemoryMap, phys_bits: u8) -> u64 {
+    (1u64 << phys_bits.min(48)).min(EPT_MAX).max(map_top(map))
+}
+
 /// The ranges to map for a guest: everything in `0..top` except `exclude`,
-/// where `top` covers the memory map and at least 4 GiB. Pages entirely in
-/// RAM are write-back, all others uncacheable. Pages in `readonly` are
-/// mapped without write permission.
-pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)], readonly: &[(u64, u64)]) -> Vec<EptRange> {
-    let top = map.regions().last().map_or(0, |r| r.end).max(4 << 30).next_multiple_of(2 << 20);
+/// where `top` is raised to cover the memory map and at least 4 GiB (pass
+/// [`phys_top`] to cover the address space up to MAXPHYADDR). Pages
+/// entirely in RAM are write-back, all others uncacheable. Pages in
+/// `readonly` are mapped without write permission.
+pub fn guest_ranges(map: &MemoryMap, top: u64, exclude: &[(u64, u64)], readonly: &[(u64, u64)]) -> Vec<EptRange> {
+    let top = top.next_multiple_of(2 << 20).max(map_top(map));
     // Boundaries: RAM rounded inwards to whole pages, exclusions outwards.
     let mut ram: Vec<(u64, u64)> = map
         .regions()
@@ -102,6 +132,73 @@ pub fn guest_ranges(map: &MemoryMap, exclude: &[(u64, u64)], readonly: &[(u64, u
             .collect();
     }
     out
+}
+
+/// The part of `ranges` below `limit`.
+pub fn below(ranges: &[EptRange], limit: u64) -> Vec<EptRange> {
+    ranges.iter().filter(|r| r.start < limit).map(|r| EptRange { end: r.end.min(limit), ..*r }).collect()
+}
+
+/// How many tables [`build`] allocates for `ranges` (sorted, disjoint) with
+/// the large pages `large` allows: the EPT tree's size, for planning.
+pub fn table_count(ranges: &[EptRange], large: (bool, bool)) -> u64 {
+    // Tables one level down are needed for every slot of `size` bytes that
+    // some range touches but no single range covers as a leaf.
+    let below_slots = |size: u64, leaf: bool| {
+        let mut n = 0u64;
+        let mut last: Option<u64> = None;
+        for r in ranges.iter().filter(|r| r.start < r.end) {
+            let (first, end) = (r.start / size, (r.end - 1) / size);
+            let from = last.map_or(first, |l| first.max(l + 1));
+            if from > end {
+                continue;
+            }
+            if leaf {
+                // Only the first and the last slot can be partly covered.
+                let partial = |k: u64| r.start > k * size || r.end < (k + 1) * size;
+                let mut slots = [first, end];
+                if first == end {
+                    slots[1] = u64::MAX;
+                }
+                n += slots.iter().filter(|&&k| k != u64::MAX && k >= from && partial(k)).count() as u64;
+            } else {
+                n += end - from + 1;
+            }
+            last = Some(end);
+        }
+        n
+    };
+    1 + below_slots(1 << 39, false) + below_slots(1 << 30, large.1) + below_slots(2 << 20, large.0)
+}
+
+/// Tables reserved for what is mapped on demand beyond the memory map
+/// (device memory such as 64-bit BARs): about 60 GiB-sized regions touched.
+pub const LAZY_RESERVE: u64 = 64;
+
+/// Where on-demand mapping starts (see `state::Shared::lazy_from`): all of
+/// it under `ept=lazy`; without 1 GiB EPT pages, above the memory map
+/// (`map_top`), since 2 MiB pages up to MAXPHYADDR would take megabytes of
+/// tables for address space no device uses; nowhere otherwise.
+pub fn lazy_from(map_top: u64, large: (bool, bool), lazy: bool) -> u64 {
+    if lazy {
+        0
+    } else if large.1 {
+        u64::MAX
+    } else {
+        map_top
+    }
+}
+
+/// The shared EPT tree's size, for planning the hypervisor's memory: the
+/// tables of the part built up front, plus [`LAZY_RESERVE`] when anything
+/// is mapped on demand. On-demand mapping uses no 1 GiB pages, so under
+/// `ept=lazy` the memory map's part is counted with 2 MiB pages: the most
+/// that filling it on demand can take.
+pub fn plan_tables(ranges: &[EptRange], map_top: u64, large: (bool, bool), lazy: bool) -> u64 {
+    match lazy_from(map_top, large, lazy) {
+        u64::MAX => table_count(ranges, large),
+        _ => table_count(&below(ranges, map_top), (large.0, large.1 && !lazy)) + LAZY_RESERVE,
+    }
 }
 
 /// Builds identity-mapping EPT tables for `ranges`; returns the PML4's
@@ -242,7 +339,7 @@ mod tests {
 
     #[test]
     fn identity_map_with_hole() {
-        let ranges = guest_ranges(&bochs_map(), &[HV], &[]);
+        let ranges = guest_ranges(&bochs_map(), 0, &[HV], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&ranges, &mut t, (true, true)).unwrap();
         // Few tables: PML4, PDPT, the first GiB's PD, a PT for the first 2 MiB.
@@ -271,7 +368,7 @@ mod tests {
 
     #[test]
     fn without_large_pages_everything_still_maps() {
-        let ranges = guest_ranges(&bochs_map(), &[HV], &[]);
+        let ranges = guest_ranges(&bochs_map(), 0, &[HV], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&ranges, &mut t, (false, false)).unwrap();
         assert_eq!(walk(&mut t, root, 0x12345678).unwrap().page_size, PAGE);
@@ -281,7 +378,7 @@ mod tests {
 
     #[test]
     fn ranges_are_sorted_disjoint_and_cover_all_but_the_hole() {
-        let r = guest_ranges(&bochs_map(), &[HV], &[]);
+        let r = guest_ranges(&bochs_map(), 0, &[HV], &[]);
         for w in r.windows(2) {
             assert!(w[0].end <= w[1].start);
         }
@@ -290,7 +387,7 @@ mod tests {
         assert!(r.iter().all(|x| x.start % PAGE == 0 && x.end % PAGE == 0));
         // A partial RAM page is not write-back.
         let m = MemoryMap::from_regions([Region { start: 0, end: 0x9FC00, kind: MemKind::Ram }]);
-        let r = guest_ranges(&m, &[], &[]);
+        let r = guest_ranges(&m, 0, &[], &[]);
         assert_eq!(r[0], EptRange { start: 0, end: 0x9F000, ty: MemType::WriteBack, write: true });
         assert_eq!(r[1].ty, MemType::Uncacheable);
         assert_eq!(vec![r[1].start], vec![0x9F000]);
@@ -302,7 +399,7 @@ mod tests {
             Region { start: 0, end: 0x8000_0000, kind: MemKind::Ram },
             Region { start: 0x1_0000_0000, end: 0x1_8000_0000, kind: MemKind::Ram },
         ]);
-        let r = guest_ranges(&m, &[], &[]);
+        let r = guest_ranges(&m, 0, &[], &[]);
         let mut t = HostTables(Vec::new());
         let root = build(&r, &mut t, (true, true)).unwrap();
         assert_eq!(walk(&mut t, root, 0x1_2345_6000).unwrap().ty, 6);
@@ -313,7 +410,7 @@ mod tests {
     #[test]
     fn readonly_pages_are_split_out() {
         let apic = 0xFEE0_0000u64;
-        let ranges = guest_ranges(&bochs_map(), &[HV], &[(apic, apic + PAGE)]);
+        let ranges = guest_ranges(&bochs_map(), 0, &[HV], &[(apic, apic + PAGE)]);
         let mut t = HostTables(Vec::new());
         let root = build(&ranges, &mut t, (true, true)).unwrap();
         let l = walk(&mut t, root, apic + 0x300).unwrap();
@@ -326,7 +423,7 @@ mod tests {
     #[test]
     fn lazy_pages_follow_the_layout() {
         let apic = 0xFEE0_0000u64;
-        let ranges = guest_ranges(&bochs_map(), &[HV], &[(apic, apic + PAGE)]);
+        let ranges = guest_ranges(&bochs_map(), 0, &[HV], &[(apic, apic + PAGE)]);
         let mut t = HostTables(Vec::new());
         let root = t.alloc().unwrap();
         // Nothing is mapped at first.
@@ -371,6 +468,103 @@ mod tests {
             map_range(&mut t, root, &p, (true, true)).unwrap();
             let (a, b) = (walk(&mut t, root, gpa).unwrap(), walk(&mut t2, eager, gpa).unwrap());
             assert_eq!((a.hpa, a.ty, a.writable), (b.hpa, b.ty, b.writable), "{gpa:#x}");
+        }
+    }
+
+    /// RAM with the PCI hole below 4 GiB, RAM to 16 GiB, a reserved
+    /// window in the map at 256 GiB, and nothing listed above (where 64-bit
+    /// BARs live); MAXPHYADDR 39.
+    fn big_map() -> MemoryMap {
+        MemoryMap::from_regions([
+            Region { start: 0, end: 0x9F000, kind: MemKind::Ram },
+            Region { start: 0xF0000, end: 0x100000, kind: MemKind::Reserved },
+            Region { start: 0x100000, end: 0xC000_0000, kind: MemKind::Ram },
+            Region { start: 0xFEC0_0000, end: 0xFEC0_1000, kind: MemKind::Reserved },
+            Region { start: 0x1_0000_0000, end: 0x4_0000_0000, kind: MemKind::Ram },
+            Region { start: 0x40_0000_0000, end: 0x40_4000_0000, kind: MemKind::Reserved },
+        ])
+    }
+
+    #[test]
+    fn everything_up_to_maxphyaddr_is_mapped_but_the_footprint() {
+        let map = big_map();
+        let bits = 39;
+        let top = phys_top(&map, bits);
+        assert_eq!(top, 1 << 39);
+        let fp = (0xBF00_0000u64, 0xBFE0_0000u64);
+        let apic = 0xFEE0_0000u64;
+        let ranges = guest_ranges(&map, top, &[fp], &[(apic, apic + PAGE)]);
+        let is_ram = |a: u64| (a < 0x9F000) || (0x100000..0xC000_0000).contains(&a) || (0x1_0000_0000..0x4_0000_0000).contains(&a);
+        let in_fp = |a: u64| (fp.0..fp.1).contains(&a);
+        for large in [(true, true), (true, false)] {
+            let mut t = HostTables(Vec::new());
+            // Without 1 GiB pages the tree is built to the end of the map
+            // and the rest is filled on demand, as the hypervisor does.
+            let eager_top = if large.1 { top } else { map_top(&map) };
+            let root = build(&below(&ranges, eager_top), &mut t, large).unwrap();
+            assert_eq!(table_count(&below(&ranges, eager_top), large), t.0.len() as u64);
+            let mut gpa = 0u64;
+            while gpa < top {
+                // Every 2 MiB block; every 4 KiB page where the block mixes kinds.
+                let blk = gpa & !0x1F_FFFF;
+                let mixed = blk < (2 << 20) || (blk < fp.1 && fp.0 < blk + (2 << 20)) || blk == apic & !0x1F_FFFF || blk == 0xFEC0_0000;
+                let step = if mixed { PAGE } else { 2 << 20 };
+                let probe = gpa + 0x10;
+                let leaf = walk(&mut t, root, probe).or_else(|| {
+                    let p = lazy_page(&ranges, probe, large.0)?;
+                    assert!(p.start >= eager_top, "{probe:#x} below the eager top not mapped");
+                    map_range(&mut t, root, &p, (large.0, false)).unwrap();
+                    walk(&mut t, root, probe)
+                });
+                if in_fp(gpa) {
+                    assert_eq!(leaf, None, "footprint page {gpa:#x} is mapped");
+                } else {
+                    let l = leaf.unwrap_or_else(|| panic!("{gpa:#x} not mapped"));
+                    assert_eq!(l.hpa, probe);
+                    let ram = is_ram(gpa) && is_ram(gpa + step - 1);
+                    assert_eq!(l.ty, if ram { 6 } else { 0 }, "memory type at {gpa:#x}");
+                    assert_eq!(l.writable, !(apic..apic + PAGE).contains(&gpa), "rights at {gpa:#x}");
+                }
+                gpa += step;
+            }
+            assert_eq!(walk(&mut t, root, top), None, "nothing at MAXPHYADDR");
+            assert_eq!(lazy_page(&ranges, top, true), None);
+        }
+        // The ranges cover the address space less the footprint.
+        let covered: u64 = ranges.iter().map(|x| x.end - x.start).sum();
+        assert_eq!(covered, top - (fp.1 - fp.0));
+        // With 1 GiB pages, a handful of tables for 512 GiB.
+        assert!(table_count(&ranges, (true, true)) <= 10, "{}", table_count(&ranges, (true, true)));
+    }
+
+    #[test]
+    fn on_demand_mapping_starts_where_the_tree_ends() {
+        let top = map_top(&big_map());
+        assert_eq!(top, 0x40_4000_0000);
+        assert_eq!(lazy_from(top, (true, true), false), u64::MAX, "1 GiB pages: all up front");
+        assert_eq!(lazy_from(top, (true, false), false), top, "2 MiB pages: above the map on demand");
+        assert_eq!(lazy_from(top, (true, true), true), 0, "ept=lazy: all on demand");
+        // On demand, the reserve; up front with 1 GiB pages, none.
+        let r = guest_ranges(&big_map(), 1 << 46, &[HV], &[]);
+        assert_eq!(plan_tables(&r, top, (true, true), false), table_count(&r, (true, true)));
+        assert_eq!(plan_tables(&r, top, (true, false), false), table_count(&below(&r, top), (true, false)) + LAZY_RESERVE);
+        assert_eq!(plan_tables(&r, top, (true, true), true), table_count(&below(&r, top), (true, false)) + LAZY_RESERVE);
+    }
+
+    #[test]
+    fn table_count_matches_the_builder() {
+        let apic = 0xFEE0_0000u64;
+        for (map, top) in [(bochs_map(), 0), (big_map(), 1 << 39), (big_map(), 1 << 46)] {
+            for large in [(false, false), (true, false), (true, true)] {
+                if large == (false, false) && top != 0 {
+                    continue; // 4 KiB pages over 257 GiB: 512 MiB of tables
+                }
+                let ranges = guest_ranges(&map, top, &[HV], &[(apic, apic + PAGE)]);
+                let ranges = if large.1 { ranges } else { below(&ranges, map_top(&map)) };
+                let mut t = HostTables(Vec::new());
+                build(&ranges, &mut t, large).unwrap();
+                assert_eq!(table_count(&ranges, large), t.0.len() as u64, "{large:?} top {top:#x}");
+            }
         }
     }
 

@@ -81,12 +81,12 @@ static PARKED: AtomicUsize = AtomicUsize::new(0);
 /// that state, so they cannot be stopped, but they run no guest code and
 /// take no exits (a SIPI would make them exit, see the INIT pending, and
 /// park).
-pub static WAITING_FOR_SIPI: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+pub static WAITING_FOR_SIPI: state::CpuSet = state::CpuSet::new();
 
 /// vCPUs that executed HLT with interrupts disabled (bit n = vCPU n). The
 /// guest has halted for good when every vCPU is here or waiting for a SIPI.
 /// (An NMI could still wake such a vCPU; INIT clears its bit.)
-pub static HALTED_FOR_GOOD: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+pub static HALTED_FOR_GOOD: state::CpuSet = state::CpuSet::new();
 
 /// Parks this CPU for good (called by a vCPU that was told to stop).
 pub fn park() -> ! {
@@ -118,7 +118,7 @@ fn stop_other_cpus() {
     let me = current_vcpu().map_or(0, |(id, _)| id);
     // vCPUs in HLT (even with interrupts off) take the INIT and park; those
     // waiting for a SIPI cannot take it but run nothing.
-    let stopped = || PARKED.load(SeqCst) + (WAITING_FOR_SIPI.load(SeqCst) & !(1 << me)).count_ones() as usize;
+    let stopped = || PARKED.load(SeqCst) + WAITING_FOR_SIPI.count_except(me);
     for _ in 0..10_000_000u64 {
         if stopped() >= others {
             return;
@@ -318,11 +318,20 @@ fn finish_after_failure(title: &str) -> ! {
     };
     let blocks = state::counters();
     let snap = exitscope_stats::Snapshot::sum(blocks);
-    let mut per = [(0u64, 0u64); state::MAX_CPUS];
-    for (p, b) in per.iter_mut().zip(blocks) {
-        *p = (b.total_exits(), b.total_cycles());
-    }
+    // The per-vCPU totals live in a static buffer (MAX_CPUS of them do not
+    // belong on a fault stack); only the first failing CPU gets to use it.
+    static PER: spin::Mutex<[(u64, u64); state::MAX_CPUS]> = spin::Mutex::new([(0, 0); state::MAX_CPUS]);
+    let mut guard = PER.try_lock();
+    let per: &[(u64, u64)] = match guard.as_deref_mut() {
+        Some(per) => {
+            for (p, b) in per.iter_mut().zip(blocks) {
+                *p = (b.total_exits(), b.total_cycles());
+            }
+            &per[..blocks.len()]
+        }
+        None => &[],
+    };
     report_containment();
-    let _ = exitscope_stats::dump::write_dump(&mut Emergency, title, &snap, &per[..blocks.len()]);
+    let _ = exitscope_stats::dump::write_dump(&mut Emergency, title, &snap, per);
     crate::platform::finish(s.options.on_end, &s.acpi)
 }

@@ -152,10 +152,14 @@ pub fn run(bi: BootInfo) -> ! {
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
         }
     }
-    let controls = match caps::choose(&probe, &opts.intercept) {
+    let mut controls = match caps::choose(&probe, &opts.intercept) {
         Ok(c) => c,
         Err(e) => boot_error(format_args!("{e}")),
     };
+    if opts.no_1g_pages {
+        controls.ept_1g = false;
+        hvprintln!("pages_1g=off (test-only): using no 1 GiB pages, as on a CPU without them");
+    }
     hvprintln!(
         "VMX: VMCS revision {:#x}, EPT ({}{}), {}, unrestricted guest",
         controls.vmcs_revision,
@@ -173,8 +177,45 @@ pub fn run(bi: BootInfo) -> ! {
         boot_error(format_args!("no guest: give the guest kernel as the first boot module (GRUB: module2 /path/kernel args)"));
     }
 
+    // The vCPUs: the first min(cpus=, MAX_CPUS, MADT) CPUs, boot CPU included.
+    let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
+    let vcpus_planned = acpi.cpus.len().clamp(1, max_cpus);
+    if acpi.cpus.len() > MAX_CPUS {
+        hvprintln!("the MADT lists {} CPUs; Exitscope virtualises at most {MAX_CPUS}, the others are not started", acpi.cpus.len());
+    }
+
+    // Size the footprint: one vCPU block per CPU, one EPT tree for all
+    // (MAXPHYADDR wide), the host identity map.
+    let phys_bits = if cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0)[0] as u8 } else { 36 };
+    let huge = !opts.no_1g_pages && cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
+    let map_end = bi.memory.regions().last().map_or(1 << 32, |r| r.end);
+    let phys_limit = memory::identity_limit(map_end, phys_bits, huge);
+    let (map_top, phys_top) = (ept::map_top(&bi.memory), ept::phys_top(&bi.memory, phys_bits));
+    let large = (controls.ept_2m, controls.ept_1g);
+    // The footprint's hole and the watched APIC page (neither known yet)
+    // split a few more slots: 8 tables cover both.
+    let ept_tables = ept::plan_tables(&ept::guest_ranges(&bi.memory, phys_top, &[], &[]), map_top, large, controls.lazy_ept) + 8;
+    let plan = memory::plan(&memory::PlanInput {
+        vcpus: vcpus_planned as u64,
+        per_vcpu: vcpu_arena_bytes() as u64,
+        ept_tables,
+        host_tables: memory::identity_tables(phys_limit, huge),
+        arena_used: memory::arena_usage().0 as u64,
+        arena_offset: memory::arena_offset(),
+        image: memory::image_size(),
+    });
+    hvprintln!(
+        "memory plan: {} vCPU(s) x {} KiB, one EPT tree of up to {} KiB for all, host page tables {} KiB (identity map to {} GiB{})",
+        vcpus_planned,
+        plan.per_vcpu >> 10,
+        plan.ept >> 10,
+        plan.host >> 10,
+        phys_limit >> 30,
+        if huge { ", MAXPHYADDR" } else { ", the end of the memory map: no 1 GiB pages" }
+    );
+
     // Move the hypervisor to the top of RAM below 4 GiB.
-    let size = memory::image_size();
+    let size = plan.footprint;
     let mut keep: Vec<(u64, u64)> = bi.modules.iter().map(|m| (m.start, m.end)).collect();
     keep.extend_from_slice(&bi.preserve);
     let Some(base) = bi.memory.highest_fit(size, 2 << 20, 1 << 32, &keep) else {
@@ -183,9 +224,7 @@ pub fn run(bi: BootInfo) -> ! {
             size >> 20
         ))
     };
-    let phys_limit = bi.memory.regions().last().map_or(1 << 32, |r| r.end).max(1 << 32);
-    let huge = cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
-    if let Err(e) = memory::relocate(base, phys_limit, huge) {
+    if let Err(e) = memory::relocate(base, &plan, phys_limit, huge) {
         boot_error(format_args!("{e}"));
     }
     let footprint = memory::footprint();
@@ -239,7 +278,6 @@ pub fn run(bi: BootInfo) -> ! {
         waitpkg: controls.hide_waitpkg,
         monitor: controls.classes.contains(Class::Mwait),
     };
-    let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
     let timeline = opts.timeline;
     let lapic = smp::LocalApic::current();
     let bsp_id = lapic.id();
@@ -256,14 +294,16 @@ pub fn run(bi: BootInfo) -> ! {
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
     let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
-    let ept_ranges = ept::guest_ranges(&guest_map, &[footprint], &watched);
+    // Everything up to MAXPHYADDR but the footprint: RAM write-back, the
+    // rest (64-bit BARs above RAM included) uncacheable.
+    let ept_ranges = ept::guest_ranges(&guest_map, phys_top, &[footprint], &watched);
+    let lazy_from = ept::lazy_from(map_top, large, controls.lazy_ept);
     let efer_allowed = {
         let ext = cpu::cpuid(0x8000_0000, 0)[0];
         let d = if ext >= 0x8000_0001 { cpu::cpuid(0x8000_0001, 0)[3] } else { 0 };
         let bit = |cpuid_bit: u32, efer: u64| if d & (1 << cpuid_bit) != 0 { efer } else { 0 };
         bit(11, 1) | bit(29, 1 << 8) | bit(20, 1 << 11)
     };
-    let phys_bits = if cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0)[0] as u8 } else { 36 };
     let sh = state::init(state::Shared {
         options: opts,
         acpi,
@@ -278,23 +318,20 @@ pub fn run(bi: BootInfo) -> ! {
         ept_ranges,
         efer_allowed,
         phys_bits,
+        phys_mapped: phys_limit,
+        lazy_from,
         ins_outs_info: probe.basic & (1 << 54) != 0,
     });
     state::APIC_IDS[0].store(bsp_id, core::sync::atomic::Ordering::SeqCst);
+    // One EPT tree for all vCPUs: built up front below `lazy_from`, filled
+    // on demand above it (all of it under ept=lazy), see ept.rs.
+    let eptp = match ept::build(&ept::below(&sh.ept_ranges, sh.lazy_from), &mut ArenaTables, large) {
+        Ok(root) => ept::eptp(root),
+        Err(e) => boot_error(format_args!("{e}")),
+    };
     let new_vcpu = |id: usize| -> VcpuSetup {
         let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
             Ok(m) => m,
-            Err(e) => boot_error(format_args!("{e}")),
-        };
-        // Each vCPU gets its own EPT tree (same identity layout), built
-        // whole or, under ept=lazy, filled on demand from an empty root.
-        let tree = if sh.controls.lazy_ept {
-            ept::Tables::alloc(&mut ArenaTables)
-        } else {
-            ept::build(&sh.ept_ranges, &mut ArenaTables, (sh.controls.ept_2m, sh.controls.ept_1g))
-        };
-        let eptp = match tree {
-            Ok(root) => ept::eptp(root),
             Err(e) => boot_error(format_args!("{e}")),
         };
         VcpuSetup { mem, eptp, io_bitmaps_pa, msr_bitmap_pa, ready: core::sync::atomic::AtomicBool::new(false) }
@@ -380,6 +417,20 @@ struct VcpuSetup {
     ready: core::sync::atomic::AtomicBool,
 }
 
+/// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
+/// state, its fault stack, descriptor tables, detail block and setup block
+/// (each rounded up as `vmx::vcpu::alloc` and [`arena_box`] align them).
+fn vcpu_arena_bytes() -> usize {
+    let page = memory::PAGE;
+    let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
+    let tables = core::mem::size_of::<idt::PerCpuTables>() + 64;
+    #[cfg(feature = "detailed")]
+    let detail = core::mem::size_of::<exitscope_stats::detail::VcpuDetail>() + 64;
+    #[cfg(not(feature = "detailed"))]
+    let detail = 0;
+    2 * page + vmx::vcpu::STACK_SIZE + state + vmx::vcpu::FAULT_STACK_SIZE + tables + detail + core::mem::size_of::<VcpuSetup>() + 64
+}
+
 /// Moves a value into the arena for good.
 fn arena_box<T>(v: T) -> &'static mut T {
     match memory::arena_alloc(core::mem::size_of::<T>(), core::mem::align_of::<T>()) {
@@ -421,7 +472,7 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
     vmx::invept(sh.controls.invept_single, setup.eptp);
-    fatal::WAITING_FOR_SIPI.fetch_or(1 << v.id, core::sync::atomic::Ordering::SeqCst);
+    fatal::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
     // SAFETY: as for the boot CPU.
     vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })

@@ -8,12 +8,21 @@
 //! in RAM and remaps the virtual window there. From then on the hypervisor's
 //! physical footprint is exactly [`footprint`], which EPT leaves unmapped and
 //! the guest's memory map leaves out.
+//!
+//! The footprint is sized by [`plan`] from the number of vCPUs and the
+//! memory map: the image carries a fixed boot arena ([`ARENA_SIZE`]) that
+//! holds everything allocated before relocation (the heap, the host page
+//! tables); when the vCPUs and the EPT tree need more, the footprint grows
+//! past the image and the arena continues into that extension after
+//! relocation.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 
-/// Heap size. Holds boot data, per-vCPU VMX structures, stacks and EPT tables.
+/// Size of the boot arena inside the image. Holds boot data, the heap, the
+/// host page tables and (when they fit) the per-vCPU VMX structures, stacks
+/// and the EPT tree; see [`plan`] for what extends it.
 pub const ARENA_SIZE: usize = 12 << 20;
 pub const PAGE: usize = 4096;
 
@@ -25,6 +34,13 @@ static mut ARENA: Arena = Arena([0; ARENA_SIZE]);
 
 /// Bytes of the arena handed out so far.
 static ARENA_USED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes the arena may hand out: the boot arena, then (after [`relocate`])
+/// up to the end of the planned footprint.
+static ARENA_LIMIT: AtomicUsize = AtomicUsize::new(ARENA_SIZE);
+
+/// Size of the footprint: the image until [`relocate`] sets the plan's.
+static FOOTPRINT_SIZE: AtomicU64 = AtomicU64::new(0);
 
 unsafe extern "C" {
     static __image_start: u8;
@@ -54,10 +70,22 @@ pub fn image_size() -> u64 {
     (image_end_va() - image_start_va()).next_multiple_of(2 << 20)
 }
 
+/// Bytes from the start of the image to the start of the arena.
+pub fn arena_offset() -> u64 {
+    arena_base() as u64 - image_start_va()
+}
+
+fn footprint_size() -> u64 {
+    match FOOTPRINT_SIZE.load(SeqCst) {
+        0 => image_size(),
+        n => n,
+    }
+}
+
 /// Physical range the hypervisor occupies (valid after [`relocate`]).
 pub fn footprint() -> (u64, u64) {
     let base = image_phys();
-    (base, base + image_size())
+    (base, base + footprint_size())
 }
 
 /// Physical range of the image as a multiboot loader placed it (before
@@ -89,7 +117,7 @@ fn image_phys() -> u64 {
 /// Physical address of a hypervisor object (anything in the image).
 pub fn virt_to_phys<T: ?Sized>(p: *const T) -> u64 {
     let va = p as *const u8 as u64;
-    debug_assert!(va >= image_start_va() && va < image_end_va(), "not an image address: {va:#x}");
+    debug_assert!(va >= image_start_va() && va < image_start_va() + footprint_size(), "not an image address: {va:#x}");
     va - image_start_va() + image_phys()
 }
 
@@ -136,7 +164,7 @@ impl core::fmt::Display for OutOfMemory {
             "hypervisor heap exhausted: {} more bytes wanted, {} of {} KiB used",
             self.wanted,
             ARENA_USED.load(SeqCst) / 1024,
-            ARENA_SIZE / 1024
+            ARENA_LIMIT.load(SeqCst) / 1024
         )
     }
 }
@@ -147,7 +175,8 @@ pub fn arena_alloc(size: usize, align: usize) -> Result<*mut u8, OutOfMemory> {
     let mut cur = ARENA_USED.load(SeqCst);
     loop {
         let start = (base + cur).next_multiple_of(align) - base;
-        let end = start.checked_add(size).filter(|&e| e <= ARENA_SIZE).ok_or(OutOfMemory { wanted: size })?;
+        let limit = ARENA_LIMIT.load(SeqCst);
+        let end = start.checked_add(size).filter(|&e| e <= limit).ok_or(OutOfMemory { wanted: size })?;
         match ARENA_USED.compare_exchange(cur, end, SeqCst, SeqCst) {
             Ok(_) => return Ok((base + start) as *mut u8),
             Err(now) => cur = now,
@@ -168,7 +197,7 @@ pub fn alloc_pages(n: usize) -> Result<(&'static mut [u8], u64), OutOfMemory> {
 
 /// Arena statistics: (used, total) bytes.
 pub fn arena_usage() -> (usize, usize) {
-    (ARENA_USED.load(SeqCst), ARENA_SIZE)
+    (ARENA_USED.load(SeqCst), ARENA_LIMIT.load(SeqCst))
 }
 
 /// General-purpose heap (Vec, String, boxes), carved from the arena at
@@ -206,62 +235,172 @@ unsafe impl GlobalAlloc for HeapAllocator {
 const P: u64 = 1; // present
 const W: u64 = 2; // writable
 const PS: u64 = 1 << 7; // large page
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
 
-/// Builds the hypervisor's page tables for an image at physical `new_base`:
-/// identity map of physical `0..phys_limit` (1 GiB pages if `huge`, else
-/// 2 MiB pages), and the image window at its link address with 4 KiB pages.
-/// Returns the new PML4's physical address *after* relocation.
-fn build_host_tables(new_base: u64, phys_limit: u64, huge: bool) -> Result<u64, OutOfMemory> {
-    let after = |p: *const u8| p as u64 - image_start_va() + new_base;
-    let table = |n| alloc_pages(n).map(|(s, _)| s.as_mut_ptr() as *mut u64);
+/// The most the identity map can cover: the lower half of a 4-level
+/// address space (PML4 entries 0..256; 511 holds the image window).
+pub const IDENTITY_MAX: u64 = 1 << 47;
 
-    let pml4 = table(1)?;
-    let gib = phys_limit.div_ceil(1 << 30).clamp(4, 512);
-    // Identity map through PML4[0].
-    let pdpt = table(1)?;
-    // SAFETY (all writes below): the tables were just allocated, zeroed and
-    // are exclusively ours; indices stay within 512 entries.
-    unsafe {
-        *pml4 = after(pdpt as *const u8) | P | W;
-        if huge {
-            for g in 0..gib {
-                *pdpt.add(g as usize) = (g << 30) | P | W | PS;
-            }
-        } else {
-            let pds = table(gib as usize)?;
-            for i in 0..gib * 512 {
-                *pds.add(i as usize) = (i << 21) | P | W | PS;
-            }
-            for g in 0..gib {
-                *pdpt.add(g as usize) = after(pds.add(g as usize * 512) as *const u8) | P | W;
-            }
-        }
-        // The image window: VA image_start.. -> new_base.., 4 KiB pages.
-        let start = image_start_va();
-        let pages = (image_end_va() - start).div_ceil(PAGE as u64);
-        let pdpt_hi = table(1)?;
-        *pml4.add(511) = after(pdpt_hi as *const u8) | P | W;
-        let mut pd_cur: (u64, *mut u64) = (u64::MAX, ptr::null_mut());
-        for i in 0..pages {
-            let va = start + i * PAGE as u64;
-            let (pdpt_i, pd_i, pt_i) = ((va >> 30) & 511, (va >> 21) & 511, (va >> 12) & 511);
-            let pd = if pd_cur.0 == pdpt_i {
-                pd_cur.1
+/// How far the host identity map reaches: with 1 GiB pages (`huge`), all of
+/// MAXPHYADDR (`phys_bits`), so that guest RAM, ACPI tables and devices
+/// anywhere in the physical address space can be touched; without them,
+/// the end of the memory map (`map_end`) in 2 MiB pages, since 2^46 bytes
+/// in 2 MiB pages would take 256 MiB of tables. At least 4 GiB, at most
+/// [`IDENTITY_MAX`].
+pub fn identity_limit(map_end: u64, phys_bits: u8, huge: bool) -> u64 {
+    let want = if huge { (1u64 << phys_bits.min(52)).max(map_end) } else { map_end };
+    want.max(4 * GIB).next_multiple_of(GIB).min(IDENTITY_MAX)
+}
+
+/// Tables [`identity_map`] allocates for `0..limit`.
+pub fn identity_tables(limit: u64, huge: bool) -> u64 {
+    let gib = limit.div_ceil(GIB);
+    gib.div_ceil(512) + if huge { 0 } else { gib }
+}
+
+/// Identity-maps physical `0..limit` (rounded up to 1 GiB) into the PML4
+/// at `pml4`: 1 GiB pages if `huge`, else 2 MiB pages. Page attributes are
+/// write-back by PAT (PCD = PWT = 0), so the MTRRs decide each range's
+/// memory type: RAM stays write-back and device memory uncacheable, as the
+/// firmware set them. The tables come from `t` (the arena on the machine,
+/// host memory in tests).
+pub fn identity_map<T: crate::ept::Tables>(t: &mut T, pml4: u64, limit: u64, huge: bool) -> Result<(), T::Error> {
+    assert!(limit <= IDENTITY_MAX, "identity map beyond 128 TiB");
+    let gib = limit.div_ceil(GIB);
+    for chunk in 0..gib.div_ceil(512) {
+        let pdpt = t.alloc()?;
+        t.table(pml4)[chunk as usize] = pdpt | P | W;
+        for g in chunk * 512..gib.min(chunk * 512 + 512) {
+            let e = if huge {
+                (g * GIB) | P | W | PS
             } else {
-                let pd = table(1)?;
-                *pdpt_hi.add(pdpt_i as usize) = after(pd as *const u8) | P | W;
-                pd_cur = (pdpt_i, pd);
-                pd
+                let pd = t.alloc()?;
+                let tab = t.table(pd);
+                for (i, e) in tab.iter_mut().enumerate() {
+                    *e = (g * GIB + i as u64 * MIB2) | P | W | PS;
+                }
+                pd | P | W
             };
-            let e = pd.add(pd_i as usize);
-            if *e == 0 {
-                *e = after(table(1)? as *const u8) | P | W;
-            }
-            let pt_va = (*e & !0xFFF) - new_base + image_start_va();
-            *(pt_va as *mut u64).add(pt_i as usize) = (new_base + i * PAGE as u64) | P | W;
+            t.table(pdpt)[(g % 512) as usize] = e;
         }
     }
-    Ok(after(pml4 as *const u8))
+    Ok(())
+}
+
+/// Tables the image window of `size` bytes at virtual `start` needs
+/// (a PDPT, the PDs, 4 KiB page tables).
+fn window_tables(start: u64, size: u64) -> u64 {
+    let pts = (start + size).div_ceil(MIB2) - start / MIB2;
+    let pds = (start + size).div_ceil(GIB) - start / GIB;
+    1 + pds + pts
+}
+
+/// What the hypervisor's memory must hold; the inputs of [`plan`].
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput {
+    /// vCPUs to be started (the boot CPU included).
+    pub vcpus: u64,
+    /// Arena bytes one vCPU takes (VMX regions, stacks, state, tables).
+    pub per_vcpu: u64,
+    /// 4 KiB tables of the EPT tree all vCPUs share, at most.
+    pub ept_tables: u64,
+    /// Tables of the host identity map ([`identity_tables`]).
+    pub host_tables: u64,
+    /// Arena bytes already used when planning (boot data, the heap).
+    pub arena_used: u64,
+    /// Bytes from the image start to the arena, and the image's own size
+    /// (2 MiB multiple; its boot arena is [`ARENA_SIZE`]).
+    pub arena_offset: u64,
+    pub image: u64,
+}
+
+/// The hypervisor's memory plan: its footprint and what fills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Arena bytes per vCPU, page-rounded, and for all vCPUs.
+    pub per_vcpu: u64,
+    pub vcpus: u64,
+    /// Arena bytes of the EPT tree and of the host page tables (the image
+    /// window included).
+    pub ept: u64,
+    pub host: u64,
+    /// Arena bytes needed in all; the arena's size after relocation.
+    pub arena: u64,
+    /// The footprint: image and arena, a 2 MiB multiple.
+    pub footprint: u64,
+}
+
+/// Slack for small allocations (the bitmaps, boxed setup blocks, alignment).
+const PLAN_SLACK: u64 = 256 << 10;
+
+/// Plans the footprint from the vCPU count and the tables the memory map
+/// needs. The host tables must fit the boot arena (they are built before
+/// relocation); the rest may extend it. Pure, so the sizes for large
+/// machines can be checked on the host.
+pub fn plan(p: &PlanInput) -> MemoryPlan {
+    let page = PAGE as u64;
+    let per_vcpu = p.per_vcpu.next_multiple_of(page);
+    let vcpus = per_vcpu * p.vcpus;
+    let ept = p.ept_tables * page;
+    // The image window grows with the footprint; a first guess covers the
+    // image plus everything else, and its tables are a tiny share.
+    let guess = p.image + vcpus + ept + p.host_tables * page + (64 << 20);
+    let host = (p.host_tables + 1 + window_tables(KERNEL_VMA + (1 << 20), guess)) * page;
+    let arena = p.arena_used + host + vcpus + ept + PLAN_SLACK;
+    let footprint = (p.arena_offset + arena).next_multiple_of(MIB2).max(p.image);
+    MemoryPlan { per_vcpu, vcpus, ept, host, arena: footprint - p.arena_offset, footprint }
+}
+
+/// Page tables built before relocation for use after it: allocated from the
+/// boot arena, addressed by their physical address after the move.
+struct BootTables {
+    new_base: u64,
+}
+
+impl crate::ept::Tables for BootTables {
+    type Error = OutOfMemory;
+    fn alloc(&mut self) -> Result<u64, OutOfMemory> {
+        let (s, _) = alloc_pages(1)?;
+        Ok(s.as_ptr() as u64 - image_start_va() + self.new_base)
+    }
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` came from alloc() above: a zeroed arena page of ours,
+        // reached at its current (pre-relocation) virtual address.
+        unsafe { &mut *((pa - self.new_base + image_start_va()) as *mut [u64; 512]) }
+    }
+}
+
+/// Builds the hypervisor's page tables for an image at physical `new_base`:
+/// identity map of physical `0..phys_limit` (see [`identity_map`]), and the
+/// footprint (`size` bytes, image and arena) at the image's link address
+/// with 4 KiB pages. Returns the new PML4's physical address *after*
+/// relocation.
+fn build_host_tables(new_base: u64, size: u64, phys_limit: u64, huge: bool) -> Result<u64, OutOfMemory> {
+    use crate::ept::Tables;
+    let mut t = BootTables { new_base };
+    let pml4 = t.alloc()?;
+    identity_map(&mut t, pml4, phys_limit, huge)?;
+    // The image window: VA image_start.. -> new_base.., 4 KiB pages.
+    let start = image_start_va();
+    let pdpt_hi = t.alloc()?;
+    t.table(pml4)[511] = pdpt_hi | P | W;
+    for i in 0..size.div_ceil(PAGE as u64) {
+        let va = start + i * PAGE as u64;
+        let (pdpt_i, pd_i, pt_i) = (((va >> 30) & 511) as usize, ((va >> 21) & 511) as usize, ((va >> 12) & 511) as usize);
+        if t.table(pdpt_hi)[pdpt_i] == 0 {
+            let pd = t.alloc()?;
+            t.table(pdpt_hi)[pdpt_i] = pd | P | W;
+        }
+        let pd = t.table(pdpt_hi)[pdpt_i] & !0xFFF;
+        if t.table(pd)[pd_i] == 0 {
+            let pt = t.alloc()?;
+            t.table(pd)[pd_i] = pt | P | W;
+        }
+        let pt = t.table(pd)[pd_i] & !0xFFF;
+        t.table(pt)[pt_i] = (new_base + i * PAGE as u64) | P | W;
+    }
+    Ok(pml4)
 }
 
 core::arch::global_asm!(
@@ -287,11 +426,12 @@ unsafe extern "C" {
 }
 
 /// Moves the hypervisor image to physical `new_base` (2 MiB aligned, outside
-/// everything still needed) and switches to page tables that identity-map
-/// `0..phys_limit`. Only the used part of the arena is copied.
-pub fn relocate(new_base: u64, phys_limit: u64, huge_pages: bool) -> Result<(), OutOfMemory> {
+/// everything still needed; `plan.footprint` bytes) and switches to page
+/// tables that identity-map `0..phys_limit`. Only the used part of the
+/// arena is copied; from then on the arena reaches to the footprint's end.
+pub fn relocate(new_base: u64, plan: &MemoryPlan, phys_limit: u64, huge_pages: bool) -> Result<(), OutOfMemory> {
     assert!(new_base.is_multiple_of(2 << 20));
-    let cr3 = build_host_tables(new_base, phys_limit, huge_pages)?;
+    let cr3 = build_host_tables(new_base, plan.footprint, phys_limit, huge_pages)?;
     let used_end = arena_base() as u64 + ARENA_USED.load(SeqCst) as u64;
     let len = (used_end - image_start_va()).next_multiple_of(8);
     let dst = phys_ptr::<u8>(new_base) as u64;
@@ -301,5 +441,164 @@ pub fn relocate(new_base: u64, phys_limit: u64, huge_pages: bool) -> Result<(), 
     unsafe { exitscope_relocate_image(dst, image_start_va(), len, cr3) };
     IMAGE_PHYS.store(new_base, SeqCst);
     PHYS_OFFSET.store(0, SeqCst);
+    FOOTPRINT_SIZE.store(plan.footprint, SeqCst);
+    ARENA_LIMIT.store(plan.arena.max(ARENA_SIZE as u64) as usize, SeqCst);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ept::{self, Tables};
+    use guest_loader::memmap::{MemKind, MemoryMap, Region};
+    use std::boxed::Box;
+    use std::vec::Vec;
+
+    struct HostTables(Vec<Box<[u64; 512]>>);
+    impl Tables for HostTables {
+        type Error = ();
+        fn alloc(&mut self) -> Result<u64, ()> {
+            self.0.push(Box::new([0; 512]));
+            Ok(self.0.len() as u64 * PAGE as u64)
+        }
+        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+            &mut self.0[pa as usize / PAGE - 1]
+        }
+    }
+
+    /// Translates `va` through the 4-level tables at `pml4` as the CPU
+    /// would: (physical address, page size, writable).
+    fn walk(t: &mut HostTables, pml4: u64, va: u64) -> Option<(u64, u64, bool)> {
+        let mut pa = pml4;
+        for level in (2..=4).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let e = t.table(pa)[((va >> shift) & 511) as usize];
+            if e & P == 0 {
+                return None;
+            }
+            if e & PS != 0 {
+                let size = 1u64 << shift;
+                return Some((e & 0x000F_FFFF_FFFF_F000 & !(size - 1) | va & (size - 1), size, e & W != 0));
+            }
+            assert!(level > 2, "a level-1 table in the identity map");
+            pa = e & 0x000F_FFFF_FFFF_F000;
+        }
+        None
+    }
+
+    /// A machine with RAM to 2 TiB (the PCI hole below 4 GiB) and
+    /// MAXPHYADDR 46: guest page walks in root mode reach all of it.
+    fn two_tib() -> MemoryMap {
+        MemoryMap::from_regions([
+            Region { start: 0, end: 0x9F000, kind: MemKind::Ram },
+            Region { start: 0x100000, end: 0xC000_0000, kind: MemKind::Ram },
+            Region { start: 0x1_0000_0000, end: 2 << 40, kind: MemKind::Ram },
+        ])
+    }
+
+    #[test]
+    fn identity_map_reaches_maxphyaddr_with_1g_pages() {
+        let end = two_tib().regions().last().unwrap().end;
+        let limit = identity_limit(end, 46, true);
+        assert_eq!(limit, 1 << 46, "MAXPHYADDR, not 512 GiB");
+        let mut t = HostTables(Vec::new());
+        let pml4 = t.alloc().unwrap();
+        identity_map(&mut t, pml4, limit, true).unwrap();
+        assert_eq!(t.0.len() as u64 - 1, identity_tables(limit, true));
+        assert_eq!(identity_tables(limit, true), 128, "one PDPT per 512 GiB");
+        for pa in [0u64, 0x9_F123, 0xFEE0_0300, 511 << 30, 512 << 30, (512 << 30) + 0x1234_5678, (2 << 40) - 8, 0x2345_6789_A000, (1 << 46) - 8] {
+            let (got, size, w) = walk(&mut t, pml4, pa).unwrap_or_else(|| panic!("{pa:#x} not mapped"));
+            assert_eq!((got, size, w), (pa, 1 << 30, true), "{pa:#x}");
+        }
+        // Every GiB up to MAXPHYADDR, nothing above.
+        for g in 0..(1u64 << 16) {
+            assert_eq!(walk(&mut t, pml4, g << 30).map(|l| l.0), Some(g << 30));
+        }
+        assert_eq!(walk(&mut t, pml4, 1 << 46), None);
+        // Write-back by PAT: no PCD/PWT bits; the MTRRs type each range.
+        let pdpt = t.table(pml4)[3] & !0xFFF;
+        let e = t.table(pdpt)[5];
+        assert_eq!(e & 0x18, 0);
+    }
+
+    #[test]
+    fn identity_map_without_1g_pages_covers_the_memory_map() {
+        let end = two_tib().regions().last().unwrap().end;
+        let limit = identity_limit(end, 46, false);
+        assert_eq!(limit, 2 << 40, "to the end of the memory map");
+        // Small machines still get at least 4 GiB (the APIC, the IOAPIC, firmware).
+        assert_eq!(identity_limit(512 << 20, 36, false), 4 << 30);
+        assert_eq!(identity_limit(512 << 20, 52, true), IDENTITY_MAX, "at most 128 TiB");
+        let mut t = HostTables(Vec::new());
+        let pml4 = t.alloc().unwrap();
+        identity_map(&mut t, pml4, limit, false).unwrap();
+        assert_eq!(t.0.len() as u64 - 1, identity_tables(limit, false));
+        assert_eq!(identity_tables(limit, false), 4 + 2048);
+        for pa in [0u64, 0x20_0000, 0xFEE0_0300, (600 << 30) + 0x12_3456, (2 << 40) - 8] {
+            let (got, size, _) = walk(&mut t, pml4, pa).unwrap();
+            assert_eq!((got, size), (pa, 2 << 20), "{pa:#x}");
+        }
+        assert_eq!(walk(&mut t, pml4, 2 << 40), None);
+    }
+
+    /// 256 CPUs and 1 TiB of RAM (with the PCI hole and a watched APIC
+    /// page), MAXPHYADDR 46: the plan the hypervisor would make.
+    fn plan_for(large: (bool, bool), lazy: bool) -> (MemoryPlan, u64) {
+        let map = MemoryMap::from_regions([
+            Region { start: 0, end: 0x9F000, kind: MemKind::Ram },
+            Region { start: 0x100000, end: 0xC000_0000, kind: MemKind::Ram },
+            Region { start: 0x1_0000_0000, end: 1 << 40, kind: MemKind::Ram },
+        ]);
+        let top = ept::phys_top(&map, 46);
+        let apic = 0xFEE0_0000;
+        let fp = (0xB000_0000, 0xB400_0000);
+        let ranges = ept::guest_ranges(&map, top, &[fp], &[(apic, apic + 4096)]);
+        let ept_tables = ept::plan_tables(&ranges, ept::map_top(&map), large, lazy);
+        let host = identity_tables(identity_limit(1 << 40, 46, large.1), large.1);
+        let p = plan(&PlanInput {
+            vcpus: 256,
+            per_vcpu: 60 << 10,
+            ept_tables,
+            host_tables: host,
+            arena_used: 4 << 20,
+            arena_offset: 1 << 20,
+            image: 14 << 20,
+        });
+        (p, ept_tables)
+    }
+
+    #[test]
+    fn plan_for_256_cpus_and_1_tib() {
+        for lazy in [false, true] {
+            let (p1g, t1g) = plan_for((true, true), lazy);
+            let (p2m, t2m) = plan_for((true, false), lazy);
+            for (p, tables) in [(p1g, t1g), (p2m, t2m)] {
+                // Per-CPU sizes and totals add up, and the plan fits.
+                assert_eq!(p.per_vcpu, 60 << 10);
+                assert_eq!(p.vcpus, 256 * (60 << 10));
+                assert_eq!(p.ept, tables * 4096);
+                assert!(p.arena >= (4 << 20) + p.host + p.vcpus + p.ept, "{p:?}");
+                assert_eq!(p.footprint, (1 << 20) + p.arena);
+                assert_eq!(p.footprint % (2 << 20), 0);
+                assert!(p.footprint <= 64 << 20, "{p:?}");
+            }
+            if lazy {
+                // Filled on demand without 1 GiB pages either way.
+                assert_eq!(t1g, t2m);
+            } else {
+                // One shared tree: with 1 GiB pages a few tables cover 64 TiB
+                // (PML4, 128 PDPTs, the first GiBs' PDs and PTs).
+                assert!(t1g < 150, "{t1g}");
+                assert!(p2m.footprint > p1g.footprint);
+            }
+            // With 2 MiB pages, a PD per GiB of the memory map (1 TiB),
+            // the rest of MAXPHYADDR on demand from a reserve.
+            assert!(t2m > 1024 && t2m < 1024 + 64 + 32, "{t2m}");
+            // A per-vCPU tree would take 256 times that: more than the plan.
+            assert!(256 * t2m * 4096 > p2m.footprint);
+        }
+        // A small machine keeps the image's size (the boot arena suffices).
+        let p = plan(&PlanInput { vcpus: 2, per_vcpu: 60 << 10, ept_tables: 12, host_tables: 5, arena_used: 4 << 20, arena_offset: 1 << 20, image: 14 << 20 });
+        assert_eq!(p.footprint, 14 << 20);
+    }
 }

@@ -4,13 +4,14 @@
 //! |---|---|---|---|
 //! | `log` | `error` `warn` `info` `debug` `trace` | `info` | serial log level |
 //! | `on_end` | `poweroff` `reset` `halt` | `poweroff` | what the machine does after the guest ended and the final dump is printed |
-//! | `cpus` | 1..=64 | all | how many CPUs to virtualise |
+//! | `cpus` | 1..=256 | all (at most 256) | how many CPUs to virtualise (the first N of the MADT, boot CPU included) |
 //! | `timeline` | TSC ticks, or `off` | `1000000` | sample the per-reason exit counts every this many ticks (the ring doubles the interval when full) |
 //! | `profile` | `minimal` `kvm-like` `all` | `minimal` | the interception profile (see `exitscope_stats::intercept`) |
 //! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
 //! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
 //! | `fault` | `panic` `exception` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL |
+//! | `pages_1g` | `off` | the CPU's | TEST-ONLY: behave as on a CPU without 1 GiB pages (neither in EPT nor in the host page tables): the host identity map ends at the memory map and EPT above the memory map is filled on demand |
 
 use alloc::string::{String, ToString};
 use core::fmt;
@@ -46,6 +47,8 @@ pub struct Options {
     pub intercept: Interception,
     /// Fail on purpose at the guest's first VMCALL (`fault=`).
     pub fault: Option<Fault>,
+    /// TEST-ONLY `pages_1g=off`: use no 1 GiB pages, as on a CPU without.
+    pub no_1g_pages: bool,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             timeline: Some(DEFAULT_TIMELINE),
             intercept: Interception::default(),
             fault: None,
+            no_1g_pages: false,
         }
     }
 }
@@ -71,7 +75,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -119,7 +123,7 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
             }
             "cpus" => match value.parse::<u32>() {
                 Ok(n) if (1..=crate::MAX_CPUS as u32).contains(&n) => o.max_cpus = Some(n),
-                _ => return Err(bad("a number from 1 to 64")),
+                _ => return Err(bad("a number from 1 to 256")),
             },
             "timeline" => {
                 o.timeline = match value {
@@ -130,6 +134,10 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     },
                 }
             }
+            "pages_1g" => match value {
+                "off" => o.no_1g_pages = true,
+                _ => return Err(bad("off (test-only)")),
+            },
             "fault" => {
                 o.fault = Some(match value {
                     "panic" => Fault::Panic,
@@ -180,7 +188,11 @@ mod tests {
         let e = parse("log=loud").unwrap_err();
         assert!(e.to_string().contains("bad value 'loud' for option 'log'"), "{e}");
         assert!(parse("cpus=0").is_err());
-        assert!(parse("cpus=65").is_err());
+        assert!(parse("cpus=256").is_ok());
+        assert!(parse("cpus=257").is_err());
+        assert!(parse("pages_1g=off").unwrap().no_1g_pages);
+        assert!(!parse("").unwrap().no_1g_pages);
+        assert!(parse("pages_1g=on").is_err());
         assert!(parse("on_end=explode").is_err());
     }
 

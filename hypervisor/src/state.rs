@@ -7,8 +7,54 @@ use exitscope_stats::{ReasonSet, VcpuCounters};
 use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use spin::Once;
 
-/// Most CPUs Exitscope virtualises.
-pub const MAX_CPUS: usize = 64;
+/// Most CPUs Exitscope virtualises. CPUs beyond it (and beyond `cpus=`)
+/// are left out of the vCPU set: the boot CPU takes the first MAX_CPUS of
+/// the MADT.
+pub const MAX_CPUS: usize = 256;
+
+/// A set of vCPU indices (0..MAX_CPUS), updated atomically bit by bit.
+pub struct CpuSet([core::sync::atomic::AtomicU64; MAX_CPUS / 64]);
+
+impl CpuSet {
+    pub const fn new() -> CpuSet {
+        CpuSet([const { core::sync::atomic::AtomicU64::new(0) }; MAX_CPUS / 64])
+    }
+    fn word(&self, i: usize) -> (&core::sync::atomic::AtomicU64, u64) {
+        (&self.0[i / 64], 1u64 << (i % 64))
+    }
+    /// Adds vCPU `i`; true if it was not in the set.
+    pub fn insert(&self, i: usize) -> bool {
+        let (w, b) = self.word(i);
+        w.fetch_or(b, SeqCst) & b == 0
+    }
+    pub fn remove(&self, i: usize) {
+        let (w, b) = self.word(i);
+        w.fetch_and(!b, SeqCst);
+    }
+    pub fn contains(&self, i: usize) -> bool {
+        let (w, b) = self.word(i);
+        w.load(SeqCst) & b != 0
+    }
+    /// How many vCPUs are in the set, leaving out `except`.
+    pub fn count_except(&self, except: usize) -> usize {
+        (0..MAX_CPUS / 64)
+            .map(|k| {
+                let m = if k == except / 64 { !(1u64 << (except % 64)) } else { !0 };
+                (self.0[k].load(SeqCst) & m).count_ones() as usize
+            })
+            .sum()
+    }
+    /// Whether every vCPU in `0..n` is in `self` or in `other`.
+    pub fn covers_with(&self, other: &CpuSet, n: usize) -> bool {
+        (0..n.min(MAX_CPUS)).all(|i| self.contains(i) || other.contains(i))
+    }
+}
+
+impl Default for CpuSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Local APIC id of each vCPU.
 pub static APIC_IDS: [core::sync::atomic::AtomicU32; MAX_CPUS] = [const { core::sync::atomic::AtomicU32::new(0) }; MAX_CPUS];
@@ -74,6 +120,14 @@ pub struct Shared {
     pub efer_allowed: u64,
     /// MAXPHYADDR (CPUID.80000008H:EAX[7:0]).
     pub phys_bits: u8,
+    /// End of the hypervisor's identity map of physical memory: what the
+    /// hypervisor can touch for the guest (MAXPHYADDR with 1 GiB host
+    /// pages, else the end of the memory map).
+    pub phys_mapped: u64,
+    /// Guest-physical addresses from here up are mapped in EPT on demand
+    /// (EPT violation) rather than up front: 0 under `ept=lazy`, the end of
+    /// the memory map without 1 GiB EPT pages, never otherwise.
+    pub lazy_from: u64,
     /// VM exits of INS/OUTS report instruction information (IA32_VMX_BASIC bit 54).
     pub ins_outs_info: bool,
 }
@@ -105,4 +159,29 @@ pub fn counters() -> &'static [VcpuCounters] {
 /// Prints the statistics dump (human table and JSON lines).
 pub fn print_dump(title: &str) {
     crate::statsys::print_dump(title);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_sets_hold_all_256() {
+        let (a, b) = (CpuSet::new(), CpuSet::new());
+        assert!(a.insert(0) && a.insert(63) && a.insert(64) && a.insert(255));
+        assert!(!a.insert(255), "already there");
+        assert!(a.contains(64) && a.contains(255) && !a.contains(65));
+        assert_eq!(a.count_except(0), 3);
+        assert_eq!(a.count_except(200), 4);
+        a.remove(63);
+        assert!(!a.contains(63));
+        for i in 0..MAX_CPUS {
+            if !a.contains(i) {
+                b.insert(i);
+            }
+        }
+        assert!(a.covers_with(&b, MAX_CPUS));
+        b.remove(130);
+        assert!(!a.covers_with(&b, MAX_CPUS) && a.covers_with(&b, 130));
+    }
 }

@@ -128,7 +128,7 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
             continue;
         }
         hit_any = true;
-        let waiting = WAITING_FOR_SIPI.load(SeqCst) & (1 << i) != 0;
+        let waiting = WAITING_FOR_SIPI.contains(i);
         match (kind, waiting) {
             (INIT, true) => log::debug!("vCPU {me}: INIT to vCPU {i} (waiting for SIPI already)"),
             (INIT, false) => {

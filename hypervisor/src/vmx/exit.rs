@@ -535,7 +535,7 @@ fn init_signal(v: &mut VcpuState) {
         end_guest(v, GuestEnd::Reset("INIT signal to the boot CPU"));
     }
     log::debug!("vCPU {}: INIT", v.id);
-    crate::fatal::HALTED_FOR_GOOD.fetch_and(!(1 << v.id), core::sync::atomic::Ordering::SeqCst);
+    crate::fatal::HALTED_FOR_GOOD.remove(v.id);
     let c = &shared().controls;
     if vcpu::reset_to_wait_for_sipi(c).is_err() {
         end_guest(v, GuestEnd::Stopped("could not reset a vCPU after INIT"));
@@ -547,7 +547,7 @@ fn init_signal(v: &mut VcpuState) {
     // After INIT, EDX holds the processor signature; the rest is zero.
     v.regs = vcpu::GuestRegs { rdx: cpu::cpuid(1, 0)[0] as u64, ..Default::default() };
     flush_guest_tlb(v);
-    crate::fatal::WAITING_FOR_SIPI.fetch_or(1 << v.id, core::sync::atomic::Ordering::SeqCst);
+    crate::fatal::WAITING_FOR_SIPI.insert(v.id);
 }
 
 /// SIPI (only delivered in the wait-for-SIPI state): start in real mode at
@@ -555,7 +555,7 @@ fn init_signal(v: &mut VcpuState) {
 fn sipi(v: &mut VcpuState) {
     let vector = vmread(ro::EXIT_QUALIFICATION) as u8;
     log::debug!("vCPU {}: SIPI, vector {vector:#x}", v.id);
-    crate::fatal::WAITING_FOR_SIPI.fetch_and(!(1 << v.id), core::sync::atomic::Ordering::SeqCst);
+    crate::fatal::WAITING_FOR_SIPI.remove(v.id);
     if vcpu::start_at_sipi(vector).is_err() {
         end_guest(v, GuestEnd::Stopped("could not start a vCPU after SIPI"));
     }
@@ -570,12 +570,9 @@ fn hlt(v: &mut VcpuState) {
         // Interrupts off: nothing but an NMI or INIT can wake this vCPU.
         // The guest has halted for good once every vCPU has (an SMP guest
         // parks its other CPUs this way while it powers off or reboots).
-        let me = 1u64 << v.id;
-        let halted = crate::fatal::HALTED_FOR_GOOD.fetch_or(me, core::sync::atomic::Ordering::SeqCst) | me;
-        let waiting = crate::fatal::WAITING_FOR_SIPI.load(core::sync::atomic::Ordering::SeqCst);
+        crate::fatal::HALTED_FOR_GOOD.insert(v.id);
         let n = shared().ncpus.load(core::sync::atomic::Ordering::SeqCst);
-        let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-        if (halted | waiting) & all == all {
+        if crate::fatal::HALTED_FOR_GOOD.covers_with(&crate::fatal::WAITING_FOR_SIPI, n) {
             end_guest(v, GuestEnd::Halted);
         }
     } else if !v.irqs.is_empty() {
@@ -960,8 +957,9 @@ fn vmcall(v: &mut VcpuState) {
 // EPT and the rest
 
 fn ept_violation(v: &mut VcpuState) {
-    // ept=lazy: a page of guest memory not mapped yet is no access outside it.
-    if shared().controls.lazy_ept && intercept::lazy_ept(v) {
+    // EPT filled on demand: a page of guest memory not mapped yet is no
+    // access outside it.
+    if shared().lazy_from != u64::MAX && intercept::lazy_ept(v) {
         return;
     }
     if super::isolation::ept_violation(v) { return; } // memory outside the guest: isolation.rs

@@ -65,7 +65,7 @@ impl GuestMem {
             let r = &sh.ept_ranges;
             r.get(r.partition_point(|x| x.end <= a)).is_some_and(|x| x.start <= a)
         };
-        len > 0 && !(pa < he && hs < end) && inside(pa) && inside(end - 1)
+        len > 0 && end <= sh.phys_mapped && !(pa < he && hs < end) && inside(pa) && inside(end - 1)
     }
 }
 
@@ -267,17 +267,34 @@ pub fn preemption_timer(_v: &mut VcpuState) {
 // ---------------------------------------------------------------------------
 // Lazy EPT
 
-/// An EPT violation under `ept=lazy`: maps the page if the identity layout
-/// has it and it is not mapped yet (true: retry the access), else leaves
-/// the violation to the caller's policy (false): the hypervisor's
-/// footprint and what lies beyond the layout are never mapped.
+/// Serialises growing the EPT tree all vCPUs share.
+static EPT_GROW: spin::Mutex<()> = spin::Mutex::new(());
+
+/// An EPT violation where EPT is filled on demand (`ept=lazy`, or above
+/// the memory map without 1 GiB EPT pages: `Shared::lazy_from`): maps the
+/// page if the identity layout has it and it is not mapped yet (true:
+/// retry the access), else leaves the violation to the caller's policy
+/// (false): the hypervisor's footprint is never mapped.
 pub fn lazy_ept(v: &mut VcpuState) -> bool {
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     let sh = shared();
+    if gpa < sh.lazy_from {
+        return false;
+    }
     let Some(page) = crate::ept::lazy_page(&sh.ept_ranges, gpa, sh.controls.ept_2m) else { return false };
     let root = v.eptp & 0x000F_FFFF_FFFF_F000;
-    if crate::ept::walk(&mut crate::ArenaTables, root, gpa).is_some() {
-        return false; // mapped: a permission violation, not a miss
+    // The tree is shared: grow it under the lock.
+    let _grow = EPT_GROW.lock();
+    if let Some(leaf) = crate::ept::walk(&mut crate::ArenaTables, root, gpa) {
+        // Mapped, by another vCPU since this one faulted: retry, unless the
+        // access needs a right the page lacks (a write or fetch on a
+        // read-only watched page): a permission violation, not a miss.
+        let q = vmread(ro::EXIT_QUALIFICATION);
+        if !leaf.writable && q & 6 != 0 {
+            return false;
+        }
+        resume_after_fault(q);
+        return true;
     }
     if let Err(e) = crate::ept::map_range(&mut crate::ArenaTables, root, &page, (sh.controls.ept_2m, false)) {
         crate::hvprintln!("cannot map GPA {gpa:#x} on demand: {e}");

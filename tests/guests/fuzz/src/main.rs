@@ -20,17 +20,19 @@
 //!   indices and of random indices, under the guest's own #GP handler; every
 //!   VMX instruction; XSETBV with valid and invalid values; INVD; port I/O
 //!   to unused ports; loads, stores and exchanges at random addresses in
-//!   the hypervisor's footprint and above the mapped range; VMCALL. Where
+//!   the hypervisor's footprint and above the memory map; VMCALL. Where
 //!   the architecture (or Exitscope's documented contract) defines the
 //!   answer it is checked: the leaves' classes and sentinel, counters
 //!   never going backwards, back-to-back queries differing by exactly one
 //!   exit, #UD for VMX instructions, #GP for invalid XSETBV and for the
 //!   MSRs that do not exist, all-ones from unused ports and from memory
-//!   outside the guest, and at the end the exact number of exits of each
+//!   outside the guest and above the memory map (mapped there, so without
+//!   an exit), and at the end the exact number of exits of each
 //!   reason the stream caused. Ends with `FUZZ SUMMARY ops=.. faults=..
 //!   mismatches=..` and `FUZZ PASS` (or `FUZZ FAIL`), then halts.
 //! * `hole`: writes over every page of the hypervisor's footprint (and a
-//!   few unbacked pages above 4 GiB) with MOV stores, reads each back
+//!   few pages above the memory map at 4 GiB, which Exitscope maps: no
+//!   exit there) with MOV stores, reads each back
 //!   (all-ones expected), checks the RAM on both sides of the hole is
 //!   untouched and that reason 48 counted exactly these accesses; ends with
 //!   `HOLE SUMMARY ...` and `HOLE PASS`.

@@ -106,7 +106,9 @@ fn touch_own_image() {
     }
 }
 
-/// `mode=hole`: every page of the footprint, plus 16 unbacked pages.
+/// `mode=hole`: every page of the footprint, plus 16 unbacked pages above
+/// the memory map, which Exitscope maps (no device there: all-ones, writes
+/// dropped, and no exit).
 fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     let mut rng = Rng::new(seed);
     // Canaries in the guest RAM right below and right above the hole.
@@ -120,17 +122,22 @@ fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     // (code, data, page tables, stack) before the count starts, so that
     // reason 48 grows by exactly the accesses outside guest memory.
     let above_4g = (cpuid(0x8000_0000, 0)[0] >= 0x8000_0001).then(ops::map_above_4g);
+    above_4g.map(ops::touch_window);
     touch_own_image();
     let ept_before = cpuid(FE, 48)[0];
     let (mut pages, mut accesses, mut reads, mut writes, mut bad, mut unbacked) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut run = |at: u64, f: usize, rng: &mut Rng, bad: &mut u64| {
+    // `accesses`, `reads` and `writes` count the footprint's: the accesses
+    // that must reach the hypervisor.
+    let mut run = |at: u64, f: usize, rng: &mut Rng, bad: &mut u64, outside: bool| {
         let form = FORMS[f];
         let reg = rng.next();
         let want = if form.read { ops::all_ones_into(reg, &form) } else { reg };
         let got = ops::access(f, at, reg);
-        accesses += 1;
-        reads += form.read as u64;
-        writes += form.write as u64;
+        if outside {
+            accesses += 1;
+            reads += form.read as u64;
+            writes += form.write as u64;
+        }
         if got != Ok(want) {
             *bad += 1;
             if *bad <= 20 {
@@ -141,18 +148,18 @@ fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     let mut page = start;
     while page < end {
         let off = 0x20 + (rng.below(0xFC0 / 8) * 8);
-        run(page + off, 3, &mut rng, &mut bad); // mov [m], rax
-        run(page + off, 12, &mut rng, &mut bad); // mov rax, [m]: all-ones
+        run(page + off, 3, &mut rng, &mut bad, true); // mov [m], rax
+        run(page + off, 12, &mut rng, &mut bad, true); // mov rax, [m]: all-ones
         let other = (pages as usize) % FORMS.len();
-        run(page + 0x20 + (rng.below(0xFC0 / 8) * 8), other, &mut rng, &mut bad);
+        run(page + 0x20 + (rng.below(0xFC0 / 8) * 8), other, &mut rng, &mut bad, true);
         pages += 1;
         page += 4096;
     }
     if let Some(base) = above_4g {
         for i in 0..16u64 {
             let at = base + i * (64 << 20) + 0x100;
-            run(at, 3, &mut rng, &mut bad);
-            run(at, 12, &mut rng, &mut bad);
+            run(at, 3, &mut rng, &mut bad, false);
+            run(at, 12, &mut rng, &mut bad, false);
             unbacked += 2;
         }
     }
@@ -160,7 +167,7 @@ fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     let delta = ept_after.wrapping_sub(ept_before) as u64;
     if delta != accesses {
         bad += 1;
-        println!("HOLE MISMATCH reason 48 (EPT violation) grew by {delta}, the guest made {accesses} accesses");
+        println!("HOLE MISMATCH reason 48 (EPT violation) grew by {delta}, the guest made {accesses} accesses to the footprint");
     }
     for (at, want) in [(below, cb), (above, ca)] {
         let got = ops::peek(at);
@@ -173,7 +180,7 @@ fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     ops::poke(above, keep_above);
     println!(
         "HOLE SUMMARY pages={pages} accesses={accesses} hypervisor={} unbacked={unbacked} reads={reads} writes={writes} ept_exits={delta} mismatches={bad}",
-        accesses - unbacked
+        accesses
     );
     if bad == 0 {
         println!("HOLE PASS");

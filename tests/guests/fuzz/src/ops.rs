@@ -230,15 +230,21 @@ pub fn poke(a: u64, v: u64) {
 }
 
 // ---------------------------------------------------------------------------
-// Page tables: an unbacked window at 4 GiB
+// Page tables: a window at 4 GiB, above the memory map
 
 #[repr(C, align(4096))]
 struct Table([u64; 512]);
 static mut HIGH_PD: Table = Table([0; 512]);
 
 /// Maps guest-linear 4 GiB..5 GiB to guest-physical 4 GiB..5 GiB (2 MiB
-/// pages) in guest-rt's page tables, and returns 4 GiB. Nothing is there:
-/// Exitscope's EPT ends at 4 GiB on a machine with less RAM.
+/// pages) in guest-rt's page tables, and returns 4 GiB. On a machine with
+/// less RAM nothing is there: no RAM, no device (where 64-bit PCI BARs
+/// would be). Exitscope maps it in EPT all the same (uncacheable, as all
+/// of the address space up to MAXPHYADDR but its own footprint), so that
+/// accesses reach the bus: reads return all-ones, writes go nowhere, and
+/// none is a VM exit once mapped. Where EPT is filled on demand, the first
+/// touch of each 2 MiB block exits once; [`touch_window`] takes those
+/// before a count starts.
 pub fn map_above_4g() -> u64 {
     let base = 1u64 << 32;
     let pd = &raw mut HIGH_PD as u64;
@@ -251,6 +257,14 @@ pub fn map_above_4g() -> u64 {
     // PDPT[4] was not present: no TLB or paging-structure cache holds it.
     poke(pdpt + 4 * 8, pd | 3);
     base
+}
+
+/// Reads one byte of each 2 MiB block of the window at `base` (1 GiB).
+pub fn touch_window(base: u64) {
+    for i in 0..512u64 {
+        // SAFETY: mapped by map_above_4g; reading unclaimed space is harmless.
+        unsafe { core::ptr::read_volatile((base + (i << 21)) as *const u8) };
+    }
 }
 
 // ---------------------------------------------------------------------------
