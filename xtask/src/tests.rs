@@ -53,8 +53,13 @@ pub const TESTS: &[Test] = &[
     Test { name: "probe-smp2", run: probe_smp2 },
     Test { name: "probe-smp4", run: probe_smp4 },
     Test { name: "probe-smp4-linux-style", run: probe_smp4_linux_style },
+    Test { name: "probe-smp4-pit-stopped", run: probe_smp4_pit_stopped },
+    Test { name: "probe-smp4-no-wait-for-sipi", run: probe_smp4_no_wait_for_sipi },
+    Test { name: "probe-smp4-linux-style-no-wait-for-sipi", run: probe_smp4_linux_style_no_wait_for_sipi },
     Test { name: "linux", run: linux_1cpu },
     Test { name: "linux-smp", run: linux_2cpu },
+    Test { name: "linux-smp-pit-stopped", run: linux_smp_pit_stopped },
+    Test { name: "linux-smp-no-wait-for-sipi", run: linux_smp_no_wait_for_sipi },
     Test { name: "uefi-bochs-probe", run: uefi_bochs_probe },
     Test { name: "bios-image-bochs-probe", run: bios_image_bochs_probe },
     Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
@@ -74,6 +79,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "bad-boot-no-memory-map", run: bad_boot_no_memory_map },
     Test { name: "bad-boot-vmx-locked-off", run: bad_boot_vmx_locked_off },
     Test { name: "vmx-unlocked-by-firmware", run: vmx_unlocked_by_firmware },
+    Test { name: "vmx-unlocked-by-firmware-smp2", run: vmx_unlocked_by_firmware_smp2 },
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
     Test { name: "hv-panic", run: hv_panic },
@@ -205,10 +211,15 @@ fn probe_once(ctx: &Ctx, name: &str) -> Result<ParsedDump> {
 }
 
 fn probe_with(ctx: &Ctx, name: &str, cpus: u32, args: &str) -> Result<ParsedDump> {
+    probe_with_hv(ctx, name, cpus, args, "").map(|(d, _)| d)
+}
+
+/// [`probe_with`] with a hypervisor command line; also gives the run.
+fn probe_with_hv(ctx: &Ctx, name: &str, cpus: u32, args: &str, hv_args: &str) -> Result<(ParsedDump, bochs::Outcome)> {
     let guest = ctx.art.guest("probe");
-    let spec = IsoSpec { guest_args: args, ..probe_spec(ctx, &guest) };
+    let spec = IsoSpec { guest_args: args, hv_args, ..probe_spec(ctx, &guest) };
     let out = bochs_run(name, &spec, cpus, 180)?;
-    check_probe(&out)
+    Ok((check_probe(&out)?, out))
 }
 
 /// What every probe run must show: PROBE PASS, the guest halted, and the
@@ -237,8 +248,13 @@ fn probe(ctx: &Ctx) -> Result {
 /// once, and checks from the BSP that the total grew by exactly the sum.
 /// The dump must show every vCPU with exactly its share.
 fn probe_smp(ctx: &Ctx, name: &str, cpus: u32, start: &str) -> Result {
+    probe_smp_hv(ctx, name, cpus, start, "").map(|_| ())
+}
+
+/// [`probe_smp`] with a hypervisor command line; also gives the run.
+fn probe_smp_hv(ctx: &Ctx, name: &str, cpus: u32, start: &str, hv_args: &str) -> Result<(ParsedDump, bochs::Outcome)> {
     let k = 10_000;
-    let d = probe_with(ctx, name, cpus, &format!("smp={cpus} ap_iters={k} smp_start={start}"))?;
+    let (d, out) = probe_with_hv(ctx, name, cpus, &format!("smp={cpus} ap_iters={k} smp_start={start}"), hv_args)?;
     if d.nvcpus != cpus as usize {
         return Err(format!("the dump lists {} vCPUs, expected {cpus}", d.nvcpus));
     }
@@ -248,7 +264,7 @@ fn probe_smp(ctx: &Ctx, name: &str, cpus: u32, start: &str) -> Result {
             return Err(format!("vCPU {} took {exits} exits, fewer than its {k} CPUIDs", i + 1));
         }
     }
-    Ok(())
+    Ok((d, out))
 }
 
 fn probe_smp2(ctx: &Ctx) -> Result {
@@ -482,10 +498,15 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
 /// both vCPUs took exits.
 fn linux_2cpu(ctx: &Ctx) -> Result {
     let out = linux_run(ctx, "linux-smp", 2)?;
+    check_linux_2cpu(&out)
+}
+
+/// What `linux-smp` checks on top of [`linux_run`].
+fn check_linux_2cpu(out: &bochs::Outcome) -> Result {
     for cpu in 0..2 {
-        require(&out, &format!("INIT: on cpu {cpu}: exitstat: check: 100 CPUIDs, CPUID exits grew by 101 (expected 101): PASS"))?;
+        require(out, &format!("INIT: on cpu {cpu}: exitstat: check: 100 CPUIDs, CPUID exits grew by 101 (expected 101): PASS"))?;
     }
-    let (d, _) = final_dump(&out)?;
+    let (d, _) = final_dump(out)?;
     if d.vcpus[..2].iter().any(|&(e, _)| e == 0) {
         return Err(format!("a vCPU took no exits: {:?}", &d.vcpus[..2]));
     }
@@ -1257,4 +1278,95 @@ fn hv_exception_smp2(ctx: &Ctx) -> Result {
         "[exitscope] FATAL: hypervisor exception #UD invalid opcode (vector 6)",
         "final (hypervisor exception)",
     )
+}
+
+// ---------------------------------------------------------------------------
+// Timing without the PIT, APs without the wait-for-SIPI state, and
+// IA32_FEATURE_CONTROL on every CPU (issue 13, items 3, 4 and 8)
+
+/// What a run with `pit=stopped` must show: the switch took effect, the
+/// TSC was calibrated against something other than the PIT, and every AP
+/// the hypervisor started was ready within `AP_READY_MAX_US` (its INIT,
+/// 10 ms, SIPI, 200 µs sequence). On a PIT-timed start each delay under a
+/// stopped PIT would run into the 100M-read bound instead.
+fn check_pit_stopped(out: &bochs::Outcome, aps: u32) -> Result {
+    const AP_READY_MAX_US: u64 = 200_000;
+    require(out, "[exitscope] test switch pit=stopped: the 8254 PIT reads as stopped")?;
+    let line = out.serial.lines().find(|l| l.contains("[exitscope] TSC: ")).ok_or_else(|| format!("no TSC line\n{}", out.describe()))?;
+    // Bochs runs at ips=50000000 (see bochs.rs): the TSC counts 50 MHz.
+    if !line.contains("TSC: 50 MHz (calibrated against the ACPI PM timer)") {
+        return Err(format!("the TSC was not calibrated against the PM timer at 50 MHz: '{line}'"));
+    }
+    for id in 1..=aps {
+        let key = format!("[exitscope] SMP: vCPU {id} (APIC id ");
+        let l = out.serial.lines().find(|l| l.contains(&key)).ok_or_else(|| format!("no '{key}' line\n{}", out.describe()))?;
+        let us = l.split(" ready in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u64>().ok());
+        match us {
+            Some(us) if (10_000..=AP_READY_MAX_US).contains(&us) => {}
+            _ => return Err(format!("AP start took no plausible time (10 ms to {AP_READY_MAX_US} us): '{l}'")),
+        }
+    }
+    Ok(())
+}
+
+/// `probe-smp4` with the PIT reading as stopped.
+fn probe_smp4_pit_stopped(ctx: &Ctx) -> Result {
+    let (_, out) = probe_smp_hv(ctx, "probe-smp4-pit-stopped", 4, "broadcast", "pit=stopped")?;
+    check_pit_stopped(&out, 3)
+}
+
+/// `linux-smp` with the PIT reading as stopped (the hypervisor's reads;
+/// Linux itself calibrates against Bochs' PIT as usual).
+fn linux_smp_pit_stopped(ctx: &Ctx) -> Result {
+    let out = linux_run_with(ctx, "linux-smp-pit-stopped", 2, "pit=stopped")?;
+    check_linux_2cpu(&out)?;
+    check_pit_stopped(&out, 1)
+}
+
+/// What a run with `wait_for_sipi=off` must show: the fallback is named,
+/// and no vCPU took a SIPI exit (reason 4): every AP waited for its SIPI
+/// in root mode, where a run with the activity state takes one per AP.
+fn check_no_wait_for_sipi(out: &bochs::Outcome, d: &ParsedDump) -> Result {
+    require(out, "[exitscope] test switch: acting as if IA32_VMX_MISC (0x600401e0) lacked bits 0x100")?;
+    require(out, "[exitscope] VMX: not available on this CPU, skipped: the wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
+    require(out, "[exitscope] SMP: no wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
+    if d.snap.exits[4] != 0 {
+        return Err(format!("{} SIPI exits: the wait-for-SIPI activity state was used", d.snap.exits[4]));
+    }
+    Ok(())
+}
+
+/// `probe-smp4` on a CPU without the wait-for-SIPI activity state.
+fn probe_smp4_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let (d, out) = probe_smp_hv(ctx, "probe-smp4-no-wait-for-sipi", 4, "broadcast", "wait_for_sipi=off")?;
+    check_no_wait_for_sipi(&out, &d)
+}
+
+/// `probe-smp4-linux-style` (INIT, SIPI, SIPI to each AP) on a CPU
+/// without the wait-for-SIPI nor the HLT activity state.
+fn probe_smp4_linux_style_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let (d, out) = probe_smp_hv(ctx, "probe-smp4-linux-style-no-wait-for-sipi", 4, "linux", "wait_for_sipi=off hlt_state=off")?;
+    check_no_wait_for_sipi(&out, &d).map_err(|e| e.replace("lacked bits 0x100", "lacked bits 0x140"))?;
+    require(&out, "[exitscope] VMX: not available on this CPU, skipped: the HLT activity state: a guest HLT resumes the guest at once")
+}
+
+/// `linux-smp` on a CPU without the wait-for-SIPI activity state.
+fn linux_smp_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let out = linux_run_with(ctx, "linux-smp-no-wait-for-sipi", 2, "wait_for_sipi=off")?;
+    check_linux_2cpu(&out)?;
+    let (d, _) = final_dump(&out)?;
+    check_no_wait_for_sipi(&out, &d)
+}
+
+/// `vmx-unlocked-by-firmware` on 2 CPUs: the legacy Bochs BIOS leaves
+/// IA32_FEATURE_CONTROL unlocked on every CPU, so the AP must enable and
+/// lock it too before its VMXON (which otherwise faults).
+fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
+    let out = fuzz_run_on(ctx, "vmx-unlocked-by-firmware-smp2", "ops=2000 strict_msrs=0", 2, machine, 512, 180)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "[exitscope] IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
+    require(&out, "[exitscope] AP 1: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
+    require(&out, "[exitscope] entering the guest (multiboot kernel) on 2 vCPU(s)")?;
+    require(&out, "FUZZ PASS")
 }
