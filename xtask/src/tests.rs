@@ -1326,8 +1326,8 @@ fn linux_smp_pit_stopped(ctx: &Ctx) -> Result {
 /// What a run with `wait_for_sipi=off` must show: the fallback is named,
 /// and no vCPU took a SIPI exit (reason 4): every AP waited for its SIPI
 /// in root mode, where a run with the activity state takes one per AP.
-fn check_no_wait_for_sipi(out: &bochs::Outcome, d: &ParsedDump) -> Result {
-    require(out, "[exitscope] test switch: acting as if IA32_VMX_MISC (0x600401e0) lacked bits 0x100")?;
+fn check_no_wait_for_sipi(out: &bochs::Outcome, d: &ParsedDump, bits: &str) -> Result {
+    require(out, &format!("[exitscope] test switch: acting as if IA32_VMX_MISC (0x600401e0) lacked bits {bits}"))?;
     require(out, "[exitscope] VMX: not available on this CPU, skipped: the wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
     require(out, "[exitscope] SMP: no wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
     if d.snap.exits[4] != 0 {
@@ -1339,14 +1339,14 @@ fn check_no_wait_for_sipi(out: &bochs::Outcome, d: &ParsedDump) -> Result {
 /// `probe-smp4` on a CPU without the wait-for-SIPI activity state.
 fn probe_smp4_no_wait_for_sipi(ctx: &Ctx) -> Result {
     let (d, out) = probe_smp_hv(ctx, "probe-smp4-no-wait-for-sipi", 4, "broadcast", "wait_for_sipi=off")?;
-    check_no_wait_for_sipi(&out, &d)
+    check_no_wait_for_sipi(&out, &d, "0x100")
 }
 
 /// `probe-smp4-linux-style` (INIT, SIPI, SIPI to each AP) on a CPU
 /// without the wait-for-SIPI nor the HLT activity state.
 fn probe_smp4_linux_style_no_wait_for_sipi(ctx: &Ctx) -> Result {
     let (d, out) = probe_smp_hv(ctx, "probe-smp4-linux-style-no-wait-for-sipi", 4, "linux", "wait_for_sipi=off hlt_state=off")?;
-    check_no_wait_for_sipi(&out, &d).map_err(|e| e.replace("lacked bits 0x100", "lacked bits 0x140"))?;
+    check_no_wait_for_sipi(&out, &d, "0x140")?;
     require(&out, "[exitscope] VMX: not available on this CPU, skipped: the HLT activity state: a guest HLT resumes the guest at once")
 }
 
@@ -1355,16 +1355,23 @@ fn linux_smp_no_wait_for_sipi(ctx: &Ctx) -> Result {
     let out = linux_run_with(ctx, "linux-smp-no-wait-for-sipi", 2, "wait_for_sipi=off")?;
     check_linux_2cpu(&out)?;
     let (d, _) = final_dump(&out)?;
-    check_no_wait_for_sipi(&out, &d)
+    check_no_wait_for_sipi(&out, &d, "0x100")
 }
 
 /// `vmx-unlocked-by-firmware` on 2 CPUs: the legacy Bochs BIOS leaves
-/// IA32_FEATURE_CONTROL unlocked on every CPU, so the AP must enable and
-/// lock it too before its VMXON (which otherwise faults).
+/// IA32_FEATURE_CONTROL unlocked on every CPU, and has no ACPI, so fwshim
+/// (`madt=2`) gives the MADT that makes Exitscope start the AP. The AP
+/// must enable and lock its own IA32_FEATURE_CONTROL before its VMXON
+/// (which otherwise faults: before the fix, only the BSP's was set).
 fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
+    let name = "vmx-unlocked-by-firmware-smp2";
+    let iso = shim_iso(ctx, name, "madt=2", "ops=2000 strict_msrs=0")?;
+    let run = bochs::Run { name, iso: &iso, cpus: 2, memory_mb: 512, timeout: Duration::from_secs(180), echo: false, progress: None };
     let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
-    let out = fuzz_run_on(ctx, "vmx-unlocked-by-firmware-smp2", "ops=2000 strict_msrs=0", 2, machine, 512, 180)?;
+    let out = bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)?;
     no_hypervisor_failure(&out)?;
+    require(&out, "FWSHIM madt=2: RSDP at ")?;
+    require(&out, ", 2 CPU(s) in the MADT")?;
     require(&out, "[exitscope] IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
     require(&out, "[exitscope] AP 1: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
     require(&out, "[exitscope] entering the guest (multiboot kernel) on 2 vCPU(s)")?;
