@@ -1,6 +1,6 @@
 //! Application processors: the local APIC (xAPIC or x2APIC) for IPIs, the
-//! SIPI mailboxes of APs waiting in root mode, and the real-mode trampoline that brings each AP into long mode
-//! on the hypervisor's page tables.
+//! SIPI mailboxes of APs waiting in root mode, and the real-mode trampoline
+//! that brings each AP into long mode on the hypervisor's page tables.
 //!
 //! The hypervisor starts every AP itself (INIT, SIPI, SIPI, as the SDM's MP
 //! initialisation protocol describes) before the guest exists. Each AP then
