@@ -32,6 +32,9 @@ pub struct Acpi {
     pub reset_reg: Option<(AcpiReg, u8)>,
     pub smi_cmd: u16,
     pub acpi_enable: u8,
+    /// The power-management timer (3.579545 MHz): its register, and whether
+    /// it counts 32 bits (FADT flag TMR_VAL_EXT) rather than 24.
+    pub pm_timer: Option<(AcpiReg, bool)>,
     /// Local APIC ids of usable processors, from the MADT, boot CPU first.
     pub cpus: Vec<u32>,
     pub lapic_base: Option<u64>,
@@ -175,6 +178,8 @@ fn parse_fadt(mem: &impl PhysMem, t: &Table, acpi: &mut Acpi) {
     acpi.smi_cmd = le32(d, 48).unwrap_or(0) as u16;
     acpi.acpi_enable = d.get(52).copied().unwrap_or(0);
     let flags = le32(d, 112).unwrap_or(0);
+    let tmr = (d.len() >= 220).then(|| gas(d, 208)).flatten().or_else(|| io(76));
+    acpi.pm_timer = tmr.map(|r| (r, flags & (1 << 8) != 0));
     if flags & (1 << 10) != 0 {
         if let (Some(r), Some(&v)) = (gas(d, 116), d.get(128)) {
             acpi.reset_reg = Some((r, v));
@@ -289,7 +294,8 @@ mod tests {
         fadt_body[48 - 36..52 - 36].copy_from_slice(&0xB2u32.to_le_bytes());
         fadt_body[52 - 36] = 0xF1;
         fadt_body[64 - 36..68 - 36].copy_from_slice(&0xB004u32.to_le_bytes());
-        fadt_body[112 - 36..116 - 36].copy_from_slice(&(1u32 << 10).to_le_bytes());
+        fadt_body[76 - 36..80 - 36].copy_from_slice(&0xB008u32.to_le_bytes());
+        fadt_body[112 - 36..116 - 36].copy_from_slice(&(1u32 << 10 | 1 << 8).to_le_bytes());
         fadt_body[116 - 36] = 1; // reset reg: I/O
         fadt_body[120 - 36..128 - 36].copy_from_slice(&0xCF9u64.to_le_bytes());
         fadt_body[128 - 36] = 6;
@@ -323,9 +329,30 @@ mod tests {
         assert_eq!(a.s5, Some((5, 5)));
         assert_eq!(a.reset_reg, Some((AcpiReg::Io(0xCF9), 6)));
         assert_eq!((a.smi_cmd, a.acpi_enable), (0xB2, 0xF1));
+        assert_eq!(a.pm_timer, Some((AcpiReg::Io(0xB008), true)));
         assert_eq!(a.cpus, [0, 1]);
         assert_eq!(a.lapic_base, Some(0xFEE00000));
         assert!(a.tables.contains(b"DSDT"));
+    }
+
+    #[test]
+    fn pm_timer_from_x_pm_tmr_blk_and_24_bits() {
+        let mut m = world();
+        let fadt = 0x71000;
+        // X_PM_TMR_BLK (GAS at 208: I/O, 32 bits wide, port 0x608) wins
+        // over PM_TMR_BLK; TMR_VAL_EXT clear: a 24-bit counter.
+        m.data[fadt + 208] = 1;
+        m.data[fadt + 209] = 32;
+        m.data[fadt + 212..fadt + 220].copy_from_slice(&0x608u64.to_le_bytes());
+        m.data[fadt + 112..fadt + 116].copy_from_slice(&(1u32 << 10).to_le_bytes());
+        let len = 244;
+        fix_checksum(&mut m.data[fadt..fadt + len], 9);
+        assert_eq!(parse(&m, None).pm_timer, Some((AcpiReg::Io(0x608), false)));
+        // Neither: no timer.
+        m.data[fadt + 212..fadt + 220].copy_from_slice(&0u64.to_le_bytes());
+        m.data[fadt + 76..fadt + 80].copy_from_slice(&0u32.to_le_bytes());
+        fix_checksum(&mut m.data[fadt..fadt + len], 9);
+        assert_eq!(parse(&m, None).pm_timer, None);
     }
 
     #[test]

@@ -119,11 +119,8 @@ fn stop_other_cpus() {
     // vCPUs in HLT (even with interrupts off) take the INIT and park; those
     // waiting for a SIPI cannot take it but run nothing.
     let stopped = || PARKED.load(SeqCst) + WAITING_FOR_SIPI.count_except(me);
-    for _ in 0..10_000_000u64 {
-        if stopped() >= others {
-            return;
-        }
-        cpu::pause();
+    if crate::tsc::spin_until(500_000, || stopped() >= others) {
+        return;
     }
     crate::serial::write_emergency(format_args!(
         "{}warning: {} of {others} other vCPUs did not stop; their last exits may be missing\n",

@@ -27,6 +27,7 @@ pub mod serial;
 pub mod smp;
 pub mod statsys;
 pub mod state;
+pub mod tsc;
 pub mod vmx;
 
 use alloc::vec::Vec;
@@ -140,8 +141,18 @@ pub fn run(bi: BootInfo) -> ! {
         );
     }
 
+    // Time: the TSC, calibrated once (every delay and bounded wait uses it).
+    if opts.pit_stopped {
+        hvprintln!("test switch pit=stopped: the 8254 PIT reads as stopped");
+    }
+    hvprintln!("TSC: {}", tsc::calibrate(acpi.pm_timer, opts.pit_stopped));
+
     // VMX.
-    let probe = read_probe();
+    let mut probe = read_probe();
+    if opts.vmx_misc_clear != 0 {
+        hvprintln!("test switch: acting as if IA32_VMX_MISC ({:#x}) lacked bits {:#x}", probe.misc, opts.vmx_misc_clear);
+        probe.misc &= !opts.vmx_misc_clear;
+    }
     match caps::check_presence(probe.cpuid1_ecx, probe.feature_control) {
         Err(e) => boot_error(format_args!("{e}")),
         Ok(FeatureControl::Ready) => {}
@@ -345,8 +356,12 @@ pub fn run(bi: BootInfo) -> ! {
         boot_error(format_args!("{e}"));
     }
 
-    // The other CPUs, each parked in VMX non-root operation (wait-for-SIPI).
+    // The other CPUs, each parked in VMX non-root operation (wait-for-SIPI),
+    // or in root mode where the CPU lacks that activity state.
     if !aps.is_empty() {
+        if !sh.controls.wait_for_sipi_state {
+            hvprintln!("SMP: no wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation");
+        }
         let Some(tramp) = guest_map.lowest_fit(4096, 4096, 0x1000, 0xA0000, &[staged.range]) else {
             boot_error(format_args!("no free page below 1 MiB for the AP start-up code"))
         };
@@ -355,16 +370,12 @@ pub fn run(bi: BootInfo) -> ! {
             let id = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
             let ap = arena_box(new_vcpu(id));
             let stack = &*ap.mem.state as *const vmx::vcpu::VcpuState as u64 - 8;
+            let t0 = cpu::rdtsc();
             let started = smp::start_ap(&lapic, apic_id, tramp, stack, ap as *const VcpuSetup as u64);
-            let mut ready = false;
-            for _ in 0..1000 {
-                if ap.ready.load(core::sync::atomic::Ordering::SeqCst) {
-                    ready = true;
-                    break;
-                }
-                smp::udelay(1000);
-            }
+            let ready = tsc::spin_until(1_000_000, || ap.ready.load(core::sync::atomic::Ordering::SeqCst));
             if started && ready {
+                let ticks = cpu::rdtsc().wrapping_sub(t0);
+                hvprintln!("SMP: vCPU {id} (APIC id {apic_id}) ready in {} us ({ticks} TSC ticks)", tsc::us_for_ticks(ticks, tsc::hz()));
                 state::APIC_IDS[id].store(apic_id, core::sync::atomic::Ordering::SeqCst);
                 sh.ncpus.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
             } else {
@@ -452,6 +463,19 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     let sh = state::shared();
     setup.mem.tables.load();
     idt::load_idt();
+    // IA32_FEATURE_CONTROL is per CPU: firmware that left it unlocked on
+    // the boot CPU may have left it so here too.
+    let fc = idt::rdmsr_safe(cpu::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
+    match caps::check_presence(cpu::cpuid(1, 0)[2], fc) {
+        Err(e) => boot_error(format_args!("AP {}: {e}", setup.mem.state.id)),
+        Ok(FeatureControl::Ready) => {}
+        Ok(FeatureControl::Write(v)) => {
+            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+                boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", setup.mem.state.id));
+            }
+            hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", setup.mem.state.id);
+        }
+    }
     if let Err(e) = enable_vmx(&sh.controls, setup.mem.vmxon_pa) {
         boot_error(format_args!("AP {}: {e}", setup.mem.state.id));
     }
@@ -474,6 +498,14 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     vmx::invept(sh.controls.invept_single, setup.eptp);
     fatal::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
+    if !sh.controls.wait_for_sipi_state {
+        // No wait-for-SIPI activity state: wait here, in root mode, and
+        // enter the guest active at the SIPI's vector.
+        let vector = vmx::exit::wait_for_sipi_in_root(v.id);
+        if let Err(e) = vmx::vcpu::start_at_sipi(vector) {
+            boot_error(format_args!("AP {} start at SIPI vector {vector:#x}: {e}", v.id));
+        }
+    }
     // SAFETY: as for the boot CPU.
     vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
 }

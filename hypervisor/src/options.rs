@@ -12,6 +12,9 @@
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
 //! | `fault` | `panic` `exception` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL |
 //! | `pages_1g` | `off` | the CPU's | TEST-ONLY: behave as on a CPU without 1 GiB pages (neither in EPT nor in the host page tables): the host identity map ends at the memory map and EPT above the memory map is filled on demand |
+//! | `pit` | `stopped` | running | TEST ONLY: the 8254 PIT reads as stopped (a frozen count), as on boards that gate it; timing must not depend on it |
+//! | `wait_for_sipi` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 8 (the wait-for-SIPI activity state, missing under KVM before 5.11): APs wait for their SIPI in VMX root operation |
+//! | `hlt_state` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 6 (the HLT activity state): a guest HLT resumes the guest at once |
 
 use alloc::string::{String, ToString};
 use core::fmt;
@@ -49,7 +52,16 @@ pub struct Options {
     pub fault: Option<Fault>,
     /// TEST-ONLY `pages_1g=off`: use no 1 GiB pages, as on a CPU without.
     pub no_1g_pages: bool,
+    /// TEST ONLY (`pit=stopped`): the PIT reads as stopped.
+    pub pit_stopped: bool,
+    /// TEST ONLY (`wait_for_sipi=off`, `hlt_state=off`): IA32_VMX_MISC bits
+    /// the hypervisor acts as if the CPU lacked.
+    pub vmx_misc_clear: u64,
 }
+
+/// IA32_VMX_MISC: the HLT and wait-for-SIPI activity states.
+pub const VMX_MISC_HLT: u64 = 1 << 6;
+pub const VMX_MISC_WAIT_FOR_SIPI: u64 = 1 << 8;
 
 impl Default for Options {
     fn default() -> Self {
@@ -61,6 +73,8 @@ impl Default for Options {
             intercept: Interception::default(),
             fault: None,
             no_1g_pages: false,
+            pit_stopped: false,
+            vmx_misc_clear: 0,
         }
     }
 }
@@ -75,7 +89,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, pit=, wait_for_sipi=, hlt_state=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -145,6 +159,18 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     _ => return Err(bad("panic or exception")),
                 })
             }
+            "pit" => match value {
+                "stopped" => o.pit_stopped = true,
+                _ => return Err(bad("stopped (a test switch)")),
+            },
+            "wait_for_sipi" => match value {
+                "off" => o.vmx_misc_clear |= VMX_MISC_WAIT_FOR_SIPI,
+                _ => return Err(bad("off (a test switch)")),
+            },
+            "hlt_state" => match value {
+                "off" => o.vmx_misc_clear |= VMX_MISC_HLT,
+                _ => return Err(bad("off (a test switch)")),
+            },
             _ => match icpt.word(key, value) {
                 Ok(true) => {}
                 Ok(false) => return Err(OptionError::Unknown(word.to_string())),
@@ -175,6 +201,14 @@ mod tests {
         assert_eq!(parse("fault=panic").unwrap().fault, Some(Fault::Panic));
         assert_eq!(parse("fault=exception").unwrap().fault, Some(Fault::Exception));
         assert!(parse("fault=maybe").unwrap_err().to_string().contains("panic or exception"));
+        assert!(!parse("").unwrap().pit_stopped);
+        assert!(parse("pit=stopped").unwrap().pit_stopped);
+        assert!(parse("pit=running").unwrap_err().to_string().contains("bad value 'running' for option 'pit'"));
+        assert_eq!(parse("").unwrap().vmx_misc_clear, 0);
+        assert_eq!(parse("wait_for_sipi=off").unwrap().vmx_misc_clear, VMX_MISC_WAIT_FOR_SIPI);
+        assert_eq!(parse("wait_for_sipi=off hlt_state=off").unwrap().vmx_misc_clear, VMX_MISC_WAIT_FOR_SIPI | VMX_MISC_HLT);
+        assert!(parse("wait_for_sipi=on").is_err());
+        assert!(parse("hlt_state=").is_err());
     }
 
     #[test]

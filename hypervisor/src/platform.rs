@@ -33,11 +33,8 @@ fn read_reg(r: AcpiReg) -> u16 {
     }
 }
 
-fn spin(n: u64) {
-    let t = cpu::rdtsc();
-    while cpu::rdtsc().wrapping_sub(t) < n {
-        cpu::pause();
-    }
+fn spin(us: u64) {
+    crate::tsc::udelay(us)
 }
 
 /// Turns the machine off: ACPI S5, then Bochs' and QEMU's shutdown ports,
@@ -53,14 +50,14 @@ pub fn power_off(a: &Acpi) -> ! {
                 if read_reg(pm1a) & acpi::SCI_EN != 0 {
                     break;
                 }
-                spin(100_000);
+                spin(1000);
             }
         }
         write_reg(pm1a, (typa as u16) << 10 | acpi::SLP_EN);
         if let Some(pm1b) = a.pm1b_cnt {
             write_reg(pm1b, (typb as u16) << 10 | acpi::SLP_EN);
         }
-        spin(100_000_000);
+        spin(1_000_000);
     }
     // Bochs: the string "Shutdown" on port 0x8900.
     for &b in b"Shutdown" {
@@ -85,16 +82,16 @@ pub fn reset(a: &Acpi) -> ! {
             // SAFETY: as above, MMIO.
             AcpiReg::Memory(m) => unsafe { core::ptr::write_volatile(m as *mut u8, val) },
         }
-        spin(10_000_000);
+        spin(200_000);
     }
     // SAFETY: standard PC reset paths; the machine is going down.
     unsafe {
         outb(0xCF9, 0x02);
-        spin(1000);
+        spin(20);
         outb(0xCF9, 0x06);
-        spin(10_000_000);
+        spin(200_000);
         outb(0x64, 0xFE);
-        spin(10_000_000);
+        spin(200_000);
         // Triple fault: an empty IDT and an exception.
         let null = crate::idt::DescPtr { limit: 0, base: 0 };
         core::arch::asm!("lidt [{}]", "int3", in(reg) &null);

@@ -34,12 +34,7 @@ impl Write for Console {
 
 fn send(uart: &mut Uart16550<PioBackend>, b: u8) {
     // Bounded wait: a missing or stuck UART must not hang the hypervisor.
-    for _ in 0..1_000_000 {
-        if uart.try_send_byte(b).is_ok() {
-            return;
-        }
-        core::hint::spin_loop();
-    }
+    crate::tsc::spin_until(10_000, || uart.try_send_byte(b).is_ok());
 }
 
 /// Initialises COM1 at 115200 8N1 and installs the logger. Without a UART
@@ -68,12 +63,7 @@ pub fn set_level(level: log::LevelFilter) {
 /// otherwise eat the hypervisor's last bytes.
 pub fn drain() {
     if let Some(uart) = CONSOLE.lock().uart.as_mut() {
-        for _ in 0..1_000_000 {
-            if uart.lsr().contains(uart_16550::spec::registers::LSR::TRANSMITTER_EMPTY) {
-                break;
-            }
-            core::hint::spin_loop();
-        }
+        crate::tsc::spin_until(100_000, || uart.lsr().contains(uart_16550::spec::registers::LSR::TRANSMITTER_EMPTY));
     }
 }
 
@@ -99,7 +89,8 @@ pub fn write_raw(args: fmt::Arguments) {
 /// (panic and fault paths). Takes the lock if it can within a short while,
 /// else writes anyway.
 pub fn write_emergency(args: fmt::Arguments) {
-    for _ in 0..10_000_000 {
+    let d = crate::tsc::Deadline::after_us(100_000);
+    while !d.passed() {
         if let Some(mut c) = CONSOLE.try_lock() {
             let _ = c.write_fmt(args);
             return;

@@ -1,11 +1,14 @@
-//! Application processors: the local APIC (xAPIC or x2APIC) for IPIs, a PIT
-//! delay, and the real-mode trampoline that brings each AP into long mode
-//! on the hypervisor's page tables.
+//! Application processors: the local APIC (xAPIC or x2APIC) for IPIs, the
+//! SIPI mailboxes of APs waiting in root mode, and the real-mode trampoline
+//! that brings each AP into long mode on the hypervisor's page tables.
 //!
 //! The hypervisor starts every AP itself (INIT, SIPI, SIPI, as the SDM's MP
 //! initialisation protocol describes) before the guest exists. Each AP then
 //! enters VMX non-root operation in the wait-for-SIPI state, where the
-//! guest's own INIT/SIPI sequence later starts it.
+//! guest's own INIT/SIPI sequence later starts it; on a CPU without that
+//! activity state (KVM before Linux 5.11) it waits in VMX root operation
+//! for the SIPI the hypervisor posts in its mailbox, and enters the guest
+//! at the SIPI vector.
 
 use crate::cpu::{self, msr};
 use core::arch::global_asm;
@@ -68,46 +71,36 @@ impl LocalApic {
             unsafe {
                 core::ptr::write_volatile((self.base + 0x310) as *mut u32, dest << 24);
                 core::ptr::write_volatile((self.base + 0x300) as *mut u32, low);
-                for _ in 0..1_000_000 {
-                    if core::ptr::read_volatile((self.base + 0x300) as *const u32) & icr::DELIVERY_PENDING == 0 {
-                        break;
-                    }
-                    cpu::pause();
-                }
             }
+            // Bounded: an APIC that never accepts must not hang us.
+            crate::tsc::spin_until(100_000, || {
+                // SAFETY: as above.
+                unsafe { core::ptr::read_volatile((self.base + 0x300) as *const u32) & icr::DELIVERY_PENDING == 0 }
+            });
         }
     }
 }
 
-/// Busy-waits `us` microseconds on PIT channel 2 (the speaker timer),
-/// which needs no calibration. Used only before the guest runs.
+/// Busy-waits `us` microseconds (TSC, see `tsc`).
 pub fn udelay(us: u32) {
-    let mut left = us as u64;
-    while left > 0 {
-        let chunk = left.min(50_000); // under 65536 PIT ticks
-        let ticks = (chunk * 1_193_182 / 1_000_000).max(1) as u16;
-        // SAFETY: PIT channel 2 and port 0x61 gate; nothing else uses them
-        // while the hypervisor boots.
-        unsafe {
-            let gate = cpu::inb(0x61);
-            cpu::outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
-            cpu::outb(0x43, 0b1011_0000); // channel 2, lo/hi, mode 0, binary
-            cpu::outb(0x42, ticks as u8);
-            cpu::outb(0x42, (ticks >> 8) as u8);
-            let g = cpu::inb(0x61);
-            cpu::outb(0x61, g & !1);
-            cpu::outb(0x61, g | 1); // restart the count
-            let mut spins = 0u64;
-            while cpu::inb(0x61) & 0x20 == 0 {
-                spins += 1;
-                if spins > 100_000_000 {
-                    break; // no PIT: do not hang
-                }
-            }
-            cpu::outb(0x61, gate);
-        }
-        left -= chunk;
-    }
+    crate::tsc::udelay(us as u64)
+}
+
+/// SIPIs for vCPUs that wait for one in VMX root operation (on CPUs
+/// without the wait-for-SIPI activity state): 0 when none is posted, else
+/// `POSTED | vector`.
+static SIPI_MAILBOX: [AtomicU32; crate::state::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::state::MAX_CPUS];
+const POSTED: u32 = 1 << 8;
+
+/// Posts a SIPI with `vector` for vCPU `id`.
+pub fn post_sipi(id: usize, vector: u8) {
+    SIPI_MAILBOX[id].store(POSTED | vector as u32, SeqCst);
+}
+
+/// Takes the SIPI posted for vCPU `id`, if any.
+pub fn take_sipi(id: usize) -> Option<u8> {
+    let m = SIPI_MAILBOX[id].swap(0, SeqCst);
+    (m & POSTED != 0).then_some(m as u8)
 }
 
 // The trampoline, copied to a page below 1 MiB. Offsets of its parameter
@@ -246,18 +239,23 @@ pub fn start_ap(lapic: &LocalApic, apic_id: u32, base: u64, stack: u64, arg: u64
             return true;
         }
     }
-    for _ in 0..100 {
-        if alive.load(SeqCst) != 0 {
-            return true;
-        }
-        udelay(1000);
-    }
-    false
+    crate::tsc::spin_until(100_000, || alive.load(SeqCst) != 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sipi_mailbox() {
+        assert_eq!(take_sipi(3), None);
+        post_sipi(3, 0x9A);
+        assert_eq!(take_sipi(2), None);
+        assert_eq!(take_sipi(3), Some(0x9A));
+        assert_eq!(take_sipi(3), None);
+        post_sipi(3, 0); // vector 0 is a vector too
+        assert_eq!(take_sipi(3), Some(0));
+    }
 
     #[test]
     fn icr_encodings() {

@@ -27,6 +27,11 @@ impl CpuSet {
         let (w, b) = self.word(i);
         w.fetch_or(b, SeqCst) & b == 0
     }
+    /// Removes vCPU `i`; true if it was in the set.
+    pub fn take(&self, i: usize) -> bool {
+        let (w, b) = self.word(i);
+        w.fetch_and(!b, SeqCst) & b != 0
+    }
     pub fn remove(&self, i: usize) {
         let (w, b) = self.word(i);
         w.fetch_and(!b, SeqCst);

@@ -54,8 +54,13 @@ pub const TESTS: &[Test] = &[
     Test { name: "probe-smp4", run: probe_smp4 },
     Test { name: "probe-smp4-linux-style", run: probe_smp4_linux_style },
     Test { name: "probe-smp8", run: probe_smp8 },
+    Test { name: "probe-smp4-pit-stopped", run: probe_smp4_pit_stopped },
+    Test { name: "probe-smp4-no-wait-for-sipi", run: probe_smp4_no_wait_for_sipi },
+    Test { name: "probe-smp4-linux-style-no-wait-for-sipi", run: probe_smp4_linux_style_no_wait_for_sipi },
     Test { name: "linux", run: linux_1cpu },
     Test { name: "linux-smp", run: linux_2cpu },
+    Test { name: "linux-smp-pit-stopped", run: linux_smp_pit_stopped },
+    Test { name: "linux-smp-no-wait-for-sipi", run: linux_smp_no_wait_for_sipi },
     Test { name: "uefi-bochs-probe", run: uefi_bochs_probe },
     Test { name: "bios-image-bochs-probe", run: bios_image_bochs_probe },
     Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
@@ -76,6 +81,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "bad-boot-no-memory-map", run: bad_boot_no_memory_map },
     Test { name: "bad-boot-vmx-locked-off", run: bad_boot_vmx_locked_off },
     Test { name: "vmx-unlocked-by-firmware", run: vmx_unlocked_by_firmware },
+    Test { name: "vmx-unlocked-by-firmware-smp2", run: vmx_unlocked_by_firmware_smp2 },
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
     Test { name: "hv-panic", run: hv_panic },
@@ -207,10 +213,15 @@ fn probe_once(ctx: &Ctx, name: &str) -> Result<ParsedDump> {
 }
 
 fn probe_with(ctx: &Ctx, name: &str, cpus: u32, args: &str) -> Result<ParsedDump> {
+    probe_with_hv(ctx, name, cpus, args, "").map(|(d, _)| d)
+}
+
+/// [`probe_with`] with a hypervisor command line; also gives the run.
+fn probe_with_hv(ctx: &Ctx, name: &str, cpus: u32, args: &str, hv_args: &str) -> Result<(ParsedDump, bochs::Outcome)> {
     let guest = ctx.art.guest("probe");
-    let spec = IsoSpec { guest_args: args, ..probe_spec(ctx, &guest) };
+    let spec = IsoSpec { guest_args: args, hv_args, ..probe_spec(ctx, &guest) };
     let out = bochs_run(name, &spec, cpus, 180)?;
-    check_probe(&out)
+    Ok((check_probe(&out)?, out))
 }
 
 /// What every probe run must show: PROBE PASS, the guest halted, and the
@@ -273,21 +284,37 @@ fn check_probe_markers(serial: &str) -> Result {
 /// once, and checks from the BSP that the total grew by exactly the sum.
 /// The dump must show every vCPU with exactly its share.
 fn probe_smp(ctx: &Ctx, name: &str, cpus: u32, start: &str) -> Result {
-    let k = 10_000;
-    let d = probe_with(ctx, name, cpus, &format!("smp={cpus} ap_iters={k} smp_start={start}"))?;
-    check_ap_shares(&d, cpus as usize, k)
+    probe_smp_hv(ctx, name, cpus, start, "", Some(AP_EXTRA_EXITS)).map(|_| ())
 }
 
-/// The dump lists `cpus` vCPUs and each AP took exactly its `k` CPUIDs,
-/// the SIPI that started it, its CR0 write with NE and the HLT it parks
-/// with (a second SIPI or an INIT de-assert causes no exit).
-fn check_ap_shares(d: &ParsedDump, cpus: usize, k: u64) -> Result {
+/// The exits of an AP in the SMP probe besides its CPUIDs: the SIPI that
+/// started it, its CR0 write with NE and the HLT it parks with (a second
+/// SIPI or an INIT de-assert causes no exit).
+const AP_EXTRA_EXITS: u64 = 3;
+
+/// [`probe_smp`] with a hypervisor command line; also gives the run.
+/// `extra`: each AP's exact exits besides its CPUIDs (None: at least its
+/// CPUIDs, where the count of the AP's parking HLT is not fixed).
+fn probe_smp_hv(ctx: &Ctx, name: &str, cpus: u32, start: &str, hv_args: &str, extra: Option<u64>) -> Result<(ParsedDump, bochs::Outcome)> {
+    let k = 10_000;
+    let (d, out) = probe_with_hv(ctx, name, cpus, &format!("smp={cpus} ap_iters={k} smp_start={start}"), hv_args)?;
+    check_ap_shares(&d, cpus as usize, k, extra)?;
+    Ok((d, out))
+}
+
+/// The dump lists `cpus` vCPUs and each AP took exactly its `k` CPUIDs and
+/// `extra` other exits (at least its `k` CPUIDs if `extra` is None).
+fn check_ap_shares(d: &ParsedDump, cpus: usize, k: u64, extra: Option<u64>) -> Result {
     if d.nvcpus != cpus {
         return Err(format!("the dump lists {} vCPUs, expected {cpus}", d.nvcpus));
     }
     for (i, &(exits, _)) in d.vcpus[1..cpus].iter().enumerate() {
-        if exits != k + 3 {
-            return Err(format!("vCPU {} took {exits} exits, expected exactly {} ({k} CPUIDs, SIPI, CR0 write, HLT)", i + 1, k + 3));
+        match extra {
+            Some(x) if exits != k + x => {
+                return Err(format!("vCPU {} took {exits} exits, expected exactly {} ({k} CPUIDs and {x} others)", i + 1, k + x));
+            }
+            None if exits < k => return Err(format!("vCPU {} took {exits} exits, fewer than its {k} CPUIDs", i + 1)),
+            _ => {}
         }
     }
     Ok(())
@@ -318,7 +345,7 @@ fn probe_smp8(ctx: &Ctx) -> Result {
     let d = check_probe(&out)?;
     require(&out, "[exitscope] memory plan: 8 vCPU(s) x ")?;
     require(&out, "on 8 vCPU(s)")?;
-    check_ap_shares(&d, 8, k)
+    check_ap_shares(&d, 8, k, Some(AP_EXTRA_EXITS))
 }
 
 /// Two runs give identical per-reason counts and cycles: Bochs' TSC counts
@@ -540,10 +567,15 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
 /// both vCPUs took exits.
 fn linux_2cpu(ctx: &Ctx) -> Result {
     let out = linux_run(ctx, "linux-smp", 2)?;
+    check_linux_2cpu(&out)
+}
+
+/// What `linux-smp` checks on top of [`linux_run`].
+fn check_linux_2cpu(out: &bochs::Outcome) -> Result {
     for cpu in 0..2 {
-        require(&out, &format!("INIT: on cpu {cpu}: exitstat: check: 100 CPUIDs, CPUID exits grew by 101 (expected 101): PASS"))?;
+        require(out, &format!("INIT: on cpu {cpu}: exitstat: check: 100 CPUIDs, CPUID exits grew by 101 (expected 101): PASS"))?;
     }
-    let (d, _) = final_dump(&out)?;
+    let (d, _) = final_dump(out)?;
     if d.vcpus[..2].iter().any(|&(e, _)| e == 0) {
         return Err(format!("a vCPU took no exits: {:?}", &d.vcpus[..2]));
     }
@@ -1382,4 +1414,102 @@ fn hv_exception_smp2(ctx: &Ctx) -> Result {
         "[exitscope] FATAL: hypervisor exception #UD invalid opcode (vector 6)",
         "final (hypervisor exception)",
     )
+}
+
+// ---------------------------------------------------------------------------
+// Timing without the PIT, APs without the wait-for-SIPI state, and
+// IA32_FEATURE_CONTROL on every CPU (issue 13, items 3, 4 and 8)
+
+/// What a run with `pit=stopped` must show: the switch took effect, the
+/// TSC was calibrated against something other than the PIT, and every AP
+/// the hypervisor started was ready within `AP_READY_MAX_US` (its INIT,
+/// 10 ms, SIPI, 200 µs sequence). On a PIT-timed start each delay under a
+/// stopped PIT would run into the 100M-read bound instead.
+fn check_pit_stopped(out: &bochs::Outcome, aps: u32) -> Result {
+    const AP_READY_MAX_US: u64 = 200_000;
+    require(out, "[exitscope] test switch pit=stopped: the 8254 PIT reads as stopped")?;
+    let line = out.serial.lines().find(|l| l.contains("[exitscope] TSC: ")).ok_or_else(|| format!("no TSC line\n{}", out.describe()))?;
+    // Bochs runs at ips=50000000 (see bochs.rs): the TSC counts 50 MHz.
+    if !line.contains("TSC: 50 MHz (calibrated against the ACPI PM timer)") {
+        return Err(format!("the TSC was not calibrated against the PM timer at 50 MHz: '{line}'"));
+    }
+    for id in 1..=aps {
+        let key = format!("[exitscope] SMP: vCPU {id} (APIC id ");
+        let l = out.serial.lines().find(|l| l.contains(&key)).ok_or_else(|| format!("no '{key}' line\n{}", out.describe()))?;
+        let us = l.split(" ready in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u64>().ok());
+        match us {
+            Some(us) if (10_000..=AP_READY_MAX_US).contains(&us) => {}
+            _ => return Err(format!("AP start took no plausible time (10 ms to {AP_READY_MAX_US} us): '{l}'")),
+        }
+    }
+    Ok(())
+}
+
+/// `probe-smp4` with the PIT reading as stopped.
+fn probe_smp4_pit_stopped(ctx: &Ctx) -> Result {
+    let (_, out) = probe_smp_hv(ctx, "probe-smp4-pit-stopped", 4, "broadcast", "pit=stopped", Some(AP_EXTRA_EXITS))?;
+    check_pit_stopped(&out, 3)
+}
+
+/// `linux-smp` with the PIT reading as stopped (the hypervisor's reads;
+/// Linux itself calibrates against Bochs' PIT as usual).
+fn linux_smp_pit_stopped(ctx: &Ctx) -> Result {
+    let out = linux_run_with(ctx, "linux-smp-pit-stopped", 2, "pit=stopped")?;
+    check_linux_2cpu(&out)?;
+    check_pit_stopped(&out, 1)
+}
+
+/// What a run with `wait_for_sipi=off` must show: the fallback is named,
+/// and no vCPU took a SIPI exit (reason 4): every AP waited for its SIPI
+/// in root mode, where a run with the activity state takes one per AP.
+fn check_no_wait_for_sipi(out: &bochs::Outcome, d: &ParsedDump, bits: &str) -> Result {
+    require(out, &format!("[exitscope] test switch: acting as if IA32_VMX_MISC (0x600401e0) lacked bits {bits}"))?;
+    require(out, "[exitscope] VMX: not available on this CPU, skipped: the wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
+    require(out, "[exitscope] SMP: no wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation")?;
+    if d.snap.exits[4] != 0 {
+        return Err(format!("{} SIPI exits: the wait-for-SIPI activity state was used", d.snap.exits[4]));
+    }
+    Ok(())
+}
+
+/// `probe-smp4` on a CPU without the wait-for-SIPI activity state.
+fn probe_smp4_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let (d, out) = probe_smp_hv(ctx, "probe-smp4-no-wait-for-sipi", 4, "broadcast", "wait_for_sipi=off", Some(AP_EXTRA_EXITS - 1))?;
+    check_no_wait_for_sipi(&out, &d, "0x100")
+}
+
+/// `probe-smp4-linux-style` (INIT, SIPI, SIPI to each AP) on a CPU
+/// without the wait-for-SIPI nor the HLT activity state.
+fn probe_smp4_linux_style_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let (d, out) = probe_smp_hv(ctx, "probe-smp4-linux-style-no-wait-for-sipi", 4, "linux", "wait_for_sipi=off hlt_state=off", None)?;
+    check_no_wait_for_sipi(&out, &d, "0x140")?;
+    require(&out, "[exitscope] VMX: not available on this CPU, skipped: the HLT activity state: a guest HLT resumes the guest at once")
+}
+
+/// `linux-smp` on a CPU without the wait-for-SIPI activity state.
+fn linux_smp_no_wait_for_sipi(ctx: &Ctx) -> Result {
+    let out = linux_run_with(ctx, "linux-smp-no-wait-for-sipi", 2, "wait_for_sipi=off")?;
+    check_linux_2cpu(&out)?;
+    let (d, _) = final_dump(&out)?;
+    check_no_wait_for_sipi(&out, &d, "0x100")
+}
+
+/// `vmx-unlocked-by-firmware` on 2 CPUs: the legacy Bochs BIOS leaves
+/// IA32_FEATURE_CONTROL unlocked on every CPU, and has no ACPI, so fwshim
+/// (`madt=2`) gives the MADT that makes Exitscope start the AP. The AP
+/// must enable and lock its own IA32_FEATURE_CONTROL before its VMXON
+/// (which otherwise faults: before the fix, only the BSP's was set).
+fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
+    let name = "vmx-unlocked-by-firmware-smp2";
+    let iso = shim_iso(ctx, name, "madt=2", "ops=2000 strict_msrs=0")?;
+    let run = bochs::Run { name, iso: &iso, cpus: 2, memory_mb: 512, timeout: Duration::from_secs(180), echo: false, progress: None };
+    let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
+    let out = bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, "FWSHIM madt=2: RSDP at ")?;
+    require(&out, ", 2 CPU(s) in the MADT")?;
+    require(&out, "[exitscope] IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
+    require(&out, "[exitscope] AP 1: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
+    require(&out, "[exitscope] entering the guest (multiboot kernel) on 2 vCPU(s)")?;
+    require(&out, "FUZZ PASS")
 }

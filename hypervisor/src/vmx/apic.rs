@@ -89,7 +89,9 @@ pub fn x2apic_icr(v: &VcpuState, value: u64) -> bool {
 /// - INIT: a vCPU waiting for a SIPI is left as it is (INIT would put it
 ///   there); a running vCPU gets a real INIT, which makes it exit and reset.
 /// - SIPI: sent to each target vCPU that waits for one, as a unicast IPI
-///   (Bochs 2.7 delivers a broadcast SIPI to the first VMX vCPU only).
+///   (Bochs 2.7 delivers a broadcast SIPI to the first VMX vCPU only), or,
+///   on a CPU without the wait-for-SIPI activity state, posted in the
+///   mailbox of the vCPU waiting in root mode.
 /// - Both: never to a CPU that is not a vCPU (one left out with `cpus=`),
 ///   so the guest cannot start a CPU outside VMX.
 fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
@@ -134,6 +136,13 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
             (INIT, false) => {
                 log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
                 lapic.send(id, crate::smp::icr::init());
+            }
+            (_, true) if !shared().controls.wait_for_sipi_state => {
+                // The vCPU waits in root mode: post the vector (once).
+                if WAITING_FOR_SIPI.take(i) {
+                    log::debug!("vCPU {me}: SIPI vector {:#x} to vCPU {i}, posted", low & 0xFF);
+                    crate::smp::post_sipi(i, low as u8);
+                }
             }
             (_, true) => {
                 log::debug!("vCPU {me}: SIPI vector {:#x} to vCPU {i}", low & 0xFF);

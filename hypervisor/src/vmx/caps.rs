@@ -195,6 +195,11 @@ pub struct Controls {
     /// INVVPID types the CPU has (bit n = type n: 0 individual address,
     /// 1 single context, 2 all contexts, 3 single context retaining globals).
     pub invvpid_types: u8,
+    /// The guest-activity states the CPU can enter (IA32_VMX_MISC bits 6
+    /// and 8). Without wait-for-SIPI, APs wait for their SIPI in VMX root
+    /// operation; without HLT, a guest HLT resumes the guest at once.
+    pub hlt_state: bool,
+    pub wait_for_sipi_state: bool,
 }
 
 /// The VMX-preemption timer as programmed.
@@ -408,6 +413,13 @@ pub fn choose(p: &VmxProbe, want: &Interception) -> Result<Controls, VmxError> {
         }
     }
     c.lazy_ept = want.lazy_ept;
+    (c.hlt_state, c.wait_for_sipi_state) = activity_states(p.misc);
+    if !c.hlt_state {
+        c.skipped.push("the HLT activity state: a guest HLT resumes the guest at once (it idles in a loop)");
+    }
+    if !c.wait_for_sipi_state {
+        c.skipped.push("the wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation");
+    }
 
     c.cpu2 = adjust(cpu2 | extra.cpu2, p.procbased2).0;
     c.pin = adjust(extra.pin, p.pinbased).0;
@@ -415,6 +427,11 @@ pub fn choose(p: &VmxProbe, want: &Interception) -> Result<Controls, VmxError> {
     c.exit = adjust(EXIT_HOST_64 | EXIT_SAVE_EFER | EXIT_LOAD_EFER | EXIT_SAVE_PAT | EXIT_LOAD_PAT | extra.exit, p.exit).0;
     c.entry = adjust(entry, p.entry).0;
     Ok(c)
+}
+
+/// Which activity states IA32_VMX_MISC allows: (HLT, wait-for-SIPI).
+pub const fn activity_states(misc: u64) -> (bool, bool) {
+    (misc & (1 << 6) != 0, misc & (1 << 8) != 0)
 }
 
 /// The value a control register must take in VMX operation: forced-1 bits
@@ -517,6 +534,24 @@ pub mod tests {
         assert_eq!(check_presence(1 << 5, 2), Ok(FeatureControl::Write(7)));
         assert!(VmxError::NoVmx.to_string().starts_with("VMX not available"));
         assert!(VmxError::DisabledByFirmware.to_string().contains("disabled by firmware"));
+    }
+
+    #[test]
+    fn activity_state_decisions() {
+        // Bochs skylake_x: MISC 0x600401e0 has HLT (6) and wait-for-SIPI (8).
+        let c = choose(&skylake_x(), &Interception::default()).unwrap();
+        assert!(c.hlt_state && c.wait_for_sipi_state);
+        assert_eq!(activity_states(0), (false, false));
+        // KVM before 5.11: shutdown and HLT, no wait-for-SIPI.
+        let kvm = VmxProbe { misc: 0x600401e0 & !(1 << 8), ..skylake_x() };
+        let c = choose(&kvm, &Interception::default()).unwrap();
+        assert!(c.hlt_state && !c.wait_for_sipi_state);
+        assert_eq!(c.skipped, ["the wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation"]);
+        let none = VmxProbe { misc: 0x600401e0 & !(1 << 8 | 1 << 6), ..skylake_x() };
+        let c = choose(&none, &Interception::default()).unwrap();
+        assert!(!c.hlt_state && !c.wait_for_sipi_state);
+        assert_eq!(c.skipped.len(), 2);
+        assert!(c.skipped[0].starts_with("the HLT activity state"));
     }
 
     #[test]

@@ -548,6 +548,38 @@ fn init_signal(v: &mut VcpuState) {
     v.regs = vcpu::GuestRegs { rdx: cpu::cpuid(1, 0)[0] as u64, ..Default::default() };
     flush_guest_tlb(v);
     crate::fatal::WAITING_FOR_SIPI.insert(v.id);
+    if !c.wait_for_sipi_state {
+        // No wait-for-SIPI activity state: wait here for the SIPI, then
+        // resume active at its vector. The wait is not charged to the exit.
+        let t0 = cpu::rdtsc();
+        let vector = wait_for_sipi_in_root(v.id);
+        v.tsc_exit = v.tsc_exit.wrapping_add(cpu::rdtsc().wrapping_sub(t0));
+        log::debug!("vCPU {}: SIPI, vector {vector:#x} (waited in root mode)", v.id);
+        if vcpu::start_at_sipi(vector).is_err() {
+            end_guest(v, GuestEnd::Stopped("could not start a vCPU after SIPI"));
+        }
+    }
+}
+
+/// Waits in VMX root operation until a SIPI is posted for vCPU `id` (CPUs
+/// without the wait-for-SIPI activity state; see `apic::intercept_init`,
+/// which posts it and clears the vCPU's `WAITING_FOR_SIPI` bit), and
+/// returns its vector. Parks the CPU if the run is being stopped.
+pub fn wait_for_sipi_in_root(id: usize) -> u8 {
+    use core::sync::atomic::Ordering::SeqCst;
+    loop {
+        if crate::fatal::STOPPING.load(SeqCst) {
+            crate::fatal::WAITING_FOR_SIPI.remove(id);
+            crate::fatal::park();
+        }
+        if let Some(vector) = crate::smp::take_sipi(id) {
+            // A CPU waiting for a SIPI takes no NMI: drop one that arrived
+            // meanwhile (`isolation::nmi_in_root_mode` queued it).
+            vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+            return vector;
+        }
+        cpu::pause();
+    }
 }
 
 /// SIPI (only delivered in the wait-for-SIPI state): start in real mode at
@@ -580,7 +612,11 @@ fn hlt(v: &mut VcpuState) {
         return intercept::deliver_irqs(v);
     }
     // Wait for the next interrupt in the guest's HLT state, not in a spin.
-    vmwrite(guest::ACTIVITY_STATE, 1);
+    // A CPU without that activity state resumes the guest after its HLT,
+    // which then idles in a loop (see `Controls::hlt_state`).
+    if shared().controls.hlt_state {
+        vmwrite(guest::ACTIVITY_STATE, 1);
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -207,7 +207,8 @@ const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
 pub enum Start<'a> {
     /// The boot vCPU, at the guest's entry point.
     Guest(&'a Entry),
-    /// An application processor: wait-for-SIPI.
+    /// An application processor: wait-for-SIPI (in the activity state, or
+    /// in root mode where the CPU lacks it).
     WaitForSipi,
 }
 
@@ -383,7 +384,8 @@ fn set_segment(selector_field: u32, sel: u16, base: u64, limit: u32, ar: u64) ->
 }
 
 /// The architectural state after INIT (SDM Vol. 3, 10.1.1, "Processor
-/// State Following Power-up, Reset, or INIT"), in the wait-for-SIPI state.
+/// State Following Power-up, Reset, or INIT"), in the wait-for-SIPI state
+/// (or, without it, active: see `exit::wait_for_sipi_in_root`).
 pub fn reset_to_wait_for_sipi(c: &Controls) -> Result<(), VmxFail> {
     let w = write_checked;
     set_cr0(c, CR0_ET | (1 << 30) | (1 << 29))?; // CD and NW set, as after INIT
@@ -403,7 +405,9 @@ pub fn reset_to_wait_for_sipi(c: &Controls) -> Result<(), VmxFail> {
     w(guest::IDTR_LIMIT, 0xFFFF)?;
     w(guest::DR7, 0x400)?;
     w(guest::INTERRUPTIBILITY_STATE, 0)?;
-    w(guest::ACTIVITY_STATE, 3)?; // wait-for-SIPI
+    // Wait-for-SIPI where the CPU has that activity state; without it the
+    // vCPU waits in root mode and is only entered after its SIPI.
+    w(guest::ACTIVITY_STATE, if c.wait_for_sipi_state { 3 } else { 0 })?;
     Ok(())
 }
 

@@ -56,6 +56,58 @@ fn keep_string(buf: &mut [u8; STRINGS], used: &mut usize, pa: u64) -> usize {
     start
 }
 
+/// Sets byte `at` of `len` bytes at `pa` so that they sum to 0.
+fn fix_checksum(pa: u64, len: u64, at: u64) {
+    let sum = (0..len).filter(|&i| i != at).fold(0u8, |s, i| {
+        // SAFETY: bytes the shim just wrote.
+        s.wrapping_add(unsafe { core::ptr::read_volatile((pa + i) as *const u8) })
+    });
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile((pa + at) as *mut u8, 0u8.wrapping_sub(sum)) };
+}
+
+/// An ACPI table header (36 bytes) at `pa`, checksum left for later.
+fn table_header(pa: u64, sig: &[u8; 4], len: u32) {
+    zero(pa, len as u64);
+    copy(pa, sig.as_ptr() as u64, 4);
+    wr32(pa + 4, len);
+    // SAFETY: the table's revision byte, just zeroed.
+    unsafe { core::ptr::write_volatile((pa + 8) as *mut u8, 1) };
+    copy(pa + 10, b"FWSHIM".as_ptr() as u64, 6);
+}
+
+/// Writes an RSDT at `at` pointing to a MADT (right after it) with `cpus`
+/// enabled local APICs (ids 0..cpus), and an ACPI 1.0 RSDP pointing to the
+/// RSDT in the EBDA's first KiB, where Exitscope looks for it. Returns the
+/// RSDP's address. (Nothing uses the BIOS's EBDA data after the loader.)
+fn write_madt(at: u64, cpus: u8) -> u64 {
+    let (rsdt, madt) = (at, at + 0x100);
+    let madt_len = 44 + 8 * cpus as u32;
+    table_header(madt, b"APIC", madt_len);
+    wr32(madt + 36, 0xFEE0_0000);
+    for i in 0..cpus as u64 {
+        // Processor local APIC: type 0, length 8, processor id, APIC id, enabled.
+        wr32(madt + 44 + 8 * i, (i as u32) << 24 | (i as u32) << 16 | 8 << 8);
+        wr32(madt + 48 + 8 * i, 1);
+    }
+    fix_checksum(madt, madt_len as u64, 9);
+    table_header(rsdt, b"RSDT", 40);
+    wr32(rsdt + 36, madt as u32);
+    fix_checksum(rsdt, 40, 9);
+    // SAFETY: the BIOS data area word at 0x40E (the EBDA segment).
+    let ebda = (unsafe { core::ptr::read_volatile(0x40E as *const u16) } as u64) << 4;
+    if !(0x8_0000..0xA_0000).contains(&ebda) {
+        fail(format_args!("no EBDA for the RSDP (segment word {:#x})", ebda >> 4));
+    }
+    let rsdp = ebda + 0x3E0;
+    zero(rsdp, 20);
+    copy(rsdp, b"RSD PTR ".as_ptr() as u64, 8);
+    copy(rsdp + 9, b"FWSHIM".as_ptr() as u64, 6);
+    wr32(rsdp + 16, rsdt as u32);
+    fix_checksum(rsdp, 20, 8);
+    rsdp
+}
+
 unsafe extern "C" {
     static __guest_bss_end: u8;
     fn fwshim_enter(entry: u64, info: u64) -> !;
@@ -70,6 +122,13 @@ pub fn main(boot: BootInfo) -> ! {
     let flags = rd32(info);
     let no_mmap = boot.arg("mmap") == Some("none");
     let lock_off = boot.arg("feature_control") == Some("locked-off");
+    let madt_cpus = match boot.arg("madt") {
+        None => 0,
+        Some(v) => match v.parse::<u8>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => fail(format_args!("bad madt={v:?} (want 1 to 16 CPUs)")),
+        },
+    };
 
     // 1. Everything the loader gave, into the shim's own memory.
     if flags & (1 << 3) == 0 || rd32(info + 20) == 0 {
@@ -160,6 +219,12 @@ pub fn main(boot: BootInfo) -> ! {
         }
     }
     wr32(info2, f2);
+
+    // 4b. ACPI tables listing the CPUs, for a BIOS that has none.
+    if madt_cpus > 0 {
+        let rsdp = write_madt(data, madt_cpus);
+        println!("FWSHIM madt={madt_cpus}: RSDP at {rsdp:#x} (EBDA), RSDT at {data:#x}, a MADT with APIC ids 0 to {}", madt_cpus - 1);
+    }
 
     // 5. IA32_FEATURE_CONTROL, as a firmware with VT-x disabled leaves it.
     if lock_off {
