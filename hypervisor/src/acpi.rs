@@ -172,9 +172,12 @@ pub fn find_rsdp_in_acpi_ranges(mem: &impl PhysMem, map: &MemoryMap, copy: Optio
     None
 }
 
-/// `EFI_ACPI_20_TABLE_GUID` 8868e871-e4f1-11d3-bc22-0080c7c3b9a9 and
-/// `ACPI_TABLE_GUID` (1.0) eb9d2d30-2d88-11d3-9a16-0090273fc14d, as stored.
-pub const EFI_ACPI20_GUID: [u8; 16] = [0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11, 0xbc, 0x22, 0x00, 0x80, 0xc7, 0xc3, 0xb9, 0xa9];
+/// `EFI_ACPI_20_TABLE_GUID` 8868e871-e4f1-11d3-bc22-0080c73c8881 and
+/// `ACPI_TABLE_GUID` (1.0) eb9d2d30-2d88-11d3-9a16-0090273fc14d, as stored
+/// (the first three fields little-endian). The 2.0 value is as the UEFI
+/// specification and edk2 define it, and as OVMF's configuration table
+/// holds it.
+pub const EFI_ACPI20_GUID: [u8; 16] = [0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11, 0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81];
 pub const EFI_ACPI10_GUID: [u8; 16] = [0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11, 0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d];
 /// "IBI SYST", the EFI system table's signature.
 const EFI_SYSTEM_TABLE_SIGNATURE: u64 = 0x5453_5953_2049_4249;

@@ -710,10 +710,9 @@ fn iso_uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
     args.extend(["-cdrom".into(), iso.display().to_string()]);
     qemu_expect_no_vmx("ISO as a CD-ROM under UEFI", &work.join("serial-cdrom.log"), &args, "multiboot2", &[])?;
     // GRUB EFI hands over the EFI system table (tag 12): the RSDP comes
-    // from its configuration table, not from the BIOS areas OVMF leaves
-    // empty. (OVMF on QEMU's `pc` machine lists QEMU's revision-0 RSDP
-    // under the ACPI 1.0 GUID only; the unit tests show the 2.0 entry wins.)
-    let efi = "EFI system table, ACPI ";
+    // from its configuration table (OVMF lists an ACPI 1.0 and a 2.0 RSDP;
+    // the 2.0 one wins), not from the BIOS areas OVMF leaves empty.
+    let efi = "EFI system table, ACPI 2.0 entry";
     require_rsdp(&work.join("serial-cdrom.log"), efi)?;
     let mut args = crate::uefi::qemu_ovmf_args(&work)?;
     args.extend(usb_stick(&iso));
