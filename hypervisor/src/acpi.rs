@@ -186,12 +186,24 @@ const EFI_SYSTEM_TABLE_SIGNATURE: u64 = 0x5453_5953_2049_4249;
 /// ACPI 2.0 entry of its configuration table, else the ACPI 1.0 one, if it
 /// points to a valid RSDP. Returns the address and whether it was 2.0.
 pub fn rsdp_from_efi(mem: &impl PhysMem, st: u64) -> Option<(u64, bool)> {
+    // ACPI is read before the hypervisor maps all memory: only the boot
+    // page tables' 0..4 GiB can be read yet.
+    let below = |a: u64, what: &str| {
+        let ok = a < ACPI_SCAN_BELOW - 4096;
+        if !ok {
+            log::warn!("EFI {what} at {a:#x} is above 4 GiB, beyond the boot page tables; ignored");
+        }
+        ok
+    };
+    if !below(st, "system table") {
+        return None;
+    }
     if mem.u64_at(st)? != EFI_SYSTEM_TABLE_SIGNATURE {
         log::warn!("EFI system table at {st:#x} has a bad signature; ignored");
         return None;
     }
     let (n, table) = (mem.u64_at(st + 104)?, mem.u64_at(st + 112)?);
-    if n > 1024 || table == 0 {
+    if n > 1024 || table == 0 || table + n * 24 > ACPI_SCAN_BELOW {
         log::warn!("EFI system table at {st:#x}: configuration table {table:#x} with {n} entries; ignored");
         return None;
     }
@@ -204,6 +216,7 @@ pub fn rsdp_from_efi(mem: &impl PhysMem, st: u64) -> Option<(u64, bool)> {
     let (a20, a10) = (entry(&EFI_ACPI20_GUID), entry(&EFI_ACPI10_GUID));
     for (a, v20) in [(a20, true), (a10, false)] {
         match a {
+            Some(a) if !below(a, "configuration table's RSDP") => {}
             Some(a) if rsdp_at(mem, a).is_some() => return Some((a, v20)),
             Some(a) => log::warn!("EFI configuration table: no valid RSDP at {a:#x}"),
             None => {}
@@ -741,6 +754,10 @@ mod tests {
         assert_eq!(rsdp_from_efi(&m, 0x60000), None);
         let a = parse(&m, &boot(None, Some(0x60000), MemoryMap::new()));
         assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0xFA000), Some(RsdpSource::BiosArea)));
+        // Pointers above 4 GiB (beyond the boot page tables) are refused.
+        assert_eq!(rsdp_from_efi(&m, 0x1_0000_0000), None);
+        efi_tables(&mut m, &[(EFI_ACPI20_GUID, 0x2_0000_0000), (EFI_ACPI10_GUID, 0xFA000)]);
+        assert_eq!(rsdp_from_efi(&m, 0x60000), Some((0xFA000, false)));
         // An absurd entry count is refused.
         efi_tables(&mut m, &[(EFI_ACPI10_GUID, 0xFA000)]);
         m.put64(0x60000 + 104, 1 << 40);
