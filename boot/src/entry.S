@@ -37,8 +37,8 @@ mb2_header:
     .long -(MB2_MAGIC + (mb2_header_end - mb2_header))
     .balign 8                           /* information request, all optional */
     .short 1, 1
-    .long 8 + 4 * 5
-    .long 1, 3, 6, 14, 15               /* cmdline, modules, mmap, ACPI old, ACPI new */
+    .long 8 + 4 * 6
+    .long 1, 3, 6, 12, 14, 15           /* cmdline, modules, mmap, EFI64 system table, ACPI old, ACPI new */
     .balign 8                           /* page-align modules */
     .short 6, 0
     .long 8

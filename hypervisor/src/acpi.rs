@@ -2,8 +2,9 @@
 //! machine (FADT, DSDT `\_S5`), which ports the guest uses for that (so they
 //! can be watched), and the processors (MADT). Pure parsing over [`PhysMem`].
 
-use crate::bootinfo::{PhysMem, RsdpInfo};
+use crate::bootinfo::{BootInfo, PhysMem, RsdpInfo};
 use alloc::vec::Vec;
+use guest_loader::memmap::{MemKind, MemoryMap, Region};
 
 /// A register named by an ACPI Generic Address Structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,10 +22,46 @@ impl core::fmt::Display for AcpiReg {
     }
 }
 
+/// Where the RSDP the guest gets was found (for the boot log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RsdpSource {
+    /// The EFI configuration table (multiboot2 tag 12): its ACPI 2.0 entry,
+    /// or its ACPI 1.0 entry when there is no 2.0 one.
+    EfiSystemTable { acpi20: bool },
+    /// Given by the boot loader as an address (the UEFI front-end).
+    Loader,
+    /// Found by scanning the ACPI reclaim and NVS ranges of the memory map.
+    AcpiRanges,
+    /// Found by scanning the BIOS areas (EBDA, 0xE0000-0xFFFFF).
+    BiosArea,
+    /// Only the boot loader's copy (multiboot2 tag 14 or 15) was found: the
+    /// guest gets a copy placed in reserved memory ([`place_rsdp_copy`]).
+    LoaderCopy,
+}
+
+impl core::fmt::Display for RsdpSource {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RsdpSource::EfiSystemTable { acpi20: true } => "EFI system table, ACPI 2.0 entry",
+            RsdpSource::EfiSystemTable { acpi20: false } => "EFI system table, ACPI 1.0 entry",
+            RsdpSource::Loader => "from the boot loader",
+            RsdpSource::AcpiRanges => "ACPI memory ranges",
+            RsdpSource::BiosArea => "BIOS area",
+            RsdpSource::LoaderCopy => "multiboot2 copy only",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acpi {
-    /// Physical address of the RSDP, when known.
+    /// Physical address of the RSDP, when known: the address the guest is
+    /// given (for [`RsdpSource::LoaderCopy`], set once the copy is placed).
     pub rsdp_addr: Option<u64>,
+    /// Where the RSDP came from.
+    pub rsdp_source: Option<RsdpSource>,
+    /// The RSDP's bytes (20, or 36 from ACPI 2.0 on), kept to give the guest
+    /// a copy when only the loader's copy was found.
+    pub rsdp_bytes: Vec<u8>,
     pub pm1a_cnt: Option<AcpiReg>,
     pub pm1b_cnt: Option<AcpiReg>,
     /// SLP_TYPa and SLP_TYPb of S5 (soft off), from the DSDT.
@@ -35,8 +72,12 @@ pub struct Acpi {
     /// The power-management timer (3.579545 MHz): its register, and whether
     /// it counts 32 bits (FADT flag TMR_VAL_EXT) rather than 24.
     pub pm_timer: Option<(AcpiReg, bool)>,
-    /// Local APIC ids of usable processors, from the MADT, boot CPU first.
+    /// Local APIC ids of the processors that may be started (MADT entries
+    /// enabled or online capable), each once, in MADT order; see
+    /// [`Acpi::cpus_boot_first`].
     pub cpus: Vec<u32>,
+    /// Physical address and length of the MADT, to hide CPUs in it.
+    pub madt: Option<(u64, usize)>,
     pub lapic_base: Option<u64>,
     /// Tables found (signatures), for the boot log.
     pub tables: Vec<[u8; 4]>,
@@ -55,20 +96,182 @@ fn checksum_ok(b: &[u8]) -> bool {
 
 /// Scans the BIOS areas for the RSDP (EBDA first KiB, then 0xE0000-0xFFFFF).
 pub fn find_rsdp(mem: &impl PhysMem) -> Option<u64> {
-    let ebda = mem.u16_at(0x40E).map(|s| (s as u64) << 4).filter(|e| (0x80000..0xA0000).contains(e));
-    let ranges = ebda.map(|e| (e, e + 1024)).into_iter().chain([(0xE0000, 0x100000)]);
-    for (start, end) in ranges {
-        let mut p = start;
-        while p + 20 <= end {
-            if let Some(b) = mem.bytes(p, 20) {
-                if &b[..8] == b"RSD PTR " && checksum_ok(b) {
+    find_rsdp_matching(mem, None)
+}
+
+/// An RSDP at `p`: signature and checksum of the first 20 bytes (and of all
+/// of them from ACPI 2.0 on, when its length field is sane).
+fn rsdp_ok(b: &[u8]) -> bool {
+    if b.len() < 20 || &b[..8] != b"RSD PTR " || !checksum_ok(&b[..20]) {
+        return false;
+    }
+    match (b[15], le32(b, 20)) {
+        (2.., Some(len)) if (36..=b.len() as u32).contains(&len) => checksum_ok(&b[..len as usize]),
+        _ => true,
+    }
+}
+
+/// The RSDP's bytes at `pa` (36 when readable, else 20), if valid.
+fn rsdp_at(mem: &impl PhysMem, pa: u64) -> Option<&[u8]> {
+    let b = mem.bytes(pa, 36).or_else(|| mem.bytes(pa, 20))?;
+    rsdp_ok(b).then_some(b)
+}
+
+/// Whether the RSDP `b` is the one `copy` was taken from: same revision
+/// and root table addresses (the first 20 bytes, and the XSDT address).
+fn same_rsdp(b: &[u8], copy: &[u8]) -> bool {
+    b.get(..20) == copy.get(..20) && (copy.len() < 32 || b.get(24..32) == copy.get(24..32))
+}
+
+/// Scans `[start, end)` on 16-byte boundaries for a valid RSDP (the one
+/// `copy` was taken from, if given).
+fn scan_rsdp(mem: &impl PhysMem, start: u64, end: u64, copy: Option<&[u8]>) -> Option<u64> {
+    let mut p = start.next_multiple_of(16);
+    while p + 20 <= end {
+        if mem.bytes(p, 8) == Some(b"RSD PTR ".as_slice()) {
+            if let Some(b) = rsdp_at(mem, p) {
+                if copy.is_none_or(|c| same_rsdp(b, c)) {
                     return Some(p);
                 }
             }
-            p += 16;
+        }
+        p += 16;
+    }
+    None
+}
+
+fn find_rsdp_matching(mem: &impl PhysMem, copy: Option<&[u8]>) -> Option<u64> {
+    let ebda = mem.u16_at(0x40E).map(|s| (s as u64) << 4).filter(|e| (0x80000..0xA0000).contains(e));
+    let ranges = ebda.map(|e| (e, e + 1024)).into_iter().chain([(0xE0000, 0x100000)]);
+    for (start, end) in ranges {
+        if let Some(p) = scan_rsdp(mem, start, end, copy) {
+            return Some(p);
         }
     }
     None
+}
+
+/// Most bytes of ACPI ranges scanned for the RSDP, and the limit below
+/// which they are scanned (the early page tables map 0..4 GiB).
+const ACPI_SCAN_MAX: u64 = 64 << 20;
+const ACPI_SCAN_BELOW: u64 = 1 << 32;
+
+/// Scans the memory map's ACPI reclaim ranges, then its ACPI NVS ranges,
+/// for the RSDP (UEFI firmware keeps it there; it is not in the BIOS areas).
+pub fn find_rsdp_in_acpi_ranges(mem: &impl PhysMem, map: &MemoryMap, copy: Option<&[u8]>) -> Option<u64> {
+    let mut budget = ACPI_SCAN_MAX;
+    for kind in [MemKind::AcpiReclaimable, MemKind::AcpiNvs] {
+        for r in map.regions().iter().filter(|r| r.kind == kind && r.start < ACPI_SCAN_BELOW) {
+            let end = r.end.min(ACPI_SCAN_BELOW).min(r.start + budget);
+            if let Some(p) = scan_rsdp(mem, r.start, end, copy) {
+                return Some(p);
+            }
+            budget -= end - r.start;
+            if budget == 0 {
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// `EFI_ACPI_20_TABLE_GUID` 8868e871-e4f1-11d3-bc22-0080c73c8881 and
+/// `ACPI_TABLE_GUID` (1.0) eb9d2d30-2d88-11d3-9a16-0090273fc14d, as stored
+/// (the first three fields little-endian). The 2.0 value is as the UEFI
+/// specification and edk2 define it, and as OVMF's configuration table
+/// holds it.
+pub const EFI_ACPI20_GUID: [u8; 16] = [0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11, 0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88, 0x81];
+pub const EFI_ACPI10_GUID: [u8; 16] = [0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11, 0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1, 0x4d];
+/// "IBI SYST", the EFI system table's signature.
+const EFI_SYSTEM_TABLE_SIGNATURE: u64 = 0x5453_5953_2049_4249;
+
+/// The RSDP named by the EFI system table at `st` (x86-64 layout): the
+/// ACPI 2.0 entry of its configuration table, else the ACPI 1.0 one, if it
+/// points to a valid RSDP. Returns the address and whether it was 2.0.
+pub fn rsdp_from_efi(mem: &impl PhysMem, st: u64) -> Option<(u64, bool)> {
+    // ACPI is read before the hypervisor maps all memory: only the boot
+    // page tables' 0..4 GiB can be read yet.
+    let below = |a: u64, what: &str| {
+        let ok = a < ACPI_SCAN_BELOW - 4096;
+        if !ok {
+            log::warn!("EFI {what} at {a:#x} is above 4 GiB, beyond the boot page tables; ignored");
+        }
+        ok
+    };
+    if !below(st, "system table") {
+        return None;
+    }
+    if mem.u64_at(st)? != EFI_SYSTEM_TABLE_SIGNATURE {
+        log::warn!("EFI system table at {st:#x} has a bad signature; ignored");
+        return None;
+    }
+    let (n, table) = (mem.u64_at(st + 104)?, mem.u64_at(st + 112)?);
+    if n > 1024 || table == 0 || table + n * 24 > ACPI_SCAN_BELOW {
+        log::warn!("EFI system table at {st:#x}: configuration table {table:#x} with {n} entries; ignored");
+        return None;
+    }
+    let entry = |guid: &[u8; 16]| {
+        (0..n).find_map(|i| {
+            let e = table + i * 24;
+            (mem.bytes(e, 16)? == guid.as_slice()).then(|| mem.u64_at(e + 16)).flatten()
+        })
+    };
+    let (a20, a10) = (entry(&EFI_ACPI20_GUID), entry(&EFI_ACPI10_GUID));
+    for (a, v20) in [(a20, true), (a10, false)] {
+        match a {
+            Some(a) if !below(a, "configuration table's RSDP") => {}
+            Some(a) if rsdp_at(mem, a).is_some() => return Some((a, v20)),
+            Some(a) => log::warn!("EFI configuration table: no valid RSDP at {a:#x}"),
+            None => {}
+        }
+    }
+    None
+}
+
+/// Finds the RSDP: the EFI configuration table (multiboot2 tag 12); the
+/// address the loader gave; the ACPI reclaim/NVS ranges of the memory map;
+/// the BIOS areas; and, where the loader gave only a copy (multiboot2 tags
+/// 14/15) and none of these holds its original, that copy (the guest then
+/// gets it in reserved memory, see [`place_rsdp_copy`]). A copy found
+/// means only the original it was taken from is accepted by the scans.
+pub fn locate_rsdp(mem: &impl PhysMem, bi: &BootInfo) -> Option<(Option<u64>, Vec<u8>, RsdpSource)> {
+    let found = |a: u64, src| rsdp_at(mem, a).map(|b| (Some(a), b.to_vec(), src));
+    if let Some((a, acpi20)) = bi.efi_system_table.and_then(|st| rsdp_from_efi(mem, st)) {
+        return found(a, RsdpSource::EfiSystemTable { acpi20 });
+    }
+    let copy = match &bi.rsdp {
+        Some(RsdpInfo::At(a)) => {
+            if let r @ Some(_) = found(*a, RsdpSource::Loader) {
+                return r;
+            }
+            log::warn!("no valid RSDP at {a:#x}, where the boot loader said; searching");
+            None
+        }
+        Some(RsdpInfo::Copy(b)) if rsdp_ok(b) => Some(b.as_slice()),
+        Some(RsdpInfo::Copy(_)) => {
+            log::warn!("the boot loader's copy of the RSDP is invalid; searching");
+            None
+        }
+        None => None,
+    };
+    if let Some(a) = find_rsdp_in_acpi_ranges(mem, &bi.memory, copy) {
+        return found(a, RsdpSource::AcpiRanges);
+    }
+    if let Some(a) = find_rsdp_matching(mem, copy) {
+        return found(a, RsdpSource::BiosArea);
+    }
+    copy.map(|c| (None, c.to_vec(), RsdpSource::LoaderCopy))
+}
+
+/// Gives the guest the RSDP copy of [`RsdpSource::LoaderCopy`]: picks the
+/// highest page of RAM below 4 GiB that overlaps none of `avoid` and marks
+/// it reserved in `map` (the guest's memory map, so that it is kept out of
+/// the guest's RAM). Returns the copy's address; the caller writes
+/// `bytes` there.
+pub fn place_rsdp_copy(map: &mut MemoryMap, avoid: &[(u64, u64)]) -> Option<u64> {
+    let page = map.highest_fit(4096, 4096, 1 << 32, avoid)?;
+    map.add(Region::new(page, page + 4096, MemKind::Reserved));
+    Some(page)
 }
 
 struct Table<'a> {
@@ -112,38 +315,19 @@ fn gas(b: &[u8], o: usize) -> Option<AcpiReg> {
     }
 }
 
-/// Reads the ACPI tables. `rsdp` says where the root pointer is; without
-/// one, the BIOS areas are scanned. Missing ACPI is not an error: the result
-/// is then empty and callers fall back (one CPU, emulator power-off ports).
-pub fn parse(mem: &impl PhysMem, rsdp: Option<&RsdpInfo>) -> Acpi {
+/// Reads the ACPI tables, from the RSDP [`locate_rsdp`] finds for `bi`.
+/// Missing ACPI is not an error: the result is then empty and callers fall
+/// back (one CPU, emulator power-off ports).
+pub fn parse(mem: &impl PhysMem, bi: &BootInfo) -> Acpi {
     let mut acpi = Acpi::default();
-    let found;
-    let rsdp_bytes: &[u8] = match rsdp {
-        Some(RsdpInfo::Copy(b)) => {
-            // A copy: look for the original too, so the guest can be told.
-            acpi.rsdp_addr = find_rsdp(mem);
-            b
-        }
-        Some(RsdpInfo::At(a)) => {
-            acpi.rsdp_addr = Some(*a);
-            match mem.bytes(*a, 36).or_else(|| mem.bytes(*a, 20)) {
-                Some(b) => b,
-                None => return acpi,
-            }
-        }
-        None => {
-            found = find_rsdp(mem);
-            acpi.rsdp_addr = found;
-            match found.and_then(|a| mem.bytes(a, 36).or_else(|| mem.bytes(a, 20))) {
-                Some(b) => b,
-                None => return acpi,
-            }
-        }
-    };
-    if rsdp_bytes.len() < 20 || &rsdp_bytes[..8] != b"RSD PTR " || !checksum_ok(&rsdp_bytes[..20]) {
-        log::warn!("ACPI RSDP is invalid; continuing without ACPI");
+    let Some((addr, bytes, source)) = locate_rsdp(mem, bi) else {
         return acpi;
-    }
+    };
+    acpi.rsdp_addr = addr;
+    acpi.rsdp_source = Some(source);
+    acpi.rsdp_bytes = bytes;
+    let rsdp_owned = acpi.rsdp_bytes.clone();
+    let rsdp_bytes: &[u8] = &rsdp_owned;
     let revision = rsdp_bytes[15];
     let xsdt = if revision >= 2 { le64(rsdp_bytes, 24).unwrap_or(0) } else { 0 };
     let (root, entry) = if xsdt != 0 { (xsdt, 8) } else { (le32(rsdp_bytes, 16).unwrap_or(0) as u64, 4) };
@@ -229,9 +413,17 @@ pub fn find_s5(aml: &[u8]) -> Option<(u8, u8)> {
     Some((a & 7, b & 7))
 }
 
-fn parse_madt(t: &Table, acpi: &mut Acpi) {
-    let d = t.data;
-    acpi.lapic_base = le32(d, 36).map(u64::from);
+/// One processor entry of a MADT: where its flags are in the table, APIC id, and
+/// flags (bit 0 enabled, bit 1 online capable).
+struct MadtCpu {
+    flags_at: usize,
+    apic_id: u32,
+    flags: u32,
+}
+
+/// The Local APIC (type 0) and Local x2APIC (type 9) entries of a MADT.
+fn madt_cpus(d: &[u8]) -> Vec<MadtCpu> {
+    let mut out = Vec::new();
     let mut o = 44;
     while o + 2 <= d.len() {
         let (ty, len) = (d[o], d[o + 1] as usize);
@@ -240,24 +432,150 @@ fn parse_madt(t: &Table, acpi: &mut Acpi) {
         }
         let e = &d[o..o + len];
         match ty {
-            0 if len >= 8 => {
-                let flags = le32(e, 4).unwrap_or(0);
-                if flags & 3 != 0 {
-                    acpi.cpus.push(e[3] as u32);
-                }
-            }
+            0 if len >= 8 => out.push(MadtCpu { flags_at: o + 4, apic_id: e[3] as u32, flags: le32(e, 4).unwrap_or(0) }),
             9 if len >= 16 => {
-                let flags = le32(e, 8).unwrap_or(0);
-                if flags & 3 != 0 {
-                    acpi.cpus.push(le32(e, 4).unwrap_or(0));
-                }
+                out.push(MadtCpu { flags_at: o + 8, apic_id: le32(e, 4).unwrap_or(0), flags: le32(e, 8).unwrap_or(0) })
             }
-            5 if len >= 12 => acpi.lapic_base = le64(e, 4),
             _ => {}
         }
         o += len;
     }
+    out
+}
+
+/// Whether a processor with these MADT flags may be started: enabled
+/// (bit 0), or "online capable" (bit 1, defined from MADT revision 5,
+/// ACPI 6.3, as Linux reads it; reserved before).
+fn startable(flags: u32, madt_revision: u8) -> bool {
+    flags & 1 != 0 || (madt_revision >= 5 && flags & 2 != 0)
+}
+
+fn parse_madt(t: &Table, acpi: &mut Acpi) {
+    let d = t.data;
+    acpi.lapic_base = le32(d, 36).map(u64::from);
+    acpi.madt = Some((t.addr, d.len()));
+    let revision = d[8];
+    for c in madt_cpus(d) {
+        // A CPU listed as xAPIC and as x2APIC (same id) is one CPU.
+        if startable(c.flags, revision) && !acpi.cpus.contains(&c.apic_id) {
+            acpi.cpus.push(c.apic_id);
+        }
+    }
+    let mut o = 44;
+    while o + 2 <= d.len() {
+        let (ty, len) = (d[o], d[o + 1] as usize);
+        if len < 2 || o + len > d.len() {
+            break;
+        }
+        if ty == 5 && len >= 12 {
+            acpi.lapic_base = le64(&d[o..o + len], 4);
+        }
+        o += len;
+    }
     let _ = le16;
+}
+
+impl Acpi {
+    /// The processors that may be started (see [`Acpi::cpus`]), the boot
+    /// CPU (APIC id `bsp`) first, the others in MADT order.
+    pub fn cpus_boot_first(&self, bsp: u32) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.cpus.len() + 1);
+        v.push(bsp);
+        v.extend(self.cpus.iter().copied().filter(|&id| id != bsp));
+        v
+    }
+}
+
+/// Marks every processor of the MADT `madt` whose APIC id is not in `keep`
+/// as neither enabled nor online capable (flags bits 0 and 1 cleared, in
+/// its Local APIC and its Local x2APIC entries) and fixes the checksum.
+/// Returns the APIC ids hidden, each once.
+///
+/// Exitscope patches the firmware's MADT in place rather than building a
+/// copy (with an RSDT/XSDT and RSDP of its own) in reserved memory: every
+/// pointer to it stays valid for every kind of guest, whether it is handed
+/// the RSDP (Linux's boot_params), scans the BIOS areas, or follows the
+/// EFI configuration table; a copy would be seen only by guests told where
+/// it is. Firmware tables live in RAM (ACPI reclaim or NVS); where a write
+/// does not stick, the caller says so and the INIT/SIPI filter still keeps
+/// those CPUs from starting.
+pub fn hide_cpus(madt: &mut [u8], keep: &[u32]) -> Vec<u32> {
+    let mut hidden = Vec::new();
+    for c in madt_cpus(madt) {
+        if keep.contains(&c.apic_id) || c.flags & 3 == 0 {
+            continue;
+        }
+        let f = (c.flags & !3).to_le_bytes();
+        madt[c.flags_at..c.flags_at + 4].copy_from_slice(&f);
+        if !hidden.contains(&c.apic_id) {
+            hidden.push(c.apic_id);
+        }
+    }
+    if !hidden.is_empty() && madt.len() > 9 {
+        madt[9] = 0;
+        let sum = madt.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+        madt[9] = 0u8.wrapping_sub(sum);
+    }
+    hidden
+}
+
+/// Writes `bytes` to physical memory at `pa` through the identity map,
+/// then reads them back: false if they did not stick (ROM, write-protected
+/// shadow RAM).
+fn write_phys_checked(pa: u64, bytes: &[u8]) -> bool {
+    // SAFETY: `pa..pa + len` is an ACPI table or a page reserved for the
+    // guest's RSDP copy, both identity-mapped; no Rust reference to that
+    // memory is live (the parsed tables were copied out).
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), crate::memory::phys_ptr::<u8>(pa), bytes.len()) };
+    // The guest reads ACPI memory through EPT as uncached: write back the
+    // cache so that it sees the new bytes.
+    crate::cpu::wbinvd();
+    crate::guest::IdentityMem.bytes(pa, bytes.len()) == Some(bytes)
+}
+
+/// On the machine: hides the processors that are not vCPUs (APIC ids not
+/// in `vcpus`) in the firmware's MADT ([`hide_cpus`]). Returns the line for
+/// the boot log, or `None` when there is nothing to hide.
+pub fn hide_non_vcpus(acpi: &Acpi, vcpus: &[u32]) -> Option<alloc::string::String> {
+    let (addr, len) = acpi.madt?;
+    let mut madt = crate::guest::IdentityMem.bytes(addr, len)?.to_vec();
+    let hidden = hide_cpus(&mut madt, vcpus);
+    if hidden.is_empty() {
+        return None;
+    }
+    let ids: Vec<alloc::string::String> = hidden.iter().map(|id| alloc::format!("{id}")).collect();
+    Some(if write_phys_checked(addr, &madt) {
+        alloc::format!(
+            "ACPI: MADT at {addr:#x}: {} CPU(s) that are not vCPUs marked disabled for the guest (APIC ids {})",
+            hidden.len(),
+            ids.join(", ")
+        )
+    } else {
+        alloc::format!(
+            "warning: ACPI: the MADT at {addr:#x} is read-only: the guest sees {} CPU(s) that are not vCPUs (APIC ids {}); \
+             INIT/SIPI to them are dropped",
+            hidden.len(),
+            ids.join(", ")
+        )
+    })
+}
+
+/// On the machine: where only the loader's copy of the RSDP was found
+/// ([`RsdpSource::LoaderCopy`]), writes it to a page reserved in the
+/// guest's memory map `map` ([`place_rsdp_copy`], avoiding `avoid`) and
+/// sets `acpi.rsdp_addr`. Returns the line for the boot log.
+pub fn give_guest_rsdp_copy(acpi: &mut Acpi, map: &mut MemoryMap, avoid: &[(u64, u64)]) -> Option<alloc::string::String> {
+    if acpi.rsdp_source != Some(RsdpSource::LoaderCopy) {
+        return None;
+    }
+    let Some(page) = place_rsdp_copy(map, avoid) else {
+        return Some("warning: ACPI: no page for the guest's copy of the RSDP; the guest runs without ACPI".into());
+    };
+    if !write_phys_checked(page, &acpi.rsdp_bytes) {
+        return Some(alloc::format!("warning: ACPI: the RSDP copy at {page:#x} did not stick; the guest runs without ACPI"));
+    }
+    acpi.rsdp_addr = Some(page);
+    Some(alloc::format!("ACPI: guest RSDP {page:#x} (a copy of the loader's, in memory reserved in the guest's memory map)"))
 }
 
 #[cfg(test)]
@@ -265,6 +583,24 @@ mod tests {
     use super::*;
     use crate::bootinfo::tests::Buf;
     use std::vec;
+
+    /// Boot information with only what the RSDP search looks at.
+    fn boot(rsdp: Option<RsdpInfo>, efi_system_table: Option<u64>, memory: MemoryMap) -> BootInfo {
+        BootInfo {
+            protocol: "test",
+            loader_name: None,
+            memory,
+            modules: Vec::new(),
+            cmdline: Default::default(),
+            rsdp,
+            efi_system_table,
+            preserve: Vec::new(),
+        }
+    }
+
+    fn none() -> BootInfo {
+        boot(None, None, MemoryMap::new())
+    }
 
     fn fix_checksum(b: &mut [u8], at: usize) {
         b[at] = 0;
@@ -322,7 +658,7 @@ mod tests {
     fn bochs_like_tables() {
         let m = world();
         assert_eq!(find_rsdp(&m), Some(0xFA000));
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert_eq!(a.rsdp_addr, Some(0xFA000));
         assert_eq!(a.pm1a_cnt, Some(AcpiReg::Io(0xB004)));
         assert_eq!(a.pm1b_cnt, None);
@@ -358,7 +694,7 @@ mod tests {
     #[test]
     fn no_acpi_is_empty_not_an_error() {
         let m = Buf::new(0, 0x100000);
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert_eq!(a, Acpi::default());
     }
 
@@ -366,7 +702,7 @@ mod tests {
     fn bad_checksums_are_ignored() {
         let mut m = world();
         m.data[0x72000 + 20] ^= 0xFF; // corrupt the MADT
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert!(a.cpus.is_empty());
         assert_eq!(a.pm1a_cnt, Some(AcpiReg::Io(0xB004)));
     }
@@ -384,8 +720,234 @@ mod tests {
     fn rsdp_copy_is_used() {
         let m = world();
         let copy = m.bytes(0xFA000, 20).unwrap().to_vec();
-        let a = parse(&m, Some(&RsdpInfo::Copy(copy)));
+        let a = parse(&m, &boot(Some(RsdpInfo::Copy(copy)), None, MemoryMap::new()));
         assert_eq!(a.cpus, [0, 1]);
         assert_eq!(a.rsdp_addr, Some(0xFA000));
+        assert_eq!(a.rsdp_source, Some(RsdpSource::BiosArea));
     }
+
+    /// The world's RSDP moved out of the BIOS areas to `to` (as on UEFI
+    /// machines without a CSM); returns its bytes.
+    fn move_rsdp(m: &mut Buf, to: u64) -> Vec<u8> {
+        let rsdp = m.bytes(0xFA000, 20).unwrap().to_vec();
+        m.put(0xFA000, &[0u8; 20]);
+        m.put(to, &rsdp);
+        rsdp
+    }
+
+    /// An EFI system table at 0x60000 whose configuration table (0x61000)
+    /// has an unrelated entry, then `entries`.
+    fn efi_tables(m: &mut Buf, entries: &[([u8; 16], u64)]) {
+        m.put64(0x60000, EFI_SYSTEM_TABLE_SIGNATURE);
+        m.put64(0x60000 + 104, 1 + entries.len() as u64);
+        m.put64(0x60000 + 112, 0x61000);
+        m.put(0x61000, &[0x11; 16]); // some other GUID (SMBIOS, say)
+        m.put64(0x61000 + 16, 0x62000);
+        for (i, (guid, a)) in entries.iter().enumerate() {
+            let e = 0x61000 + 24 * (i as u64 + 1);
+            m.put(e, guid);
+            m.put64(e + 16, *a);
+        }
+    }
+
+    #[test]
+    fn rsdp_from_the_efi_system_table() {
+        let mut m = world();
+        move_rsdp(&mut m, 0x74000);
+        efi_tables(&mut m, &[(EFI_ACPI10_GUID, 0x74000)]);
+        assert_eq!(find_rsdp(&m), None);
+        let a = parse(&m, &boot(None, Some(0x60000), MemoryMap::new()));
+        assert_eq!(a.rsdp_addr, Some(0x74000));
+        assert_eq!(a.rsdp_source, Some(RsdpSource::EfiSystemTable { acpi20: false }));
+        assert_eq!(a.cpus, [0, 1]);
+        assert_eq!(a.pm1a_cnt, Some(AcpiReg::Io(0xB004)));
+        // The ACPI 2.0 entry wins over the 1.0 one, whatever the order.
+        let copy = m.bytes(0x74000, 20).unwrap().to_vec();
+        m.put(0x75000, &copy);
+        efi_tables(&mut m, &[(EFI_ACPI10_GUID, 0x74000), (EFI_ACPI20_GUID, 0x75000)]);
+        let a = parse(&m, &boot(Some(RsdpInfo::Copy(copy)), Some(0x60000), MemoryMap::new()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0x75000), Some(RsdpSource::EfiSystemTable { acpi20: true })));
+        assert_eq!(RsdpSource::EfiSystemTable { acpi20: true }.to_string(), "EFI system table, ACPI 2.0 entry");
+    }
+
+    #[test]
+    fn bad_efi_tables_fall_back() {
+        let mut m = world();
+        // The 2.0 entry points to garbage: the 1.0 entry is used.
+        efi_tables(&mut m, &[(EFI_ACPI20_GUID, 0x76000), (EFI_ACPI10_GUID, 0xFA000)]);
+        assert_eq!(rsdp_from_efi(&m, 0x60000), Some((0xFA000, false)));
+        // No system table signature: the BIOS areas are scanned.
+        m.put64(0x60000, 0);
+        assert_eq!(rsdp_from_efi(&m, 0x60000), None);
+        let a = parse(&m, &boot(None, Some(0x60000), MemoryMap::new()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0xFA000), Some(RsdpSource::BiosArea)));
+        // Pointers above 4 GiB (beyond the boot page tables) are refused.
+        assert_eq!(rsdp_from_efi(&m, 0x1_0000_0000), None);
+        efi_tables(&mut m, &[(EFI_ACPI20_GUID, 0x2_0000_0000), (EFI_ACPI10_GUID, 0xFA000)]);
+        assert_eq!(rsdp_from_efi(&m, 0x60000), Some((0xFA000, false)));
+        // An absurd entry count is refused.
+        efi_tables(&mut m, &[(EFI_ACPI10_GUID, 0xFA000)]);
+        m.put64(0x60000 + 104, 1 << 40);
+        assert_eq!(rsdp_from_efi(&m, 0x60000), None);
+    }
+
+    /// A map like OVMF's: RAM, the ACPI tables in a reclaim range, NVS.
+    fn uefi_map() -> MemoryMap {
+        MemoryMap::from_regions([
+            Region::new(0, 0x60000, MemKind::Ram),
+            Region::new(0x60000, 0x70000, MemKind::AcpiNvs),
+            Region::new(0x70000, 0x80000, MemKind::AcpiReclaimable),
+            Region::new(0x80000, 0xA0000, MemKind::Ram),
+        ])
+    }
+
+    #[test]
+    fn rsdp_from_the_acpi_reclaim_ranges() {
+        let mut m = world();
+        let copy = move_rsdp(&mut m, 0x7F000);
+        // A stale RSDP earlier in the range names another RSDT: with the
+        // loader's copy in hand, only the matching one is taken.
+        let mut stale = copy.clone();
+        stale[16..20].copy_from_slice(&0x7E000u32.to_le_bytes());
+        stale[8] = 0;
+        let sum = stale.iter().fold(0u8, |a, &x| a.wrapping_add(x));
+        stale[8] = 0u8.wrapping_sub(sum);
+        m.put(0x7C010, &stale);
+        let a = parse(&m, &boot(Some(RsdpInfo::Copy(copy.clone())), None, uefi_map()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0x7F000), Some(RsdpSource::AcpiRanges)));
+        assert_eq!(a.cpus, [0, 1]);
+        // Without a copy (multiboot1), the first valid one is taken.
+        assert_eq!(find_rsdp_in_acpi_ranges(&m, &uefi_map(), None), Some(0x7C010));
+        // Only the ACPI ranges are scanned, not RAM.
+        let ram_only = MemoryMap::from_regions([Region::new(0, 0xA0000, MemKind::Ram)]);
+        assert_eq!(find_rsdp_in_acpi_ranges(&m, &ram_only, None), None);
+    }
+
+    #[test]
+    fn rsdp_copy_only_goes_to_reserved_guest_memory() {
+        let mut m = world();
+        let copy = move_rsdp(&mut m, 0x7F000);
+        m.put(0x7F000, &[0u8; 20]); // the original is nowhere to be found
+        let mut a = parse(&m, &boot(Some(RsdpInfo::Copy(copy.clone())), None, uefi_map()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (None, Some(RsdpSource::LoaderCopy)));
+        assert_eq!(a.rsdp_bytes, copy);
+        assert_eq!(a.cpus, [0, 1], "the tables are read through the copy");
+        // The guest's map: RAM up to 256 MiB with the top 2 MiB avoided.
+        let mut map = MemoryMap::from_regions([
+            Region::new(0, 0x9F000, MemKind::Ram),
+            Region::new(0x10_0000, 0x1000_0000, MemKind::Ram),
+        ]);
+        let ram = map.total_ram();
+        let page = place_rsdp_copy(&mut map, &[(0xFE0_0000, 0x1000_0000)]).unwrap();
+        assert_eq!(page, 0xFE0_0000 - 4096);
+        assert_eq!(map.region_at(page).map(|r| r.kind), Some(MemKind::Reserved));
+        assert_eq!(map.total_ram(), ram - 4096);
+        assert!(!map.is_ram(page, page + 1));
+        // Nothing left: no page, the map unchanged.
+        let mut tiny = MemoryMap::from_regions([Region::new(0x1000, 0x2000, MemKind::Ram)]);
+        assert_eq!(place_rsdp_copy(&mut tiny, &[(0x1000, 0x2000)]), None);
+        assert_eq!(tiny.total_ram(), 0x1000);
+        // The line the boot log prints names the source.
+        a.rsdp_addr = Some(page);
+        assert_eq!(RsdpSource::LoaderCopy.to_string(), "multiboot2 copy only");
+    }
+
+    #[test]
+    fn an_invalid_loader_address_is_searched_past() {
+        let m = world();
+        let a = parse(&m, &boot(Some(RsdpInfo::At(0x50000)), None, MemoryMap::new()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0xFA000), Some(RsdpSource::BiosArea)));
+        let a = parse(&m, &boot(Some(RsdpInfo::At(0xFA000)), None, MemoryMap::new()));
+        assert_eq!((a.rsdp_addr, a.rsdp_source), (Some(0xFA000), Some(RsdpSource::Loader)));
+    }
+
+    /// A MADT of `revision` with the given entries (type, bytes after the
+    /// type and length).
+    fn madt(revision: u8, entries: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut body = vec![0u8; 8];
+        body[..4].copy_from_slice(&0xFEE00000u32.to_le_bytes());
+        for (ty, e) in entries {
+            body.push(*ty);
+            body.push(2 + e.len() as u8);
+            body.extend_from_slice(e);
+        }
+        let mut t = table(b"APIC", &body);
+        t[8] = revision;
+        fix_checksum(&mut t, 9);
+        t
+    }
+
+    fn lapic(uid: u8, id: u8, flags: u32) -> Vec<u8> {
+        let mut e = vec![uid, id];
+        e.extend_from_slice(&flags.to_le_bytes());
+        e
+    }
+
+    fn x2apic(id: u32, flags: u32) -> Vec<u8> {
+        let mut e = vec![0, 0];
+        e.extend_from_slice(&id.to_le_bytes());
+        e.extend_from_slice(&flags.to_le_bytes());
+        e.extend_from_slice(&id.to_le_bytes()); // UID
+        e
+    }
+
+    fn madt_cpus_of(t: &[u8]) -> Vec<u32> {
+        let mut a = Acpi::default();
+        parse_madt(&Table { sig: *b"APIC", addr: 0x72000, data: t }, &mut a);
+        a.cpus
+    }
+
+    #[test]
+    fn madt_online_capable_cpus_count_from_revision_5() {
+        let (l0, l1, l2, l3) = (lapic(0, 0, 1), lapic(1, 1, 2), lapic(2, 2, 0), lapic(3, 3, 3));
+        let entries: [(u8, &[u8]); 4] = [(0, &l0), (0, &l1), (0, &l2), (0, &l3)];
+        // ACPI 6.3 (MADT revision 5): bit 1 alone is "online capable".
+        assert_eq!(madt_cpus_of(&madt(5, &entries)), [0, 1, 3]);
+        // Before it, bit 1 was reserved: only enabled CPUs.
+        assert_eq!(madt_cpus_of(&madt(4, &entries)), [0, 3]);
+        let x = x2apic(0x100, 2);
+        assert_eq!(madt_cpus_of(&madt(5, &[(0, &l0), (9, &x)])), [0, 0x100]);
+    }
+
+    #[test]
+    fn madt_cpu_listed_as_xapic_and_x2apic_is_one_cpu() {
+        let (l0, l1, x0, x1, x2) = (lapic(0, 0, 1), lapic(1, 1, 1), x2apic(0, 1), x2apic(1, 1), x2apic(2, 1));
+        let t = madt(5, &[(0, &l0), (0, &l1), (9, &x0), (9, &x1), (9, &x2)]);
+        assert_eq!(madt_cpus_of(&t), [0, 1, 2]);
+    }
+
+    #[test]
+    fn boot_cpu_first() {
+        let (l0, l1, l2) = (lapic(0, 4, 1), lapic(1, 2, 1), lapic(2, 6, 1));
+        let a = Acpi { cpus: madt_cpus_of(&madt(5, &[(0, &l0), (0, &l1), (0, &l2)])), ..Acpi::default() };
+        assert_eq!(a.cpus, [4, 2, 6]);
+        assert_eq!(a.cpus_boot_first(2), [2, 4, 6]);
+        assert_eq!(a.cpus_boot_first(4), [4, 2, 6]);
+        // A boot CPU the MADT does not list (or no MADT) is still first.
+        assert_eq!(a.cpus_boot_first(9), [9, 4, 2, 6]);
+        assert_eq!(Acpi::default().cpus_boot_first(0), [0]);
+    }
+
+    #[test]
+    fn hiding_cpus_clears_both_flags_in_every_entry_and_fixes_the_checksum() {
+        let (l0, l1, l2, l3) = (lapic(0, 0, 1), lapic(1, 1, 1), lapic(2, 2, 2), lapic(3, 3, 0));
+        let (x1, x2) = (x2apic(1, 1), x2apic(0x200, 3));
+        let mut t = madt(5, &[(0, &l0), (0, &l1), (0, &l2), (0, &l3), (9, &x1), (9, &x2)]);
+        assert_eq!(madt_cpus_of(&t), [0, 1, 2, 0x200]);
+        let hidden = hide_cpus(&mut t, &[0, 2]);
+        assert_eq!(hidden, [1, 0x200], "CPU 3 was disabled already");
+        assert!(checksum_ok(&t));
+        assert_eq!(madt_cpus_of(&t), [0, 2]);
+        // The patched table still parses in the world.
+        let mut m = world();
+        m.put(0x72000, &t);
+        let a = parse(&m, &none());
+        assert_eq!(a.cpus, [0, 2]);
+        assert_eq!(a.madt, Some((0x72000, t.len())));
+        // Nothing to hide: the table is untouched.
+        let before = t.clone();
+        assert!(hide_cpus(&mut t, &[0, 2]).is_empty());
+        assert_eq!(t, before);
+    }
+
 }

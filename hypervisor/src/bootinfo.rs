@@ -91,6 +91,9 @@ pub struct BootInfo {
     /// The hypervisor's own command line (without its file name).
     pub cmdline: String,
     pub rsdp: Option<RsdpInfo>,
+    /// Physical address of the EFI system table (multiboot2 tag 12), whose
+    /// configuration table names the ACPI RSDP on UEFI machines.
+    pub efi_system_table: Option<u64>,
     /// Physical ranges that must not be overwritten before the guest is
     /// loaded, besides the modules: the hypervisor image where the loader
     /// put it, and any boot-loader data still in use. Free afterwards.
@@ -135,6 +138,7 @@ fn parse_mb1(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootInfoError> {
         modules: Vec::new(),
         cmdline: String::new(),
         rsdp: None,
+        efi_system_table: None,
         preserve: Vec::new(),
     };
     if flags & (1 << 2) != 0 {
@@ -202,6 +206,7 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootInfoError> {
         modules: Vec::new(),
         cmdline: String::new(),
         rsdp: None,
+        efi_system_table: None,
         preserve: Vec::new(),
     };
     let mut p = info + 8;
@@ -241,6 +246,8 @@ fn parse_mb2(info: u64, mem: &impl PhysMem) -> Result<BootInfo, BootInfoError> {
                 }
                 bi.memory = MemoryMap::from_regions(regions);
             }
+            // The EFI system table (64-bit), requested in the header.
+            12 if body_len >= 8 => bi.efi_system_table = mem.u64_at(body).filter(|&a| a != 0),
             // A copy of the RSDP; prefer the ACPI 2.0 one.
             14 | 15 if ty == 15 || bi.rsdp.is_none() => {
                 let b = mem.bytes(body, body_len as usize).unwrap_or(&[]);
@@ -377,6 +384,7 @@ pub(crate) mod tests {
             mmap.extend_from_slice(&0u32.to_le_bytes());
         }
         mb2_tag(&mut tags, 6, &mmap);
+        mb2_tag(&mut tags, 12, &0x7FBE_E018u64.to_le_bytes());
         mb2_tag(&mut tags, 14, b"RSD PTR \x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00");
         mb2_tag(&mut tags, 0, &[]);
         let total = tags.len() as u32;
@@ -390,6 +398,7 @@ pub(crate) mod tests {
         assert_eq!(bi.modules[0].len(), 0x10_0000);
         assert_eq!(bi.memory.regions().len(), 3);
         assert!(matches!(bi.rsdp, Some(RsdpInfo::Copy(ref b)) if b.starts_with(b"RSD PTR ")));
+        assert_eq!(bi.efi_system_table, Some(0x7FBE_E018));
     }
 
     #[test]

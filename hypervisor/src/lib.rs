@@ -127,16 +127,19 @@ pub fn run(bi: BootInfo) -> ! {
         boot_error(format_args!("no usable memory map: the boot loader reported no RAM"));
     }
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
-    let acpi = acpi::parse(&guest::IdentityMem, bi.rsdp.as_ref());
+    let mut acpi = acpi::parse(&guest::IdentityMem, &bi);
     BOOT_ACPI.call_once(|| acpi.clone());
     if acpi.tables.is_empty() {
         hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
     } else {
         let pm1a = acpi.pm1a_cnt.map_or("none".into(), |r| alloc::format!("{r}"));
         let s5 = acpi.s5.map_or("unknown".into(), |s| alloc::format!("SLP_TYP {}", s.0));
+        let (rsdp, guest_rsdp) = match (acpi.rsdp_addr, acpi.rsdp_source) {
+            (Some(a), Some(src)) => (alloc::format!("{a:#x} ({src})"), alloc::format!("{a:#x}")),
+            (_, src) => (alloc::format!("not in memory ({})", src.map_or("none".into(), |s| alloc::format!("{s}"))), "a copy in reserved memory".into()),
+        };
         hvprintln!(
-            "ACPI: RSDP {:#x}, PM1a control {pm1a}, S5 {s5}, {} CPU(s) in the MADT",
-            acpi.rsdp_addr.unwrap_or(0),
+            "ACPI: RSDP {rsdp}, guest RSDP {guest_rsdp}, PM1a control {pm1a}, S5 {s5}, {} CPU(s) in the MADT",
             acpi.cpus.len()
         );
     }
@@ -255,6 +258,11 @@ pub fn run(bi: BootInfo) -> ! {
     };
     let mut guest_map = bi.memory.clone();
     guest_map.remove(footprint.0, footprint.1);
+    let mut rsdp_avoid: Vec<(u64, u64)> = bi.modules.iter().map(|m| (m.start, m.end)).chain(bi.preserve.iter().copied()).collect();
+    rsdp_avoid.push(staged.range);
+    if let Some(line) = acpi::give_guest_rsdp_copy(&mut acpi, &mut guest_map, &rsdp_avoid) {
+        hvprintln!("{line}");
+    }
 
     // Bitmaps shared by all vCPUs: I/O ports and MSRs the hypervisor watches.
     let watch = state::PortWatch {
@@ -292,9 +300,12 @@ pub fn run(bi: BootInfo) -> ! {
     let timeline = opts.timeline;
     let lapic = smp::LocalApic::current();
     let bsp_id = lapic.id();
-    let aps: Vec<u32> = acpi.cpus.iter().copied().filter(|&id| id != bsp_id).take(max_cpus.saturating_sub(1)).collect();
-    // With several vCPUs, INIT IPIs are emulated: watch the local APIC page.
-    let apic_trap = if aps.is_empty() {
+    let machine_cpus = acpi.cpus_boot_first(bsp_id);
+    let aps: Vec<u32> = machine_cpus[1..].iter().copied().take(max_cpus.saturating_sub(1)).collect();
+    // With several CPUs, INIT and SIPI IPIs are emulated (to vCPUs) or
+    // dropped (to the others, left out with `cpus=`), even with one vCPU:
+    // watch the local APIC page.
+    let apic_trap = if machine_cpus.len() < 2 {
         None
     } else {
         // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
@@ -384,6 +395,10 @@ pub fn run(bi: BootInfo) -> ! {
         }
     }
     let ncpus = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
+    let vcpu_ids: Vec<u32> = state::APIC_IDS[..ncpus].iter().map(|a| a.load(core::sync::atomic::Ordering::SeqCst)).collect();
+    if let Some(line) = acpi::hide_non_vcpus(&sh.acpi, &vcpu_ids) {
+        hvprintln!("{line}");
+    }
     if !acpi_cpus_found {
         hvprintln!("no ACPI MADT: running on the boot CPU only");
     }

@@ -61,6 +61,11 @@ pub const TESTS: &[Test] = &[
     Test { name: "linux-smp", run: linux_2cpu },
     Test { name: "linux-smp-pit-stopped", run: linux_smp_pit_stopped },
     Test { name: "linux-smp-no-wait-for-sipi", run: linux_smp_no_wait_for_sipi },
+    Test { name: "linux-cpus1-of-2", run: linux_cpus1_of_2 },
+    Test { name: "linux-cpus2-of-4", run: linux_cpus2_of_4 },
+    Test { name: "probe-cpus1-of-2-sipi-dropped", run: probe_cpus1_of_2 },
+    Test { name: "probe-cpus2-of-4-broadcast", run: probe_cpus2_of_4_broadcast },
+    Test { name: "probe-cpus2-of-4-madt", run: probe_cpus2_of_4_madt },
     Test { name: "uefi-bochs-probe", run: uefi_bochs_probe },
     Test { name: "bios-image-bochs-probe", run: bios_image_bochs_probe },
     Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
@@ -583,6 +588,129 @@ fn check_linux_2cpu(out: &bochs::Outcome) -> Result {
 }
 
 // ---------------------------------------------------------------------------
+// `cpus=N` below the machine's CPU count: the CPUs that are not vCPUs are
+// hidden from the guest (disabled in the MADT) and cannot be started by it
+// (INIT/SIPI to them dropped). Bochs gives the machine more CPUs than
+// `cpus=` lets the hypervisor use, as a real box with more CPUs would.
+
+/// `[exitscope] ACPI: MADT at 0x..: K CPU(s) that are not vCPUs marked
+/// disabled for the guest (APIC ids a, b)` with those ids.
+fn require_hidden(out: &bochs::Outcome, ids: &[u32]) -> Result {
+    let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let want = format!("{} CPU(s) that are not vCPUs marked disabled for the guest (APIC ids {})", ids.len(), list.join(", "));
+    match out.serial.lines().find(|l| l.starts_with("[exitscope] ACPI: MADT at ")) {
+        Some(l) if l.ends_with(&want) => Ok(()),
+        l => Err(format!("expected '[exitscope] ACPI: MADT at ...: {want}', got {l:?}\n{}", out.describe())),
+    }
+}
+
+/// `[exitscope] warning: dropped INIT/SIPI to APIC id N: not a vCPU`,
+/// exactly once for each of `ids` and for no other id.
+fn require_dropped(out: &bochs::Outcome, ids: &[u32]) -> Result {
+    let lines: Vec<&str> = out.serial.lines().filter(|l| l.contains("dropped INIT/SIPI to APIC id ")).collect();
+    let want: Vec<String> = ids.iter().map(|i| format!("[exitscope] warning: dropped INIT/SIPI to APIC id {i}: not a vCPU")).collect();
+    if lines.len() != want.len() || want.iter().any(|w| !lines.contains(&w.as_str())) {
+        return Err(format!("expected the lines {want:?}, got {lines:?}\n{}", out.describe()));
+    }
+    Ok(())
+}
+
+/// Linux on `cpus` vCPUs of a `machine`-CPU box: it brings up exactly
+/// `cpus` CPUs (the others are disabled in its MADT), userspace sees that
+/// many, and the dump lists only those vCPUs. The init script's plain
+/// mode (`exitstat`, `exitstat --all`, power-off) keeps the Bochs run
+/// short; `linux` and `linux-smp` cover the statistics features.
+fn linux_fewer_vcpus(ctx: &Ctx, name: &str, machine: u32, cpus: u32) -> Result {
+    let (kernel, initrd) = ctx.linux()?;
+    let hv_args = format!("cpus={cpus}");
+    let spec = IsoSpec {
+        hypervisor: &ctx.art.hypervisor,
+        hv_args: &hv_args,
+        guest: Some(&kernel),
+        guest_args: crate::linux::APPEND,
+        modules: std::slice::from_ref(&initrd),
+    };
+    let out = bochs_run(name, &spec, machine, 900)?;
+    require(&out, "INIT: userspace reached (mode run)")?;
+    let online = format!("INIT: cpus online: {cpus}");
+    if !out.serial.lines().any(|l| l.trim_end() == online) {
+        return Err(format!("no '{online}' line on serial\n{}", out.describe()));
+    }
+    require(&out, "INIT: exitstat --all:")?;
+    let (d, title) = final_dump(&out)?;
+    if !title.contains("ACPI S5") {
+        return Err(format!("the guest did not end by powering off: '{title}'"));
+    }
+    if d.nvcpus != cpus as usize {
+        return Err(format!("the dump lists {} vCPUs, expected {cpus}", d.nvcpus));
+    }
+    let want = format!("smp: Brought up 1 node, {cpus} CPU{}", if cpus == 1 { "" } else { "s" });
+    let brought: Vec<&str> = out.serial.lines().filter(|l| l.contains("smp: Brought up ")).collect();
+    if brought.len() != 1 || !brought[0].trim_end().ends_with(&want) {
+        return Err(format!("expected one '{want}' line from the kernel, got {brought:?}"));
+    }
+    let hidden: Vec<u32> = (cpus..machine).collect();
+    require_hidden(&out, &hidden)?;
+    if d.vcpus[..cpus as usize].iter().any(|&(e, _)| e == 0) {
+        return Err(format!("a vCPU took no exits: {:?}", &d.vcpus[..cpus as usize]));
+    }
+    Ok(())
+}
+
+fn linux_cpus1_of_2(ctx: &Ctx) -> Result {
+    linux_fewer_vcpus(ctx, "linux-cpus1-of-2", 2, 1)
+}
+
+fn linux_cpus2_of_4(ctx: &Ctx) -> Result {
+    linux_fewer_vcpus(ctx, "linux-cpus2-of-4", 4, 2)
+}
+
+/// The probe on a `machine`-CPU box with hypervisor options `hv_args`.
+fn probe_on(ctx: &Ctx, name: &str, machine: u32, hv_args: &str, args: &str) -> Result<bochs::Outcome> {
+    let guest = ctx.art.guest("probe");
+    let spec = IsoSpec { hv_args, guest_args: args, ..probe_spec(ctx, &guest) };
+    bochs_run(name, &spec, machine, 180)
+}
+
+/// Two CPUs, `cpus=1`: the probe's broadcast INIT and SIPI must not start
+/// the second CPU (outside VMX); they are dropped, and its wait times out
+/// with no AP even reaching the trampoline.
+fn probe_cpus1_of_2(ctx: &Ctx) -> Result {
+    let out = probe_on(ctx, "probe-cpus1-of-2-sipi-dropped", 2, "cpus=1", "smp=2 ap_iters=100")?;
+    require(&out, "PROBE FAIL: smp: timeout: 0 of 1 APs checked in (0 reached the trampoline)")?;
+    require_dropped(&out, &[1])?;
+    require_hidden(&out, &[1])?;
+    let (d, _) = final_dump(&out)?;
+    if d.nvcpus != 1 {
+        return Err(format!("the dump lists {} vCPUs, expected 1", d.nvcpus));
+    }
+    Ok(())
+}
+
+/// Four CPUs, `cpus=2`: the probe's broadcast INIT/SIPI starts the one
+/// other vCPU, reaches neither of the other two CPUs (each reported once),
+/// and the dump lists two vCPUs.
+fn probe_cpus2_of_4_broadcast(ctx: &Ctx) -> Result {
+    let k = 10_000;
+    let out = probe_on(ctx, "probe-cpus2-of-4-broadcast", 4, "cpus=2", &format!("smp=2 ap_iters={k} smp_start=broadcast"))?;
+    let d = check_probe(&out)?;
+    if d.nvcpus != 2 || d.vcpus[1].0 < k {
+        return Err(format!("the dump lists {} vCPUs ({:?}), expected 2, the second with at least {k} exits", d.nvcpus, &d.vcpus[..d.nvcpus]));
+    }
+    require_dropped(&out, &[2, 3])?;
+    require_hidden(&out, &[2, 3])
+}
+
+/// Four CPUs, `cpus=2`: the guest's MADT lists the two vCPUs only, so the
+/// probe's Linux-style start (APIC ids from the MADT) finds too few for
+/// `smp=3` and says so.
+fn probe_cpus2_of_4_madt(ctx: &Ctx) -> Result {
+    let out = probe_on(ctx, "probe-cpus2-of-4-madt", 4, "cpus=2", "smp=3 smp_start=linux")?;
+    require(&out, "PROBE FAIL: smp_start=linux: the MADT lists 1 CPU(s) besides the BSP (APIC id 0), smp=3 needs 2")?;
+    require_hidden(&out, &[2, 3])
+}
+
+// ---------------------------------------------------------------------------
 // The bootloader disk images (UEFI, BIOS) and the hybrid ISO on UEFI
 
 /// The probe as the guest of a boot bundle.
@@ -657,7 +785,26 @@ fn uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
     crate::uefi::make_images(tools, &spec, &work, &crate::uefi::Images { uefi: Some(&img), bios: None })?;
     let mut args = crate::uefi::qemu_ovmf_args(&work)?;
     args.extend(["-drive".into(), format!("format=raw,file={}", img.display())]);
-    qemu_expect_no_vmx("UEFI disk image", &work.join("serial.log"), &args, "uefi", &["command line 'log=info'", "[exitscope] ACPI: RSDP"])
+    qemu_expect_no_vmx("UEFI disk image", &work.join("serial.log"), &args, "uefi", &["command line 'log=info'", "[exitscope] ACPI: RSDP"])?;
+    require_rsdp(&work.join("serial.log"), "from the boot loader")
+}
+
+/// The boot log's ACPI line names a source starting with `source` and a
+/// non-zero RSDP, and the guest is given that same address:
+/// `[exitscope] ACPI: RSDP 0xA (source), guest RSDP 0xA, ...`.
+fn require_rsdp(log: &std::path::Path, source: &str) -> Result {
+    let serial = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let line = serial.lines().find(|l| l.starts_with("[exitscope] ACPI: RSDP ")).ok_or_else(|| format!("no ACPI line in {}", log.display()))?;
+    let addr = hex_after(line, "ACPI: RSDP ").unwrap_or(0);
+    let guest = hex_after(line, "guest RSDP ").unwrap_or(0);
+    let (want_src, want_guest) = (format!("ACPI: RSDP {addr:#x} ({source}"), format!("), guest RSDP {addr:#x},"));
+    if addr == 0 || guest != addr || !line.contains(&want_src) || !line.contains(&want_guest) {
+        return Err(format!(
+            "{}: expected a non-zero RSDP from the {source}..., given to the guest ('{want_src}...{want_guest}'), got '{line}'",
+            log.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The hybrid GRUB ISO, booted by GRUB EFI and multiboot2 in QEMU with
@@ -670,9 +817,15 @@ fn iso_uefi_qemu_no_vmx(ctx: &Ctx) -> Result {
     let mut args = crate::uefi::qemu_ovmf_args(&work)?;
     args.extend(["-cdrom".into(), iso.display().to_string()]);
     qemu_expect_no_vmx("ISO as a CD-ROM under UEFI", &work.join("serial-cdrom.log"), &args, "multiboot2", &[])?;
+    // GRUB EFI hands over the EFI system table (tag 12): the RSDP comes
+    // from its configuration table (OVMF lists an ACPI 1.0 and a 2.0 RSDP;
+    // the 2.0 one wins), not from the BIOS areas OVMF leaves empty.
+    let efi = "EFI system table, ACPI 2.0 entry";
+    require_rsdp(&work.join("serial-cdrom.log"), efi)?;
     let mut args = crate::uefi::qemu_ovmf_args(&work)?;
     args.extend(usb_stick(&iso));
-    qemu_expect_no_vmx("ISO on a USB stick under UEFI", &work.join("serial-usb.log"), &args, "multiboot2", &[])
+    qemu_expect_no_vmx("ISO on a USB stick under UEFI", &work.join("serial-usb.log"), &args, "multiboot2", &[])?;
+    require_rsdp(&work.join("serial-usb.log"), efi)
 }
 
 /// The hybrid GRUB ISO written to a USB stick, on a legacy BIOS (its MBR

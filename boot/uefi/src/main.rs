@@ -244,6 +244,8 @@ fn boot_info(info: &bootloader_api::BootInfo, offset: u64) -> Result<BootInfo, S
         modules: Vec::new(),
         cmdline: String::new(),
         rsdp,
+        // The bootloader hands over the RSDP itself, not the system table.
+        efi_system_table: None,
         preserve,
     };
     let (Optional::Some(va), len) = (info.ramdisk_addr, info.ramdisk_len) else {

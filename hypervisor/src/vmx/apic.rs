@@ -5,11 +5,13 @@
 //! is already in the state INIT would put it in; delivering the INIT
 //! anyway would leave it pending (INIT is blocked in the wait-for-SIPI
 //! state), to strike right after the SIPI, and Bochs 2.7 never retires an
-//! INIT that caused a VM exit. So with more than one vCPU, the local APIC
+//! INIT that caused a VM exit. And INIT/SIPI to a CPU that is not a vCPU
+//! (one left out with `cpus=`) would start it outside VMX. So whenever the
+//! machine has more than one CPU (even with one vCPU), the local APIC
 //! page is mapped read-only in EPT: each APIC write exits (an EPT
-//! violation), is decoded and replayed on the real APIC, and INITs are
-//! handled here. In x2APIC mode the ICR is an MSR (0x830) and its writes
-//! are intercepted through the MSR bitmap instead.
+//! violation), is decoded and replayed on the real APIC, and INITs and
+//! SIPIs are handled here. In x2APIC mode the ICR is an MSR (0x830) and
+//! its writes are intercepted through the MSR bitmap instead.
 
 use super::vcpu::VcpuState;
 use crate::decode::{self, Operand};
@@ -93,7 +95,9 @@ pub fn x2apic_icr(v: &VcpuState, value: u64) -> bool {
 ///   on a CPU without the wait-for-SIPI activity state, posted in the
 ///   mailbox of the vCPU waiting in root mode.
 /// - Both: never to a CPU that is not a vCPU (one left out with `cpus=`),
-///   so the guest cannot start a CPU outside VMX.
+///   so the guest cannot start a CPU outside VMX: dropped, and reported
+///   once per target (broadcasts reach the MADT's CPUs); with a logical
+///   destination, dropped whenever such a CPU exists.
 fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     const INIT: u32 = 5;
     const STARTUP: u32 = 6;
@@ -111,7 +115,15 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     let me = v.id;
     let shorthand = (low >> 18) & 3;
     if shorthand == 0 && low & (1 << 11) != 0 {
-        return false; // logical destinations: sent as written (not emulated)
+        // Logical destinations: sent as written (not emulated), unless a
+        // CPU that is not a vCPU could be among them.
+        if shared().acpi.cpus.iter().all(|&id| is_vcpu(id, n)) {
+            return false;
+        }
+        if !LOGICAL_DROPPED.swap(true, SeqCst) {
+            log::warn!("dropped INIT/SIPI with a logical destination ({dest:#x}): it could reach CPUs that are not vCPUs");
+        }
+        return true;
     }
     let broadcast = if x2apic { 0xFFFF_FFFF } else { 0xFF };
     let lapic = crate::smp::LocalApic::current();
@@ -151,8 +163,38 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
             (_, false) => {} // a running CPU ignores SIPIs
         }
     }
+    // The CPUs it was meant for that are not vCPUs (left out with `cpus=`,
+    // or that did not start) get nothing, so the guest cannot start a CPU
+    // outside VMX: a unicast to one, or the broadcast forms reaching them.
     if !hit_any && shorthand == 0 && dest != broadcast {
-        log::warn!("vCPU {me}: {} IPI to APIC id {dest}, which is not a vCPU; dropped", if kind == INIT { "INIT" } else { "start-up" });
+        note_dropped(dest);
+    } else if shorthand != 1 && (shorthand != 0 || dest == broadcast) {
+        for &id in shared().acpi.cpus.iter().filter(|&&id| !is_vcpu(id, n)) {
+            note_dropped(id);
+        }
     }
     true
+}
+
+/// Whether `apic_id` is one of the first `n` vCPUs.
+fn is_vcpu(apic_id: u32, n: usize) -> bool {
+    APIC_IDS.iter().take(n).any(|a| a.load(SeqCst) == apic_id)
+}
+
+/// Whether a logical-destination INIT/SIPI was reported as dropped.
+static LOGICAL_DROPPED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// APIC ids (below 4096) already reported by [`note_dropped`].
+static DROPPED: [core::sync::atomic::AtomicU64; 64] = [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+
+/// Reports an INIT or SIPI dropped because its target is not a vCPU, once
+/// per target.
+fn note_dropped(apic_id: u32) {
+    let first = match DROPPED.get(apic_id as usize / 64) {
+        Some(w) => w.fetch_or(1 << (apic_id % 64), SeqCst) & (1 << (apic_id % 64)) == 0,
+        None => true,
+    };
+    if first {
+        log::warn!("dropped INIT/SIPI to APIC id {apic_id}: not a vCPU");
+    }
 }
