@@ -128,6 +128,8 @@ pub fn run(bi: BootInfo) -> ! {
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
     let acpi = acpi::parse(&guest::IdentityMem, bi.rsdp.as_ref());
     BOOT_ACPI.call_once(|| acpi.clone());
+    // The console UART is known now: `serial=`, the SPCR's, or COM1.
+    serial::configure(opts.serial, acpi.spcr, bi.protocol.starts_with("multiboot"));
     if acpi.tables.is_empty() {
         hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
     } else {

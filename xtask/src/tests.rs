@@ -76,6 +76,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "vmx-unlocked-by-firmware", run: vmx_unlocked_by_firmware },
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
+    Test { name: "console-com2", run: console_com2 },
     Test { name: "hv-panic", run: hv_panic },
     Test { name: "hv-exception-smp2", run: hv_exception_smp2 },
     Test { name: "probe-kvm-like", run: probe_kvm_like },
@@ -1071,6 +1072,56 @@ fn guest_poweroff(ctx: &Ctx) -> Result {
         return Err(format!("final dump title '{title}'"));
     }
     require(&out, "[exitscope] powering off")
+}
+
+/// Boots `guest` (with `guest_args`) under `hv_args` on `machine`.
+fn machine_run(ctx: &Ctx, name: &str, guest: &str, hv_args: &str, guest_args: &str, machine: bochs::Machine, timeout: u64) -> Result<bochs::Outcome> {
+    let guest = ctx.art.guest(guest);
+    let spec = IsoSpec { hv_args, guest_args, ..probe_spec(ctx, &guest) };
+    let work = util::out_dir().join("runs").join(name);
+    let iso = work.join("exitscope.iso");
+    image::grub_iso(&spec, &work, &iso)?;
+    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None };
+    bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
+}
+
+/// The console on COM2 (`serial=0x2f8`), as on a board whose console
+/// header is the second UART: the whole hypervisor log, from the banner
+/// written before the command line was read to the final dump, is on COM2,
+/// and nothing of it on COM1, which the guest (the probe) keeps using.
+fn console_com2(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { com2: true, ..Default::default() };
+    let out = machine_run(ctx, "console-com2", "probe", "serial=0x2f8", "", machine, 180)?;
+    let (com1, com2) = (&out.serial, &out.serial2);
+    let both = || format!("{}\nCOM2 (serial2.log):\n{com2}", out.describe());
+    if com1.contains("[exitscope]") {
+        return Err(format!("hypervisor lines on COM1\n{}", both()));
+    }
+    if com2.contains("PROBE ") {
+        return Err(format!("guest lines on COM2\n{}", both()));
+    }
+    for m in [
+        "[exitscope] Exitscope ",
+        "[exitscope] booted by multiboot2 (GRUB",
+        "command line 'serial=0x2f8'",
+        "[exitscope] serial console: I/O port 0x2f8 (serial=)",
+        "[exitscope] entering the guest",
+        "[exitscope] powering off",
+    ] {
+        if !com2.contains(m) {
+            return Err(format!("no '{m}' on COM2\n{}", both()));
+        }
+    }
+    if com2.matches("[exitscope] Exitscope ").count() != 1 {
+        return Err(format!("the banner is not on COM2 exactly once\n{}", both()));
+    }
+    // The probe's checks, with its lines from COM1 and the dump from COM2.
+    let merged = bochs::Outcome { serial: format!("{com1}\n{com2}"), serial2: String::new(), timed_out: out.timed_out, exit_code: out.exit_code, wall: out.wall, dir: out.dir.clone() };
+    check_probe(&merged)?;
+    if dump::parse_last(com1).is_ok() {
+        return Err(format!("a final dump on COM1\n{}", both()));
+    }
+    dump::parse_last(com2).map(|_| ()).map_err(|e| format!("no final dump on COM2: {e}\n{}", both()))
 }
 
 #[cfg(test)]
