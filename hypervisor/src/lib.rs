@@ -223,6 +223,10 @@ pub fn run(bi: BootInfo) -> ! {
             Some((acpi::AcpiReg::Io(p), v)) if p != 0xCF9 => Some((p, v)),
             _ => None,
         },
+        sleep: match acpi.sleep_control {
+            Some(acpi::AcpiReg::Io(p)) => Some(p),
+            _ => None,
+        },
     };
     let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
         Ok(x) => x,
@@ -257,7 +261,9 @@ pub fn run(bi: BootInfo) -> ! {
         trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
-    let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    let mut watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    // Power-management registers in memory space (see vmx/pmwatch.rs).
+    watched.extend(vmx::pmwatch::init(&acpi, opts.test_mmio_pm));
     let ept_ranges = ept::guest_ranges(&guest_map, &[footprint], &watched);
     let efer_allowed = {
         let ext = cpu::cpuid(0x8000_0000, 0)[0];

@@ -77,6 +77,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
     Test { name: "console-com2", run: console_com2 },
+    Test { name: "guest-poweroff-mmio-pm1", run: guest_poweroff_mmio_pm1 },
+    Test { name: "guest-poweroff-mmio-sleep", run: guest_poweroff_mmio_sleep },
     Test { name: "hv-panic", run: hv_panic },
     Test { name: "hv-exception-smp2", run: hv_exception_smp2 },
     Test { name: "probe-kvm-like", run: probe_kvm_like },
@@ -1122,6 +1124,39 @@ fn console_com2(ctx: &Ctx) -> Result {
         return Err(format!("a final dump on COM1\n{}", both()));
     }
     dump::parse_last(com2).map(|_| ()).map_err(|e| format!("no final dump on COM2: {e}\n{}", both()))
+}
+
+/// A guest power-off through a power-management register in memory space,
+/// as on machines whose FADT puts PM1 control in MMIO (X_PM1a_CNT_BLK) or
+/// that are HW-reduced (the sleep control register). Bochs's PM1 block is in
+/// I/O space, so `test_mmio_pm=` makes Exitscope watch an unused MMIO page
+/// (0xFEB00000) as that register, and the fuzz guest powers off through it
+/// with S5's SLP_TYP (0 in Bochs's DSDT). The two ordinary writes before
+/// must be carried out, and all three must have exited (EPT violations).
+fn guest_poweroff_mmio(ctx: &Ctx, name: &str, reg: &str, what: &str, how: &str) -> Result {
+    let addr = 0xFEB0_0000u64;
+    let hv = format!("test_mmio_pm={reg}:{addr:#x}");
+    let out = fuzz_run_with(ctx, name, &hv, &format!("mode=mmio-pm reg={reg} addr={addr:#x} slp_typ=0"), 1, Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, &format!("[exitscope] ACPI: watching the {what} at MMIO {addr:#x} (test_mmio_pm=) for the guest's power-off"))?;
+    require(&out, "FUZZ mmio-pm: ordinary writes carried out")?;
+    require(&out, &format!("[exitscope] guest ended on vCPU 0: guest powered off: ACPI S5 (soft off) through the {how}"))?;
+    let (d, title) = final_dump(&out)?;
+    if !title.contains("guest powered off") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    if d.snap.exits[48] != 3 {
+        return Err(format!("{} EPT-violation exits, expected 3 (two ordinary writes and the S5 request)\n{}", d.snap.exits[48], out.describe()));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+fn guest_poweroff_mmio_pm1(ctx: &Ctx) -> Result {
+    guest_poweroff_mmio(ctx, "guest-poweroff-mmio-pm1", "pm1", "PM1 control register", "MMIO PM1 control register")
+}
+
+fn guest_poweroff_mmio_sleep(ctx: &Ctx) -> Result {
+    guest_poweroff_mmio(ctx, "guest-poweroff-mmio-sleep", "sleep", "sleep control register", "HW-reduced sleep control register")
 }
 
 #[cfg(test)]
