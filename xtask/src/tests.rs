@@ -77,6 +77,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
     Test { name: "console-com2", run: console_com2 },
+    Test { name: "console-missing", run: console_missing },
+    Test { name: "console-none-qemu-screen", run: console_none_qemu_screen },
     Test { name: "guest-poweroff-mmio-pm1", run: guest_poweroff_mmio_pm1 },
     Test { name: "guest-poweroff-mmio-sleep", run: guest_poweroff_mmio_sleep },
     Test { name: "hv-panic", run: hv_panic },
@@ -1124,6 +1126,46 @@ fn console_com2(ctx: &Ctx) -> Result {
         return Err(format!("a final dump on COM1\n{}", both()));
     }
     dump::parse_last(com2).map(|_| ()).map_err(|e| format!("no final dump on COM2: {e}\n{}", both()))
+}
+
+/// The console UART named by `serial=` is missing (the machine has no COM2,
+/// as a board without the header the user guessed): Exitscope finds that no
+/// UART answers there, does not fall back to a port the user did not name,
+/// and carries on silently: the probe (on COM1) passes, and the machine
+/// powers off by itself after the guest (no hang waiting on a dead UART).
+fn console_missing(ctx: &Ctx) -> Result {
+    let out = machine_run(ctx, "console-missing", "probe", "serial=0x2f8", "", Default::default(), 180)?;
+    require(&out, "PROBE PASS")?;
+    if out.serial.contains("[exitscope]") {
+        return Err(format!("hypervisor lines on COM1, which serial= did not name\n{}", out.describe()));
+    }
+    if out.timed_out {
+        return Err(format!("the run did not end by itself after the guest\n{}", out.describe()));
+    }
+    Ok(())
+}
+
+/// No serial port at all (QEMU with `-serial none`, BIOS and VGA text mode,
+/// as a box without a UART and a monitor attached): Exitscope says on the
+/// screen, in its first rows, that no serial port answered and how to name
+/// one, then carries on (here to `FATAL: VMX not available`, which no one
+/// can read) and powers the machine off by itself.
+fn console_none_qemu_screen(ctx: &Ctx) -> Result {
+    let module = format!("{} ", ctx.art.guest("probe").display());
+    let (rows, timed_out) =
+        crate::qemu::run_kernel_screen(&ctx.art.hypervisor, "", &module, &["-cpu", "max"], Duration::from_secs(60))?;
+    let screen = rows.join("\n");
+    if timed_out {
+        return Err(format!("QEMU did not power off within 60s; screen:\n{screen}"));
+    }
+    let want = [
+        format!("Exitscope {}: no serial port answered (tried I/O port 0x3f8).", env!("CARGO_PKG_VERSION")),
+        "The boot log and the final statistics cannot be shown; Exitscope carries on".to_string(),
+    ];
+    if rows.len() < 4 || rows[0] != want[0] || rows[1] != want[1] || !rows[3].starts_with("serial=0x2f8 (an I/O port)") {
+        return Err(format!("the screen does not start with the no-UART message; screen:\n{screen}"));
+    }
+    Ok(())
 }
 
 /// A guest power-off through a power-management register in memory space,
