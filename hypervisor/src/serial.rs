@@ -263,7 +263,7 @@ impl Console {
                 emit(Uart(p), &self.early[..self.early_len]);
                 let lost = self.early_lost;
                 if lost > 0 {
-                    let _ = write!(self, "{PREFIX}({lost} bytes of the early boot log were lost)\n");
+                    let _ = writeln!(self, "{PREFIX}({lost} bytes of the early boot log were lost)");
                 }
             }
             None => {
