@@ -81,6 +81,22 @@ pub struct Acpi {
     pub lapic_base: Option<u64>,
     /// Tables found (signatures), for the boot log.
     pub tables: Vec<[u8; 4]>,
+    /// FADT flag HW_REDUCED_ACPI (bit 20): no PM1 registers; sleep goes
+    /// through the sleep control register.
+    pub hw_reduced: bool,
+    /// FADT SLEEP_CONTROL_REG and SLEEP_STATUS_REG (offsets 244 and 256).
+    pub sleep_control: Option<AcpiReg>,
+    pub sleep_status: Option<AcpiReg>,
+    /// The console the SPCR table names, if it is a 16550-compatible UART.
+    pub spcr: Option<Spcr>,
+}
+
+/// The serial console named by the SPCR table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spcr {
+    pub port: crate::serial::UartPort,
+    /// Baud rate the firmware configured (None: "as is").
+    pub baud: Option<u32>,
 }
 
 /// PM1 control register: SLP_EN, SLP_TYP and SCI_EN.
@@ -88,6 +104,12 @@ pub const SLP_EN: u16 = 1 << 13;
 pub const SCI_EN: u16 = 1;
 pub fn slp_typ(pm1_cnt: u16) -> u8 {
     ((pm1_cnt >> 10) & 7) as u8
+}
+
+/// HW-reduced ACPI sleep control register (8 bits): SLP_EN and SLP_TYPx.
+pub const SLEEP_SLP_EN: u8 = 1 << 5;
+pub fn sleep_slp_typ(ctl: u8) -> u8 {
+    (ctl >> 2) & 7
 }
 
 fn checksum_ok(b: &[u8]) -> bool {
@@ -348,6 +370,7 @@ pub fn parse(mem: &impl PhysMem, bi: &BootInfo) -> Acpi {
         match &t.sig {
             b"FACP" => parse_fadt(mem, &t, &mut acpi),
             b"APIC" => parse_madt(&t, &mut acpi),
+            b"SPCR" => acpi.spcr = parse_spcr(t.data),
             _ => {}
         }
     }
@@ -369,12 +392,51 @@ fn parse_fadt(mem: &impl PhysMem, t: &Table, acpi: &mut Acpi) {
             acpi.reset_reg = Some((r, v));
         }
     }
+    parse_fadt_sleep(d, acpi);
     let dsdt = le64(d, 140).filter(|&x| x != 0 && d.len() >= 148).unwrap_or(le32(d, 40).unwrap_or(0) as u64);
     if let Some(dsdt) = table_at(mem, dsdt) {
         acpi.tables.push(dsdt.sig);
         acpi.s5 = find_s5(dsdt.data);
     }
     let _ = t.addr;
+}
+
+/// The FADT's HW-reduced flag and its sleep control/status registers.
+fn parse_fadt_sleep(d: &[u8], acpi: &mut Acpi) {
+    acpi.hw_reduced = le32(d, 112).unwrap_or(0) & (1 << 20) != 0;
+    if d.len() >= 268 {
+        acpi.sleep_control = gas(d, 244);
+        acpi.sleep_status = gas(d, 256);
+    }
+}
+
+/// The SPCR table (`d`: the whole table): its console, if it is a
+/// 16550-compatible UART (interface types 0, 1 and 0x12) in I/O or memory
+/// space. A 32-bit access size (or, with the size unspecified, a 32-bit
+/// register width) means 32-bit registers 4 bytes apart, else bytes.
+pub fn parse_spcr(d: &[u8]) -> Option<Spcr> {
+    use crate::serial::UartPort;
+    let ty = *d.get(36)?;
+    if !matches!(ty, 0 | 1 | 0x12) {
+        log::info!("ACPI SPCR: interface type {ty:#x} is not a 16550-compatible UART; ignored");
+        return None;
+    }
+    let (space, width, access) = (*d.get(40)?, *d.get(41)?, *d.get(43)?);
+    let addr = le64(d, 44)?;
+    let port = match (space, addr) {
+        (_, 0) => return None,
+        (1, a) if a <= 0xFFFF => UartPort::Io(a as u16),
+        (0, a) => UartPort::Mmio { base: a, wide: access == 3 || (access == 0 && width == 32) },
+        _ => return None,
+    };
+    let baud = match d.get(58).copied().unwrap_or(0) {
+        3 => Some(9600),
+        4 => Some(19200),
+        6 => Some(57600),
+        7 => Some(115200),
+        _ => None,
+    };
+    Some(Spcr { port, baud })
 }
 
 /// Finds `Name(_S5_, Package() { SLP_TYPa, SLP_TYPb, ... })` in AML.
@@ -714,6 +776,82 @@ mod tests {
         assert_eq!(find_s5(b"\x08_S5_\x12\x06\x02\x01\x0A\x02"), Some((1, 2)));
         assert_eq!(find_s5(b"no sleep here"), None);
         assert_eq!(find_s5(b"_S5_\x10"), None);
+    }
+
+    fn spcr_table(ty: u8, space: u8, width: u8, access: u8, addr: u64, baud: u8) -> Vec<u8> {
+        let mut body = vec![0u8; 80 - 36];
+        body[0] = ty;
+        body[4] = space;
+        body[5] = width;
+        body[7] = access;
+        body[8..16].copy_from_slice(&addr.to_le_bytes());
+        body[58 - 36] = baud;
+        table(b"SPCR", &body)
+    }
+
+    #[test]
+    fn spcr_consoles() {
+        use crate::serial::UartPort;
+        // COM2 in I/O space, 115200.
+        let s = parse_spcr(&spcr_table(0, 1, 8, 1, 0x2F8, 7)).unwrap();
+        assert_eq!(s, Spcr { port: UartPort::Io(0x2F8), baud: Some(115200) });
+        // An Intel LPSS-style UART: MMIO, 32-bit accesses, baud "as is".
+        let s = parse_spcr(&spcr_table(0, 0, 32, 3, 0xFE03_E000, 0)).unwrap();
+        assert_eq!(s, Spcr { port: UartPort::Mmio { base: 0xFE03_E000, wide: true }, baud: None });
+        // Access size unspecified: the register width decides.
+        assert_eq!(parse_spcr(&spcr_table(0x12, 0, 32, 0, 0xFE03_E000, 0)).unwrap().port, UartPort::Mmio { base: 0xFE03_E000, wide: true });
+        assert_eq!(parse_spcr(&spcr_table(1, 0, 8, 1, 0xFE03_E000, 3)).unwrap(), Spcr { port: UartPort::Mmio { base: 0xFE03_E000, wide: false }, baud: Some(9600) });
+        // Not a 16550 (a PL011, type 3), no address, another space, truncated.
+        assert_eq!(parse_spcr(&spcr_table(3, 0, 32, 3, 0x900_0000, 7)), None);
+        assert_eq!(parse_spcr(&spcr_table(0, 1, 8, 1, 0, 7)), None);
+        assert_eq!(parse_spcr(&spcr_table(0, 2, 8, 1, 0x2F8, 7)), None);
+        assert_eq!(parse_spcr(&spcr_table(0, 1, 8, 1, 0x2F8, 7)[..50]), None);
+        // Found through the RSDT.
+        let mut m = world();
+        m.put(0x74000, &spcr_table(0, 1, 8, 1, 0x2F8, 7));
+        let mut rsdt_body = Vec::new();
+        for t in [0x71000u32, 0x72000, 0x74000] {
+            rsdt_body.extend_from_slice(&t.to_le_bytes());
+        }
+        m.put(0x73000, &table(b"RSDT", &rsdt_body));
+        assert_eq!(parse(&m, None).spcr.map(|s| s.port), Some(UartPort::Io(0x2F8)));
+        assert_eq!(parse(&world(), None).spcr, None);
+    }
+
+    /// A HW-reduced FADT: no PM1 blocks, flag bit 20, sleep control and
+    /// status registers in memory space.
+    #[test]
+    fn fadt_sleep_registers() {
+        let mut m = world();
+        let a = parse(&m, None);
+        assert!(!a.hw_reduced);
+        assert_eq!((a.sleep_control, a.sleep_status), (None, None));
+        let mut body = vec![0u8; 276 - 36];
+        body[40 - 36..44 - 36].copy_from_slice(&0x70000u32.to_le_bytes());
+        body[112 - 36..116 - 36].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        for (o, addr) in [(244usize, 0xFED8_0404u64), (256, 0xFED8_0400)] {
+            body[o - 36] = 0; // system memory
+            body[o - 36 + 1] = 8;
+            body[o - 36 + 3] = 1;
+            body[o - 36 + 4..o - 36 + 12].copy_from_slice(&addr.to_le_bytes());
+        }
+        m.put(0x71000, &table(b"FACP", &body));
+        let a = parse(&m, None);
+        assert!(a.hw_reduced);
+        assert_eq!(a.pm1a_cnt, None);
+        assert_eq!(a.sleep_control, Some(AcpiReg::Memory(0xFED8_0404)));
+        assert_eq!(a.sleep_status, Some(AcpiReg::Memory(0xFED8_0400)));
+        assert_eq!(a.s5, Some((5, 5)));
+        // MMIO PM1 blocks (X_PM1a_CNT_BLK in system memory).
+        let mut body = vec![0u8; 244 - 36];
+        body[40 - 36..44 - 36].copy_from_slice(&0x70000u32.to_le_bytes());
+        body[172 - 36] = 0;
+        body[172 - 36 + 1] = 16;
+        body[176 - 36..184 - 36].copy_from_slice(&0xFED0_1004u64.to_le_bytes());
+        m.put(0x71000, &table(b"FACP", &body));
+        let a = parse(&m, None);
+        assert_eq!(a.pm1a_cnt, Some(AcpiReg::Memory(0xFED0_1004)));
+        assert_eq!(a.sleep_control, None, "too short for the sleep registers");
     }
 
     #[test]

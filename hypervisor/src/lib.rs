@@ -129,6 +129,8 @@ pub fn run(bi: BootInfo) -> ! {
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
     let mut acpi = acpi::parse(&guest::IdentityMem, &bi);
     BOOT_ACPI.call_once(|| acpi.clone());
+    // The console UART is known now: `serial=`, the SPCR's, or COM1.
+    serial::configure(opts.serial, acpi.spcr, bi.protocol.starts_with("multiboot"));
     if acpi.tables.is_empty() {
         hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
     } else {
@@ -279,6 +281,10 @@ pub fn run(bi: BootInfo) -> ! {
             Some((acpi::AcpiReg::Io(p), v)) if p != 0xCF9 => Some((p, v)),
             _ => None,
         },
+        sleep: match acpi.sleep_control {
+            Some(acpi::AcpiReg::Io(p)) => Some(p),
+            _ => None,
+        },
     };
     let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
         Ok(x) => x,
@@ -315,7 +321,9 @@ pub fn run(bi: BootInfo) -> ! {
         trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
-    let watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    let mut watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
+    // Power-management registers in memory space (see vmx/pmwatch.rs).
+    watched.extend(vmx::pmwatch::init(&acpi, opts.test_mmio_pm));
     // Everything up to MAXPHYADDR but the footprint: RAM write-back, the
     // rest (64-bit BARs above RAM included) uncacheable.
     let ept_ranges = ept::guest_ranges(&guest_map, phys_top, &[footprint], &watched);

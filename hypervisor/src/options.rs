@@ -15,7 +15,10 @@
 //! | `pit` | `stopped` | running | TEST ONLY: the 8254 PIT reads as stopped (a frozen count), as on boards that gate it; timing must not depend on it |
 //! | `wait_for_sipi` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 8 (the wait-for-SIPI activity state, missing under KVM before 5.11): APs wait for their SIPI in VMX root operation |
 //! | `hlt_state` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 6 (the HLT activity state): a guest HLT resumes the guest at once |
+//! | `serial` | an I/O port (`0x2f8`, `com1`..`com4`), `mmio:ADDR` (byte registers), `mmio32:ADDR` (32-bit registers 4 bytes apart), or `none` | the ACPI SPCR console, else COM1 | the hypervisor's console UART (16550-compatible); the guest's serial ports are passed through whatever this says |
+//! | `test_mmio_pm` | `pm1:ADDR` or `sleep:ADDR` | none | TEST-ONLY (Bochs has I/O PM1 registers only): watch guest writes to ADDR as if it were an MMIO PM1a control register (`pm1`) or a HW-reduced ACPI sleep control register (`sleep`), on top of the real ones |
 
+use crate::serial::{SerialChoice, UartPort};
 use alloc::string::{String, ToString};
 use core::fmt;
 use exitscope_stats::intercept::{self, Interception};
@@ -57,6 +60,21 @@ pub struct Options {
     /// TEST ONLY (`wait_for_sipi=off`, `hlt_state=off`): IA32_VMX_MISC bits
     /// the hypervisor acts as if the CPU lacked.
     pub vmx_misc_clear: u64,
+    /// The console UART (`serial=`; None: the SPCR's, else COM1).
+    pub serial: Option<SerialChoice>,
+    /// TEST-ONLY: an extra MMIO power-management register to watch
+    /// (`test_mmio_pm=`).
+    pub test_mmio_pm: Option<MmioPmTest>,
+}
+
+/// `test_mmio_pm=`: which kind of register to pretend lies at `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmioPmTest {
+    /// A 16-bit PM1a control register (SLP_TYP bits 12:10, SLP_EN bit 13).
+    Pm1(u64),
+    /// An 8-bit HW-reduced sleep control register (SLP_TYP bits 4:2,
+    /// SLP_EN bit 5).
+    Sleep(u64),
 }
 
 /// IA32_VMX_MISC: the HLT and wait-for-SIPI activity states.
@@ -75,6 +93,8 @@ impl Default for Options {
             no_1g_pages: false,
             pit_stopped: false,
             vmx_misc_clear: 0,
+            serial: None,
+            test_mmio_pm: None,
         }
     }
 }
@@ -89,7 +109,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, pit=, wait_for_sipi=, hlt_state=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, pit=, wait_for_sipi=, hlt_state=, serial=, test_mmio_pm=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -171,6 +191,15 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                 "off" => o.vmx_misc_clear |= VMX_MISC_HLT,
                 _ => return Err(bad("off (a test switch)")),
             },
+            "serial" => o.serial = Some(parse_serial(value).ok_or_else(|| bad("an I/O port (0x2f8, com1..com4), mmio:ADDR, mmio32:ADDR or none"))?),
+            "test_mmio_pm" => {
+                let addr = |v: &str| parse_num(v).filter(|&a| a != 0 && a % 2 == 0 && a < 1 << 52);
+                o.test_mmio_pm = Some(match value.split_once(':') {
+                    Some(("pm1", a)) => MmioPmTest::Pm1(addr(a).ok_or_else(|| bad("pm1:ADDR or sleep:ADDR (ADDR even, non-zero)"))?),
+                    Some(("sleep", a)) => MmioPmTest::Sleep(addr(a).ok_or_else(|| bad("pm1:ADDR or sleep:ADDR (ADDR even, non-zero)"))?),
+                    _ => return Err(bad("pm1:ADDR or sleep:ADDR (ADDR even, non-zero)")),
+                })
+            }
             _ => match icpt.word(key, value) {
                 Ok(true) => {}
                 Ok(false) => return Err(OptionError::Unknown(word.to_string())),
@@ -180,6 +209,32 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
     }
     o.intercept = icpt.finish();
     Ok(o)
+}
+
+/// A number, decimal or `0x` hex.
+fn parse_num(v: &str) -> Option<u64> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// A `serial=` value.
+fn parse_serial(v: &str) -> Option<SerialChoice> {
+    let port = match v {
+        "none" => return Some(SerialChoice::Off),
+        "com1" => UartPort::Io(0x3F8),
+        "com2" => UartPort::Io(0x2F8),
+        "com3" => UartPort::Io(0x3E8),
+        "com4" => UartPort::Io(0x2E8),
+        _ => match v.split_once(':') {
+            Some(("mmio", a)) => UartPort::Mmio { base: parse_num(a).filter(|&a| a != 0 && a < 1 << 52)?, wide: false },
+            Some(("mmio32", a)) => UartPort::Mmio { base: parse_num(a).filter(|&a| a != 0 && a % 4 == 0 && a < 1 << 52)?, wide: true },
+            Some(_) => return None,
+            None => UartPort::Io(parse_num(v).filter(|&p| p != 0 && p <= 0xFFF8)? as u16),
+        },
+    };
+    Some(SerialChoice::Port(port))
 }
 
 #[cfg(test)]
@@ -209,6 +264,34 @@ mod tests {
         assert_eq!(parse("wait_for_sipi=off hlt_state=off").unwrap().vmx_misc_clear, VMX_MISC_WAIT_FOR_SIPI | VMX_MISC_HLT);
         assert!(parse("wait_for_sipi=on").is_err());
         assert!(parse("hlt_state=").is_err());
+    }
+
+    #[test]
+    fn serial_option() {
+        let port = |v: &str| parse(&format!("serial={v}")).map(|o| o.serial);
+        assert_eq!(parse("").unwrap().serial, None);
+        assert_eq!(port("0x2f8"), Ok(Some(SerialChoice::Port(UartPort::Io(0x2F8)))));
+        assert_eq!(port("760"), Ok(Some(SerialChoice::Port(UartPort::Io(0x2F8)))));
+        assert_eq!(port("com1"), Ok(Some(SerialChoice::Port(UartPort::Io(0x3F8)))));
+        assert_eq!(port("com4"), Ok(Some(SerialChoice::Port(UartPort::Io(0x2E8)))));
+        assert_eq!(port("mmio:0xfe03e000"), Ok(Some(SerialChoice::Port(UartPort::Mmio { base: 0xFE03_E000, wide: false }))));
+        assert_eq!(port("mmio32:0xFE03E000"), Ok(Some(SerialChoice::Port(UartPort::Mmio { base: 0xFE03_E000, wide: true }))));
+        assert_eq!(port("none"), Ok(Some(SerialChoice::Off)));
+        for bad in ["0", "0x10000", "0xfffc", "com5", "mmio:", "mmio:0", "mmio32:0xfe03e002", "pio:0x3f8", "fast", "0xzz"] {
+            let e = port(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("bad value '{bad}' for option 'serial'")) && e.contains("mmio32:ADDR"), "{e}");
+        }
+    }
+
+    #[test]
+    fn test_mmio_pm_option() {
+        assert_eq!(parse("").unwrap().test_mmio_pm, None);
+        assert_eq!(parse("test_mmio_pm=pm1:0xfeb00000").unwrap().test_mmio_pm, Some(MmioPmTest::Pm1(0xFEB0_0000)));
+        assert_eq!(parse("test_mmio_pm=sleep:0xfeb00010").unwrap().test_mmio_pm, Some(MmioPmTest::Sleep(0xFEB0_0010)));
+        for bad in ["pm1", "pm1:0", "pm1:0xfeb00001", "pm2:0xfeb00000", "sleep:x"] {
+            let e = parse(&format!("test_mmio_pm={bad}")).unwrap_err().to_string();
+            assert!(e.contains("pm1:ADDR or sleep:ADDR"), "{e}");
+        }
     }
 
     #[test]

@@ -19,8 +19,9 @@ fn write_reg(r: AcpiReg, v: u16) {
     match r {
         // SAFETY: ports named by the firmware's FADT for this purpose.
         AcpiReg::Io(p) => unsafe { outw(p, v) },
-        // SAFETY: an MMIO register named by the FADT, identity-mapped.
-        AcpiReg::Memory(a) => unsafe { core::ptr::write_volatile(a as *mut u16, v) },
+        // SAFETY: an MMIO register named by the FADT, mapped by the host
+        // page tables (all physical memory below 4 GiB at least).
+        AcpiReg::Memory(a) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(a), v) },
     }
 }
 
@@ -29,16 +30,33 @@ fn read_reg(r: AcpiReg) -> u16 {
         // SAFETY: as above.
         AcpiReg::Io(p) => unsafe { inw(p) },
         // SAFETY: as above.
-        AcpiReg::Memory(a) => unsafe { core::ptr::read_volatile(a as *const u16) },
+        AcpiReg::Memory(a) => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(a)) },
     }
+}
+
+/// Writes an 8-bit register (the HW-reduced sleep control register).
+fn write_reg8(r: AcpiReg, v: u8) {
+    match r {
+        // SAFETY: a port named by the FADT for this purpose.
+        AcpiReg::Io(p) => unsafe { outb(p, v) },
+        // SAFETY: an MMIO register named by the FADT, mapped as above.
+        AcpiReg::Memory(a) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(a), v) },
+    }
+}
+
+/// What to write to the HW-reduced sleep control register to enter S5:
+/// SLP_TYP (bits 4:2) of S5 and SLP_EN (bit 5).
+pub fn sleep_control_s5(slp_typ: u8) -> u8 {
+    (slp_typ & 7) << 2 | acpi::SLEEP_SLP_EN
 }
 
 fn spin(us: u64) {
     crate::tsc::udelay(us)
 }
 
-/// Turns the machine off: ACPI S5, then Bochs' and QEMU's shutdown ports,
-/// then halts for good.
+/// Turns the machine off: ACPI S5 (PM1 control in I/O or memory space, or,
+/// on HW-reduced ACPI machines, the sleep control register), then Bochs'
+/// and QEMU's shutdown ports, then halts for good.
 pub fn power_off(a: &Acpi) -> ! {
     say!("powering off");
     crate::serial::drain();
@@ -57,6 +75,10 @@ pub fn power_off(a: &Acpi) -> ! {
         if let Some(pm1b) = a.pm1b_cnt {
             write_reg(pm1b, (typb as u16) << 10 | acpi::SLP_EN);
         }
+        spin(1_000_000);
+    }
+    if let (Some(ctl), Some((typ, _))) = (a.sleep_control, a.s5) {
+        write_reg8(ctl, sleep_control_s5(typ));
         spin(1_000_000);
     }
     // Bochs: the string "Shutdown" on port 0x8900.
@@ -80,7 +102,7 @@ pub fn reset(a: &Acpi) -> ! {
             // SAFETY: the FADT's reset register.
             AcpiReg::Io(p) => unsafe { outb(p, val) },
             // SAFETY: as above, MMIO.
-            AcpiReg::Memory(m) => unsafe { core::ptr::write_volatile(m as *mut u8, val) },
+            AcpiReg::Memory(m) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(m), val) },
         }
         spin(200_000);
     }
@@ -109,5 +131,15 @@ pub fn finish(action: EndAction, a: &Acpi) -> ! {
             crate::serial::drain();
             cpu::halt_forever()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sleep_control_value() {
+        assert_eq!(super::sleep_control_s5(5), 0x34);
+        assert_eq!(super::sleep_control_s5(7), 0x3C);
+        assert_eq!(super::sleep_control_s5(0), 0x20);
     }
 }

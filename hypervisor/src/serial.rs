@@ -1,55 +1,379 @@
-//! COM1 console: the `log` backend and the `hvprintln!` macro.
+//! The serial console: the `log` backend and the `hvprintln!` macro.
 //!
 //! Every hypervisor line starts with [`exitscope_stats::dump::PREFIX`], so a
 //! reader can tell it from the guest's console on the same port. Bytes go
-//! out one at a time through `uart_16550` (each waits for the transmitter to
-//! be empty), which stays correct even after the guest reprograms the UART.
+//! out one at a time to a 16550-compatible UART (each waits for the
+//! transmitter to be empty), which stays correct even after the guest
+//! reprograms the UART.
+//!
+//! **Which UART.** The console starts before the command line and the ACPI
+//! tables are read, so early lines go to a small buffer. [`configure`] then
+//! picks the port: `serial=` if given (an I/O port, or an MMIO base with
+//! byte or 32-bit registers), else the one the ACPI SPCR table names, else
+//! COM1; checks that a UART answers there (scratch register and line
+//! status, [`answers`]); and replays the buffer onto it, so the whole boot
+//! log appears on the chosen port and nothing on the others. If no UART
+//! answers, the hypervisor says so on the VGA text screen (BIOS boots) and
+//! carries on silently. A failure before [`configure`] (a bad command line)
+//! configures the default first, so that its message is seen.
+//!
+//! The guest's serial ports are not touched by this choice: it drives its
+//! own UARTs directly.
 
 use core::fmt::{self, Write};
 use exitscope_stats::dump::PREFIX;
 use spin::Mutex;
-use uart_16550::backend::PioBackend;
-use uart_16550::{Config, Uart16550};
 
-const COM1: u16 = 0x3F8;
-
-struct Console {
-    uart: Option<Uart16550<PioBackend>>,
+/// Where a 16550-compatible UART's registers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UartPort {
+    /// I/O ports `base..base+8`.
+    Io(u16),
+    /// Memory-mapped: with `wide`, 32-bit registers 4 bytes apart (Linux's
+    /// `mmio32`), else byte registers 1 byte apart (`mmio`).
+    Mmio { base: u64, wide: bool },
 }
 
-static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: None });
+impl fmt::Display for UartPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UartPort::Io(p) => write!(f, "I/O port {p:#x}"),
+            UartPort::Mmio { base, wide: true } => write!(f, "MMIO {base:#x} (32-bit registers)"),
+            UartPort::Mmio { base, wide: false } => write!(f, "MMIO {base:#x} (byte registers)"),
+        }
+    }
+}
+
+/// COM1, the default console.
+pub const COM1: UartPort = UartPort::Io(0x3F8);
+
+/// What `serial=` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SerialChoice {
+    Port(UartPort),
+    /// `serial=none`: no console at all.
+    Off,
+}
+
+/// The UARTs to try, in order, each with where it came from: the one
+/// `serial=` names (only that one: the user said where the console is), or
+/// the SPCR's console and then COM1.
+pub fn candidates(choice: Option<SerialChoice>, spcr: Option<UartPort>) -> alloc::vec::Vec<(UartPort, &'static str)> {
+    match choice {
+        Some(SerialChoice::Off) => alloc::vec![],
+        Some(SerialChoice::Port(p)) => alloc::vec![(p, "serial=")],
+        None => {
+            let mut v = alloc::vec::Vec::new();
+            if let Some(p) = spcr {
+                v.push((p, "ACPI SPCR"));
+            }
+            if spcr != Some(COM1) {
+                v.push((COM1, "COM1, the default"));
+            }
+            v
+        }
+    }
+}
+
+// 16550 registers (index; MMIO UARTs multiply by their stride).
+const THR: u64 = 0;
+const IER: u64 = 1;
+const FCR: u64 = 2;
+const LCR: u64 = 3;
+const MCR: u64 = 4;
+const LSR: u64 = 5;
+const SCR: u64 = 7;
+const DLL: u64 = 0;
+const DLM: u64 = 1;
+/// LSR: transmit holding register empty, transmitter empty.
+const LSR_THRE: u8 = 1 << 5;
+const LSR_TEMT: u8 = 1 << 6;
+/// Values written to the scratch register while probing.
+const SCRATCH: [u8; 2] = [0x55, 0xAA];
+
+/// Whether a UART answers, from what probing read: `scratch` holds what
+/// the scratch register read back after each value of [`SCRATCH`] was
+/// written, `lsr` the line status register after initialisation.
+///
+/// Nothing decodes a missing I/O port or unclaimed MMIO, so reads give
+/// all-ones (or, on some chipsets, zeros): an LSR of 0xFF or one without
+/// "transmitter holding register empty" (an idle UART has it set) means no
+/// UART. A scratch register that keeps both values proves one. A UART
+/// without a scratch register (8250, some SoC UARTs) is accepted on a sane
+/// LSR: THRE set and the error bits (FIFO error, framing, parity, overrun)
+/// clear.
+pub fn answers(scratch: [u8; 2], lsr: u8) -> bool {
+    if lsr == 0xFF || lsr & LSR_THRE == 0 {
+        return false;
+    }
+    scratch == SCRATCH || lsr & 0x8E == 0
+}
+
+/// One UART's registers.
+#[derive(Clone, Copy)]
+struct Uart(UartPort);
+
+impl Uart {
+    fn read(self, reg: u64) -> u8 {
+        match self.0 {
+            // SAFETY: a UART port the user, the firmware or the PC standard
+            // names as the console; reading its registers has no other effect.
+            UartPort::Io(p) => unsafe { crate::cpu::inb(p.wrapping_add(reg as u16)) },
+            // SAFETY: as above, a UART register in MMIO, mapped by the host
+            // page tables (all physical memory below 4 GiB at least).
+            UartPort::Mmio { base, wide: true } => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4)) as u8 },
+            // SAFETY: as above.
+            UartPort::Mmio { base, wide: false } => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(base + reg)) },
+        }
+    }
+
+    fn write(self, reg: u64, v: u8) {
+        match self.0 {
+            // SAFETY: as for read: the console UART's own register.
+            UartPort::Io(p) => unsafe { crate::cpu::outb(p.wrapping_add(reg as u16), v) },
+            // SAFETY: as above.
+            UartPort::Mmio { base, wide: true } => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4), v as u32) },
+            // SAFETY: as above.
+            UartPort::Mmio { base, wide: false } => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(base + reg), v) },
+        }
+    }
+
+    /// 8N1, FIFOs on, interrupts off; `baud` programs the divisor (for the
+    /// standard 1.8432 MHz clock), None keeps the firmware's. Returns
+    /// whether a UART answers.
+    fn init(self, baud: Option<u32>) -> bool {
+        self.write(IER, 0);
+        if let Some(b) = baud {
+            let div = (115_200 / b.clamp(1, 115_200)) as u16;
+            self.write(LCR, 0x80);
+            self.write(DLL, div as u8);
+            self.write(DLM, (div >> 8) as u8);
+        }
+        self.write(LCR, 0x03);
+        self.write(FCR, 0xC7);
+        self.write(MCR, 0x0B);
+        let mut scratch = [0; 2];
+        for (i, &v) in SCRATCH.iter().enumerate() {
+            self.write(SCR, v);
+            scratch[i] = self.read(SCR);
+        }
+        answers(scratch, self.read(LSR))
+    }
+
+    fn send(self, b: u8) {
+        // Bounded wait: a missing or stuck UART must not hang the hypervisor.
+        if crate::tsc::spin_until(10_000, || self.read(LSR) & LSR_THRE != 0) {
+            self.write(THR, b);
+        }
+    }
+}
+
+/// Lines written before [`configure`]: kept here, replayed onto the port.
+const EARLY: usize = 8192;
+
+enum Sink {
+    /// Not configured yet: buffer.
+    Early,
+    Uart(Uart),
+    /// No UART (none answered, or `serial=none`).
+    Silent,
+}
+
+struct Console {
+    sink: Sink,
+    early: [u8; EARLY],
+    early_len: usize,
+    early_lost: usize,
+}
+
+static CONSOLE: Mutex<Console> = Mutex::new(Console { sink: Sink::Early, early: [0; EARLY], early_len: 0, early_lost: 0 });
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let Some(uart) = self.uart.as_mut() else { return Ok(()) };
-        for &b in s.as_bytes() {
-            if b == b'\n' {
-                send(uart, b'\r');
+        match self.sink {
+            Sink::Early => {
+                let room = EARLY - self.early_len;
+                let n = s.len().min(room);
+                self.early[self.early_len..self.early_len + n].copy_from_slice(&s.as_bytes()[..n]);
+                self.early_len += n;
+                self.early_lost += s.len() - n;
             }
-            send(uart, b);
+            Sink::Uart(u) => emit(u, s.as_bytes()),
+            Sink::Silent => {}
         }
         Ok(())
     }
 }
 
-fn send(uart: &mut Uart16550<PioBackend>, b: u8) {
-    // Bounded wait: a missing or stuck UART must not hang the hypervisor.
-    crate::tsc::spin_until(10_000, || uart.try_send_byte(b).is_ok());
+/// Sends text, each "\n" as "\r\n".
+fn emit(u: Uart, s: &[u8]) {
+    for &b in s {
+        if b == b'\n' {
+            u.send(b'\r');
+        }
+        u.send(b);
+    }
 }
 
-/// Initialises COM1 at 115200 8N1 and installs the logger. Without a UART
-/// (no COM1 on the machine) output is dropped silently.
+/// How [`configure`] went, for the boot log and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The console is on this port (found there, by this rule).
+    On(UartPort, &'static str),
+    /// `serial=none`.
+    Off,
+    /// No candidate answered.
+    Nothing(alloc::vec::Vec<UartPort>),
+}
+
+impl Console {
+    /// Tries the candidates; replays the early buffer onto the one that
+    /// answers.
+    fn configure(&mut self, choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>, screen: bool) -> Outcome {
+        let cands = candidates(choice, spcr.map(|s| s.port));
+        let mut tried = alloc::vec::Vec::new();
+        let mut found = None;
+        for &(p, why) in &cands {
+            // Program the rate only where the standard clock can be assumed
+            // (I/O-port UARTs) and nobody said to keep it; the SPCR's rate
+            // (or "as is") wins for its own port.
+            let baud = match (why, p) {
+                ("ACPI SPCR", _) => spcr.and_then(|s| s.baud),
+                (_, UartPort::Io(_)) => Some(115_200),
+                (_, UartPort::Mmio { .. }) => None,
+            };
+            if Uart(p).init(baud) {
+                found = Some((p, why));
+                break;
+            }
+            tried.push(p);
+        }
+        let outcome = match (found, choice) {
+            (Some((p, why)), _) => Outcome::On(p, why),
+            (None, Some(SerialChoice::Off)) => Outcome::Off,
+            (None, _) => Outcome::Nothing(tried.clone()),
+        };
+        match found {
+            Some((p, _)) => {
+                self.sink = Sink::Uart(Uart(p));
+                emit(Uart(p), &self.early[..self.early_len]);
+                let lost = self.early_lost;
+                if lost > 0 {
+                    let _ = writeln!(self, "{PREFIX}({lost} bytes of the early boot log were lost)");
+                }
+            }
+            None => {
+                self.sink = Sink::Silent;
+                if !tried.is_empty() && screen {
+                    say_on_screen(&tried);
+                }
+            }
+        }
+        self.early_len = 0;
+        outcome
+    }
+}
+
+/// Installs the logger; output is buffered until [`configure`].
 pub fn init(level: log::LevelFilter) {
-    let mut c = CONSOLE.lock();
-    // SAFETY: 0x3F8 is COM1's standard I/O base; nothing else drives it yet.
-    if let Ok(mut uart) = unsafe { Uart16550::new_port(COM1) } {
-        let config = Config { check_cts_before_sending: false, ..Config::DEFAULT };
-        if uart.init(config).is_ok() {
-            c.uart = Some(uart);
+    set_level(level);
+}
+
+/// Picks the console UART (see the module documentation), replays the
+/// early lines onto it and logs the choice. `screen`: the VGA text screen
+/// may be used to say that no UART answered (BIOS boots).
+pub fn configure(choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>, screen: bool) -> Outcome {
+    let outcome = CONSOLE.lock().configure(choice, spcr, screen);
+    match &outcome {
+        Outcome::On(p, why) => log::info!("serial console: {p} ({why})"),
+        Outcome::Off | Outcome::Nothing(_) => {}
+    }
+    if let (Outcome::On(p, _), Some(s)) = (&outcome, spcr) {
+        if *p != s.port && choice.is_none() {
+            log::warn!("the ACPI SPCR console ({}) did not answer", s.port);
         }
     }
-    drop(c);
-    set_level(level);
+    outcome
+}
+
+/// Configures the default console if [`configure`] has not run: for
+/// failures before the command line is read.
+fn ensure_configured(c: &mut Console) {
+    if matches!(c.sink, Sink::Early) {
+        c.configure(None, None, true);
+    }
+}
+
+/// The VGA text screen, from the BIOS data area: the video mode (0x449),
+/// the columns (0x44A) and the CRT controller port (0x463). Returns the
+/// text buffer's address and its columns for an 80- or 40-column text mode
+/// that the BIOS set up; None otherwise (a graphics mode, or no BIOS, where
+/// these bytes mean nothing).
+pub fn text_screen(mode: u8, cols: u16, crtc: u16) -> Option<(u64, usize)> {
+    match (mode, cols, crtc) {
+        (0..=3, 40 | 80, 0x3D4) => Some((0xB8000, cols as usize)),
+        (7, 80, 0x3B4) => Some((0xB0000, 80)),
+        _ => None,
+    }
+}
+
+/// Text-mode cells (character | attribute << 8) for `lines` on a screen of
+/// `cols` x `rows`: white on red, long lines wrapped, the rest blank.
+pub fn screen_cells(lines: &[&str], cols: usize, rows: usize) -> alloc::vec::Vec<u16> {
+    const ATTR: u16 = 0x4F << 8;
+    let mut cells = alloc::vec![ATTR | b' ' as u16; cols * rows];
+    let mut row = 0;
+    for line in lines {
+        let bytes: alloc::vec::Vec<u8> = line.bytes().map(|b| if (0x20..0x7F).contains(&b) { b } else { b'?' }).collect();
+        for chunk in bytes.chunks(cols).chain(bytes.is_empty().then_some(&[][..])) {
+            if row == rows {
+                return cells;
+            }
+            for (i, &b) in chunk.iter().enumerate() {
+                cells[row * cols + i] = ATTR | b as u16;
+            }
+            row += 1;
+        }
+    }
+    cells
+}
+
+/// The message for the screen when no UART answered.
+pub fn no_uart_message(tried: &[UartPort]) -> [alloc::string::String; 4] {
+    let mut t = alloc::string::String::new();
+    for (i, p) in tried.iter().enumerate() {
+        if i > 0 {
+            t.push_str(", ");
+        }
+        let _ = write!(t, "{p}");
+    }
+    [
+        alloc::format!("Exitscope {}: no serial port answered (tried {t}).", crate::VERSION),
+        "The boot log and the final statistics cannot be shown; Exitscope carries on".into(),
+        "without a console. Name the console UART on Exitscope's command line:".into(),
+        "serial=0x2f8 (an I/O port), serial=mmio32:0xfe03e000 or serial=mmio:ADDR.".into(),
+    ]
+}
+
+/// Writes the "no UART" message on the VGA text screen, if the BIOS left
+/// one in text mode.
+fn say_on_screen(tried: &[UartPort]) {
+    // SAFETY: the BIOS data area in the first page of physical memory,
+    // mapped by the boot page tables; only read.
+    let (mode, cols, crtc) = unsafe {
+        (
+            core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(0x449)),
+            core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(0x44A)),
+            core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(0x463)),
+        )
+    };
+    let Some((base, cols)) = text_screen(mode, cols, crtc) else { return };
+    let msg = no_uart_message(tried);
+    let lines: [&str; 4] = [&msg[0], &msg[1], &msg[2], &msg[3]];
+    for (i, c) in screen_cells(&lines, cols, 25).into_iter().enumerate() {
+        // SAFETY: the VGA text buffer the BIOS data area describes (25 rows).
+        unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(base + 2 * i as u64), c) };
+    }
 }
 
 /// Changes the log level.
@@ -62,8 +386,8 @@ pub fn set_level(level: log::LevelFilter) {
 /// Called before entering the guest: a guest that resets the UART FIFO would
 /// otherwise eat the hypervisor's last bytes.
 pub fn drain() {
-    if let Some(uart) = CONSOLE.lock().uart.as_mut() {
-        crate::tsc::spin_until(100_000, || uart.lsr().contains(uart_16550::spec::registers::LSR::TRANSMITTER_EMPTY));
+    if let Sink::Uart(u) = CONSOLE.lock().sink {
+        crate::tsc::spin_until(100_000, || u.read(LSR) & LSR_TEMT != 0);
     }
 }
 
@@ -87,11 +411,13 @@ pub fn write_raw(args: fmt::Arguments) {
 
 /// Writes text while the console may be held by a CPU that will never let go
 /// (panic and fault paths). Takes the lock if it can within a short while,
-/// else writes anyway.
+/// else writes anyway. Before [`configure`], configures the default console
+/// first (these are the lines that must be seen).
 pub fn write_emergency(args: fmt::Arguments) {
     let d = crate::tsc::Deadline::after_us(100_000);
     while !d.passed() {
         if let Some(mut c) = CONSOLE.try_lock() {
+            ensure_configured(&mut c);
             let _ = c.write_fmt(args);
             return;
         }
@@ -100,7 +426,9 @@ pub fn write_emergency(args: fmt::Arguments) {
     // SAFETY-free fallback: the holder is presumed dead; force the lock.
     // SAFETY: forcing is sound only because the owner cannot run again.
     unsafe { CONSOLE.force_unlock() };
-    let _ = CONSOLE.lock().write_fmt(args);
+    let mut c = CONSOLE.lock();
+    ensure_configured(&mut c);
+    let _ = c.write_fmt(args);
 }
 
 /// One prefixed line per call.
@@ -150,4 +478,64 @@ impl LowerStatic for str {
 pub fn with_console(f: impl FnOnce(&mut dyn Write)) {
     let mut c = CONSOLE.lock();
     f(&mut *c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uart_detection() {
+        // A 16550 after init: scratch kept, THRE and TEMT set.
+        assert!(answers(SCRATCH, 0x60));
+        // Data waiting (DR) does not matter.
+        assert!(answers(SCRATCH, 0x61));
+        // Nothing there: the bus floats high, or reads as zeros.
+        assert!(!answers([0xFF, 0xFF], 0xFF));
+        assert!(!answers([0, 0], 0));
+        // A scratch register echoing but an LSR of all-ones: no UART
+        // (some bridges echo the last written byte).
+        assert!(!answers(SCRATCH, 0xFF));
+        // No scratch register (8250-style) but a sane LSR: a UART.
+        assert!(answers([0, 0], 0x60));
+        assert!(answers([0xFF, 0xFF], 0x20));
+        // No scratch register and error bits set: not believable.
+        assert!(!answers([0, 0], 0x60 | 0x80));
+        assert!(!answers([0, 0], 0x60 | 0x02));
+        // Transmitter never empty: not a usable UART.
+        assert!(!answers(SCRATCH, 0x00));
+    }
+
+    #[test]
+    fn candidate_order() {
+        let mmio = UartPort::Mmio { base: 0xFE03_E000, wide: true };
+        assert_eq!(candidates(None, None), [(COM1, "COM1, the default")]);
+        assert_eq!(candidates(None, Some(mmio)), [(mmio, "ACPI SPCR"), (COM1, "COM1, the default")]);
+        assert_eq!(candidates(None, Some(COM1)), [(COM1, "ACPI SPCR")]);
+        // serial= wins over the SPCR, and COM1 is not tried behind it.
+        assert_eq!(candidates(Some(SerialChoice::Port(UartPort::Io(0x2F8))), Some(mmio)), [(UartPort::Io(0x2F8), "serial=")]);
+        assert!(candidates(Some(SerialChoice::Off), Some(mmio)).is_empty());
+    }
+
+    #[test]
+    fn screen() {
+        assert_eq!(text_screen(3, 80, 0x3D4), Some((0xB8000, 80)));
+        assert_eq!(text_screen(7, 80, 0x3B4), Some((0xB0000, 80)));
+        assert_eq!(text_screen(1, 40, 0x3D4), Some((0xB8000, 40)));
+        // Graphics modes, and no BIOS data area (zeros or garbage).
+        assert_eq!(text_screen(0x12, 80, 0x3D4), None);
+        assert_eq!(text_screen(0, 0, 0), None);
+        assert_eq!(text_screen(3, 80, 0), None);
+        let msg = no_uart_message(&[COM1, UartPort::Mmio { base: 0xFE03_E000, wide: true }]);
+        assert!(msg[0].contains("no serial port answered (tried I/O port 0x3f8, MMIO 0xfe03e000 (32-bit registers))"), "{}", msg[0]);
+        let cells = screen_cells(&["ab", "", "0123456789"], 4, 5);
+        let text: std::string::String = cells.iter().map(|&c| (c & 0xFF) as u8 as char).collect();
+        assert_eq!(text, "ab      0123456789  ");
+        assert!(cells.iter().all(|&c| c >> 8 == 0x4F));
+        // Cut at the last row; non-ASCII shown as '?'.
+        let cells = screen_cells(&["abcdefgh", "é"], 2, 2);
+        let text: std::string::String = cells.iter().map(|&c| (c & 0xFF) as u8 as char).collect();
+        assert_eq!(text, "abcd");
+        assert_eq!(screen_cells(&["é"], 4, 1)[0] & 0xFF, b'?' as u16);
+    }
 }

@@ -77,13 +77,15 @@ pub struct PortWatch {
     pub s5: Option<(u8, u8)>,
     /// ACPI reset register (I/O space) and value, if not 0xCF9.
     pub reset: Option<(u16, u8)>,
+    /// HW-reduced ACPI sleep control register (I/O space), from the FADT.
+    pub sleep: Option<u16>,
 }
 
 impl PortWatch {
     /// Every port the I/O bitmap must intercept.
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         let pm = |p: Option<u16>| p.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
-        [0x64u16, 0x92, 0xCF9, 0x8900].into_iter().chain(pm(self.pm1a)).chain(pm(self.pm1b)).chain(self.reset.map(|r| r.0))
+        [0x64u16, 0x92, 0xCF9, 0x8900].into_iter().chain(pm(self.pm1a)).chain(pm(self.pm1b)).chain(self.reset.map(|r| r.0)).chain(self.sleep)
     }
 }
 

@@ -43,6 +43,11 @@ pub struct Machine {
     /// Unimplemented MSRs raise #GP (`ignore_bad_msrs=0`), as on hardware,
     /// instead of reading as 0.
     pub strict_msrs: bool,
+    /// No COM1 at all (`com1: enabled=0`): port 0x3F8 reads as all-ones,
+    /// as on a board without it. By default COM1 writes `serial.log`.
+    pub no_com1: bool,
+    /// A COM2 (port 0x2F8) that writes `serial2.log` ([`Outcome::serial2`]).
+    pub com2: bool,
 }
 
 /// Which BIOS ROM Bochs runs.
@@ -58,7 +63,10 @@ pub enum Bios {
 }
 
 pub struct Outcome {
+    /// What COM1 received.
     pub serial: String,
+    /// What COM2 received (empty without [`Machine::com2`]).
+    pub serial2: String,
     pub timed_out: bool,
     pub exit_code: Option<i32>,
     pub wall: Duration,
@@ -110,7 +118,7 @@ fn seed_shim() -> Result<PathBuf> {
     Ok(so)
 }
 
-fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, log: &Path) -> String {
+fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, serial2: &Path, log: &Path) -> String {
     let image = r.iso.display();
     let bios = match m.bios {
         Bios::Latest => "romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n",
@@ -145,7 +153,8 @@ fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, log: &Path) -> Strin
          clock: sync=none, time0=946684800\n\
          {pci}\
          {drive}\
-         com1: enabled=1, mode=file, dev=\"{serial}\"\n\
+         {com1}\
+         {com2}\
          display_library: sdl2\n\
          log: \"{log}\"\n\
          panic: action=fatal\n\
@@ -157,7 +166,8 @@ fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, log: &Path) -> Strin
         mem = r.memory_mb,
         cpus = r.cpus,
         ibm = u8::from(!m.strict_msrs),
-        serial = serial.display(),
+        com1 = if m.no_com1 { "com1: enabled=0\n".to_string() } else { format!("com1: enabled=1, mode=file, dev=\"{}\"\n", serial.display()) },
+        com2 = if m.com2 { format!("com2: enabled=1, mode=file, dev=\"{}\"\n", serial2.display()) } else { String::new() },
         log = log.display(),
     )
 }
@@ -186,11 +196,13 @@ pub fn run_machine(r: &Run, boot: Boot, m: &Machine) -> Result<Outcome> {
     let iso_lock = PathBuf::from(format!("{}.lock", r.iso.display()));
     let _ = std::fs::remove_file(iso_lock);
     let serial = dir.join("serial.log");
+    let serial2 = dir.join("serial2.log");
     let log = dir.join("bochs.log");
     let _ = std::fs::remove_file(&serial);
+    let _ = std::fs::remove_file(&serial2);
     util::write(&serial, "")?;
     let rc = dir.join("bochsrc");
-    util::write(&rc, bochsrc(r, boot, m, &serial, &log))?;
+    util::write(&rc, bochsrc(r, boot, m, &serial, &serial2, &log))?;
     let cmds = dir.join("commands");
     util::write(&cmds, "c\nquit\n")?;
     let shim = seed_shim()?;
@@ -256,5 +268,6 @@ pub fn run_machine(r: &Run, boot: Boot, m: &Machine) -> Result<Outcome> {
         partial.push_str(&s);
         print!("{}", partial.replace('\r', ""));
     }
-    Ok(Outcome { serial: text.replace('\r', ""), timed_out, exit_code: status.and_then(|s| s.code()), wall: start.elapsed(), dir })
+    let serial2 = std::fs::read(&serial2).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
+    Ok(Outcome { serial: text.replace('\r', ""), serial2, timed_out, exit_code: status.and_then(|s| s.code()), wall: start.elapsed(), dir })
 }

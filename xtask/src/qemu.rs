@@ -115,3 +115,66 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
     eprintln!("xtask: QEMU finished; serial log: {}", log.display());
     Ok(())
 }
+
+/// Runs QEMU with `-kernel` (multiboot1, SeaBIOS, VGA text mode) and **no
+/// serial port**, waits until the machine powers off (QEMU then pauses,
+/// `-no-shutdown`), and returns the 80x25 VGA text screen as lines (trailing
+/// blanks dropped) and whether it timed out before the power-off.
+pub fn run_kernel_screen(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], timeout: Duration) -> Result<(Vec<String>, bool)> {
+    use std::io::{Read, Write};
+    let dump = util::out_dir().join("runs").join("qemu-screen").join(format!("vga-{}.bin", std::process::id()));
+    std::fs::create_dir_all(dump.parent().unwrap()).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&dump);
+    let mut c = Command::new("qemu-system-x86_64");
+    c.arg("-kernel").arg(kernel).args(["-append", hv_args]);
+    if !initrd.is_empty() {
+        c.args(["-initrd", initrd]);
+    }
+    c.args(extra);
+    c.args(["-m", "512", "-serial", "none", "-display", "none", "-no-reboot", "-no-shutdown", "-monitor", "stdio"]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = c.spawn().map_err(|e| format!("cannot start qemu: {e}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut monitor = String::new();
+    let mut timed_out = true;
+    while start.elapsed() < timeout {
+        let _ = writeln!(stdin, "info status");
+        std::thread::sleep(Duration::from_millis(300));
+        while let Ok(b) = rx.try_recv() {
+            monitor.push_str(&String::from_utf8_lossy(&b));
+        }
+        if monitor.contains("paused (shutdown)") {
+            timed_out = false;
+            break;
+        }
+    }
+    let _ = writeln!(stdin, "pmemsave 0xb8000 4000 \"{}\"", dump.display());
+    let _ = writeln!(stdin, "quit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cells = std::fs::read(&dump).map_err(|e| format!("no screen dump from QEMU ({e}); monitor said:\n{monitor}"))?;
+    let _ = std::fs::remove_file(&dump);
+    let rows = cells
+        .chunks(160)
+        .map(|row| row.chunks(2).map(|c| c[0] as char).collect::<String>().trim_end().to_string())
+        .collect();
+    Ok((rows, timed_out))
+}

@@ -89,6 +89,11 @@ pub const TESTS: &[Test] = &[
     Test { name: "vmx-unlocked-by-firmware-smp2", run: vmx_unlocked_by_firmware_smp2 },
     Test { name: "isolation-nmi-storm", run: isolation_nmi_storm },
     Test { name: "guest-poweroff", run: guest_poweroff },
+    Test { name: "console-com2", run: console_com2 },
+    Test { name: "console-missing", run: console_missing },
+    Test { name: "console-none-qemu-screen", run: console_none_qemu_screen },
+    Test { name: "guest-poweroff-mmio-pm1", run: guest_poweroff_mmio_pm1 },
+    Test { name: "guest-poweroff-mmio-sleep", run: guest_poweroff_mmio_sleep },
     Test { name: "hv-panic", run: hv_panic },
     Test { name: "hv-exception-smp2", run: hv_exception_smp2 },
     Test { name: "probe-kvm-like", run: probe_kvm_like },
@@ -1381,6 +1386,129 @@ fn guest_poweroff(ctx: &Ctx) -> Result {
         return Err(format!("final dump title '{title}'"));
     }
     require(&out, "[exitscope] powering off")
+}
+
+/// Boots `guest` (with `guest_args`) under `hv_args` on `machine`.
+fn machine_run(ctx: &Ctx, name: &str, guest: &str, hv_args: &str, guest_args: &str, machine: bochs::Machine, timeout: u64) -> Result<bochs::Outcome> {
+    let guest = ctx.art.guest(guest);
+    let spec = IsoSpec { hv_args, guest_args, ..probe_spec(ctx, &guest) };
+    let work = util::out_dir().join("runs").join(name);
+    let iso = work.join("exitscope.iso");
+    image::grub_iso(&spec, &work, &iso)?;
+    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None };
+    bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
+}
+
+/// The console on COM2 (`serial=0x2f8`), as on a board whose console
+/// header is the second UART: the whole hypervisor log, from the banner
+/// written before the command line was read to the final dump, is on COM2,
+/// and nothing of it on COM1, which the guest (the probe) keeps using.
+fn console_com2(ctx: &Ctx) -> Result {
+    let machine = bochs::Machine { com2: true, ..Default::default() };
+    let out = machine_run(ctx, "console-com2", "probe", "serial=0x2f8", "", machine, 180)?;
+    let (com1, com2) = (&out.serial, &out.serial2);
+    let both = || format!("{}\nCOM2 (serial2.log):\n{com2}", out.describe());
+    if com1.contains("[exitscope]") {
+        return Err(format!("hypervisor lines on COM1\n{}", both()));
+    }
+    if com2.contains("PROBE ") {
+        return Err(format!("guest lines on COM2\n{}", both()));
+    }
+    for m in [
+        "[exitscope] Exitscope ",
+        "[exitscope] booted by multiboot2 (GRUB",
+        "command line 'serial=0x2f8'",
+        "[exitscope] serial console: I/O port 0x2f8 (serial=)",
+        "[exitscope] entering the guest",
+        "[exitscope] powering off",
+    ] {
+        if !com2.contains(m) {
+            return Err(format!("no '{m}' on COM2\n{}", both()));
+        }
+    }
+    if com2.matches("[exitscope] Exitscope ").count() != 1 {
+        return Err(format!("the banner is not on COM2 exactly once\n{}", both()));
+    }
+    // The probe's checks, with its lines from COM1 and the dump from COM2.
+    let merged = bochs::Outcome { serial: format!("{com1}\n{com2}"), serial2: String::new(), timed_out: out.timed_out, exit_code: out.exit_code, wall: out.wall, dir: out.dir.clone() };
+    check_probe(&merged)?;
+    if dump::parse_last(com1).is_ok() {
+        return Err(format!("a final dump on COM1\n{}", both()));
+    }
+    dump::parse_last(com2).map(|_| ()).map_err(|e| format!("no final dump on COM2: {e}\n{}", both()))
+}
+
+/// The console UART named by `serial=` is missing (the machine has no COM2,
+/// as a board without the header the user guessed): Exitscope finds that no
+/// UART answers there, does not fall back to a port the user did not name,
+/// and carries on silently: the probe (on COM1) passes, and the machine
+/// powers off by itself after the guest (no hang waiting on a dead UART).
+fn console_missing(ctx: &Ctx) -> Result {
+    let out = machine_run(ctx, "console-missing", "probe", "serial=0x2f8", "", Default::default(), 180)?;
+    require(&out, "PROBE PASS")?;
+    if out.serial.contains("[exitscope]") {
+        return Err(format!("hypervisor lines on COM1, which serial= did not name\n{}", out.describe()));
+    }
+    if out.timed_out {
+        return Err(format!("the run did not end by itself after the guest\n{}", out.describe()));
+    }
+    Ok(())
+}
+
+/// No serial port at all (QEMU with `-serial none`, BIOS and VGA text mode,
+/// as a box without a UART and a monitor attached): Exitscope says on the
+/// screen, in its first rows, that no serial port answered and how to name
+/// one, then carries on (here to `FATAL: VMX not available`, which no one
+/// can read) and powers the machine off by itself.
+fn console_none_qemu_screen(ctx: &Ctx) -> Result {
+    let module = format!("{} ", ctx.art.guest("probe").display());
+    let (rows, timed_out) =
+        crate::qemu::run_kernel_screen(&ctx.art.hypervisor, "", &module, &["-cpu", "max"], Duration::from_secs(60))?;
+    let screen = rows.join("\n");
+    if timed_out {
+        return Err(format!("QEMU did not power off within 60s; screen:\n{screen}"));
+    }
+    let want = [
+        format!("Exitscope {}: no serial port answered (tried I/O port 0x3f8).", env!("CARGO_PKG_VERSION")),
+        "The boot log and the final statistics cannot be shown; Exitscope carries on".to_string(),
+    ];
+    if rows.len() < 4 || rows[0] != want[0] || rows[1] != want[1] || !rows[3].starts_with("serial=0x2f8 (an I/O port)") {
+        return Err(format!("the screen does not start with the no-UART message; screen:\n{screen}"));
+    }
+    Ok(())
+}
+
+/// A guest power-off through a power-management register in memory space,
+/// as on machines whose FADT puts PM1 control in MMIO (X_PM1a_CNT_BLK) or
+/// that are HW-reduced (the sleep control register). Bochs's PM1 block is in
+/// I/O space, so `test_mmio_pm=` makes Exitscope watch an unused MMIO page
+/// (0xFEB00000) as that register, and the fuzz guest powers off through it
+/// with S5's SLP_TYP (0 in Bochs's DSDT). The two ordinary writes before
+/// must be carried out, and all three must have exited (EPT violations).
+fn guest_poweroff_mmio(ctx: &Ctx, name: &str, reg: &str, what: &str, how: &str) -> Result {
+    let addr = 0xFEB0_0000u64;
+    let hv = format!("test_mmio_pm={reg}:{addr:#x}");
+    let out = fuzz_run_with(ctx, name, &hv, &format!("mode=mmio-pm reg={reg} addr={addr:#x} slp_typ=0"), 1, Default::default(), 512, 120)?;
+    no_hypervisor_failure(&out)?;
+    require(&out, &format!("[exitscope] ACPI: watching the {what} at MMIO {addr:#x} (test_mmio_pm=) for the guest's power-off"))?;
+    require(&out, "FUZZ mmio-pm: ordinary writes carried out")?;
+    require(&out, &format!("[exitscope] guest ended on vCPU 0: guest powered off: ACPI S5 (soft off) through the {how}"))?;
+    let (d, title) = final_dump(&out)?;
+    if !title.contains("guest powered off") {
+        return Err(format!("final dump title '{title}'"));
+    }
+    if d.snap.exits[48] != 3 {
+        return Err(format!("{} EPT-violation exits, expected 3 (two ordinary writes and the S5 request)\n{}", d.snap.exits[48], out.describe()));
+    }
+    require(&out, "[exitscope] powering off")
+}
+
+fn guest_poweroff_mmio_pm1(ctx: &Ctx) -> Result {
+    guest_poweroff_mmio(ctx, "guest-poweroff-mmio-pm1", "pm1", "PM1 control register", "MMIO PM1 control register")
+}
+
+fn guest_poweroff_mmio_sleep(ctx: &Ctx) -> Result {
+    guest_poweroff_mmio(ctx, "guest-poweroff-mmio-sleep", "sleep", "sleep control register", "HW-reduced sleep control register")
 }
 
 #[cfg(test)]

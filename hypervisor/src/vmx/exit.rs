@@ -690,6 +690,15 @@ pub fn classify_out(w: &state::PortWatch, port: u16, size: u8, value: u32) -> Po
             }
         }
     }
+    if w.sleep == Some(port) && byte & crate::acpi::SLEEP_SLP_EN != 0 {
+        // The HW-reduced sleep control register: 8 bits, SLP_TYP in 4:2.
+        let typ = crate::acpi::sleep_slp_typ(byte);
+        return PortEvent::End(if w.s5.is_none_or(|s| s.0 == typ) {
+            GuestEnd::PowerOff("ACPI S5 (soft off) through the HW-reduced sleep control register")
+        } else {
+            GuestEnd::Sleep(typ)
+        });
+    }
     if port == 0x8900 {
         return PortEvent::Swallow;
     }
@@ -1007,6 +1016,10 @@ fn ept_violation(v: &mut VcpuState) {
         super::apic::emulate_write(v, gpa);
         return;
     }
+    if q & 2 != 0 && super::pmwatch::is_watched(gpa) {
+        super::pmwatch::emulate_write(v, gpa);
+        return;
+    }
     let rip = vmread(guest::RIP);
     let access = if q & 2 != 0 {
         "write"
@@ -1103,7 +1116,7 @@ mod tests {
     }
 
     fn bochs_watch() -> PortWatch {
-        PortWatch { pm1a: Some(0xB004), pm1b: None, s5: Some((0, 0)), reset: None }
+        PortWatch { pm1a: Some(0xB004), pm1b: None, s5: Some((0, 0)), reset: None, sleep: None }
     }
 
     #[test]
@@ -1124,6 +1137,19 @@ mod tests {
         assert_eq!(classify_out(&w, 0xB004, 2, 0x0001), PortEvent::PassThrough);
         assert_eq!(classify_out(&w, 0x8900, 1, b'S' as u32), PortEvent::Swallow);
         assert!(w.ports().any(|p| p == 0xB005));
+    }
+
+    /// A HW-reduced machine whose sleep control register is in I/O space.
+    #[test]
+    fn guest_end_sleep_control_port() {
+        let w = PortWatch { pm1a: None, pm1b: None, s5: Some((5, 0)), reset: None, sleep: Some(0x404) };
+        assert!(w.ports().any(|p| p == 0x404));
+        let off = PortEvent::End(GuestEnd::PowerOff("ACPI S5 (soft off) through the HW-reduced sleep control register"));
+        assert_eq!(classify_out(&w, 0x404, 1, 0x20 | 5 << 2), off);
+        assert_eq!(classify_out(&w, 0x404, 4, 0x20 | 5 << 2), off);
+        assert_eq!(classify_out(&w, 0x404, 1, 0x20 | 3 << 2), PortEvent::End(GuestEnd::Sleep(3)));
+        assert_eq!(classify_out(&w, 0x404, 1, 5 << 2), PortEvent::PassThrough);
+        assert_eq!(classify_out(&w, 0x405, 1, 0x20 | 5 << 2), PortEvent::PassThrough);
     }
 
     #[test]

@@ -305,12 +305,12 @@ fn region_name(gpa: u64, footprint: (u64, u64)) -> &'static str {
 /// Handles an EPT violation, as the first thing `exit::ept_violation`
 /// does. Returns false (and does nothing) for what is not an access
 /// outside guest memory: a write to the local APIC page that the SMP code
-/// watches. Otherwise applies the policy: emulates the access and returns
+/// watches, or to a power-management register page (`pmwatch.rs`). Otherwise applies the policy: emulates the access and returns
 /// true, or stops the guest.
 pub fn ept_violation(v: &mut VcpuState) -> bool {
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     let q = EptQual(vmread(ro::EXIT_QUALIFICATION));
-    if q.write() && super::apic::is_watched(gpa) {
+    if q.write() && (super::apic::is_watched(gpa) || super::pmwatch::is_watched(gpa)) {
         return false;
     }
     #[cfg(feature = "detailed")]

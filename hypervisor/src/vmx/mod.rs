@@ -6,6 +6,7 @@ pub mod caps;
 pub mod exit;
 pub mod intercept;
 pub mod isolation;
+pub mod pmwatch;
 pub mod vcpu;
 
 use core::arch::asm;

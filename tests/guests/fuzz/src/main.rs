@@ -45,6 +45,8 @@
 //! * `triple`: an empty IDT and INT3: a triple fault.
 //! * `reset`: 0xFE to the keyboard controller: a guest reset.
 //! * `poweroff`: "Shutdown" to Bochs' port 0x8900: a guest power-off.
+//! * `mmio-pm` (`reg=pm1` or `sleep`, `addr=`, `slp_typ=`): a power-off
+//!   through a power-management register in memory space (see `modes.rs`).
 //!
 //! The MSR checks assume an emulator or CPU that raises #GP for MSRs it does
 //! not implement (Bochs: `ignore_bad_msrs=0`); `strict_msrs=0` turns the

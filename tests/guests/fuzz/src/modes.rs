@@ -86,8 +86,51 @@ pub fn main(boot: BootInfo) -> ! {
             unsafe { guest_rt::outb(0x64, 0xFE) };
             fail(format_args!("still running after the reset request"))
         }
-        m => fail(format_args!("unknown mode={m} (fuzz, hole, undecodable, exec, nmi, triple, reset, poweroff)")),
+        "mmio-pm" => mmio_pm(boot.arg("reg").unwrap_or("pm1"), num("addr", 0), num("slp_typ", 0)),
+        m => fail(format_args!("unknown mode={m} (fuzz, hole, undecodable, exec, nmi, triple, reset, poweroff, mmio-pm)")),
     }
+}
+
+/// `mode=mmio-pm`: powers off through a power-management register in
+/// memory space at `addr` (Exitscope watches it there under
+/// `test_mmio_pm=`): first ordinary writes, to the register without SLP_EN
+/// and to its neighbour with SLP_EN's bit pattern (both must simply be
+/// carried out), then SLP_TYP `slp_typ` with SLP_EN, which must end the
+/// run. `reg=pm1`: a 16-bit PM1 control register (SLP_TYP 12:10, SLP_EN
+/// 13); `reg=sleep`: an 8-bit HW-reduced sleep control register (SLP_TYP
+/// 4:2, SLP_EN 5).
+fn mmio_pm(reg: &str, addr: u64, typ: u64) -> ! {
+    if addr == 0 || addr >= 1 << 32 {
+        fail(format_args!("mmio-pm needs addr= below 4 GiB (got {addr:#x})"));
+    }
+    // SAFETY (all stores below): device memory below 4 GiB, identity-mapped;
+    // the test names an address where nothing but Exitscope's watch is.
+    match reg {
+        "pm1" => {
+            let p = addr as *mut u16;
+            println!("FUZZ mmio-pm: PM1 control at {addr:#x}: SCI_EN and SLP_TYP={typ} without SLP_EN, then SLP_EN's pattern to the next register");
+            unsafe {
+                core::ptr::write_volatile(p, 1 | (typ as u16) << 10);
+                core::ptr::write_volatile(p.add(1), 0x2000 | (typ as u16) << 10);
+            }
+            println!("FUZZ mmio-pm: ordinary writes carried out");
+            println!("FUZZ mmio-pm: SLP_TYP={typ} with SLP_EN (16-bit store)");
+            unsafe { core::ptr::write_volatile(p, 0x2000 | (typ as u16) << 10) };
+        }
+        "sleep" => {
+            let p = addr as *mut u8;
+            println!("FUZZ mmio-pm: sleep control at {addr:#x}: SLP_TYP={typ} without SLP_EN, then SLP_EN's pattern to the next byte");
+            unsafe {
+                core::ptr::write_volatile(p, (typ as u8) << 2);
+                core::ptr::write_volatile(p.add(1), 0x20 | (typ as u8) << 2);
+            }
+            println!("FUZZ mmio-pm: ordinary writes carried out");
+            println!("FUZZ mmio-pm: SLP_TYP={typ} with SLP_EN (8-bit store)");
+            unsafe { core::ptr::write_volatile(p, 0x20 | (typ as u8) << 2) };
+        }
+        r => fail(format_args!("unknown reg={r} (pm1, sleep)")),
+    }
+    fail(format_args!("still running after the sleep request"))
 }
 
 /// Reads a word of every page of the guest's memory image, from its load
