@@ -266,9 +266,19 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
 }
 
 /// `fault=`: fails on purpose, so that tests can show what a real failure
-/// of the hypervisor looks like. Never returns.
-pub fn inject_fault(f: crate::options::Fault) -> ! {
+/// of the hypervisor looks like. Panics and exceptions never return;
+/// `fault=mce` raises vector 18 in root mode once, at the first VMCALL of
+/// any vCPU (vCPU `vcpu` is handling it), and returns: the machine-check
+/// handler decides what happens, as for a real one.
+pub fn inject_fault(f: crate::options::Fault, vcpu: usize) {
+    static MCE_RAISED: AtomicBool = AtomicBool::new(false);
     match f {
+        crate::options::Fault::Mce => {
+            if !MCE_RAISED.swap(true, SeqCst) {
+                log::debug!("fault=mce: raising vector 18 in VMX root mode on vCPU {vcpu}");
+                crate::idt::raise_machine_check();
+            }
+        }
         crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
         crate::options::Fault::Exception => {
             // SAFETY: UD2 raises #UD in VMX root operation on purpose; the
@@ -329,6 +339,7 @@ fn finish_after_failure(title: &str) -> ! {
         None => &[],
     };
     report_containment();
-    let _ = exitscope_stats::dump::write_dump(&mut Emergency, title, &snap, per);
+    let smi = crate::statsys::current_smi_report();
+    let _ = exitscope_stats::dump::write_dump_smi(&mut Emergency, title, &snap, per, &smi);
     crate::platform::finish(s.options.on_end, &s.acpi)
 }

@@ -82,13 +82,31 @@ static mut IDT: Idt = Idt([0; 64]);
 
 /// IST index used for double faults and NMIs (a fresh stack).
 const IST_FAULT: u64 = 1;
+/// IST index used for machine checks: a stack of their own, below the
+/// fault stack, so that an NMI or a double fault during a machine check
+/// (or the reverse) does not overwrite the other's frame.
+const IST_MCE: u64 = 2;
+/// Bytes of each IST stack; the fault stack of a CPU
+/// (`vcpu::FAULT_STACK_SIZE`) holds both.
+pub const IST_STACK_SIZE: u64 = 8 * 1024;
+/// The machine-check vector.
+pub const VECTOR_MC: u64 = 18;
+
+/// The IST index of each vector's gate.
+const fn ist_of(vector: usize) -> u64 {
+    match vector {
+        2 | 8 => IST_FAULT,
+        18 => IST_MCE,
+        _ => 0,
+    }
+}
 
 /// Fills the IDT (once, on the boot CPU).
 pub fn init_idt() {
     // SAFETY: reading a table of addresses emitted above (never written).
     let table = unsafe { &exitscope_isr_table };
     for (v, &handler) in table.iter().enumerate() {
-        let ist = if v == 8 || v == 2 { IST_FAULT } else { 0 };
+        let ist = ist_of(v);
         let lo = (handler & 0xFFFF) | (0x08 << 16) | (ist << 32) | (0x8E << 40) | ((handler >> 16) & 0xFFFF) << 48;
         let hi = handler >> 32;
         // SAFETY: single-threaded boot; the IDT is not loaded yet or only read by the CPU.
@@ -147,6 +165,7 @@ impl PerCpuTables {
             tss: Tss { _r0: 0, rsp: [0; 3], _r1: 0, ist: [0; 7], _r2: 0, _r3: 0, iomap_base: 104 },
         };
         t.tss.ist[(IST_FAULT - 1) as usize] = ist_top;
+        t.tss.ist[(IST_MCE - 1) as usize] = ist_top - IST_STACK_SIZE;
         t
     }
 
@@ -311,6 +330,119 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
         crate::vmx::isolation::nmi_in_root_mode();
         return;
     }
+    if f.vector == VECTOR_MC {
+        let status = rdmsr_safe(IA32_MCG_STATUS);
+        let vcpu = crate::fatal::current_vcpu().map(|(id, _)| id);
+        match machine_check_disposition(status, vcpu) {
+            McDisposition::Reflect(id) => {
+                // Only marked here: the exit handler this interrupted may
+                // hold the console lock or be about to write the event
+                // field. The dispatcher injects #MC and logs the line
+                // before its VM entry (vmx/exit.rs).
+                MCE_PENDING[id].store(true, Relaxed);
+                return;
+            }
+            McDisposition::Fatal(why) => {
+                crate::serial::fresh_line();
+                // No allocation here: the interrupted code may hold the heap.
+                let p = exitscope_stats::dump::PREFIX;
+                match status {
+                    Some(s) => crate::serial::write_emergency(format_args!(
+                        "{p}machine check in VMX root mode: not reflected to the guest ({why}; MCG_STATUS {s:#x})\n"
+                    )),
+                    None => crate::serial::write_emergency(format_args!(
+                        "{p}machine check in VMX root mode: not reflected to the guest ({why}; MCG_STATUS unreadable)\n"
+                    )),
+                }
+            }
+        }
+    }
     LAST_ROOT_FAULT.store(f.vector << 32 | (f.error_code & 0xFFFF_FFFF), Relaxed);
     crate::fatal::root_exception(f);
+}
+
+// ---------------------------------------------------------------------------
+// Machine checks in VMX root operation
+
+/// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
+/// MCIP (bit 2, a machine check is in progress).
+pub const IA32_MCG_STATUS: u32 = 0x17A;
+const MCG_RIPV: u64 = 1 << 0;
+const MCG_MCIP: u64 = 1 << 2;
+
+/// vCPUs that took a machine check in root mode which the guest has not
+/// been given yet.
+static MCE_PENDING: [core::sync::atomic::AtomicBool; crate::state::MAX_CPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; crate::state::MAX_CPUS];
+
+/// Whether vCPU `id` has a machine check to reflect (checked by the exit
+/// dispatcher before each VM entry it makes).
+#[inline(always)]
+pub fn machine_check_pending(id: usize) -> bool {
+    MCE_PENDING[id].load(Relaxed)
+}
+
+pub fn clear_machine_check(id: usize) {
+    MCE_PENDING[id].store(false, Relaxed);
+}
+
+/// What to do with a machine check taken in root mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McDisposition {
+    /// Resume the interrupted hypervisor code; give the guest of vCPU n #MC
+    /// at its next VM entry. MCIP stays set for the guest's handler, which
+    /// reads the banks and clears it as it would on bare metal.
+    Reflect(usize),
+    /// Report through the failure path (final dump, power off).
+    Fatal(&'static str),
+}
+
+/// Decides [`McDisposition`] from IA32_MCG_STATUS (`None`: unreadable) and
+/// the vCPU this CPU runs (`None`: no guest yet). A machine check with
+/// MCIP set and RIPV clear leaves nothing to resume. `fault=mce` raises
+/// vector 18 with `int 18`, where MCIP reads 0: that is handled as a
+/// restartable machine check.
+pub const fn machine_check_disposition(mcg_status: Option<u64>, vcpu: Option<usize>) -> McDisposition {
+    let Some(id) = vcpu else {
+        return McDisposition::Fatal("no vCPU to reflect it to: no guest runs on this CPU yet");
+    };
+    if let Some(s) = mcg_status {
+        if s & MCG_MCIP != 0 && s & MCG_RIPV == 0 {
+            return McDisposition::Fatal("MCG_STATUS.RIPV is 0: the interrupted hypervisor code cannot resume");
+        }
+    }
+    McDisposition::Reflect(id)
+}
+
+/// TEST ONLY (`fault=mce`): raises vector 18 in root mode, through the same
+/// gate, IST stack and handler as a machine check.
+pub fn raise_machine_check() {
+    // SAFETY: INT 18 enters the hypervisor's #MC handler, which marks the
+    // current vCPU (or ends the run) and returns here with IRETQ.
+    unsafe { asm!("int 18", options(nomem)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_check_decisions() {
+        assert_eq!(machine_check_disposition(Some(MCG_RIPV | MCG_MCIP), Some(3)), McDisposition::Reflect(3));
+        assert_eq!(machine_check_disposition(Some(0), Some(0)), McDisposition::Reflect(0));
+        assert_eq!(machine_check_disposition(None, Some(1)), McDisposition::Reflect(1));
+        assert!(matches!(machine_check_disposition(Some(MCG_MCIP), Some(0)), McDisposition::Fatal(w) if w.contains("RIPV")));
+        assert!(matches!(machine_check_disposition(Some(MCG_RIPV | MCG_MCIP), None), McDisposition::Fatal(w) if w.contains("no vCPU")));
+    }
+
+    #[test]
+    fn machine_checks_have_their_own_stack() {
+        assert_eq!(ist_of(18), IST_MCE);
+        assert_eq!((ist_of(2), ist_of(8), ist_of(13)), (IST_FAULT, IST_FAULT, 0));
+        let t = PerCpuTables::new(0x10_0000 + 2 * IST_STACK_SIZE);
+        let ist = { t.tss.ist };
+        assert_eq!(ist[0], 0x10_0000 + 2 * IST_STACK_SIZE);
+        assert_eq!(ist[1], 0x10_0000 + IST_STACK_SIZE);
+        assert_eq!(crate::vmx::vcpu::FAULT_STACK_SIZE as u64, 2 * IST_STACK_SIZE);
+    }
 }

@@ -301,7 +301,7 @@ pub fn run(bi: BootInfo) -> ! {
         invpcid: controls.hide_invpcid,
         xsaves: controls.hide_xsaves,
         waitpkg: controls.hide_waitpkg,
-        monitor: controls.classes.contains(Class::Mwait),
+        monitor: caps::hide_monitor(&controls),
     };
     let timeline = opts.timeline;
     let lapic = smp::LocalApic::current();
@@ -536,10 +536,9 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
 /// CR0/CR4 as VMX requires, then VMXON.
 fn enable_vmx(c: &caps::Controls, vmxon_pa: u64) -> Result<(), alloc::string::String> {
     let cr0 = caps::fix_cr(cpu::read_cr0(), c.cr0_fixed0, c.cr0_fixed1).ok_or("CR0 has bits VMX does not allow")?;
-    // CR4.VMXE, and CR4.OSXSAVE where the CPU has XSAVE so that the
-    // hypervisor can execute a guest's XSETBV on its behalf.
-    let osxsave = if cpu::cpuid(1, 0)[2] & (1 << 26) != 0 { 1 << 18 } else { 0 };
-    let cr4 = caps::fix_cr(cpu::read_cr4() | (1 << 13) | osxsave, c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
+    // CR4.VMXE, OSXSAVE and MCE (see `caps::host_cr4`), on every CPU.
+    let l1 = cpu::cpuid(1, 0);
+    let cr4 = caps::host_cr4(cpu::read_cr4(), l1[2], l1[3], c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
     // SAFETY: the values satisfy the VMX fixed-bit MSRs; paging stays on.
     unsafe {
         cpu::write_cr0(cr0);

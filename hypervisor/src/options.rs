@@ -10,7 +10,8 @@
 //! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
 //! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
-//! | `fault` | `panic` `exception` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL |
+//! | `preempt` caveat | | | while the timer is on, MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits (reason 36, a no-op): the timer does not count in C3 and deeper C-states, which a native MWAIT could enter |
+//! | `fault` | `panic` `exception` `mce` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL; TEST ONLY `mce`: raise vector 18 (`int 18`) in VMX root operation at the guest's first VMCALL, through the root-mode machine-check handler, as a machine check would (Bochs and QEMU cannot raise a real one) |
 //! | `pages_1g` | `off` | the CPU's | TEST-ONLY: behave as on a CPU without 1 GiB pages (neither in EPT nor in the host page tables): the host identity map ends at the memory map and EPT above the memory map is filled on demand |
 //! | `pit` | `stopped` | running | TEST ONLY: the 8254 PIT reads as stopped (a frozen count), as on boards that gate it; timing must not depend on it |
 //! | `wait_for_sipi` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 8 (the wait-for-SIPI activity state, missing under KVM before 5.11): APs wait for their SIPI in VMX root operation |
@@ -40,6 +41,10 @@ pub enum Fault {
     Panic,
     /// An invalid-opcode exception in VMX root operation (the IDT).
     Exception,
+    /// TEST ONLY: vector 18 raised in VMX root operation (`int 18`), which
+    /// the machine-check handler reflects to the guest: how a machine check
+    /// taken in root mode is handled, where the emulator cannot raise one.
+    Mce,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,7 +181,8 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                 o.fault = Some(match value {
                     "panic" => Fault::Panic,
                     "exception" => Fault::Exception,
-                    _ => return Err(bad("panic or exception")),
+                    "mce" => Fault::Mce,
+                    _ => return Err(bad("panic, exception or mce")),
                 })
             }
             "pit" => match value {
@@ -255,7 +261,8 @@ mod tests {
         assert_eq!(parse("").unwrap().fault, None);
         assert_eq!(parse("fault=panic").unwrap().fault, Some(Fault::Panic));
         assert_eq!(parse("fault=exception").unwrap().fault, Some(Fault::Exception));
-        assert!(parse("fault=maybe").unwrap_err().to_string().contains("panic or exception"));
+        assert_eq!(parse("fault=mce").unwrap().fault, Some(Fault::Mce));
+        assert!(parse("fault=maybe").unwrap_err().to_string().contains("panic, exception or mce"));
         assert!(!parse("").unwrap().pit_stopped);
         assert!(parse("pit=stopped").unwrap().pit_stopped);
         assert!(parse("pit=running").unwrap_err().to_string().contains("bad value 'running' for option 'pit'"));

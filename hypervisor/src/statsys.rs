@@ -213,6 +213,51 @@ pub fn control_leaf(leaf: u32, ecx: u32, vcpu: usize) -> [u32; 4] {
     }
 }
 
+// ---------------------------------------------------------------------------
+// SMIs (MSR_SMI_COUNT)
+
+/// MSR_SMI_COUNT (Intel, Nehalem and later): SMIs since reset, bits 31:0,
+/// per logical processor.
+pub const MSR_SMI_COUNT: u32 = 0x34;
+/// "Not read": this vCPU's CPU has no MSR_SMI_COUNT.
+const NO_SMI_COUNT: u64 = u64::MAX;
+
+/// MSR_SMI_COUNT of each vCPU's CPU at its first VM entry.
+static SMI_START: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(NO_SMI_COUNT) }; MAX_CPUS];
+
+/// This CPU's MSR_SMI_COUNT, where it has one (an Intel CPU whose RDMSR of
+/// it does not fault).
+fn read_smi_count() -> Option<u64> {
+    let v = crate::cpu::cpuid(0, 0);
+    let intel = [v[1], v[3], v[2]] == [u32::from_le_bytes(*b"Genu"), u32::from_le_bytes(*b"ineI"), u32::from_le_bytes(*b"ntel")];
+    if !intel {
+        return None;
+    }
+    crate::idt::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
+}
+
+/// Takes vCPU `vcpu`'s starting SMI count (just before its first VM entry).
+pub fn note_smi_start(vcpu: usize) {
+    if let Some(c) = read_smi_count() {
+        SMI_START[vcpu].store(c, Relaxed);
+    }
+}
+
+/// SMIs on this CPU since vCPU `vcpu` first entered the guest.
+pub fn smi_report(vcpu: usize) -> exitscope_stats::dump::SmiReport {
+    use exitscope_stats::dump::SmiReport;
+    let start = SMI_START.get(vcpu).map_or(NO_SMI_COUNT, |s| s.load(Relaxed));
+    match (start, read_smi_count()) {
+        (NO_SMI_COUNT, _) | (_, None) => SmiReport::NotCounted,
+        (start, Some(end)) => SmiReport::Counted { start, end, vcpu },
+    }
+}
+
+/// The SMI report of the vCPU running on this CPU (vCPU 0 before any runs).
+pub fn current_smi_report() -> exitscope_stats::dump::SmiReport {
+    smi_report(crate::fatal::current_vcpu().map_or(0, |(id, _)| id))
+}
+
 /// Turns the timeline on: a sample every `interval` TSC ticks.
 pub fn start_timeline(interval: u64) {
     let now = crate::cpu::rdtsc();
@@ -245,9 +290,10 @@ pub fn print_dump(title: &str) {
         .filter_map(vcpu_current)
         .map(|s| (s.total_exits(), s.total_cycles()))
         .collect();
+    let smi = current_smi_report();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
-        let _ = exitscope_stats::dump::write_dump(w, title, &c, &per);
+        let _ = exitscope_stats::dump::write_dump_smi(w, title, &c, &per, &smi);
         let _ = exitscope_stats::json::write_json_dump(
             w,
             &exitscope_stats::json::JsonDump {
@@ -257,6 +303,7 @@ pub fn print_dump(title: &str) {
                 detail: detail.as_ref(),
                 timeline: timeline.as_deref(),
                 tsc: Some(tsc),
+                smi: Some(&smi),
             },
         );
     });

@@ -85,9 +85,86 @@ fn row(w: &mut (impl Write + ?Sized), nr: &str, name: &str, exits: u64, cycles: 
     )
 }
 
+/// System-management interrupts during a run, from MSR_SMI_COUNT (0x34,
+/// Intel): SMIs take the CPU away from the guest and the hypervisor alike,
+/// so a measured window with SMIs in it has polluted samples. The MSR is
+/// per logical processor and 32 bits wide; the figure is that of the vCPU
+/// that printed the dump, from its first VM entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmiReport {
+    /// The CPU has no MSR_SMI_COUNT (or is not Intel's).
+    NotCounted,
+    /// MSR_SMI_COUNT at vCPU `vcpu`'s first VM entry and when the dump was
+    /// taken.
+    Counted { start: u64, end: u64, vcpu: usize },
+}
+
+impl SmiReport {
+    /// SMIs between the two readings (the counter is 32 bits wide).
+    pub const fn smis(&self) -> Option<u64> {
+        match *self {
+            SmiReport::NotCounted => None,
+            SmiReport::Counted { start, end, .. } => Some(end.wrapping_sub(start) & 0xFFFF_FFFF),
+        }
+    }
+}
+
+/// How the SMI line of a dump starts (after [`PREFIX`]).
+pub const SMI_LINE: &str = "SMIs during the run: ";
+
+impl fmt::Display for SmiReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            SmiReport::NotCounted => write!(f, "{SMI_LINE}not counted (no MSR_SMI_COUNT)"),
+            SmiReport::Counted { start, end, vcpu } => write!(
+                f,
+                "{SMI_LINE}{} (MSR_SMI_COUNT {start} -> {end} on vCPU {vcpu})",
+                self.smis().unwrap_or(0)
+            ),
+        }
+    }
+}
+
+/// Reads an SMI line back (the part after [`PREFIX`]).
+pub fn parse_smi_line(l: &str) -> Option<SmiReport> {
+    let rest = l.strip_prefix(SMI_LINE)?;
+    if rest == "not counted (no MSR_SMI_COUNT)" {
+        return Some(SmiReport::NotCounted);
+    }
+    // "N (MSR_SMI_COUNT S -> E on vCPU V)"
+    let (n, rest) = rest.split_once(" (MSR_SMI_COUNT ")?;
+    let (start, rest) = rest.split_once(" -> ")?;
+    let (end, rest) = rest.split_once(" on vCPU ")?;
+    let vcpu = rest.strip_suffix(')')?;
+    let r = SmiReport::Counted { start: start.parse().ok()?, end: end.parse().ok()?, vcpu: vcpu.parse().ok()? };
+    (r.smis() == n.parse().ok()).then_some(r)
+}
+
 /// Writes a whole dump of `snap`. `per_vcpu` holds each vCPU's
 /// (exits, cycles) for the breakdown lines.
 pub fn write_dump(w: &mut (impl Write + ?Sized), title: &str, snap: &Snapshot, per_vcpu: &[(u64, u64)]) -> fmt::Result {
+    write_dump_inner(w, title, snap, per_vcpu, None)
+}
+
+/// [`write_dump`] with the SMI line before the end line (the hypervisor's
+/// dumps have it).
+pub fn write_dump_smi(
+    w: &mut (impl Write + ?Sized),
+    title: &str,
+    snap: &Snapshot,
+    per_vcpu: &[(u64, u64)],
+    smi: &SmiReport,
+) -> fmt::Result {
+    write_dump_inner(w, title, snap, per_vcpu, Some(smi))
+}
+
+fn write_dump_inner(
+    w: &mut (impl Write + ?Sized),
+    title: &str,
+    snap: &Snapshot,
+    per_vcpu: &[(u64, u64)],
+    smi: Option<&SmiReport>,
+) -> fmt::Result {
     let (te, tc) = (snap.total_exits(), snap.total_cycles());
     writeln!(w, "{PREFIX}{BEGIN}{title} ====")?;
     writeln!(
@@ -113,6 +190,9 @@ pub fn write_dump(w: &mut (impl Write + ?Sized), title: &str, snap: &Snapshot, p
     for (i, (e, c)) in per_vcpu.iter().enumerate() {
         writeln!(w, "{PREFIX}vcpu {i}: exits={e} cycles={c}")?;
     }
+    if let Some(smi) = smi {
+        writeln!(w, "{PREFIX}{smi}")?;
+    }
     writeln!(w, "{PREFIX}{END}")
 }
 
@@ -129,6 +209,8 @@ pub struct ParsedDump {
     /// (exits, cycles) per vCPU, in order, up to 64 vCPUs.
     pub vcpus: [(u64, u64); 64],
     pub nvcpus: usize,
+    /// The SMI line, if the dump had one.
+    pub smi: Option<SmiReport>,
 }
 
 impl Default for ParsedDump {
@@ -140,6 +222,7 @@ impl Default for ParsedDump {
             total_cycles: 0,
             vcpus: [(0, 0); 64],
             nvcpus: 0,
+            smi: None,
         }
     }
 }
@@ -190,6 +273,10 @@ pub fn parse_last(text: &str) -> Result<(ParsedDump, &str), ParseError> {
 
 fn parse_line(d: &mut ParsedDump, l: &str) -> Result<(), ()> {
     let num = |s: &str| s.parse::<u64>().map_err(|_| ());
+    if l.starts_with(SMI_LINE) {
+        d.smi = Some(parse_smi_line(l).ok_or(())?);
+        return Ok(());
+    }
     if let Some(rest) = l.strip_prefix("vcpu ") {
         // "vcpu N: exits=E cycles=C"
         let mut it = rest.split_whitespace();
@@ -270,6 +357,35 @@ mod tests {
         assert_eq!(d.present, ReasonSet::of(&[10, 12, 48]));
         assert_eq!(d.nvcpus, 2);
         assert_eq!(d.vcpus[0], (4102, 4101 * 130 + 99));
+    }
+
+    #[test]
+    fn smi_lines() {
+        let (snap, _) = sample();
+        let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
+        assert_eq!(counted.to_string(), "SMIs during the run: 3 (MSR_SMI_COUNT 120 -> 123 on vCPU 0)");
+        assert_eq!(SmiReport::NotCounted.to_string(), "SMIs during the run: not counted (no MSR_SMI_COUNT)");
+        // The counter is 32 bits wide and may wrap.
+        assert_eq!(SmiReport::Counted { start: 0xFFFF_FFFE, end: 1, vcpu: 2 }.smis(), Some(3));
+        for smi in [counted, SmiReport::NotCounted, SmiReport::Counted { start: 0, end: 0, vcpu: 3 }] {
+            let mut out = String::new();
+            write_dump_smi(&mut out, "final (guest halted)", &snap, &[(1, 2)], &smi).unwrap();
+            let lines: std::vec::Vec<&str> = out.lines().collect();
+            assert_eq!(lines[lines.len() - 2], std::format!("{PREFIX}{smi}"));
+            let (d, _) = parse_last(&out).unwrap();
+            assert_eq!(d.smi, Some(smi));
+            assert_eq!(d.snap, snap);
+        }
+        // A dump without the line (older hypervisors, xtask's own) parses too.
+        let mut out = String::new();
+        write_dump(&mut out, "t", &snap, &[]).unwrap();
+        assert!(!out.contains(SMI_LINE));
+        assert_eq!(parse_last(&out).unwrap().0.smi, None);
+        // A damaged SMI line is an error, not silently dropped.
+        let mut out = String::new();
+        write_dump_smi(&mut out, "t", &snap, &[], &counted).unwrap();
+        assert!(matches!(parse_last(&out.replace("3 (MSR", "4 (MSR")), Err(ParseError::BadLine(_))));
+        assert_eq!(parse_smi_line("SMIs during the run: lots"), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! | `profile=kvm-like` | what KVM intercepts on a typical boot: [`Profile::KvmLike`] |
 //! | `profile=all` | every class below, and `ept=lazy` |
 //! | `intercept=NAME,NAME,...` | adds classes on top of the profile; `-NAME` removes one |
-//! | `preempt=TICKS` / `preempt=off` | the VMX-preemption timer, re-armed every TICKS TSC ticks of guest time (reason 52) |
+//! | `preempt=TICKS` / `preempt=off` | the VMX-preemption timer, re-armed every TICKS TSC ticks of guest time (reason 52). The timer does not count in C3 and deeper, so while it is on MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits as a no-op (reason 36) |
 //! | `ept=lazy` / `ept=eager` | EPT filled on demand from EPT violations, or built whole before the guest starts (the default) |
 //!
 //! The profile is the base wherever it stands on the line (the last
@@ -79,6 +79,8 @@ pub static CLASSES: [ClassInfo; N_CLASSES] = [
 
 /// The reason of the VMX-preemption timer (`preempt=`).
 pub const PREEMPT_REASON: u16 = 52;
+/// The MWAIT exit, which `preempt=` enables too (see [`Interception::reasons`]).
+pub const MWAIT_REASON: u16 = 36;
 
 /// Reasons enabled in every profile: the exits VT-x makes unconditional
 /// (CPUID, GETSEC, INVD, XSETBV, the VMX and TDX instructions, triple
@@ -226,6 +228,9 @@ impl Interception {
         }
         if self.preempt.is_some() {
             s.insert(PREEMPT_REASON);
+            // MWAIT exits while the timer is on (the timer stops in deep
+            // C-states): see the hypervisor's `caps::choose`.
+            s.insert(MWAIT_REASON);
         }
         s
     }

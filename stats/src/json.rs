@@ -11,7 +11,7 @@
 //!
 //! | type | fields |
 //! |---|---|
-//! | `begin` | `title` (string, as in the human dump), `vcpus` (number of vCPU lines), `reasons_source` (where the reason table comes from, [`SDM_SOURCE`]), `slots` (87: reasons 0..=85 and the unknown slot), `unknown_slot` (86), `hist_buckets` (32), `detail` (bool: reason lines carry latency details and breakdown lines follow), `timeline` (bool: a timeline follows) |
+//! | `begin` | `title` (string, as in the human dump), `vcpus` (number of vCPU lines), `reasons_source` (where the reason table comes from, [`SDM_SOURCE`]), `slots` (87: reasons 0..=85 and the unknown slot), `unknown_slot` (86), `hist_buckets` (32), `detail` (bool: reason lines carry latency details and breakdown lines follow), `timeline` (bool: a timeline follows), `tsc` (number or `null`); optional (absent from dumps that predate it): `smis` (SMIs during the run by MSR_SMI_COUNT, see [`SmiReport`]; `null`: not counted, no such MSR), and with a number also `smi_count_start`, `smi_count_end` (the MSR's readings) and `smi_vcpu` (the vCPU they were read on) |
 //! | `reason` | one per counter slot with at least one exit, ascending: `slot`, `nr` (the basic exit reason, `null` for the unknown slot, which collects reasons above 85), `key` (Linux-style identifier; `"UNDEFINED"` for a number the SDM does not define, `"UNKNOWN"` for the unknown slot), `name` (the SDM's name), `exits`, `cycles`; with details also `min` (cycles, `null` if not recorded), `max`, `sumsq` (sum of squared latencies, a decimal **string**: it is a 128-bit number), `hist` (array of 32 counts: bucket `b` counts exits of `[2^b, 2^(b+1))` cycles, bucket 0 also 0 and 1, bucket 31 everything from `2^31`; see [`crate::detail::bucket`]) |
 //! | `vcpu` | one per vCPU, ascending: `vcpu`, `exits`, `cycles` |
 //! | `breakdown` | with details, per kind by count descending: `kind` (`io_port`, `msr`, `cr`, `ept_2m_region`, see [`BreakdownKind`]), `reason` (the exit reason it splits), `key` (number, meaning per kind), `label` (the key for people, e.g. `port 0x3f8`, `WRMSR 0x6e0`, `MOV to CR4`, `GPA 0xfee00000-0xfeffffff`), `count` |
@@ -41,6 +41,7 @@
 //! ```
 
 use crate::counters::Snapshot;
+pub use crate::dump::SmiReport;
 use crate::detail::{BreakdownKind, DetailSnapshot, ReasonDetail, HIST_BUCKETS};
 use crate::leaf::StatsView;
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
@@ -66,6 +67,25 @@ pub struct JsonDump<'a> {
     /// The TSC when the dump was taken (so a reader knows how far the
     /// timeline reaches).
     pub tsc: Option<u64>,
+    /// SMIs during the run (`None`: the fields are left out).
+    pub smi: Option<&'a SmiReport>,
+}
+
+/// The optional SMI fields of the `begin` line.
+struct SmiFields<'a>(Option<&'a SmiReport>);
+
+impl fmt::Display for SmiFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => Ok(()),
+            Some(SmiReport::NotCounted) => f.write_str(",\"smis\":null"),
+            Some(r @ SmiReport::Counted { start, end, vcpu }) => write!(
+                f,
+                ",\"smis\":{},\"smi_count_start\":{start},\"smi_count_end\":{end},\"smi_vcpu\":{vcpu}",
+                r.smis().unwrap_or(0)
+            ),
+        }
+    }
 }
 
 /// A string as a JSON string literal, quotes included.
@@ -197,13 +217,14 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
     l.line(
         "begin",
         format_args!(
-            ",\"title\":{},\"vcpus\":{},\"reasons_source\":{},\"slots\":{SLOTS},\"unknown_slot\":{UNKNOWN_SLOT},\"hist_buckets\":{HIST_BUCKETS},\"detail\":{},\"timeline\":{},\"tsc\":{}",
+            ",\"title\":{},\"vcpus\":{},\"reasons_source\":{},\"slots\":{SLOTS},\"unknown_slot\":{UNKNOWN_SLOT},\"hist_buckets\":{HIST_BUCKETS},\"detail\":{},\"timeline\":{},\"tsc\":{}{}",
             Str(d.title),
             d.per_vcpu.len(),
             Str(SDM_SOURCE),
             d.detail.is_some(),
             d.timeline.is_some(),
-            Opt(d.tsc)
+            Opt(d.tsc),
+            SmiFields(d.smi)
         ),
     )?;
     for slot in (0..SLOTS).filter(|&s| d.snap.exits[s] != 0) {
@@ -295,6 +316,8 @@ pub struct ParsedJson {
     pub title: String,
     /// The TSC when the dump was taken, if the writer gave it.
     pub tsc: Option<u64>,
+    /// SMIs during the run, if the writer gave them.
+    pub smi: Option<SmiReport>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -623,6 +646,7 @@ impl Block {
             p: ParsedJson {
                 schema: SCHEMA_VERSION,
                 tsc: None,
+                smi: None,
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -795,6 +819,21 @@ pub fn parse_last_json(text: &str) -> Result<ParsedJson, JsonError> {
                 }
                 let _ = boolean(&v, "timeline")?;
                 b.p.tsc = opt_num(&v, "tsc")?;
+                b.p.smi = match v.get("smis") {
+                    None => None,
+                    Some(Value::Null) => Some(SmiReport::NotCounted),
+                    Some(_) => {
+                        let r = SmiReport::Counted {
+                            start: num(&v, "smi_count_start")?,
+                            end: num(&v, "smi_count_end")?,
+                            vcpu: num(&v, "smi_vcpu")? as usize,
+                        };
+                        if r.smis() != Some(num(&v, "smis")?) {
+                            return Err("smis is not the difference of the SMI counts");
+                        }
+                        Some(r)
+                    }
+                };
                 Ok(())
             })();
             if let Err(why) = head {
@@ -893,6 +932,7 @@ mod tests {
             detail: Some(&det),
             timeline: Some(&t),
             tsc: Some(123_456_789),
+            smi: Some(&SmiReport::Counted { start: 120, end: 123, vcpu: 1 }),
         });
         (s, snap, per, det, t)
     }
@@ -908,6 +948,7 @@ mod tests {
         assert_eq!(p.snap, snap);
         assert_eq!(p.present, [10, 12, 30, 35, 48, reasons::UNKNOWN_SLOT]);
         assert_eq!(p.per_vcpu, per);
+        assert_eq!(p.smi, Some(SmiReport::Counted { start: 120, end: 123, vcpu: 1 }));
         assert_eq!(p.detail.as_ref(), Some(&det));
         assert_eq!((p.total_exits, p.total_cycles), (snap.total_exits(), snap.total_cycles()));
         let pt = p.timeline.unwrap();
@@ -922,15 +963,35 @@ mod tests {
     }
 
     #[test]
+    fn smi_fields_are_optional() {
+        let (snap, per, _, _) = sample();
+        let with = |smi: Option<&SmiReport>| write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi });
+        let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
+        let s = with(Some(&counted));
+        assert!(s.lines().next().unwrap().contains(",\"smis\":3,\"smi_count_start\":120,\"smi_count_end\":123,\"smi_vcpu\":0}"), "{s}");
+        assert_eq!(parse_last_json(&s).unwrap().smi, Some(counted));
+        let s = with(Some(&SmiReport::NotCounted));
+        assert!(s.lines().next().unwrap().contains(",\"smis\":null}"), "{s}");
+        assert_eq!(parse_last_json(&s).unwrap().smi, Some(SmiReport::NotCounted));
+        // Without the fields (dumps written before them): parsed, no SMI figure.
+        let s = with(None);
+        assert!(!s.contains("smi"));
+        assert_eq!(parse_last_json(&s).unwrap().smi, None);
+        // Inconsistent figures are an error.
+        let bad = with(Some(&counted)).replace("\"smis\":3", "\"smis\":4");
+        assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { line: 1, .. })), "{:?}", parse_last_json(&bad));
+    }
+
+    #[test]
     fn without_details_or_timeline() {
         let (snap, per, _, _) = sample();
-        let s = write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None });
+        let s = write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
         assert_eq!(p.snap, snap);
         assert_eq!((p.detail, p.timeline), (None, None));
         // An empty dump is still a dump.
-        let s = write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None });
+        let s = write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None, smi: None });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
     }
@@ -1006,7 +1067,7 @@ mod tests {
     #[test]
     fn the_last_complete_dump_wins() {
         let (s, snap, per, ..) = full();
-        let first = write(&JsonDump { title: "first", snap: &Snapshot::default(), per_vcpu: &per, detail: None, timeline: None, tsc: None });
+        let first = write(&JsonDump { title: "first", snap: &Snapshot::default(), per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
         assert_eq!(p.snap, snap);

@@ -1055,7 +1055,7 @@ mod tests {
         let mut human = String::new();
         dump::write_dump(&mut human, "final (synthetic)", &snap, &per).unwrap();
         let mut js = String::new();
-        write_json_dump(&mut js, &JsonDump { title: "final (synthetic)", snap: &snap, per_vcpu: &per, detail: Some(&det), timeline: Some(&t), tsc: None })
+        write_json_dump(&mut js, &JsonDump { title: "final (synthetic)", snap: &snap, per_vcpu: &per, detail: Some(&det), timeline: Some(&t), tsc: None, smi: None })
             .unwrap();
         format!("[    1.0] Linux booting\ntsc: Detected 3499.912 MHz TSC\n{human}{js}reboot\n")
     }

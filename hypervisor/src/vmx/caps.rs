@@ -406,6 +406,14 @@ pub fn choose(p: &VmxProbe, want: &Interception) -> Result<Controls, VmxError> {
                 c.skipped.push("save VMX-preemption timer value: the timer restarts at every VM entry");
             }
             extra.pin |= PIN_PREEMPTION_TIMER;
+            // The timer stops in deep C-states: MWAIT exits (a no-op, as
+            // under intercept=mwait) where the CPU allows it; CPUID hides
+            // MONITOR/MWAIT either way (`hide_monitor`).
+            if adjust(CPU_MWAIT, p.procbased).1 == 0 {
+                extra.cpu |= CPU_MWAIT;
+            } else {
+                c.skipped.push("MWAIT exiting with preempt=: MWAIT is only hidden from CPUID");
+            }
             let value = (ticks >> rate).clamp(1, u32::MAX as u64) as u32;
             c.preempt = Some(Preempt { ticks, value, rate, saved });
         } else {
@@ -443,6 +451,27 @@ pub const fn fix_cr(cr: u64, fixed0: u64, fixed1: u64) -> Option<u64> {
     } else {
         Some(v)
     }
+}
+
+/// The host's CR4 in VMX operation, from its current value: VMXE; OSXSAVE
+/// where the CPU has XSAVE (CPUID.1:ECX bit 26), so that the hypervisor can
+/// execute a guest's XSETBV on its behalf; MCE where the CPU has machine
+/// checks (CPUID.1:EDX bit 7), so that a machine check in root mode reaches
+/// the handler (`idt.rs`) instead of shutting the processor down. The
+/// guest's CR4 is its own VMCS field: none of these bits shows there.
+/// `None`: the result has a bit CR4_FIXED1 forbids.
+pub const fn host_cr4(cr4: u64, cpuid1_ecx: u32, cpuid1_edx: u32, fixed0: u64, fixed1: u64) -> Option<u64> {
+    let osxsave = if cpuid1_ecx & (1 << 26) != 0 { 1 << 18 } else { 0 };
+    let mce = if cpuid1_edx & (1 << 7) != 0 { 1 << 6 } else { 0 };
+    fix_cr(cr4 | (1 << 13) | osxsave | mce, fixed0, fixed1)
+}
+
+/// Whether MONITOR/MWAIT are hidden from the guest's CPUID: when they are
+/// intercepted (`intercept=mwait`), as KVM does, and whenever the
+/// preemption timer is on, because the timer does not count in C3 and
+/// deeper, which a guest's MWAIT could enter.
+pub fn hide_monitor(c: &Controls) -> bool {
+    c.classes.contains(Class::Mwait) || c.preempt.is_some()
 }
 
 /// The basic exit reasons a vCPU with controls `c` can produce: the
@@ -677,6 +706,41 @@ pub mod tests {
         p.misc = (p.misc & !0x1F) | 5;
         let c = choose(&p, &from_cmdline("preempt=100000").unwrap()).unwrap();
         assert_eq!(c.preempt.unwrap().value, 100000 >> 5);
+    }
+
+    #[test]
+    fn host_cr4_has_mce_where_the_cpu_has_it() {
+        let p = skylake_x();
+        // Bochs' skylake_x: XSAVE and MCE.
+        assert_eq!(host_cr4(0x20, 1 << 26, 1 << 7, p.cr4_fixed0, p.cr4_fixed1), Some(0x20 | 1 << 13 | 1 << 18 | 1 << 6));
+        // A CPU without machine-check support: no MCE.
+        assert_eq!(host_cr4(0x20, 0, 0, p.cr4_fixed0, p.cr4_fixed1), Some(0x20 | 1 << 13));
+        // MCE already set (firmware) stays set.
+        assert_eq!(host_cr4(0x60, 0, 0, p.cr4_fixed0, p.cr4_fixed1), Some(0x60 | 1 << 13));
+        // A CPU whose CR4_FIXED1 forbids a bit: refused.
+        assert_eq!(host_cr4(0x20, 0, 1 << 7, p.cr4_fixed0, p.cr4_fixed1 & !(1 << 6)), None);
+    }
+
+    #[test]
+    fn preempt_hides_and_intercepts_mwait() {
+        use exitscope_stats::intercept::from_cmdline;
+        let c = choose(&skylake_x(), &from_cmdline("preempt=100000").unwrap()).unwrap();
+        assert!(hide_monitor(&c));
+        assert_eq!(c.cpu & (CPU_MWAIT | CPU_MONITOR), CPU_MWAIT);
+        assert!(enabled_reasons(&c, false).contains(36));
+        // Without the timer, MWAIT is the guest's (minimal profile).
+        let c = choose(&skylake_x(), &Interception::default()).unwrap();
+        assert!(!hide_monitor(&c));
+        assert_eq!(c.cpu & CPU_MWAIT, 0);
+        // intercept=mwait hides it too.
+        let c = choose(&skylake_x(), &from_cmdline("intercept=mwait").unwrap()).unwrap();
+        assert!(hide_monitor(&c));
+        // A CPU without MWAIT exiting: hidden only, and reported.
+        let mut p = skylake_x();
+        p.procbased &= !((CPU_MWAIT as u64) << 32);
+        let c = choose(&p, &from_cmdline("profile=all intercept=-mwait preempt=50000").unwrap()).unwrap();
+        assert!(hide_monitor(&c) && c.cpu & CPU_MWAIT == 0);
+        assert!(c.skipped.iter().any(|s| s.starts_with("MWAIT exiting with preempt=")), "{:?}", c.skipped);
     }
 
     #[test]

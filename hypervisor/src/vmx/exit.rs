@@ -243,6 +243,7 @@ unsafe extern "C" {
 /// Enters the guest for the first time on this CPU. Never returns: from now
 /// on the CPU lives in the exit loop.
 pub fn launch(v: &'static mut VcpuState) -> ! {
+    crate::statsys::note_smi_start(v.id);
     crate::serial::drain();
     crate::serial::GUEST_STARTED.store(true, core::sync::atomic::Ordering::Relaxed);
     // SAFETY: the VMCS of `v` is current and fully programmed; HOST_RSP is
@@ -374,7 +375,62 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
         Exit::TaskSwitch => end_guest(v, GuestEnd::Stopped("hardware task switch (not supported)")),
         Exit::Unexpected(n) => unexpected(v, n),
     }
+    if idt::machine_check_pending(v.id) {
+        reflect_machine_check(v);
+    }
     account(v, basic);
+}
+
+/// A machine check taken in VMX root operation while this vCPU's exit was
+/// being handled (`idt.rs` only marks it): hand it to the guest as #MC at
+/// this VM entry, as if the guest had taken it, and say so. A guest with
+/// CR4.MCE clear would shut down on a machine check: it is stopped, with
+/// that reason.
+#[cold]
+fn reflect_machine_check(v: &mut VcpuState) {
+    idt::clear_machine_check(v.id);
+    match machine_check_delivery(vmread(guest::CR4), vmread(guest::ACTIVITY_STATE)) {
+        McDelivery::Inject => {
+            inject(vector::MC, None);
+            crate::hvprintln!("machine check in VMX root mode on CPU {}: reflected to the guest", v.id);
+        }
+        McDelivery::Shutdown => {
+            crate::hvprintln!(
+                "machine check in VMX root mode on CPU {}: the guest's CR4.MCE is clear, so the machine check would shut it down",
+                v.id
+            );
+            end_guest(v, GuestEnd::Stopped("machine check with the guest's CR4.MCE clear"))
+        }
+        McDelivery::NotNow => {
+            crate::hvprintln!(
+                "machine check in VMX root mode on CPU {}: not reflected (the vCPU waits for a SIPI or is shut down)",
+                v.id
+            );
+        }
+    }
+}
+
+/// How a machine check reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McDelivery {
+    /// Inject #MC (vector 18) at the next VM entry.
+    Inject,
+    /// The guest's CR4.MCE is clear: the processor would shut down.
+    Shutdown,
+    /// The vCPU is in the shutdown or wait-for-SIPI state, where VM entry
+    /// cannot inject an event.
+    NotNow,
+}
+
+/// Decides [`McDelivery`] from the guest's CR4 and activity state.
+pub const fn machine_check_delivery(guest_cr4: u64, activity: u64) -> McDelivery {
+    if activity >= 2 {
+        McDelivery::NotNow
+    } else if guest_cr4 & CR4_MCE == 0 {
+        McDelivery::Shutdown
+    } else {
+        McDelivery::Inject
+    }
 }
 
 /// Charges the exit to its reason: the last thing before VMRESUME. The
@@ -417,6 +473,7 @@ pub mod vector {
     pub const NP: u8 = 11;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
+    pub const MC: u8 = 18;
 }
 
 /// Injects a hardware exception at the current guest instruction. In real
@@ -464,6 +521,10 @@ pub const SIGNATURE: [u32; 3] = [
 ];
 /// Version of the hypervisor interface (leaf 0x40000001 EAX).
 pub const INTERFACE_VERSION: u32 = 1;
+/// The range of CPUID leaves reserved for hypervisors, which Exitscope
+/// answers whole: its own leaves, then zeros.
+pub const HV_LEAVES_FIRST: u32 = 0x4000_0000;
+pub const HV_LEAVES_LAST: u32 = 0x4FFF_FFFF;
 
 fn cpuid(v: &mut VcpuState) {
     let leaf = v.regs.rax as u32;
@@ -488,7 +549,13 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     match leaf {
         0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
         0x4000_0001 => [INTERFACE_VERSION, 0, 0, 0],
-        0x4000_0002..=0x4000_00FF => [0; 4],
+        // The rest of the range CPUID reserves for hypervisors: zeros, never
+        // the CPU's answer. Under an outer hypervisor the real CPUID has its
+        // leaves there (KVM's signature at 0x40000100 under QEMU with
+        // Hyper-V enlightenments), which a guest would then take for its
+        // own. The statistics and control leaves (0x4FFFFFF0 and up) are
+        // answered before this function is called.
+        HV_LEAVES_FIRST..=HV_LEAVES_LAST => [0; 4],
         _ => {
             let mut r = cpu::cpuid(leaf, sub);
             let h = shared().hide;
@@ -615,7 +682,29 @@ fn hlt(v: &mut VcpuState) {
     // A CPU without that activity state resumes the guest after its HLT,
     // which then idles in a loop (see `Controls::hlt_state`).
     if shared().controls.hlt_state {
+        // A single-step over the HLT stays pending (VM entry into the HLT state
+        // with RFLAGS.TF = 1 requires it, SDM Vol. 3, 27.3.1.5).
+        let pending = vmread(guest::PENDING_DBG_EXCEPTIONS);
+        let with_step = hlt_pending_debug(vmread(guest::RFLAGS), vmread(guest::IA32_DEBUGCTL_FULL), pending);
+        if with_step != pending {
+            vmwrite(guest::PENDING_DBG_EXCEPTIONS, with_step);
+        }
         vmwrite(guest::ACTIVITY_STATE, 1);
+    }
+}
+
+/// The pending-debug-exceptions field for a vCPU entering the HLT state:
+/// with RFLAGS.TF = 1 and IA32_DEBUGCTL.BTF = 0 the single-step trap of
+/// the HLT is pending (BS, bit 14), as VM entry requires and as the CPU
+/// would deliver it.
+pub const fn hlt_pending_debug(rflags: u64, debugctl: u64, pending: u64) -> u64 {
+    const TF: u64 = 1 << 8;
+    const BTF: u64 = 1 << 1;
+    const BS: u64 = 1 << 14;
+    if rflags & TF != 0 && debugctl & BTF == 0 {
+        pending | BS
+    } else {
+        pending
     }
 }
 
@@ -855,6 +944,7 @@ const CR0_NW: u64 = 1 << 29;
 const CR0_CD: u64 = 1 << 30;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
+const CR4_MCE: u64 = 1 << 6;
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -911,26 +1001,44 @@ fn write_cr0(v: &mut VcpuState, new: u64) -> bool {
         return false;
     }
     let c = &shared().controls;
-    let old = vmread(guest::CR0);
-    let mut efer = vmread(guest::IA32_EFER_FULL);
-    if old & CR0_PG == 0 && new & CR0_PG != 0 && efer & EFER_LME != 0 {
-        if vmread(guest::CR4) & CR4_PAE == 0 {
-            return false;
-        }
-        efer |= EFER_LMA;
-        v.entry_ctls |= ENTRY_IA32E_GUEST;
-    } else if old & CR0_PG != 0 && new & CR0_PG == 0 && efer & EFER_LMA != 0 {
-        efer &= !EFER_LMA;
-        v.entry_ctls &= !ENTRY_IA32E_GUEST;
-    }
+    // The VM-entry controls as the last VM exit left them: the CPU stores
+    // EFER.LMA in "IA-32e mode guest" at every exit, and a guest may have
+    // switched paging (and so long mode) on or off without an exit.
+    let ctls = vmread(control::VMENTRY_CONTROLS) as u32;
+    let Some((efer, ctls)) =
+        long_mode_after_cr0_write(vmread(guest::CR0), new, vmread(guest::CR4), vmread(guest::IA32_EFER_FULL), ctls)
+    else {
+        return false;
+    };
+    v.entry_ctls = ctls;
     vmwrite(guest::IA32_EFER_FULL, efer);
-    vmwrite(control::VMENTRY_CONTROLS, v.entry_ctls as u64);
+    vmwrite(control::VMENTRY_CONTROLS, ctls as u64);
     if vcpu::set_cr0(c, new).is_err() {
         return false;
     }
     update_pdptes(v);
     flush_guest_tlb(v);
     true
+}
+
+/// EFER and the VM-entry controls after a MOV to CR0 from `old` to `new`
+/// (with CR4 `cr4`, EFER `efer`, entry controls `ctls` as they are now):
+/// turning paging on with EFER.LME activates long mode, turning it off
+/// deactivates it, and "IA-32e mode guest" always ends equal to EFER.LMA
+/// (a VM-entry check). `None`: the write faults (paging with LME but
+/// without PAE).
+pub const fn long_mode_after_cr0_write(old: u64, new: u64, cr4: u64, efer: u64, ctls: u32) -> Option<(u64, u32)> {
+    let mut efer = efer;
+    if old & CR0_PG == 0 && new & CR0_PG != 0 && efer & EFER_LME != 0 {
+        if cr4 & CR4_PAE == 0 {
+            return None;
+        }
+        efer |= EFER_LMA;
+    } else if old & CR0_PG != 0 && new & CR0_PG == 0 && efer & EFER_LMA != 0 {
+        efer &= !EFER_LMA;
+    }
+    let ctls = if efer & EFER_LMA != 0 { ctls | ENTRY_IA32E_GUEST } else { ctls & !ENTRY_IA32E_GUEST };
+    Some((efer, ctls))
 }
 
 /// In PAE paging without long mode, VM entry loads the four PDPTEs from the
@@ -992,7 +1100,7 @@ pub const HC_ENOSYS: u64 = (-1000i64) as u64;
 
 fn vmcall(v: &mut VcpuState) {
     if let Some(f) = shared().options.fault {
-        crate::fatal::inject_fault(f);
+        crate::fatal::inject_fault(f, v.id);
     }
     v.regs.rax = HC_ENOSYS;
     skip(v);
@@ -1160,6 +1268,66 @@ mod tests {
         assert!(!cr0_write_faults(0x8000_0031));
         let a = CrAccess::decode(0x0300 | 0x4);
         assert_eq!((a.cr, a.kind, a.gpr), (4, 0, 3));
+    }
+
+    #[test]
+    fn the_whole_hypervisor_range_is_answered() {
+        // Exitscope's own leaves.
+        assert_eq!(filtered_cpuid(0x4000_0000, 0), [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]]);
+        assert_eq!(filtered_cpuid(0x4000_0001, 0), [INTERFACE_VERSION, 0, 0, 0]);
+        // Zeros everywhere else in 0x40000000-0x4FFFFFFF (KVM's signature
+        // sits at 0x40000100 under QEMU with Hyper-V enlightenments); the
+        // statistics and control leaves are answered before this.
+        for leaf in [0x4000_0002, 0x4000_00FF, 0x4000_0100, 0x4000_0101, 0x4000_0200, 0x4000_FFFF, 0x4001_0000, 0x4800_0000, 0x4FFF_FFEF, 0x4FFF_FFF9, 0x4FFF_FFFF] {
+            for sub in [0, 1, 0xFFFF_FFFF] {
+                assert_eq!(filtered_cpuid(leaf, sub), [0; 4], "leaf {leaf:#x} sub {sub:#x}");
+            }
+            // None of it may reach the stub's pass-through fast path.
+            assert!(!is_fast_cpuid_leaf(leaf));
+        }
+        assert_eq!((HV_LEAVES_FIRST, HV_LEAVES_LAST), (0x4000_0000, 0x4FFF_FFFF));
+        assert!(leaf::is_stats_leaf(0x4FFF_FFFC) && exitscope_stats::control::is_control_leaf(0x4FFF_FFF0));
+    }
+
+    #[test]
+    fn cr0_writes_keep_ia32e_mode_equal_to_lma() {
+        const PE_PG: u64 = CR0_PE | CR0_PG;
+        let lme = EFER_LME;
+        let lma = EFER_LME | EFER_LMA;
+        // Paging on with LME: long mode on.
+        assert_eq!(long_mode_after_cr0_write(CR0_PE, PE_PG, CR4_PAE, lme, 0), Some((lma, ENTRY_IA32E_GUEST)));
+        // Without PAE: the write faults.
+        assert_eq!(long_mode_after_cr0_write(CR0_PE, PE_PG, 0, lme, 0), None);
+        // Paging off: long mode off.
+        assert_eq!(long_mode_after_cr0_write(PE_PG, CR0_PE, CR4_PAE, lma, ENTRY_IA32E_GUEST | 4), Some((lme, 4)));
+        // The stale case: the guest turned paging (and so long mode) on
+        // without an exit after the last emulated write cleared IA-32e
+        // mode; a later NE flip must not clear it while EFER.LMA is 1.
+        assert_eq!(long_mode_after_cr0_write(PE_PG, PE_PG | 1 << 5, CR4_PAE, lma, 4), Some((lma, ENTRY_IA32E_GUEST | 4)));
+        // The other way: long mode left without an exit; a write with
+        // paging off must not set IA-32e mode.
+        assert_eq!(long_mode_after_cr0_write(CR0_PE, CR0_PE | 1 << 5, CR4_PAE, lme, ENTRY_IA32E_GUEST), Some((lme, 0)));
+    }
+
+    #[test]
+    fn hlt_with_tf_keeps_the_single_step_pending() {
+        const TF: u64 = 1 << 8;
+        const BS: u64 = 1 << 14;
+        assert_eq!(hlt_pending_debug(0x202 | TF, 0, 0), BS);
+        assert_eq!(hlt_pending_debug(0x202 | TF, 0, 1), BS | 1);
+        assert_eq!(hlt_pending_debug(0x202, 0, 0), 0);
+        // BTF set: TF means branch trap, nothing pending for the HLT.
+        assert_eq!(hlt_pending_debug(0x202 | TF, 2, 0), 0);
+    }
+
+    #[test]
+    fn machine_check_delivery_follows_the_guest() {
+        const MCE: u64 = 1 << 6;
+        assert_eq!(machine_check_delivery(MCE | 0x20, 0), McDelivery::Inject);
+        assert_eq!(machine_check_delivery(MCE, 1), McDelivery::Inject); // HLT: #MC may be injected
+        assert_eq!(machine_check_delivery(0x20, 0), McDelivery::Shutdown);
+        assert_eq!(machine_check_delivery(MCE, 3), McDelivery::NotNow); // wait-for-SIPI
+        assert_eq!(machine_check_delivery(MCE, 2), McDelivery::NotNow); // shutdown
     }
 
     #[test]

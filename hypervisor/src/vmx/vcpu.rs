@@ -116,8 +116,9 @@ const _: () = assert!(core::mem::offset_of!(VcpuState, regs) == 0);
 
 /// Host stack per vCPU, below its state block.
 pub const STACK_SIZE: usize = 32 * 1024;
-/// Stack for double faults and NMIs in root mode.
-pub const FAULT_STACK_SIZE: usize = 8 * 1024;
+/// Stacks for exceptions in root mode: double faults and NMIs at the top,
+/// machine checks below (`idt::IST_STACK_SIZE` each).
+pub const FAULT_STACK_SIZE: usize = 16 * 1024;
 
 /// Per-CPU memory: VMXON region, VMCS, stacks, GDT/TSS and the state block.
 pub struct VcpuMemory {

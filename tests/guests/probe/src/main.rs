@@ -38,6 +38,10 @@
 //! intercepted) runs between a measurement's first and last query, except
 //! the exits being measured; a failed check prints and halts at once.
 //!
+//! 9. Checks of how Exitscope treats the machine around the guest
+//!    (`machine.rs`): `hv-range`, `cr4-mce`, `mce` (with the word `mce`,
+//!    against `fault=mce`), `cr0-long`, `hlt-tf`, `preempt-mwait`.
+//!
 //! Command line: `iters=N` overrides the 1000 of step 3; `smp=N`,
 //! `ap_iters=K` and `smp_start=broadcast|linux` select and shape step 8;
 //! the interception words shape steps 5 and 7.
@@ -48,6 +52,8 @@
 mod probe;
 #[cfg(target_os = "none")]
 mod intercept;
+#[cfg(target_os = "none")]
+mod machine;
 #[cfg(target_os = "none")]
 mod smp;
 

@@ -163,7 +163,7 @@ pub(crate) struct Known {
     msr_read: &'static Reason,
     io: &'static Reason,
     xsetbv: &'static Reason,
-    cr: &'static Reason,
+    pub(crate) cr: &'static Reason,
     invd: &'static Reason,
     /// The interception this run asked for (the hypervisor's options, also
     /// on the probe's command line): reasons whose class is off must read
@@ -205,12 +205,18 @@ pub fn main(boot: BootInfo) -> ! {
     };
 
     let leaf1_ecx = step1_signature();
+    crate::machine::cr4_mce();
+    crate::machine::mce(&boot);
     step2_totals(&k);
     step3_cpuid_delta(&k, iters);
     let xsetbv_exits = step4_exits(&k, leaf1_ecx);
     step5_sweep(&k, xsetbv_exits);
     step6_undefined();
+    crate::machine::hv_range();
+    crate::machine::cr0_long(k.cr);
     crate::intercept::run(&k, smp.is_some());
+    crate::machine::hlt_tf(smp.is_some());
+    crate::machine::preempt_mwait(&k.icpt);
     if let Some(c) = smp {
         crate::smp::run(&k, c);
     }
@@ -628,7 +634,7 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
         fe[usize::from(k.cpuid.number)][0].into(),
     );
     for (r, want) in [
-        (k.vmcall, EXIT_ITERS),
+        (k.vmcall, EXIT_ITERS + crate::machine::EXTRA_VMCALLS.load(Ordering::Relaxed)),
         (k.invd, EXIT_ITERS),
         (k.xsetbv, xsetbv_exits),
     ] {
