@@ -8,8 +8,9 @@ use exitscope_hv as _;
 
 core::arch::global_asm!(include_str!("entry.S"));
 
-/// Called by entry.S in long mode on the boot stack.
+/// Called by entry.S in long mode on the boot stack, with the physical
+/// address where the loader put the image's first byte (`__boot_start`).
 #[unsafe(no_mangle)]
-extern "C" fn exitscope_boot_main(magic: u32, info: u32) -> ! {
-    exitscope_hv::multiboot_entry(magic, info)
+extern "C" fn exitscope_boot_main(magic: u32, info: u32, load_base: u32) -> ! {
+    exitscope_hv::multiboot_entry(magic, info, load_base)
 }

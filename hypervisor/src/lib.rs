@@ -52,9 +52,19 @@ pub fn boot_acpi() -> acpi::Acpi {
 }
 
 /// Entry from the multiboot front-end: `magic` and `info` as the loader
-/// left them in EAX and EBX.
-pub fn multiboot_entry(magic: u32, info: u32) -> ! {
+/// left them in EAX and EBX, `load_base` where it put the image (a
+/// multiboot2 loader may relocate it).
+pub fn multiboot_entry(magic: u32, info: u32, load_base: u32) -> ! {
+    memory::set_multiboot_load_base(load_base as u64);
     early_init();
+    let how = match magic {
+        bootinfo::MB1_BOOTLOADER_MAGIC => Some("multiboot1 (link address)"),
+        bootinfo::MB2_BOOTLOADER_MAGIC => Some("multiboot2 (relocatable)"),
+        _ => None,
+    };
+    if let Some(how) = how {
+        hvprintln!("loaded at {:#x} by {how}", memory::multiboot_load_range().0);
+    }
     match bootinfo::parse_multiboot(magic, info as u64, &guest::IdentityMem) {
         Ok(mut bi) => {
             bi.preserve.push(memory::multiboot_load_range());

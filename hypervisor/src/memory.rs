@@ -3,7 +3,8 @@
 //! memory, plus an identity map of all physical memory for touching guest
 //! RAM, ACPI tables and devices.
 //!
-//! At boot the image sits where the loader put it (1 MiB). Before any guest
+//! At boot the image sits where the loader put it (1 MiB, or wherever a
+//! multiboot2 loader relocated it: [`set_multiboot_load_base`]). Before any guest
 //! memory is laid out, [`relocate`] copies it to a 2 MiB-aligned region high
 //! in RAM and remaps the virtual window there. From then on the hypervisor's
 //! physical footprint is exactly [`footprint`], which EPT leaves unmapped and
@@ -88,12 +89,53 @@ pub fn footprint() -> (u64, u64) {
     (base, base + footprint_size())
 }
 
+/// Where a multiboot loader put `__boot_start` (0: not told, the UEFI path).
+static MB_LOAD_BASE: AtomicU64 = AtomicU64::new(0);
+
+/// Tells the core where the multiboot loader put the image's first byte
+/// (entry.S computes it; a multiboot2 loader may relocate the image).
+pub fn set_multiboot_load_base(base: u64) {
+    MB_LOAD_BASE.store(base, SeqCst);
+}
+
+/// Physical address, as loaded, of the image byte linked at physical
+/// `link_pa`: the loader shifts the whole image from `link_base` to
+/// `load_base` (0: not shifted).
+fn as_loaded(link_pa: u64, link_base: u64, load_base: u64) -> u64 {
+    match load_base {
+        0 => link_pa,
+        b => link_pa - link_base + b,
+    }
+}
+
+fn loaded(link_pa: u64) -> u64 {
+    as_loaded(link_pa, ptr::addr_of!(__boot_start) as u64, MB_LOAD_BASE.load(SeqCst))
+}
+
 /// Physical range of the image as a multiboot loader placed it (before
-/// relocation): the multiboot section at 1 MiB through the end of the arena,
-/// one to one with the link addresses.
+/// relocation): the multiboot section through the end of the arena, the
+/// link addresses shifted by the load delta.
 pub fn multiboot_load_range() -> (u64, u64) {
     let boot = ptr::addr_of!(__boot_start) as u64;
-    (boot, image_end_va() - KERNEL_VMA)
+    (loaded(boot), loaded(image_end_va() - KERNEL_VMA))
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::as_loaded;
+
+    #[test]
+    fn relocated_image_shifts_as_a_whole() {
+        // Not relocated (multiboot1, or the UEFI path): link addresses.
+        assert_eq!(as_loaded(0x101000, 0x100000, 0), 0x101000);
+        assert_eq!(as_loaded(0x101000, 0x100000, 0x100000), 0x101000);
+        // Loaded at 64 MiB: every byte moves by 63 MiB.
+        assert_eq!(as_loaded(0x100000, 0x100000, 0x400_0000), 0x400_0000);
+        assert_eq!(as_loaded(0x101000, 0x100000, 0x400_0000), 0x400_1000);
+        assert_eq!(as_loaded(0xE00000, 0x100000, 0x400_0000), 0x4D0_0000);
+        // Near the top of the 32-bit space (max_addr 4 GiB).
+        assert_eq!(as_loaded(0xE00000, 0x100000, 0xF000_0000), 0xF0D0_0000);
+    }
 }
 
 /// Where physical memory appears in the current address space: 0 with the
@@ -109,7 +151,7 @@ pub fn set_phys_offset(offset: u64) {
 
 fn image_phys() -> u64 {
     match IMAGE_PHYS.load(SeqCst) {
-        0 => image_start_va() - KERNEL_VMA,
+        0 => loaded(image_start_va() - KERNEL_VMA),
         p => p,
     }
 }

@@ -71,6 +71,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "uefi-qemu-no-vmx", run: uefi_qemu_no_vmx },
     Test { name: "iso-uefi-qemu-no-vmx", run: iso_uefi_qemu_no_vmx },
     Test { name: "iso-usb-bios-qemu-no-vmx", run: iso_usb_bios_qemu_no_vmx },
+    Test { name: "probe-relocated", run: probe_relocated },
+    Test { name: "iso-uefi-qemu-relocated-no-vmx", run: iso_uefi_qemu_relocated_no_vmx },
     Test { name: "bios-image-bad-bundle", run: bios_image_bad_bundle },
     Test { name: "fuzz", run: fuzz_stream },
     Test { name: "isolation-hole-sweep", run: isolation_hole_sweep },
@@ -870,6 +872,52 @@ fn iso_usb_bios_qemu_no_vmx(ctx: &Ctx) -> Result {
     let guest = ctx.art.guest("probe");
     image::grub_iso(&probe_spec(ctx, &guest), &work, &iso)?;
     qemu_expect_no_vmx("ISO on a USB stick under BIOS", &work.join("serial.log"), &usb_stick(&iso), "multiboot2", &[])
+}
+
+/// Where the relocated tests ask GRUB to load the hypervisor: 64 MiB, far
+/// from the link address (1 MiB), as when UEFI firmware occupies low memory.
+const RELOCATED_MIN: u32 = 0x400_0000;
+
+/// A copy of the hypervisor whose multiboot2 relocatable tag asks for at
+/// least RELOCATED_MIN (GRUB, preferring low addresses, then loads it there).
+fn relocated_hypervisor(ctx: &Ctx, work: &std::path::Path) -> Result<PathBuf> {
+    let elf = std::fs::read(&ctx.art.hypervisor).map_err(|e| format!("{}: {e}", ctx.art.hypervisor.display()))?;
+    let tag = image::mb2_relocatable(&elf)?.ok_or("the hypervisor's multiboot2 header has no relocatable tag")?;
+    if tag.min_addr >= RELOCATED_MIN || tag.preference != 1 {
+        return Err(format!("unexpected relocatable tag {tag:?}: the test needs min_addr below {RELOCATED_MIN:#x} and preference low"));
+    }
+    let path = work.join("exitscope-relocated.elf");
+    util::write(&path, image::with_mb2_min_addr(&elf, RELOCATED_MIN)?)?;
+    Ok(path)
+}
+
+/// The probe with the hypervisor loaded at 64 MiB by GRUB (BIOS, Bochs):
+/// the position-independent entry maps the image where it is, the core
+/// relocates it from there, and the probe passes as at 1 MiB.
+fn probe_relocated(ctx: &Ctx) -> Result {
+    let name = "probe-relocated";
+    let work = util::out_dir().join("runs").join(name);
+    let hv = relocated_hypervisor(ctx, &work)?;
+    let guest = ctx.art.guest("probe");
+    let spec = IsoSpec { hypervisor: &hv, ..probe_spec(ctx, &guest) };
+    let out = bochs_run(name, &spec, 1, 180)?;
+    require(&out, &format!("[exitscope] loaded at {RELOCATED_MIN:#x} by multiboot2 (relocatable)"))?;
+    check_probe(&out).map(|_| ())
+}
+
+/// The same relocated image from the hybrid ISO under UEFI (QEMU + OVMF,
+/// software emulation): GRUB for UEFI honours the tag too, and the
+/// hypervisor runs from there up to its VMX check.
+fn iso_uefi_qemu_relocated_no_vmx(ctx: &Ctx) -> Result {
+    let work = util::out_dir().join("runs").join("iso-uefi-qemu-relocated-no-vmx");
+    let hv = relocated_hypervisor(ctx, &work)?;
+    let iso = work.join("exitscope.iso");
+    let guest = ctx.art.guest("probe");
+    image::grub_iso(&IsoSpec { hypervisor: &hv, ..probe_spec(ctx, &guest) }, &work, &iso)?;
+    let mut args = crate::uefi::qemu_ovmf_args(&work)?;
+    args.extend(["-cdrom".into(), iso.display().to_string()]);
+    let loaded = format!("[exitscope] loaded at {RELOCATED_MIN:#x} by multiboot2 (relocatable)");
+    qemu_expect_no_vmx("relocated ISO as a CD-ROM under UEFI", &work.join("serial.log"), &args, "multiboot2", &[&loaded])
 }
 
 /// A BIOS disk image whose ramdisk is not a boot bundle: one clear line,
