@@ -745,12 +745,12 @@ mod tests {
         m.data[fadt + 112..fadt + 116].copy_from_slice(&(1u32 << 10).to_le_bytes());
         let len = 244;
         fix_checksum(&mut m.data[fadt..fadt + len], 9);
-        assert_eq!(parse(&m, None).pm_timer, Some((AcpiReg::Io(0x608), false)));
+        assert_eq!(parse(&m, &none()).pm_timer, Some((AcpiReg::Io(0x608), false)));
         // Neither: no timer.
         m.data[fadt + 212..fadt + 220].copy_from_slice(&0u64.to_le_bytes());
         m.data[fadt + 76..fadt + 80].copy_from_slice(&0u32.to_le_bytes());
         fix_checksum(&mut m.data[fadt..fadt + len], 9);
-        assert_eq!(parse(&m, None).pm_timer, None);
+        assert_eq!(parse(&m, &none()).pm_timer, None);
     }
 
     #[test]
@@ -814,8 +814,8 @@ mod tests {
             rsdt_body.extend_from_slice(&t.to_le_bytes());
         }
         m.put(0x73000, &table(b"RSDT", &rsdt_body));
-        assert_eq!(parse(&m, None).spcr.map(|s| s.port), Some(UartPort::Io(0x2F8)));
-        assert_eq!(parse(&world(), None).spcr, None);
+        assert_eq!(parse(&m, &none()).spcr.map(|s| s.port), Some(UartPort::Io(0x2F8)));
+        assert_eq!(parse(&world(), &none()).spcr, None);
     }
 
     /// A HW-reduced FADT: no PM1 blocks, flag bit 20, sleep control and
@@ -823,7 +823,7 @@ mod tests {
     #[test]
     fn fadt_sleep_registers() {
         let mut m = world();
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert!(!a.hw_reduced);
         assert_eq!((a.sleep_control, a.sleep_status), (None, None));
         let mut body = vec![0u8; 276 - 36];
@@ -836,7 +836,7 @@ mod tests {
             body[o - 36 + 4..o - 36 + 12].copy_from_slice(&addr.to_le_bytes());
         }
         m.put(0x71000, &table(b"FACP", &body));
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert!(a.hw_reduced);
         assert_eq!(a.pm1a_cnt, None);
         assert_eq!(a.sleep_control, Some(AcpiReg::Memory(0xFED8_0404)));
@@ -849,7 +849,7 @@ mod tests {
         body[172 - 36 + 1] = 16;
         body[176 - 36..184 - 36].copy_from_slice(&0xFED0_1004u64.to_le_bytes());
         m.put(0x71000, &table(b"FACP", &body));
-        let a = parse(&m, None);
+        let a = parse(&m, &none());
         assert_eq!(a.pm1a_cnt, Some(AcpiReg::Memory(0xFED0_1004)));
         assert_eq!(a.sleep_control, None, "too short for the sleep registers");
     }
