@@ -69,10 +69,11 @@ pub struct Calibration {
 
 impl core::fmt::Display for Calibration {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{} MHz ({})", self.hz / 1_000_000, self.source.describe())?;
+        let mhz = |hz: u64| hz.saturating_add(500_000) / 1_000_000;
+        write!(f, "{} MHz ({})", mhz(self.hz), self.source.describe())?;
         if let Some((s, hz)) = self.ignored {
             let leaf = if s == Source::Cpuid15 { "0x15" } else { "0x16" };
-            write!(f, "; CPUID leaf {leaf} claims {} MHz, ignored", hz / 1_000_000)?;
+            write!(f, "; CPUID leaf {leaf} claims {} MHz, ignored", mhz(hz))?;
         }
         Ok(())
     }
@@ -380,6 +381,9 @@ mod tests {
         let c = choose(Some(50_000_000), None, Some(3_500_000_000), no_pit);
         assert_eq!(c, Calibration { hz: 50_000_000, source: Source::PmTimer, ignored: Some((Source::Cpuid16, 3_500_000_000)) });
         assert_eq!(c.to_string(), "50 MHz (calibrated against the ACPI PM timer); CPUID leaf 0x16 claims 3500 MHz, ignored");
+        // Whole MHz, rounded (Bochs' PM timer has 1 us steps).
+        let c = choose(Some(49_999_930), None, None, no_pit);
+        assert_eq!(c.to_string(), "50 MHz (calibrated against the ACPI PM timer)");
         // A claim that agrees is not reported.
         let c = choose(Some(2_995_000_000), Some(3_000_000_000), None, no_pit);
         assert_eq!((c.hz, c.source, c.ignored), (2_995_000_000, Source::PmTimer, None));
