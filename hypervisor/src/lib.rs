@@ -53,6 +53,7 @@ pub fn boot_acpi() -> acpi::Acpi {
 /// Entry from the multiboot front-end: `magic` and `info` as the loader
 /// left them in EAX and EBX.
 pub fn multiboot_entry(magic: u32, info: u32) -> ! {
+    serial::SCREEN.store(true, core::sync::atomic::Ordering::Relaxed);
     early_init();
     match bootinfo::parse_multiboot(magic, info as u64, &guest::IdentityMem) {
         Ok(mut bi) => {
@@ -129,7 +130,7 @@ pub fn run(bi: BootInfo) -> ! {
     let acpi = acpi::parse(&guest::IdentityMem, bi.rsdp.as_ref());
     BOOT_ACPI.call_once(|| acpi.clone());
     // The console UART is known now: `serial=`, the SPCR's, or COM1.
-    serial::configure(opts.serial, acpi.spcr, bi.protocol.starts_with("multiboot"));
+    serial::configure(opts.serial, acpi.spcr);
     if acpi.tables.is_empty() {
         hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
     } else {
