@@ -56,6 +56,7 @@ pub fn boot_acpi() -> acpi::Acpi {
 /// multiboot2 loader may relocate it).
 pub fn multiboot_entry(magic: u32, info: u32, load_base: u32) -> ! {
     memory::set_multiboot_load_base(load_base as u64);
+    serial::SCREEN.store(true, core::sync::atomic::Ordering::Relaxed);
     early_init();
     let how = match magic {
         bootinfo::MB1_BOOTLOADER_MAGIC => Some("multiboot1 (link address)"),
@@ -140,7 +141,7 @@ pub fn run(bi: BootInfo) -> ! {
     let mut acpi = acpi::parse(&guest::IdentityMem, &bi);
     BOOT_ACPI.call_once(|| acpi.clone());
     // The console UART is known now: `serial=`, the SPCR's, or COM1.
-    serial::configure(opts.serial, acpi.spcr, bi.protocol.starts_with("multiboot"));
+    serial::configure(opts.serial, acpi.spcr);
     if acpi.tables.is_empty() {
         hvprintln!("ACPI: none found; power-off falls back to emulator ports, one CPU");
     } else {

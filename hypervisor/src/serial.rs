@@ -57,21 +57,48 @@ pub enum SerialChoice {
 
 /// The UARTs to try, in order, each with where it came from: the one
 /// `serial=` names (only that one: the user said where the console is), or
-/// the SPCR's console and then COM1.
-pub fn candidates(choice: Option<SerialChoice>, spcr: Option<UartPort>) -> alloc::vec::Vec<(UartPort, &'static str)> {
+/// the SPCR's console and then COM1. No allocation: this also runs on the
+/// failure path, possibly before the heap exists.
+pub fn candidates(choice: Option<SerialChoice>, spcr: Option<UartPort>) -> Ports<(UartPort, &'static str)> {
+    let mut v = Ports::default();
     match choice {
-        Some(SerialChoice::Off) => alloc::vec![],
-        Some(SerialChoice::Port(p)) => alloc::vec![(p, "serial=")],
+        Some(SerialChoice::Off) => {}
+        Some(SerialChoice::Port(p)) => v.push((p, "serial=")),
         None => {
-            let mut v = alloc::vec::Vec::new();
             if let Some(p) = spcr {
                 v.push((p, "ACPI SPCR"));
             }
             if spcr != Some(COM1) {
                 v.push((COM1, "COM1, the default"));
             }
-            v
         }
+    }
+    v
+}
+
+/// At most two UARTs (the candidates, the ones tried), without a heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports<T> {
+    list: [Option<T>; 2],
+}
+
+impl<T> Default for Ports<T> {
+    fn default() -> Self {
+        Ports { list: [None, None] }
+    }
+}
+
+impl<T: Copy> Ports<T> {
+    fn push(&mut self, p: T) {
+        if let Some(slot) = self.list.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(p);
+        }
+    }
+    pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.list.iter().flatten().copied()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list[0].is_none()
     }
 }
 
@@ -222,18 +249,18 @@ pub enum Outcome {
     On(UartPort, &'static str),
     /// `serial=none`.
     Off,
-    /// No candidate answered.
-    Nothing(alloc::vec::Vec<UartPort>),
+    /// No candidate answered (these were tried).
+    Nothing(Ports<UartPort>),
 }
 
 impl Console {
     /// Tries the candidates; replays the early buffer onto the one that
     /// answers.
-    fn configure(&mut self, choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>, screen: bool) -> Outcome {
+    fn configure(&mut self, choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>) -> Outcome {
         let cands = candidates(choice, spcr.map(|s| s.port));
-        let mut tried = alloc::vec::Vec::new();
+        let mut tried = Ports::default();
         let mut found = None;
-        for &(p, why) in &cands {
+        for (p, why) in cands.iter() {
             // Program the rate only where the standard clock can be assumed
             // (I/O-port UARTs) and nobody said to keep it; the SPCR's rate
             // (or "as is") wins for its own port.
@@ -251,7 +278,7 @@ impl Console {
         let outcome = match (found, choice) {
             (Some((p, why)), _) => Outcome::On(p, why),
             (None, Some(SerialChoice::Off)) => Outcome::Off,
-            (None, _) => Outcome::Nothing(tried.clone()),
+            (None, _) => Outcome::Nothing(tried),
         };
         match found {
             Some((p, _)) => {
@@ -264,8 +291,8 @@ impl Console {
             }
             None => {
                 self.sink = Sink::Silent;
-                if !tried.is_empty() && screen {
-                    say_on_screen(&tried);
+                if !tried.is_empty() && SCREEN.load(core::sync::atomic::Ordering::Relaxed) {
+                    say_on_screen(tried);
                 }
             }
         }
@@ -274,16 +301,20 @@ impl Console {
     }
 }
 
+/// Set by boot paths on which the VGA text screen may be used to say that
+/// no UART answered: the multiboot entry (a BIOS may have left a text mode,
+/// which [`text_screen`] checks, and low memory is identity-mapped).
+pub static SCREEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// Installs the logger; output is buffered until [`configure`].
 pub fn init(level: log::LevelFilter) {
     set_level(level);
 }
 
 /// Picks the console UART (see the module documentation), replays the
-/// early lines onto it and logs the choice. `screen`: the VGA text screen
-/// may be used to say that no UART answered (BIOS boots).
-pub fn configure(choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>, screen: bool) -> Outcome {
-    let outcome = CONSOLE.lock().configure(choice, spcr, screen);
+/// early lines onto it and logs the choice.
+pub fn configure(choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>) -> Outcome {
+    let outcome = CONSOLE.lock().configure(choice, spcr);
     match &outcome {
         Outcome::On(p, why) => log::info!("serial console: {p} ({why})"),
         Outcome::Off | Outcome::Nothing(_) => {}
@@ -300,7 +331,7 @@ pub fn configure(choice: Option<SerialChoice>, spcr: Option<crate::acpi::Spcr>, 
 /// failures before the command line is read.
 fn ensure_configured(c: &mut Console) {
     if matches!(c.sink, Sink::Early) {
-        c.configure(None, None, true);
+        c.configure(None, None);
     }
 }
 
@@ -317,49 +348,71 @@ pub fn text_screen(mode: u8, cols: u16, crtc: u16) -> Option<(u64, usize)> {
     }
 }
 
-/// Text-mode cells (character | attribute << 8) for `lines` on a screen of
-/// `cols` x `rows`: white on red, long lines wrapped, the rest blank.
-pub fn screen_cells(lines: &[&str], cols: usize, rows: usize) -> alloc::vec::Vec<u16> {
-    const ATTR: u16 = 0x4F << 8;
-    let mut cells = alloc::vec![ATTR | b' ' as u16; cols * rows];
-    let mut row = 0;
-    for line in lines {
-        let bytes: alloc::vec::Vec<u8> = line.bytes().map(|b| if (0x20..0x7F).contains(&b) { b } else { b'?' }).collect();
-        for chunk in bytes.chunks(cols).chain(bytes.is_empty().then_some(&[][..])) {
-            if row == rows {
-                return cells;
-            }
-            for (i, &b) in chunk.iter().enumerate() {
-                cells[row * cols + i] = ATTR | b as u16;
-            }
-            row += 1;
+/// Lays text out on a `cols` x `rows` text screen, white on red, one
+/// cell at a time through `put(index, cell)` (cell: character | attribute
+/// << 8): "\n" starts a row, long rows wrap, what does not fit is dropped,
+/// bytes outside printable ASCII show as '?'. No allocation.
+pub struct TextScreen<F: FnMut(usize, u16)> {
+    put: F,
+    cols: usize,
+    rows: usize,
+    row: usize,
+    col: usize,
+}
+
+const SCREEN_ATTR: u16 = 0x4F << 8;
+
+impl<F: FnMut(usize, u16)> TextScreen<F> {
+    /// A cleared screen.
+    pub fn new(mut put: F, cols: usize, rows: usize) -> Self {
+        for i in 0..cols * rows {
+            put(i, SCREEN_ATTR | b' ' as u16);
         }
+        TextScreen { put, cols, rows, row: 0, col: 0 }
     }
-    cells
+}
+
+impl<F: FnMut(usize, u16)> Write for TextScreen<F> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.row += 1;
+                self.col = 0;
+                continue;
+            }
+            if self.col == self.cols {
+                self.row += 1;
+                self.col = 0;
+            }
+            if self.row < self.rows {
+                let b = if (0x20..0x7F).contains(&b) { b } else { b'?' };
+                (self.put)(self.row * self.cols + self.col, SCREEN_ATTR | b as u16);
+            }
+            self.col += 1;
+        }
+        Ok(())
+    }
 }
 
 /// The message for the screen when no UART answered.
-pub fn no_uart_message(tried: &[UartPort]) -> [alloc::string::String; 4] {
-    let mut t = alloc::string::String::new();
+pub fn no_uart_message(w: &mut dyn Write, tried: Ports<UartPort>) -> fmt::Result {
+    write!(w, "Exitscope {}: no serial port answered (tried ", crate::VERSION)?;
     for (i, p) in tried.iter().enumerate() {
-        if i > 0 {
-            t.push_str(", ");
-        }
-        let _ = write!(t, "{p}");
+        write!(w, "{}{p}", if i > 0 { ", " } else { "" })?;
     }
-    [
-        alloc::format!("Exitscope {}: no serial port answered (tried {t}).", crate::VERSION),
-        "The boot log and the final statistics cannot be shown; Exitscope carries on".into(),
-        "without a console. Name the console UART on Exitscope's command line:".into(),
-        "serial=0x2f8 (an I/O port), serial=mmio32:0xfe03e000 or serial=mmio:ADDR.".into(),
-    ]
+    w.write_str(
+        ").\n\
+         The boot log and the final statistics cannot be shown; Exitscope carries on\n\
+         without a console. Name the console UART on Exitscope's command line:\n\
+         serial=0x2f8 (an I/O port), serial=mmio32:0xfe03e000 or serial=mmio:ADDR.\n",
+    )
 }
 
 /// Writes the "no UART" message on the VGA text screen, if the BIOS left
 /// one in text mode.
-fn say_on_screen(tried: &[UartPort]) {
+fn say_on_screen(tried: Ports<UartPort>) {
     // SAFETY: the BIOS data area in the first page of physical memory,
-    // mapped by the boot page tables; only read.
+    // identity-mapped on the boot paths that set SCREEN; only read.
     let (mode, cols, crtc) = unsafe {
         (
             core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(0x449)),
@@ -368,12 +421,9 @@ fn say_on_screen(tried: &[UartPort]) {
         )
     };
     let Some((base, cols)) = text_screen(mode, cols, crtc) else { return };
-    let msg = no_uart_message(tried);
-    let lines: [&str; 4] = [&msg[0], &msg[1], &msg[2], &msg[3]];
-    for (i, c) in screen_cells(&lines, cols, 25).into_iter().enumerate() {
-        // SAFETY: the VGA text buffer the BIOS data area describes (25 rows).
-        unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(base + 2 * i as u64), c) };
-    }
+    // SAFETY: the VGA text buffer the BIOS data area describes (25 rows).
+    let put = |i: usize, c: u16| unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(base + 2 * i as u64), c) };
+    let _ = no_uart_message(&mut TextScreen::new(put, cols, 25), tried);
 }
 
 /// Changes the log level.
@@ -509,11 +559,12 @@ mod tests {
     #[test]
     fn candidate_order() {
         let mmio = UartPort::Mmio { base: 0xFE03_E000, wide: true };
-        assert_eq!(candidates(None, None), [(COM1, "COM1, the default")]);
-        assert_eq!(candidates(None, Some(mmio)), [(mmio, "ACPI SPCR"), (COM1, "COM1, the default")]);
-        assert_eq!(candidates(None, Some(COM1)), [(COM1, "ACPI SPCR")]);
+        let list = |c: Option<SerialChoice>, spcr| candidates(c, spcr).iter().collect::<std::vec::Vec<_>>();
+        assert_eq!(list(None, None), [(COM1, "COM1, the default")]);
+        assert_eq!(list(None, Some(mmio)), [(mmio, "ACPI SPCR"), (COM1, "COM1, the default")]);
+        assert_eq!(list(None, Some(COM1)), [(COM1, "ACPI SPCR")]);
         // serial= wins over the SPCR, and COM1 is not tried behind it.
-        assert_eq!(candidates(Some(SerialChoice::Port(UartPort::Io(0x2F8))), Some(mmio)), [(UartPort::Io(0x2F8), "serial=")]);
+        assert_eq!(list(Some(SerialChoice::Port(UartPort::Io(0x2F8))), Some(mmio)), [(UartPort::Io(0x2F8), "serial=")]);
         assert!(candidates(Some(SerialChoice::Off), Some(mmio)).is_empty());
     }
 
@@ -526,16 +577,25 @@ mod tests {
         assert_eq!(text_screen(0x12, 80, 0x3D4), None);
         assert_eq!(text_screen(0, 0, 0), None);
         assert_eq!(text_screen(3, 80, 0), None);
-        let msg = no_uart_message(&[COM1, UartPort::Mmio { base: 0xFE03_E000, wide: true }]);
-        assert!(msg[0].contains("no serial port answered (tried I/O port 0x3f8, MMIO 0xfe03e000 (32-bit registers))"), "{}", msg[0]);
-        let cells = screen_cells(&["ab", "", "0123456789"], 4, 5);
-        let text: std::string::String = cells.iter().map(|&c| (c & 0xFF) as u8 as char).collect();
-        assert_eq!(text, "ab      0123456789  ");
-        assert!(cells.iter().all(|&c| c >> 8 == 0x4F));
+        let text = |lines: &str, cols: usize, rows: usize| {
+            let mut cells = std::vec![0u16; cols * rows];
+            let _ = TextScreen::new(|i, c| cells[i] = c, cols, rows).write_str(lines);
+            assert!(cells.iter().all(|&c| c >> 8 == 0x4F));
+            cells.iter().map(|&c| (c & 0xFF) as u8 as char).collect::<std::string::String>()
+        };
+        assert_eq!(text("ab\n\n0123456789", 4, 5), "ab      0123456789  ");
         // Cut at the last row; non-ASCII shown as '?'.
-        let cells = screen_cells(&["abcdefgh", "é"], 2, 2);
-        let text: std::string::String = cells.iter().map(|&c| (c & 0xFF) as u8 as char).collect();
-        assert_eq!(text, "abcd");
-        assert_eq!(screen_cells(&["é"], 4, 1)[0] & 0xFF, b'?' as u16);
+        assert_eq!(text("abcdefgh\né", 2, 2), "abcd");
+        assert_eq!(text("é", 4, 1), "??  ");
+        let mut msg = std::string::String::new();
+        no_uart_message(&mut msg, candidates(None, Some(UartPort::Mmio { base: 0xFE03_E000, wide: true })).iter().map(|c| c.0).fold(Ports::default(), |mut p, x| {
+            p.push(x);
+            p
+        }))
+        .unwrap();
+        let first = msg.lines().next().unwrap();
+        assert!(first.ends_with(": no serial port answered (tried MMIO 0xfe03e000 (32-bit registers), I/O port 0x3f8)."), "{first}");
+        assert_eq!(msg.lines().count(), 4);
+        assert!(msg.lines().skip(1).all(|l| l.len() <= 80), "{msg}");
     }
 }
