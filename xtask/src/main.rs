@@ -53,7 +53,8 @@ commands:
                              --guest, --guest-args, --kernel, --initrd, --append,
                              --hv-args (the default guest is linux, as for run)
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
-                             and QEMU (only those whose name contains FILTER, if given)
+                             and QEMU (only those whose name contains FILTER, if given,
+                             or exactly those named with =NAME,NAME...)
   lint                       cargo fmt --check and clippy with warnings denied
   bench [options]            exit round trips, instrumentation overhead and a Linux boot,
                              measured side by side (see BENCHMARKS.md); prints a table,

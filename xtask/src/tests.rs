@@ -117,7 +117,11 @@ pub fn cmd_test(args: &[String]) -> Result {
     }
     let art = crate::build::build(&[])?;
     let ctx = Ctx { art, linux: Default::default(), uefi: Default::default() };
-    let selected: Vec<&Test> = TESTS.iter().filter(|t| t.name.contains(&filter)).collect();
+    // `=a,b`: exactly the tests named; otherwise every test whose name contains the filter.
+    let selected: Vec<&Test> = match filter.strip_prefix('=') {
+        Some(names) => TESTS.iter().filter(|t| names.split(',').any(|n| n == t.name)).collect(),
+        None => TESTS.iter().filter(|t| t.name.contains(&filter)).collect(),
+    };
     if selected.is_empty() {
         return Err(format!("no end-to-end test matches '{filter}'"));
     }
