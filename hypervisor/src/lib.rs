@@ -420,7 +420,7 @@ struct VcpuSetup {
 /// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
 /// state, its fault stack, descriptor tables, detail block and setup block
 /// (each rounded up as `vmx::vcpu::alloc` and [`arena_box`] align them).
-fn vcpu_arena_bytes() -> usize {
+pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
     let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
     let tables = core::mem::size_of::<idt::PerCpuTables>() + 64;
