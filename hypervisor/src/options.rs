@@ -11,6 +11,7 @@
 //! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
 //! | `fault` | `panic` `exception` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL |
+//! | `arena_pad` | MiB, 1..=256 | none | TEST-ONLY: set this much of the hypervisor's arena aside right after relocation (planned into the footprint), so that the bitmaps, the EPT tree and every vCPU's structures land in the footprint's extension beyond the image, as on a machine with a hundred CPUs or more |
 //! | `pages_1g` | `off` | the CPU's | TEST-ONLY: behave as on a CPU without 1 GiB pages (neither in EPT nor in the host page tables): the host identity map ends at the memory map and EPT above the memory map is filled on demand |
 
 use alloc::string::{String, ToString};
@@ -49,6 +50,8 @@ pub struct Options {
     pub fault: Option<Fault>,
     /// TEST-ONLY `pages_1g=off`: use no 1 GiB pages, as on a CPU without.
     pub no_1g_pages: bool,
+    /// TEST-ONLY `arena_pad=MiB`: arena set aside after relocation.
+    pub arena_pad_mib: u32,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             intercept: Interception::default(),
             fault: None,
             no_1g_pages: false,
+            arena_pad_mib: 0,
         }
     }
 }
@@ -75,7 +79,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, arena_pad=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -134,6 +138,10 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     },
                 }
             }
+            "arena_pad" => match value.parse::<u32>() {
+                Ok(n) if (1..=256).contains(&n) => o.arena_pad_mib = n,
+                _ => return Err(bad("a number of MiB from 1 to 256 (test-only)")),
+            },
             "pages_1g" => match value {
                 "off" => o.no_1g_pages = true,
                 _ => return Err(bad("off (test-only)")),
@@ -193,6 +201,8 @@ mod tests {
         assert!(parse("pages_1g=off").unwrap().no_1g_pages);
         assert!(!parse("").unwrap().no_1g_pages);
         assert!(parse("pages_1g=on").is_err());
+        assert_eq!(parse("arena_pad=32").unwrap().arena_pad_mib, 32);
+        assert!(parse("arena_pad=0").is_err() && parse("arena_pad=257").is_err());
         assert!(parse("on_end=explode").is_err());
     }
 
