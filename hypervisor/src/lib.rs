@@ -227,7 +227,7 @@ pub fn run(bi: BootInfo) -> ! {
         per_vcpu: vcpu_arena_bytes() as u64,
         ept_tables,
         host_tables: memory::identity_tables(phys_limit, huge),
-        arena_used: memory::arena_usage().0 as u64,
+        arena_used: memory::arena_usage().0 as u64 + ((opts.arena_pad_mib as u64) << 20),
         arena_offset: memory::arena_offset(),
         image: memory::image_size(),
     });
@@ -253,6 +253,19 @@ pub fn run(bi: BootInfo) -> ! {
     };
     if let Err(e) = memory::relocate(base, &plan, phys_limit, huge) {
         boot_error(format_args!("{e}"));
+    }
+    if opts.arena_pad_mib > 0 {
+        let pad = (opts.arena_pad_mib as usize) << 20;
+        if let Err(e) = memory::arena_alloc(pad, memory::PAGE) {
+            boot_error(format_args!("{e}"));
+        }
+        hvprintln!(
+            "arena_pad={} (test-only): {} MiB of the arena set aside; what follows is allocated from {} KiB into the footprint, beyond the image's {} MiB",
+            opts.arena_pad_mib,
+            opts.arena_pad_mib,
+            (memory::arena_offset() as usize + memory::arena_usage().0) >> 10,
+            memory::image_size() >> 20
+        );
     }
     let footprint = memory::footprint();
     hvprintln!(
@@ -465,7 +478,7 @@ struct VcpuSetup {
 /// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
 /// state, its fault stack, descriptor tables, detail block and setup block
 /// (each rounded up as `vmx::vcpu::alloc` and [`arena_box`] align them).
-fn vcpu_arena_bytes() -> usize {
+pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
     let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
     let tables = core::mem::size_of::<idt::PerCpuTables>() + 64;

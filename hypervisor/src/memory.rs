@@ -599,7 +599,7 @@ mod tests {
         let host = identity_tables(identity_limit(1 << 40, 46, large.1), large.1);
         let p = plan(&PlanInput {
             vcpus: 256,
-            per_vcpu: 60 << 10,
+            per_vcpu: crate::vcpu_arena_bytes() as u64,
             ept_tables,
             host_tables: host,
             arena_used: 4 << 20,
@@ -616,8 +616,10 @@ mod tests {
             let (p2m, t2m) = plan_for((true, false), lazy);
             for (p, tables) in [(p1g, t1g), (p2m, t2m)] {
                 // Per-CPU sizes and totals add up, and the plan fits.
-                assert_eq!(p.per_vcpu, 60 << 10);
-                assert_eq!(p.vcpus, 256 * (60 << 10));
+                let per = (crate::vcpu_arena_bytes() as u64).next_multiple_of(4096);
+                assert!(per >= 56 << 10, "VMXON, VMCS, 32 KiB stack, 8 KiB fault stack, state: {per}");
+                assert_eq!(p.per_vcpu, per);
+                assert_eq!(p.vcpus, 256 * per);
                 assert_eq!(p.ept, tables * 4096);
                 assert!(p.arena >= (4 << 20) + p.host + p.vcpus + p.ept, "{p:?}");
                 assert_eq!(p.footprint, (1 << 20) + p.arena);

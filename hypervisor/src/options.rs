@@ -12,6 +12,7 @@
 //! | `ept` | `lazy` `eager` | per profile | EPT filled on demand, or built before the guest starts |
 //! | `preempt` caveat | | | while the timer is on, MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits (reason 36, a no-op): the timer does not count in C3 and deeper C-states, which a native MWAIT could enter |
 //! | `fault` | `panic` `exception` `mce` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL; TEST ONLY `mce`: raise vector 18 (`int 18`) in VMX root operation at the guest's first VMCALL, through the root-mode machine-check handler, as a machine check would (Bochs and QEMU cannot raise a real one) |
+//! | `arena_pad` | MiB, 1..=256 | none | TEST-ONLY: set this much of the hypervisor's arena aside right after relocation (planned into the footprint), so that the bitmaps, the EPT tree and every vCPU's structures land in the footprint's extension beyond the image, as on a machine with a hundred CPUs or more |
 //! | `pages_1g` | `off` | the CPU's | TEST-ONLY: behave as on a CPU without 1 GiB pages (neither in EPT nor in the host page tables): the host identity map ends at the memory map and EPT above the memory map is filled on demand |
 //! | `pit` | `stopped` | running | TEST ONLY: the 8254 PIT reads as stopped (a frozen count), as on boards that gate it; timing must not depend on it |
 //! | `wait_for_sipi` | `off` | as the CPU says | TEST ONLY: act as if IA32_VMX_MISC lacked bit 8 (the wait-for-SIPI activity state, missing under KVM before 5.11): APs wait for their SIPI in VMX root operation |
@@ -70,6 +71,8 @@ pub struct Options {
     /// TEST-ONLY: an extra MMIO power-management register to watch
     /// (`test_mmio_pm=`).
     pub test_mmio_pm: Option<MmioPmTest>,
+    /// TEST-ONLY `arena_pad=MiB`: arena set aside after relocation.
+    pub arena_pad_mib: u32,
 }
 
 /// `test_mmio_pm=`: which kind of register to pretend lies at `addr`.
@@ -100,6 +103,7 @@ impl Default for Options {
             vmx_misc_clear: 0,
             serial: None,
             test_mmio_pm: None,
+            arena_pad_mib: 0,
         }
     }
 }
@@ -114,7 +118,7 @@ pub enum OptionError {
     Intercept(String),
 }
 
-pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, pit=, wait_for_sipi=, hlt_state=, serial=, test_mmio_pm=";
+pub const KNOWN: &str = "log=, on_end=, cpus=, timeline=, profile=, intercept=, preempt=, ept=, fault=, pages_1g=, pit=, wait_for_sipi=, hlt_state=, serial=, test_mmio_pm=, arena_pad=";
 
 /// Default timeline interval: 1M TSC ticks (about 20 ms of Bochs time at
 /// 50M instructions per second, a third of a millisecond on hardware).
@@ -173,6 +177,10 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                     },
                 }
             }
+            "arena_pad" => match value.parse::<u32>() {
+                Ok(n) if (1..=256).contains(&n) => o.arena_pad_mib = n,
+                _ => return Err(bad("a number of MiB from 1 to 256 (test-only)")),
+            },
             "pages_1g" => match value {
                 "off" => o.no_1g_pages = true,
                 _ => return Err(bad("off (test-only)")),
@@ -317,6 +325,8 @@ mod tests {
         assert!(parse("pages_1g=off").unwrap().no_1g_pages);
         assert!(!parse("").unwrap().no_1g_pages);
         assert!(parse("pages_1g=on").is_err());
+        assert_eq!(parse("arena_pad=32").unwrap().arena_pad_mib, 32);
+        assert!(parse("arena_pad=0").is_err() && parse("arena_pad=257").is_err());
         assert!(parse("on_end=explode").is_err());
     }
 

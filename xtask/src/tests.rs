@@ -57,6 +57,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "probe-smp4-pit-stopped", run: probe_smp4_pit_stopped },
     Test { name: "probe-smp4-no-wait-for-sipi", run: probe_smp4_no_wait_for_sipi },
     Test { name: "probe-smp4-linux-style-no-wait-for-sipi", run: probe_smp4_linux_style_no_wait_for_sipi },
+    Test { name: "probe-smp4-arena-extension", run: probe_smp4_arena_extension },
     Test { name: "linux", run: linux_1cpu },
     Test { name: "linux-smp", run: linux_2cpu },
     Test { name: "linux-smp-pit-stopped", run: linux_smp_pit_stopped },
@@ -392,6 +393,34 @@ fn probe_smp4(ctx: &Ctx) -> Result {
 
 fn probe_smp4_linux_style(ctx: &Ctx) -> Result {
     probe_smp(ctx, "probe-smp4-linux-style", 4, "linux")
+}
+
+/// `probe-smp4` with `arena_pad=32` (test-only): 32 MiB of the arena set
+/// aside right after relocation, so the bitmaps, the shared EPT tree and
+/// the four vCPUs' VMXON regions, VMCSs, stacks and tables all live in the
+/// footprint's extension beyond the image, as on a machine with a hundred
+/// CPUs or more. The probe's exact CPUID counts must hold, and the
+/// footprint (hidden from the guest) must have grown by the pad.
+fn probe_smp4_arena_extension(ctx: &Ctx) -> Result {
+    let name = "probe-smp4-arena-extension";
+    let k = 10_000;
+    let guest = ctx.art.guest("probe");
+    let args = format!("smp=4 ap_iters={k} smp_start=broadcast");
+    let spec = IsoSpec { hv_args: "arena_pad=32", guest_args: &args, ..probe_spec(ctx, &guest) };
+    let out = bochs_run(name, &spec, 4, 180)?;
+    let d = check_probe(&out)?;
+    require(&out, "[exitscope] arena_pad=32 (test-only): 32 MiB of the arena set aside; what follows is allocated from ")?;
+    require(&out, "on 4 vCPU(s)")?;
+    // Where the allocations after the pad start: beyond the image (whose
+    // size the line names), and inside the footprint with room for four
+    // vCPUs (64 KiB or more each).
+    let from = value_after(&out.serial, "what follows is allocated from ").ok_or("no arena offset")? << 10;
+    let image = value_after(&out.serial, "beyond the image's ").ok_or("no image size")? << 20;
+    let (a, b) = hypervisor_region(&out.serial).ok_or("no 'hypervisor region:' line")?;
+    if from <= image || from < 32 << 20 || b - a < from + 4 * (64 << 10) {
+        return Err(format!("allocations from {from:#x} (image {image:#x}) in the hypervisor region {a:#x}-{b:#x}: want them beyond the image, inside the region"));
+    }
+    check_ap_shares(&d, 4, k, Some(AP_EXTRA_EXITS))
 }
 
 /// Eight CPUs (more than the per-vCPU EPT trees of old fitted in a small
