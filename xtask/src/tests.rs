@@ -540,7 +540,8 @@ fn linux_fewer_vcpus(ctx: &Ctx, name: &str, machine: u32, cpus: u32) -> Result {
         guest_args: crate::linux::APPEND,
         modules: std::slice::from_ref(&initrd),
     };
-    let out = bochs_run(name, &spec, machine, 900)?;
+    // Bochs emulates every CPU of the machine, vCPU or not: more time for 4.
+    let out = bochs_run(name, &spec, machine, 600 + 300 * u64::from(machine))?;
     require(&out, "INIT: userspace reached (mode run)")?;
     let online = format!("INIT: cpus online: {cpus}");
     if !out.serial.lines().any(|l| l.trim_end() == online) {
