@@ -580,7 +580,7 @@ fn linux_cpus2_of_4(ctx: &Ctx) -> Result {
 fn probe_on(ctx: &Ctx, name: &str, machine: u32, hv_args: &str, args: &str) -> Result<bochs::Outcome> {
     let guest = ctx.art.guest("probe");
     let spec = IsoSpec { hv_args, guest_args: args, ..probe_spec(ctx, &guest) };
-    bochs_run(name, &spec, machine, 180)
+    bochs_run(name, &spec, machine, 120 + 60 * u64::from(machine))
 }
 
 /// Two CPUs, `cpus=1`: the probe's broadcast INIT and SIPI must not start
