@@ -716,7 +716,8 @@ fn linux_fewer_vcpus(ctx: &Ctx, name: &str, machine: u32, cpus: u32) -> Result {
         guest_args: crate::linux::APPEND,
         modules: std::slice::from_ref(&initrd),
     };
-    let out = bochs_run(name, &spec, machine, 900)?;
+    // Bochs emulates every CPU of the machine, vCPU or not: more time for 4.
+    let out = bochs_run(name, &spec, machine, 600 + 300 * u64::from(machine))?;
     require(&out, "INIT: userspace reached (mode run)")?;
     let online = format!("INIT: cpus online: {cpus}");
     if !out.serial.lines().any(|l| l.trim_end() == online) {
@@ -755,7 +756,7 @@ fn linux_cpus2_of_4(ctx: &Ctx) -> Result {
 fn probe_on(ctx: &Ctx, name: &str, machine: u32, hv_args: &str, args: &str) -> Result<bochs::Outcome> {
     let guest = ctx.art.guest("probe");
     let spec = IsoSpec { hv_args, guest_args: args, ..probe_spec(ctx, &guest) };
-    bochs_run(name, &spec, machine, 180)
+    bochs_run(name, &spec, machine, 120 + 60 * u64::from(machine))
 }
 
 /// Two CPUs, `cpus=1`: the probe's broadcast INIT and SIPI must not start
