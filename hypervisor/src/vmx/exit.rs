@@ -555,7 +555,7 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
         // Hyper-V enlightenments), which a guest would then take for its
         // own. The statistics and control leaves (0x4FFFFFF0 and up) are
         // answered before this function is called.
-        HV_LEAVES_FIRST..=HV_LEAVES_LAST => [0; 4],
+        0x4000_0002..=HV_LEAVES_LAST => [0; 4],
         _ => {
             let mut r = cpu::cpuid(leaf, sub);
             let h = shared().hide;

@@ -215,7 +215,7 @@ pub fn main(boot: BootInfo) -> ! {
     crate::machine::hv_range();
     crate::machine::cr0_long(k.cr);
     crate::intercept::run(&k, smp.is_some());
-    crate::machine::hlt_tf(smp.is_some());
+    crate::machine::hlt_tf(smp.is_some(), &k.icpt);
     crate::machine::preempt_mwait(&k.icpt);
     if let Some(c) = smp {
         crate::smp::run(&k, c);
