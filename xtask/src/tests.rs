@@ -86,6 +86,10 @@ pub const TESTS: &[Test] = &[
     Test { name: "probe-smp2-all", run: probe_smp2_all },
     Test { name: "linux-kvm-like", run: linux_kvm_like },
     Test { name: "linux-all", run: linux_all },
+    Test { name: "kut-minimal-1", run: kut_minimal_1 },
+    Test { name: "kut-minimal-2", run: kut_minimal_2 },
+    Test { name: "kut-kvm-like-1", run: kut_kvm_like_1 },
+    Test { name: "kut-kvm-like-2", run: kut_kvm_like_2 },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -1331,4 +1335,69 @@ fn hv_exception_smp2(ctx: &Ctx) -> Result {
         "[exitscope] FATAL: hypervisor exception #UD invalid opcode (vector 6)",
         "final (hypervisor exception)",
     )
+}
+
+// ---------------------------------------------------------------------------
+// kvm-unit-tests conformance (see conformance.rs and docs/conformance.md)
+
+/// The kvm-unit-tests `cargo xtask test` runs under each profile, in two
+/// halves so that two workers share them.
+const KUT_HALVES: [&[&str]; 2] = [
+    &["sieve", "setjmp", "tsc", "tsc_adjust", "memory", "syscall", "xsave", "umip", "smap", "pcid-enabled", "rmap_chain"],
+    &[
+        "eventinj",
+        "access",
+        "smptest",
+        "smptest3",
+        "vmexit_cpuid",
+        "vmexit_mov_from_cr8",
+        "vmexit_mov_to_cr8",
+        "vmexit_inl_pmtimer",
+        "idt_test",
+        "realmode",
+        "hypercall",
+    ],
+];
+
+fn kut_minimal_1(ctx: &Ctx) -> Result {
+    kut(ctx, "minimal", KUT_HALVES[0])
+}
+
+fn kut_minimal_2(ctx: &Ctx) -> Result {
+    kut(ctx, "minimal", KUT_HALVES[1])
+}
+
+fn kut_kvm_like_1(ctx: &Ctx) -> Result {
+    kut(ctx, "kvm-like", KUT_HALVES[0])
+}
+
+fn kut_kvm_like_2(ctx: &Ctx) -> Result {
+    kut(ctx, "kvm-like", KUT_HALVES[1])
+}
+
+/// Runs `tests` as Exitscope's guest under `profile`; each must print
+/// exactly what it prints natively (measured in Bochs, once per suite
+/// hash), apart from conformance::BY_DESIGN (hypercall's VMCALL), and must
+/// have printed a verdict (SUMMARY, DONE or its figure): a run that shows
+/// nothing passes nothing.
+fn kut(ctx: &Ctx, profile: &str, tests: &[&str]) -> Result {
+    use crate::conformance::{self as c, CPU_LIMIT};
+    let s = c::suite()?;
+    let cfg = c::Config::profile(profile, "");
+    let mut bad = Vec::new();
+    for &t in tests {
+        let native = c::native(&s, t, CPU_LIMIT)?;
+        let got = c::under_exitscope(&s, &ctx.art.hypervisor, t, &cfg, CPU_LIMIT)?;
+        let want = c::expected(t, &native).unwrap_or_else(|| native.clone());
+        if got.summary.is_none() && got.done.is_none() && got.figure.is_none() {
+            bad.push(format!("{t}: no verdict under {profile} ({})", got.cell()));
+        } else if let Some(d) = got.differs_from(&want) {
+            bad.push(format!("{t}: {} under {profile}, {} natively: {d}", got.cell(), native.cell()));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} of {} kvm-unit-tests differ from native:\n  {}", bad.len(), tests.len(), bad.join("\n  ")))
+    }
 }
