@@ -472,6 +472,11 @@ impl Config {
         Config::Exitscope { label: profile.to_string(), hv_args }
     }
 
+    /// The same, with its own run directories (`kut-<test>-<profile>-<tag>`).
+    pub fn tagged(profile: &str, tag: &str) -> Config {
+        Config::Exitscope { label: format!("{profile}-{tag}"), hv_args: format!("profile={profile}") }
+    }
+
     fn label(&self) -> &str {
         match self {
             Config::Native => "native",
@@ -550,6 +555,24 @@ fn native_iso(flat: &Path, cmdline: &str, env: &Path, work: &Path, iso: &Path) -
     Ok(())
 }
 
+/// An exclusive flock(2) on a file, held until the file is closed (dropped).
+struct FileLock(#[allow(dead_code)] std::fs::File);
+
+impl FileLock {
+    fn new(path: &Path) -> Result<FileLock> {
+        use std::os::fd::AsRawFd;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this struct owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!("cannot lock {}", path.display()));
+        }
+        Ok(FileLock(f))
+    }
+}
+
 /// FNV-1a, for cache keys.
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
@@ -566,6 +589,8 @@ pub fn native(s: &Suite, test: &str, cpu_limit: Duration) -> Result<TestResult> 
     let dir = util::out_dir().join("conformance").join("native").join(&s.hash);
     let log = dir.join(format!("{key}.log"));
     let _guard = NATIVE.lock().unwrap_or_else(|e| e.into_inner());
+    // And another xtask (conformance beside test) from measuring it too.
+    let _lock = FileLock::new(&dir.join(".lock"))?;
     let fig = figure_key(t);
     if let Ok(text) = std::fs::read_to_string(&log) {
         let timed_out = text.starts_with("#timed-out\n");

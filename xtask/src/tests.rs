@@ -1383,7 +1383,7 @@ fn kut_kvm_like_2(ctx: &Ctx) -> Result {
 fn kut(ctx: &Ctx, profile: &str, tests: &[&str]) -> Result {
     use crate::conformance::{self as c, CPU_LIMIT};
     let s = c::suite()?;
-    let cfg = c::Config::profile(profile, "");
+    let cfg = c::Config::tagged(profile, "test");
     let mut bad = Vec::new();
     for &t in tests {
         let native = c::native(&s, t, CPU_LIMIT)?;

@@ -45,6 +45,9 @@ fn apic_write(off: u64, v: u32) {
 pub fn in_service(vector: u8) -> bool {
     // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
     let base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
+    if base & (1 << 11) == 0 {
+        return false; // globally disabled: interrupts come from the PIC
+    }
     let word = if base & (1 << 10) != 0 {
         // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
         unsafe { crate::cpu::rdmsr(0x810 + u32::from(vector / 32)) as u32 }
