@@ -233,7 +233,8 @@ pub fn parse_result(serial: &str, figure_key: &str, timed_out: bool) -> TestResu
             r.summary = Some(parse_summary(s));
         } else if let Some(d) = line.strip_prefix("--- DONE: ").and_then(|d| d.strip_suffix(" ---")) {
             r.done = d.trim().parse().ok();
-        } else if REPORT_PREFIXES.iter().any(|p| line.starts_with(p)) {
+        } else if REPORT_PREFIXES.iter().any(|p| line.starts_with(p)) || line == "PASS" || line == "FAIL" {
+            // rmap_chain's verdict is a bare PASS (or FAIL) line.
             r.reports.push(line.to_string());
         } else if !figure_key.is_empty() {
             if let Some(v) = line.strip_prefix(figure_key).and_then(|v| v.strip_prefix(' ')) {
@@ -243,7 +244,7 @@ pub fn parse_result(serial: &str, figure_key: &str, timed_out: bool) -> TestResu
             }
         }
     }
-    let verdict = r.summary.is_some() || r.done.is_some();
+    let verdict = r.has_verdict();
     if let Some(why) = stopped {
         if !verdict {
             r.end = End::Stopped(why);
@@ -271,10 +272,19 @@ fn parse_summary(s: &str) -> [u32; 4] {
 }
 
 impl TestResult {
+    /// Whether the test said how it went: SUMMARY, DONE, its vmexit
+    /// figure, or a bare PASS/FAIL line (rmap_chain).
+    pub fn has_verdict(&self) -> bool {
+        self.summary.is_some()
+            || self.done.is_some()
+            || self.figure.is_some()
+            || self.reports.iter().any(|l| l == "PASS" || l == "FAIL")
+    }
+
     /// The short verdict of a table cell.
     pub fn cell(&self) -> String {
         let counts = |p: usize, f: usize| format!("{p} pass, {f} fail");
-        let (p, f) = (self.count("PASS: "), self.count("FAIL: "));
+        let (p, f) = (self.count("PASS"), self.count("FAIL"));
         match &self.end {
             End::Stopped(why) => return format!("STOPPED ({}; {})", counts(p, f), short(why, 40)),
             End::TimedOut(_) => return format!("HANG ({})", counts(p, f)),
@@ -300,8 +310,9 @@ impl TestResult {
         }
     }
 
-    fn count(&self, prefix: &str) -> usize {
-        self.reports.iter().filter(|l| l.starts_with(prefix)).count()
+    /// Report lines of a kind (`PASS: x` or a bare `PASS`).
+    fn count(&self, kind: &str) -> usize {
+        self.reports.iter().filter(|l| l.strip_prefix(kind).is_some_and(|r| r.is_empty() || r.starts_with(": "))).count()
     }
 
     /// How this run differs from `native` (None: the same). Compared: the
@@ -777,6 +788,10 @@ test_args = \"10000000 `date +%s`\"
         let h = parse_result("PASS: mov\nFAIL: add\nstill waiting\n", "", true);
         assert_eq!(h.end, End::TimedOut("still waiting".into()));
         assert_eq!(h.cell(), "HANG (1 pass, 1 fail)");
+        let b = parse_result("created 64536 mappings\nPASS\n", "", false);
+        assert!(b.has_verdict());
+        assert_eq!(b.cell(), "ended (1 pass, 0 fail)");
+        assert!(!parse_result("PASSED\n", "", false).has_verdict());
         let v = parse_result("paging enabled\ncpuid 1652\n", "cpuid", false);
         assert_eq!(v.figure.as_deref(), Some("cpuid 1652"));
         assert_eq!(v.cell(), "ran: cpuid 1652");
