@@ -22,6 +22,7 @@ pub mod guestmem;
 pub mod idt;
 pub mod memory;
 pub mod options;
+pub mod pic;
 pub mod platform;
 pub mod serial;
 pub mod smp;
@@ -314,6 +315,14 @@ pub fn run(bi: BootInfo) -> ! {
         Ok(x) => x,
         Err(e) => boot_error(format_args!("{e}")),
     };
+    // External interrupts are acknowledged on exit: the PICs' ports are
+    // watched so that one from a PIC reaches the guest as the guest's PIC
+    // would deliver it (see pic.rs).
+    if controls.classes.contains(Class::Extint) {
+        for p in pic::PORTS {
+            trap_io(io_bitmaps_pa, p);
+        }
+    }
     let xcr0_supported = {
         let d = cpu::cpuid(0xD, 0);
         (d[3] as u64) << 32 | d[0] as u64
@@ -456,9 +465,6 @@ pub fn run(bi: BootInfo) -> ! {
     if let (true, Some(t)) = (cfg!(feature = "detailed"), timeline) {
         statsys::start_timeline(t);
     }
-    if sh.controls.classes.contains(Class::Extint) {
-        mask_legacy_pic();
-    }
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
     // SAFETY: the state block lives in the arena for good; it is handed to
     // the exit loop, which owns it from now on.
@@ -592,21 +598,6 @@ fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps:
     );
 }
 
-/// Masks every line of the legacy 8259 PICs. With external-interrupt
-/// exiting, an interrupt is acknowledged (and its vector fixed) the moment
-/// it arrives, even while the guest has interrupts off; one the firmware
-/// left pending would otherwise reach the guest later with the firmware's
-/// vector (the BIOS puts IRQ 0 at vector 8, which a protected-mode guest
-/// takes for a double fault). A guest that uses the PIC programs and
-/// unmasks it itself.
-fn mask_legacy_pic() {
-    // SAFETY: the PIC mask registers; the guest has not run yet.
-    unsafe {
-        cpu::outb(0x21, 0xFF);
-        cpu::outb(0xA1, 0xFF);
-    }
-}
-
 /// Builds the I/O bitmaps (two pages) and the MSR bitmap (one page):
 /// every port (`io_all`) or only the watched ones; every MSR (`msr_all`)
 /// or only the hypervisor's.
@@ -643,6 +634,13 @@ fn trap_msr_write(bitmap_pa: u64, msr: u32) {
     let (base, bit) = if msr < 0x2000 { (2048, msr) } else { (3072, msr - 0xC000_0000) };
     // SAFETY: the bitmap page is ours (allocated by make_bitmaps).
     unsafe { *memory::phys_ptr::<u8>(bitmap_pa + (base + bit / 8) as u64) |= 1 << (bit % 8) };
+}
+
+/// Makes accesses to `port` exit (I/O bitmaps at physical `bitmaps_pa`).
+fn trap_io(bitmaps_pa: u64, port: u16) {
+    // SAFETY: the bitmap pages are ours (allocated by make_bitmaps); A then
+    // B, one bit per port.
+    unsafe { *memory::phys_ptr::<u8>(bitmaps_pa + u64::from(port / 8)) |= 1 << (port % 8) };
 }
 
 /// EPT tables from the arena.

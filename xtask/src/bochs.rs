@@ -185,6 +185,37 @@ pub fn run_with(r: &Run, boot: Boot) -> Result<Outcome> {
 
 /// [`run_with`] on a machine with non-default settings.
 pub fn run_machine(r: &Run, boot: Boot, m: &Machine) -> Result<Outcome> {
+    run_ending(r, boot, m, &Ending::default())
+}
+
+/// Further ways a run may end, besides Bochs stopping by itself and the
+/// wall-clock `Run::timeout`.
+#[derive(Default)]
+pub struct Ending<'a> {
+    /// Stop Bochs once the serial text so far satisfies this (for guests
+    /// that print their verdict and then halt forever).
+    pub stop: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    /// Give up once Bochs has used this much CPU time (counts as a
+    /// timeout): on a loaded machine wall time says little about how far
+    /// the emulation got.
+    pub cpu_limit: Option<Duration>,
+}
+
+/// User plus system CPU time of a running process, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields, in clock ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(Duration::from_millis(ticks * 1000 / u64::try_from(hz).ok().filter(|&h| h > 0)?))
+}
+
+/// [`run_machine`] with further ending rules.
+pub fn run_ending(r: &Run, boot: Boot, m: &Machine, end: &Ending) -> Result<Outcome> {
     let dir = util::out_dir().join("runs").join(r.name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // A killed Bochs leaves lock files that make the next run fail.
@@ -245,7 +276,12 @@ pub fn run_machine(r: &Run, boot: Boot, m: &Machine) -> Result<Outcome> {
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
             break Some(st);
         }
-        if start.elapsed() > r.timeout {
+        if end.stop.is_some_and(|stop| stop(&text)) {
+            let _ = child.kill();
+            break child.wait().ok();
+        }
+        let over_cpu = end.cpu_limit.is_some_and(|lim| cpu_time(child.id()).is_some_and(|t| t > lim));
+        if start.elapsed() > r.timeout || over_cpu {
             timed_out = true;
             let _ = child.kill();
             break child.wait().ok();

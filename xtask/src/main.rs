@@ -8,11 +8,13 @@
 //! cargo xtask image --uefi|--bios|--iso OUT [options]
 //!                                   UEFI/BIOS disk images, the hybrid GRUB ISO
 //! cargo xtask report LOG [options]  perf-kvm-stat-like table and charts of a serial log
+//! cargo xtask conformance [options] kvm-unit-tests natively and under Exitscope, compared
 //! ```
 
 mod bench;
 mod bochs;
 mod build;
+mod conformance;
 mod deps;
 mod image;
 mod linux;
@@ -55,6 +57,15 @@ commands:
   test [FILTER]              host unit tests, then the end-to-end tests in Bochs
                              and QEMU (only those whose name contains FILTER, if given,
                              or exactly those named with =NAME,NAME...)
+  conformance [options]      kvm-unit-tests (../shared/kvm-unit-tests, built once under
+                             target/) natively in Bochs and as Exitscope's guest under
+                             each profile; prints one table, differences marked '*'
+                             (native results are measured once and kept; docs/conformance.md)
+      --tests a,b,c          tests of x86/unittests.cfg (default: the issue-14 list)
+      --profiles a,b         minimal, kvm-like, all (default: all three)
+      --hv-args ARGS         further hypervisor arguments (after profile=)
+      --jobs 1|2             Bochs at once (default 2)
+      --cpu-limit SECS       Bochs CPU seconds before a run counts as hung (default 240)
   lint                       cargo fmt --check and clippy with warnings denied
   bench [options]            exit round trips, instrumentation overhead and a Linux boot,
                              measured side by side (see BENCHMARKS.md); prints a table,
@@ -86,6 +97,7 @@ fn main() {
         Some("image") => uefi::cmd_image(&args[1..]),
         Some("report") => report::cmd_report(&args[1..]),
         Some("lint") => lint::cmd_lint(),
+        Some("conformance") => conformance::cmd_conformance(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             print!("{USAGE}");
             Ok(())

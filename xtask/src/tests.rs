@@ -108,6 +108,10 @@ pub const TESTS: &[Test] = &[
     Test { name: "linux-kvm-like", run: linux_kvm_like },
     Test { name: "linux-all", run: linux_all },
     Test { name: "hv-mce-reflected", run: hv_mce_reflected },
+    Test { name: "kut-minimal-1", run: kut_minimal_1 },
+    Test { name: "kut-minimal-2", run: kut_minimal_2 },
+    Test { name: "kut-kvm-like-1", run: kut_kvm_like_1 },
+    Test { name: "kut-kvm-like-2", run: kut_kvm_like_2 },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -1997,4 +2001,74 @@ fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
     require(&out, "[exitscope] AP 1: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it")?;
     require(&out, "[exitscope] entering the guest (multiboot kernel) on 2 vCPU(s)")?;
     require(&out, "FUZZ PASS")
+}
+
+// kvm-unit-tests conformance (see conformance.rs and docs/conformance.md)
+
+/// The kvm-unit-tests `cargo xtask test` runs under each profile, in two
+/// halves of about equal cost so that two workers share them: those of
+/// conformance::DEFAULT_TESTS (issue 14's list less sieve, five minutes of
+/// Bochs CPU per run).
+const KUT_HALVES: [&[&str]; 2] = [
+    &["setjmp", "tsc", "tsc_adjust", "memory", "syscall", "xsave", "umip", "smap", "pcid-enabled", "rmap_chain", "vmexit_cpuid", "vmexit_mov_from_cr8"],
+    &["eventinj", "access", "smptest", "smptest3", "vmexit_mov_to_cr8", "vmexit_inl_pmtimer", "idt_test", "realmode", "hypercall"],
+];
+
+fn kut_minimal_1(ctx: &Ctx) -> Result {
+    kut(ctx, "minimal", KUT_HALVES[0])
+}
+
+fn kut_minimal_2(ctx: &Ctx) -> Result {
+    kut(ctx, "minimal", KUT_HALVES[1])
+}
+
+fn kut_kvm_like_1(ctx: &Ctx) -> Result {
+    kut(ctx, "kvm-like", KUT_HALVES[0])
+}
+
+fn kut_kvm_like_2(ctx: &Ctx) -> Result {
+    kut(ctx, "kvm-like", KUT_HALVES[1])
+}
+
+/// Runs `tests` as Exitscope's guest under `profile`; each must print
+/// exactly what it prints natively (measured in Bochs, once per suite
+/// hash), apart from conformance::BY_DESIGN (hypercall's VMCALL), and must
+/// have printed a verdict (SUMMARY, DONE, its figure or a bare PASS): a run
+/// that shows nothing passes nothing.
+fn kut(ctx: &Ctx, profile: &str, tests: &[&str]) -> Result {
+    use crate::conformance::{self as c, CPU_LIMIT};
+    let s = c::suite()?;
+    let cfg = c::Config::tagged(profile, "test");
+    let mut bad = Vec::new();
+    for &t in tests {
+        let native = c::native(&s, t, CPU_LIMIT)?;
+        let got = c::under_exitscope(&s, &ctx.art.hypervisor, t, &cfg, CPU_LIMIT)?;
+        let want = c::expected(t, &native).unwrap_or_else(|| native.clone());
+        if !got.has_verdict() {
+            bad.push(format!("{t}: no verdict under {profile} ({})", got.cell()));
+        } else if let Some(d) = got.differs_from(&want) {
+            bad.push(format!("{t}: {} under {profile}, {} natively: {d}", got.cell(), native.cell()));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} of {} kvm-unit-tests differ from native:\n  {}", bad.len(), tests.len(), bad.join("\n  ")))
+    }
+}
+
+#[cfg(test)]
+mod kut_tests {
+    /// The `kut-*` tests run exactly the conformance command's default set.
+    #[test]
+    fn halves_cover_the_default_set() {
+        let mut halves: Vec<&str> = super::KUT_HALVES.concat();
+        let mut default = crate::conformance::DEFAULT_TESTS.to_vec();
+        halves.sort_unstable();
+        default.sort_unstable();
+        assert_eq!(halves, default);
+        let n = halves.len();
+        halves.dedup();
+        assert_eq!(halves.len(), n, "a test in both halves");
+    }
 }

@@ -39,6 +39,28 @@ fn apic_write(off: u64, v: u32) {
     unsafe { core::ptr::write_volatile((base + off) as *mut u32, v) }
 }
 
+/// Whether this CPU's local APIC has `vector` in service: it delivered the
+/// interrupt just acknowledged (a fixed interrupt from the local APIC or
+/// an I/O APIC), as opposed to an ExtINT from a PIC, which leaves the ISR
+/// alone. The guest programs the APIC; its mode is read from
+/// IA32_APIC_BASE each time.
+pub fn in_service(vector: u8) -> bool {
+    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+    let base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
+    if base & (1 << 11) == 0 {
+        return false; // globally disabled: interrupts come from the PIC
+    }
+    let word = if base & (1 << 10) != 0 {
+        // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
+        unsafe { crate::cpu::rdmsr(0x810 + u32::from(vector / 32)) as u32 }
+    } else {
+        // SAFETY: the local APIC's MMIO page, identity-mapped (below 4 GiB),
+        // a 32-bit read of an ISR register, which has no side effect.
+        unsafe { core::ptr::read_volatile(((base & 0xF_FFFF_F000) + 0x100 + 0x10 * u64::from(vector / 32)) as *const u32) }
+    };
+    word & (1 << (vector % 32)) != 0
+}
+
 /// Emulates the guest instruction that wrote the watched APIC page.
 pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     // Through a view that only reads guest RAM: the guest's page tables

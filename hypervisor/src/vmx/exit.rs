@@ -474,17 +474,49 @@ pub mod vector {
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
     pub const MC: u8 = 18;
+
+    /// Whether the CPU sets RFLAGS.RF in the frame it pushes for this
+    /// exception: for every fault, so that the faulting instruction, once
+    /// restarted, does not hit its own instruction breakpoint again; not
+    /// for the traps (#DB as a trap, #BP, #OF) nor the aborts (#DF, #MC).
+    /// This is KVM's rule too (`exception_type() == EXCPT_FAULT`).
+    pub const fn sets_rf(vector: u8) -> bool {
+        !matches!(vector, 1 | 3 | 4 | 8 | 18) && vector < 32
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn rf_for_faults_only() {
+            for v in [0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21] {
+                assert!(super::sets_rf(v), "fault {v}");
+            }
+            for v in [1, 3, 4, 8, 18, 32, 0x80, 255] {
+                assert!(!super::sets_rf(v), "vector {v}");
+            }
+        }
+    }
 }
 
+/// RFLAGS.RF (resume flag).
+pub const RFLAGS_RF: u64 = 1 << 16;
+
 /// Injects a hardware exception at the current guest instruction. In real
-/// mode (CR0.PE = 0) no error code is delivered, as on the CPU.
+/// mode (CR0.PE = 0) no error code is delivered, as on the CPU. For a fault
+/// in protected or long mode, RF is set in guest RFLAGS first, so that the
+/// frame the guest's handler sees has it, as the CPU's would (see
+/// [`vector::sets_rf`]; a real-mode frame holds no RF).
 pub fn inject(vector: u8, error: Option<u32>) {
     let shadow = vmread(guest::INTERRUPTIBILITY_STATE);
     if shadow & 4 != 0 {
         vmwrite(guest::INTERRUPTIBILITY_STATE, shadow & !4); // see advance()
     }
+    let pe = vmread(guest::CR0) & CR0_PE != 0;
+    if pe && vector::sets_rf(vector) {
+        vmwrite(guest::RFLAGS, vmread(guest::RFLAGS) | RFLAGS_RF);
+    }
     let mut info = vector as u64 | 3 << 8 | 1 << 31;
-    if let Some(e) = error.filter(|_| vmread(guest::CR0) & CR0_PE != 0) {
+    if let Some(e) = error.filter(|_| pe) {
         info |= 1 << 11;
         vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, e as u64);
     }
@@ -674,7 +706,7 @@ fn hlt(v: &mut VcpuState) {
         if crate::fatal::HALTED_FOR_GOOD.covers_with(&crate::fatal::WAITING_FOR_SIPI, n) {
             end_guest(v, GuestEnd::Halted);
         }
-    } else if !v.irqs.is_empty() {
+    } else if intercept::irq_waiting(v) {
         // An interrupt acknowledged on exit waits: it wakes the HLT at once.
         return intercept::deliver_irqs(v);
     }
@@ -838,14 +870,19 @@ pub(super) fn port_out(v: &mut VcpuState, port: u16, size: u8, val: u32) {
                 bochs_shutdown_byte(v, val as u8);
             }
         }
-        // SAFETY: as above: a write the guest is entitled to.
-        PortEvent::PassThrough => unsafe {
-            match size {
-                1 => cpu::outb(port, val as u8),
-                2 => cpu::outw(port, val as u16),
-                _ => cpu::outl(port, val),
+        PortEvent::PassThrough => {
+            // SAFETY: as above: a write the guest is entitled to.
+            unsafe {
+                match size {
+                    1 => cpu::outb(port, val as u8),
+                    2 => cpu::outw(port, val as u16),
+                    _ => cpu::outl(port, val),
+                }
             }
-        },
+            if size == 1 && crate::pic::PORTS.contains(&port) {
+                intercept::pic_written(v, port, val as u8);
+            }
+        }
     }
 }
 

@@ -163,8 +163,35 @@ pub fn external_interrupt(v: &mut VcpuState) {
     drop_smi_blocking();
     let info = vmread(ro::VMEXIT_INTERRUPTION_INFO);
     if info & (1 << 31) != 0 {
-        v.irqs.push(info as u8);
+        let vec = info as u8;
+        // One from a PIC waits as its line (see crate::pic).
+        if super::apic::in_service(vec) || !crate::pic::PICS.lock().hold(vec, v.id) {
+            v.irqs.push(vec);
+        }
     }
+    deliver_irqs(v);
+}
+
+/// Whether an interrupt acknowledged on exit waits for this vCPU and the
+/// guest's PIC would let it through now (a masked PIC line waits in the
+/// PIC, natively too).
+pub fn irq_waiting(v: &VcpuState) -> bool {
+    !v.irqs.is_empty() || {
+        let p = crate::pic::PICS.lock();
+        p.held != 0 && p.deliverable(v.id, pic_masks()).is_some()
+    }
+}
+
+/// The PICs' mask registers (master, slave), read from the PICs: the
+/// guest's own, untouched.
+fn pic_masks() -> [u8; 2] {
+    [super::exit::port_in(0x21, 1) as u8, super::exit::port_in(0xA1, 1) as u8]
+}
+
+/// The guest wrote a PIC port (carried out already): a line held for it
+/// may have been unmasked, or dropped by a re-initialisation.
+pub fn pic_written(v: &mut VcpuState, port: u16, value: u8) {
+    crate::pic::PICS.lock().write(port, value);
     deliver_irqs(v);
 }
 
@@ -188,7 +215,13 @@ fn drop_smi_blocking() {
 /// Injects the highest queued interrupt if the guest can take it now, and
 /// keeps interrupt-window exiting on while any waits.
 pub fn deliver_irqs(v: &mut VcpuState) {
-    if v.irqs.is_empty() {
+    // A line held from a PIC that the guest could take now (unmasked),
+    // with the vector the PIC has now.
+    let pic = {
+        let p = crate::pic::PICS.lock();
+        if p.held != 0 && p.owner == v.id { p.deliverable(v.id, pic_masks()) } else { None }
+    };
+    if v.irqs.is_empty() && pic.is_none() {
         set_window(v, false);
         return;
     }
@@ -198,6 +231,11 @@ pub fn deliver_irqs(v: &mut VcpuState) {
         && vmread(guest::INTERRUPTIBILITY_STATE) & 3 == 0
         && (activity == ACTIVITY_ACTIVE || activity == ACTIVITY_HLT);
     if ready {
+        if let Some((line, vec)) = pic {
+            // Queued with the others, by vector priority.
+            crate::pic::PICS.lock().delivered(line);
+            v.irqs.push(vec);
+        }
         if let Some(vec) = v.irqs.pop() {
             // Type 0 (external interrupt), valid.
             vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, vec as u64 | 1 << 31);
@@ -206,7 +244,7 @@ pub fn deliver_irqs(v: &mut VcpuState) {
             }
         }
     }
-    set_window(v, !v.irqs.is_empty());
+    set_window(v, !v.irqs.is_empty() || (pic.is_some() && !ready));
 }
 
 fn set_window(v: &mut VcpuState, on: bool) {
@@ -241,6 +279,11 @@ fn resume_after_fault(q: u64) {
     }
     if idt & (1 << 11) != 0 {
         vmwrite(control::VMENTRY_EXCEPTION_ERR_CODE, vmread(ro::IDT_VECTORING_ERR_CODE));
+    }
+    // A fault's frame carries RF, whichever path injected it first (see
+    // exit::inject).
+    if (idt >> 8) & 7 == 3 && super::exit::vector::sets_rf(idt as u8) && vmread(guest::CR0) & 1 != 0 {
+        vmwrite(guest::RFLAGS, vmread(guest::RFLAGS) | super::exit::RFLAGS_RF);
     }
     // Software interrupts and exceptions need their instruction's length.
     if matches!((idt >> 8) & 7, 4..=6) {
