@@ -3,14 +3,10 @@
 
 use crate::cli::{self, Cli, Mode};
 use crate::json::{self, Object};
+use crate::leaves::{self, Detection, Leaves, ReasonReading, Totals, CPUID_REASON, HV_LEAF, MIN_MAX_LEAF};
 use crate::modes;
 use exitscope_stats::control::{CMD_DUMP, CMD_RESET};
-use crate::leaves::{
-    self, Detection, Leaves, ReasonReading, Totals, CPUID_REASON, HV_LEAF, MIN_MAX_LEAF,
-};
-use exitscope_stats::leaf::{
-    LEAF_REASON_CYCLES, LEAF_REASON_EXITS, LEAF_TOTAL_CYCLES, LEAF_TOTAL_EXITS,
-};
+use exitscope_stats::leaf::{LEAF_REASON_CYCLES, LEAF_REASON_EXITS, LEAF_TOTAL_CYCLES, LEAF_TOTAL_EXITS};
 use exitscope_stats::reasons::{self, REASONS, SDM_SOURCE};
 use std::fmt::Write;
 
@@ -38,23 +34,14 @@ pub fn run<I: IntoIterator<Item = std::ffi::OsString>>(args: I, l: &mut dyn Leav
         Ok(c) => c,
         Err(e) => {
             return Outcome {
-                stderr: format!(
-                    "exitstat: {e}\n{}\nTry 'exitstat --help' for more.\n",
-                    cli::USAGE
-                ),
+                stderr: format!("exitstat: {e}\n{}\nTry 'exitstat --help' for more.\n", cli::USAGE),
                 code: USAGE,
                 ..Outcome::default()
             }
         }
     };
     if cli.mode == Mode::Help {
-        return Outcome {
-            stdout: format!(
-                "{}\n\nExit reason numbers and names: {SDM_SOURCE}.\n",
-                cli::HELP
-            ),
-            ..Outcome::default()
-        };
+        return Outcome { stdout: format!("{}\n\nExit reason numbers and names: {SDM_SOURCE}.\n", cli::HELP), ..Outcome::default() };
     }
     let d = leaves::detect(l);
     if !d.is_exitscope() {
@@ -68,45 +55,26 @@ fn run_mode(cli: &Cli, l: &mut dyn Leaves) -> Outcome {
     match cli.mode {
         Mode::Totals => {
             let t = leaves::read_totals(l);
-            o.stdout = if cli.json {
-                totals_json(&t).finish() + "\n"
-            } else {
-                totals_text(&t)
-            };
+            o.stdout = if cli.json { totals_json(&t).finish() + "\n" } else { totals_text(&t) };
         }
         Mode::Reason(nr) => {
             // The reason first, so its numbers are not inflated by the totals reads.
             let r = leaves::read_reason(l, nr);
             let t = leaves::read_totals(l);
-            o.stdout = if cli.json {
-                totals_json(&t)
-                    .raw("reasons", &json::array([reason_json(&r)]))
-                    .finish()
-                    + "\n"
-            } else {
-                reason_text(&r)
-            };
+            o.stdout =
+                if cli.json { totals_json(&t).raw("reasons", &json::array([reason_json(&r)])).finish() + "\n" } else { reason_text(&r) };
             if let Some(w) = disagreement(&r) {
                 o.stderr = w;
                 o.code = FAIL;
             }
         }
         Mode::All => {
-            let readings: Vec<ReasonReading> = REASONS
-                .iter()
-                .map(|r| leaves::read_reason(l, r.number as u32))
-                .collect();
+            let readings: Vec<ReasonReading> = REASONS.iter().map(|r| leaves::read_reason(l, r.number as u32)).collect();
             // Totals last: they then cover every exit the rows above counted.
             let t = leaves::read_totals(l);
-            let rows: Vec<&ReasonReading> = readings
-                .iter()
-                .filter(|r| r.exits() != 0 || r.cycles() != 0)
-                .collect();
+            let rows: Vec<&ReasonReading> = readings.iter().filter(|r| r.exits() != 0 || r.cycles() != 0).collect();
             o.stdout = if cli.json {
-                totals_json(&t)
-                    .raw("reasons", &json::array(rows.iter().map(|r| reason_json(r))))
-                    .finish()
-                    + "\n"
+                totals_json(&t).raw("reasons", &json::array(rows.iter().map(|r| reason_json(r)))).finish() + "\n"
             } else {
                 all_text(&rows, &t)
             };
@@ -125,17 +93,9 @@ fn run_mode(cli: &Cli, l: &mut dyn Leaves) -> Outcome {
                     .num("expected", c.expected() as u64)
                     .bool("pass", c.pass())
                     .finish();
-                Object::new()
-                    .bool("exitscope", true)
-                    .raw("check", &check)
-                    .finish()
-                    + "\n"
+                Object::new().bool("exitscope", true).raw("check", &check).finish() + "\n"
             } else {
-                format!(
-                    "exitstat: check: {n} CPUIDs, CPUID exits grew by {} (expected {}): {verdict}\n",
-                    c.delta,
-                    c.expected()
-                )
+                format!("exitstat: check: {n} CPUIDs, CPUID exits grew by {} (expected {}): {verdict}\n", c.delta, c.expected())
             };
             if c.undefined {
                 o.stderr = format!(
@@ -157,17 +117,11 @@ fn run_mode(cli: &Cli, l: &mut dyn Leaves) -> Outcome {
 
 /// The two totals lines.
 pub fn totals_text(t: &Totals) -> String {
-    format!(
-        "CPUID(0x{LEAF_TOTAL_EXITS:X}), exits={}\nCPUID(0x{LEAF_TOTAL_CYCLES:X}), total time in vmm: {} cycles\n",
-        t.exits, t.cycles
-    )
+    format!("CPUID(0x{LEAF_TOTAL_EXITS:X}), exits={}\nCPUID(0x{LEAF_TOTAL_CYCLES:X}), total time in vmm: {} cycles\n", t.exits, t.cycles)
 }
 
 fn totals_json(t: &Totals) -> Object {
-    Object::new()
-        .bool("exitscope", true)
-        .num("total_exits", t.exits as u64)
-        .num("total_cycles", t.cycles)
+    Object::new().bool("exitscope", true).num("total_exits", t.exits as u64).num("total_cycles", t.cycles)
 }
 
 /// One reason, as `exitstat N` prints it. What is printed follows the SDM
@@ -190,12 +144,7 @@ pub fn reason_text(r: &ReasonReading) -> String {
 }
 
 fn reason_json(r: &ReasonReading) -> String {
-    Object::new()
-        .num("nr", r.nr as u64)
-        .str("name", reasons::name(r.nr))
-        .num("exits", r.exits() as u64)
-        .num("cycles", r.cycles())
-        .finish()
+    Object::new().num("nr", r.nr as u64).str("name", reasons::name(r.nr)).num("exits", r.exits() as u64).num("cycles", r.cycles()).finish()
 }
 
 /// Where the hypervisor's answer about a reason contradicts the SDM table
@@ -227,14 +176,7 @@ pub fn disagreement(r: &ReasonReading) -> Option<String> {
 pub fn all_text(rows: &[&ReasonReading], t: &Totals) -> String {
     let cells: Vec<[String; 4]> = rows
         .iter()
-        .map(|r| {
-            [
-                r.nr.to_string(),
-                reasons::name(r.nr).unwrap_or("?").to_string(),
-                r.exits().to_string(),
-                r.cycles().to_string(),
-            ]
-        })
+        .map(|r| [r.nr.to_string(), reasons::name(r.nr).unwrap_or("?").to_string(), r.exits().to_string(), r.cycles().to_string()])
         .collect();
     let header = ["nr", "reason", "exits", "cycles"].map(String::from);
     let mut w = [0usize; 4];
@@ -245,18 +187,8 @@ pub fn all_text(rows: &[&ReasonReading], t: &Totals) -> String {
     }
     let mut s = String::new();
     for row in std::iter::once(&header).chain(&cells) {
-        let _ = writeln!(
-            s,
-            "{:>w0$}  {:<w1$}  {:>w2$}  {:>w3$}",
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            w0 = w[0],
-            w1 = w[1],
-            w2 = w[2],
-            w3 = w[3]
-        );
+        let _ =
+            writeln!(s, "{:>w0$}  {:<w1$}  {:>w2$}  {:>w3$}", row[0], row[1], row[2], row[3], w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3]);
     }
     if rows.is_empty() {
         s += "(no exit reason has any exits yet)\n";
@@ -290,18 +222,12 @@ pub fn not_exitscope(d: &Detection, json: bool) -> Outcome {
     let sig = render_signature(&d.signature);
     let mut why = String::new();
     if d.signature == leaves::SIGNATURE && d.max_leaf < MIN_MAX_LEAF {
-        let _ = write!(
-            why,
-            ", but its highest leaf is 0x{:X} (below 0x{MIN_MAX_LEAF:X})",
-            d.max_leaf
-        );
+        let _ = write!(why, ", but its highest leaf is 0x{:X} (below 0x{MIN_MAX_LEAF:X})", d.max_leaf);
     }
     if !d.hypervisor_bit {
         why += "; CPUID.1:ECX bit 31 (hypervisor present) is clear";
     }
-    let stderr = format!(
-        "exitstat: not running under Exitscope (CPUID 0x{HV_LEAF:X} signature is \"{sig}\"{why})\n"
-    );
+    let stderr = format!("exitstat: not running under Exitscope (CPUID 0x{HV_LEAF:X} signature is \"{sig}\"{why})\n");
     let stdout = if json {
         Object::new()
             .bool("exitscope", false)
@@ -313,11 +239,7 @@ pub fn not_exitscope(d: &Detection, json: bool) -> Outcome {
     } else {
         String::new()
     };
-    Outcome {
-        stdout,
-        stderr,
-        code: USAGE,
-    }
+    Outcome { stdout, stderr, code: USAGE }
 }
 
 #[cfg(test)]
@@ -332,26 +254,15 @@ mod tests {
     }
 
     fn json_of(o: &Outcome) -> Value {
-        assert_eq!(
-            o.stdout.matches('\n').count(),
-            1,
-            "one line: {:?}",
-            o.stdout
-        );
+        assert_eq!(o.stdout.matches('\n').count(), 1, "one line: {:?}", o.stdout);
         assert!(o.stdout.ends_with('\n'));
         serde_json::from_str(o.stdout.trim_end()).unwrap_or_else(|e| panic!("{e}: {}", o.stdout))
     }
 
     #[test]
     fn totals_exact_form() {
-        let t = Totals {
-            exits: 18840,
-            cycles: 3871824973,
-        };
-        assert_eq!(
-            totals_text(&t),
-            "CPUID(0x4FFFFFFC), exits=18840\nCPUID(0x4FFFFFFD), total time in vmm: 3871824973 cycles\n"
-        );
+        let t = Totals { exits: 18840, cycles: 3871824973 };
+        assert_eq!(totals_text(&t), "CPUID(0x4FFFFFFC), exits=18840\nCPUID(0x4FFFFFFD), total time in vmm: 3871824973 cycles\n");
     }
 
     #[test]
@@ -365,10 +276,7 @@ mod tests {
         // is not in its answer.
         let exits = before + 2;
         let cycles = Fake::typical().total_cycles() + 3 * f.cpuid_cost;
-        assert_eq!(
-            o.stdout,
-            format!("CPUID(0x4FFFFFFC), exits={exits}\nCPUID(0x4FFFFFFD), total time in vmm: {cycles} cycles\n")
-        );
+        assert_eq!(o.stdout, format!("CPUID(0x4FFFFFFC), exits={exits}\nCPUID(0x4FFFFFFD), total time in vmm: {cycles} cycles\n"));
     }
 
     #[test]
@@ -379,10 +287,7 @@ mod tests {
         let total = f.total_cycles();
         assert!(total > u32::MAX as u64);
         let o = run_fake(&mut f, &["12"]);
-        assert!(o.stdout.contains(&format!(
-            "CPUID(0x4FFFFFFF, 12) HLT: cycles={}\n",
-            0x1_2345_6789_ABCDu64
-        )));
+        assert!(o.stdout.contains(&format!("CPUID(0x4FFFFFFF, 12) HLT: cycles={}\n", 0x1_2345_6789_ABCDu64)));
         let v = json_of(&run_fake(&mut f, &["--json"]));
         assert_eq!(v["total_cycles"].as_u64(), Some(total));
     }
@@ -395,10 +300,7 @@ mod tests {
         f.cpuid_cost = 0;
         let o = run_fake(&mut f, &["10"]);
         // Two detection exits come before the read.
-        assert_eq!(
-            o.stdout,
-            "CPUID(0x4FFFFFFE, 10) CPUID: exits=1236\nCPUID(0x4FFFFFFF, 10) CPUID: cycles=56789\n"
-        );
+        assert_eq!(o.stdout, "CPUID(0x4FFFFFFE, 10) CPUID: exits=1236\nCPUID(0x4FFFFFFF, 10) CPUID: cycles=56789\n");
         assert_eq!((o.code, o.stderr.as_str()), (OK, ""));
         let o = run_fake(&mut f, &["0x30"]);
         assert_eq!(
@@ -422,37 +324,19 @@ mod tests {
         assert_eq!((o.code, o.stderr.as_str()), (OK, ""));
         // An enabled reason without exits answers the same.
         assert!(f.enabled.contains(55) && f.exits[55] == 0);
-        assert!(run_fake(&mut f, &["55"])
-            .stdout
-            .ends_with("XSETBV: cycles=0\n(no exits: not enabled, or none yet)\n"));
+        assert!(run_fake(&mut f, &["55"]).stdout.ends_with("XSETBV: cycles=0\n(no exits: not enabled, or none yet)\n"));
     }
 
     #[test]
     fn undefined_reasons() {
         let mut f = Fake::typical();
-        for n in [
-            "35",
-            "38",
-            "42",
-            "71",
-            "82",
-            "83",
-            "86",
-            "0xFFFF",
-            "4294967295",
-        ] {
+        for n in ["35", "38", "42", "71", "82", "83", "86", "0xFFFF", "4294967295"] {
             let o = run_fake(&mut f, &[n]);
             let nr = cli::parse_number(n).unwrap();
-            assert_eq!(
-                o.stdout,
-                format!("exit reason {nr} is not defined by the SDM\n")
-            );
+            assert_eq!(o.stdout, format!("exit reason {nr} is not defined by the SDM\n"));
             assert_eq!((o.code, o.stderr.as_str()), (OK, ""), "{n}");
             let v = json_of(&run_fake(&mut f, &["--json", n]));
-            assert_eq!(
-                v["reasons"],
-                serde_json::json!([{"nr": nr, "name": null, "exits": 0, "cycles": 0}])
-            );
+            assert_eq!(v["reasons"], serde_json::json!([{"nr": nr, "name": null, "exits": 0, "cycles": 0}]));
         }
     }
 
@@ -461,23 +345,15 @@ mod tests {
         let mut f = Fake::typical();
         f.tamper = Some(|leaf, ecx, r| {
             if (leaf == LEAF_REASON_EXITS || leaf == LEAF_REASON_CYCLES) && ecx == 84 {
-                exitscope_stats::CpuidRegs {
-                    edx: 0xFFFF_FFFF,
-                    ..Default::default()
-                }
+                exitscope_stats::CpuidRegs { edx: 0xFFFF_FFFF, ..Default::default() }
             } else {
                 r
             }
         });
         let o = run_fake(&mut f, &["84"]);
         assert_eq!(o.code, FAIL);
-        assert!(o
-            .stdout
-            .starts_with("CPUID(0x4FFFFFFE, 84) RDMSR with immediate MSR index: exits=0\n"));
-        assert!(
-            !o.stdout.contains("no exits"),
-            "no note when the hypervisor says undefined"
-        );
+        assert!(o.stdout.starts_with("CPUID(0x4FFFFFFE, 84) RDMSR with immediate MSR index: exits=0\n"));
+        assert!(!o.stdout.contains("no exits"), "no note when the hypervisor says undefined");
         assert_eq!(
             o.stderr,
             "exitstat: warning: exit reason 84 (RDMSR with immediate MSR index) is defined by the SDM, but the hypervisor \
@@ -494,49 +370,35 @@ mod tests {
     fn hypervisor_answers_for_an_undefined_reason() {
         let mut f = Fake::typical();
         f.tamper = Some(|leaf, ecx, r| match (leaf, ecx) {
-            (LEAF_REASON_EXITS, 35) => exitscope_stats::CpuidRegs {
-                eax: 7,
-                ..Default::default()
-            },
-            (LEAF_REASON_CYCLES, 35) => exitscope_stats::CpuidRegs {
-                ecx: 700,
-                ..Default::default()
-            },
+            (LEAF_REASON_EXITS, 35) => exitscope_stats::CpuidRegs { eax: 7, ..Default::default() },
+            (LEAF_REASON_CYCLES, 35) => exitscope_stats::CpuidRegs { ecx: 700, ..Default::default() },
             _ => r,
         });
         let o = run_fake(&mut f, &["35"]);
         assert_eq!(o.stdout, "exit reason 35 is not defined by the SDM\n");
         assert_eq!(o.code, FAIL);
-        assert!(o.stderr.contains("exit reason 35 is not defined by the SDM, but the hypervisor answers it as defined (exits=7, cycles=700"));
+        assert!(o
+            .stderr
+            .contains("exit reason 35 is not defined by the SDM, but the hypervisor answers it as defined (exits=7, cycles=700"));
         let v = json_of(&run_fake(&mut f, &["35", "--json"]));
-        assert_eq!(
-            v["reasons"][0],
-            serde_json::json!({"nr": 35, "name": null, "exits": 7, "cycles": 700})
-        );
+        assert_eq!(v["reasons"][0], serde_json::json!({"nr": 35, "name": null, "exits": 7, "cycles": 700}));
     }
 
     #[test]
     fn leaves_that_disagree_with_each_other() {
         let mut f = Fake::typical();
-        f.tamper = Some(|leaf, ecx, r| {
-            if leaf == LEAF_REASON_CYCLES && ecx == 10 {
-                exitscope_stats::CpuidRegs {
-                    edx: 0xFFFF_FFFF,
-                    ..r
+        f.tamper = Some(
+            |leaf, ecx, r| {
+                if leaf == LEAF_REASON_CYCLES && ecx == 10 {
+                    exitscope_stats::CpuidRegs { edx: 0xFFFF_FFFF, ..r }
+                } else {
+                    r
                 }
-            } else {
-                r
-            }
-        });
+            },
+        );
         let o = run_fake(&mut f, &["10"]);
         assert_eq!(o.code, FAIL);
-        assert!(
-            o.stderr.contains(
-                "gets EDX=0x0 from leaf 0x4FFFFFFE but EDX=0xFFFFFFFF from leaf 0x4FFFFFFF"
-            ),
-            "{}",
-            o.stderr
-        );
+        assert!(o.stderr.contains("gets EDX=0x0 from leaf 0x4FFFFFFE but EDX=0xFFFFFFFF from leaf 0x4FFFFFFF"), "{}", o.stderr);
     }
 
     #[test]
@@ -546,17 +408,11 @@ mod tests {
         assert_eq!((o.code, o.stderr.as_str()), (OK, ""));
         let lines: Vec<&str> = o.stdout.lines().collect();
         let n = lines.len();
-        assert_eq!(
-            lines[0].split_whitespace().collect::<Vec<_>>(),
-            ["nr", "reason", "exits", "cycles"]
-        );
+        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["nr", "reason", "exits", "cycles"]);
         assert!(lines[n - 2].starts_with("CPUID(0x4FFFFFFC), exits="));
         assert!(lines[n - 1].starts_with("CPUID(0x4FFFFFFD), total time in vmm: "));
         let rows = &lines[1..n - 2];
-        let nrs: Vec<u32> = rows
-            .iter()
-            .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
-            .collect();
+        let nrs: Vec<u32> = rows.iter().map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect();
         assert_eq!(nrs, [1, 10, 12, 28, 30, 31, 32, 48]);
         // Aligned: every line of the table is as wide, and the columns line up.
         let width = lines[0].len();
@@ -567,10 +423,7 @@ mod tests {
         for r in rows {
             let nr: usize = r.split_whitespace().next().unwrap().parse().unwrap();
             let name = exitscope_stats::reasons::name(nr as u32).unwrap();
-            assert!(
-                r[col..].starts_with(name) && &r[col - 2..col] == "  ",
-                "{r}"
-            );
+            assert!(r[col..].starts_with(name) && &r[col - 2..col] == "  ", "{r}");
             let exits = r[..exits_end].split_whitespace().last().unwrap();
             assert!(r.as_bytes()[exits_end] == b' ', "{r}");
             if nr != 10 {
@@ -609,13 +462,7 @@ mod tests {
         let mut f = Fake::empty();
         f.enabled = exitscope_stats::ReasonSet::EMPTY;
         let o = run_fake(&mut f, &["--all"]);
-        assert!(
-            o.stdout.starts_with(
-                "nr  reason  exits  cycles\n(no exit reason has any exits yet)\nCPUID(0x4FFFFFFC)"
-            ),
-            "{}",
-            o.stdout
-        );
+        assert!(o.stdout.starts_with("nr  reason  exits  cycles\n(no exit reason has any exits yet)\nCPUID(0x4FFFFFFC)"), "{}", o.stdout);
         let v = json_of(&run_fake(&mut f, &["--all", "--json"]));
         assert_eq!(v["reasons"], serde_json::json!([]));
     }
@@ -630,17 +477,11 @@ mod tests {
         assert_eq!(v["exitscope"], Value::Bool(true));
         assert_eq!(
             text.stdout,
-            format!(
-                "CPUID(0x4FFFFFFC), exits={}\nCPUID(0x4FFFFFFD), total time in vmm: {} cycles\n",
-                v["total_exits"], v["total_cycles"]
-            )
+            format!("CPUID(0x4FFFFFFC), exits={}\nCPUID(0x4FFFFFFD), total time in vmm: {} cycles\n", v["total_exits"], v["total_cycles"])
         );
 
         let v = json_of(&run_fake(&mut f.clone(), &["10", "--json"]));
-        assert_eq!(
-            v["reasons"],
-            serde_json::json!([{"nr": 10, "name": "CPUID", "exits": f.exits[10] + 2, "cycles": f.cycles[10]}])
-        );
+        assert_eq!(v["reasons"], serde_json::json!([{"nr": 10, "name": "CPUID", "exits": f.exits[10] + 2, "cycles": f.cycles[10]}]));
         assert!(v["total_exits"].as_u64().unwrap() >= f.total_exits());
 
         let o = run_fake(&mut f.clone(), &["--json", "--all"]);
@@ -654,16 +495,9 @@ mod tests {
             assert_eq!(r["name"].as_str(), reasons::name(nr));
             assert_eq!(r.as_object().unwrap().len(), 4);
             // The same numbers as the text table's row (last two columns).
-            let row = text
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(&nr.to_string()))
-                .unwrap();
+            let row = text.lines().find(|l| l.split_whitespace().next() == Some(&nr.to_string())).unwrap();
             let cols: Vec<&str> = row.split_whitespace().rev().take(2).collect();
-            assert_eq!(
-                cols,
-                [r["cycles"].to_string(), r["exits"].to_string()],
-                "{row}"
-            );
+            assert_eq!(cols, [r["cycles"].to_string(), r["exits"].to_string()], "{row}");
         }
         assert!(text.contains(&format!("exits={}\n", v["total_exits"])));
     }
@@ -677,12 +511,7 @@ mod tests {
             f.exits[r.number as usize] = 1;
         }
         let v = json_of(&run_fake(&mut f, &["--all", "--json"]));
-        let names: Vec<&str> = v["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = v["reasons"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
         assert_eq!(names, REASONS.iter().map(|r| r.name).collect::<Vec<_>>());
     }
 
@@ -691,23 +520,10 @@ mod tests {
         for n in [0u32, 1, 1000] {
             let mut f = Fake::typical();
             let o = run_fake(&mut f, &["--check", &n.to_string()]);
-            assert_eq!(
-                o.stdout,
-                format!(
-                    "exitstat: check: {n} CPUIDs, CPUID exits grew by {} (expected {}): PASS\n",
-                    n + 1,
-                    n + 1
-                )
-            );
+            assert_eq!(o.stdout, format!("exitstat: check: {n} CPUIDs, CPUID exits grew by {} (expected {}): PASS\n", n + 1, n + 1));
             assert_eq!((o.code, o.stderr.as_str()), (OK, ""));
             // Exactly N plain CPUID(0) between the two reads.
-            let reads: Vec<usize> = f
-                .log
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| **q == (LEAF_REASON_EXITS, 10))
-                .map(|(i, _)| i)
-                .collect();
+            let reads: Vec<usize> = f.log.iter().enumerate().filter(|(_, q)| **q == (LEAF_REASON_EXITS, 10)).map(|(i, _)| i).collect();
             assert_eq!(reads.len(), 2);
             assert_eq!(reads[1] - reads[0] - 1, n as usize);
             assert!(f.log[reads[0] + 1..reads[1]].iter().all(|q| *q == (0, 0)));
@@ -719,10 +535,7 @@ mod tests {
         let mut f = Fake::typical();
         f.enabled.remove(10); // answers all zeros
         let o = run_fake(&mut f, &["--check", "50"]);
-        assert_eq!(
-            o.stdout,
-            "exitstat: check: 50 CPUIDs, CPUID exits grew by 0 (expected 51): FAIL\n"
-        );
+        assert_eq!(o.stdout, "exitstat: check: 50 CPUIDs, CPUID exits grew by 0 (expected 51): FAIL\n");
         assert_eq!(o.code, FAIL);
 
         // A hypervisor that counts exits that did not happen.
@@ -736,10 +549,7 @@ mod tests {
     fn check_json() {
         let mut f = Fake::typical();
         let v = json_of(&run_fake(&mut f, &["--check", "7", "--json"]));
-        assert_eq!(
-            v,
-            serde_json::json!({"exitscope": true, "check": {"cpuids": 7, "delta": 8, "expected": 8, "pass": true}})
-        );
+        assert_eq!(v, serde_json::json!({"exitscope": true, "check": {"cpuids": 7, "delta": 8, "expected": 8, "pass": true}}));
     }
 
     #[test]
@@ -752,17 +562,13 @@ mod tests {
                 Fake::foreign([0x01, 0x02, b'"', b'\\', 0xFF, b'A', 0, b'B', 0, 0, 0, 0], 0x0D, false),
                 "\"\\x01\\x02\\\"\\\\\\xffA\\x00B\"; CPUID.1:ECX bit 31 (hypervisor present) is clear)",
             ),
-            (Fake::foreign(*b"ExitscopeVMM", 0x4000_0000, true), "\"ExitscopeVMM\", but its highest leaf is 0x40000000 (below 0x40000001))"),
+            (
+                Fake::foreign(*b"ExitscopeVMM", 0x4000_0000, true),
+                "\"ExitscopeVMM\", but its highest leaf is 0x40000000 (below 0x40000001))",
+            ),
         ];
         for (f, tail) in cases {
-            for args in [
-                &[][..],
-                &["10"],
-                &["--all"],
-                &["--check", "5"],
-                &["--json"],
-                &["--all", "--json"],
-            ] {
+            for args in [&[][..], &["10"], &["--all"], &["--check", "5"], &["--json"], &["--all", "--json"]] {
                 let mut f = f.clone();
                 let o = run_fake(&mut f, args);
                 assert_eq!(o.code, USAGE);
@@ -774,11 +580,7 @@ mod tests {
                 } else {
                     assert_eq!(o.stdout, "");
                 }
-                assert!(
-                    !f.log.iter().any(|(leaf, _)| is_stats_leaf(*leaf)),
-                    "queried a stats leaf: {:?}",
-                    f.log
-                );
+                assert!(!f.log.iter().any(|(leaf, _)| is_stats_leaf(*leaf)), "queried a stats leaf: {:?}", f.log);
             }
         }
         // Signature right, hypervisor bit clear: still refused.
@@ -786,9 +588,7 @@ mod tests {
         f.hypervisor_bit = false;
         let o = run_fake(&mut f, &[]);
         assert_eq!(o.code, USAGE);
-        assert!(o.stderr.ends_with(
-            "signature is \"ExitscopeVMM\"; CPUID.1:ECX bit 31 (hypervisor present) is clear)\n"
-        ));
+        assert!(o.stderr.ends_with("signature is \"ExitscopeVMM\"; CPUID.1:ECX bit 31 (hypervisor present) is clear)\n"));
     }
 
     #[test]
@@ -797,29 +597,18 @@ mod tests {
         let o = run_fake(&mut f, &["--bogus"]);
         assert_eq!(o.code, USAGE);
         assert_eq!(o.stdout, "");
-        assert!(o
-            .stderr
-            .starts_with("exitstat: unknown option '--bogus'\nusage: exitstat"));
-        assert!(
-            f.log.is_empty(),
-            "no CPUID before the arguments are known good"
-        );
+        assert!(o.stderr.starts_with("exitstat: unknown option '--bogus'\nusage: exitstat"));
+        assert!(f.log.is_empty(), "no CPUID before the arguments are known good");
         let o = run_fake(&mut f, &["12", "x"]);
         assert_eq!(o.code, USAGE);
-        assert!(o
-            .stderr
-            .starts_with("exitstat: invalid exit reason number 'x'"));
+        assert!(o.stderr.starts_with("exitstat: invalid exit reason number 'x'"));
 
         let mut foreign = Fake::foreign([0; 12], 0, false);
         for h in ["-h", "--help"] {
             let o = run_fake(&mut foreign, &[h]);
             assert_eq!((o.code, o.stderr.as_str()), (OK, ""));
             assert!(o.stdout.starts_with("exitstat: VM-exit statistics"));
-            assert!(
-                o.stdout.contains("--check N")
-                    && o.stdout.contains("--json")
-                    && o.stdout.contains(SDM_SOURCE)
-            );
+            assert!(o.stdout.contains("--check N") && o.stdout.contains("--json") && o.stdout.contains(SDM_SOURCE));
         }
         assert!(foreign.log.is_empty());
     }

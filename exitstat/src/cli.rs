@@ -119,13 +119,9 @@ fn number(s: &str, what: &str) -> Result<u32, String> {
     let digits = hex.unwrap_or(s);
     let radix = if hex.is_some() { 16 } else { 10 };
     if !digits.is_empty() && digits.chars().all(|c| c.is_digit(radix)) {
-        Err(format!(
-            "{what} '{s}' is out of range (at most 4294967295 = 0xFFFFFFFF)"
-        ))
+        Err(format!("{what} '{s}' is out of range (at most 4294967295 = 0xFFFFFFFF)"))
     } else {
-        Err(format!(
-            "invalid {what} '{s}' (expected a decimal number or 0x-prefixed hex)"
-        ))
+        Err(format!("invalid {what} '{s}' (expected a decimal number or 0x-prefixed hex)"))
     }
 }
 
@@ -145,16 +141,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
         }
     };
     while let Some(a) = args.next() {
-        let a = a
-            .into_string()
-            .map_err(|a| format!("argument {a:?} is not valid UTF-8"))?;
+        let a = a.into_string().map_err(|a| format!("argument {a:?} is not valid UTF-8"))?;
         match a.as_str() {
-            "-h" | "--help" => {
-                return Ok(Cli {
-                    mode: Mode::Help,
-                    json,
-                })
-            }
+            "-h" | "--help" => return Ok(Cli { mode: Mode::Help, json }),
             "--json" => json = true,
             "--all" => set(Mode::All, a)?,
             "--check" => {
@@ -164,9 +153,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
                 let n = n.to_string_lossy().into_owned();
                 let count = number(&n, "count")?;
                 if count == u32::MAX {
-                    return Err(format!(
-                        "count '{n}' is too large: N+1 must fit the 32-bit exit count"
-                    ));
+                    return Err(format!("count '{n}' is too large: N+1 must fit the 32-bit exit count"));
                 }
                 set(Mode::Check(count), format!("--check {n}"))?;
             }
@@ -218,10 +205,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
             }
         }
     }
-    Ok(Cli {
-        mode: mode.map_or(Mode::Totals, |(m, _)| m),
-        json,
-    })
+    Ok(Cli { mode: mode.map_or(Mode::Totals, |(m, _)| m), json })
 }
 
 #[cfg(test)]
@@ -297,29 +281,17 @@ mod tests {
         assert_eq!(err(&["--detail"]), "'--detail' needs an exit reason number");
         assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr or ept)");
         assert_eq!(err(&["--all", "--run", "ls"]), "'--run' cannot be combined with '--all'");
-        assert_eq!(
-            err(&["abc"]),
-            "invalid exit reason number 'abc' (expected a decimal number or 0x-prefixed hex)"
-        );
+        assert_eq!(err(&["abc"]), "invalid exit reason number 'abc' (expected a decimal number or 0x-prefixed hex)");
         assert!(err(&["0x"]).starts_with("invalid exit reason number '0x'"));
         assert!(err(&["+5"]).starts_with("invalid exit reason number '+5'"));
         assert!(err(&["1_0"]).starts_with("invalid exit reason number"));
         assert!(err(&["0xg"]).starts_with("invalid exit reason number"));
         assert!(err(&[""]).starts_with("invalid exit reason number ''"));
-        assert_eq!(
-            err(&["4294967296"]),
-            "exit reason number '4294967296' is out of range (at most 4294967295 = 0xFFFFFFFF)"
-        );
+        assert_eq!(err(&["4294967296"]), "exit reason number '4294967296' is out of range (at most 4294967295 = 0xFFFFFFFF)");
         assert!(err(&["0x100000000"]).contains("out of range"));
         assert_eq!(err(&["10", "12"]), "'12' cannot be combined with '10'");
-        assert_eq!(
-            err(&["--all", "10"]),
-            "'10' cannot be combined with '--all'"
-        );
-        assert_eq!(
-            err(&["--check", "3", "--all"]),
-            "'--all' cannot be combined with '--check 3'"
-        );
+        assert_eq!(err(&["--all", "10"]), "'10' cannot be combined with '--all'");
+        assert_eq!(err(&["--check", "3", "--all"]), "'--all' cannot be combined with '--check 3'");
         assert_eq!(err(&["--check"]), "'--check' needs a count N");
         assert!(err(&["--check", "--json"]).starts_with("invalid count '--json'"));
         assert!(err(&["--check", "4294967295"]).contains("too large"));

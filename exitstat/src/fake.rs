@@ -186,11 +186,9 @@ impl Fake {
                     return CpuidRegs { edx: BREAKDOWN_VALID, ..wide(b.1) };
                 }
                 match b.0.get(index as usize) {
-                    Some(&(key, count)) => CpuidRegs {
-                        eax: key as u32,
-                        edx: BREAKDOWN_VALID | ((key >> 32) as u32 & 0x7FFF_FFFF),
-                        ..wide(count)
-                    },
+                    Some(&(key, count)) => {
+                        CpuidRegs { eax: key as u32, edx: BREAKDOWN_VALID | ((key >> 32) as u32 & 0x7FFF_FFFF), ..wide(count) }
+                    }
                     None => zero,
                 }
             }
@@ -205,9 +203,7 @@ impl Fake {
     /// Exitscope after a Linux boot: some reasons enabled, some counted.
     pub fn typical() -> Fake {
         let mut f = Fake::empty();
-        f.enabled = ReasonSet::of(&[
-            0, 1, 2, 3, 4, 7, 9, 10, 12, 18, 28, 30, 31, 32, 33, 34, 41, 48, 49, 55,
-        ]);
+        f.enabled = ReasonSet::of(&[0, 1, 2, 3, 4, 7, 9, 10, 12, 18, 28, 30, 31, 32, 33, 34, 41, 48, 49, 55]);
         for (nr, exits, cycles) in [
             (1, 312, 1_140_000),
             (10, 1_043, 1_221_310),
@@ -228,13 +224,7 @@ impl Fake {
 
     /// Some other hypervisor, or none: the stats leaves answer garbage.
     pub fn foreign(signature: [u8; 12], max_leaf: u32, hypervisor_bit: bool) -> Fake {
-        Fake {
-            signature,
-            max_leaf,
-            hypervisor_bit,
-            exitscope: false,
-            ..Fake::empty()
-        }
+        Fake { signature, max_leaf, hypervisor_bit, exitscope: false, ..Fake::empty() }
     }
 
     pub fn total_exits(&self) -> u64 {
@@ -264,41 +254,20 @@ impl StatsView for Fake {
 impl Leaves for Fake {
     fn cpuid(&mut self, eax: u32, ecx: u32) -> CpuidRegs {
         self.log.push((eax, ecx));
-        let word =
-            |i: usize| u32::from_le_bytes(self.signature[i * 4..i * 4 + 4].try_into().unwrap());
+        let word = |i: usize| u32::from_le_bytes(self.signature[i * 4..i * 4 + 4].try_into().unwrap());
         let mut r = match eax {
-            0 => CpuidRegs {
-                eax: 0x16,
-                ebx: 0x756e_6547,
-                ecx: 0x6c65_746e,
-                edx: 0x4965_6e69,
-            },
+            0 => CpuidRegs { eax: 0x16, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69 },
             1 => CpuidRegs {
-                ecx: 0x7ffa_fbff & !HYPERVISOR_BIT
-                    | if self.hypervisor_bit {
-                        HYPERVISOR_BIT
-                    } else {
-                        0
-                    },
+                ecx: 0x7ffa_fbff & !HYPERVISOR_BIT | if self.hypervisor_bit { HYPERVISOR_BIT } else { 0 },
                 ..CpuidRegs::default()
             },
-            HV_LEAF => CpuidRegs {
-                eax: self.max_leaf,
-                ebx: word(0),
-                ecx: word(1),
-                edx: word(2),
-            },
+            HV_LEAF => CpuidRegs { eax: self.max_leaf, ebx: word(0), ecx: word(1), edx: word(2) },
             _ if ctl::is_control_leaf(eax) && self.exitscope => self.control(eax, ecx),
             _ if leaf::is_stats_leaf(eax) => {
                 if self.exitscope {
                     leaf::answer(eax, ecx, &*self, &self.enabled).unwrap()
                 } else {
-                    CpuidRegs {
-                        eax: 0xDEAD_BEEF,
-                        ebx: 0xDEAD_BEEF,
-                        ecx: 0xDEAD_BEEF,
-                        edx: 0xDEAD_BEEF,
-                    }
+                    CpuidRegs { eax: 0xDEAD_BEEF, ebx: 0xDEAD_BEEF, ecx: 0xDEAD_BEEF, edx: 0xDEAD_BEEF }
                 }
             }
             _ => CpuidRegs::default(),

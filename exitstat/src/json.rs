@@ -29,10 +29,7 @@ pub struct Object {
 
 impl Object {
     pub fn new() -> Self {
-        Object {
-            buf: String::from("{"),
-            empty: true,
-        }
+        Object { buf: String::from("{"), empty: true }
     }
 
     fn key(&mut self, k: &str) {
@@ -101,15 +98,7 @@ mod tests {
 
     #[test]
     fn strings_round_trip_through_a_real_parser() {
-        for s in [
-            "",
-            "CPUID",
-            "a \"quoted\" name",
-            "back\\slash",
-            "line\nbreak\ttab\r",
-            "\u{0}\u{1f}\u{7f}",
-            "I/O (SMI) é ✓",
-        ] {
+        for s in ["", "CPUID", "a \"quoted\" name", "back\\slash", "line\nbreak\ttab\r", "\u{0}\u{1f}\u{7f}", "I/O (SMI) é ✓"] {
             let mut out = String::new();
             string(&mut out, s);
             let back: String = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));

@@ -80,12 +80,7 @@ impl Leaves for RealCpuid {
     #[inline(always)]
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> CpuidRegs {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        CpuidRegs {
-            eax: r.eax,
-            ebx: r.ebx,
-            ecx: r.ecx,
-            edx: r.edx,
-        }
+        CpuidRegs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
     }
 
     fn now(&mut self) -> Duration {
@@ -97,13 +92,10 @@ impl Leaves for RealCpuid {
     }
 
     fn run_command(&mut self, argv: &[String]) -> Result<CommandStatus, String> {
-        use std::os::unix::process::ExitStatusExt;
         use std::io::Write;
+        use std::os::unix::process::ExitStatusExt;
         let _ = std::io::stdout().flush();
-        let st = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .status()
-            .map_err(|e| format!("cannot run '{}': {e}", argv[0]))?;
+        let st = std::process::Command::new(&argv[0]).args(&argv[1..]).status().map_err(|e| format!("cannot run '{}': {e}", argv[0]))?;
         Ok(match (st.code(), st.signal()) {
             (Some(c), _) => CommandStatus::Exited(c),
             (None, Some(s)) => CommandStatus::Signaled(s),
@@ -158,11 +150,7 @@ pub fn detect(l: &mut dyn Leaves) -> Detection {
     for (i, w) in [hv.ebx, hv.ecx, hv.edx].into_iter().enumerate() {
         signature[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
     }
-    Detection {
-        hypervisor_bit: one.ecx & HYPERVISOR_BIT != 0,
-        max_leaf: hv.eax,
-        signature,
-    }
+    Detection { hypervisor_bit: one.ecx & HYPERVISOR_BIT != 0, max_leaf: hv.eax, signature }
 }
 
 /// Totals over all reasons and vCPUs.
@@ -178,10 +166,7 @@ pub struct Totals {
 pub fn read_totals(l: &mut dyn Leaves) -> Totals {
     let e = l.cpuid(leaf::LEAF_TOTAL_EXITS, 0);
     let c = l.cpuid(leaf::LEAF_TOTAL_CYCLES, 0);
-    Totals {
-        exits: e.eax,
-        cycles: leaf::join64(c.ebx, c.ecx),
-    }
+    Totals { exits: e.eax, cycles: leaf::join64(c.ebx, c.ecx) }
 }
 
 /// The two raw answers about one reason number.
@@ -217,11 +202,7 @@ impl ReasonReading {
 pub fn read_reason(l: &mut dyn Leaves, nr: u32) -> ReasonReading {
     let exits_regs = l.cpuid(leaf::LEAF_REASON_EXITS, nr);
     let cycles_regs = l.cpuid(leaf::LEAF_REASON_CYCLES, nr);
-    ReasonReading {
-        nr,
-        exits_regs,
-        cycles_regs,
-    }
+    ReasonReading { nr, exits_regs, cycles_regs }
 }
 
 /// The result of `--check N`.
@@ -253,11 +234,7 @@ pub fn check(l: &mut dyn Leaves, n: u32) -> CheckResult {
         l.cpuid(0, 0);
     }
     let after = l.cpuid(leaf::LEAF_REASON_EXITS, CPUID_REASON);
-    CheckResult {
-        n,
-        delta: after.eax.wrapping_sub(before.eax),
-        undefined: before.edx == UNDEFINED_EDX || after.edx == UNDEFINED_EDX,
-    }
+    CheckResult { n, delta: after.eax.wrapping_sub(before.eax), undefined: before.edx == UNDEFINED_EDX || after.edx == UNDEFINED_EDX }
 }
 
 // ---------------------------------------------------------------------------
@@ -287,12 +264,7 @@ impl Info {
 /// Reads the INFO leaf.
 pub fn read_info(l: &mut dyn Leaves) -> Info {
     let r = l.cpuid(ctl::LEAF_INFO, 0);
-    Info {
-        version: r.eax,
-        vcpus: r.ebx,
-        flags: r.ecx,
-        max_reason: r.edx,
-    }
+    Info { version: r.eax, vcpus: r.ebx, flags: r.ecx, max_reason: r.edx }
 }
 
 /// Sends a CONTROL command; returns the status (EAX).
@@ -345,16 +317,7 @@ pub fn read_detail(l: &mut dyn Leaves, nr: u32) -> DetailReading {
     for (b, h) in hist.iter_mut().enumerate() {
         *h = wide(l.cpuid(ctl::LEAF_HIST, nr | (b as u32) << 16)).0;
     }
-    DetailReading {
-        nr,
-        undefined,
-        exits,
-        cycles,
-        min,
-        max,
-        sumsq: (hi as u128) << 64 | lo as u128,
-        hist,
-    }
+    DetailReading { nr, undefined, exits, cycles, min, max, sumsq: (hi as u128) << 64 | lo as u128, hist }
 }
 
 /// The most entries read from one breakdown (a bound against a

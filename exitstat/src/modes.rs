@@ -246,11 +246,8 @@ pub fn run_text(argv: &[String], status: CommandStatus, r: &RunResult) -> String
             .collect();
         s += &table(&["nr", "reason", "exits", "cycles", "cycles/exit"], &rows, &[false, true, false, false, false]);
     }
-    let _ = writeln!(
-        s,
-        "(exitstat's own reads not counted: {} CPUID exits and {} cycles taken off the CPUID row)",
-        r.own_exits, r.own_cycles
-    );
+    let _ =
+        writeln!(s, "(exitstat's own reads not counted: {} CPUID exits and {} cycles taken off the CPUID row)", r.own_exits, r.own_cycles);
     if r.went_back {
         s += "exitstat: warning: some counters went down while the command ran (a reset?): those rows are not meaningful\n";
     }
@@ -312,12 +309,8 @@ fn table(header: &[&str], rows: &[[String; 5]], left: &[bool]) -> String {
     let mut s = String::new();
     let head: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     for row in std::iter::once(head.as_slice()).chain(rows.iter().map(|r| r.as_slice())) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&w)
-            .zip(left)
-            .map(|((c, &w), &l)| if l { format!("{c:<w$}") } else { format!("{c:>w$}") })
-            .collect();
+        let cells: Vec<String> =
+            row.iter().zip(&w).zip(left).map(|((c, &w), &l)| if l { format!("{c:<w$}") } else { format!("{c:>w$}") }).collect();
         s += cells.join("  ").trim_end();
         s.push('\n');
     }
@@ -373,7 +366,11 @@ fn watch_line_json(w: &WatchLine) -> String {
         .float("total_per_sec", w.total())
         .raw(
             "reasons",
-            &json::array(w.rates.iter().map(|(nr, r)| Object::new().num("nr", *nr as u64).str("name", reasons::name(*nr)).float("per_sec", *r).finish())),
+            &json::array(
+                w.rates
+                    .iter()
+                    .map(|(nr, r)| Object::new().num("nr", *nr as u64).str("name", reasons::name(*nr)).float("per_sec", *r).finish()),
+            ),
         )
         .finish()
         + "\n"
@@ -454,12 +451,21 @@ pub fn watch(l: &mut dyn Leaves, secs: u32, json: bool) -> Outcome {
     } else {
         let rows: Vec<[String; 5]> = sum
             .iter()
-            .map(|(nr, n, peak)| [nr.to_string(), reasons::name(*nr).unwrap_or("?").into(), n.to_string(), format!("{:.0}", *n as f64 / span), format!("{peak:.0}")])
+            .map(|(nr, n, peak)| {
+                [
+                    nr.to_string(),
+                    reasons::name(*nr).unwrap_or("?").into(),
+                    n.to_string(),
+                    format!("{:.0}", *n as f64 / span),
+                    format!("{peak:.0}"),
+                ]
+            })
             .collect();
         if rows.is_empty() {
             format!("exitstat: no exits in {secs} s\n")
         } else {
-            format!("exitstat: summary over {span:.1} s\n") + &table(&["nr", "reason", "exits", "avg/s", "peak/s"], &rows, &[false, true, false, false, false])
+            format!("exitstat: summary over {span:.1} s\n")
+                + &table(&["nr", "reason", "exits", "avg/s", "peak/s"], &rows, &[false, true, false, false, false])
         }
     };
     Outcome { stdout, stderr: notes, code: OK }
@@ -582,15 +588,18 @@ pub fn breakdown_text(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -
 }
 
 fn breakdown_json(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -> String {
-    let b = Object::new()
-        .str("kind", Some(kind.name()))
-        .num("reason", kind.reason() as u64)
-        .raw(
-            "entries",
-            &json::array(entries.iter().map(|&(k, c)| Object::new().num("key", k).str("label", Some(&KeyLabel(kind, k).to_string())).num("count", c).finish())),
-        )
-        .num("other", other)
-        .finish();
+    let b =
+        Object::new()
+            .str("kind", Some(kind.name()))
+            .num("reason", kind.reason() as u64)
+            .raw(
+                "entries",
+                &json::array(entries.iter().map(|&(k, c)| {
+                    Object::new().num("key", k).str("label", Some(&KeyLabel(kind, k).to_string())).num("count", c).finish()
+                })),
+            )
+            .num("other", other)
+            .finish();
     Object::new().bool("exitscope", true).raw("breakdown", &b).finish() + "\n"
 }
 
@@ -656,14 +665,7 @@ mod tests {
 
     #[test]
     fn no_control_interface_is_said_clearly() {
-        for args in [
-            &["--reset"][..],
-            &["--dump"],
-            &["--run", "true"],
-            &["--watch", "2"],
-            &["--detail", "10"],
-            &["--breakdown", "io"],
-        ] {
+        for args in [&["--reset"][..], &["--dump"], &["--run", "true"], &["--watch", "2"], &["--detail", "10"], &["--breakdown", "io"]] {
             let mut f = Fake::typical();
             f.control_version = 0;
             let o = run_fake(&mut f, args);
@@ -785,10 +787,7 @@ mod tests {
         assert!(lines[0].contains(&format!("({} CPUID exits per second of exitstat's own reads not counted)", REASONS.len())));
         for (i, l) in lines[1..].iter().enumerate() {
             // exitstat's own CPUIDs do not show: CPUID has no row.
-            assert_eq!(
-                *l,
-                format!("{:>4}s       1260/s  | I/O instruction (30) 1000 | EPT violation (48) 250 | HLT (12) 10", i + 1)
-            );
+            assert_eq!(*l, format!("{:>4}s       1260/s  | I/O instruction (30) 1000 | EPT violation (48) 250 | HLT (12) 10", i + 1));
         }
         assert_eq!(f.clock, std::time::Duration::from_secs(3));
         assert_eq!(

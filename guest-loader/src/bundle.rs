@@ -193,7 +193,10 @@ pub fn parse(b: &[u8]) -> Result<Bundle<'_>, LoadError> {
     let meta_len = rd32(24) as usize;
     let table_end = HEADER_LEN + ENTRY_LEN * count as usize;
     if meta_len < table_end || meta_len > b.len() {
-        return err!(Malformed, "boot bundle metadata length {meta_len} is impossible ({count} entries need {table_end}, bundle is {total} bytes)");
+        return err!(
+            Malformed,
+            "boot bundle metadata length {meta_len} is impossible ({count} entries need {table_end}, bundle is {total} bytes)"
+        );
     }
     let (want, got) = (rd32(28), checksum(&b[..meta_len]));
     if want != got {
@@ -239,7 +242,10 @@ pub fn parse(b: &[u8]) -> Result<Bundle<'_>, LoadError> {
             return err!(Malformed, "boot bundle entry {i} ('{name}'): data offset {offset:#x} is not an aligned offset past the metadata");
         }
         if offset.checked_add(len).is_none_or(|end| end > total) {
-            return err!(Truncated, "boot bundle entry {i} ('{name}'): {len} bytes at {offset:#x} run past the end of the bundle ({total} bytes)");
+            return err!(
+                Truncated,
+                "boot bundle entry {i} ('{name}'): {len} bytes at {offset:#x} run past the end of the bundle ({total} bytes)"
+            );
         }
         let p = Payload { name, cmdline: text, offset, len };
         if kind == KIND_KERNEL {
@@ -268,10 +274,7 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let kernel = Part { name: "kernel", cmdline: "console=ttyS0 quiet", data: &[0xAB; 5000] };
-        let mods = [
-            Part { name: "initrd", cmdline: "", data: b"070701..." },
-            Part { name: "extra", cmdline: "x=1", data: &[] },
-        ];
+        let mods = [Part { name: "initrd", cmdline: "", data: b"070701..." }, Part { name: "extra", cmdline: "x=1", data: &[] }];
         build("log=debug cpus=1", Some(&kernel), &mods)
     }
 

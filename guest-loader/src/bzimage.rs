@@ -110,10 +110,7 @@ pub(crate) fn has_magic(bytes: &[u8]) -> bool {
 /// Parses and validates a bzImage for a 64-bit boot.
 pub fn parse(bytes: &[u8]) -> Result<BzImage<'_>, LoadError> {
     if u16_at(bytes, 0x1FE) != Some(0xAA55) {
-        return err!(
-            UnknownImage,
-            "not a Linux bzImage: no boot flag 0xAA55 at offset 0x1FE"
-        );
+        return err!(UnknownImage, "not a Linux bzImage: no boot flag 0xAA55 at offset 0x1FE");
     }
     if bytes.get(0x202..0x206) != Some(b"HdrS") {
         return err!(UnknownImage, "not a Linux bzImage: no \"HdrS\" signature at offset 0x202 (kernel older than protocol 2.00?)");
@@ -122,12 +119,7 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage<'_>, LoadError> {
     let b32 = |o| u32_at(bytes, o).unwrap_or(0);
     let version = b16(0x206);
     if version < MIN_VERSION {
-        return err!(
-            Unsupported,
-            "boot protocol {}.{:02} is too old, need 2.12",
-            version >> 8,
-            version & 0xFF
-        );
+        return err!(Unsupported, "boot protocol {}.{:02} is too old, need 2.12", version >> 8, version & 0xFF);
     }
     let header_end = 0x202 + usize::from(u8_at(bytes, 0x201).unwrap_or(0));
     if !(HDR_MIN_END..=HDR_LIMIT).contains(&header_end) {
@@ -140,11 +132,7 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage<'_>, LoadError> {
     let setup_sects = if raw_sects == 0 { 4 } else { raw_sects };
     let setup_len = (usize::from(setup_sects) + 1) * 512;
     if bytes.len() < setup_len {
-        return err!(
-            Truncated,
-            "bzImage truncated: header says {setup_len} bytes of setup code, file has {}",
-            bytes.len()
-        );
+        return err!(Truncated, "bzImage truncated: header says {setup_len} bytes of setup code, file has {}", bytes.len());
     }
     let header = SetupHeader {
         setup_sects,
@@ -166,46 +154,24 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage<'_>, LoadError> {
         return err!(Unsupported, "kernel is a zImage (LOADED_HIGH clear in loadflags); only bzImage kernels are supported");
     }
     if header.xloadflags & XLF_KERNEL_64 == 0 {
-        return err!(
-            Unsupported,
-            "kernel has no 64-bit entry point (XLF_KERNEL_64 clear in xloadflags {:#x})",
-            header.xloadflags
-        );
+        return err!(Unsupported, "kernel has no 64-bit entry point (XLF_KERNEL_64 clear in xloadflags {:#x})", header.xloadflags);
     }
     let kernel_len = u64::from(header.syssize) * 16;
     let have = (bytes.len() - setup_len) as u64;
     if kernel_len > have {
-        return err!(
-            Truncated,
-            "bzImage truncated: header says {kernel_len} bytes of kernel, file has {have}"
-        );
+        return err!(Truncated, "bzImage truncated: header says {kernel_len} bytes of kernel, file has {have}");
     }
     if kernel_len == 0 {
-        return err!(
-            Malformed,
-            "bzImage header says the kernel is empty (syssize 0)"
-        );
+        return err!(Malformed, "bzImage header says the kernel is empty (syssize 0)");
     }
     if !header.kernel_alignment.is_power_of_two() {
-        return err!(
-            Malformed,
-            "bzImage kernel_alignment {:#x} is not a power of two",
-            header.kernel_alignment
-        );
+        return err!(Malformed, "bzImage kernel_alignment {:#x} is not a power of two", header.kernel_alignment);
     }
     if u64::from(header.init_size) < kernel_len {
-        return err!(
-            Malformed,
-            "bzImage init_size {} is smaller than the {kernel_len}-byte kernel",
-            header.init_size
-        );
+        return err!(Malformed, "bzImage init_size {} is smaller than the {kernel_len}-byte kernel", header.init_size);
     }
     let (setup, rest) = bytes.split_at(setup_len);
-    Ok(BzImage {
-        header,
-        setup,
-        kernel: &rest[..kernel_len as usize],
-    })
+    Ok(BzImage { header, setup, kernel: &rest[..kernel_len as usize] })
 }
 
 /// What [`plan_linux`] needs.
@@ -239,19 +205,10 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
         return err!(BadInput, "kernel command line contains a NUL byte");
     }
     if input.cmdline.len() as u64 > u64::from(h.cmdline_size) {
-        return err!(
-            BadInput,
-            "kernel command line is {} bytes, this kernel accepts at most {}",
-            input.cmdline.len(),
-            h.cmdline_size
-        );
+        return err!(BadInput, "kernel command line is {} bytes, this kernel accepts at most {}", input.cmdline.len(), h.cmdline_size);
     }
     if memory.regions().len() > E820_MAX {
-        return err!(
-            BadInput,
-            "guest memory map has {} entries, the zero page holds at most {E820_MAX}",
-            memory.regions().len()
-        );
+        return err!(BadInput, "guest memory map has {} entries, the zero page holds at most {E820_MAX}", memory.regions().len());
     }
     let above_4g = h.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G != 0;
     let mut used: Vec<(u64, u64)> = input.avoid.to_vec();
@@ -265,10 +222,7 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
     let pref = h.pref_address;
     let at_pref = match pref.checked_add(init) {
         Some(end) if end <= kernel_limit => check_range(memory, &used, pref, end, "kernel"),
-        _ => err!(
-            NoRoom,
-            "kernel at pref_address {pref:#x} would end above {kernel_limit:#x}"
-        ),
+        _ => err!(NoRoom, "kernel at pref_address {pref:#x} would end above {kernel_limit:#x}"),
     };
     let kernel = match at_pref {
         Ok(()) => pref,
@@ -291,31 +245,16 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
         },
     };
     let kernel_len = bz.kernel.len() as u64;
-    chunks.push(Chunk {
-        gpa: kernel,
-        src: Source::Image {
-            offset: bz.setup.len(),
-            len: bz.kernel.len(),
-        },
-        what: "kernel",
-    });
+    chunks.push(Chunk { gpa: kernel, src: Source::Image { offset: bz.setup.len(), len: bz.kernel.len() }, what: "kernel" });
     if init > kernel_len {
-        chunks.push(Chunk {
-            gpa: kernel + kernel_len,
-            src: Source::Reserve(init - kernel_len),
-            what: "kernel init area",
-        });
+        chunks.push(Chunk { gpa: kernel + kernel_len, src: Source::Reserve(init - kernel_len), what: "kernel init area" });
     }
     used.push((kernel, kernel + init));
 
     // The initrd: as high as allowed (boot.rst, "initrd_addr_max").
     let mut initrd = (0, 0);
     if input.initrd_len > 0 {
-        let limit = if above_4g {
-            u64::MAX
-        } else {
-            (u64::from(h.initrd_addr_max) + 1).min(FOUR_GIB)
-        };
+        let limit = if above_4g { u64::MAX } else { (u64::from(h.initrd_addr_max) + 1).min(FOUR_GIB) };
         let Some(at) = memory.highest_fit(input.initrd_len, PAGE_SIZE, limit, &used) else {
             return err!(
                 NoRoom,
@@ -326,30 +265,18 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
             );
         };
         initrd = (at, input.initrd_len);
-        chunks.push(Chunk {
-            gpa: at,
-            src: Source::Module(0),
-            what: "initrd",
-        });
+        chunks.push(Chunk { gpa: at, src: Source::Module(0), what: "initrd" });
         used.push((at, at + input.initrd_len));
     }
 
     // Low structures, in one block: zero page | PML4 | PDPTs | PDs | GDT +
     // command line. The identity map covers 0..4 GiB, extended to the end of
     // the kernel or initrd if they lie higher (one 4 KiB PD per GiB).
-    let max_end = used[input.avoid.len()..]
-        .iter()
-        .map(|r| r.1)
-        .max()
-        .unwrap_or(0)
-        .max(FOUR_GIB);
+    let max_end = used[input.avoid.len()..].iter().map(|r| r.1).max().unwrap_or(0).max(FOUR_GIB);
     let n_pd = max_end.div_ceil(1 << 30); // one page directory per GiB
     let n_pdpt = n_pd.div_ceil(512);
     if n_pdpt > 512 {
-        return err!(
-            Unsupported,
-            "guest memory up to {max_end:#x} cannot be identity-mapped with 4-level paging"
-        );
+        return err!(Unsupported, "guest memory up to {max_end:#x} cannot be identity-mapped with 4-level paging");
     }
     let pt_len = (1 + n_pdpt + n_pd) * PAGE_SIZE;
     const CMDLINE_OFF: u64 = 64; // after the 32-byte GDT
@@ -373,30 +300,14 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
 
     let mut bp = alloc::vec![0u8; ZERO_PAGE_LEN];
     fill_boot_params(&mut bp, &bz, input, cmdline, initrd);
-    chunks.push(Chunk {
-        gpa: zero_page,
-        src: Source::Bytes(bp),
-        what: "boot_params",
-    });
-    chunks.push(Chunk {
-        gpa: pml4,
-        src: Source::Bytes(identity_page_tables(pml4, n_pdpt, n_pd)),
-        what: "page tables",
-    });
+    chunks.push(Chunk { gpa: zero_page, src: Source::Bytes(bp), what: "boot_params" });
+    chunks.push(Chunk { gpa: pml4, src: Source::Bytes(identity_page_tables(pml4, n_pdpt, n_pd)), what: "page tables" });
     let gdt_bytes: Vec<u8> = GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
-    chunks.push(Chunk {
-        gpa: gdt,
-        src: Source::Bytes(gdt_bytes),
-        what: "gdt",
-    });
+    chunks.push(Chunk { gpa: gdt, src: Source::Bytes(gdt_bytes), what: "gdt" });
     let mut cl = Vec::with_capacity(input.cmdline.len() + 1);
     cl.extend_from_slice(input.cmdline.as_bytes());
     cl.push(0);
-    chunks.push(Chunk {
-        gpa: cmdline,
-        src: Source::Bytes(cl),
-        what: "cmdline",
-    });
+    chunks.push(Chunk { gpa: cmdline, src: Source::Bytes(cl), what: "cmdline" });
 
     Ok(LoadPlan {
         chunks,
@@ -417,13 +328,7 @@ pub fn plan_linux(input: &LinuxInput) -> Result<LoadPlan, LoadError> {
 pub const GDT: [u64; 4] = [0, 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF];
 
 /// Fills the zero page (boot.rst "Details of Header Fields", zero-page.rst).
-fn fill_boot_params(
-    bp: &mut [u8],
-    bz: &BzImage,
-    input: &LinuxInput,
-    cmdline: u64,
-    initrd: (u64, u64),
-) {
+fn fill_boot_params(bp: &mut [u8], bz: &BzImage, input: &LinuxInput, cmdline: u64, initrd: (u64, u64)) {
     let h = &bz.header;
     // The setup header is copied verbatim from the image, then patched.
     bp[HDR_START..h.header_end].copy_from_slice(&bz.setup[HDR_START..h.header_end]);
@@ -467,11 +372,7 @@ fn identity_page_tables(base: u64, n_pdpt: u64, n_pd: u64) -> Vec<u8> {
         put_u64(&mut t, page + 8 * g as usize, (pd0 + g * PAGE_SIZE) | P_RW);
         let pd = (1 + n_pdpt + g) as usize * page;
         for j in 0..512u64 {
-            put_u64(
-                &mut t,
-                pd + 8 * j as usize,
-                ((g * 512 + j) << 21) | P_RW | PS,
-            );
+            put_u64(&mut t, pd + 8 * j as usize, ((g * 512 + j) << 21) | P_RW | PS);
         }
     }
     t
@@ -506,10 +407,7 @@ mod tests {
         signed.extend_from_slice(&[0xEE; 100]);
         assert_eq!(parse(&signed).unwrap().kernel.len(), t.kernel_len);
         // setup_sects 0 means 4.
-        let img = bzimage(&TestBz {
-            setup_sects: 0,
-            ..t
-        });
+        let img = bzimage(&TestBz { setup_sects: 0, ..t });
         assert_eq!(parse(&img).unwrap().header.setup_sects, 4);
         assert_eq!(parse(&img).unwrap().setup.len(), 5 * 512);
     }
@@ -524,70 +422,33 @@ mod tests {
         let img = bzimage(&t);
         let e = parse(&img[..img.len() - 1000]).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Truncated);
-        assert_eq!(
-            e.to_string(),
-            "bzImage truncated: header says 65536 bytes of kernel, file has 64536"
-        );
+        assert_eq!(e.to_string(), "bzImage truncated: header says 65536 bytes of kernel, file has 64536");
         let e = parse(&img[..2000]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "bzImage truncated: header says 2560 bytes of setup code, file has 2000"
-        );
+        assert_eq!(e.to_string(), "bzImage truncated: header says 2560 bytes of setup code, file has 2000");
         let mut bad = img.clone();
         bad[0x1FE] = 0;
-        assert!(parse(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("no boot flag 0xAA55"));
+        assert!(parse(&bad).unwrap_err().to_string().contains("no boot flag 0xAA55"));
         let mut bad = img.clone();
         bad[0x203] = b'x';
         assert!(parse(&bad).unwrap_err().to_string().contains("no \"HdrS\""));
-        assert_eq!(
-            parse(&img[..0x100]).unwrap_err().kind,
-            ErrorKind::UnknownImage
-        );
-        let e = parse_err(TestBz {
-            version: 0x0206,
-            ..t
-        });
+        assert_eq!(parse(&img[..0x100]).unwrap_err().kind, ErrorKind::UnknownImage);
+        let e = parse_err(TestBz { version: 0x0206, ..t });
         assert_eq!(e.to_string(), "boot protocol 2.06 is too old, need 2.12");
-        let e = parse_err(TestBz {
-            xloadflags: XLF_CAN_BE_LOADED_ABOVE_4G,
-            ..t
-        });
+        let e = parse_err(TestBz { xloadflags: XLF_CAN_BE_LOADED_ABOVE_4G, ..t });
         assert!(e.to_string().contains("no 64-bit entry point"), "{e}");
         let e = parse_err(TestBz { loadflags: 0, ..t });
         assert!(e.to_string().contains("zImage"), "{e}");
-        let e = parse_err(TestBz {
-            kernel_alignment: 0x30_0000,
-            ..t
-        });
+        let e = parse_err(TestBz { kernel_alignment: 0x30_0000, ..t });
         assert!(e.to_string().contains("not a power of two"), "{e}");
-        let e = parse_err(TestBz {
-            kernel_alignment: 0,
-            ..t
-        });
+        let e = parse_err(TestBz { kernel_alignment: 0, ..t });
         assert!(e.to_string().contains("not a power of two"), "{e}");
-        let e = parse_err(TestBz {
-            init_size: 0x8000,
-            ..t
-        });
-        assert!(
-            e.to_string()
-                .contains("init_size 32768 is smaller than the 65536-byte kernel"),
-            "{e}"
-        );
+        let e = parse_err(TestBz { init_size: 0x8000, ..t });
+        assert!(e.to_string().contains("init_size 32768 is smaller than the 65536-byte kernel"), "{e}");
         let e = parse_err(TestBz { kernel_len: 0, ..t });
         assert!(e.to_string().contains("syssize 0"), "{e}");
-        let e = parse_err(TestBz {
-            jump_byte: 0x20,
-            ..t
-        });
+        let e = parse_err(TestBz { jump_byte: 0x20, ..t });
         assert!(e.to_string().contains("setup header ends at 0x222"), "{e}");
-        let e = parse_err(TestBz {
-            jump_byte: 0x90,
-            ..t
-        });
+        let e = parse_err(TestBz { jump_byte: 0x90, ..t });
         assert!(e.to_string().contains("setup header ends at 0x292"), "{e}");
     }
 
@@ -607,14 +468,7 @@ mod tests {
             if let Ok(bz) = parse(&img) {
                 assert!(bz.setup.len() + bz.kernel.len() <= img.len());
                 let memory = map_512m();
-                let input = LinuxInput {
-                    image: &img,
-                    cmdline: "x",
-                    initrd_len: 4096,
-                    memory: &memory,
-                    avoid: &[],
-                    rsdp: None,
-                };
+                let input = LinuxInput { image: &img, cmdline: "x", initrd_len: 4096, memory: &memory, avoid: &[], rsdp: None };
                 if let Ok(plan) = plan_linux(&input) {
                     assert_plan_ok(&plan, img.len(), &[4096], &memory, &[]);
                 }
@@ -623,25 +477,14 @@ mod tests {
     }
 
     fn input<'a>(img: &'a [u8], memory: &'a MemoryMap, avoid: &'a [(u64, u64)]) -> LinuxInput<'a> {
-        LinuxInput {
-            image: img,
-            cmdline: "console=ttyS0 root=/dev/vda",
-            initrd_len: 4 << 20,
-            memory,
-            avoid,
-            rsdp: Some(0xE_0000),
-        }
+        LinuxInput { image: img, cmdline: "console=ttyS0 root=/dev/vda", initrd_len: 4 << 20, memory, avoid, rsdp: Some(0xE_0000) }
     }
 
     fn decode_e820(bp: &[u8]) -> Vec<(u64, u64, u32)> {
         (0..bp[BP_E820_ENTRIES] as usize)
             .map(|i| {
                 let e = BP_E820_TABLE + 20 * i;
-                (
-                    u64_at(bp, e).unwrap(),
-                    u64_at(bp, e + 8).unwrap(),
-                    u32_at(bp, e + 16).unwrap(),
-                )
+                (u64_at(bp, e).unwrap(), u64_at(bp, e + 8).unwrap(), u32_at(bp, e + 16).unwrap())
             })
             .collect()
     }
@@ -658,45 +501,18 @@ mod tests {
 
         let kernel = chunk(&plan, "kernel");
         assert_eq!(kernel.gpa, 0x100_0000, "at pref_address");
-        assert_eq!(
-            kernel.src,
-            Source::Image {
-                offset: 5 * 512,
-                len: t.kernel_len
-            }
-        );
+        assert_eq!(kernel.src, Source::Image { offset: 5 * 512, len: t.kernel_len });
         let init = chunk(&plan, "kernel init area");
-        assert_eq!(
-            (init.gpa, &init.src),
-            (0x101_0000, &Source::Reserve(u64::from(t.init_size) - 0x1_0000))
-        );
+        assert_eq!((init.gpa, &init.src), (0x101_0000, &Source::Reserve(u64::from(t.init_size) - 0x1_0000)));
         let initrd = chunk(&plan, "initrd");
         assert_eq!(initrd.src, Source::Module(0));
-        assert_eq!(
-            initrd.gpa,
-            0x1F00_0000 - (4 << 20),
-            "highest fit below the hypervisor"
-        );
+        assert_eq!(initrd.gpa, 0x1F00_0000 - (4 << 20), "highest fit below the hypervisor");
 
-        let Entry::Long64 {
-            rip,
-            rsi,
-            cr3,
-            gdt_base,
-            gdt_limit,
-            cs,
-            ds,
-        } = plan.entry
-        else {
-            panic!()
-        };
+        let Entry::Long64 { rip, rsi, cr3, gdt_base, gdt_limit, cs, ds } = plan.entry else { panic!() };
         assert_eq!((rip, cs, ds, gdt_limit), (0x100_0200, 0x10, 0x18, 31));
         let bp = bytes(&plan, "boot_params");
         assert_eq!(chunk(&plan, "boot_params").gpa, rsi);
-        assert!(
-            (0x1_0000..0x9_F000).contains(&rsi),
-            "zero page in low RAM: {rsi:#x}"
-        );
+        assert!((0x1_0000..0x9_F000).contains(&rsi), "zero page in low RAM: {rsi:#x}");
         assert_eq!(bp.len(), 4096);
         // Header copied from the image at the same offsets, then patched.
         assert_eq!(&bp[0x202..0x206], b"HdrS");
@@ -706,11 +522,7 @@ mod tests {
         assert_eq!(u32_at(bp, 0x260), Some(t.init_size), "init_size copied");
         assert_eq!(bp[0x26C], 0, "nothing past the header end");
         assert_eq!(bp[TYPE_OF_LOADER], 0xFF);
-        assert_eq!(
-            bp[LOADFLAGS],
-            LOADED_HIGH | CAN_USE_HEAP,
-            "QUIET_FLAG cleared"
-        );
+        assert_eq!(bp[LOADFLAGS], LOADED_HIGH | CAN_USE_HEAP, "QUIET_FLAG cleared");
         assert_eq!(u16_at(bp, HEAP_END_PTR), Some(0xFE00));
         assert_eq!(u16_at(bp, VID_MODE), Some(0xFFFF));
         assert_eq!(u32_at(bp, 0x214), Some(0x10_0000), "code32_start unchanged");
@@ -720,22 +532,9 @@ mod tests {
         assert_eq!(bytes(&plan, "cmdline"), b"console=ttyS0 root=/dev/vda\0");
         assert_eq!(u32_at(bp, RAMDISK_IMAGE), Some(initrd.gpa as u32));
         assert_eq!(u32_at(bp, RAMDISK_SIZE), Some(4 << 20));
-        assert_eq!(
-            (
-                u32_at(bp, BP_EXT_RAMDISK_IMAGE),
-                u32_at(bp, BP_EXT_RAMDISK_SIZE)
-            ),
-            (Some(0), Some(0))
-        );
+        assert_eq!((u32_at(bp, BP_EXT_RAMDISK_IMAGE), u32_at(bp, BP_EXT_RAMDISK_SIZE)), (Some(0), Some(0)));
         assert_eq!(u64_at(bp, BP_ACPI_RSDP), Some(0xE_0000));
-        assert_eq!(
-            decode_e820(bp),
-            vec![
-                (0, 0x9_FC00, 1),
-                (0x9_FC00, 0x6_0400, 2),
-                (0x10_0000, 0x1FF0_0000, 1)
-            ]
-        );
+        assert_eq!(decode_e820(bp), vec![(0, 0x9_FC00, 1), (0x9_FC00, 0x6_0400, 2), (0x10_0000, 0x1FF0_0000, 1)]);
 
         // GDT
         assert_eq!(chunk(&plan, "gdt").gpa, gdt_base);
@@ -776,34 +575,18 @@ mod tests {
         let avoid = [(0x100_0000, 0x100_1000)];
         let plan = plan_linux(&input(&img, &memory, &avoid)).unwrap();
         assert_plan_ok(&plan, img.len(), &[4 << 20], &memory, &avoid);
-        assert_eq!(
-            chunk(&plan, "kernel").gpa,
-            0x120_0000,
-            "next 2 MiB-aligned slot at or above 16 MiB"
-        );
-        let Entry::Long64 { rip, .. } = plan.entry else {
-            panic!()
-        };
+        assert_eq!(chunk(&plan, "kernel").gpa, 0x120_0000, "next 2 MiB-aligned slot at or above 16 MiB");
+        let Entry::Long64 { rip, .. } = plan.entry else { panic!() };
         assert_eq!(rip, 0x120_0200);
 
         // Not enough above 16 MiB: fall back to >= 1 MiB.
-        let small = MemoryMap::from_regions([
-            Region::new(0, 0x9_FC00, MemKind::Ram),
-            Region::new(0x10_0000, 0x110_0000, MemKind::Ram),
-        ]);
-        let plan = plan_linux(&LinuxInput {
-            initrd_len: 0,
-            ..input(&img, &small, &[])
-        })
-        .unwrap();
+        let small = MemoryMap::from_regions([Region::new(0, 0x9_FC00, MemKind::Ram), Region::new(0x10_0000, 0x110_0000, MemKind::Ram)]);
+        let plan = plan_linux(&LinuxInput { initrd_len: 0, ..input(&img, &small, &[]) }).unwrap();
         assert_eq!(chunk(&plan, "kernel").gpa, 0x20_0000);
         assert!(plan.chunks.iter().all(|c| c.what != "initrd"));
         assert_plan_ok(&plan, img.len(), &[], &small, &[]);
         let bp = bytes(&plan, "boot_params");
-        assert_eq!(
-            (u32_at(bp, RAMDISK_IMAGE), u32_at(bp, RAMDISK_SIZE)),
-            (Some(0), Some(0))
-        );
+        assert_eq!((u32_at(bp, RAMDISK_IMAGE), u32_at(bp, RAMDISK_SIZE)), (Some(0), Some(0)));
         assert_eq!(u64_at(bp, BP_ACPI_RSDP), Some(0xE_0000));
     }
 
@@ -811,26 +594,13 @@ mod tests {
     fn no_room_for_kernel() {
         let t = TestBz::default();
         let img = bzimage(&t);
-        let memory = MemoryMap::from_regions([
-            Region::new(0, 0x9_FC00, MemKind::Ram),
-            Region::new(0x10_0000, 0x30_0000, MemKind::Ram),
-        ]);
+        let memory = MemoryMap::from_regions([Region::new(0, 0x9_FC00, MemKind::Ram), Region::new(0x10_0000, 0x30_0000, MemKind::Ram)]);
         let e = plan_linux(&input(&img, &memory, &[])).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NoRoom);
-        assert!(
-            e.to_string()
-                .starts_with("cannot place kernel: guest needs 4096 KiB"),
-            "{e}"
-        );
-        assert!(
-            e.to_string().contains("nothing is mapped at 0x1000000"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("cannot place kernel: guest needs 4096 KiB"), "{e}");
+        assert!(e.to_string().contains("nothing is mapped at 0x1000000"), "{e}");
 
-        let fixed = bzimage(&TestBz {
-            relocatable: false,
-            ..t
-        });
+        let fixed = bzimage(&TestBz { relocatable: false, ..t });
         let memory = map_512m();
         let e = plan_linux(&input(&fixed, &memory, &[(0x110_0000, 0x110_1000)])).unwrap_err();
         assert_eq!(
@@ -843,36 +613,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        let img = bzimage(&TestBz {
-            cmdline_size: 10,
-            ..TestBz::default()
-        });
+        let img = bzimage(&TestBz { cmdline_size: 10, ..TestBz::default() });
         let memory = map_512m();
         let e = plan_linux(&input(&img, &memory, &[])).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "kernel command line is 27 bytes, this kernel accepts at most 10"
-        );
-        let inp = LinuxInput {
-            cmdline: "0123456789",
-            ..input(&img, &memory, &[])
-        };
+        assert_eq!(e.to_string(), "kernel command line is 27 bytes, this kernel accepts at most 10");
+        let inp = LinuxInput { cmdline: "0123456789", ..input(&img, &memory, &[]) };
         assert!(plan_linux(&inp).is_ok(), "exactly cmdline_size is fine");
-        let inp = LinuxInput {
-            cmdline: "a\0b",
-            ..input(&img, &memory, &[])
-        };
+        let inp = LinuxInput { cmdline: "a\0b", ..input(&img, &memory, &[]) };
         assert!(plan_linux(&inp).unwrap_err().to_string().contains("NUL"));
 
-        let many = MemoryMap::from_regions(
-            (0..129u64)
-                .map(|i| Region::new(i * 0x20_0000, i * 0x20_0000 + 0x10_0000, MemKind::Ram)),
-        );
-        let e = plan_linux(&LinuxInput {
-            cmdline: "x",
-            ..input(&img, &many, &[])
-        })
-        .unwrap_err();
+        let many = MemoryMap::from_regions((0..129u64).map(|i| Region::new(i * 0x20_0000, i * 0x20_0000 + 0x10_0000, MemKind::Ram)));
+        let e = plan_linux(&LinuxInput { cmdline: "x", ..input(&img, &many, &[]) }).unwrap_err();
         assert!(e.to_string().contains("129 entries"), "{e}");
 
         let e = plan_linux(&input(b"not a kernel", &memory, &[])).unwrap_err();
@@ -881,11 +632,7 @@ mod tests {
 
     #[test]
     fn initrd_limits() {
-        let t = TestBz {
-            xloadflags: XLF_KERNEL_64,
-            initrd_addr_max: 0x0FFF_FFFF,
-            ..TestBz::default()
-        };
+        let t = TestBz { xloadflags: XLF_KERNEL_64, initrd_addr_max: 0x0FFF_FFFF, ..TestBz::default() };
         let img = bzimage(&t);
         let memory = MemoryMap::from_regions([
             Region::new(0, 0x9_FC00, MemKind::Ram),
@@ -894,21 +641,12 @@ mod tests {
         ]);
         let plan = plan_linux(&input(&img, &memory, &[])).unwrap();
         assert_plan_ok(&plan, img.len(), &[4 << 20], &memory, &[]);
-        assert_eq!(
-            chunk(&plan, "initrd").gpa,
-            0x1000_0000 - (4 << 20),
-            "below initrd_addr_max"
-        );
-        let Source::Bytes(pt) = &chunk(&plan, "page tables").src else {
-            panic!()
-        };
+        assert_eq!(chunk(&plan, "initrd").gpa, 0x1000_0000 - (4 << 20), "below initrd_addr_max");
+        let Source::Bytes(pt) = &chunk(&plan, "page tables").src else { panic!() };
         assert_eq!(pt.len(), 6 * 4096);
 
         // Above 4 GiB allowed: initrd goes to the top, page tables grow to cover it.
-        let img = bzimage(&TestBz {
-            xloadflags: XLF_KERNEL_64 | XLF_CAN_BE_LOADED_ABOVE_4G,
-            ..t
-        });
+        let img = bzimage(&TestBz { xloadflags: XLF_KERNEL_64 | XLF_CAN_BE_LOADED_ABOVE_4G, ..t });
         let plan = plan_linux(&input(&img, &memory, &[])).unwrap();
         assert_plan_ok(&plan, img.len(), &[4 << 20], &memory, &[]);
         let at = chunk(&plan, "initrd").gpa;
@@ -917,24 +655,14 @@ mod tests {
         assert_eq!(u32_at(bp, RAMDISK_IMAGE), Some(at as u32));
         assert_eq!(u32_at(bp, BP_EXT_RAMDISK_IMAGE), Some(1));
         let pt = chunk(&plan, "page tables");
-        let Source::Bytes(tables) = &pt.src else {
-            panic!()
-        };
+        let Source::Bytes(tables) = &pt.src else { panic!() };
         assert_eq!(tables.len(), (1 + 1 + 8) * 4096);
         assert_eq!(walk(pt.gpa, tables, at + 0x1234), Some(at + 0x1234));
 
         // No room below initrd_addr_max.
-        let img = bzimage(&TestBz {
-            initrd_addr_max: 0x002F_FFFF,
-            ..t
-        });
+        let img = bzimage(&TestBz { initrd_addr_max: 0x002F_FFFF, ..t });
         let e = plan_linux(&input(&img, &memory, &[])).unwrap_err();
-        assert!(
-            e.to_string().starts_with(
-                "no room for the initrd: guest needs 4096 KiB of free guest RAM below 0x300000"
-            ),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("no room for the initrd: guest needs 4096 KiB of free guest RAM below 0x300000"), "{e}");
     }
 
     #[test]
@@ -947,16 +675,9 @@ mod tests {
         assert_eq!(chunk(&plan, "boot_params").gpa, 0x10_0000);
         // And no room at all.
         let tiny = MemoryMap::from_regions([Region::new(0x100_0000, 0x140_0000, MemKind::Ram)]);
-        let inp = LinuxInput {
-            initrd_len: 0,
-            ..input(&img, &tiny, &[])
-        };
+        let inp = LinuxInput { initrd_len: 0, ..input(&img, &tiny, &[]) };
         let e = plan_linux(&inp).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("no room for the boot structures: guest needs 32 KiB"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("no room for the boot structures: guest needs 32 KiB"), "{e}");
     }
 
     #[test]
@@ -967,15 +688,8 @@ mod tests {
         for _ in 0..300 {
             let (memory, avoid) = random_map(&mut rng);
             let initrd_len = rng.below(3) * (1 + rng.below(8 << 20));
-            let inp = LinuxInput {
-                initrd_len,
-                ..input(&img, &memory, &avoid)
-            };
-            let lens: Vec<u64> = if initrd_len > 0 {
-                vec![initrd_len]
-            } else {
-                vec![]
-            };
+            let inp = LinuxInput { initrd_len, ..input(&img, &memory, &avoid) };
+            let lens: Vec<u64> = if initrd_len > 0 { vec![initrd_len] } else { vec![] };
             match plan_linux(&inp) {
                 Ok(plan) => {
                     assert_plan_ok(&plan, img.len(), &lens, &memory, &avoid);
@@ -992,8 +706,7 @@ mod tests {
     #[test]
     #[ignore = "needs EXITSCOPE_TEST_BZIMAGE pointing at a real bzImage"]
     fn real_bzimage() {
-        let path = std::env::var("EXITSCOPE_TEST_BZIMAGE")
-            .expect("set EXITSCOPE_TEST_BZIMAGE to a bzImage path");
+        let path = std::env::var("EXITSCOPE_TEST_BZIMAGE").expect("set EXITSCOPE_TEST_BZIMAGE to a bzImage path");
         let img = std::fs::read(&path).unwrap();
         assert_eq!(crate::image::detect(&img), crate::ImageKind::BzImage);
         let bz = parse(&img).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -1016,16 +729,9 @@ mod tests {
         let plan = plan_linux(&inp).unwrap();
         assert_plan_ok(&plan, img.len(), &[4 << 20], &memory, &avoid);
         for c in &plan.chunks {
-            std::println!(
-                "{:>18} at {:#010x}, {} bytes",
-                c.what,
-                c.gpa,
-                plan.len_of(c, img.len(), &[4 << 20])
-            );
+            std::println!("{:>18} at {:#010x}, {} bytes", c.what, c.gpa, plan.len_of(c, img.len(), &[4 << 20]));
         }
-        let Entry::Long64 { rip, .. } = plan.entry else {
-            panic!()
-        };
+        let Entry::Long64 { rip, .. } = plan.entry else { panic!() };
         assert_eq!(rip, chunk(&plan, "kernel").gpa + 0x200);
     }
 }

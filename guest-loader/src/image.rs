@@ -44,11 +44,9 @@ pub fn require_known(bytes: &[u8]) -> Result<ImageKind, LoadError> {
             "guest image is neither a multiboot1 kernel nor a Linux bzImage (an ELF file without a multiboot header; first bytes: {})",
             first_bytes(bytes)
         ),
-        ImageKind::Unknown => err!(
-            UnknownImage,
-            "guest image is neither a multiboot1 kernel nor a Linux bzImage (first bytes: {})",
-            first_bytes(bytes)
-        ),
+        ImageKind::Unknown => {
+            err!(UnknownImage, "guest image is neither a multiboot1 kernel nor a Linux bzImage (first bytes: {})", first_bytes(bytes))
+        }
     }
 }
 
@@ -111,27 +109,12 @@ mod tests {
     fn unknown_image_message() {
         let e = require_known(&elf32_image(false)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::UnknownImage);
-        assert!(e
-            .to_string()
-            .starts_with("guest image is neither a multiboot1 kernel nor a Linux bzImage"));
-        assert!(
-            e.to_string()
-                .contains("first bytes: 7f 45 4c 46 01 01 01 00 ..."),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("guest image is neither a multiboot1 kernel nor a Linux bzImage"));
+        assert!(e.to_string().contains("first bytes: 7f 45 4c 46 01 01 01 00 ..."), "{e}");
         let e = require_known(b"MZ").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "guest image is neither a multiboot1 kernel nor a Linux bzImage (first bytes: 4d 5a)"
-        );
-        assert!(require_known(b"")
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
+        assert_eq!(e.to_string(), "guest image is neither a multiboot1 kernel nor a Linux bzImage (first bytes: 4d 5a)");
+        assert!(require_known(b"").unwrap_err().to_string().contains("empty"));
         assert_eq!(require_known(&aout_image()), Ok(ImageKind::Multiboot1));
-        assert_eq!(
-            require_known(&bzimage(&TestBz::default())),
-            Ok(ImageKind::BzImage)
-        );
+        assert_eq!(require_known(&bzimage(&TestBz::default())), Ok(ImageKind::BzImage));
     }
 }

@@ -135,9 +135,7 @@ pub struct MemoryMap {
 impl MemoryMap {
     /// An empty map (no memory at all).
     pub fn new() -> Self {
-        MemoryMap {
-            regions: Vec::new(),
-        }
+        MemoryMap { regions: Vec::new() }
     }
 
     /// Builds a normalised map from arbitrary regions: empty ones are dropped,
@@ -145,9 +143,7 @@ impl MemoryMap {
     /// [`MemKind`] for the order among the others); adjacent regions of the
     /// same kind are merged.
     pub fn from_regions(it: impl IntoIterator<Item = Region>) -> Self {
-        MemoryMap {
-            regions: normalise(it.into_iter().collect()),
-        }
+        MemoryMap { regions: normalise(it.into_iter().collect()) }
     }
 
     /// The normalised regions.
@@ -186,9 +182,7 @@ impl MemoryMap {
 
     /// The region containing `addr`, if any.
     pub fn region_at(&self, addr: u64) -> Option<&Region> {
-        self.regions
-            .iter()
-            .find(|r| r.start <= addr && addr < r.end)
+        self.regions.iter().find(|r| r.start <= addr && addr < r.end)
     }
 
     /// True if `[start, end)` is entirely covered by `Ram` (vacuously true
@@ -198,8 +192,7 @@ impl MemoryMap {
             return start == end;
         }
         // Adjacent Ram regions are merged, so one region must cover it all.
-        self.region_at(start)
-            .is_some_and(|r| r.kind == MemKind::Ram && end <= r.end)
+        self.region_at(start).is_some_and(|r| r.kind == MemKind::Ram && end <= r.end)
     }
 
     /// Total bytes of `Ram`.
@@ -214,13 +207,7 @@ impl MemoryMap {
     /// The highest `align`-aligned `start` such that `[start, start + size)`
     /// is `Ram`, `start + size <= limit`, and the range overlaps none of the
     /// half-open `avoid` ranges. `None` if there is none or `size` is 0.
-    pub fn highest_fit(
-        &self,
-        size: u64,
-        align: u64,
-        limit: u64,
-        avoid: &[(u64, u64)],
-    ) -> Option<u64> {
+    pub fn highest_fit(&self, size: u64, align: u64, limit: u64, avoid: &[(u64, u64)]) -> Option<u64> {
         if size == 0 {
             return None;
         }
@@ -228,11 +215,7 @@ impl MemoryMap {
             // Candidates end at or below `top`; each step lowers `top` below
             // an avoided range that the candidate hit, so this terminates.
             let mut top = r.end.min(limit);
-            while let Some(s) = top
-                .checked_sub(size)
-                .map(|s| align_down(s, align))
-                .filter(|&s| s >= r.start)
-            {
+            while let Some(s) = top.checked_sub(size).map(|s| align_down(s, align)).filter(|&s| s >= r.start) {
                 match first_hit(avoid, s, s + size, |a| a.0) {
                     None => return Some(s),
                     // Any lower candidate overlapping nothing must end at or
@@ -248,24 +231,14 @@ impl MemoryMap {
     /// `[start, start + size)` is `Ram`, `start + size <= limit`, and the range
     /// overlaps none of the `avoid` ranges. `None` if there is none or `size`
     /// is 0.
-    pub fn lowest_fit(
-        &self,
-        size: u64,
-        align: u64,
-        min: u64,
-        limit: u64,
-        avoid: &[(u64, u64)],
-    ) -> Option<u64> {
+    pub fn lowest_fit(&self, size: u64, align: u64, min: u64, limit: u64, avoid: &[(u64, u64)]) -> Option<u64> {
         if size == 0 {
             return None;
         }
         for r in self.ram() {
             let top = r.end.min(limit);
             let mut bottom = r.start.max(min);
-            while let Some((s, e)) = align_up(bottom, align)
-                .and_then(|s| Some((s, s.checked_add(size)?)))
-                .filter(|&(_, e)| e <= top)
-            {
+            while let Some((s, e)) = align_up(bottom, align).and_then(|s| Some((s, s.checked_add(size)?))).filter(|&(_, e)| e <= top) {
                 match first_hit(avoid, s, e, |a| core::cmp::Reverse(a.1)) {
                     None => return Some(s),
                     Some(core::cmp::Reverse(a1)) => bottom = a1,
@@ -278,17 +251,8 @@ impl MemoryMap {
 
 /// Among the `avoid` ranges overlapping `[s, e)`, the minimum of `key`
 /// (`None` if none overlaps).
-fn first_hit<K: Ord>(
-    avoid: &[(u64, u64)],
-    s: u64,
-    e: u64,
-    key: impl Fn(&(u64, u64)) -> K,
-) -> Option<K> {
-    avoid
-        .iter()
-        .filter(|a| ranges_overlap(s, e, a.0, a.1))
-        .map(key)
-        .min()
+fn first_hit<K: Ord>(avoid: &[(u64, u64)], s: u64, e: u64, key: impl Fn(&(u64, u64)) -> K) -> Option<K> {
+    avoid.iter().filter(|a| ranges_overlap(s, e, a.0, a.1)).map(key).min()
 }
 
 /// Normalises a region list (see [`MemoryMap::from_regions`]).
@@ -304,11 +268,7 @@ fn normalise(mut v: Vec<Region>) -> Vec<Region> {
     let mut out: Vec<Region> = Vec::new();
     for w in cuts.windows(2) {
         let (s, e) = (w[0], w[1]);
-        let kind = v
-            .iter()
-            .filter(|r| r.start <= s && e <= r.end)
-            .map(|r| r.kind)
-            .max_by_key(|k| k.rank());
+        let kind = v.iter().filter(|r| r.start <= s && e <= r.end).map(|r| r.kind).max_by_key(|k| k.rank());
         let Some(kind) = kind else { continue };
         match out.last_mut() {
             Some(last) if last.end == s && last.kind == kind => last.end = e,
@@ -380,12 +340,7 @@ mod tests {
         ]);
         assert_eq!(
             m.regions(),
-            &[
-                r(0, 0x3000, Ram),
-                r(0x3000, 0x4000, AcpiReclaimable),
-                r(0x4000, 0x5800, AcpiNvs),
-                r(0x5800, 0x7000, Reserved),
-            ]
+            &[r(0, 0x3000, Ram), r(0x3000, 0x4000, AcpiReclaimable), r(0x4000, 0x5800, AcpiNvs), r(0x5800, 0x7000, Reserved),]
         );
     }
 
@@ -397,39 +352,17 @@ mod tests {
         m.add(r(0x4000, 0x5000, Reserved));
         m.add(r(0x3000, 0x6000, Ram)); // cannot turn the reserved page back to RAM
         m.add(r(0x10000, 0x20000, Ram)); // merges
-        assert_eq!(
-            m.regions(),
-            &[
-                r(0, 0x4000, Ram),
-                r(0x4000, 0x5000, Reserved),
-                r(0x5000, 0x20000, Ram)
-            ]
-        );
+        assert_eq!(m.regions(), &[r(0, 0x4000, Ram), r(0x4000, 0x5000, Reserved), r(0x5000, 0x20000, Ram)]);
     }
 
     #[test]
     fn remove_splits_and_drops() {
-        let mut m = MemoryMap::from_regions([
-            r(0, 0x1000, Reserved),
-            r(0x1000, 0x10000, Ram),
-            r(0x10000, 0x11000, AcpiNvs),
-        ]);
+        let mut m = MemoryMap::from_regions([r(0, 0x1000, Reserved), r(0x1000, 0x10000, Ram), r(0x10000, 0x11000, AcpiNvs)]);
         m.remove(0x4000, 0x6000);
-        assert_eq!(
-            m.regions(),
-            &[
-                r(0, 0x1000, Reserved),
-                r(0x1000, 0x4000, Ram),
-                r(0x6000, 0x10000, Ram),
-                r(0x10000, 0x11000, AcpiNvs),
-            ]
-        );
+        assert_eq!(m.regions(), &[r(0, 0x1000, Reserved), r(0x1000, 0x4000, Ram), r(0x6000, 0x10000, Ram), r(0x10000, 0x11000, AcpiNvs),]);
         // Spanning several regions and kinds.
         m.remove(0x800, 0x10800);
-        assert_eq!(
-            m.regions(),
-            &[r(0, 0x800, Reserved), r(0x10800, 0x11000, AcpiNvs)]
-        );
+        assert_eq!(m.regions(), &[r(0, 0x800, Reserved), r(0x10800, 0x11000, AcpiNvs)]);
         m.remove(5, 5); // empty: no-op
         m.remove(0, u64::MAX);
         assert!(m.regions().is_empty());
@@ -437,12 +370,7 @@ mod tests {
 
     #[test]
     fn is_ram() {
-        let m = MemoryMap::from_regions([
-            r(0, 0x1000, Ram),
-            r(0x1000, 0x2000, Reserved),
-            r(0x2000, 0x8000, Ram),
-            r(0x9000, 0xA000, Ram),
-        ]);
+        let m = MemoryMap::from_regions([r(0, 0x1000, Ram), r(0x1000, 0x2000, Reserved), r(0x2000, 0x8000, Ram), r(0x9000, 0xA000, Ram)]);
         assert!(m.is_ram(0, 0x1000));
         assert!(!m.is_ram(0, 0x1001));
         assert!(m.is_ram(0x2000, 0x8000));
@@ -463,46 +391,19 @@ mod tests {
     #[test]
     fn highest_fit() {
         let m = sample();
-        assert_eq!(
-            m.highest_fit(0x1000, 0x1000, u64::MAX, &[]),
-            Some(0x3FF_F000)
-        );
-        assert_eq!(
-            m.highest_fit(0x1800, 0x1000, u64::MAX, &[]),
-            Some(0x3FF_E000)
-        );
-        assert_eq!(
-            m.highest_fit(0x1000, 0x20_0000, u64::MAX, &[]),
-            Some(0x3E0_0000)
-        );
+        assert_eq!(m.highest_fit(0x1000, 0x1000, u64::MAX, &[]), Some(0x3FF_F000));
+        assert_eq!(m.highest_fit(0x1800, 0x1000, u64::MAX, &[]), Some(0x3FF_E000));
+        assert_eq!(m.highest_fit(0x1000, 0x20_0000, u64::MAX, &[]), Some(0x3E0_0000));
         // limit
-        assert_eq!(
-            m.highest_fit(0x1000, 0x1000, 0x200_0800, &[]),
-            Some(0x1FF_F000)
-        );
-        assert_eq!(
-            m.highest_fit(0x1000, 0x1000, 0x10_0800, &[]),
-            Some(0x9_E000)
-        );
+        assert_eq!(m.highest_fit(0x1000, 0x1000, 0x200_0800, &[]), Some(0x1FF_F000));
+        assert_eq!(m.highest_fit(0x1000, 0x1000, 0x10_0800, &[]), Some(0x9_E000));
         // avoid ranges, including one hit only after moving down
         let avoid = [(0x3FF_0000, 0x400_0000), (0x3F0_0000, 0x3F8_0000)];
-        assert_eq!(
-            m.highest_fit(0x6_0000, 0x1000, u64::MAX, &avoid),
-            Some(0x3F9_0000)
-        );
-        assert_eq!(
-            m.highest_fit(0x8_0000, 0x1000, u64::MAX, &avoid),
-            Some(0x3E8_0000)
-        );
-        assert_eq!(
-            m.highest_fit(0x10_0000, 0x1000, u64::MAX, &avoid),
-            Some(0x3E0_0000)
-        );
+        assert_eq!(m.highest_fit(0x6_0000, 0x1000, u64::MAX, &avoid), Some(0x3F9_0000));
+        assert_eq!(m.highest_fit(0x8_0000, 0x1000, u64::MAX, &avoid), Some(0x3E8_0000));
+        assert_eq!(m.highest_fit(0x10_0000, 0x1000, u64::MAX, &avoid), Some(0x3E0_0000));
         // empty avoid ranges are ignored
-        assert_eq!(
-            m.highest_fit(0x1000, 0x1000, u64::MAX, &[(0x3FF_F800, 0x3FF_F800)]),
-            Some(0x3FF_F000)
-        );
+        assert_eq!(m.highest_fit(0x1000, 0x1000, u64::MAX, &[(0x3FF_F800, 0x3FF_F800)]), Some(0x3FF_F000));
         // no fit
         assert_eq!(m.highest_fit(0x400_0000, 1, u64::MAX, &[]), None);
         assert_eq!(m.highest_fit(0, 1, u64::MAX, &[]), None);
@@ -516,37 +417,15 @@ mod tests {
         let m = sample();
         assert_eq!(m.lowest_fit(0x1000, 0x1000, 0, u64::MAX, &[]), Some(0));
         assert_eq!(m.lowest_fit(0x1000, 0x1000, 1, u64::MAX, &[]), Some(0x1000));
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x1000, 0x9_E001, u64::MAX, &[]),
-            Some(0x10_0000)
-        );
-        assert_eq!(
-            m.lowest_fit(0xA_0000, 0x1000, 0, u64::MAX, &[]),
-            Some(0x10_0000),
-            "too big for low RAM"
-        );
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x100_0000, 0x1000, u64::MAX, &[]),
-            Some(0x100_0000)
-        );
+        assert_eq!(m.lowest_fit(0x1000, 0x1000, 0x9_E001, u64::MAX, &[]), Some(0x10_0000));
+        assert_eq!(m.lowest_fit(0xA_0000, 0x1000, 0, u64::MAX, &[]), Some(0x10_0000), "too big for low RAM");
+        assert_eq!(m.lowest_fit(0x1000, 0x100_0000, 0x1000, u64::MAX, &[]), Some(0x100_0000));
         let avoid = [(0x10_0000, 0x18_0000), (0x18_0000, 0x20_1000)];
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x1000, 0x9_F000, u64::MAX, &avoid),
-            Some(0x20_1000)
-        );
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x20_0000, 0x9_F000, u64::MAX, &avoid),
-            Some(0x40_0000)
-        );
+        assert_eq!(m.lowest_fit(0x1000, 0x1000, 0x9_F000, u64::MAX, &avoid), Some(0x20_1000));
+        assert_eq!(m.lowest_fit(0x1000, 0x20_0000, 0x9_F000, u64::MAX, &avoid), Some(0x40_0000));
         // limit
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x1000, 0x9_F000, 0x20_2000, &avoid),
-            Some(0x20_1000)
-        );
-        assert_eq!(
-            m.lowest_fit(0x1000, 0x1000, 0x9_F000, 0x20_1fff, &avoid),
-            None
-        );
+        assert_eq!(m.lowest_fit(0x1000, 0x1000, 0x9_F000, 0x20_2000, &avoid), Some(0x20_1000));
+        assert_eq!(m.lowest_fit(0x1000, 0x1000, 0x9_F000, 0x20_1fff, &avoid), None);
         // no fit
         assert_eq!(m.lowest_fit(0x400_0000, 1, 0, u64::MAX, &[]), None);
         assert_eq!(m.lowest_fit(0, 1, 0, u64::MAX, &[]), None);
@@ -557,9 +436,7 @@ mod tests {
 
     /// Brute force reference for the fit functions on small maps.
     fn fits(m: &MemoryMap, s: u64, size: u64, limit: u64, avoid: &[(u64, u64)]) -> bool {
-        s + size <= limit
-            && m.is_ram(s, s + size)
-            && !avoid.iter().any(|a| ranges_overlap(s, s + size, a.0, a.1))
+        s + size <= limit && m.is_ram(s, s + size) && !avoid.iter().any(|a| ranges_overlap(s, s + size, a.0, a.1))
     }
 
     #[test]
@@ -589,23 +466,10 @@ mod tests {
             let min = rng.below(400);
             let limit = rng.below(1200);
             let cands = (0..1200u64).filter(|s| s % align == 0);
-            let want_hi = cands
-                .clone()
-                .filter(|&s| fits(&m, s, size, limit, &avoid))
-                .max();
-            let want_lo = cands
-                .filter(|&s| s >= min && fits(&m, s, size, limit, &avoid))
-                .min();
-            assert_eq!(
-                m.highest_fit(size, align, limit, &avoid),
-                want_hi,
-                "{m:?} {avoid:?} {size} {align} {limit}"
-            );
-            assert_eq!(
-                m.lowest_fit(size, align, min, limit, &avoid),
-                want_lo,
-                "{m:?} {avoid:?} {size} {align} {min} {limit}"
-            );
+            let want_hi = cands.clone().filter(|&s| fits(&m, s, size, limit, &avoid)).max();
+            let want_lo = cands.filter(|&s| s >= min && fits(&m, s, size, limit, &avoid)).min();
+            assert_eq!(m.highest_fit(size, align, limit, &avoid), want_hi, "{m:?} {avoid:?} {size} {align} {limit}");
+            assert_eq!(m.lowest_fit(size, align, min, limit, &avoid), want_lo, "{m:?} {avoid:?} {size} {align} {min} {limit}");
         }
     }
 }

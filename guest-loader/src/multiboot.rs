@@ -76,16 +76,12 @@ pub fn find_header(bytes: &[u8]) -> Option<usize> {
 
 fn magic_offsets(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let end = bytes.len().min(SEARCH_LIMIT);
-    (0..end.saturating_sub(11))
-        .step_by(4)
-        .filter(move |&o| u32_at(bytes, o) == Some(HEADER_MAGIC))
+    (0..end.saturating_sub(11)).step_by(4).filter(move |&o| u32_at(bytes, o) == Some(HEADER_MAGIC))
 }
 
 /// `magic + flags + checksum` (must be 0 mod 2^32).
 fn checksum(bytes: &[u8], off: usize) -> u32 {
-    (0..3)
-        .map(|i| u32_at(bytes, off + 4 * i).unwrap_or(0))
-        .fold(0, u32::wrapping_add)
+    (0..3).map(|i| u32_at(bytes, off + 4 * i).unwrap_or(0)).fold(0, u32::wrapping_add)
 }
 
 /// Parses and validates a multiboot1 kernel image.
@@ -116,47 +112,21 @@ pub fn parse(bytes: &[u8]) -> Result<Mb1Image, LoadError> {
             return err!(Malformed, "multiboot header mode_type {mode_type} is invalid (0 = linear graphics, 1 = EGA text)");
         }
     }
-    let (entry, mut segments) = if flags & FLAG_AOUT_KLUDGE != 0 {
-        aout(bytes, off)?
-    } else {
-        elf(bytes)?
-    };
+    let (entry, mut segments) = if flags & FLAG_AOUT_KLUDGE != 0 { aout(bytes, off)? } else { elf(bytes)? };
     segments.sort_unstable_by_key(|s| s.paddr);
     for w in segments.windows(2) {
         if w[1].paddr < w[0].end() {
-            return err!(
-                Malformed,
-                "kernel segments {:#x}-{:#x} and {:#x}-{:#x} overlap",
-                w[0].paddr,
-                w[0].end(),
-                w[1].paddr,
-                w[1].end()
-            );
+            return err!(Malformed, "kernel segments {:#x}-{:#x} and {:#x}-{:#x} overlap", w[0].paddr, w[0].end(), w[1].paddr, w[1].end());
         }
     }
     if let Some(s) = segments.iter().find(|s| s.end() > FOUR_GIB) {
-        return err!(
-            Unsupported,
-            "kernel segment {:#x}-{:#x} ends above 4 GiB",
-            s.paddr,
-            s.end()
-        );
+        return err!(Unsupported, "kernel segment {:#x}-{:#x} ends above 4 GiB", s.paddr, s.end());
     }
     let entry64 = u64::from(entry);
-    if !segments
-        .iter()
-        .any(|s| s.paddr <= entry64 && entry64 < s.paddr + s.file_len as u64)
-    {
-        return err!(
-            Malformed,
-            "kernel entry point {entry:#x} is not inside a loaded segment"
-        );
+    if !segments.iter().any(|s| s.paddr <= entry64 && entry64 < s.paddr + s.file_len as u64) {
+        return err!(Malformed, "kernel entry point {entry:#x} is not inside a loaded segment");
     }
-    Ok(Mb1Image {
-        flags,
-        entry,
-        segments,
-    })
+    Ok(Mb1Image { flags, entry, segments })
 }
 
 /// Reads `n` more header words after the 3 mandatory ones, checking they lie
@@ -164,7 +134,10 @@ pub fn parse(bytes: &[u8]) -> Result<Mb1Image, LoadError> {
 fn header_fields(bytes: &[u8], off: usize, n: usize, what: &str) -> Result<(), LoadError> {
     let end = off + 12 + 4 * n;
     if end > SEARCH_LIMIT {
-        return err!(Malformed, "multiboot header at file offset {off:#x}: its {what} fields end at {end:#x}, past the first {SEARCH_LIMIT} bytes");
+        return err!(
+            Malformed,
+            "multiboot header at file offset {off:#x}: its {what} fields end at {end:#x}, past the first {SEARCH_LIMIT} bytes"
+        );
     }
     if end > bytes.len() {
         return err!(Truncated, "multiboot image truncated: the header's {what} fields end at {end:#x}, file has {} bytes", bytes.len());
@@ -176,13 +149,9 @@ fn header_fields(bytes: &[u8], off: usize, n: usize, what: &str) -> Result<(), L
 fn aout(bytes: &[u8], off: usize) -> Result<(u32, Vec<Segment>), LoadError> {
     header_fields(bytes, off, 5, "address")?;
     let w = |i: usize| u64::from(u32_at(bytes, off + 12 + 4 * i).unwrap_or(0));
-    let (header_addr, load_addr, load_end_addr, bss_end_addr, entry) =
-        (w(0), w(1), w(2), w(3), w(4));
+    let (header_addr, load_addr, load_end_addr, bss_end_addr, entry) = (w(0), w(1), w(2), w(3), w(4));
     if load_addr > header_addr {
-        return err!(
-            Malformed,
-            "multiboot load_addr {load_addr:#x} is above header_addr {header_addr:#x}"
-        );
+        return err!(Malformed, "multiboot load_addr {load_addr:#x} is above header_addr {header_addr:#x}");
     }
     let len = bytes.len() as u64;
     // The file is loaded from header_offset - (header_addr - load_addr).
@@ -195,10 +164,7 @@ fn aout(bytes: &[u8], off: usize) -> Result<(u32, Vec<Segment>), LoadError> {
     let file_len = if load_end_addr == 0 {
         len - file_offset
     } else if load_end_addr <= load_addr {
-        return err!(
-            Malformed,
-            "multiboot load_end_addr {load_end_addr:#x} is not above load_addr {load_addr:#x}"
-        );
+        return err!(Malformed, "multiboot load_end_addr {load_end_addr:#x} is not above load_addr {load_addr:#x}");
     } else {
         load_end_addr - load_addr
     };
@@ -211,21 +177,12 @@ fn aout(bytes: &[u8], off: usize) -> Result<(u32, Vec<Segment>), LoadError> {
     let mem_len = if bss_end_addr == 0 {
         file_len
     } else if bss_end_addr < load_addr + file_len {
-        return err!(
-            Malformed,
-            "multiboot bss_end_addr {bss_end_addr:#x} is below the end of the loaded data {:#x}",
-            load_addr + file_len
-        );
+        return err!(Malformed, "multiboot bss_end_addr {bss_end_addr:#x} is below the end of the loaded data {:#x}", load_addr + file_len);
     } else {
         bss_end_addr - load_addr
     };
     // file_offset + file_len <= len, so both fit usize.
-    let seg = Segment {
-        paddr: load_addr,
-        file_offset: file_offset as usize,
-        file_len: file_len as usize,
-        mem_len,
-    };
+    let seg = Segment { paddr: load_addr, file_offset: file_offset as usize, file_len: file_len as usize, mem_len };
     Ok((entry as u32, alloc::vec![seg]))
 }
 
@@ -236,10 +193,7 @@ const PT_LOAD: u32 = 1;
 /// lies in a segment's virtual range (as GRUB does).
 fn elf(bytes: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
     if !bytes.starts_with(b"\x7fELF") {
-        return err!(
-            UnknownImage,
-            "multiboot header has no address fields (flag 16) and the image is not an ELF file"
-        );
+        return err!(UnknownImage, "multiboot header has no address fields (flag 16) and the image is not an ELF file");
     }
     let class64 = match u8_at(bytes, 4) {
         Some(1) => false,
@@ -251,48 +205,28 @@ fn elf(bytes: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
     }
     let ehdr_len = if class64 { 64 } else { 52 };
     if bytes.len() < ehdr_len {
-        return err!(
-            Truncated,
-            "ELF image truncated: {} bytes, the ELF header alone is {ehdr_len}",
-            bytes.len()
-        );
+        return err!(Truncated, "ELF image truncated: {} bytes, the ELF header alone is {ehdr_len}", bytes.len());
     }
     let h16 = |o| u16_at(bytes, o).unwrap_or(0);
     let h32 = |o| u64::from(u32_at(bytes, o).unwrap_or(0));
     let h64 = |o| u64_at(bytes, o).unwrap_or(0);
     let (e_type, machine) = (h16(16), h16(18));
     if e_type != 2 && e_type != 3 {
-        return err!(
-            Unsupported,
-            "ELF type {e_type} is not an executable (2) or position-independent executable (3)"
-        );
+        return err!(Unsupported, "ELF type {e_type} is not an executable (2) or position-independent executable (3)");
     }
     let want_machine = if class64 { 62 } else { 3 };
     if machine != want_machine {
-        return err!(
-            Unsupported,
-            "ELF machine {machine} is not x86 (EM_386 = 3 for ELF32, EM_X86_64 = 62 for ELF64)"
-        );
+        return err!(Unsupported, "ELF machine {machine} is not x86 (EM_386 = 3 for ELF32, EM_X86_64 = 62 for ELF64)");
     }
-    let (e_entry, phoff, phentsize, phnum) = if class64 {
-        (h64(0x18), h64(0x20), h16(0x36), h16(0x38))
-    } else {
-        (h32(0x18), h32(0x1C), h16(0x2A), h16(0x2C))
-    };
+    let (e_entry, phoff, phentsize, phnum) =
+        if class64 { (h64(0x18), h64(0x20), h16(0x36), h16(0x38)) } else { (h32(0x18), h32(0x1C), h16(0x2A), h16(0x2C)) };
     let ph_min = if class64 { 56 } else { 32 };
     if usize::from(phentsize) < ph_min && phnum > 0 {
-        return err!(
-            Malformed,
-            "ELF program header entries are {phentsize} bytes, need at least {ph_min}"
-        );
+        return err!(Malformed, "ELF program header entries are {phentsize} bytes, need at least {ph_min}");
     }
     let table_end = u64::from(phentsize) * u64::from(phnum) + phoff.min(u64::MAX >> 1);
     if phnum > 0 && table_end > bytes.len() as u64 {
-        return err!(
-            Truncated,
-            "ELF image truncated: program headers end at {table_end:#x}, file has {} bytes",
-            bytes.len()
-        );
+        return err!(Truncated, "ELF image truncated: program headers end at {table_end:#x}, file has {} bytes", bytes.len());
     }
     let mut segments = Vec::new();
     let mut entry = None;
@@ -309,15 +243,9 @@ fn elf(bytes: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
             continue;
         }
         if filesz > memsz {
-            return err!(
-                Malformed,
-                "ELF segment {i} has p_filesz {filesz:#x} larger than p_memsz {memsz:#x}"
-            );
+            return err!(Malformed, "ELF segment {i} has p_filesz {filesz:#x} larger than p_memsz {memsz:#x}");
         }
-        if offset
-            .checked_add(filesz)
-            .is_none_or(|e| e > bytes.len() as u64)
-        {
+        if offset.checked_add(filesz).is_none_or(|e| e > bytes.len() as u64) {
             return err!(
                 Truncated,
                 "ELF image truncated: segment {i} needs file bytes {offset:#x}..{:#x}, file has {} bytes",
@@ -326,20 +254,12 @@ fn elf(bytes: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
             );
         }
         if paddr.checked_add(memsz).is_none_or(|e| e > FOUR_GIB) {
-            return err!(
-                Unsupported,
-                "ELF segment {i} at physical {paddr:#x} ({memsz:#x} bytes) ends above 4 GiB"
-            );
+            return err!(Unsupported, "ELF segment {i} at physical {paddr:#x} ({memsz:#x} bytes) ends above 4 GiB");
         }
         if entry.is_none() && vaddr <= e_entry && e_entry - vaddr < memsz {
             entry = Some(e_entry - vaddr + paddr);
         }
-        segments.push(Segment {
-            paddr,
-            file_offset: offset as usize,
-            file_len: filesz as usize,
-            mem_len: memsz,
-        });
+        segments.push(Segment { paddr, file_offset: offset as usize, file_len: filesz as usize, mem_len: memsz });
     }
     if segments.is_empty() {
         return err!(Malformed, "ELF image has no loadable (PT_LOAD) segment");
@@ -414,15 +334,10 @@ pub fn build_mbi(base: u32, input: &MbiInput) -> Vec<u8> {
         Some(r) if r.kind == MemKind::Ram => (r.end.min(max) - addr) / 1024,
         _ => 0,
     };
-    let flags =
-        MBI_FLAG_MEM | MBI_FLAG_CMDLINE | MBI_FLAG_MODS | MBI_FLAG_MMAP | MBI_FLAG_LOADER_NAME;
+    let flags = MBI_FLAG_MEM | MBI_FLAG_CMDLINE | MBI_FLAG_MODS | MBI_FLAG_MMAP | MBI_FLAG_LOADER_NAME;
     put_u32(&mut b, 0, flags);
     put_u32(&mut b, 4, ram_from(0, 640 * 1024) as u32); // mem_lower
-    put_u32(
-        &mut b,
-        8,
-        ram_from(1 << 20, u64::MAX).min(u64::from(u32::MAX)) as u32,
-    ); // mem_upper
+    put_u32(&mut b, 8, ram_from(1 << 20, u64::MAX).min(u64::from(u32::MAX)) as u32); // mem_upper
     put_u32(&mut b, 20, input.modules.len() as u32); // mods_count
     put_u32(&mut b, 24, ptr(mods_off)); // mods_addr
     put_u32(&mut b, 44, (regions.len() * MMAP_ENTRY_LEN) as u32); // mmap_length
@@ -469,42 +384,18 @@ mod tests {
     fn parses_aout_kludge() {
         let img = aout_image();
         let m = parse(&img).unwrap();
-        assert_eq!(
-            m.flags,
-            FLAG_AOUT_KLUDGE | FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO
-        );
+        assert_eq!(m.flags, FLAG_AOUT_KLUDGE | FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO);
         assert_eq!(m.entry, 0x10_0040);
-        assert_eq!(
-            m.segments,
-            vec![Segment {
-                paddr: 0x10_0000,
-                file_offset: 0,
-                file_len: 0x3000,
-                mem_len: 0x5000
-            }]
-        );
+        assert_eq!(m.segments, vec![Segment { paddr: 0x10_0000, file_offset: 0, file_len: 0x3000, mem_len: 0x5000 }]);
     }
 
     #[test]
     fn aout_load_offset_is_relative_to_header() {
         // Header at file offset 0x1000, header_addr - load_addr = 0x800 -> load from 0x800.
         let mut img = vec![0u8; 0x3000];
-        put_mb_header(
-            &mut img,
-            0x1000,
-            FLAG_AOUT_KLUDGE,
-            &[0x20_0800, 0x20_0000, 0, 0, 0x20_0800],
-        );
+        put_mb_header(&mut img, 0x1000, FLAG_AOUT_KLUDGE, &[0x20_0800, 0x20_0000, 0, 0, 0x20_0800]);
         let m = parse(&img).unwrap();
-        assert_eq!(
-            m.segments,
-            vec![Segment {
-                paddr: 0x20_0000,
-                file_offset: 0x800,
-                file_len: 0x2800,
-                mem_len: 0x2800
-            }]
-        );
+        assert_eq!(m.segments, vec![Segment { paddr: 0x20_0000, file_offset: 0x800, file_len: 0x2800, mem_len: 0x2800 }]);
     }
 
     fn aout_with(fields: [u32; 5]) -> Result<Mb1Image, LoadError> {
@@ -516,46 +407,18 @@ mod tests {
     #[test]
     fn rejects_bad_aout_fields() {
         let cases: [([u32; 5], ErrorKind, &str); 8] = [
-            (
-                [0x10_0040, 0x10_0080, 0, 0, 0x10_0080],
-                ErrorKind::Malformed,
-                "load_addr 0x100080 is above header_addr",
-            ),
-            (
-                [0x10_1000, 0x10_0000, 0, 0, 0x10_1000],
-                ErrorKind::Malformed,
-                "more than the header's file offset",
-            ),
-            (
-                [0x10_0040, 0x10_0000, 0x10_0000, 0, 0x10_0040],
-                ErrorKind::Malformed,
-                "load_end_addr 0x100000 is not above",
-            ),
+            ([0x10_0040, 0x10_0080, 0, 0, 0x10_0080], ErrorKind::Malformed, "load_addr 0x100080 is above header_addr"),
+            ([0x10_1000, 0x10_0000, 0, 0, 0x10_1000], ErrorKind::Malformed, "more than the header's file offset"),
+            ([0x10_0040, 0x10_0000, 0x10_0000, 0, 0x10_0040], ErrorKind::Malformed, "load_end_addr 0x100000 is not above"),
             (
                 [0x10_0040, 0x10_0000, 0x10_3000, 0, 0x10_0040],
                 ErrorKind::Truncated,
                 "header says 12288 bytes to load from file offset 0x0, file has 8192",
             ),
-            (
-                [0x10_0040, 0x10_0000, 0x10_1000, 0x10_0800, 0x10_0040],
-                ErrorKind::Malformed,
-                "bss_end_addr 0x100800 is below",
-            ),
-            (
-                [0x10_0040, 0x10_0000, 0, 0, 0x10_2000],
-                ErrorKind::Malformed,
-                "entry point 0x102000 is not inside a loaded segment",
-            ),
-            (
-                [0x10_0040, 0x10_0000, 0x10_1000, 0x10_3000, 0x10_2000],
-                ErrorKind::Malformed,
-                "entry point 0x102000",
-            ), // entry in bss
-            (
-                [0xFFFF_F040, 0xFFFF_F000, 0, 0x1000, 0xFFFF_F040],
-                ErrorKind::Malformed,
-                "bss_end_addr 0x1000 is below",
-            ),
+            ([0x10_0040, 0x10_0000, 0x10_1000, 0x10_0800, 0x10_0040], ErrorKind::Malformed, "bss_end_addr 0x100800 is below"),
+            ([0x10_0040, 0x10_0000, 0, 0, 0x10_2000], ErrorKind::Malformed, "entry point 0x102000 is not inside a loaded segment"),
+            ([0x10_0040, 0x10_0000, 0x10_1000, 0x10_3000, 0x10_2000], ErrorKind::Malformed, "entry point 0x102000"), // entry in bss
+            ([0xFFFF_F040, 0xFFFF_F000, 0, 0x1000, 0xFFFF_F040], ErrorKind::Malformed, "bss_end_addr 0x1000 is below"),
         ];
         for (fields, kind, msg) in cases {
             let e = aout_with(fields).unwrap_err();
@@ -567,12 +430,7 @@ mod tests {
         assert!(e.to_string().contains("ends above 4 GiB"), "{e}");
         // Ending exactly at 4 GiB is fine.
         let mut img = vec![0u8; 0x1000];
-        put_mb_header(
-            &mut img,
-            0x40,
-            FLAG_AOUT_KLUDGE,
-            &[0xFFFF_F040, 0xFFFF_F000, 0, 0, 0xFFFF_F040],
-        );
+        put_mb_header(&mut img, 0x40, FLAG_AOUT_KLUDGE, &[0xFFFF_F040, 0xFFFF_F000, 0, 0, 0xFFFF_F040]);
         assert_eq!(parse(&img).unwrap().segments[0].end(), FOUR_GIB);
     }
 
@@ -588,24 +446,14 @@ mod tests {
         assert!(e.to_string().contains("bad checksum"), "{e}");
 
         let mut img = vec![0u8; 0x2000];
-        put_mb_header(
-            &mut img,
-            0,
-            FLAG_AOUT_KLUDGE | 1 << 3,
-            &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000],
-        );
+        put_mb_header(&mut img, 0, FLAG_AOUT_KLUDGE | 1 << 3, &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000]);
         let e = parse(&img).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unsupported);
         assert!(e.to_string().contains("bits 0x8"), "{e}");
 
         // Optional bits 17-31 are ignored.
         let mut img = vec![0u8; 0x2000];
-        put_mb_header(
-            &mut img,
-            0,
-            FLAG_AOUT_KLUDGE | 1 << 20,
-            &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000],
-        );
+        put_mb_header(&mut img, 0, FLAG_AOUT_KLUDGE | 1 << 20, &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000]);
         assert!(parse(&img).is_ok());
 
         // a.out fields cut off by the end of the file / of the first 8 KiB.
@@ -620,48 +468,21 @@ mod tests {
         // Not a.out and not ELF.
         let mut img = vec![0u8; 0x100];
         put_mb_header(&mut img, 0x10, 0, &[]);
-        assert!(parse(&img)
-            .unwrap_err()
-            .to_string()
-            .contains("not an ELF file"));
+        assert!(parse(&img).unwrap_err().to_string().contains("not an ELF file"));
     }
 
     #[test]
     fn video_mode_is_accepted_but_checked() {
         let mut img = vec![0u8; 0x2000];
-        put_mb_header(
-            &mut img,
-            0,
-            FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE,
-            &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000, 1, 80, 25, 0],
-        );
-        assert_eq!(
-            parse(&img).unwrap().flags & FLAG_VIDEO_MODE,
-            FLAG_VIDEO_MODE
-        );
+        put_mb_header(&mut img, 0, FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE, &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000, 1, 80, 25, 0]);
+        assert_eq!(parse(&img).unwrap().flags & FLAG_VIDEO_MODE, FLAG_VIDEO_MODE);
         let mut img = vec![0u8; 0x2000];
-        put_mb_header(
-            &mut img,
-            0,
-            FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE,
-            &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000, 7, 0, 0, 0],
-        );
-        assert!(parse(&img)
-            .unwrap_err()
-            .to_string()
-            .contains("mode_type 7 is invalid"));
+        put_mb_header(&mut img, 0, FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE, &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000, 7, 0, 0, 0]);
+        assert!(parse(&img).unwrap_err().to_string().contains("mode_type 7 is invalid"));
         let mut img = vec![0u8; 0x2C];
-        put_mb_header(
-            &mut img,
-            0,
-            FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE,
-            &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000],
-        );
+        put_mb_header(&mut img, 0, FLAG_AOUT_KLUDGE | FLAG_VIDEO_MODE, &[0x10_0000, 0x10_0000, 0, 0, 0x10_0000]);
         let e = parse(&img).unwrap_err();
-        assert!(
-            e.to_string().contains("video mode fields end at 0x30"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("video mode fields end at 0x30"), "{e}");
     }
 
     #[test]
@@ -673,30 +494,15 @@ mod tests {
         assert_eq!(
             m.segments,
             vec![
-                Segment {
-                    paddr: 0x10_0000,
-                    file_offset: 0x1000,
-                    file_len: 0x1000,
-                    mem_len: 0x1000
-                },
-                Segment {
-                    paddr: 0x10_1000,
-                    file_offset: 0x2000,
-                    file_len: 0x800,
-                    mem_len: 0x3000
-                },
+                Segment { paddr: 0x10_0000, file_offset: 0x1000, file_len: 0x1000, mem_len: 0x1000 },
+                Segment { paddr: 0x10_1000, file_offset: 0x2000, file_len: 0x800, mem_len: 0x3000 },
             ]
         );
     }
 
     #[test]
     fn parses_elf64() {
-        let segs = [ElfSeg {
-            paddr: 0x20_0000,
-            vaddr: 0x20_0000,
-            filesz: 0x100,
-            memsz: 0x2000,
-        }];
+        let segs = [ElfSeg { paddr: 0x20_0000, vaddr: 0x20_0000, filesz: 0x100, memsz: 0x2000 }];
         let img = elf_image(true, 0x20_0010, &segs, true);
         let m = parse(&img).unwrap();
         assert_eq!(m.entry, 0x20_0010);
@@ -704,20 +510,12 @@ mod tests {
         assert_eq!(m.segments[0].mem_len, 0x2000);
         // Entry outside all segments' vaddr ranges is used as is, and must then be loaded.
         let img = elf_image(true, 0x30_0000, &segs, true);
-        assert!(parse(&img)
-            .unwrap_err()
-            .to_string()
-            .contains("entry point 0x300000 is not inside"));
+        assert!(parse(&img).unwrap_err().to_string().contains("entry point 0x300000 is not inside"));
     }
 
     #[test]
     fn rejects_bad_elf() {
-        let seg = ElfSeg {
-            paddr: 0x10_0000,
-            vaddr: 0x10_0000,
-            filesz: 0x100,
-            memsz: 0x100,
-        };
+        let seg = ElfSeg { paddr: 0x10_0000, vaddr: 0x10_0000, filesz: 0x100, memsz: 0x100 };
         let check = |img: Vec<u8>, want: &str| {
             let e = parse(&img).unwrap_err();
             assert!(e.to_string().contains(want), "want {want:?}, got {e}");
@@ -731,66 +529,17 @@ mod tests {
         let mut img = elf_image(false, 0x10_0000, &[seg], true);
         img[16] = 1;
         check(img, "ELF type 1");
+        check(elf_image(false, 0x10_0000, &[ElfSeg { filesz: 0x200, ..seg }], true), "p_filesz 0x200 larger than p_memsz 0x100");
         check(
-            elf_image(
-                false,
-                0x10_0000,
-                &[ElfSeg {
-                    filesz: 0x200,
-                    ..seg
-                }],
-                true,
-            ),
-            "p_filesz 0x200 larger than p_memsz 0x100",
-        );
-        check(
-            elf_image(
-                false,
-                0x10_0000,
-                &[ElfSeg {
-                    filesz: 0x10_0000,
-                    memsz: 0x10_0000,
-                    ..seg
-                }],
-                true,
-            ),
+            elf_image(false, 0x10_0000, &[ElfSeg { filesz: 0x10_0000, memsz: 0x10_0000, ..seg }], true),
             "ELF image truncated: segment 0",
         );
         check(
-            elf_image(
-                false,
-                0x10_0000,
-                &[
-                    seg,
-                    ElfSeg {
-                        paddr: 0x10_0080,
-                        vaddr: 0x20_0000,
-                        ..seg
-                    },
-                ],
-                true,
-            ),
+            elf_image(false, 0x10_0000, &[seg, ElfSeg { paddr: 0x10_0080, vaddr: 0x20_0000, ..seg }], true),
             "segments 0x100000-0x100100 and 0x100080-0x100180 overlap",
         );
-        check(
-            elf_image(
-                true,
-                0x10_0000,
-                &[
-                    ElfSeg {
-                        paddr: 0xFFFF_FF80,
-                        ..seg
-                    },
-                    seg,
-                ],
-                true,
-            ),
-            "ends above 4 GiB",
-        );
-        check(
-            elf_image(false, 0x10_0000, &[], true),
-            "no loadable (PT_LOAD) segment",
-        );
+        check(elf_image(true, 0x10_0000, &[ElfSeg { paddr: 0xFFFF_FF80, ..seg }, seg], true), "ends above 4 GiB");
+        check(elf_image(false, 0x10_0000, &[], true), "no loadable (PT_LOAD) segment");
         let mut img = elf_image(false, 0x10_0000, &[seg], true);
         img[0x1C..0x20].copy_from_slice(&0x1FF0u32.to_le_bytes()); // e_phoff
         check(img, "program headers end at 0x2010, file has 8192 bytes");
@@ -808,17 +557,7 @@ mod tests {
         let bases = [
             aout_image(),
             elf32_image(true),
-            elf_image(
-                true,
-                0x20_0010,
-                &[ElfSeg {
-                    paddr: 0x20_0000,
-                    vaddr: 0x20_0000,
-                    filesz: 0x100,
-                    memsz: 0x2000,
-                }],
-                true,
-            ),
+            elf_image(true, 0x20_0010, &[ElfSeg { paddr: 0x20_0000, vaddr: 0x20_0000, filesz: 0x100, memsz: 0x2000 }], true),
         ];
         for _ in 0..3000 {
             let mut img = bases[rng.below(3) as usize].clone();
@@ -859,30 +598,16 @@ mod tests {
         let mut p = at(w[12]);
         while p < at(w[12]) + w[11] as usize {
             let size = u32_at(b, p).unwrap();
-            mmap.push((
-                u64_at(b, p + 4).unwrap(),
-                u64_at(b, p + 12).unwrap(),
-                u32_at(b, p + 20).unwrap(),
-            ));
+            mmap.push((u64_at(b, p + 4).unwrap(), u64_at(b, p + 12).unwrap(), u32_at(b, p + 20).unwrap()));
             p += 4 + size as usize;
         }
         let mods = (0..w[5] as usize)
             .map(|i| {
                 let e = at(w[6]) + 16 * i;
-                (
-                    u32_at(b, e).unwrap(),
-                    u32_at(b, e + 4).unwrap(),
-                    cstr(u32_at(b, e + 8).unwrap()),
-                )
+                (u32_at(b, e).unwrap(), u32_at(b, e + 4).unwrap(), cstr(u32_at(b, e + 8).unwrap()))
             })
             .collect();
-        Mbi {
-            cmdline: cstr(w[4]),
-            loader: cstr(w[16]),
-            w,
-            mmap,
-            mods,
-        }
+        Mbi { cmdline: cstr(w[4]), loader: cstr(w[16]), w, mmap, mods }
     }
 
     #[test]
@@ -896,35 +621,15 @@ mod tests {
             Region::new(0x1_0000_0000, 0x1_4000_0000, MemKind::Ram),
         ]);
         let modules = [
-            ModuleInfo {
-                start: 0x40_0000,
-                end: 0x40_1234,
-                string: "initrd.img",
-            },
-            ModuleInfo {
-                start: 0x40_2000,
-                end: 0x40_2000,
-                string: "",
-            },
+            ModuleInfo { start: 0x40_0000, end: 0x40_1234, string: "initrd.img" },
+            ModuleInfo { start: 0x40_2000, end: 0x40_2000, string: "" },
         ];
-        let input = MbiInput {
-            memory: &memory,
-            cmdline: "console=ttyS0 quiet",
-            modules: &modules,
-            loader_name: "Exitscope",
-        };
+        let input = MbiInput { memory: &memory, cmdline: "console=ttyS0 quiet", modules: &modules, loader_name: "Exitscope" };
         let base = 0x9_0000;
         let blob = build_mbi(base, &input);
-        assert_eq!(
-            blob.len(),
-            build_mbi(0x1234_5000, &input).len(),
-            "size independent of base"
-        );
+        assert_eq!(blob.len(), build_mbi(0x1234_5000, &input).len(), "size independent of base");
         let m = decode(base, &blob);
-        assert_eq!(
-            m.w[0], 0b10_0100_1101,
-            "MEM | CMDLINE | MODS | MMAP | LOADER_NAME"
-        );
+        assert_eq!(m.w[0], 0b10_0100_1101, "MEM | CMDLINE | MODS | MMAP | LOADER_NAME");
         assert_eq!(m.w[1], 639, "mem_lower");
         assert_eq!(m.w[2], (0x800_0000 - 0x10_0000) / 1024, "mem_upper");
         assert_eq!(m.w[3], 0, "boot_device not provided");
@@ -941,13 +646,7 @@ mod tests {
                 (0x1_0000_0000, 0x4000_0000, 1),
             ]
         );
-        assert_eq!(
-            m.mods,
-            vec![
-                (0x40_0000, 0x40_1234, "initrd.img".to_string()),
-                (0x40_2000, 0x40_2000, String::new())
-            ]
-        );
+        assert_eq!(m.mods, vec![(0x40_0000, 0x40_1234, "initrd.img".to_string()), (0x40_2000, 0x40_2000, String::new())]);
         assert!(m.w[12] >= base + MBI_INFO_LEN as u32);
         assert!(blob.len() >= MBI_INFO_LEN);
     }
@@ -956,23 +655,13 @@ mod tests {
     fn mbi_memory_sizes_edge_cases() {
         // No RAM at 0 or 1 MiB.
         let memory = MemoryMap::from_regions([Region::new(0x20_0000, 0x40_0000, MemKind::Ram)]);
-        let input = MbiInput {
-            memory: &memory,
-            cmdline: "",
-            modules: &[],
-            loader_name: "",
-        };
+        let input = MbiInput { memory: &memory, cmdline: "", modules: &[], loader_name: "" };
         let m = decode(0x1000, &build_mbi(0x1000, &input));
         assert_eq!((m.w[1], m.w[2], m.w[5]), (0, 0, 0));
         assert_eq!(m.mmap, vec![(0x20_0000, 0x20_0000, 1)]);
         // Lots of low RAM is capped at 640 KiB; huge upper memory at u32::MAX KiB.
         let memory = MemoryMap::from_regions([Region::new(0, u64::MAX, MemKind::Ram)]);
-        let input = MbiInput {
-            memory: &memory,
-            cmdline: "",
-            modules: &[],
-            loader_name: "",
-        };
+        let input = MbiInput { memory: &memory, cmdline: "", modules: &[], loader_name: "" };
         let m = decode(0x1000, &build_mbi(0x1000, &input));
         assert_eq!((m.w[1], m.w[2]), (640, u32::MAX));
     }

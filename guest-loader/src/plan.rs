@@ -105,13 +105,7 @@ impl LoadPlan {
     }
 
     /// Index of the first chunk sharing a byte with `[start, end)`.
-    pub fn overlaps(
-        &self,
-        start: u64,
-        end: u64,
-        image_len: usize,
-        module_lens: &[u64],
-    ) -> Option<usize> {
+    pub fn overlaps(&self, start: u64, end: u64, image_len: usize, module_lens: &[u64]) -> Option<usize> {
         self.chunks.iter().position(|c| {
             let len = self.len_of(c, image_len, module_lens);
             ranges_overlap(c.gpa, c.gpa.saturating_add(len), start, end)
@@ -122,39 +116,21 @@ impl LoadPlan {
     /// (and the tests): every source exists (image ranges inside the image,
     /// module indices inside `module_lens`), every chunk lies entirely in
     /// `Ram` of `memory` and outside `avoid`, and no two chunks overlap.
-    pub fn validate(
-        &self,
-        image_len: usize,
-        module_lens: &[u64],
-        memory: &MemoryMap,
-        avoid: &[(u64, u64)],
-    ) -> Result<(), LoadError> {
+    pub fn validate(&self, image_len: usize, module_lens: &[u64], memory: &MemoryMap, avoid: &[(u64, u64)]) -> Result<(), LoadError> {
         let mut ranges = Vec::with_capacity(self.chunks.len());
         for c in &self.chunks {
             match c.src {
-                Source::Image { offset, len }
-                    if offset.checked_add(len).is_none_or(|e| e > image_len) =>
-                {
+                Source::Image { offset, len } if offset.checked_add(len).is_none_or(|e| e > image_len) => {
                     return err!(BadInput, "{} comes from image bytes {offset:#x}+{len:#x}, but the image has {image_len}", c.what);
                 }
                 Source::Module(i) if i >= module_lens.len() => {
-                    return err!(
-                        BadInput,
-                        "{} is module {i}, but only {} modules were given",
-                        c.what,
-                        module_lens.len()
-                    );
+                    return err!(BadInput, "{} is module {i}, but only {} modules were given", c.what, module_lens.len());
                 }
                 _ => {}
             }
             let len = self.len_of(c, image_len, module_lens);
             let Some(end) = c.gpa.checked_add(len) else {
-                return err!(
-                    NoRoom,
-                    "{} at {:#x} ({len} bytes) wraps around the address space",
-                    c.what,
-                    c.gpa
-                );
+                return err!(NoRoom, "{} at {:#x} ({len} bytes) wraps around the address space", c.what, c.gpa);
             };
             if len > 0 {
                 check_range(memory, avoid, c.gpa, end, c.what)?;
@@ -164,16 +140,7 @@ impl LoadPlan {
         ranges.sort_unstable();
         for w in ranges.windows(2) {
             if w[1].0 < w[0].1 {
-                return err!(
-                    NoRoom,
-                    "{} {:#x}-{:#x} overlaps {} {:#x}-{:#x}",
-                    w[0].2,
-                    w[0].0,
-                    w[0].1,
-                    w[1].2,
-                    w[1].0,
-                    w[1].1
-                );
+                return err!(NoRoom, "{} {:#x}-{:#x} overlaps {} {:#x}-{:#x}", w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1);
             }
         }
         Ok(())
@@ -183,13 +150,7 @@ impl LoadPlan {
 /// Checks that `[start, end)` is guest RAM and outside `avoid`; the error
 /// names `what`, the range and the reason, e.g. "guest segment
 /// 0x100000-0x180000 is not in guest RAM: ...".
-pub(crate) fn check_range(
-    memory: &MemoryMap,
-    avoid: &[(u64, u64)],
-    start: u64,
-    end: u64,
-    what: &str,
-) -> Result<(), LoadError> {
+pub(crate) fn check_range(memory: &MemoryMap, avoid: &[(u64, u64)], start: u64, end: u64, what: &str) -> Result<(), LoadError> {
     if !memory.is_ram(start, end) {
         let kib = (end - start).div_ceil(1024);
         return match memory.region_at(start) {
@@ -207,12 +168,7 @@ pub(crate) fn check_range(
         };
     }
     if let Some(a) = avoid.iter().find(|a| ranges_overlap(start, end, a.0, a.1)) {
-        return err!(
-            NoRoom,
-            "{what} {start:#x}-{end:#x} overlaps hypervisor memory {:#x}-{:#x}",
-            a.0,
-            a.1
-        );
+        return err!(NoRoom, "{what} {start:#x}-{end:#x} overlaps hypervisor memory {:#x}-{:#x}", a.0, a.1);
     }
     Ok(())
 }
@@ -272,22 +228,11 @@ pub fn plan_multiboot(input: &MultibootInput) -> Result<LoadPlan, LoadError> {
     for s in &mb.segments {
         check_range(memory, input.avoid, s.paddr, s.end(), "guest segment")?;
         if s.file_len > 0 {
-            chunks.push(Chunk {
-                gpa: s.paddr,
-                src: Source::Image {
-                    offset: s.file_offset,
-                    len: s.file_len,
-                },
-                what: "kernel",
-            });
+            chunks.push(Chunk { gpa: s.paddr, src: Source::Image { offset: s.file_offset, len: s.file_len }, what: "kernel" });
         }
         let bss = s.mem_len - s.file_len as u64;
         if bss > 0 {
-            chunks.push(Chunk {
-                gpa: s.paddr + s.file_len as u64,
-                src: Source::Zero(bss),
-                what: "kernel bss",
-            });
+            chunks.push(Chunk { gpa: s.paddr + s.file_len as u64, src: Source::Zero(bss), what: "kernel bss" });
         }
         used.push((s.paddr, s.end()));
     }
@@ -300,13 +245,7 @@ pub fn plan_multiboot(input: &MultibootInput) -> Result<LoadPlan, LoadError> {
     for (i, m) in input.modules.iter().enumerate() {
         let size = m.len.max(1); // an empty module still gets its own address
         let Some(at) = memory
-            .lowest_fit(
-                size,
-                PAGE_SIZE,
-                align_up(kernel_end, PAGE_SIZE).unwrap_or(u64::MAX),
-                mod_limit,
-                &used,
-            )
+            .lowest_fit(size, PAGE_SIZE, align_up(kernel_end, PAGE_SIZE).unwrap_or(u64::MAX), mod_limit, &used)
             .or_else(|| memory.lowest_fit(size, PAGE_SIZE, PAGE_SIZE, mod_limit, &used))
         else {
             return err!(
@@ -317,26 +256,13 @@ pub fn plan_multiboot(input: &MultibootInput) -> Result<LoadPlan, LoadError> {
                 memory.total_ram() / 1024
             );
         };
-        chunks.push(Chunk {
-            gpa: at,
-            src: Source::Module(i),
-            what: "module",
-        });
+        chunks.push(Chunk { gpa: at, src: Source::Module(i), what: "module" });
         used.push((at, at + size));
         top = top.max(at + size);
-        infos.push(ModuleInfo {
-            start: at as u32,
-            end: (at + m.len) as u32,
-            string: m.string,
-        });
+        infos.push(ModuleInfo { start: at as u32, end: (at + m.len) as u32, string: m.string });
     }
 
-    let mbi_input = MbiInput {
-        memory,
-        cmdline: input.cmdline,
-        modules: &infos,
-        loader_name: input.loader_name,
-    };
+    let mbi_input = MbiInput { memory, cmdline: input.cmdline, modules: &infos, loader_name: input.loader_name };
     let len = multiboot::build_mbi(0, &mbi_input).len() as u64; // size does not depend on the base
     let Some(at) = memory
         .lowest_fit(len, 8, LOW_START, LOW_END, &used)
@@ -351,20 +277,9 @@ pub fn plan_multiboot(input: &MultibootInput) -> Result<LoadPlan, LoadError> {
         );
     };
     let mbi = multiboot::build_mbi(at as u32, &mbi_input);
-    chunks.push(Chunk {
-        gpa: at,
-        src: Source::Bytes(mbi),
-        what: "multiboot info",
-    });
+    chunks.push(Chunk { gpa: at, src: Source::Bytes(mbi), what: "multiboot info" });
 
-    Ok(LoadPlan {
-        chunks,
-        entry: Entry::Protected32 {
-            eip: mb.entry,
-            eax: multiboot::BOOTLOADER_MAGIC,
-            ebx: at as u32,
-        },
-    })
+    Ok(LoadPlan { chunks, entry: Entry::Protected32 { eip: mb.entry, eax: multiboot::BOOTLOADER_MAGIC, ebx: at as u32 } })
 }
 
 #[cfg(test)]
@@ -377,30 +292,10 @@ mod tests {
     use alloc::string::ToString;
     use alloc::vec;
 
-    const MODS: [ModuleRef; 2] = [
-        ModuleRef {
-            len: 0x1_2345,
-            string: "initrd.img",
-        },
-        ModuleRef {
-            len: 0x3000,
-            string: "cfg",
-        },
-    ];
+    const MODS: [ModuleRef; 2] = [ModuleRef { len: 0x1_2345, string: "initrd.img" }, ModuleRef { len: 0x3000, string: "cfg" }];
 
-    fn input<'a>(
-        img: &'a [u8],
-        memory: &'a MemoryMap,
-        avoid: &'a [(u64, u64)],
-    ) -> MultibootInput<'a> {
-        MultibootInput {
-            image: img,
-            cmdline: "kernel root=/dev/ram0",
-            modules: &MODS,
-            memory,
-            avoid,
-            loader_name: "Exitscope",
-        }
+    fn input<'a>(img: &'a [u8], memory: &'a MemoryMap, avoid: &'a [(u64, u64)]) -> MultibootInput<'a> {
+        MultibootInput { image: img, cmdline: "kernel root=/dev/ram0", modules: &MODS, memory, avoid, loader_name: "Exitscope" }
     }
 
     fn lens(m: &[ModuleRef]) -> Vec<u64> {
@@ -415,62 +310,22 @@ mod tests {
         let plan = plan_multiboot(&input(&img, &memory, &avoid)).unwrap();
         assert_plan_ok(&plan, img.len(), &lens(&MODS), &memory, &avoid);
         let c = &plan.chunks;
-        assert_eq!(
-            c[0],
-            Chunk {
-                gpa: 0x10_0000,
-                src: Source::Image {
-                    offset: 0,
-                    len: 0x3000
-                },
-                what: "kernel"
-            }
-        );
-        assert_eq!(
-            c[1],
-            Chunk {
-                gpa: 0x10_3000,
-                src: Source::Zero(0x2000),
-                what: "kernel bss"
-            }
-        );
-        assert_eq!(
-            (c[2].gpa, &c[2].src),
-            (0x10_5000, &Source::Module(0)),
-            "right above the kernel"
-        );
-        assert_eq!(
-            (c[3].gpa, &c[3].src),
-            (0x11_8000, &Source::Module(1)),
-            "page-aligned after module 0"
-        );
+        assert_eq!(c[0], Chunk { gpa: 0x10_0000, src: Source::Image { offset: 0, len: 0x3000 }, what: "kernel" });
+        assert_eq!(c[1], Chunk { gpa: 0x10_3000, src: Source::Zero(0x2000), what: "kernel bss" });
+        assert_eq!((c[2].gpa, &c[2].src), (0x10_5000, &Source::Module(0)), "right above the kernel");
+        assert_eq!((c[3].gpa, &c[3].src), (0x11_8000, &Source::Module(1)), "page-aligned after module 0");
         let mbi = chunk(&plan, "multiboot info");
         assert_eq!(mbi.gpa, 0x1_0000);
-        let Entry::Protected32 { eip, eax, ebx } = plan.entry else {
-            panic!()
-        };
+        let Entry::Protected32 { eip, eax, ebx } = plan.entry else { panic!() };
         assert_eq!((eip, eax, ebx), (0x10_0040, 0x2BAD_B002, 0x1_0000));
         // The blob is the one build_mbi makes for the placed modules.
         let infos = [
-            ModuleInfo {
-                start: 0x10_5000,
-                end: 0x11_7345,
-                string: "initrd.img",
-            },
-            ModuleInfo {
-                start: 0x11_8000,
-                end: 0x11_B000,
-                string: "cfg",
-            },
+            ModuleInfo { start: 0x10_5000, end: 0x11_7345, string: "initrd.img" },
+            ModuleInfo { start: 0x11_8000, end: 0x11_B000, string: "cfg" },
         ];
         let want = multiboot::build_mbi(
             0x1_0000,
-            &MbiInput {
-                memory: &memory,
-                cmdline: "kernel root=/dev/ram0",
-                modules: &infos,
-                loader_name: "Exitscope",
-            },
+            &MbiInput { memory: &memory, cmdline: "kernel root=/dev/ram0", modules: &infos, loader_name: "Exitscope" },
         );
         assert_eq!(bytes(&plan, "multiboot info"), &want[..]);
     }
@@ -479,25 +334,12 @@ mod tests {
     fn plans_elf_kernel() {
         let img = elf32_image(true);
         let memory = map_512m();
-        let plan = plan_multiboot(&MultibootInput {
-            modules: &[],
-            ..input(&img, &memory, &[])
-        })
-        .unwrap();
+        let plan = plan_multiboot(&MultibootInput { modules: &[], ..input(&img, &memory, &[]) }).unwrap();
         assert_plan_ok(&plan, img.len(), &[], &memory, &[]);
-        let kernel: Vec<_> = plan
-            .chunks
-            .iter()
-            .filter(|c| c.what.starts_with("kernel"))
-            .collect();
+        let kernel: Vec<_> = plan.chunks.iter().filter(|c| c.what.starts_with("kernel")).collect();
         assert_eq!(kernel.len(), 3);
-        assert_eq!(
-            (kernel[2].gpa, &kernel[2].src),
-            (0x10_1800, &Source::Zero(0x2800))
-        );
-        let Entry::Protected32 { eip, .. } = plan.entry else {
-            panic!()
-        };
+        assert_eq!((kernel[2].gpa, &kernel[2].src), (0x10_1800, &Source::Zero(0x2800)));
+        let Entry::Protected32 { eip, .. } = plan.entry else { panic!() };
         assert_eq!(eip, 0x10_0010);
         let mbi = bytes(&plan, "multiboot info");
         assert_eq!(u32_at(mbi, 20), Some(0), "no modules");
@@ -508,86 +350,38 @@ mod tests {
         let img = aout_image(); // 0x100000-0x105000
         let memory = map_512m();
         let e = plan_multiboot(&input(&img, &memory, &[(0x10_4000, 0x10_6000)])).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "guest segment 0x100000-0x105000 overlaps hypervisor memory 0x104000-0x106000"
-        );
-        let small = MemoryMap::from_regions([
-            Region::new(0, 0x9_FC00, MemKind::Ram),
-            Region::new(0x10_0000, 0x10_4000, MemKind::Ram),
-        ]);
+        assert_eq!(e.to_string(), "guest segment 0x100000-0x105000 overlaps hypervisor memory 0x104000-0x106000");
+        let small = MemoryMap::from_regions([Region::new(0, 0x9_FC00, MemKind::Ram), Region::new(0x10_0000, 0x10_4000, MemKind::Ram)]);
         let e = plan_multiboot(&input(&img, &small, &[])).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NoRoom);
         assert_eq!(
             e.to_string(),
             "guest segment 0x100000-0x105000 is not in guest RAM: guest needs 20 KiB at 0x100000, but guest RAM there ends at 0x104000"
         );
-        let holey = MemoryMap::from_regions([
-            Region::new(0, 0x9_FC00, MemKind::Ram),
-            Region::new(0x10_0000, 0x20_0000, MemKind::Reserved),
-        ]);
+        let holey = MemoryMap::from_regions([Region::new(0, 0x9_FC00, MemKind::Ram), Region::new(0x10_0000, 0x20_0000, MemKind::Reserved)]);
         let e = plan_multiboot(&input(&img, &holey, &[])).unwrap_err();
         assert!(e.to_string().contains("0x100000 is Reserved memory"), "{e}");
         let e = plan_multiboot(&input(&img, &MemoryMap::new(), &[])).unwrap_err();
-        assert!(
-            e.to_string().contains("nothing is mapped at 0x100000"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("nothing is mapped at 0x100000"), "{e}");
     }
 
     #[test]
     fn module_placement_fallbacks_and_errors() {
         let img = aout_image();
         // No room above the kernel: modules go below it.
-        let memory = MemoryMap::from_regions([
-            Region::new(0, 0x9_FC00, MemKind::Ram),
-            Region::new(0x10_0000, 0x10_6000, MemKind::Ram),
-        ]);
-        let plan = plan_multiboot(&MultibootInput {
-            modules: &MODS[1..],
-            ..input(&img, &memory, &[])
-        })
-        .unwrap();
+        let memory = MemoryMap::from_regions([Region::new(0, 0x9_FC00, MemKind::Ram), Region::new(0x10_0000, 0x10_6000, MemKind::Ram)]);
+        let plan = plan_multiboot(&MultibootInput { modules: &MODS[1..], ..input(&img, &memory, &[]) }).unwrap();
         assert_plan_ok(&plan, img.len(), &lens(&MODS[1..]), &memory, &[]);
         assert_eq!(chunk(&plan, "module").gpa, 0x1000);
         assert_eq!(chunk(&plan, "multiboot info").gpa, 0x1_0000);
         // Too big for RAM.
-        let big = [ModuleRef {
-            len: 0x100_0000,
-            string: "huge",
-        }];
-        let e = plan_multiboot(&MultibootInput {
-            modules: &big,
-            ..input(&img, &memory, &[])
-        })
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("guest needs 16384 KiB for module 0 (\"huge\")"),
-            "{e}"
-        );
+        let big = [ModuleRef { len: 0x100_0000, string: "huge" }];
+        let e = plan_multiboot(&MultibootInput { modules: &big, ..input(&img, &memory, &[]) }).unwrap_err();
+        assert!(e.to_string().starts_with("guest needs 16384 KiB for module 0 (\"huge\")"), "{e}");
         // Zero-length modules still get distinct addresses.
-        let empty = [
-            ModuleRef {
-                len: 0,
-                string: "a",
-            },
-            ModuleRef {
-                len: 0,
-                string: "b",
-            },
-        ];
-        let plan = plan_multiboot(&MultibootInput {
-            modules: &empty,
-            ..input(&img, &map_512m(), &[])
-        })
-        .unwrap();
-        let starts: Vec<u64> = plan
-            .chunks
-            .iter()
-            .filter(|c| c.what == "module")
-            .map(|c| c.gpa)
-            .collect();
+        let empty = [ModuleRef { len: 0, string: "a" }, ModuleRef { len: 0, string: "b" }];
+        let plan = plan_multiboot(&MultibootInput { modules: &empty, ..input(&img, &map_512m(), &[]) }).unwrap();
+        let starts: Vec<u64> = plan.chunks.iter().filter(|c| c.what == "module").map(|c| c.gpa).collect();
         assert_eq!(starts, vec![0x10_5000, 0x10_6000]);
     }
 
@@ -599,9 +393,7 @@ mod tests {
         let plan = plan_multiboot(&input(&img, &memory, &avoid)).unwrap();
         assert_plan_ok(&plan, img.len(), &lens(&MODS), &memory, &avoid);
         assert_eq!(chunk(&plan, "multiboot info").gpa, 0x11_B000);
-        let Entry::Protected32 { ebx, .. } = plan.entry else {
-            panic!()
-        };
+        let Entry::Protected32 { ebx, .. } = plan.entry else { panic!() };
         assert_eq!(ebx, 0x11_B000);
     }
 
@@ -609,32 +401,15 @@ mod tests {
     fn rejects_bad_strings_and_images() {
         let img = aout_image();
         let memory = map_512m();
-        let bad = [ModuleRef {
-            len: 1,
-            string: "a\0",
-        }];
-        assert!(plan_multiboot(&MultibootInput {
-            modules: &bad,
-            ..input(&img, &memory, &[])
-        })
-        .unwrap_err()
-        .to_string()
-        .contains("module 0"));
-        assert!(plan_multiboot(&MultibootInput {
-            cmdline: "\0",
-            ..input(&img, &memory, &[])
-        })
-        .is_err());
-        assert!(plan_multiboot(&MultibootInput {
-            loader_name: "\0",
-            ..input(&img, &memory, &[])
-        })
-        .is_err());
+        let bad = [ModuleRef { len: 1, string: "a\0" }];
+        assert!(plan_multiboot(&MultibootInput { modules: &bad, ..input(&img, &memory, &[]) })
+            .unwrap_err()
+            .to_string()
+            .contains("module 0"));
+        assert!(plan_multiboot(&MultibootInput { cmdline: "\0", ..input(&img, &memory, &[]) }).is_err());
+        assert!(plan_multiboot(&MultibootInput { loader_name: "\0", ..input(&img, &memory, &[]) }).is_err());
         let bz = bzimage(&TestBz::default());
-        assert_eq!(
-            plan_multiboot(&input(&bz, &memory, &[])).unwrap_err().kind,
-            ErrorKind::UnknownImage
-        );
+        assert_eq!(plan_multiboot(&input(&bz, &memory, &[])).unwrap_err().kind, ErrorKind::UnknownImage);
     }
 
     #[test]
@@ -654,17 +429,9 @@ mod tests {
             } else {
                 memory
             };
-            let mods: Vec<ModuleRef> = (0..rng.below(4))
-                .map(|_| ModuleRef {
-                    len: rng.below(0x40_0000),
-                    string: "m",
-                })
-                .collect();
+            let mods: Vec<ModuleRef> = (0..rng.below(4)).map(|_| ModuleRef { len: rng.below(0x40_0000), string: "m" }).collect();
             let img = &images[rng.below(2) as usize];
-            let inp = MultibootInput {
-                modules: &mods,
-                ..input(img, &memory, &avoid)
-            };
+            let inp = MultibootInput { modules: &mods, ..input(img, &memory, &avoid) };
             match plan_multiboot(&inp) {
                 Ok(plan) => {
                     assert_plan_ok(&plan, img.len(), &lens(&mods), &memory, &avoid);
@@ -682,77 +449,29 @@ mod tests {
         let memory = map_512m();
         let plan = LoadPlan {
             chunks: vec![
-                Chunk {
-                    gpa: 0x10_0000,
-                    src: Source::Image {
-                        offset: 0x10,
-                        len: 0x100,
-                    },
-                    what: "a",
-                },
-                Chunk {
-                    gpa: 0x10_0100,
-                    src: Source::Module(0),
-                    what: "b",
-                },
-                Chunk {
-                    gpa: 0x20_0000,
-                    src: Source::Zero(0),
-                    what: "empty",
-                },
+                Chunk { gpa: 0x10_0000, src: Source::Image { offset: 0x10, len: 0x100 }, what: "a" },
+                Chunk { gpa: 0x10_0100, src: Source::Module(0), what: "b" },
+                Chunk { gpa: 0x20_0000, src: Source::Zero(0), what: "empty" },
             ],
-            entry: Entry::Protected32 {
-                eip: 0,
-                eax: 0,
-                ebx: 0,
-            },
+            entry: Entry::Protected32 { eip: 0, eax: 0, ebx: 0 },
         };
         assert_eq!(plan.len_of(&plan.chunks[0], 0x1000, &[]), 0x100);
-        assert_eq!(
-            plan.len_of(&plan.chunks[0], 0x80, &[]),
-            0x70,
-            "clamped to the image"
-        );
+        assert_eq!(plan.len_of(&plan.chunks[0], 0x80, &[]), 0x70, "clamped to the image");
         assert_eq!(plan.len_of(&plan.chunks[0], 0x8, &[]), 0);
         assert_eq!(plan.len_of(&plan.chunks[1], 0, &[5]), 5);
         assert_eq!(plan.len_of(&plan.chunks[1], 0, &[]), 0);
         assert_eq!(plan.overlaps(0x10_00FF, 0x10_0100, 0x1000, &[5]), Some(0));
         assert_eq!(plan.overlaps(0x10_0104, 0x10_0200, 0x1000, &[5]), Some(1));
         assert_eq!(plan.overlaps(0x10_0105, 0x10_0200, 0x1000, &[5]), None);
-        assert_eq!(
-            plan.overlaps(0x20_0000, 0x20_0001, 0x1000, &[5]),
-            None,
-            "empty chunks overlap nothing"
-        );
+        assert_eq!(plan.overlaps(0x20_0000, 0x20_0001, 0x1000, &[5]), None, "empty chunks overlap nothing");
         assert!(plan.validate(0x1000, &[0x100], &memory, &[]).is_ok());
         let mut overlapping = plan.clone();
         overlapping.chunks[1].gpa = 0x10_00FF;
-        let e = overlapping
-            .validate(0x1000, &[2], &memory, &[])
-            .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "a 0x100000-0x100100 overlaps b 0x1000ff-0x100101"
-        );
-        assert!(plan
-            .validate(0x100, &[1], &memory, &[])
-            .unwrap_err()
-            .to_string()
-            .contains("image has 256"));
-        assert!(plan
-            .validate(0x1000, &[], &memory, &[])
-            .unwrap_err()
-            .to_string()
-            .contains("module 0"));
-        assert!(plan
-            .validate(0x1000, &[1], &memory, &[(0x10_0000, 0x10_0001)])
-            .unwrap_err()
-            .to_string()
-            .contains("hypervisor"));
-        assert!(plan
-            .validate(0x1000, &[u64::MAX], &memory, &[])
-            .unwrap_err()
-            .to_string()
-            .contains("wraps"));
+        let e = overlapping.validate(0x1000, &[2], &memory, &[]).unwrap_err();
+        assert_eq!(e.to_string(), "a 0x100000-0x100100 overlaps b 0x1000ff-0x100101");
+        assert!(plan.validate(0x100, &[1], &memory, &[]).unwrap_err().to_string().contains("image has 256"));
+        assert!(plan.validate(0x1000, &[], &memory, &[]).unwrap_err().to_string().contains("module 0"));
+        assert!(plan.validate(0x1000, &[1], &memory, &[(0x10_0000, 0x10_0001)]).unwrap_err().to_string().contains("hypervisor"));
+        assert!(plan.validate(0x1000, &[u64::MAX], &memory, &[]).unwrap_err().to_string().contains("wraps"));
     }
 }

@@ -40,11 +40,7 @@ fn put32(b: &mut [u8], off: usize, v: u32) {
 pub fn put_mb_header(img: &mut [u8], off: usize, flags: u32, fields: &[u32]) {
     put32(img, off, HEADER_MAGIC);
     put32(img, off + 4, flags);
-    put32(
-        img,
-        off + 8,
-        0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags),
-    );
+    put32(img, off + 8, 0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags));
     for (i, f) in fields.iter().enumerate() {
         put32(img, off + 12 + 4 * i, *f);
     }
@@ -55,12 +51,7 @@ pub fn put_mb_header(img: &mut [u8], off: usize, flags: u32, fields: &[u32]) {
 pub fn aout_image() -> Vec<u8> {
     let mut img: Vec<u8> = (0..0x3000u32).map(|i| (i % 251) as u8).collect();
     let flags = FLAG_AOUT_KLUDGE | FLAG_PAGE_ALIGN | FLAG_MEMORY_INFO;
-    put_mb_header(
-        &mut img,
-        0,
-        flags,
-        &[0x10_0000, 0x10_0000, 0x10_3000, 0x10_5000, 0x10_0040],
-    );
+    put_mb_header(&mut img, 0, flags, &[0x10_0000, 0x10_0000, 0x10_3000, 0x10_5000, 0x10_0040]);
     img
 }
 
@@ -104,19 +95,13 @@ pub fn elf_image(class64: bool, entry: u64, segs: &[ElfSeg], mb: bool) -> Vec<u8
         if class64 {
             let p = ph + 56 * i;
             put32(&mut img, p, 1);
-            for (k, v) in [offset, s.vaddr, s.paddr, s.filesz, s.memsz]
-                .iter()
-                .enumerate()
-            {
+            for (k, v) in [offset, s.vaddr, s.paddr, s.filesz, s.memsz].iter().enumerate() {
                 img[p + 8 + 8 * k..p + 16 + 8 * k].copy_from_slice(&v.to_le_bytes());
             }
         } else {
             let p = ph + 32 * i;
             put32(&mut img, p, 1);
-            for (k, v) in [offset, s.vaddr, s.paddr, s.filesz, s.memsz]
-                .iter()
-                .enumerate()
-            {
+            for (k, v) in [offset, s.vaddr, s.paddr, s.filesz, s.memsz].iter().enumerate() {
                 put32(&mut img, p + 4 + 4 * k, *v as u32);
             }
         }
@@ -132,18 +117,8 @@ pub fn elf_image(class64: bool, entry: u64, segs: &[ElfSeg], mb: bool) -> Vec<u8
 /// entry 0xC0100010.
 pub fn elf32_image(mb: bool) -> Vec<u8> {
     let segs = [
-        ElfSeg {
-            paddr: 0x10_0000,
-            vaddr: 0xC010_0000,
-            filesz: 0x1000,
-            memsz: 0x1000,
-        },
-        ElfSeg {
-            paddr: 0x10_1000,
-            vaddr: 0xC010_1000,
-            filesz: 0x800,
-            memsz: 0x3000,
-        },
+        ElfSeg { paddr: 0x10_0000, vaddr: 0xC010_0000, filesz: 0x1000, memsz: 0x1000 },
+        ElfSeg { paddr: 0x10_1000, vaddr: 0xC010_1000, filesz: 0x800, memsz: 0x3000 },
     ];
     elf_image(false, 0xC010_0010, &segs, mb)
 }
@@ -190,11 +165,7 @@ pub fn kernel_byte(i: usize) -> u8 {
 
 /// Builds a bzImage as described by `t`.
 pub fn bzimage(t: &TestBz) -> Vec<u8> {
-    let sects = if t.setup_sects == 0 {
-        4
-    } else {
-        t.setup_sects as usize
-    };
+    let sects = if t.setup_sects == 0 { 4 } else { t.setup_sects as usize };
     let setup_len = (sects + 1) * 512;
     let mut img = vec![0xCCu8; setup_len];
     img.extend((0..t.kernel_len).map(kernel_byte));
@@ -237,32 +208,18 @@ pub fn map_512m() -> MemoryMap {
 /// A random map (up to 1 GiB, sometimes RAM above 4 GiB) and avoid list.
 pub fn random_map(rng: &mut Rng) -> (MemoryMap, Vec<(u64, u64)>) {
     const G: u64 = 64 << 10;
-    let kinds = [
-        MemKind::Ram,
-        MemKind::Ram,
-        MemKind::Ram,
-        MemKind::Reserved,
-        MemKind::AcpiNvs,
-    ];
+    let kinds = [MemKind::Ram, MemKind::Ram, MemKind::Ram, MemKind::Reserved, MemKind::AcpiNvs];
     let mut regions: Vec<Region> = (0..1 + rng.below(8))
         .map(|_| {
             let s = rng.below(16384) * G;
-            Region::new(
-                s,
-                s + (1 + rng.below(4096)) * G,
-                kinds[rng.below(5) as usize],
-            )
+            Region::new(s, s + (1 + rng.below(4096)) * G, kinds[rng.below(5) as usize])
         })
         .collect();
     if rng.below(2) == 0 {
         regions.push(Region::new(0, 0x9_FC00, MemKind::Ram));
     }
     if rng.below(4) == 0 {
-        regions.push(Region::new(
-            1 << 32,
-            (1 << 32) + (1 + rng.below(4096)) * G * 16,
-            MemKind::Ram,
-        ));
+        regions.push(Region::new(1 << 32, (1 << 32) + (1 + rng.below(4096)) * G * 16, MemKind::Ram));
     }
     let avoid = (0..rng.below(4))
         .map(|_| {
@@ -275,10 +232,7 @@ pub fn random_map(rng: &mut Rng) -> (MemoryMap, Vec<(u64, u64)>) {
 
 /// The first chunk named `what`.
 pub fn chunk<'p>(plan: &'p LoadPlan, what: &str) -> &'p Chunk {
-    plan.chunks
-        .iter()
-        .find(|c| c.what == what)
-        .unwrap_or_else(|| panic!("no {what} chunk"))
+    plan.chunks.iter().find(|c| c.what == what).unwrap_or_else(|| panic!("no {what} chunk"))
 }
 
 /// The bytes of the first `Source::Bytes` chunk named `what`.
@@ -292,46 +246,16 @@ pub fn bytes<'p>(plan: &'p LoadPlan, what: &str) -> &'p [u8] {
 /// The invariants every plan must satisfy, checked independently of
 /// `LoadPlan::validate` (and through it): chunks never overlap each other,
 /// never overlap `avoid`, and lie entirely in `Ram` of `memory`.
-pub fn assert_plan_ok(
-    plan: &LoadPlan,
-    image_len: usize,
-    module_lens: &[u64],
-    memory: &MemoryMap,
-    avoid: &[(u64, u64)],
-) {
-    let ranges: Vec<(u64, u64, &str)> = plan
-        .chunks
-        .iter()
-        .map(|c| {
-            (
-                c.gpa,
-                c.gpa + plan.len_of(c, image_len, module_lens),
-                c.what,
-            )
-        })
-        .collect();
+pub fn assert_plan_ok(plan: &LoadPlan, image_len: usize, module_lens: &[u64], memory: &MemoryMap, avoid: &[(u64, u64)]) {
+    let ranges: Vec<(u64, u64, &str)> =
+        plan.chunks.iter().map(|c| (c.gpa, c.gpa + plan.len_of(c, image_len, module_lens), c.what)).collect();
     for (i, a) in ranges.iter().enumerate() {
-        assert!(
-            memory.is_ram(a.0, a.1),
-            "{} {:#x}-{:#x} not in RAM of {memory:?}",
-            a.2,
-            a.0,
-            a.1
-        );
+        assert!(memory.is_ram(a.0, a.1), "{} {:#x}-{:#x} not in RAM of {memory:?}", a.2, a.0, a.1);
         for v in avoid {
-            assert!(
-                !ranges_overlap(a.0, a.1, v.0, v.1),
-                "{} {:#x}-{:#x} overlaps avoided {v:x?}",
-                a.2,
-                a.0,
-                a.1
-            );
+            assert!(!ranges_overlap(a.0, a.1, v.0, v.1), "{} {:#x}-{:#x} overlaps avoided {v:x?}", a.2, a.0, a.1);
         }
         for b in &ranges[i + 1..] {
-            assert!(
-                !ranges_overlap(a.0, a.1, b.0, b.1),
-                "{a:x?} overlaps {b:x?}"
-            );
+            assert!(!ranges_overlap(a.0, a.1, b.0, b.1), "{a:x?} overlaps {b:x?}");
         }
     }
     if let Err(e) = plan.validate(image_len, module_lens, memory, avoid) {

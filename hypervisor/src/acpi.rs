@@ -495,9 +495,7 @@ fn madt_cpus(d: &[u8]) -> Vec<MadtCpu> {
         let e = &d[o..o + len];
         match ty {
             0 if len >= 8 => out.push(MadtCpu { flags_at: o + 4, apic_id: e[3] as u32, flags: le32(e, 4).unwrap_or(0) }),
-            9 if len >= 16 => {
-                out.push(MadtCpu { flags_at: o + 8, apic_id: le32(e, 4).unwrap_or(0), flags: le32(e, 8).unwrap_or(0) })
-            }
+            9 if len >= 16 => out.push(MadtCpu { flags_at: o + 8, apic_id: le32(e, 4).unwrap_or(0), flags: le32(e, 8).unwrap_or(0) }),
             _ => {}
         }
         o += len;
@@ -800,7 +798,10 @@ mod tests {
         assert_eq!(s, Spcr { port: UartPort::Mmio { base: 0xFE03_E000, wide: true }, baud: None });
         // Access size unspecified: the register width decides.
         assert_eq!(parse_spcr(&spcr_table(0x12, 0, 32, 0, 0xFE03_E000, 0)).unwrap().port, UartPort::Mmio { base: 0xFE03_E000, wide: true });
-        assert_eq!(parse_spcr(&spcr_table(1, 0, 8, 1, 0xFE03_E000, 3)).unwrap(), Spcr { port: UartPort::Mmio { base: 0xFE03_E000, wide: false }, baud: Some(9600) });
+        assert_eq!(
+            parse_spcr(&spcr_table(1, 0, 8, 1, 0xFE03_E000, 3)).unwrap(),
+            Spcr { port: UartPort::Mmio { base: 0xFE03_E000, wide: false }, baud: Some(9600) }
+        );
         // Not a 16550 (a PL011, type 3), no address, another space, truncated.
         assert_eq!(parse_spcr(&spcr_table(3, 0, 32, 3, 0x900_0000, 7)), None);
         assert_eq!(parse_spcr(&spcr_table(0, 1, 8, 1, 0, 7)), None);
@@ -971,10 +972,7 @@ mod tests {
         assert_eq!(a.rsdp_bytes, copy);
         assert_eq!(a.cpus, [0, 1], "the tables are read through the copy");
         // The guest's map: RAM up to 256 MiB with the top 2 MiB avoided.
-        let mut map = MemoryMap::from_regions([
-            Region::new(0, 0x9F000, MemKind::Ram),
-            Region::new(0x10_0000, 0x1000_0000, MemKind::Ram),
-        ]);
+        let mut map = MemoryMap::from_regions([Region::new(0, 0x9F000, MemKind::Ram), Region::new(0x10_0000, 0x1000_0000, MemKind::Ram)]);
         let ram = map.total_ram();
         let page = place_rsdp_copy(&mut map, &[(0xFE0_0000, 0x1000_0000)]).unwrap();
         assert_eq!(page, 0xFE0_0000 - 4096);
@@ -1087,5 +1085,4 @@ mod tests {
         assert!(hide_cpus(&mut t, &[0, 2]).is_empty());
         assert_eq!(t, before);
     }
-
 }

@@ -44,9 +44,7 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 #[inline(always)]
 pub unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: caller guarantees the MSR exists and the value is valid.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
-    };
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags)) };
 }
 
 /// Reads a byte from I/O port `port`.
@@ -187,7 +185,9 @@ pub unsafe fn xgetbv(xcr: u32) -> u64 {
 #[inline(always)]
 pub unsafe fn xsetbv(xcr: u32, value: u64) {
     // SAFETY: caller validated the value against CPUID leaf 0xD.
-    unsafe { asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes back and invalidates all caches.

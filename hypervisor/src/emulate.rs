@@ -206,11 +206,7 @@ pub enum SegmentLoad {
 /// already marked busy.
 pub const fn check_system_load(sel: u16, seg: Segment, tr: bool, long: bool) -> SegmentLoad {
     let ty = seg.ar & 0x1F; // type and S
-    let ok = if tr {
-        ty == TYPE_TSS_AVAILABLE || (ty == TYPE_TSS16_AVAILABLE && !long)
-    } else {
-        ty == TYPE_LDT
-    };
+    let ok = if tr { ty == TYPE_TSS_AVAILABLE || (ty == TYPE_TSS16_AVAILABLE && !long) } else { ty == TYPE_LDT };
     if !ok {
         return SegmentLoad::Gp(sel & !3);
     }
@@ -503,7 +499,10 @@ mod tests {
         assert_eq!(mem_fault(np, 0x1000, false, false), MemFault::PageFault { cr2: 0x1000, code: 0 });
         let rsvd = WalkError::Reserved { level: 2, entry: 0 };
         assert_eq!(mem_fault(rsvd, 0x2000, false, false), MemFault::PageFault { cr2: 0x2000, code: PF_PRESENT | PF_RSVD });
-        assert_eq!(mem_fault(WalkError::Protection(0x3000), 0x2FFE, true, false), MemFault::PageFault { cr2: 0x3000, code: PF_PRESENT | PF_WRITE });
+        assert_eq!(
+            mem_fault(WalkError::Protection(0x3000), 0x2FFE, true, false),
+            MemFault::PageFault { cr2: 0x3000, code: PF_PRESENT | PF_WRITE }
+        );
         assert_eq!(mem_fault(WalkError::NonCanonical(1 << 47), 1 << 47, false, false), MemFault::General);
         assert_eq!(mem_fault(WalkError::Unreadable(0x1F00_0000), 0, false, false), MemFault::OutsideGuest(0x1F00_0000));
     }

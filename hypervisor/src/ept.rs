@@ -216,7 +216,17 @@ pub fn build<T: Tables>(ranges: &[EptRange], t: &mut T, large: (bool, bool)) -> 
 /// Maps [s, e) into the table at `pa`, whose entries at `level` each cover
 /// `1 << (12 + 9 * (level - 1))` bytes starting at `base`.
 #[allow(clippy::too_many_arguments)]
-fn map<T: Tables>(t: &mut T, pa: u64, level: u32, base: u64, s: u64, e: u64, ty: MemType, perm: u64, large: (bool, bool)) -> Result<(), T::Error> {
+fn map<T: Tables>(
+    t: &mut T,
+    pa: u64,
+    level: u32,
+    base: u64,
+    s: u64,
+    e: u64,
+    ty: MemType,
+    perm: u64,
+    large: (bool, bool),
+) -> Result<(), T::Error> {
     let shift = 12 + 9 * (level - 1);
     let size = 1u64 << shift;
     let first = ((s - base) >> shift) as usize;

@@ -153,7 +153,9 @@ pub fn end_guest(v: &mut VcpuState, why: GuestEnd) -> ! {
 fn report_guest_state() {
     let problems = crate::vmx::isolation::guest_state_problems(&crate::vmx::isolation::sample_guest_state());
     if problems.is_empty() {
-        hvprintln!("guest-state check: none of the checks Exitscope knows fails (an emulator's log may name the check: Bochs 'VMENTER FAIL')");
+        hvprintln!(
+            "guest-state check: none of the checks Exitscope knows fails (an emulator's log may name the check: Bochs 'VMENTER FAIL')"
+        );
     }
     for p in problems {
         hvprintln!("guest-state check failed: {p}");
@@ -234,13 +236,38 @@ fn describe_current() {
 pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
     crate::serial::fresh_line();
     const NAMES: [&str; 32] = [
-        "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-        "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor segment overrun",
-        "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-        "#PF page fault", "reserved", "#MF x87 error", "#AC alignment check", "#MC machine check",
-        "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved", "reserved",
-        "reserved", "reserved", "reserved", "reserved", "#HV hypervisor injection", "#VC VMM communication",
-        "#SX security", "reserved",
+        "#DE divide error",
+        "#DB debug",
+        "NMI",
+        "#BP breakpoint",
+        "#OF overflow",
+        "#BR bound range",
+        "#UD invalid opcode",
+        "#NM device not available",
+        "#DF double fault",
+        "coprocessor segment overrun",
+        "#TS invalid TSS",
+        "#NP segment not present",
+        "#SS stack fault",
+        "#GP general protection",
+        "#PF page fault",
+        "reserved",
+        "#MF x87 error",
+        "#AC alignment check",
+        "#MC machine check",
+        "#XM SIMD error",
+        "#VE virtualization",
+        "#CP control protection",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "reserved",
+        "#HV hypervisor injection",
+        "#VC VMM communication",
+        "#SX security",
+        "reserved",
     ];
     let cr2: u64;
     // SAFETY: reading CR2 has no side effect.
@@ -320,9 +347,7 @@ impl core::fmt::Write for Emergency {
 /// no lock, no allocation. They are the counts since boot (a reset done
 /// through the control leaf is not subtracted here).
 fn finish_after_failure(title: &str) -> ! {
-    let Some(s) = state::try_shared() else {
-        crate::platform::finish(EndAction::PowerOff, &crate::boot_acpi())
-    };
+    let Some(s) = state::try_shared() else { crate::platform::finish(EndAction::PowerOff, &crate::boot_acpi()) };
     let blocks = state::counters();
     let snap = exitscope_stats::Snapshot::sum(blocks);
     // The per-vCPU totals live in a static buffer (MAX_CPUS of them do not

@@ -100,15 +100,8 @@ pub fn load(bi: &BootInfo, staged: &Staged, memory: &MemoryMap, rsdp: Option<u64
             // padded to 4 bytes, as cpio archives allow).
             let parts: Vec<(u64, u64)> = staged.modules[1..].to_vec();
             let initrd_len: u64 = parts.iter().map(|p| p.1.next_multiple_of(4)).sum();
-            let p = bzimage::plan_linux(&bzimage::LinuxInput {
-                image: kernel,
-                cmdline,
-                initrd_len,
-                memory,
-                avoid: &avoid,
-                rsdp,
-            })
-            .map_err(|e| format!("cannot load the Linux guest: {e}"))?;
+            let p = bzimage::plan_linux(&bzimage::LinuxInput { image: kernel, cmdline, initrd_len, memory, avoid: &avoid, rsdp })
+                .map_err(|e| format!("cannot load the Linux guest: {e}"))?;
             (p, "Linux bzImage", alloc::vec![initrd_len], alloc::vec![parts])
         }
         _ => unreachable!("require_known accepts only multiboot1 and bzImage"),

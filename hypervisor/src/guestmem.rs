@@ -371,7 +371,12 @@ pub fn check_linear(mem: &impl PhysMem, p: &PagingState, linear: u64, len: usize
 
 /// Calls `f(linear, offset, bytes)` for each piece of `len` bytes at
 /// `linear` that lies in one 4 KiB page (a safe split for every page size).
-fn each_page(p: &PagingState, linear: u64, len: usize, mut f: impl FnMut(u64, usize, usize) -> Result<(), WalkError>) -> Result<(), WalkError> {
+fn each_page(
+    p: &PagingState,
+    linear: u64,
+    len: usize,
+    mut f: impl FnMut(u64, usize, usize) -> Result<(), WalkError>,
+) -> Result<(), WalkError> {
     let wrap = |la: u64| if p.efer & EFER_LMA != 0 { la } else { la & 0xFFFF_FFFF };
     let mut done = 0;
     while done < len {

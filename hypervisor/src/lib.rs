@@ -26,8 +26,8 @@ pub mod pic;
 pub mod platform;
 pub mod serial;
 pub mod smp;
-pub mod statsys;
 pub mod state;
+pub mod statsys;
 pub mod tsc;
 pub mod vmx;
 
@@ -126,12 +126,7 @@ pub fn run(bi: BootInfo) -> ! {
         Err(e) => boot_error(format_args!("bad hypervisor command line '{}': {e}", bi.cmdline)),
     };
     serial::set_level(opts.log);
-    hvprintln!(
-        "booted by {} ({}), command line '{}'",
-        bi.protocol,
-        bi.loader_name.as_deref().unwrap_or("unknown loader"),
-        bi.cmdline
-    );
+    hvprintln!("booted by {} ({}), command line '{}'", bi.protocol, bi.loader_name.as_deref().unwrap_or("unknown loader"), bi.cmdline);
 
     // The machine.
     let ram = bi.memory.total_ram();
@@ -150,12 +145,12 @@ pub fn run(bi: BootInfo) -> ! {
         let s5 = acpi.s5.map_or("unknown".into(), |s| alloc::format!("SLP_TYP {}", s.0));
         let (rsdp, guest_rsdp) = match (acpi.rsdp_addr, acpi.rsdp_source) {
             (Some(a), Some(src)) => (alloc::format!("{a:#x} ({src})"), alloc::format!("{a:#x}")),
-            (_, src) => (alloc::format!("not in memory ({})", src.map_or("none".into(), |s| alloc::format!("{s}"))), "a copy in reserved memory".into()),
+            (_, src) => (
+                alloc::format!("not in memory ({})", src.map_or("none".into(), |s| alloc::format!("{s}"))),
+                "a copy in reserved memory".into(),
+            ),
         };
-        hvprintln!(
-            "ACPI: RSDP {rsdp}, guest RSDP {guest_rsdp}, PM1a control {pm1a}, S5 {s5}, {} CPU(s) in the MADT",
-            acpi.cpus.len()
-        );
+        hvprintln!("ACPI: RSDP {rsdp}, guest RSDP {guest_rsdp}, PM1a control {pm1a}, S5 {s5}, {} CPU(s) in the MADT", acpi.cpus.len());
     }
 
     // Time: the TSC, calibrated once (every delay and bounded wait uses it).
@@ -311,10 +306,11 @@ pub fn run(bi: BootInfo) -> ! {
             _ => None,
         },
     };
-    let (io_bitmaps_pa, msr_bitmap_pa) = match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
-        Ok(x) => x,
-        Err(e) => boot_error(format_args!("{e}")),
-    };
+    let (io_bitmaps_pa, msr_bitmap_pa) =
+        match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
+            Ok(x) => x,
+            Err(e) => boot_error(format_args!("{e}")),
+        };
     // External interrupts are acknowledged on exit: the PICs' ports are
     // watched so that one from a PIC reaches the guest as the guest's PIC
     // would deliver it (see pic.rs).

@@ -548,7 +548,9 @@ mod tests {
         identity_map(&mut t, pml4, limit, true).unwrap();
         assert_eq!(t.0.len() as u64 - 1, identity_tables(limit, true));
         assert_eq!(identity_tables(limit, true), 128, "one PDPT per 512 GiB");
-        for pa in [0u64, 0x9_F123, 0xFEE0_0300, 511 << 30, 512 << 30, (512 << 30) + 0x1234_5678, (2 << 40) - 8, 0x2345_6789_A000, (1 << 46) - 8] {
+        for pa in
+            [0u64, 0x9_F123, 0xFEE0_0300, 511 << 30, 512 << 30, (512 << 30) + 0x1234_5678, (2 << 40) - 8, 0x2345_6789_A000, (1 << 46) - 8]
+        {
             let (got, size, w) = walk(&mut t, pml4, pa).unwrap_or_else(|| panic!("{pa:#x} not mapped"));
             assert_eq!((got, size, w), (pa, 1 << 30, true), "{pa:#x}");
         }
@@ -642,7 +644,15 @@ mod tests {
             assert!(256 * t2m * 4096 > p2m.footprint);
         }
         // A small machine keeps the image's size (the boot arena suffices).
-        let p = plan(&PlanInput { vcpus: 2, per_vcpu: 60 << 10, ept_tables: 12, host_tables: 5, arena_used: 4 << 20, arena_offset: 1 << 20, image: 14 << 20 });
+        let p = plan(&PlanInput {
+            vcpus: 2,
+            per_vcpu: 60 << 10,
+            ept_tables: 12,
+            host_tables: 5,
+            arena_used: 4 << 20,
+            arena_offset: 1 << 20,
+            image: 14 << 20,
+        });
         assert_eq!(p.footprint, 14 << 20);
     }
 }

@@ -112,7 +112,11 @@ impl Default for Options {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OptionError {
     Unknown(String),
-    BadValue { key: String, value: String, expected: &'static str },
+    BadValue {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
     /// A bad interception word (`profile=`, `intercept=`, `preempt=`,
     /// `ept=`); the message names the bad part.
     Intercept(String),
@@ -205,7 +209,9 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                 "off" => o.vmx_misc_clear |= VMX_MISC_HLT,
                 _ => return Err(bad("off (a test switch)")),
             },
-            "serial" => o.serial = Some(parse_serial(value).ok_or_else(|| bad("an I/O port (0x2f8, com1..com4), mmio:ADDR, mmio32:ADDR or none"))?),
+            "serial" => {
+                o.serial = Some(parse_serial(value).ok_or_else(|| bad("an I/O port (0x2f8, com1..com4), mmio:ADDR, mmio32:ADDR or none"))?)
+            }
             "test_mmio_pm" => {
                 let addr = |v: &str| parse_num(v).filter(|&a| a != 0 && a % 2 == 0 && a < 1 << 52);
                 o.test_mmio_pm = Some(match value.split_once(':') {

@@ -46,8 +46,7 @@ pub struct Pics {
 }
 
 impl Pics {
-    pub const FIRMWARE: Pics =
-        Pics { base: FIRMWARE_BASES, expect: [0; 2], icw4: [false; 2], single: [false; 2], held: 0, owner: 0 };
+    pub const FIRMWARE: Pics = Pics { base: FIRMWARE_BASES, expect: [0; 2], icw4: [false; 2], single: [false; 2], held: 0, owner: 0 };
 
     /// The guest wrote `value` to PIC port `port` (one of [`PORTS`]).
     pub fn write(&mut self, port: u16, value: u8) {

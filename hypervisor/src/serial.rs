@@ -148,7 +148,9 @@ impl Uart {
             UartPort::Io(p) => unsafe { crate::cpu::inb(p.wrapping_add(reg as u16)) },
             // SAFETY: as above, a UART register in MMIO, mapped by the host
             // page tables (all physical memory below 4 GiB at least).
-            UartPort::Mmio { base, wide: true } => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4)) as u8 },
+            UartPort::Mmio { base, wide: true } => unsafe {
+                core::ptr::read_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4)) as u8
+            },
             // SAFETY: as above.
             UartPort::Mmio { base, wide: false } => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(base + reg)) },
         }
@@ -159,7 +161,9 @@ impl Uart {
             // SAFETY: as for read: the console UART's own register.
             UartPort::Io(p) => unsafe { crate::cpu::outb(p.wrapping_add(reg as u16), v) },
             // SAFETY: as above.
-            UartPort::Mmio { base, wide: true } => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4), v as u32) },
+            UartPort::Mmio { base, wide: true } => unsafe {
+                core::ptr::write_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4), v as u32)
+            },
             // SAFETY: as above.
             UartPort::Mmio { base, wide: false } => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(base + reg), v) },
         }
@@ -588,10 +592,16 @@ mod tests {
         assert_eq!(text("abcdefgh\né", 2, 2), "abcd");
         assert_eq!(text("é", 4, 1), "??  ");
         let mut msg = std::string::String::new();
-        no_uart_message(&mut msg, candidates(None, Some(UartPort::Mmio { base: 0xFE03_E000, wide: true })).iter().map(|c| c.0).fold(Ports::default(), |mut p, x| {
-            p.push(x);
-            p
-        }))
+        no_uart_message(
+            &mut msg,
+            candidates(None, Some(UartPort::Mmio { base: 0xFE03_E000, wide: true })).iter().map(|c| c.0).fold(
+                Ports::default(),
+                |mut p, x| {
+                    p.push(x);
+                    p
+                },
+            ),
+        )
         .unwrap();
         let first = msg.lines().next().unwrap();
         assert!(first.ends_with(": no serial port answered (tried MMIO 0xfe03e000 (32-bit registers), I/O port 0x3f8)."), "{first}");

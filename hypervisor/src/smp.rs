@@ -116,12 +116,12 @@ global_asm!(
     "    cld",
     "    mov ax, cs",
     "    mov ds, ax",
-    "    mov ebx, dword ptr [0xF0]",      // trampoline physical base
-    "    lgdt [0xE0]",                   // GDT pointer (base patched)
+    "    mov ebx, dword ptr [0xF0]", // trampoline physical base
+    "    lgdt [0xE0]",               // GDT pointer (base patched)
     "    mov eax, cr0",
     "    or eax, 1",
     "    mov cr0, eax",
-    "    .byte 0x66, 0xEA",              // ljmpd 0x08:pm32 (offset patched at 0x100 + 2)
+    "    .byte 0x66, 0xEA", // ljmpd 0x08:pm32 (offset patched at 0x100 + 2)
     "2:  .long 0",
     "    .word 0x08",
     ".code32",
@@ -130,48 +130,48 @@ global_asm!(
     "    mov ds, ax",
     "    mov es, ax",
     "    mov ss, ax",
-    "    lea esp, [ebx + 0xFF0]",        // a stack at the top of the trampoline page
+    "    lea esp, [ebx + 0xFF0]", // a stack at the top of the trampoline page
     "    mov eax, cr4",
-    "    or eax, 1 << 5",                // PAE
+    "    or eax, 1 << 5", // PAE
     "    mov cr4, eax",
     "    mov eax, dword ptr [ebx + 0xC8]", // CR3 (below 4 GiB)
     "    mov cr3, eax",
     "    mov ecx, 0xC0000080",
     "    rdmsr",
-    "    or eax, 1 << 8",                // LME
+    "    or eax, 1 << 8", // LME
     "    wrmsr",
     "    mov eax, cr0",
     "    and eax, ~((1 << 30) | (1 << 29))",
     "    or eax, (1 << 31) | (1 << 5) | 1",
     "    mov cr0, eax",
-    "    lea eax, [ebx + 0x80]",         // 64-bit code below (offset fixed)
+    "    lea eax, [ebx + 0x80]", // 64-bit code below (offset fixed)
     "    push 0x18",
     "    push eax",
     "    retf",
     ".org exitscope_ap_trampoline + 0x80",
     ".code64",
-    "    mov ebx, ebx",                  // upper half undefined after the mode switch
+    "    mov ebx, ebx", // upper half undefined after the mode switch
     "    mov rsp, qword ptr [rbx + 0xD0]",
     "    mov rdi, qword ptr [rbx + 0xD8]",
     "    mov rax, qword ptr [rbx + 0xC0]",
     "    mov dword ptr [rbx + 0xF4], 1", // "I am in long mode"
     "    jmp rax",
     ".org exitscope_ap_trampoline + 0xC0",
-    "    .quad 0",                       // 0xC0: Rust entry
-    "    .quad 0",                       // 0xC8: CR3
-    "    .quad 0",                       // 0xD0: stack top
-    "    .quad 0",                       // 0xD8: argument
+    "    .quad 0", // 0xC0: Rust entry
+    "    .quad 0", // 0xC8: CR3
+    "    .quad 0", // 0xD0: stack top
+    "    .quad 0", // 0xD8: argument
     ".org exitscope_ap_trampoline + 0xE0",
-    "    .word 0x1F",                    // 0xE0: GDT limit
-    "    .long 0",                       // 0xE2: GDT base (patched)
+    "    .word 0x1F", // 0xE0: GDT limit
+    "    .long 0",    // 0xE2: GDT base (patched)
     ".org exitscope_ap_trampoline + 0xF0",
-    "    .long 0",                       // 0xF0: trampoline base
-    "    .long 0",                       // 0xF4: alive flag
+    "    .long 0", // 0xF0: trampoline base
+    "    .long 0", // 0xF4: alive flag
     ".org exitscope_ap_trampoline + 0x100",
-    "    .quad 0",                       // 0x100: null
-    "    .quad 0x00CF9A000000FFFF",      // 0x08: 32-bit code
-    "    .quad 0x00CF92000000FFFF",      // 0x10: data
-    "    .quad 0x00AF9A000000FFFF",      // 0x18: 64-bit code
+    "    .quad 0",                  // 0x100: null
+    "    .quad 0x00CF9A000000FFFF", // 0x08: 32-bit code
+    "    .quad 0x00CF92000000FFFF", // 0x10: data
+    "    .quad 0x00AF9A000000FFFF", // 0x18: 64-bit code
     "exitscope_ap_trampoline_end:",
     ".code64",
 );

@@ -3,8 +3,8 @@
 use crate::acpi::Acpi;
 use crate::options::Options;
 use crate::vmx::caps::Controls;
-use exitscope_stats::{ReasonSet, VcpuCounters};
 use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use exitscope_stats::{ReasonSet, VcpuCounters};
 use spin::Once;
 
 /// Most CPUs Exitscope virtualises. CPUs beyond it (and beyond `cpus=`)
@@ -85,7 +85,12 @@ impl PortWatch {
     /// Every port the I/O bitmap must intercept.
     pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         let pm = |p: Option<u16>| p.into_iter().flat_map(|p| [p, p.wrapping_add(1)]);
-        [0x64u16, 0x92, 0xCF9, 0x8900].into_iter().chain(pm(self.pm1a)).chain(pm(self.pm1b)).chain(self.reset.map(|r| r.0)).chain(self.sleep)
+        [0x64u16, 0x92, 0xCF9, 0x8900]
+            .into_iter()
+            .chain(pm(self.pm1a))
+            .chain(pm(self.pm1b))
+            .chain(self.reset.map(|r| r.0))
+            .chain(self.sleep)
     }
 }
 

@@ -107,11 +107,7 @@ pub fn reset() {
 pub fn stats_leaf(leaf: u32, ecx: u32) -> [u32; 4] {
     let enabled = &state::shared().enabled;
     let live: &[exitscope_stats::VcpuCounters] = state::counters();
-    let a = if BASELINE.lock().is_none() {
-        leaf::answer(leaf, ecx, live, enabled)
-    } else {
-        leaf::answer(leaf, ecx, &current(), enabled)
-    };
+    let a = if BASELINE.lock().is_none() { leaf::answer(leaf, ecx, live, enabled) } else { leaf::answer(leaf, ecx, &current(), enabled) };
     let a = a.unwrap_or_default();
     [a.eax, a.ebx, a.ecx, a.edx]
 }
@@ -199,16 +195,14 @@ pub fn control_leaf(leaf: u32, ecx: u32, vcpu: usize) -> [u32; 4] {
                 None => [0; 4],
             }
         }
-        LEAF_VCPU => {
-            match vcpu_current(ecx as usize) {
-                Some(s) => {
-                    let (ehi, elo) = split(s.total_exits());
-                    let (chi, clo) = split(s.total_cycles());
-                    [elo, chi, clo, ehi]
-                }
-                None => [0; 4],
+        LEAF_VCPU => match vcpu_current(ecx as usize) {
+            Some(s) => {
+                let (ehi, elo) = split(s.total_exits());
+                let (chi, clo) = split(s.total_cycles());
+                [elo, chi, clo, ehi]
             }
-        }
+            None => [0; 4],
+        },
         _ => [0; 4],
     }
 }
@@ -286,10 +280,7 @@ pub fn print_dump(title: &str) {
     let tsc = crate::cpu::rdtsc();
     let c = current();
     let detail = current_detail();
-    let per: Vec<(u64, u64)> = (0..ncpus())
-        .filter_map(vcpu_current)
-        .map(|s| (s.total_exits(), s.total_cycles()))
-        .collect();
+    let per: Vec<(u64, u64)> = (0..ncpus()).filter_map(vcpu_current).map(|s| (s.total_exits(), s.total_cycles())).collect();
     let smi = current_smi_report();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {

@@ -260,10 +260,7 @@ pub struct DetailSnapshot {
 
 impl Default for DetailSnapshot {
     fn default() -> Self {
-        DetailSnapshot {
-            reasons: alloc::vec![ReasonDetail::default(); SLOTS],
-            breakdowns: Default::default(),
-        }
+        DetailSnapshot { reasons: alloc::vec![ReasonDetail::default(); SLOTS], breakdowns: Default::default() }
     }
 }
 

@@ -77,12 +77,7 @@ impl<const N: usize> Write for Buf<N> {
 fn row(w: &mut (impl Write + ?Sized), nr: &str, name: &str, exits: u64, cycles: u64, te: u64, tc: u64) -> fmt::Result {
     let name = if name.len() > NAME_WIDTH { &name[..NAME_WIDTH] } else { name };
     let avg = cycles.checked_div(exits).unwrap_or(0);
-    writeln!(
-        w,
-        "{PREFIX}{nr:>4} {name:<NAME_WIDTH$} {exits:>12} {:>7} {cycles:>16} {:>7} {avg:>10}",
-        Pct(exits, te),
-        Pct(cycles, tc)
-    )
+    writeln!(w, "{PREFIX}{nr:>4} {name:<NAME_WIDTH$} {exits:>12} {:>7} {cycles:>16} {:>7} {avg:>10}", Pct(exits, te), Pct(cycles, tc))
 }
 
 /// System-management interrupts during a run, from MSR_SMI_COUNT (0x34,
@@ -116,11 +111,9 @@ impl fmt::Display for SmiReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             SmiReport::NotCounted => write!(f, "{SMI_LINE}not counted (no MSR_SMI_COUNT)"),
-            SmiReport::Counted { start, end, vcpu } => write!(
-                f,
-                "{SMI_LINE}{} (MSR_SMI_COUNT {start} -> {end} on vCPU {vcpu})",
-                self.smis().unwrap_or(0)
-            ),
+            SmiReport::Counted { start, end, vcpu } => {
+                write!(f, "{SMI_LINE}{} (MSR_SMI_COUNT {start} -> {end} on vCPU {vcpu})", self.smis().unwrap_or(0))
+            }
         }
     }
 }

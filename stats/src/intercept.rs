@@ -89,8 +89,7 @@ pub const MWAIT_REASON: u16 = 36;
 /// hypervisor always watches (CR0.NE and CR4.VMXE; the ports that end the
 /// run; IA32_FEATURE_CONTROL and the VMX capability MSRs).
 pub const BASE_REASONS: ReasonSet = ReasonSet::of(&[
-    2, 3, 4, 9, 10, 11, 12, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30, 31, 32, 33, 41, 48, 49, 50, 53, 55, 76,
-    77,
+    2, 3, 4, 9, 10, 11, 12, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30, 31, 32, 33, 41, 48, 49, 50, 53, 55, 76, 77,
 ]);
 
 impl Class {

@@ -41,8 +41,8 @@
 //! ```
 
 use crate::counters::Snapshot;
-pub use crate::dump::SmiReport;
 use crate::detail::{BreakdownKind, DetailSnapshot, ReasonDetail, HIST_BUCKETS};
+pub use crate::dump::SmiReport;
 use crate::leaf::StatsView;
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
 use crate::timeline::Timeline;
@@ -79,11 +79,9 @@ impl fmt::Display for SmiFields<'_> {
         match self.0 {
             None => Ok(()),
             Some(SmiReport::NotCounted) => f.write_str(",\"smis\":null"),
-            Some(r @ SmiReport::Counted { start, end, vcpu }) => write!(
-                f,
-                ",\"smis\":{},\"smi_count_start\":{start},\"smi_count_end\":{end},\"smi_vcpu\":{vcpu}",
-                r.smis().unwrap_or(0)
-            ),
+            Some(r @ SmiReport::Counted { start, end, vcpu }) => {
+                write!(f, ",\"smis\":{},\"smi_count_start\":{start},\"smi_count_end\":{end},\"smi_vcpu\":{vcpu}", r.smis().unwrap_or(0))
+            }
         }
     }
 }
@@ -239,13 +237,7 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         match d.detail.and_then(|x| x.reasons.get(slot)) {
             Some(r) => l.line(
                 "reason",
-                format_args!(
-                    "{common},\"min\":{},\"max\":{},\"sumsq\":\"{}\",\"hist\":{}",
-                    Opt(r.min),
-                    r.max,
-                    r.sumsq,
-                    Hist(&r.hist)
-                ),
+                format_args!("{common},\"min\":{},\"max\":{},\"sumsq\":\"{}\",\"hist\":{}", Opt(r.min), r.max, r.sumsq, Hist(&r.hist)),
             )?,
             None => l.line("reason", common)?,
         }
@@ -285,14 +277,7 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         }
     }
     let lines = l.n;
-    l.line(
-        "end",
-        format_args!(
-            ",\"total_exits\":{},\"total_cycles\":{},\"lines\":{lines}",
-            d.snap.total_exits(),
-            d.snap.total_cycles()
-        ),
-    )
+    l.line("end", format_args!(",\"total_exits\":{},\"total_cycles\":{},\"lines\":{lines}", d.snap.total_exits(), d.snap.total_cycles()))
 }
 
 // ---------------------------------------------------------------------------
@@ -349,10 +334,9 @@ impl fmt::Display for JsonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             JsonError::NotFound => f.write_str("no complete JSON dump (begin and end lines) found"),
-            JsonError::Schema { line, found } => write!(
-                f,
-                "line {line}: JSON dump schema {found}, but this reader knows schema {SCHEMA_VERSION} only"
-            ),
+            JsonError::Schema { line, found } => {
+                write!(f, "line {line}: JSON dump schema {found}, but this reader knows schema {SCHEMA_VERSION} only")
+            }
             JsonError::BadLine { line, why } => write!(f, "line {line}: malformed JSON dump line: {why}"),
         }
     }
@@ -872,8 +856,8 @@ pub fn parse_last_json(text: &str) -> Result<ParsedJson, JsonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detail::{bucket, VcpuDetail};
     use crate::counters::VcpuCounters;
+    use crate::detail::{bucket, VcpuDetail};
     use std::format;
     use std::string::ToString;
 
@@ -965,7 +949,9 @@ mod tests {
     #[test]
     fn smi_fields_are_optional() {
         let (snap, per, _, _) = sample();
-        let with = |smi: Option<&SmiReport>| write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi });
+        let with = |smi: Option<&SmiReport>| {
+            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi })
+        };
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
         let s = with(Some(&counted));
         assert!(s.lines().next().unwrap().contains(",\"smis\":3,\"smi_count_start\":120,\"smi_count_end\":123,\"smi_vcpu\":0}"), "{s}");
@@ -991,7 +977,8 @@ mod tests {
         assert_eq!(p.snap, snap);
         assert_eq!((p.detail, p.timeline), (None, None));
         // An empty dump is still a dump.
-        let s = write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None, smi: None });
+        let s =
+            write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None, smi: None });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
     }
@@ -1001,8 +988,7 @@ mod tests {
         let (s, snap, ..) = full();
         let mut types = std::collections::BTreeSet::new();
         for l in s.lines() {
-            let v: serde_json::Value = serde_json::from_str(l.strip_prefix(JSON_PREFIX).unwrap())
-                .unwrap_or_else(|e| panic!("{e}: {l}"));
+            let v: serde_json::Value = serde_json::from_str(l.strip_prefix(JSON_PREFIX).unwrap()).unwrap_or_else(|e| panic!("{e}: {l}"));
             assert_eq!(v["schema"], 1, "{l}");
             types.insert(v["type"].as_str().unwrap().to_string());
             match v["type"].as_str().unwrap() {
@@ -1067,7 +1053,15 @@ mod tests {
     #[test]
     fn the_last_complete_dump_wins() {
         let (s, snap, per, ..) = full();
-        let first = write(&JsonDump { title: "first", snap: &Snapshot::default(), per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None });
+        let first = write(&JsonDump {
+            title: "first",
+            snap: &Snapshot::default(),
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+        });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
         assert_eq!(p.snap, snap);
@@ -1128,7 +1122,8 @@ mod tests {
     #[test]
     fn unknown_fields_and_line_types_are_ignored() {
         let (s, snap, ..) = full();
-        let mut lines: Vec<String> = s.lines().map(|l| l.replace("\"type\":\"vcpu\",", "\"type\":\"vcpu\",\"future\":[1.5,-2,{\"x\":null}],")).collect();
+        let mut lines: Vec<String> =
+            s.lines().map(|l| l.replace("\"type\":\"vcpu\",", "\"type\":\"vcpu\",\"future\":[1.5,-2,{\"x\":null}],")).collect();
         // A new line type, counted by the end line like any other.
         lines.insert(1, format!("{JSON_PREFIX}{{\"schema\":1,\"type\":\"future\",\"x\":\"\\u00e9\\ud83d\\ude00\"}}"));
         let end = lines.len() - 1;
@@ -1140,7 +1135,8 @@ mod tests {
 
     #[test]
     fn value_parser() {
-        let v = parse_object(r#"{"a":[1,2,{"b":"x\"\\\/\n\u0041\ud83d\ude00"}],"c":true,"d":null,"e":18446744073709551615,"f":1e3} tail"#).unwrap();
+        let v = parse_object(r#"{"a":[1,2,{"b":"x\"\\\/\n\u0041\ud83d\ude00"}],"c":true,"d":null,"e":18446744073709551615,"f":1e3} tail"#)
+            .unwrap();
         assert_eq!(v.get("c"), Some(&Value::Bool(true)));
         assert_eq!(v.get("d"), Some(&Value::Null));
         assert_eq!(v.get("e"), Some(&Value::Num(u64::MAX)));

@@ -117,7 +117,7 @@ pub fn answer(leaf: u32, ecx: u32, view: &(impl StatsView + ?Sized), enabled: &R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasons::{REASONS, MAX_DEFINED};
+    use crate::reasons::{MAX_DEFINED, REASONS};
 
     /// A view where reason r has r*3+1 exits and (r << 33) | 7 cycles.
     struct Fake;
@@ -245,7 +245,10 @@ mod tests {
 
         /// A snapshot with per-reason counts below 2^31 (no 32-bit wrap).
         fn snapshot() -> impl Strategy<Value = Snapshot> {
-            (proptest::collection::vec(0u64..1 << 20, crate::reasons::SLOTS), proptest::collection::vec(0u64..1 << 40, crate::reasons::SLOTS))
+            (
+                proptest::collection::vec(0u64..1 << 20, crate::reasons::SLOTS),
+                proptest::collection::vec(0u64..1 << 40, crate::reasons::SLOTS),
+            )
                 .prop_map(|(e, c)| {
                     let mut s = Snapshot::default();
                     s.exits.copy_from_slice(&e);

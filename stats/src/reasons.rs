@@ -22,8 +22,7 @@ pub struct Reason {
 }
 
 /// Where [`REASONS`] comes from, printed in dumps and `--help` texts.
-pub const SDM_SOURCE: &str =
-    "Intel SDM Vol. 3 Appendix C (2025 editions), reasons 0-81; ISE MSR_IMM, reasons 84-85";
+pub const SDM_SOURCE: &str = "Intel SDM Vol. 3 Appendix C (2025 editions), reasons 0-81; ISE MSR_IMM, reasons 84-85";
 
 const fn r(number: u16, key: &'static str, name: &'static str) -> Reason {
     Reason { number, key, name }

@@ -253,15 +253,8 @@ struct Timed {
 /// that one process).
 fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
     let before = children_cpu();
-    let out = bochs::run(&bochs::Run {
-        name,
-        iso,
-        cpus: 1,
-        memory_mb: 512,
-        timeout: Duration::from_secs(timeout),
-        echo: false,
-        progress: None,
-    })?;
+    let out =
+        bochs::run(&bochs::Run { name, iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None })?;
     let cpu = children_cpu().saturating_sub(before);
     if out.timed_out {
         return Err(format!("{name}: no end of run within {timeout}s\n{}", out.describe()));
@@ -274,11 +267,7 @@ fn guest_in_bochs(name: &str, hv: &Path, guest: &Path, iters: u64) -> Result<(Gu
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
     let args = format!("iters={iters}");
-    image::grub_iso(
-        &IsoSpec { hypervisor: hv, hv_args: "", guest: Some(guest), guest_args: &args, modules: &[] },
-        &work,
-        &iso,
-    )?;
+    image::grub_iso(&IsoSpec { hypervisor: hv, hv_args: "", guest: Some(guest), guest_args: &args, modules: &[] }, &work, &iso)?;
     let t = run_iso(name, &iso, 120 + iters / 1000)?;
     let g = parse_guest(&t.out.serial).map_err(|e| format!("{name}: {e}\n{}", t.out.describe()))?;
     Ok((g, t))
@@ -513,12 +502,7 @@ fn bench_bochs(o: &Opts) -> Result {
     let path = bench_dir().join("results.json");
     util::write(&path, json)?;
     util::write(&bench_dir().join("results.txt"), &text)?;
-    eprintln!(
-        "xtask: wrote {} (builds {:.0}s, total {:.0}s)",
-        path.display(),
-        built.as_secs_f64(),
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("xtask: wrote {} (builds {:.0}s, total {:.0}s)", path.display(), built.as_secs_f64(), start.elapsed().as_secs_f64());
     if nondeterministic {
         return Err(format!("the benchmark is not deterministic: {determinism}"));
     }
@@ -621,9 +605,10 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 fn reason_label(kind: &str) -> String {
-    REASON_OF.iter().find(|(k, _)| *k == kind).map_or("-".into(), |(_, r)| {
-        format!("{r} {}", exitscope_stats::reasons::name(*r).unwrap_or(""))
-    })
+    REASON_OF
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("-".into(), |(_, r)| format!("{r} {}", exitscope_stats::reasons::name(*r).unwrap_or("")))
 }
 
 fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<(&LinuxRun, &LinuxRun)>, env: &Environment) -> String {
@@ -966,12 +951,7 @@ fn bochs_json(
         jf(t.overhead[1]),
         met(t.overhead[0], 10.0)
     );
-    let _ = writeln!(
-        s,
-        "    \"linux_ticks_ratio\": {{\"value\": {}, \"limit\": 1.10, \"met\": {}}}",
-        jf(t.linux),
-        met(t.linux, 1.10)
-    );
+    let _ = writeln!(s, "    \"linux_ticks_ratio\": {{\"value\": {}, \"limit\": 1.10, \"met\": {}}}", jf(t.linux), met(t.linux, 1.10));
     let _ = writeln!(s, "  }},");
     let _ = writeln!(s, "  \"determinism\": {},", js(determinism));
     let _ = writeln!(s, "  \"elapsed_seconds\": {:.1}", elapsed.as_secs_f64());
@@ -1089,14 +1069,8 @@ fn bench_qemu(o: &Opts) -> Result {
     //    The guest's CLI; HLT ends the run and Exitscope powers off.
     eprintln!("xtask: bench guest under Exitscope under KVM (nested)");
     let module = format!("{} iters={}", guest.display(), o.iters);
-    let (serial, timed_out) = crate::qemu::run_kernel(
-        &art.hypervisor,
-        "",
-        &module,
-        &["-enable-kvm", "-cpu", "host,+vmx", "-smp", "1"],
-        timeout,
-        false,
-    )?;
+    let (serial, timed_out) =
+        crate::qemu::run_kernel(&art.hypervisor, "", &module, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", "1"], timeout, false)?;
     util::write(&runs.join("bench-nested").join("serial.log"), &serial)?;
     if timed_out {
         return Err(format!("the nested run did not end within {}s; serial:\n{serial}", timeout.as_secs()));
@@ -1121,19 +1095,10 @@ fn bench_qemu(o: &Opts) -> Result {
     let mut json_rows = Vec::new();
     for k in KINDS {
         let (a, b) = (kvm.round_trip(k), nested.round_trip(k));
-        let (a, b) = if k == "native" {
-            (kvm.get(k).map(Measure::guest_per_iter), nested.get(k).map(Measure::guest_per_iter))
-        } else {
-            (a, b)
-        };
+        let (a, b) =
+            if k == "native" { (kvm.get(k).map(Measure::guest_per_iter), nested.get(k).map(Measure::guest_per_iter)) } else { (a, b) };
         let hv = nested.get(k).and_then(Measure::hv_per_exit);
-        let skipped: Vec<&str> = kvm
-            .skipped
-            .iter()
-            .chain(&nested.skipped)
-            .filter(|(n, _)| n == k)
-            .map(|(_, w)| w.as_str())
-            .collect();
+        let skipped: Vec<&str> = kvm.skipped.iter().chain(&nested.skipped).filter(|(n, _)| n == k).map(|(_, w)| w.as_str()).collect();
         let _ = writeln!(
             s,
             "  {:<8} {:>14} {:>16} {:>14} {:>14} {:>12}",

@@ -166,7 +166,8 @@ fn bochsrc(r: &Run, boot: Boot, m: &Machine, serial: &Path, serial2: &Path, log:
         mem = r.memory_mb,
         cpus = r.cpus,
         ibm = u8::from(!m.strict_msrs),
-        com1 = if m.no_com1 { "com1: enabled=0\n".to_string() } else { format!("com1: enabled=1, mode=file, dev=\"{}\"\n", serial.display()) },
+        com1 =
+            if m.no_com1 { "com1: enabled=0\n".to_string() } else { format!("com1: enabled=1, mode=file, dev=\"{}\"\n", serial.display()) },
         com2 = if m.com2 { format!("com2: enabled=1, mode=file, dev=\"{}\"\n", serial2.display()) } else { String::new() },
         log = log.display(),
     )

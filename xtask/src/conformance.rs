@@ -275,10 +275,7 @@ impl TestResult {
     /// Whether the test said how it went: SUMMARY, DONE, its vmexit
     /// figure, or a bare PASS/FAIL line (rmap_chain).
     pub fn has_verdict(&self) -> bool {
-        self.summary.is_some()
-            || self.done.is_some()
-            || self.figure.is_some()
-            || self.reports.iter().any(|l| l == "PASS" || l == "FAIL")
+        self.summary.is_some() || self.done.is_some() || self.figure.is_some() || self.reports.iter().any(|l| l == "PASS" || l == "FAIL")
     }
 
     /// The short verdict of a table cell.
@@ -519,7 +516,7 @@ pub fn run_one(s: &Suite, hypervisor: &Path, test: &str, cfg: &Config, cpu_limit
     match cfg {
         Config::Native => native_iso(&flat, &cmdline, &env, &work, &iso)?,
         Config::Exitscope { hv_args, .. } => image::grub_iso(
-            &IsoSpec { hypervisor, hv_args, guest: Some(&flat), guest_args: &cmdline, modules: &[env.clone()] },
+            &IsoSpec { hypervisor, hv_args, guest: Some(&flat), guest_args: &cmdline, modules: std::slice::from_ref(&env) },
             &work,
             &iso,
         )?,
@@ -527,15 +524,7 @@ pub fn run_one(s: &Suite, hypervisor: &Path, test: &str, cfg: &Config, cpu_limit
     // realmode prints its verdict and then halts forever.
     let stop = |text: &str| done_line_complete(text);
     let out = bochs::run_ending(
-        &bochs::Run {
-            name: &name,
-            iso: &iso,
-            cpus: t.cpus,
-            memory_mb: 512,
-            timeout: cpu_limit * 8,
-            echo: false,
-            progress: None,
-        },
+        &bochs::Run { name: &name, iso: &iso, cpus: t.cpus, memory_mb: 512, timeout: cpu_limit * 8, echo: false, progress: None },
         bochs::Boot::Cdrom,
         &bochs::Machine::default(),
         &bochs::Ending { stop: Some(&stop), cpu_limit: Some(cpu_limit) },
@@ -576,7 +565,12 @@ impl FileLock {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         // SAFETY: flock on a descriptor this struct owns.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(format!("cannot lock {}", path.display()));
@@ -698,9 +692,7 @@ pub fn cmd_conformance(args: &[String]) -> Result {
             "--profiles" => profiles = list(&val(a)?),
             "--hv-args" => hv_args = val(a)?,
             "--jobs" => jobs = val(a)?.parse().map_err(|_| "--jobs needs 1 or 2".to_string())?,
-            "--cpu-limit" => {
-                cpu_limit = Duration::from_secs(val(a)?.parse().map_err(|_| "--cpu-limit needs seconds".to_string())?)
-            }
+            "--cpu-limit" => cpu_limit = Duration::from_secs(val(a)?.parse().map_err(|_| "--cpu-limit needs seconds".to_string())?),
             _ => return Err(format!("unknown conformance option '{a}'\n\n{}", crate::USAGE)),
         }
     }
@@ -804,7 +796,8 @@ test_args = \"10000000 `date +%s`\"
         );
         assert!(matches!(&s.end, End::Stopped(w) if w.starts_with("guest stopped: cannot emulate")), "{:?}", s.end);
         // Powering off is the guest's own ending.
-        let p = parse_result("cpuid 10\n[exitscope] guest ended on vCPU 0: guest powered off: Bochs shutdown port (0x8900)\n", "cpuid", false);
+        let p =
+            parse_result("cpuid 10\n[exitscope] guest ended on vCPU 0: guest powered off: Bochs shutdown port (0x8900)\n", "cpuid", false);
         assert_eq!(p.end, End::Ended);
     }
 
@@ -878,7 +871,10 @@ test_args = \"10000000 `date +%s`\"
         assert_eq!(lines[0], "test      native  minimal  kvm-like       all");
         assert_eq!(lines[2], "idt_test  PASS 1  PASS 1   FAIL 1 of 1 *  -");
         assert_eq!(lines[3], "sieve     PASS 1  PASS 1   PASS 1         PASS 1");
-        assert!(t.contains("1 difference(s) from native (*):\n  * idt_test under kvm-like: report line 1: 'FAIL: x' vs native 'PASS: x'"), "{t}");
+        assert!(
+            t.contains("1 difference(s) from native (*):\n  * idt_test under kvm-like: report line 1: 'FAIL: x' vs native 'PASS: x'"),
+            "{t}"
+        );
         let clean = table(&profiles[..1], &rows[1..]);
         assert!(clean.ends_with("no differences from native\n"), "{clean}");
     }

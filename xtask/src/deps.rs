@@ -24,8 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// Makes sure every package is there.
 pub fn ensure() -> Result {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, f)| !std::path::Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, f)| !std::path::Path::new(f).exists()).map(|(p, _)| *p).collect();
     if missing.is_empty() {
         return Ok(());
     }

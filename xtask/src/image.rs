@@ -80,13 +80,13 @@ pub fn mb2_relocatable(image: &[u8]) -> Result<Option<Mb2Relocatable>> {
     let limit = image.len().min(32 * 1024);
     let start = (0..limit.saturating_sub(15))
         .step_by(8)
-        .find(|&i| {
-            le32(image, i) == MB2_HEADER_MAGIC
-                && (0..4).fold(0u32, |s, k| s.wrapping_add(le32(image, i + 4 * k))) == 0
-        })
+        .find(|&i| le32(image, i) == MB2_HEADER_MAGIC && (0..4).fold(0u32, |s, k| s.wrapping_add(le32(image, i + 4 * k))) == 0)
         .ok_or("no multiboot2 header (magic and checksum) in the first 32 KiB")?;
     let len = le32(image, start + 8) as usize;
-    let end = start.checked_add(len).filter(|&e| e <= image.len() && len >= 16).ok_or_else(|| format!("multiboot2 header at {start:#x}: length {len:#x} runs past the file"))?;
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= image.len() && len >= 16)
+        .ok_or_else(|| format!("multiboot2 header at {start:#x}: length {len:#x} runs past the file"))?;
     let mut at = start + 16;
     while at + 8 <= end {
         let ty = u16::from_le_bytes([image[at], image[at + 1]]);
@@ -161,7 +161,10 @@ mod tests {
         let img = image(0x1020, &[(6, vec![]), (10, vec![0x10_0000, 0xFFFF_FFFF, 0x1000, 1])]);
         let tag = mb2_relocatable(&img).unwrap().unwrap();
         // Header at 0x1020 (16 bytes), request tag (20 -> 24 bytes), tag 6 (8).
-        assert_eq!(tag, Mb2Relocatable { offset: 0x1020 + 16 + 24 + 8, min_addr: 0x10_0000, max_addr: 0xFFFF_FFFF, align: 0x1000, preference: 1 });
+        assert_eq!(
+            tag,
+            Mb2Relocatable { offset: 0x1020 + 16 + 24 + 8, min_addr: 0x10_0000, max_addr: 0xFFFF_FFFF, align: 0x1000, preference: 1 }
+        );
         let patched = with_mb2_min_addr(&img, 0x400_0000).unwrap();
         assert_eq!(mb2_relocatable(&patched).unwrap().unwrap(), Mb2Relocatable { min_addr: 0x400_0000, ..tag });
         // Only those four bytes changed.

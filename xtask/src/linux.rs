@@ -27,11 +27,8 @@ pub fn debian_kernel() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let depends = util::output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
-    let pkg = depends
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-        .map(str::to_string);
+    let pkg =
+        depends.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")).find(|p| p.starts_with("linux-image-")).map(str::to_string);
     let pkg = match pkg {
         Some(p) => p,
         None if util::is_root() => {

@@ -17,8 +17,8 @@ mod build;
 mod conformance;
 mod deps;
 mod image;
-mod linux;
 mod lint;
+mod linux;
 mod qemu;
 mod report;
 mod tests;
@@ -54,9 +54,9 @@ commands:
                              give any of them, with the guest options of run:
                              --guest, --guest-args, --kernel, --initrd, --append,
                              --hv-args (the default guest is linux, as for run)
-  test [FILTER]              host unit tests, then the end-to-end tests in Bochs
-                             and QEMU (only those whose name contains FILTER, if given,
-                             or exactly those named with =NAME,NAME...)
+  test [FILTER]              lint, host unit tests, then the end-to-end tests in Bochs
+                             and QEMU; with FILTER only the end-to-end tests whose name
+                             contains it, or exactly those named with =NAME,NAME...
   conformance [options]      kvm-unit-tests (../shared/kvm-unit-tests, built once under
                              target/) natively in Bochs and as Exitscope's guest under
                              each profile; prints one table, differences marked '*'
@@ -213,7 +213,13 @@ fn cmd_run(args: &[String]) -> Result {
         "bochs" => {
             let iso = work.join("exitscope.iso");
             image::grub_iso(
-                &image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: Some(&guest), guest_args: &guest_args, modules: &modules },
+                &image::IsoSpec {
+                    hypervisor: &a.hypervisor,
+                    hv_args: &o.hv_args,
+                    guest: Some(&guest),
+                    guest_args: &guest_args,
+                    modules: &modules,
+                },
                 &work,
                 &iso,
             )?;

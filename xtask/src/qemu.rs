@@ -97,14 +97,8 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
         list += &format!(",{}", m.display());
     }
     let cpus = o.cpus.to_string();
-    let (serial, timed_out) = run_kernel(
-        hv,
-        &o.hv_args,
-        &list,
-        &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus],
-        Duration::from_secs(timeout),
-        true,
-    )?;
+    let (serial, timed_out) =
+        run_kernel(hv, &o.hv_args, &list, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus], Duration::from_secs(timeout), true)?;
     // Keep the serial log, and report on it (a run cut short may still have a dump).
     let log = util::out_dir().join("runs").join("run-qemu").join("serial.log");
     util::write(&log, &serial)?;
@@ -172,9 +166,6 @@ pub fn run_kernel_screen(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&s
     }
     let cells = std::fs::read(&dump).map_err(|e| format!("no screen dump from QEMU ({e}); monitor said:\n{monitor}"))?;
     let _ = std::fs::remove_file(&dump);
-    let rows = cells
-        .chunks(160)
-        .map(|row| row.chunks(2).map(|c| c[0] as char).collect::<String>().trim_end().to_string())
-        .collect();
+    let rows = cells.chunks(160).map(|row| row.chunks(2).map(|c| c[0] as char).collect::<String>().trim_end().to_string()).collect();
     Ok((rows, timed_out))
 }

@@ -210,7 +210,10 @@ impl Data {
                 Some(p) => Err(format!("the JSON dump cannot be read ({p}) and there is no human dump")),
                 None => Ok(None),
             },
-            Err(e) => Err(format!("the human dump cannot be read: {e}{}", json_problem.map(|p| format!("; the JSON dump neither: {p}")).unwrap_or_default())),
+            Err(e) => Err(format!(
+                "the human dump cannot be read: {e}{}",
+                json_problem.map(|p| format!("; the JSON dump neither: {p}")).unwrap_or_default()
+            )),
         }
     }
 }
@@ -390,7 +393,8 @@ impl<'a> Report<'a> {
                 );
             }
             None if d.source == Source::Json => {
-                let _ = writeln!(s, "No timeline in this dump (the hypervisor ran with timeline=off, or stopped before the guest started).");
+                let _ =
+                    writeln!(s, "No timeline in this dump (the hypervisor ran with timeline=off, or stopped before the guest started).");
             }
             None => {}
         }
@@ -490,9 +494,8 @@ fn fonts() -> Result {
     static ONCE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let load = |path: &str, style: FontStyle| -> Result {
-            let bytes = std::fs::read(path).map_err(|e| {
-                format!("cannot read the chart font {path}: {e} (install it with: apt-get install fonts-dejavu-core)")
-            })?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("cannot read the chart font {path}: {e} (install it with: apt-get install fonts-dejavu-core)"))?;
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
             plotters::style::register_font("sans-serif", style, bytes).map_err(|_| format!("{path} is not a usable font"))
         };
@@ -639,7 +642,13 @@ pub fn si(v: f64) -> String {
         return if v.fract() == 0.0 { format!("{v:.0}") } else { format!("{v:.2}") };
     };
     let x = v / d;
-    let s = if x.abs() >= 100.0 { format!("{x:.0}") } else if x.abs() >= 10.0 { format!("{x:.1}") } else { format!("{x:.2}") };
+    let s = if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    };
     let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
     format!("{s}{suffix}")
 }
@@ -714,8 +723,7 @@ impl Chart for Bars {
             r.set_margin(8, 8, 0, 0);
             chart.draw_series(std::iter::once(r)).map_err(e2s)?;
             let at = (*v, SegmentValue::CenterOf(y));
-            let text = EmptyElement::at(at)
-                + Text::new(label.clone(), (8, 0), font(TICK).pos(Pos::new(HPos::Left, VPos::Center)));
+            let text = EmptyElement::at(at) + Text::new(label.clone(), (8, 0), font(TICK).pos(Pos::new(HPos::Left, VPos::Center)));
             chart.draw_series(std::iter::once(text)).map_err(e2s)?;
         }
         Ok(())
@@ -753,7 +761,9 @@ impl Rate {
         let Some(t) = &d.timeline else {
             return Err(match d.source {
                 Source::Human => "no timeline in this log (only the human dump; the JSON dump carries the timeline)".into(),
-                Source::Json => "no timeline in the dump (the hypervisor ran with timeline=off, or stopped before the guest started)".into(),
+                Source::Json => {
+                    "no timeline in the dump (the hypervisor ran with timeline=off, or stopped before the guest started)".into()
+                }
             });
         };
         if t.samples.len() < 2 {
@@ -787,11 +797,8 @@ impl Rate {
         };
         let per = |v: u64| if tsc.is_some() { v as f64 * scale / t.interval as f64 } else { v as f64 };
         let xs: Vec<f64> = deltas.iter().map(|(tsc, _)| (tsc - start) as f64 / scale).collect();
-        let mut series: Vec<(String, RGBColor, Vec<f64>)> = top
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| (slot_label(s), COLORS[i], deltas.iter().map(|(_, dl)| per(dl[s])).collect()))
-            .collect();
+        let mut series: Vec<(String, RGBColor, Vec<f64>)> =
+            top.iter().enumerate().map(|(i, &s)| (slot_label(s), COLORS[i], deltas.iter().map(|(_, dl)| per(dl[s])).collect())).collect();
         if !rest.is_empty() {
             series.push((
                 format!("other ({} reasons)", rest.len()),
@@ -799,11 +806,8 @@ impl Rate {
                 deltas.iter().map(|(_, dl)| per(rest.iter().map(|&s| dl[s]).sum())).collect(),
             ));
         }
-        let doubled = if t.doublings > 0 {
-            format!(", interval doubled {}x to {} ticks", t.doublings, si(t.interval as f64))
-        } else {
-            String::new()
-        };
+        let doubled =
+            if t.doublings > 0 { format!(", interval doubled {}x to {} ticks", t.doublings, si(t.interval as f64)) } else { String::new() };
         Ok(Rate {
             caption: format!("Exit rate over time, stacked by reason ({} samples{doubled})", t.samples.len()),
             x_desc,
@@ -1055,8 +1059,19 @@ mod tests {
         let mut human = String::new();
         dump::write_dump(&mut human, "final (synthetic)", &snap, &per).unwrap();
         let mut js = String::new();
-        write_json_dump(&mut js, &JsonDump { title: "final (synthetic)", snap: &snap, per_vcpu: &per, detail: Some(&det), timeline: Some(&t), tsc: None, smi: None })
-            .unwrap();
+        write_json_dump(
+            &mut js,
+            &JsonDump {
+                title: "final (synthetic)",
+                snap: &snap,
+                per_vcpu: &per,
+                detail: Some(&det),
+                timeline: Some(&t),
+                tsc: None,
+                smi: None,
+            },
+        )
+        .unwrap();
         format!("[    1.0] Linux booting\ntsc: Detected 3499.912 MHz TSC\n{human}{js}reboot\n")
     }
 

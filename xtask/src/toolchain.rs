@@ -56,14 +56,12 @@ pub fn parse_spec(toml: &str) -> Result<Spec> {
 pub fn missing(spec: &Spec, installed_targets: &[&str], installed_components: &[&str]) -> (Vec<String>, Vec<String>) {
     let targets = spec.targets.iter().filter(|t| !installed_targets.contains(&t.as_str())).cloned().collect();
     let has = |c: &str| {
-        installed_components.iter().any(|i| *i == c || i.strip_prefix(c).is_some_and(|rest| rest.starts_with('-') && rest[1..].contains('-')))
+        installed_components
+            .iter()
+            .any(|i| *i == c || i.strip_prefix(c).is_some_and(|rest| rest.starts_with('-') && rest[1..].contains('-')))
     };
-    let components = spec
-        .components
-        .iter()
-        .filter(|c| !(has(c) || c.as_str() == "llvm-tools-preview" && has("llvm-tools")))
-        .cloned()
-        .collect();
+    let components =
+        spec.components.iter().filter(|c| !(has(c) || c.as_str() == "llvm-tools-preview" && has("llvm-tools"))).cloned().collect();
     (targets, components)
 }
 
@@ -137,7 +135,11 @@ profile = "minimal"
         // The machine of the bug: `1.95.0` linked to a stable toolchain that
         // holds only the host target and the minimal profile.
         let s = parse_spec(FILE).unwrap();
-        let (t, c) = missing(&s, &["x86_64-unknown-linux-gnu"], &["cargo-x86_64-unknown-linux-gnu", "rustc-x86_64-unknown-linux-gnu", "rust-std-x86_64-unknown-linux-gnu"]);
+        let (t, c) = missing(
+            &s,
+            &["x86_64-unknown-linux-gnu"],
+            &["cargo-x86_64-unknown-linux-gnu", "rustc-x86_64-unknown-linux-gnu", "rust-std-x86_64-unknown-linux-gnu"],
+        );
         assert_eq!(t, ["x86_64-unknown-none", "x86_64-unknown-linux-musl", "x86_64-unknown-uefi"]);
         assert_eq!(c, ["rust-src", "llvm-tools", "clippy", "rustfmt"]);
     }
@@ -160,7 +162,16 @@ profile = "minimal"
         let (t, c) = missing(&s, &targets, &[comps[0], comps[1], comps[3], comps[4]]);
         assert_eq!((t, c), (vec![], vec!["llvm-tools".to_string()]));
         // `rust-src` must not be taken for `rust-std-...`, nor `rust` for anything.
-        let (_, c) = missing(&s, &targets, &["rust-std-x86_64-unknown-none", "clippy-x86_64-unknown-linux-gnu", "llvm-tools-x86_64-unknown-linux-gnu", "rustfmt-x86_64-unknown-linux-gnu"]);
+        let (_, c) = missing(
+            &s,
+            &targets,
+            &[
+                "rust-std-x86_64-unknown-none",
+                "clippy-x86_64-unknown-linux-gnu",
+                "llvm-tools-x86_64-unknown-linux-gnu",
+                "rustfmt-x86_64-unknown-linux-gnu",
+            ],
+        );
         assert_eq!(c, ["rust-src"]);
     }
 }

@@ -42,12 +42,8 @@ fn read(p: &Path) -> Result<Vec<u8>> {
 /// Writes the boot bundle for `spec` to `out`.
 pub fn write_bundle(spec: &BundleSpec, out: &Path) -> Result {
     let kernel = spec.guest.map(read).transpose()?;
-    let mods: Vec<(String, Vec<u8>)> = spec
-        .modules
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Ok((format!("module{i}"), read(m)?)))
-        .collect::<Result<_>>()?;
+    let mods: Vec<(String, Vec<u8>)> =
+        spec.modules.iter().enumerate().map(|(i, m)| Ok((format!("module{i}"), read(m)?))).collect::<Result<_>>()?;
     let kpart = kernel.as_deref().map(|data| bundle::Part { name: "kernel", cmdline: spec.guest_args, data });
     // Module strings as on the GRUB ISO: the module's name.
     let parts: Vec<bundle::Part> = mods.iter().map(|(n, d)| bundle::Part { name: n, cmdline: n, data: d }).collect();
@@ -92,7 +88,9 @@ pub fn image_builder() -> Result<PathBuf> {
     // The outer cargo (stable, this workspace) must not leak into the nested
     // build: the bootloader's build script runs `cargo install` and needs the
     // nightly cargo and rustc.
-    for v in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTDOC", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+    for v in
+        ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "RUSTDOC", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"]
+    {
         c.env_remove(v);
     }
     util::run(&mut c)?;
@@ -155,9 +153,7 @@ pub fn cmd_image(args: &[String]) -> Result {
             "--uefi" => &mut uefi,
             "--bios" => &mut bios,
             "--iso" => &mut iso,
-            "--cpus" | "--emulator" | "--timeout" => {
-                return Err(format!("{a} is an option of `run`, not of `image`\n\n{}", crate::USAGE))
-            }
+            "--cpus" | "--emulator" | "--timeout" => return Err(format!("{a} is an option of `run`, not of `image`\n\n{}", crate::USAGE)),
             _ => {
                 rest.push(a.clone());
                 continue;
@@ -181,7 +177,13 @@ pub fn cmd_image(args: &[String]) -> Result {
         make_images(&tools, &spec, &work, &Images { uefi: uefi.as_deref(), bios: bios.as_deref() })?;
     }
     if let Some(out) = &iso {
-        let spec = crate::image::IsoSpec { hypervisor: &a.hypervisor, hv_args: &o.hv_args, guest: Some(&guest), guest_args: &guest_args, modules: &modules };
+        let spec = crate::image::IsoSpec {
+            hypervisor: &a.hypervisor,
+            hv_args: &o.hv_args,
+            guest: Some(&guest),
+            guest_args: &guest_args,
+            modules: &modules,
+        };
         crate::image::grub_iso(&spec, &work, out)?;
     }
     for (what, p) in [("UEFI disk image", &uefi), ("BIOS disk image", &bios), ("hybrid GRUB ISO (BIOS and UEFI)", &iso)] {

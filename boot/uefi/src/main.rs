@@ -227,12 +227,7 @@ fn ramdisk_phys(va: u64, len: u64, offset: u64) -> Result<u64, String> {
 fn boot_info(info: &bootloader_api::BootInfo, offset: u64) -> Result<BootInfo, String> {
     let (memory, protocol, preserve) = memory_map(info);
     let api = &info.api_version;
-    let loader_name = Some(format!(
-        "rust-osdev bootloader {}.{}.{}",
-        api.version_major(),
-        api.version_minor(),
-        api.version_patch()
-    ));
+    let loader_name = Some(format!("rust-osdev bootloader {}.{}.{}", api.version_major(), api.version_minor(), api.version_patch()));
     let rsdp = match info.rsdp_addr {
         Optional::Some(a) => Some(RsdpInfo::At(a)),
         Optional::None => None,

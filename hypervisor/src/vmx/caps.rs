@@ -482,9 +482,7 @@ pub fn hide_monitor(c: &Controls) -> bool {
 /// an immediate index, which consult the MSR bitmap too.
 pub fn enabled_reasons(c: &Controls, msr_imm: bool) -> exitscope_stats::ReasonSet {
     use exitscope_stats::ReasonSet;
-    let mut s = ReasonSet::of(&[
-        2, 3, 4, 9, 10, 11, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 33, 41, 48, 49, 50, 53, 55, 76, 77,
-    ]);
+    let mut s = ReasonSet::of(&[2, 3, 4, 9, 10, 11, 13, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 33, 41, 48, 49, 50, 53, 55, 76, 77]);
     // CR0.NE and CR4.VMXE are always owned by the hypervisor.
     s.insert(28);
     debug_assert!(s.union(ReasonSet::of(&[12, 30, 31, 32])) == exitscope_stats::intercept::BASE_REASONS);
@@ -598,7 +596,10 @@ pub mod tests {
         assert_eq!(c.vmcs_revision, 0x2B);
         assert!(c.vpid && c.ept_2m && c.ept_1g);
         assert_eq!(c.cpu2 & (CPU2_EPT | CPU2_UNRESTRICTED | CPU2_VPID), CPU2_EPT | CPU2_UNRESTRICTED | CPU2_VPID);
-        assert_eq!(c.cpu & (CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY), CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY);
+        assert_eq!(
+            c.cpu & (CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY),
+            CPU_HLT | CPU_IO_BITMAPS | CPU_MSR_BITMAPS | CPU_SECONDARY
+        );
         // CR3 load/store exiting are not forced on with the TRUE controls.
         assert_eq!(c.cpu & (CPU_CR3_LOAD | CPU_CR3_STORE), 0);
         assert_eq!(c.cpu & 0x0400_6172, 0x0400_6172);

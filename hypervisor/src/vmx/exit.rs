@@ -37,11 +37,7 @@ pub const fn is_fast_cpuid_leaf(leaf: u32) -> bool {
 #[cfg(feature = "accounting")]
 macro_rules! stub_take_timestamp {
     () => {
-        concat!(
-            "    rdtsc\n",
-            "    mov [rsp + {TSC_EXIT}], eax\n",
-            "    mov [rsp + {TSC_EXIT} + 4], edx\n",
-        )
+        concat!("    rdtsc\n", "    mov [rsp + {TSC_EXIT}], eax\n", "    mov [rsp + {TSC_EXIT} + 4], edx\n",)
     };
 }
 #[cfg(not(feature = "accounting"))]
@@ -402,10 +398,7 @@ fn reflect_machine_check(v: &mut VcpuState) {
             end_guest(v, GuestEnd::Stopped("machine check with the guest's CR4.MCE clear"))
         }
         McDelivery::NotNow => {
-            crate::hvprintln!(
-                "machine check in VMX root mode on CPU {}: not reflected (the vCPU waits for a SIPI or is shut down)",
-                v.id
-            );
+            crate::hvprintln!("machine check in VMX root mode on CPU {}: not reflected (the vCPU waits for a SIPI or is shut down)", v.id);
         }
     }
 }
@@ -546,11 +539,7 @@ pub fn advance(len: u64) {
 // CPUID
 
 /// "ExitscopeVMM", as CPUID 0x40000000 returns it in EBX, ECX, EDX.
-pub const SIGNATURE: [u32; 3] = [
-    u32::from_le_bytes(*b"Exit"),
-    u32::from_le_bytes(*b"scop"),
-    u32::from_le_bytes(*b"eVMM"),
-];
+pub const SIGNATURE: [u32; 3] = [u32::from_le_bytes(*b"Exit"), u32::from_le_bytes(*b"scop"), u32::from_le_bytes(*b"eVMM")];
 /// Version of the hypervisor interface (leaf 0x40000001 EAX).
 pub const INTERFACE_VERSION: u32 = 1;
 /// The range of CPUID leaves reserved for hypervisors, which Exitscope
@@ -598,7 +587,7 @@ pub fn filtered_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
                         r[2] &= !(1 << 3); // MONITOR/MWAIT, intercepted
                     }
                     r[2] |= 1 << 31; // running under a hypervisor
-                    // OSXSAVE mirrors the guest's CR4.OSXSAVE, not the host's.
+                                     // OSXSAVE mirrors the guest's CR4.OSXSAVE, not the host's.
                     r[2] = (r[2] & !(1 << 27)) | (((vmread(guest::CR4) >> 18) & 1) as u32) << 27;
                 }
                 (7, 0) => {
@@ -755,13 +744,7 @@ pub struct IoAccess {
 
 impl IoAccess {
     pub const fn decode(q: u64) -> IoAccess {
-        IoAccess {
-            size: (q & 7) as u8 + 1,
-            input: q & 8 != 0,
-            string: q & 16 != 0,
-            rep: q & 32 != 0,
-            port: (q >> 16) as u16,
-        }
+        IoAccess { size: (q & 7) as u8 + 1, input: q & 8 != 0, string: q & 16 != 0, rep: q & 32 != 0, port: (q >> 16) as u16 }
     }
 }
 
@@ -1042,8 +1025,7 @@ fn write_cr0(v: &mut VcpuState, new: u64) -> bool {
     // EFER.LMA in "IA-32e mode guest" at every exit, and a guest may have
     // switched paging (and so long mode) on or off without an exit.
     let ctls = vmread(control::VMENTRY_CONTROLS) as u32;
-    let Some((efer, ctls)) =
-        long_mode_after_cr0_write(vmread(guest::CR0), new, vmread(guest::CR4), vmread(guest::IA32_EFER_FULL), ctls)
+    let Some((efer, ctls)) = long_mode_after_cr0_write(vmread(guest::CR0), new, vmread(guest::CR4), vmread(guest::IA32_EFER_FULL), ctls)
     else {
         return false;
     };
@@ -1152,7 +1134,9 @@ fn ept_violation(v: &mut VcpuState) {
     if shared().lazy_from != u64::MAX && intercept::lazy_ept(v) {
         return;
     }
-    if super::isolation::ept_violation(v) { return; } // memory outside the guest: isolation.rs
+    if super::isolation::ept_violation(v) {
+        return;
+    } // memory outside the guest: isolation.rs
     let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
     #[cfg(feature = "detailed")]
     v.detail.ept_regions.record(gpa >> 21);
@@ -1315,7 +1299,19 @@ mod tests {
         // Zeros everywhere else in 0x40000000-0x4FFFFFFF (KVM's signature
         // sits at 0x40000100 under QEMU with Hyper-V enlightenments); the
         // statistics and control leaves are answered before this.
-        for leaf in [0x4000_0002, 0x4000_00FF, 0x4000_0100, 0x4000_0101, 0x4000_0200, 0x4000_FFFF, 0x4001_0000, 0x4800_0000, 0x4FFF_FFEF, 0x4FFF_FFF9, 0x4FFF_FFFF] {
+        for leaf in [
+            0x4000_0002,
+            0x4000_00FF,
+            0x4000_0100,
+            0x4000_0101,
+            0x4000_0200,
+            0x4000_FFFF,
+            0x4001_0000,
+            0x4800_0000,
+            0x4FFF_FFEF,
+            0x4FFF_FFF9,
+            0x4FFF_FFFF,
+        ] {
             for sub in [0, 1, 0xFFFF_FFFF] {
                 assert_eq!(filtered_cpuid(leaf, sub), [0; 4], "leaf {leaf:#x} sub {sub:#x}");
             }

@@ -219,7 +219,11 @@ pub fn deliver_irqs(v: &mut VcpuState) {
     // with the vector the PIC has now.
     let pic = {
         let p = crate::pic::PICS.lock();
-        if p.held != 0 && p.owner == v.id { p.deliverable(v.id, pic_masks()) } else { None }
+        if p.held != 0 && p.owner == v.id {
+            p.deliverable(v.id, pic_masks())
+        } else {
+            None
+        }
     };
     if v.irqs.is_empty() && pic.is_none() {
         set_window(v, false);
@@ -361,7 +365,13 @@ pub fn string_io(v: &mut VcpuState, a: IoAccess) {
         (info.addr_bytes(), if a.input { SEG_ES } else { info.seg() })
     } else {
         // No instruction information: the mode's address size and DS.
-        let ab = if long { 8 } else if vmread(guest::CS_ACCESS_RIGHTS) & (1 << 14) != 0 { 4 } else { 2 };
+        let ab = if long {
+            8
+        } else if vmread(guest::CS_ACCESS_RIGHTS) & (1 << 14) != 0 {
+            4
+        } else {
+            2
+        };
         (ab, if a.input { SEG_ES } else { 3 })
     };
     let df = vmread(guest::RFLAGS) & RFLAGS_DF != 0;
@@ -645,7 +655,8 @@ pub fn gdtr_idtr(v: &mut VcpuState) {
     let long = long64();
     let info = InsnInfo(vmread(ro::VMEXIT_INSTRUCTION_INFO) as u32);
     let la = linear(info.seg(), info.effective_address(vmread(ro::EXIT_QUALIFICATION), |r| v.regs.get(r)), long);
-    let (base_f, limit_f) = if info.identity() & 1 != 0 { (guest::IDTR_BASE, guest::IDTR_LIMIT) } else { (guest::GDTR_BASE, guest::GDTR_LIMIT) };
+    let (base_f, limit_f) =
+        if info.identity() & 1 != 0 { (guest::IDTR_BASE, guest::IDTR_LIMIT) } else { (guest::GDTR_BASE, guest::GDTR_LIMIT) };
     let len = if long { 10 } else { 6 };
     let mut b = [0u8; 10];
     let user = cpl() == 3;
@@ -653,7 +664,13 @@ pub fn gdtr_idtr(v: &mut VcpuState) {
         // Store: limit, then the base (32 bits outside 64-bit mode, 24 with
         // a 16-bit operand).
         let base = vmread(base_f);
-        let base = if long { base } else if info.opsize32() { base & 0xFFFF_FFFF } else { base & 0xFF_FFFF };
+        let base = if long {
+            base
+        } else if info.opsize32() {
+            base & 0xFFFF_FFFF
+        } else {
+            base & 0xFF_FFFF
+        };
         b[..2].copy_from_slice(&(vmread(limit_f) as u16).to_le_bytes());
         b[2..].copy_from_slice(&base.to_le_bytes());
         if let Err(f) = write_guest(&paging(), la, &b[..len], user) {
@@ -665,7 +682,13 @@ pub fn gdtr_idtr(v: &mut VcpuState) {
         }
         let limit = u16::from_le_bytes([b[0], b[1]]);
         let base = u64::from_le_bytes(b[2..].try_into().unwrap());
-        let base = if long { base } else if info.opsize32() { base & 0xFFFF_FFFF } else { base & 0xFF_FFFF };
+        let base = if long {
+            base
+        } else if info.opsize32() {
+            base & 0xFFFF_FFFF
+        } else {
+            base & 0xFF_FFFF
+        };
         if !emulate::is_canonical(base) {
             return inject(vector::GP, Some(0));
         }

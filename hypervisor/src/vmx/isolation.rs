@@ -160,7 +160,12 @@ pub enum Outcome {
     /// Emulate: `load` is the destination register and its new value (a
     /// load or XCHG: all-ones of the access width merged into the old
     /// value); `write` says a store was dropped; RIP moves `len` bytes.
-    Emulate { load: Option<(u8, u64)>, write: bool, size: u8, len: u8 },
+    Emulate {
+        load: Option<(u8, u64)>,
+        write: bool,
+        size: u8,
+        len: u8,
+    },
     Stop(StopWhy),
 }
 
@@ -194,14 +199,18 @@ pub fn decide(q: EptQual, decoded: Option<Result<MemAccess, DecodeError>>, reg: 
     };
     // A plain load must not be reported as a write, a plain store not as a
     // read-only access. XCHG reads and writes: either bit is consistent.
-    let consistent = if a.xchg { q.read() || q.write() } else if a.write { q.write() } else { q.read() && !q.write() };
+    let consistent = if a.xchg {
+        q.read() || q.write()
+    } else if a.write {
+        q.write()
+    } else {
+        q.read() && !q.write()
+    };
     if !consistent {
         return Outcome::Stop(StopWhy::Mismatch);
     }
     let load = match a.value {
-        Operand::Reg { index, .. } if !a.write || a.xchg => {
-            Some((index, decode::load_into(reg(index), &a.value, a.size, ones(a.size))))
-        }
+        Operand::Reg { index, .. } if !a.write || a.xchg => Some((index, decode::load_into(reg(index), &a.value, a.size, ones(a.size)))),
         _ => None,
     };
     Outcome::Emulate { load, write: a.write, size: a.size, len: a.len }
@@ -273,12 +282,7 @@ impl PhysMem for GuestView {
 /// The guest's instruction at RIP: up to 15 bytes (fewer if the
 /// instruction ends before an unreadable page), and the decoding mode.
 pub(crate) fn fetch_instruction(view: &GuestView) -> ([u8; 15], usize, decode::CpuMode, u64) {
-    let p = PagingState {
-        cr0: vmread(guest::CR0),
-        cr3: vmread(guest::CR3),
-        cr4: vmread(guest::CR4),
-        efer: vmread(guest::IA32_EFER_FULL),
-    };
+    let p = PagingState { cr0: vmread(guest::CR0), cr3: vmread(guest::CR3), cr4: vmread(guest::CR4), efer: vmread(guest::IA32_EFER_FULL) };
     let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
     let rip = vmread(guest::RIP);
     let linear = if matches!(mode, decode::CpuMode::Long64) { rip } else { vmread(guest::CS_BASE).wrapping_add(rip) };
@@ -385,7 +389,9 @@ fn note(gpa: u64, rip: u64, read: bool, write: bool, size: u8, footprint: (u64, 
             region_name(gpa, footprint)
         );
     } else if n == MAX_REPORTED {
-        crate::hvprintln!("contained: further guest accesses outside guest memory are counted, not printed; a summary follows the guest's end");
+        crate::hvprintln!(
+            "contained: further guest accesses outside guest memory are counted, not printed; a summary follows the guest's end"
+        );
     }
 }
 
@@ -668,18 +674,30 @@ mod tests {
             Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FFFF)), write: false, size: 2, len: 3 }
         );
         // mov al, [rdi]
-        assert_eq!(run(READ, &[0x8A, 0x07], Long64), Outcome::Emulate { load: Some((0, 0x1111_2222_3333_44FF)), write: false, size: 1, len: 2 });
+        assert_eq!(
+            run(READ, &[0x8A, 0x07], Long64),
+            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_44FF)), write: false, size: 1, len: 2 }
+        );
         // mov ah, [rdi]: bits 15:8 of RAX
-        assert_eq!(run(READ, &[0x8A, 0x27], Long64), Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FF00)), write: false, size: 1, len: 2 });
+        assert_eq!(
+            run(READ, &[0x8A, 0x27], Long64),
+            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FF00)), write: false, size: 1, len: 2 }
+        );
         // mov r9d, [rdi]
-        assert_eq!(run(READ, &[0x44, 0x8B, 0x0F], Long64), Outcome::Emulate { load: Some((9, 0xFFFF_FFFF)), write: false, size: 4, len: 3 });
+        assert_eq!(
+            run(READ, &[0x44, 0x8B, 0x0F], Long64),
+            Outcome::Emulate { load: Some((9, 0xFFFF_FFFF)), write: false, size: 4, len: 3 }
+        );
         // 32-bit code: mov eax, [0x1f000000] (A1 moffs32)
         assert_eq!(
             run(READ, &[0xA1, 0x00, 0x00, 0x00, 0x1F], Prot32),
             Outcome::Emulate { load: Some((0, 0xFFFF_FFFF)), write: false, size: 4, len: 5 }
         );
         // Real mode: mov ax, [bx]
-        assert_eq!(run(READ, &[0x8B, 0x07], Real16), Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FFFF)), write: false, size: 2, len: 2 });
+        assert_eq!(
+            run(READ, &[0x8B, 0x07], Real16),
+            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FFFF)), write: false, size: 2, len: 2 }
+        );
     }
 
     #[test]
@@ -759,7 +777,8 @@ mod tests {
     fn a_good_guest_state_passes() {
         assert!(guest_state_problems(&good_state()).is_empty(), "{:?}", guest_state_problems(&good_state()));
         // Unrestricted guest: real mode with paging and protection off.
-        let real = GuestStateSample { cr0: 0x20, efer: 0, rip: 0x7C00, cs_ar: 0x93, tr_ar: 0x8B, entry_ctls: ENTRY_LOAD_EFER, ..good_state() };
+        let real =
+            GuestStateSample { cr0: 0x20, efer: 0, rip: 0x7C00, cs_ar: 0x93, tr_ar: 0x8B, entry_ctls: ENTRY_LOAD_EFER, ..good_state() };
         assert!(guest_state_problems(&real).is_empty(), "{:?}", guest_state_problems(&real));
     }
 

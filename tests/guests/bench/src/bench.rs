@@ -2,9 +2,7 @@
 
 use core::arch::asm;
 
-use exitscope_stats::leaf::{
-    join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_EXITS as FC,
-};
+use exitscope_stats::leaf::{join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_EXITS as FC};
 use exitscope_stats::reasons::REASONS;
 use guest_rt::{catch, cpuid, halt_forever, println, BootInfo};
 
@@ -320,17 +318,9 @@ pub fn main(boot: BootInfo) -> ! {
         let reason = reason_number(kind.reason_key());
         let counting = hv == Hv::Counting;
         // r1..r3, the loop, r4..r6: nothing prints in between.
-        let (t0, x0, e0) = if counting {
-            (total_exits(), reason_cycles(reason), reason_exits(reason))
-        } else {
-            (0, 0, 0)
-        };
+        let (t0, x0, e0) = if counting { (total_exits(), reason_cycles(reason), reason_exits(reason)) } else { (0, 0, 0) };
         let raw = kind.timed(iters);
-        let (x1, e1, t1) = if counting {
-            (reason_cycles(reason), reason_exits(reason), total_exits())
-        } else {
-            (0, 0, 0)
-        };
+        let (x1, e1, t1) = if counting { (reason_cycles(reason), reason_exits(reason), total_exits()) } else { (0, 0, 0) };
         let guest = raw.wrapping_sub(timer) as i64;
         let (exits, cycles, other) = match (counting, leafcost) {
             (true, Some(lc)) => {

@@ -3,8 +3,7 @@
 use crate::ops::{self, FORMS, VMX};
 use core::fmt;
 use exitscope_stats::leaf::{
-    join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD, LEAF_TOTAL_EXITS as FC,
-    UNDEFINED_EDX,
+    join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD, LEAF_TOTAL_EXITS as FC, UNDEFINED_EDX,
 };
 use exitscope_stats::reasons::{self, MAX_DEFINED, REASONS, SLOTS};
 use guest_rt::{cpuid, cpuid_count, println};
@@ -41,8 +40,7 @@ const GP: u8 = 13;
 const LEAF_CONTROL: u32 = 0x4FFF_FFF1;
 
 /// Operation kinds, for the summary.
-const KINDS: [&str; 11] =
-    ["cpuid-stats", "cpuid-b2b", "cpuid-other", "msr", "vmx", "xsetbv", "invd", "port", "hole", "unbacked", "vmcall"];
+const KINDS: [&str; 11] = ["cpuid-stats", "cpuid-b2b", "cpuid-other", "msr", "vmx", "xsetbv", "invd", "port", "hole", "unbacked", "vmcall"];
 
 /// ECX classes of the per-reason leaves.
 const CLASSES: [&str; 7] = ["defined", "undefined-in-table", "above-max", "16-bit", "low16-defined", "top-bit", "random"];
@@ -127,7 +125,9 @@ impl Fuzz {
         };
         let ext = cpuid(0x8000_0000, 0)[0];
         let unbacked = (ext >= 0x8000_0001).then(ops::map_above_4g);
-        unbacked.map(ops::touch_window);
+        if let Some(w) = unbacked {
+            ops::touch_window(w);
+        }
         Fuzz {
             rng: Rng::new(seed),
             ops: 0,
@@ -530,10 +530,7 @@ impl Fuzz {
             }
             (false, Err(GP)) => {}
             (v, r) => {
-                self.mismatch(format_args!(
-                    "XSETBV({xcr:#x}, {value:#x}) gave {r:?}, expected {}",
-                    if v { "success" } else { "#GP" }
-                ));
+                self.mismatch(format_args!("XSETBV({xcr:#x}, {value:#x}) gave {r:?}, expected {}", if v { "success" } else { "#GP" }));
             }
         }
     }

@@ -30,11 +30,9 @@ pub fn main(boot: BootInfo) -> ! {
     let found = map.as_ref().and_then(mmap::find_hole);
     match (&map, found) {
         (None, _) => println!("FUZZ no memory map from the loader"),
-        (Some(m), Some((s, e, how))) => println!(
-            "FUZZ memory map: {} entries; hole {s:#x}-{e:#x} ({} KiB) {how}: the hypervisor's footprint",
-            m.len,
-            (e - s) / 1024
-        ),
+        (Some(m), Some((s, e, how))) => {
+            println!("FUZZ memory map: {} entries; hole {s:#x}-{e:#x} ({} KiB) {how}: the hypervisor's footprint", m.len, (e - s) / 1024)
+        }
         (Some(m), None) => println!("FUZZ memory map: {} entries; no hole found", m.len),
     }
     let hole = found.map(|(s, e, _)| (s, e));
@@ -165,7 +163,9 @@ fn sweep((start, end): (u64, u64), seed: u64) -> ! {
     // (code, data, page tables, stack) before the count starts, so that
     // reason 48 grows by exactly the accesses outside guest memory.
     let above_4g = (cpuid(0x8000_0000, 0)[0] >= 0x8000_0001).then(ops::map_above_4g);
-    above_4g.map(ops::touch_window);
+    if let Some(w) = above_4g {
+        ops::touch_window(w);
+    }
     touch_own_image();
     let ept_before = cpuid(FE, 48)[0];
     let (mut pages, mut accesses, mut reads, mut writes, mut bad, mut unbacked) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);

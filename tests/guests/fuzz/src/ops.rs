@@ -201,7 +201,9 @@ pub fn access(i: usize, m: u64, reg: u64) -> Result<u64, u8> {
                 5 => asm!("mov word ptr [rdi], 0x1234", in("rdi") m, options(nostack)),
                 6 => asm!("mov dword ptr [rdi], 0x12345678", in("rdi") m, options(nostack)),
                 7 => asm!("mov qword ptr [rdi], -2", in("rdi") m, options(nostack)),
-                8 => asm!("mov qword ptr [rdi + rcx*8 + 0x100], r10", in("rdi") m - 0x100 - 24, in("rcx") 3u64, in("r10") r, options(nostack)),
+                8 => {
+                    asm!("mov qword ptr [rdi + rcx*8 + 0x100], r10", in("rdi") m - 0x100 - 24, in("rcx") 3u64, in("r10") r, options(nostack))
+                }
                 9 => asm!("mov al, byte ptr [rdi]", in("rdi") m, inout("rax") r, options(nostack)),
                 10 => asm!("mov ax, word ptr [rdi]", in("rdi") m, inout("rax") r, options(nostack)),
                 11 => asm!("mov eax, dword ptr [rdi]", in("rdi") m, inout("rax") r, options(nostack)),

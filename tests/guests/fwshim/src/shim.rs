@@ -242,7 +242,10 @@ pub fn main(boot: BootInfo) -> ! {
             let w = guest_rt::catch(|| unsafe { guest_rt::wrmsr(MSR_FEATURE_CONTROL, 1) });
             // SAFETY: as above.
             let after = unsafe { guest_rt::rdmsr(MSR_FEATURE_CONTROL) };
-            println!("FWSHIM IA32_FEATURE_CONTROL was {value:#x}: wrote 0x1 (locked, VMX off): {}, now {after:#x}", if w.is_none() { "ok" } else { "faulted" });
+            println!(
+                "FWSHIM IA32_FEATURE_CONTROL was {value:#x}: wrote 0x1 (locked, VMX off): {}, now {after:#x}",
+                if w.is_none() { "ok" } else { "faulted" }
+            );
         }
     }
 

@@ -42,10 +42,8 @@ fn reason(number: u16) -> &'static Reason {
 }
 
 /// Leaves of the hypervisor range that must read all zeros.
-const ZERO_LEAVES: [u32; 10] = [
-    0x4000_0002, 0x4000_00FF, 0x4000_0100, 0x4000_0101, 0x4000_0200, 0x4000_FFFF, 0x4001_0000, 0x4800_0000, 0x4FFF_FFEF,
-    0x4FFF_FFE0,
-];
+const ZERO_LEAVES: [u32; 10] =
+    [0x4000_0002, 0x4000_00FF, 0x4000_0100, 0x4000_0101, 0x4000_0200, 0x4000_FFFF, 0x4001_0000, 0x4800_0000, 0x4FFF_FFEF, 0x4FFF_FFE0];
 
 pub fn hv_range() {
     for leaf in ZERO_LEAVES {
@@ -185,7 +183,10 @@ pub fn cr0_long(cr_reason: &'static Reason) {
     unsafe { asm!("lgdt [{}]", in(reg) &raw const old, options(readonly, nostack)) };
     let efer = unsafe { guest_rt::rdmsr(0xC000_0080) };
     if guest_rt::read_cr0() != cr0 || efer & 0x500 != 0x500 {
-        crate::probe::fail(format_args!("cr0-long: after the round trips CR0 = {:#x} (expected {cr0:#x}), EFER = {efer:#x} (expected LME and LMA)", guest_rt::read_cr0()));
+        crate::probe::fail(format_args!(
+            "cr0-long: after the round trips CR0 = {:#x} (expected {cr0:#x}), EFER = {efer:#x} (expected LME and LMA)",
+            guest_rt::read_cr0()
+        ));
     }
 }
 

@@ -5,8 +5,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use exitscope_stats::intercept::{self, Interception};
 use exitscope_stats::leaf::{
-    join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD,
-    LEAF_TOTAL_EXITS as FC, UNDEFINED_EDX,
+    join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD, LEAF_TOTAL_EXITS as FC, UNDEFINED_EDX,
 };
 use exitscope_stats::reasons::{self, Reason, MAX_DEFINED, REASONS, SLOTS};
 use guest_rt::{cpuid, cpuid_count, halt_forever, print, println, BootInfo};
@@ -86,10 +85,7 @@ impl fmt::Display for Regs {
 fn total_exits(ecx: u32) -> u32 {
     let r = cpuid(FC, ecx);
     if r[1..] != [0, 0, 0] {
-        fail!(
-            "CPUID {FC:#x} (ecx={ecx:#x}): expected ebx=ecx=edx=0, got {}",
-            Regs(r)
-        );
+        fail!("CPUID {FC:#x} (ecx={ecx:#x}): expected ebx=ecx=edx=0, got {}", Regs(r));
     }
     r[0]
 }
@@ -107,12 +103,7 @@ fn total_cycles() -> u64 {
 pub(crate) fn reason_exits(r: &Reason) -> u32 {
     let a = cpuid(FE, r.number.into());
     if a[1..] != [0, 0, 0] {
-        fail!(
-            "CPUID {FE:#x} ecx={} ({}): expected ebx=ecx=edx=0, got {}",
-            r.number,
-            r.name,
-            Regs(a)
-        );
+        fail!("CPUID {FE:#x} ecx={} ({}): expected ebx=ecx=edx=0, got {}", r.number, r.name, Regs(a));
     }
     a[0]
 }
@@ -121,12 +112,7 @@ pub(crate) fn reason_exits(r: &Reason) -> u32 {
 fn reason_cycles(r: &Reason) -> u64 {
     let a = cpuid(FF, r.number.into());
     if a[0] != 0 || a[3] != 0 {
-        fail!(
-            "CPUID {FF:#x} ecx={} ({}): expected eax=edx=0, got {}",
-            r.number,
-            r.name,
-            Regs(a)
-        );
+        fail!("CPUID {FF:#x} ecx={} ({}): expected eax=edx=0, got {}", r.number, r.name, Regs(a));
     }
     join64(a[1], a[2])
 }
@@ -172,11 +158,7 @@ pub(crate) struct Known {
 }
 
 pub fn main(boot: BootInfo) -> ! {
-    println!(
-        "PROBE Exitscope probe guest {} (cmdline \"{}\")",
-        env!("CARGO_PKG_VERSION"),
-        boot.cmdline()
-    );
+    println!("PROBE Exitscope probe guest {} (cmdline \"{}\")", env!("CARGO_PKG_VERSION"), boot.cmdline());
     let iters = match boot.arg_u64("iters") {
         None => DEFAULT_ITERS,
         Some(Ok(n)) if n <= u64::from(u32::MAX) => n as u32,
@@ -234,37 +216,20 @@ fn step1_signature() -> u32 {
     for (chunk, reg) in sig.chunks_exact_mut(4).zip([r[1], r[2], r[3]]) {
         chunk.copy_from_slice(&reg.to_le_bytes());
     }
-    println!(
-        "PROBE cpuid {HV_LEAF:#x}: eax={:#x} signature \"{}\"",
-        r[0],
-        sig.escape_ascii()
-    );
+    println!("PROBE cpuid {HV_LEAF:#x}: eax={:#x} signature \"{}\"", r[0], sig.escape_ascii());
     if &sig != SIGNATURE {
         fail!("not running under Exitscope (no ExitscopeVMM signature at CPUID 0x40000000)");
     }
-    expect_at_least(
-        format_args!("CPUID {HV_LEAF:#x} eax (max hypervisor leaf)"),
-        0x4000_0001,
-        r[0].into(),
-    );
+    expect_at_least(format_args!("CPUID {HV_LEAF:#x} eax (max hypervisor leaf)"), 0x4000_0001, r[0].into());
 
     let l1 = cpuid(1, 0);
     if l1[2] & ECX_HYPERVISOR == 0 {
-        fail!(
-            "CPUID.1:ECX bit 31 (hypervisor present): expected 1, got 0 (ecx={:#x})",
-            l1[2]
-        );
+        fail!("CPUID.1:ECX bit 31 (hypervisor present): expected 1, got 0 (ecx={:#x})", l1[2]);
     }
     if l1[2] & ECX_VMX != 0 {
-        fail!(
-            "CPUID.1:ECX bit 5 (VMX): expected 0, got 1 (ecx={:#x})",
-            l1[2]
-        );
+        fail!("CPUID.1:ECX bit 5 (VMX): expected 0, got 1 (ecx={:#x})", l1[2]);
     }
-    println!(
-        "PROBE signature ok (max leaf {:#x}; CPUID.1:ECX={:#x}: hypervisor=1 vmx=0)",
-        r[0], l1[2]
-    );
+    println!("PROBE signature ok (max leaf {:#x}; CPUID.1:ECX={:#x}: hypervisor=1 vmx=0)", r[0], l1[2]);
     l1[2]
 }
 
@@ -273,31 +238,15 @@ fn step1_signature() -> u32 {
 fn step2_totals(k: &Known) {
     let ran_before = cpuid_count();
     let e = reason_exits(k.cpuid);
-    expect_eq(
-        format_args!(
-            "first FE(10): CPUID exits before it (= CPUIDs the probe ran, none before its entry)"
-        ),
-        ran_before,
-        e.into(),
-    );
+    expect_eq(format_args!("first FE(10): CPUID exits before it (= CPUIDs the probe ran, none before its entry)"), ran_before, e.into());
 
     let t0 = timer_exits();
     let a = total_exits(0);
     let b = total_exits(0);
     let c = total_exits(0xFFFF_FFFF); // ECX is ignored by this leaf
     let slack = timer_exits() - t0;
-    expect_total(
-        format_args!("back-to-back FC reads: difference (a={a}, b={b})"),
-        1,
-        b.wrapping_sub(a).into(),
-        slack,
-    );
-    expect_total(
-        format_args!("FC with ecx=0xffffffff after FC: difference (b={b}, c={c})"),
-        1,
-        c.wrapping_sub(b).into(),
-        slack,
-    );
+    expect_total(format_args!("back-to-back FC reads: difference (a={a}, b={b})"), 1, b.wrapping_sub(a).into(), slack);
+    expect_total(format_args!("FC with ecx=0xffffffff after FC: difference (b={b}, c={c})"), 1, c.wrapping_sub(b).into(), slack);
 
     let d0 = total_cycles();
     let d1 = total_cycles();
@@ -335,17 +284,12 @@ fn step3_cpuid_delta(k: &Known, n: u32) {
         slack,
     );
     expect_eq(
-        format_args!(
-            "FE(10) around {n} CPUID(0) (loop + FE(10) before + FC before + FC after): delta"
-        ),
+        format_args!("FE(10) around {n} CPUID(0) (loop + FE(10) before + FC before + FC after): delta"),
         (n64 + 3) & 0xFFFF_FFFF,
         e1.wrapping_sub(e0).into(),
     );
     expect_at_least(
-        format_args!(
-            "FF(10) around {n} CPUID(0) ({} CPUID exits in between): cycle delta",
-            n64 + 5
-        ),
+        format_args!("FF(10) around {n} CPUID(0) ({} CPUID exits in between): cycle delta", n64 + 5),
         n64 + 5,
         f1.wrapping_sub(f0),
     );
@@ -462,9 +406,7 @@ fn vmcall_unknown(i: u32) -> u64 {
             options(nostack),
         );
     }
-    const NAMES: [&str; 12] = [
-        "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15",
-    ];
+    const NAMES: [&str; 12] = ["rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r12", "r13", "r14", "r15"];
     for ((name, w), got) in NAMES.iter().zip(want).zip(v) {
         if w != got {
             fail!("VMCALL rax=0: {name} changed: expected {w:#x}, got {got:#x}");
@@ -490,9 +432,7 @@ fn step4_exits(k: &Known, leaf1_ecx: u32) -> u32 {
         // Exitscope intercepts reads of it; reading has no side effects.
         let v = unsafe { guest_rt::rdmsr(MSR_FEATURE_CONTROL) };
         if v & FC_LOCK == 0 || v & (FC_VMX_IN_SMX | FC_VMX_OUTSIDE_SMX) != 0 {
-            fail!(
-                "RDMSR IA32_FEATURE_CONTROL: expected bit 0 (lock) = 1 and bits 1, 2 (VMX enable) = 0, got {v:#x}"
-            );
+            fail!("RDMSR IA32_FEATURE_CONTROL: expected bit 0 (lock) = 1 and bits 1, 2 (VMX enable) = 0, got {v:#x}");
         }
     });
 
@@ -539,10 +479,7 @@ fn step4_exits(k: &Known, leaf1_ecx: u32) -> u32 {
         }
     });
     if guest_rt::read_cr0() != cr0 {
-        fail!(
-            "CR0 after the NE flips: expected {cr0:#x}, got {:#x}",
-            guest_rt::read_cr0()
-        );
+        fail!("CR0 after the NE flips: expected {cr0:#x}, got {:#x}", guest_rt::read_cr0());
     }
 
     measure("invd", k.invd, n, 1, |_| {
@@ -574,16 +511,10 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
 
     // Register conventions first.
     if t[1..] != [0, 0, 0] {
-        fail!(
-            "CPUID {FC:#x} after the sweep: expected ebx=ecx=edx=0, got {}",
-            Regs(t)
-        );
+        fail!("CPUID {FC:#x} after the sweep: expected ebx=ecx=edx=0, got {}", Regs(t));
     }
     if d[0] != 0 || d[3] != 0 {
-        fail!(
-            "CPUID {FD:#x} after the sweep: expected eax=edx=0, got {}",
-            Regs(d)
-        );
+        fail!("CPUID {FD:#x} after the sweep: expected eax=edx=0, got {}", Regs(d));
     }
     for r in REASONS.iter() {
         let n = usize::from(r.number);
@@ -601,20 +532,10 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
             continue;
         }
         if fe[n][1..] != [0, 0, 0] {
-            fail!(
-                "CPUID {FE:#x} ecx={} ({}): expected ebx=ecx=edx=0, got {}",
-                r.number,
-                r.name,
-                Regs(fe[n])
-            );
+            fail!("CPUID {FE:#x} ecx={} ({}): expected ebx=ecx=edx=0, got {}", r.number, r.name, Regs(fe[n]));
         }
         if ff[n][0] != 0 || ff[n][3] != 0 {
-            fail!(
-                "CPUID {FF:#x} ecx={} ({}): expected eax=edx=0, got {}",
-                r.number,
-                r.name,
-                Regs(ff[n])
-            );
+            fail!("CPUID {FF:#x} ecx={} ({}): expected eax=edx=0, got {}", r.number, r.name, Regs(ff[n]));
         }
         let (exits, cycles) = (u64::from(fe[n][0]), join64(ff[n][1], ff[n][2]));
         if cycles < exits {
@@ -633,31 +554,22 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
         (ran_before + 2 * pos10) & 0xFFFF_FFFF,
         fe[usize::from(k.cpuid.number)][0].into(),
     );
-    for (r, want) in [
-        (k.vmcall, EXIT_ITERS + crate::machine::EXTRA_VMCALLS.load(Ordering::Relaxed)),
-        (k.invd, EXIT_ITERS),
-        (k.xsetbv, xsetbv_exits),
-    ] {
+    for (r, want) in
+        [(k.vmcall, EXIT_ITERS + crate::machine::EXTRA_VMCALLS.load(Ordering::Relaxed)), (k.invd, EXIT_ITERS), (k.xsetbv, xsetbv_exits)]
+    {
         expect_eq(
-            format_args!(
-                "sweep FE({}) ({}): all such exits are the probe's",
-                r.number, r.key
-            ),
+            format_args!("sweep FE({}) ({}): all such exits are the probe's", r.number, r.key),
             want.into(),
             fe[usize::from(r.number)][0].into(),
         );
     }
 
     // Totals versus sums.
-    let sum_exits = REASONS
-        .iter()
-        .fold(0u32, |s, r| s.wrapping_add(fe[usize::from(r.number)][0]));
+    let sum_exits = REASONS.iter().fold(0u32, |s, r| s.wrapping_add(fe[usize::from(r.number)][0]));
     let unseen = 2 * (REASONS.len() as u64 - pos10); // FE(10), FF(10), and 2 per later reason
     let expected_t = u64::from(sum_exits.wrapping_add(unseen as u32));
     expect_total(
-        format_args!(
-            "FC after the sweep = sum of FE(r) ({sum_exits}) + {unseen} CPUID exits from FE(10) on"
-        ),
+        format_args!("FC after the sweep = sum of FE(r) ({sum_exits}) + {unseen} CPUID exits from FE(10) on"),
         expected_t,
         t[0].into(),
         late_timer,
@@ -671,16 +583,8 @@ fn step5_sweep(k: &Known, xsetbv_exits: u32) {
         };
     }
     let total_cycles = join64(d[1], d[2]);
-    expect_at_least(
-        format_args!("FD after the sweep vs the sum of FF(r)"),
-        sum_cycles,
-        total_cycles,
-    );
-    println!(
-        "PROBE sweep ok ({} reasons: exits {} = {sum_exits} + {unseen}; cycles {total_cycles} >= {sum_cycles})",
-        REASONS.len(),
-        t[0]
-    );
+    expect_at_least(format_args!("FD after the sweep vs the sum of FF(r)"), sum_cycles, total_cycles);
+    println!("PROBE sweep ok ({} reasons: exits {} = {sum_exits} + {unseen}; cycles {total_cycles} >= {sum_cycles})", REASONS.len(), t[0]);
 }
 
 /// Step 6: reason numbers the table does not define, for both leaves.
@@ -694,11 +598,7 @@ fn step6_undefined() {
         for leaf in [FE, FF] {
             let a = cpuid(leaf, n);
             if a != [0, 0, 0, UNDEFINED_EDX] {
-                fail!(
-                    "CPUID {leaf:#x} ecx={n:#x} (undefined reason): expected {}, got {}",
-                    Regs([0, 0, 0, UNDEFINED_EDX]),
-                    Regs(a)
-                );
+                fail!("CPUID {leaf:#x} ecx={n:#x} (undefined reason): expected {}, got {}", Regs([0, 0, 0, UNDEFINED_EDX]), Regs(a));
             }
         }
         count += 1;

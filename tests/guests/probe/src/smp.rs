@@ -71,11 +71,7 @@ impl Config {
             Some("linux") => true,
             Some(v) => fail!("bad smp_start={v:?} (want broadcast or linux)"),
         };
-        Some(Config {
-            cpus,
-            ap_iters,
-            linux,
-        })
+        Some(Config { cpus, ap_iters, linux })
     }
 }
 
@@ -138,10 +134,7 @@ fn linux_targets(bsp: u32, aps: usize, out: &mut [u32; MAX_APS]) -> &'static str
         n += 1;
     }
     if n < aps {
-        fail!(
-            "smp_start=linux: the MADT lists {n} CPU(s) besides the BSP (APIC id {bsp}), smp={} needs {aps}",
-            aps + 1
-        );
+        fail!("smp_start=linux: the MADT lists {n} CPU(s) besides the BSP (APIC id {bsp}), smp={} needs {aps}", aps + 1);
     }
     source
 }
@@ -202,26 +195,15 @@ pub fn run(k: &Known, cfg: Config) {
     GO.store(true, SeqCst);
     let done_spins = DONE_SPINS_BASE + u64::from(iters) * DONE_SPINS_PER_ITER;
     if !wait_until(done_spins, || DONE.load(SeqCst) as usize >= aps) {
-        fail!(
-            "smp: timeout: {} of {aps} APs finished their {iters} CPUIDs after {done_spins} polls",
-            DONE.load(SeqCst)
-        );
+        fail!("smp: timeout: {} of {aps} APs finished their {iters} CPUIDs after {done_spins} polls", DONE.load(SeqCst));
     }
     let fe1 = reason_exits(k.cpuid);
     let ran1 = cpuid_count();
 
     let ap_cpuids = aps as u64 * u64::from(iters);
+    expect_eq(format_args!("smp: CPUIDs counted by the guest between the two FE(10) reads, both included"), ap_cpuids + 2, ran1 - ran0);
     expect_eq(
-        format_args!(
-            "smp: CPUIDs counted by the guest between the two FE(10) reads, both included"
-        ),
-        ap_cpuids + 2,
-        ran1 - ran0,
-    );
-    expect_eq(
-        format_args!(
-            "smp: FE(10) delta ({aps} APs x {iters} CPUID(0) + 1 for the first FE(10) query; FE(10) {fe0} -> {fe1})"
-        ),
+        format_args!("smp: FE(10) delta ({aps} APs x {iters} CPUID(0) + 1 for the first FE(10) query; FE(10) {fe0} -> {fe1})"),
         (ap_cpuids + 1) & 0xFFFF_FFFF,
         fe1.wrapping_sub(fe0).into(),
     );
@@ -229,8 +211,5 @@ pub fn run(k: &Known, cfg: Config) {
     if entered as usize != aps {
         fail!("smp: {entered} APs started, smp={} expects {aps}", cfg.cpus);
     }
-    println!(
-        "PROBE smp cpuid delta ok ({aps} APs x {iters} = {ap_cpuids}; FE(10) {fe0} -> {fe1}, +{})",
-        fe1.wrapping_sub(fe0)
-    );
+    println!("PROBE smp cpuid delta ok ({aps} APs x {iters} = {ap_cpuids}; FE(10) {fe0} -> {fe1}, +{})", fe1.wrapping_sub(fe0));
 }

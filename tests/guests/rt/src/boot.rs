@@ -24,8 +24,7 @@ const MULTIBOOT_HEADER_MAGIC: u32 = 0x1BAD_B002;
 /// a.out kludge address fields are valid).
 const MULTIBOOT_HEADER_FLAGS: u32 = (1 << 1) | (1 << 16);
 /// Makes magic + flags + checksum = 0 (mod 2^32).
-const MULTIBOOT_HEADER_CHECKSUM: u32 =
-    0u32.wrapping_sub(MULTIBOOT_HEADER_MAGIC.wrapping_add(MULTIBOOT_HEADER_FLAGS));
+const MULTIBOOT_HEADER_CHECKSUM: u32 = 0u32.wrapping_sub(MULTIBOOT_HEADER_MAGIC.wrapping_add(MULTIBOOT_HEADER_FLAGS));
 
 /// The 64-bit code selector of the GDT set up by `_start`.
 pub(crate) const KERNEL_CS: u16 = 0x08;
@@ -181,9 +180,7 @@ unsafe extern "C" fn rust_entry(magic: u32, info: u32) -> ! {
     crate::idt::init();
     let boot = crate::multiboot::init(magic, info);
     if !boot.is_multiboot() {
-        crate::println!(
-            "GUEST WARNING: multiboot magic is {magic:#x}, not 0x2badb002; no boot info"
-        );
+        crate::println!("GUEST WARNING: multiboot magic is {magic:#x}, not 0x2badb002; no boot info");
     }
     extern "Rust" {
         // Defined by the guest with `guest_rt::entry!`.

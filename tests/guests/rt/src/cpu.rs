@@ -54,9 +54,7 @@ pub fn cpuid_count() -> u64 {
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller vouches for the MSR; only EAX/EDX are written.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -81,9 +79,7 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
 pub unsafe fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: delegated to the caller.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) };
     v
 }
 
@@ -94,9 +90,7 @@ pub unsafe fn inb(port: u16) -> u8 {
 #[inline]
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: delegated to the caller.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
 }
 
 /// Reads CR0.
@@ -163,9 +157,7 @@ pub unsafe fn write_cr4(value: u64) {
 pub unsafe fn xgetbv(xcr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: delegated to the caller; only EAX/EDX are written.
-    unsafe {
-        asm!("xgetbv", in("ecx") xcr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("xgetbv", in("ecx") xcr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -188,9 +180,7 @@ pub unsafe fn xsetbv(xcr: u32, value: u64) {
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: RDTSC only writes EAX/EDX.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 

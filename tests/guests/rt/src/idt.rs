@@ -154,21 +154,11 @@ struct ExceptionFrame {
 
 /// An uncaught exception: report and halt.
 extern "C" fn fatal_exception(frame: &ExceptionFrame) -> ! {
-    crate::print!(
-        "GUEST EXCEPTION vector={} error={:#x} rip={:#x}",
-        frame.vector,
-        frame.error,
-        frame.rip
-    );
+    crate::print!("GUEST EXCEPTION vector={} error={:#x} rip={:#x}", frame.vector, frame.error, frame.rip);
     if frame.vector == 14 {
         crate::print!(" cr2={:#x}", crate::cpu::read_cr2());
     }
-    crate::println!(
-        " rsp={:#x} rflags={:#x} cs={:#x}",
-        frame.rsp,
-        frame.rflags,
-        frame.cs
-    );
+    crate::println!(" rsp={:#x} rflags={:#x} cs={:#x}", frame.rsp, frame.rflags, frame.cs);
     crate::cpu::halt_forever()
 }
 
@@ -186,15 +176,7 @@ struct Gate {
 }
 
 impl Gate {
-    const MISSING: Gate = Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        attributes: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    };
+    const MISSING: Gate = Gate { offset_low: 0, selector: 0, ist: 0, attributes: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
 
     /// A present, DPL 0, 64-bit interrupt gate to `handler`.
     fn interrupt(handler: u64) -> Gate {
@@ -238,10 +220,7 @@ pub(crate) fn init() {
         limit: u16,
         base: u64,
     }
-    let ptr = Pointer {
-        limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
-        base: gates as u64,
-    };
+    let ptr = Pointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: gates as u64 };
     // SAFETY: `ptr` describes the static IDT filled above, which lives forever.
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }

@@ -86,9 +86,7 @@ fn lapic_read(off: u64) -> u32 {
 fn lapic_write(off: u64, v: u32) {
     // SAFETY: the registers written here (SVR, timer) only shape this CPU's
     // own interrupts.
-    unsafe {
-        core::arch::asm!("mov dword ptr [{p}], {v:e}", p = in(reg) LAPIC + off, v = in(reg) v, options(nostack, preserves_flags))
-    };
+    unsafe { core::arch::asm!("mov dword ptr [{p}], {v:e}", p = in(reg) LAPIC + off, v = in(reg) v, options(nostack, preserves_flags)) };
 }
 
 /// Software-enables the local APIC with spurious vector 0xFF (the APIC

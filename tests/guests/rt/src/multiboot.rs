@@ -35,10 +35,7 @@ pub(crate) fn init(magic: u32, info: u32) -> BootInfo {
 
 /// The boot information (as passed to the guest's main).
 pub fn boot_info() -> BootInfo {
-    BootInfo {
-        magic: MAGIC.load(Ordering::Relaxed),
-        info: INFO.load(Ordering::Relaxed),
-    }
+    BootInfo { magic: MAGIC.load(Ordering::Relaxed), info: INFO.load(Ordering::Relaxed) }
 }
 
 impl BootInfo {

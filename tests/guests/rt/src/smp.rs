@@ -127,24 +127,14 @@ impl fmt::Display for SmpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             SmpError::ApicDisabled(b) => write!(f, "local APIC disabled (IA32_APIC_BASE={b:#x})"),
-            SmpError::X2Apic(b) => write!(
-                f,
-                "local APIC in x2APIC mode (IA32_APIC_BASE={b:#x}); xAPIC MMIO needed"
-            ),
-            SmpError::ApicBase(b) => write!(
-                f,
-                "local APIC page at {:#x}, not {LAPIC_BASE:#x} (IA32_APIC_BASE={b:#x})",
-                b & APIC_BASE_ADDR
-            ),
+            SmpError::X2Apic(b) => write!(f, "local APIC in x2APIC mode (IA32_APIC_BASE={b:#x}); xAPIC MMIO needed"),
+            SmpError::ApicBase(b) => write!(f, "local APIC page at {:#x}, not {LAPIC_BASE:#x} (IA32_APIC_BASE={b:#x})", b & APIC_BASE_ADDR),
             SmpError::Cr3Above4G(c) => write!(f, "CR3 {c:#x} is above 4 GiB"),
             SmpError::BadDestination(id) => {
                 write!(f, "APIC id {id} cannot be an xAPIC destination")
             }
             SmpError::TooManyAps(n) => write!(f, "{n} APs asked for, at most {MAX_APS}"),
-            SmpError::IcrBusy(v) => write!(
-                f,
-                "ICR delivery status still pending after writing ICR low {v:#010x}"
-            ),
+            SmpError::IcrBusy(v) => write!(f, "ICR delivery status still pending after writing ICR low {v:#010x}"),
             SmpError::AlreadyStarted => write!(f, "start_aps called twice"),
         }
     }
@@ -434,11 +424,7 @@ pub fn park() -> ! {
 /// Overwrites physical memory 0..[`trampoline_len`] (the real-mode IVT and
 /// more: nothing guest-rt uses). The APs run `entry` concurrently with the
 /// caller; it must be written for that.
-pub unsafe fn start_aps(
-    method: StartMethod<'_>,
-    entry: extern "C" fn(u32) -> !,
-    max_aps: usize,
-) -> Result<(), SmpError> {
+pub unsafe fn start_aps(method: StartMethod<'_>, entry: extern "C" fn(u32) -> !, max_aps: usize) -> Result<(), SmpError> {
     if max_aps > MAX_APS {
         return Err(SmpError::TooManyAps(max_aps));
     }
@@ -571,16 +557,8 @@ fn find_rsdp() -> Option<u64> {
 fn find_table(sig: &[u8; 4]) -> Option<u64> {
     let rsdp = find_rsdp()?;
     let revision = peek::<1>(rsdp + 15)[0];
-    let xsdt = if revision >= 2 {
-        u64::from_le_bytes(peek(rsdp + 24))
-    } else {
-        0
-    };
-    let (sdt, entry_size) = if xsdt != 0 && xsdt >> 32 == 0 {
-        (xsdt, 8)
-    } else {
-        (u64::from(peek32(rsdp + 16)), 4)
-    };
+    let xsdt = if revision >= 2 { u64::from_le_bytes(peek(rsdp + 24)) } else { 0 };
+    let (sdt, entry_size) = if xsdt != 0 && xsdt >> 32 == 0 { (xsdt, 8) } else { (u64::from(peek32(rsdp + 16)), 4) };
     if sdt == 0 {
         return None;
     }
@@ -590,11 +568,7 @@ fn find_table(sig: &[u8; 4]) -> Option<u64> {
     }
     let mut e = sdt + 36;
     while e + entry_size <= sdt + len {
-        let t = if entry_size == 8 {
-            u64::from_le_bytes(peek(e))
-        } else {
-            u64::from(peek32(e))
-        };
+        let t = if entry_size == 8 { u64::from_le_bytes(peek(e)) } else { u64::from(peek32(e)) };
         if t != 0 && t >> 32 == 0 && &peek::<4>(t) == sig {
             return Some(t);
         }
