@@ -2039,24 +2039,11 @@ fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
 
 /// The kvm-unit-tests `cargo xtask test` runs under each profile, in two
 /// halves of about equal cost so that two workers share them: those of
-/// conformance::DEFAULT_TESTS (issue 14's list less sieve, five minutes of
-/// Bochs CPU per run).
+/// conformance::DEFAULT_TESTS (issue 14's list less sieve and the vmexit
+/// tests, minutes of Bochs CPU per run each).
 const KUT_HALVES: [&[&str]; 2] = [
-    &[
-        "setjmp",
-        "tsc",
-        "tsc_adjust",
-        "memory",
-        "syscall",
-        "xsave",
-        "umip",
-        "smap",
-        "pcid-enabled",
-        "rmap_chain",
-        "vmexit_cpuid",
-        "vmexit_mov_from_cr8",
-    ],
-    &["eventinj", "access", "smptest", "smptest3", "vmexit_mov_to_cr8", "vmexit_inl_pmtimer", "idt_test", "realmode", "hypercall"],
+    &["setjmp", "tsc", "tsc_adjust", "memory", "syscall", "xsave", "umip", "smap", "pcid-enabled", "rmap_chain"],
+    &["eventinj", "access", "smptest", "smptest3", "idt_test", "realmode", "hypercall"],
 ];
 
 fn kut_minimal_1(ctx: &Ctx) -> Result {
