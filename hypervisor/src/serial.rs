@@ -188,6 +188,10 @@ impl Uart {
             self.write(SCR, v);
             scratch[i] = self.read(SCR);
         }
+        // A UART still sending what the boot loader wrote last has THRE
+        // clear for a while: give it time (bounded; a missing UART reads
+        // all-ones at once) before judging.
+        crate::tsc::spin_until(20_000, || self.read(LSR) & LSR_THRE != 0);
         answers(scratch, self.read(LSR))
     }
 
