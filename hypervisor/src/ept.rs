@@ -314,13 +314,15 @@ pub const fn eptp(root: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use guest_loader::memmap::Region;
     use std::boxed::Box;
     use std::vec;
 
-    struct HostTables(Vec<Box<[u64; 512]>>);
+    /// Page tables in host memory for tests: the table at index i has the
+    /// address (i + 1) * 4 KiB (memory.rs's tests build the host map with it).
+    pub(crate) struct HostTables(pub(crate) Vec<Box<[u64; 512]>>);
     impl Tables for HostTables {
         type Error = ();
         fn alloc(&mut self) -> Result<u64, ()> {

@@ -491,22 +491,9 @@ pub fn relocate(new_base: u64, plan: &MemoryPlan, phys_limit: u64, huge_pages: b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ept::{self, Tables};
+    use crate::ept::{self, tests::HostTables, Tables};
     use guest_loader::memmap::{MemKind, MemoryMap, Region};
-    use std::boxed::Box;
     use std::vec::Vec;
-
-    struct HostTables(Vec<Box<[u64; 512]>>);
-    impl Tables for HostTables {
-        type Error = ();
-        fn alloc(&mut self) -> Result<u64, ()> {
-            self.0.push(Box::new([0; 512]));
-            Ok(self.0.len() as u64 * PAGE as u64)
-        }
-        fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-            &mut self.0[pa as usize / PAGE - 1]
-        }
-    }
 
     /// Translates `va` through the 4-level tables at `pml4` as the CPU
     /// would: (physical address, page size, writable).
