@@ -660,17 +660,20 @@ pub fn gdtr_idtr(v: &mut VcpuState) {
     let len = if long { 10 } else { 6 };
     let mut b = [0u8; 10];
     let user = cpl() == 3;
-    if info.identity() < 2 {
-        // Store: limit, then the base (32 bits outside 64-bit mode, 24 with
-        // a 16-bit operand).
-        let base = vmread(base_f);
-        let base = if long {
+    // The base as the instruction sees it: 32 bits outside 64-bit mode, 24
+    // with a 16-bit operand.
+    let operand_base = |base: u64| {
+        if long {
             base
         } else if info.opsize32() {
             base & 0xFFFF_FFFF
         } else {
             base & 0xFF_FFFF
-        };
+        }
+    };
+    if info.identity() < 2 {
+        // Store: limit, then the base.
+        let base = operand_base(vmread(base_f));
         b[..2].copy_from_slice(&(vmread(limit_f) as u16).to_le_bytes());
         b[2..].copy_from_slice(&base.to_le_bytes());
         if let Err(f) = write_guest(&paging(), la, &b[..len], user) {
@@ -681,14 +684,7 @@ pub fn gdtr_idtr(v: &mut VcpuState) {
             return raise(v, f);
         }
         let limit = u16::from_le_bytes([b[0], b[1]]);
-        let base = u64::from_le_bytes(b[2..].try_into().unwrap());
-        let base = if long {
-            base
-        } else if info.opsize32() {
-            base & 0xFFFF_FFFF
-        } else {
-            base & 0xFF_FFFF
-        };
+        let base = operand_base(u64::from_le_bytes(b[2..].try_into().unwrap()));
         if !emulate::is_canonical(base) {
             return inject(vector::GP, Some(0));
         }
