@@ -253,8 +253,15 @@ struct Timed {
 /// that one process).
 fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
     let before = children_cpu();
-    let out =
-        bochs::run(&bochs::Run { name, iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None })?;
+    let out = bochs::run(&bochs::Run {
+        name,
+        iso,
+        cpus: 1,
+        memory_mb: 512,
+        timeout: Duration::from_secs(timeout),
+        echo: bochs::Echo::Off,
+        progress: None,
+    })?;
     let cpu = children_cpu().saturating_sub(before);
     if out.timed_out {
         return Err(format!("{name}: no end of run within {timeout}s\n{}", out.describe()));
@@ -1057,7 +1064,7 @@ fn bench_qemu(o: &Opts) -> Result {
         "",
         &["-enable-kvm", "-cpu", "host", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
         timeout,
-        false,
+        crate::bochs::Echo::Off,
     )?;
     util::write(&runs.join("bench-kvm").join("serial.log"), &serial)?;
     if timed_out {
@@ -1069,8 +1076,14 @@ fn bench_qemu(o: &Opts) -> Result {
     //    The guest's CLI; HLT ends the run and Exitscope powers off.
     eprintln!("xtask: bench guest under Exitscope under KVM (nested)");
     let module = format!("{} iters={}", guest.display(), o.iters);
-    let (serial, timed_out) =
-        crate::qemu::run_kernel(&art.hypervisor, "", &module, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", "1"], timeout, false)?;
+    let (serial, timed_out) = crate::qemu::run_kernel(
+        &art.hypervisor,
+        "",
+        &module,
+        &["-enable-kvm", "-cpu", "host,+vmx", "-smp", "1"],
+        timeout,
+        crate::bochs::Echo::Off,
+    )?;
     util::write(&runs.join("bench-nested").join("serial.log"), &serial)?;
     if timed_out {
         return Err(format!("the nested run did not end within {}s; serial:\n{serial}", timeout.as_secs()));

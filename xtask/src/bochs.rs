@@ -2,7 +2,7 @@
 //! serial markers.
 
 use crate::util::{self, Result};
-use std::io::Read;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,10 +16,49 @@ pub struct Run<'a> {
     pub cpus: u32,
     pub memory_mb: u32,
     pub timeout: Duration,
-    /// Copy the serial console to stdout as it arrives.
-    pub echo: bool,
+    /// What of the serial console to copy to stdout as it arrives.
+    pub echo: Echo,
     /// Print a progress line this often while waiting (None: never).
     pub progress: Option<Duration>,
+}
+
+/// What a run copies of its serial console to the terminal (`serial.log`
+/// always keeps everything).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// Nothing (the tests).
+    Off,
+    /// Every line but the hypervisor's `[exitscope-json]` lines (hundreds
+    /// per Linux run), with a one-line progress indicator.
+    Human,
+    /// Every line (`cargo xtask run --verbose`).
+    All,
+}
+
+/// The JSON lines of the dump, which `Echo::Human` keeps off the terminal.
+pub const JSON_MARKER: &str = "[exitscope-json]";
+
+impl Echo {
+    /// Whether a serial line (without its newline) goes to the terminal.
+    pub fn shows(self, line: &str) -> bool {
+        match self {
+            Echo::Off => false,
+            Echo::Human => !line.contains(JSON_MARKER),
+            Echo::All => true,
+        }
+    }
+}
+
+/// The progress indicator of an echoing run: elapsed Bochs seconds, the
+/// JSON lines kept out of the terminal so far, and the last serial line,
+/// cut to fit one line.
+pub fn progress_line(secs: u64, hidden_json: usize, last: &str) -> String {
+    let last: String = last.trim().chars().take(80).collect();
+    if hidden_json == 0 {
+        format!("xtask: [{secs:>4}s in Bochs] {last}")
+    } else {
+        format!("xtask: [{secs:>4}s in Bochs, {hidden_json} JSON lines in serial.log] {last}")
+    }
 }
 
 /// How Bochs boots `Run::iso`.
@@ -260,17 +299,33 @@ pub fn run_ending(r: &Run, boot: Boot, m: &Machine, end: &Ending) -> Result<Outc
     let mut partial = String::new();
     let mut last_progress = Instant::now();
     let mut timed_out = false;
+    // Lines kept off the terminal; whether a progress line is on screen
+    // (on a terminal it is rewritten in place, elsewhere printed as lines).
+    let mut hidden = 0usize;
+    let mut progress_shown = false;
+    let tty = std::io::stderr().is_terminal();
     let status = loop {
         let mut buf = Vec::new();
         let _ = file.read_to_end(&mut buf);
         if !buf.is_empty() {
             let s = String::from_utf8_lossy(&buf);
             text.push_str(&s);
-            if r.echo {
+            if r.echo != Echo::Off {
                 partial.push_str(&s);
                 while let Some(i) = partial.find('\n') {
                     let line: String = partial.drain(..=i).collect();
-                    print!("{}", line.replace('\r', ""));
+                    let line = line.replace('\r', "");
+                    if r.echo.shows(line.trim_end()) {
+                        if progress_shown {
+                            // The progress line is overwritten in place.
+                            eprint!("\r\x1b[K");
+                            progress_shown = false;
+                        }
+                        print!("{line}");
+                        let _ = std::io::stdout().flush();
+                    } else {
+                        hidden += 1;
+                    }
                 }
             }
         }
@@ -290,9 +345,14 @@ pub fn run_ending(r: &Run, boot: Boot, m: &Machine, end: &Ending) -> Result<Outc
         if let Some(p) = r.progress {
             if last_progress.elapsed() >= p {
                 last_progress = Instant::now();
-                let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-                let last: String = last.chars().take(90).collect();
-                eprintln!("xtask: [{:>4}s in Bochs] {}", start.elapsed().as_secs(), last.trim());
+                let last = text.lines().rev().find(|l| !l.trim().is_empty() && r.echo.shows(l)).unwrap_or("");
+                let line = progress_line(start.elapsed().as_secs(), hidden, last);
+                if tty {
+                    eprint!("\r\x1b[K{line}");
+                    progress_shown = true;
+                } else {
+                    eprintln!("{line}");
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -301,10 +361,48 @@ pub fn run_ending(r: &Run, boot: Boot, m: &Machine, end: &Ending) -> Result<Outc
     let _ = file.read_to_end(&mut buf);
     let s = String::from_utf8_lossy(&buf);
     text.push_str(&s);
-    if r.echo {
+    if r.echo != Echo::Off {
+        if progress_shown {
+            eprintln!();
+        }
         partial.push_str(&s);
-        print!("{}", partial.replace('\r', ""));
+        for line in partial.replace('\r', "").split_inclusive('\n') {
+            if r.echo.shows(line.trim_end()) {
+                print!("{line}");
+            } else {
+                hidden += 1;
+            }
+        }
+        if r.echo == Echo::Human && hidden > 0 {
+            eprintln!("xtask: {hidden} [exitscope-json] lines are in serial.log only (--verbose shows them)");
+        }
     }
     let serial2 = std::fs::read(&serial2).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
     Ok(Outcome { serial: text.replace('\r', ""), serial2, timed_out, exit_code: status.and_then(|s| s.code()), wall: start.elapsed(), dir })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quiet_console_keeps_json_lines_off_the_terminal() {
+        let json = "[exitscope-json] {\"schema\":2,\"kind\":\"reason\"}";
+        let human = "[exitscope] ==== exit statistics: final ====";
+        let linux = "[    0.000000] Linux version 6.1.0";
+        assert!(!Echo::Human.shows(json));
+        assert!(Echo::Human.shows(human) && Echo::Human.shows(linux) && Echo::Human.shows(""));
+        assert!(Echo::All.shows(json) && Echo::All.shows(human));
+        assert!(!Echo::Off.shows(human) && !Echo::Off.shows(json));
+    }
+
+    #[test]
+    fn the_progress_line_is_one_line() {
+        let l = progress_line(12, 0, "  INIT: userspace reached\n");
+        assert_eq!(l, "xtask: [  12s in Bochs] INIT: userspace reached");
+        let long = "x".repeat(500);
+        let l = progress_line(300, 345, &long);
+        assert!(l.starts_with("xtask: [ 300s in Bochs, 345 JSON lines in serial.log] "));
+        assert!(!l.contains('\n') && l.len() < 140, "{l}");
+    }
 }

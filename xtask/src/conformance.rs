@@ -544,7 +544,15 @@ pub fn run_one(s: &Suite, hypervisor: &Path, test: &str, cfg: &Config, cpu_limit
     // realmode prints its verdict and then halts forever.
     let stop = |text: &str| done_line_complete(text);
     let out = bochs::run_ending(
-        &bochs::Run { name: &name, iso: &iso, cpus: t.cpus, memory_mb: 512, timeout: cpu_limit * 8, echo: false, progress: None },
+        &bochs::Run {
+            name: &name,
+            iso: &iso,
+            cpus: t.cpus,
+            memory_mb: 512,
+            timeout: cpu_limit * 8,
+            echo: bochs::Echo::Off,
+            progress: None,
+        },
         bochs::Boot::Cdrom,
         &bochs::Machine::default(),
         &bochs::Ending { stop: Some(&stop), cpu_limit: Some(cpu_limit) },

@@ -47,6 +47,8 @@ commands:
       --cpus N               CPUs (default 1)
       --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)
       --timeout SECS         give up after this long (default 120, Linux 900)
+      --verbose              show the [exitscope-json] lines on the terminal too
+                             (serial.log always has them)
   image [options]            write bootable images for a USB stick (or a CD)
       --uefi OUT.img         UEFI disk image: rust-osdev bootloader, GPT
       --bios OUT.img         legacy BIOS disk image: rust-osdev bootloader, MBR
@@ -130,6 +132,19 @@ pub struct RunOpts {
     pub cpus: u32,
     pub emulator: String,
     pub timeout: Option<u64>,
+    /// Echo the `[exitscope-json]` lines too.
+    pub verbose: bool,
+}
+
+impl RunOpts {
+    /// What the run shows of the serial console.
+    pub fn echo(&self) -> bochs::Echo {
+        if self.verbose {
+            bochs::Echo::All
+        } else {
+            bochs::Echo::Human
+        }
+    }
 }
 
 fn parse_run(args: &[String]) -> Result<RunOpts> {
@@ -143,6 +158,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
         cpus: 1,
         emulator: "bochs".into(),
         timeout: None,
+        verbose: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -156,6 +172,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
             "--hv-args" => o.hv_args = val(a)?,
             "--cpus" => o.cpus = val(a)?.parse().map_err(|_| "--cpus needs a number".to_string())?,
             "--emulator" => o.emulator = val(a)?,
+            "--verbose" => o.verbose = true,
             "--timeout" => o.timeout = Some(val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?),
             _ => return Err(format!("unknown run option '{a}'\n\n{USAGE}")),
         }
@@ -236,7 +253,7 @@ fn cmd_run(args: &[String]) -> Result {
                 cpus: o.cpus,
                 memory_mb: 512,
                 timeout: Duration::from_secs(timeout),
-                echo: true,
+                echo: o.echo(),
                 progress: Some(Duration::from_secs(10)),
             })?;
             // The report comes first: a run cut short may still have a dump.
@@ -249,5 +266,17 @@ fn cmd_run(args: &[String]) -> Result {
         }
         "qemu" => qemu::run_kvm(&a.hypervisor, &guest, &guest_args, &modules, &o, timeout),
         e => Err(format!("unknown emulator '{e}' (bochs or qemu)")),
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+
+    #[test]
+    fn run_is_quiet_unless_verbose() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(parse_run(&args(&[])).unwrap().echo(), bochs::Echo::Human);
+        assert_eq!(parse_run(&args(&["--guest", "probe", "--verbose"])).unwrap().echo(), bochs::Echo::All);
     }
 }

@@ -1,6 +1,7 @@
 //! QEMU: software emulation (no VMX: Exitscope must refuse cleanly) and
 //! KVM with nested VT-x (real hardware VMX).
 
+use crate::bochs::Echo;
 use crate::util::{self, Result};
 use crate::RunOpts;
 use std::path::Path;
@@ -24,7 +25,7 @@ pub fn kvm_unavailable() -> Option<String> {
 }
 
 /// Runs QEMU with `-kernel` (multiboot1) and returns the serial output.
-pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], timeout: Duration, echo: bool) -> Result<(String, bool)> {
+pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], timeout: Duration, echo: Echo) -> Result<(String, bool)> {
     let mut c = Command::new("qemu-system-x86_64");
     c.arg("-kernel").arg(kernel).args(["-append", hv_args]);
     if !initrd.is_empty() {
@@ -37,13 +38,13 @@ pub fn run_kernel(kernel: &Path, hv_args: &str, initrd: &str, extra: &[&str], ti
 /// Runs QEMU with `args` (besides the common ones: 512 MiB, serial on
 /// stdio, no display, no reboot) and returns the serial output and whether
 /// it timed out.
-pub fn run_args(args: &[String], timeout: Duration, echo: bool) -> Result<(String, bool)> {
+pub fn run_args(args: &[String], timeout: Duration, echo: Echo) -> Result<(String, bool)> {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(args);
     run(c, timeout, echo)
 }
 
-fn run(mut c: Command, timeout: Duration, echo: bool) -> Result<(String, bool)> {
+fn run(mut c: Command, timeout: Duration, echo: Echo) -> Result<(String, bool)> {
     c.args(["-m", "512", "-serial", "stdio", "-display", "none", "-no-reboot", "-monitor", "none"]);
     c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().map_err(|e| format!("cannot start qemu: {e}"))?;
@@ -51,19 +52,34 @@ fn run(mut c: Command, timeout: Duration, echo: bool) -> Result<(String, bool)> 
     let mut out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         use std::io::Read;
+        use std::io::Write;
         let mut s = Vec::new();
         let mut buf = [0u8; 4096];
+        // Where the next line to echo starts in `s`.
+        let mut echoed = 0;
+        let mut hidden = 0usize;
         loop {
             match out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if echo {
-                        use std::io::Write;
-                        let _ = std::io::stdout().write_all(&buf[..n]);
-                    }
                     s.extend_from_slice(&buf[..n]);
+                    while let Some(i) = s[echoed..].iter().position(|&b| b == b'\n') {
+                        let line = &s[echoed..echoed + i + 1];
+                        if echo.shows(String::from_utf8_lossy(line).trim_end()) {
+                            let _ = std::io::stdout().write_all(line);
+                        } else if echo != Echo::Off {
+                            hidden += 1;
+                        }
+                        echoed += i + 1;
+                    }
                 }
             }
+        }
+        if echo.shows(String::from_utf8_lossy(&s[echoed..]).trim_end()) {
+            let _ = std::io::stdout().write_all(&s[echoed..]);
+        }
+        if echo == Echo::Human && hidden > 0 {
+            eprintln!("xtask: {hidden} [exitscope-json] lines are in serial.log only (--verbose shows them)");
         }
         String::from_utf8_lossy(&s).replace('\r', "")
     });
@@ -98,7 +114,7 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
     }
     let cpus = o.cpus.to_string();
     let (serial, timed_out) =
-        run_kernel(hv, &o.hv_args, &list, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus], Duration::from_secs(timeout), true)?;
+        run_kernel(hv, &o.hv_args, &list, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", &cpus], Duration::from_secs(timeout), o.echo())?;
     // Keep the serial log, and report on it (a run cut short may still have a dump).
     let log = util::out_dir().join("runs").join("run-qemu").join("serial.log");
     util::write(&log, &serial)?;

@@ -198,7 +198,15 @@ pub fn bochs_run(name: &str, spec: &IsoSpec, cpus: u32, timeout: u64) -> Result<
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
     image::grub_iso(spec, &work, &iso)?;
-    bochs::run(&bochs::Run { name, iso: &iso, cpus, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None })
+    bochs::run(&bochs::Run {
+        name,
+        iso: &iso,
+        cpus,
+        memory_mb: 512,
+        timeout: Duration::from_secs(timeout),
+        echo: bochs::Echo::Off,
+        progress: None,
+    })
 }
 
 pub fn require(out: &bochs::Outcome, marker: &str) -> Result {
@@ -483,7 +491,8 @@ fn probe_deterministic(ctx: &Ctx) -> Result {
 /// and power the machine off, not hang or triple-fault.
 fn qemu_no_vmx(ctx: &Ctx) -> Result {
     let module = format!("{} ", ctx.art.guest("probe").display());
-    let (serial, timed_out) = crate::qemu::run_kernel(&ctx.art.hypervisor, "", &module, &["-cpu", "max"], Duration::from_secs(60), false)?;
+    let (serial, timed_out) =
+        crate::qemu::run_kernel(&ctx.art.hypervisor, "", &module, &["-cpu", "max"], Duration::from_secs(60), bochs::Echo::Off)?;
     if timed_out {
         return Err(format!("QEMU did not power off within 60s; serial:\n{serial}"));
     }
@@ -852,7 +861,15 @@ fn bochs_disk_run(ctx: &Ctx, name: &str, spec: &crate::uefi::BundleSpec, boot: b
     };
     crate::uefi::make_images(tools, spec, &work, &images)?;
     bochs::run_with(
-        &bochs::Run { name, iso: &img, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None },
+        &bochs::Run {
+            name,
+            iso: &img,
+            cpus: 1,
+            memory_mb: 512,
+            timeout: Duration::from_secs(timeout),
+            echo: bochs::Echo::Off,
+            progress: None,
+        },
         boot,
     )
 }
@@ -863,7 +880,7 @@ fn bochs_disk_run(ctx: &Ctx, name: &str, spec: &crate::uefi::BundleSpec, boot: b
 fn qemu_expect_no_vmx(what: &str, log: &std::path::Path, args: &[String], protocol: &str, extra: &[&str]) -> Result {
     let mut all: Vec<String> = vec!["-cpu".into(), "max".into()];
     all.extend_from_slice(args);
-    let (serial, timed_out) = crate::qemu::run_args(&all, Duration::from_secs(120), false)?;
+    let (serial, timed_out) = crate::qemu::run_args(&all, Duration::from_secs(120), bochs::Echo::Off)?;
     util::write(log, &serial)?;
     if timed_out {
         return Err(format!("{what}: QEMU did not power off within 120s; serial:\n{serial}"));
@@ -1018,7 +1035,7 @@ fn bios_image_bad_bundle(ctx: &Ctx) -> Result {
     util::write(&junk, b"this is not a boot bundle\n".repeat(200))?;
     crate::uefi::images_with_ramdisk(tools, &junk, &crate::uefi::Images { uefi: None, bios: Some(&img) })?;
     let out = bochs::run_with(
-        &bochs::Run { name, iso: &img, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(120), echo: false, progress: None },
+        &bochs::Run { name, iso: &img, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(120), echo: bochs::Echo::Off, progress: None },
         bochs::Boot::BiosDisk,
     )?;
     require(&out, "[exitscope] FATAL: bad boot bundle in the ramdisk: not an Exitscope boot bundle")?;
@@ -1181,7 +1198,8 @@ fn fuzz_run_with(
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
     image::grub_iso(&spec, &work, &iso)?;
-    let run = bochs::Run { name, iso: &iso, cpus, memory_mb, timeout: Duration::from_secs(timeout), echo: false, progress: None };
+    let run =
+        bochs::Run { name, iso: &iso, cpus, memory_mb, timeout: Duration::from_secs(timeout), echo: bochs::Echo::Off, progress: None };
     bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
 }
 
@@ -1472,7 +1490,8 @@ fn bad_boot_too_little_memory(ctx: &Ctx) -> Result {
     let spec = IsoSpec { guest_args: "mode=triple", modules: &modules, ..probe_spec(ctx, &guest) };
     let iso = work.join("exitscope.iso");
     image::grub_iso(&spec, &work, &iso)?;
-    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 28, timeout: Duration::from_secs(60), echo: false, progress: None };
+    let run =
+        bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 28, timeout: Duration::from_secs(60), echo: bochs::Echo::Off, progress: None };
     let out = bochs::run_machine(&run, bochs::Boot::Cdrom, &Default::default())?;
     one_fatal_line(&out, "too little memory: the hypervisor needs ")
 }
@@ -1499,7 +1518,8 @@ fn shim_iso(ctx: &Ctx, name: &str, shim_args: &str, guest_args: &str) -> Result<
 
 fn shim_run(ctx: &Ctx, name: &str, shim_args: &str, machine: bochs::Machine) -> Result<bochs::Outcome> {
     let iso = shim_iso(ctx, name, shim_args, "mode=triple")?;
-    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(60), echo: false, progress: None };
+    let run =
+        bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(60), echo: bochs::Echo::Off, progress: None };
     bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
 }
 
@@ -1585,7 +1605,15 @@ fn machine_run(
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
     image::grub_iso(&spec, &work, &iso)?;
-    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(timeout), echo: false, progress: None };
+    let run = bochs::Run {
+        name,
+        iso: &iso,
+        cpus: 1,
+        memory_mb: 512,
+        timeout: Duration::from_secs(timeout),
+        echo: bochs::Echo::Off,
+        progress: None,
+    };
     bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)
 }
 
@@ -1895,7 +1923,8 @@ fn hv_mce_reflected(ctx: &Ctx) -> Result {
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
     image::grub_iso(&spec, &work, &iso)?;
-    let run = bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(180), echo: false, progress: None };
+    let run =
+        bochs::Run { name, iso: &iso, cpus: 1, memory_mb: 512, timeout: Duration::from_secs(180), echo: bochs::Echo::Off, progress: None };
     let out = bochs::run_machine(&run, bochs::Boot::Cdrom, &bochs::Machine { strict_msrs: true, ..Default::default() })?;
     no_hypervisor_failure(&out)?;
     let d = check_probe(&out)?;
@@ -2023,7 +2052,8 @@ fn linux_smp_no_wait_for_sipi(ctx: &Ctx) -> Result {
 fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
     let name = "vmx-unlocked-by-firmware-smp2";
     let iso = shim_iso(ctx, name, "madt=2", "ops=2000 strict_msrs=0")?;
-    let run = bochs::Run { name, iso: &iso, cpus: 2, memory_mb: 512, timeout: Duration::from_secs(180), echo: false, progress: None };
+    let run =
+        bochs::Run { name, iso: &iso, cpus: 2, memory_mb: 512, timeout: Duration::from_secs(180), echo: bochs::Echo::Off, progress: None };
     let machine = bochs::Machine { bios: bochs::Bios::Legacy, ..Default::default() };
     let out = bochs::run_machine(&run, bochs::Boot::Cdrom, &machine)?;
     no_hypervisor_failure(&out)?;
