@@ -303,6 +303,15 @@ pub struct DetailReading {
     pub hist: [u64; HIST_BUCKETS],
 }
 
+impl DetailReading {
+    /// p50, p90, p99 and p99.9 from the histogram (see
+    /// `exitscope_stats::detail::percentile`).
+    pub fn percentiles(&self) -> [Option<exitscope_stats::detail::PercentileBound>; 4] {
+        let min = (self.exits > 0).then_some(self.min);
+        exitscope_stats::detail::ReasonDetail { min, max: self.max, sumsq: self.sumsq, hist: self.hist }.percentiles()
+    }
+}
+
 /// Reads exits, cycles, min, max, sum of squares and the histogram of
 /// reason `nr`, in that order (each read is one CPUID exit: for reason 10
 /// every figure also counts the reads before it).

@@ -7,8 +7,9 @@ use crate::app::{Outcome, FAIL, OK, USAGE};
 use crate::json::{self, Object};
 use crate::leaves::{self, CommandStatus, DetailReading, Info, Leaves, CPUID_REASON};
 use exitscope_stats::control::{self as ctl, CMD_RESET, INTERFACE_VERSION, STATUS_OK, STATUS_UNAVAILABLE};
-use exitscope_stats::detail::{bucket_floor, mean_stddev, BreakdownKind, HIST_BUCKETS};
+use exitscope_stats::detail::{bucket_floor, mean_stddev, BreakdownKind, HIST_BUCKETS, PERCENTILES};
 use exitscope_stats::json::KeyLabel;
+use exitscope_stats::json::PERCENTILE_FIELDS;
 use exitscope_stats::reasons::{self, MAX_DEFINED, REASONS};
 use std::fmt::Write;
 use std::time::Duration;
@@ -491,6 +492,11 @@ pub fn detail_text(d: &DetailReading) -> String {
     let _ = writeln!(s, "  max     {}", d.max);
     let _ = writeln!(s, "  avg     {avg:.1}");
     let _ = writeln!(s, "  stddev  {sd:.1} ({:.1}% of avg)", if avg > 0.0 { 100.0 * sd / avg } else { 0.0 });
+    for ((_, name), b) in PERCENTILES.iter().zip(d.percentiles()) {
+        if let Some(b) = b {
+            let _ = writeln!(s, "  {name:<7} <= {} (log2 bucket {}-{}, narrowed by min and max)", b.hi, b.lo, b.hi);
+        }
+    }
     s += "  latency histogram (cycles per exit, log2 buckets):\n";
     let n: u64 = d.hist.iter().sum();
     let peak = d.hist.iter().copied().max().unwrap_or(0).max(1);
@@ -530,7 +536,14 @@ fn detail_json(d: &DetailReading) -> String {
         .float("avg", avg)
         .float("stddev", sd)
         .str("sumsq", Some(&d.sumsq.to_string()))
-        .raw("hist", &hist)
+        .raw("hist", &hist);
+    let det = PERCENTILE_FIELDS
+        .iter()
+        .zip(d.percentiles())
+        .fold(det, |o, (name, b)| match b {
+            Some(b) => o.num(name, b.hi),
+            None => o.raw(name, "null"),
+        })
         .finish();
     Object::new().bool("exitscope", true).raw("detail", &det).finish() + "\n"
 }
@@ -838,6 +851,10 @@ mod tests {
                  \x20 max     5000\n\
                  \x20 avg     {mean:.1}\n\
                  \x20 stddev  {sd:.1} ({:.1}% of avg)\n\
+                 \x20 p50     <= 127 (log2 bucket 90-127, narrowed by min and max)\n\
+                 \x20 p90     <= 5000 (log2 bucket 4096-5000, narrowed by min and max)\n\
+                 \x20 p99     <= 5000 (log2 bucket 4096-5000, narrowed by min and max)\n\
+                 \x20 p99.9   <= 5000 (log2 bucket 4096-5000, narrowed by min and max)\n\
                  \x20 latency histogram (cycles per exit, log2 buckets):\n\
                  \x20      64-127  2   50.00%  ########################################\n\
                  \x20     128-255  1   25.00%  ####################\n\
@@ -850,6 +867,7 @@ mod tests {
         assert_eq!(v["detail"]["sumsq"], "25035000");
         assert_eq!(v["detail"]["hist"][6], 2);
         assert_eq!(v["detail"]["hist"].as_array().unwrap().len(), 32);
+        assert_eq!((v["detail"]["p50"].as_u64(), v["detail"]["p99_9"].as_u64()), (Some(127), Some(5000)));
 
         let o = run_fake(&mut f, &["--detail", "12"]);
         assert_eq!(o.stdout, "exit reason 12 (HLT), since the last reset:\n  no exits (not enabled, or none yet)\n");

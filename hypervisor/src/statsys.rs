@@ -284,7 +284,10 @@ pub fn print_dump(title: &str) {
     let smi = current_smi_report();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
-        let _ = exitscope_stats::dump::write_dump_smi(w, title, &c, &per, &smi);
+        let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| match detail.as_ref() {
+            Some(d) => exitscope_stats::detail::write_latency_section(w, &c, d),
+            None => Ok(()),
+        });
         let _ = exitscope_stats::json::write_json_dump(
             w,
             &exitscope_stats::json::JsonDump {

@@ -36,6 +36,61 @@ pub const fn bucket_floor(b: usize) -> u64 {
     }
 }
 
+/// The percentiles reported per reason, in per mille, with their names:
+/// p50, p90, p99 and p99.9.
+pub const PERCENTILES: [(u32, &str); 4] = [(500, "p50"), (900, "p90"), (990, "p99"), (999, "p99.9")];
+
+/// Bounds of a percentile read from a log2 histogram.
+///
+/// The percentile is by nearest rank: for `n` exits the `q`-th per-mille
+/// percentile is the latency of the exit of rank `ceil(n * q / 1000)` (at
+/// least 1) in ascending order. The histogram knows only its bucket
+/// `[2^b, 2^(b+1))`, so the exact value lies in `lo..=hi`: the bucket's
+/// bounds, narrowed by the reason's minimum and maximum. `hi` is at most
+/// `2 * lo + 1`: the figure reported everywhere is `hi`, an upper bound
+/// within a factor of two of the exact value (exact where the bucket
+/// holds a single distinct value that is the minimum or the maximum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PercentileBound {
+    pub lo: u64,
+    pub hi: u64,
+}
+
+/// The per-mille percentile `permille` (1..=1000) of a histogram whose
+/// exits lie between `min` and `max` (None: no exit recorded, or no
+/// minimum known). None if the histogram is empty.
+pub fn percentile(hist: &[u64; HIST_BUCKETS], min: Option<u64>, max: u64, permille: u32) -> Option<PercentileBound> {
+    let n: u64 = hist.iter().fold(0u64, |a, &h| a.wrapping_add(h));
+    if n == 0 {
+        return None;
+    }
+    let rank = ((n as u128 * permille.clamp(1, 1000) as u128).div_ceil(1000) as u64).max(1);
+    let mut seen = 0u64;
+    for (b, &h) in hist.iter().enumerate() {
+        seen = seen.saturating_add(h);
+        if seen >= rank {
+            let top = if b + 1 == HIST_BUCKETS { u64::MAX } else { bucket_floor(b + 1) - 1 };
+            let mut lo = bucket_floor(b);
+            let mut hi = top;
+            if let Some(m) = min {
+                lo = lo.max(m.min(top));
+            }
+            if max >= lo {
+                hi = hi.min(max);
+            }
+            return Some(PercentileBound { lo, hi });
+        }
+    }
+    None
+}
+
+impl ReasonDetail {
+    /// The bounds of p50, p90, p99 and p99.9 ([`PERCENTILES`]).
+    pub fn percentiles(&self) -> [Option<PercentileBound>; 4] {
+        PERCENTILES.map(|(q, _)| percentile(&self.hist, self.min, self.max, q))
+    }
+}
+
 #[inline(always)]
 fn bump(a: &AtomicU64, by: u64) {
     a.store(a.load(Relaxed).wrapping_add(by), Relaxed);
@@ -331,6 +386,40 @@ impl DetailSnapshot {
     }
 }
 
+/// The first line of the dump's latency section (after the prefix).
+pub const LATENCY_SECTION: &str =
+    "-- latency percentiles in cycles (nearest rank; each the top of its log2 bucket narrowed by min and max: at most 2x the exact value)";
+
+/// Writes the dump's latency section: per reason with exits, the minimum,
+/// p50, p90, p99, p99.9 (upper bounds, see [`percentile`]) and the maximum.
+pub fn write_latency_section(w: &mut (impl core::fmt::Write + ?Sized), snap: &crate::Snapshot, d: &DetailSnapshot) -> core::fmt::Result {
+    use crate::dump::PREFIX;
+    writeln!(w, "{PREFIX}{LATENCY_SECTION}")?;
+    writeln!(
+        w,
+        "{PREFIX}{:>4} {:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "nr", "reason", "min", "p50", "p90", "p99", "p99.9", "max"
+    )?;
+    for (slot, r) in d.reasons.iter().enumerate() {
+        if snap.exits.get(slot).copied().unwrap_or(0) == 0 {
+            continue;
+        }
+        let p = r.percentiles();
+        if p[0].is_none() {
+            continue;
+        }
+        let (nr, _, name) = crate::json::slot_names(slot);
+        let nr = nr.map_or_else(|| alloc::string::String::from("?"), |n| alloc::format!("{n}"));
+        let name: alloc::string::String = name.chars().take(28).collect();
+        write!(w, "{PREFIX}{nr:>4} {name:<28} {:>10}", r.min.unwrap_or(0))?;
+        for b in p {
+            write!(w, " {:>10}", b.map_or(0, |b| b.hi))?;
+        }
+        writeln!(w, " {:>10}", r.max)?;
+    }
+    Ok(())
+}
+
 /// Mean and (population) standard deviation from count, sum and sum of
 /// squares, in floating point (for host-side reports).
 pub fn mean_stddev(count: u64, sum: u64, sumsq: u128) -> (f64, f64) {
@@ -435,6 +524,92 @@ mod tests {
         assert_eq!(now.breakdowns[0].0, [(0x92, 1)]);
         assert_eq!(now.reasons[30].sumsq, 70 * 70);
         assert_eq!(now.reasons[30].hist.iter().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank_within_their_bucket() {
+        let d = VcpuDetail::new();
+        // 100 exits: 90 of 27 cycles, 9 of 100, 1 of 441.
+        for _ in 0..90 {
+            d.record(10, 27);
+        }
+        for _ in 0..9 {
+            d.record(10, 100);
+        }
+        d.record(10, 441);
+        let r = DetailSnapshot::sum([&d]).reasons[10];
+        let p = r.percentiles();
+        // p50 and p90 (rank 50, 90): bucket [16,32), narrowed by min 27.
+        assert_eq!(p[0], Some(PercentileBound { lo: 27, hi: 31 }));
+        assert_eq!(p[1], Some(PercentileBound { lo: 27, hi: 31 }));
+        // p99 (rank 99): the 100s, bucket [64,128).
+        assert_eq!(p[2], Some(PercentileBound { lo: 64, hi: 127 }));
+        // p99.9 (rank ceil(99.9) = 100): the maximum, bucket [256,512) narrowed by max.
+        assert_eq!(p[3], Some(PercentileBound { lo: 256, hi: 441 }));
+        // An empty histogram has none.
+        assert_eq!(ReasonDetail::default().percentiles(), [None; 4]);
+    }
+
+    #[test]
+    fn percentile_bounds_hold_the_exact_value() {
+        // Pseudo-random latencies: the exact nearest-rank percentile always
+        // lies within the bounds, and hi <= 2 * lo + 1.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for round in 0..50 {
+            let d = VcpuDetail::new();
+            let n = 1 + round * 37;
+            let mut v = Vec::new();
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let c = (x % 5000) >> (x % 9);
+                v.push(c);
+                d.record(30, c);
+            }
+            v.sort_unstable();
+            let r = DetailSnapshot::sum([&d]).reasons[30];
+            for (q, name) in PERCENTILES {
+                let rank = (v.len() as u64 * q as u64).div_ceil(1000).max(1) as usize;
+                let exact = v[rank - 1];
+                let b = percentile(&r.hist, r.min, r.max, q).unwrap();
+                assert!(b.lo <= exact && exact <= b.hi, "{name} of {n}: {exact} not in {b:?}");
+                assert!(b.hi <= 2 * b.lo + 1, "{name}: {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn percentile_of_the_last_bucket_is_bounded_by_max() {
+        let mut hist = [0u64; HIST_BUCKETS];
+        hist[HIST_BUCKETS - 1] = 2;
+        let b = percentile(&hist, Some(1 << 33), 1 << 40, 500).unwrap();
+        assert_eq!(b, PercentileBound { lo: 1 << 33, hi: 1 << 40 });
+        // Without a known minimum (a reset between reads), the bucket bounds.
+        hist[3] = 1;
+        assert_eq!(percentile(&hist, None, 1 << 40, 1), Some(PercentileBound { lo: 8, hi: 15 }));
+    }
+
+    #[test]
+    fn the_latency_section_sits_inside_a_dump_the_table_reader_still_reads() {
+        let c = VcpuCounters::new();
+        let d = VcpuDetail::new();
+        for x in [27u64, 27, 27, 100, 441] {
+            c.record(10, x);
+            d.record(10, x);
+        }
+        let snap = Snapshot::of(&c);
+        let det = DetailSnapshot::sum([&d]);
+        let mut out = alloc::string::String::new();
+        crate::dump::write_dump_with(&mut out, "t", &snap, &[(5, 622)], None, |w| write_latency_section(w, &snap, &det)).unwrap();
+        assert!(out.contains(LATENCY_SECTION), "{out}");
+        let row = out.lines().find(|l| l.contains("CPUID") && l.contains("441") && !l.contains('%')).unwrap();
+        let nums: Vec<u64> = row.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        // nr, min, p50, p90, p99, p99.9, max
+        assert_eq!(nums, [10, 27, 31, 441, 441, 441, 441], "{row}");
+        let (parsed, _) = crate::dump::parse_last(&out).unwrap();
+        assert_eq!(parsed.snap, snap);
+        assert_eq!(parsed.total_exits, 5);
     }
 
     #[test]

@@ -158,6 +158,26 @@ fn write_dump_inner(
     per_vcpu: &[(u64, u64)],
     smi: Option<&SmiReport>,
 ) -> fmt::Result {
+    write_dump_with(w, title, snap, per_vcpu, smi, |_| Ok(()))
+}
+
+/// How a section line inside a dump starts (after [`PREFIX`]): the
+/// sections (latency percentiles, exit-reason flags, time split) follow
+/// the table and the vCPU lines, and the table's reader skips from the
+/// first section line to the end line.
+pub const SECTION: &str = "-- ";
+
+/// The whole dump with `sections` (which write lines starting with
+/// [`PREFIX`], the first of each section starting with [`SECTION`]) before
+/// the end line.
+pub fn write_dump_with<W: Write + ?Sized>(
+    w: &mut W,
+    title: &str,
+    snap: &Snapshot,
+    per_vcpu: &[(u64, u64)],
+    smi: Option<&SmiReport>,
+    sections: impl FnOnce(&mut W) -> fmt::Result,
+) -> fmt::Result {
     let (te, tc) = (snap.total_exits(), snap.total_cycles());
     writeln!(w, "{PREFIX}{BEGIN}{title} ====")?;
     writeln!(
@@ -186,6 +206,7 @@ fn write_dump_inner(
     if let Some(smi) = smi {
         writeln!(w, "{PREFIX}{smi}")?;
     }
+    sections(w)?;
     writeln!(w, "{PREFIX}{END}")
 }
 
@@ -248,15 +269,22 @@ fn hv_part(line: &str) -> Option<&str> {
 pub fn parse_last(text: &str) -> Result<(ParsedDump, &str), ParseError> {
     let mut result = Err(ParseError::NotFound);
     let mut current: Option<(ParsedDump, &str)> = None;
+    // Inside the sections after the table (not read here).
+    let mut in_sections = false;
     for (no, line) in text.lines().enumerate() {
         let Some(l) = hv_part(line) else { continue };
         if let Some(rest) = l.strip_prefix(BEGIN) {
             current = Some((ParsedDump::default(), rest.trim_end_matches(" ====")));
+            in_sections = false;
             continue;
         }
         let Some((d, _)) = current.as_mut() else { continue };
         if l == END {
             result = Ok(current.take().unwrap());
+            continue;
+        }
+        in_sections |= l.starts_with(SECTION);
+        if in_sections {
             continue;
         }
         parse_line(d, l).map_err(|_| ParseError::BadLine(no + 1))?;

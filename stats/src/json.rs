@@ -179,6 +179,22 @@ impl fmt::Display for Hist<'_> {
     }
 }
 
+/// The percentile fields of a `reason` line: `,"p50":N,"p90":N,"p99":N,"p99_9":N`
+/// (upper bounds, see [`crate::detail::percentile`]; `null` without exits).
+struct Percentiles<'a>(&'a ReasonDetail);
+
+/// The JSON field names of [`crate::detail::PERCENTILES`].
+pub const PERCENTILE_FIELDS: [&str; 4] = ["p50", "p90", "p99", "p99_9"];
+
+impl fmt::Display for Percentiles<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, b) in PERCENTILE_FIELDS.iter().zip(self.0.percentiles()) {
+            write!(f, ",\"{name}\":{}", Opt(b.map(|b| b.hi)))?;
+        }
+        Ok(())
+    }
+}
+
 /// The `exits` object of a sample.
 struct SampleExits<'a>(&'a [u64; SLOTS]);
 
@@ -237,7 +253,14 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         match d.detail.and_then(|x| x.reasons.get(slot)) {
             Some(r) => l.line(
                 "reason",
-                format_args!("{common},\"min\":{},\"max\":{},\"sumsq\":\"{}\",\"hist\":{}", Opt(r.min), r.max, r.sumsq, Hist(&r.hist)),
+                format_args!(
+                    "{common},\"min\":{},\"max\":{},\"sumsq\":\"{}\",\"hist\":{}{}",
+                    Opt(r.min),
+                    r.max,
+                    r.sumsq,
+                    Hist(&r.hist),
+                    Percentiles(r)
+                ),
             )?,
             None => l.line("reason", common)?,
         }
@@ -944,6 +967,13 @@ mod tests {
         assert_eq!((e.min, e.max), (Some(5_000), 1_000_000_000_000));
         assert_eq!(e.sumsq, 1_000_000_000_000u128 * 1_000_000_000_000 + 25_000_000);
         assert_eq!(e.hist[bucket(5_000)], 1);
+        // Each reason line with details carries the percentiles' upper bounds.
+        let line = s.lines().find(|l| l.contains("\"slot\":48,")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line[JSON_PREFIX.len()..]).unwrap();
+        for (name, b) in PERCENTILE_FIELDS.iter().zip(e.percentiles()) {
+            assert_eq!(v[name], b.unwrap().hi, "{name} in {line}");
+        }
+        assert_eq!(v["p99_9"], 1_000_000_000_000u64);
     }
 
     #[test]

@@ -31,14 +31,17 @@ pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 pub const FONT_BOLD: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf";
 
 pub const USAGE: &str = "\
-usage: cargo xtask report LOG [--tsc-hz HZ] [--out DIR] [--json] [--no-charts]
+usage: cargo xtask report LOG [--tsc-hz HZ] [--out DIR] [--json] [--no-charts] [--sort COLUMN]
   LOG            a serial log of an Exitscope run (Bochs, QEMU or bare metal)
   --tsc-hz HZ    the TSC frequency, for a time axis in seconds (default: TSC
                  ticks; the report suggests what a Linux guest logged as
                  'tsc: Detected ... MHz TSC')
   --out DIR      where the charts go (default: <directory of LOG>/report)
   --json         print the table as one JSON object instead of text
-  --no-charts    only the table";
+  --no-charts    only the table
+  --sort COLUMN  order the rows by a column: samples (default), time, min, max,
+                 avg, stddev, p50, p90, p99, p99.9 (largest first) or reason
+                 (by number)";
 
 /// Options of `report`.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,10 +51,74 @@ pub struct Opts {
     pub out: Option<PathBuf>,
     pub json: bool,
     pub charts: bool,
+    pub sort: SortKey,
+}
+
+/// The column `--sort` orders the rows by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    /// By reason number, ascending.
+    Reason,
+    Samples,
+    Time,
+    Min,
+    Max,
+    Avg,
+    Stddev,
+    /// A percentile, by index into `PERCENTILES` (p50, p90, p99, p99.9).
+    Percentile(usize),
+}
+
+impl SortKey {
+    pub fn parse(s: &str) -> Result<SortKey> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "reason" | "nr" | "vm-exit" => SortKey::Reason,
+            "samples" | "exits" | "samples%" => SortKey::Samples,
+            "time" | "time%" | "cycles" => SortKey::Time,
+            "min" => SortKey::Min,
+            "max" => SortKey::Max,
+            "avg" => SortKey::Avg,
+            "stddev" => SortKey::Stddev,
+            other => match exitscope_stats::detail::PERCENTILES.iter().position(|(_, n)| *n == other || n.replace('.', "_") == other) {
+                Some(i) => SortKey::Percentile(i),
+                None => {
+                    return Err(format!(
+                        "--sort: unknown column '{s}' (samples, time, min, max, avg, stddev, p50, p90, p99, p99.9, reason)"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+/// Orders rows by `key`: largest first, ties (and rows without the figure,
+/// last) by reason number.
+pub fn sort_rows(rows: &mut [Row], key: SortKey) {
+    let val = |r: &Row| -> Option<f64> {
+        match key {
+            SortKey::Reason => None,
+            SortKey::Samples => Some(r.exits as f64),
+            SortKey::Time => Some(r.cycles as f64),
+            SortKey::Min => r.min.map(|v| v as f64),
+            SortKey::Max => r.max.map(|v| v as f64),
+            SortKey::Avg => Some(r.avg),
+            SortKey::Stddev => r.stddev,
+            SortKey::Percentile(i) => r.pcts[i].map(|v| v as f64),
+        }
+    };
+    rows.sort_by(|a, b| {
+        let by = match (val(a), val(b)) {
+            (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        by.then(a.slot.cmp(&b.slot))
+    });
 }
 
 pub fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts { log: PathBuf::new(), tsc_hz: None, out: None, json: false, charts: true };
+    let mut o = Opts { log: PathBuf::new(), tsc_hz: None, out: None, json: false, charts: true, sort: SortKey::Samples };
     let mut log = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -67,6 +134,7 @@ pub fn parse_opts(args: &[String]) -> Result<Opts> {
             "--out" => o.out = Some(PathBuf::from(it.next().ok_or("--out needs a directory")?)),
             "--json" => o.json = true,
             "--no-charts" => o.charts = false,
+            "--sort" => o.sort = SortKey::parse(it.next().ok_or("--sort needs a column")?)?,
             s if s.starts_with('-') => return Err(format!("unknown report option '{s}'\n\n{USAGE}")),
             _ if log.is_some() => return Err(format!("report takes one LOG, got a second one: '{a}'")),
             _ => log = Some(PathBuf::from(a)),
@@ -86,6 +154,7 @@ pub fn cmd_report(args: &[String]) -> Result {
         None => return Err(format!("{}: no exit-statistics dump in this log: nothing to report", o.log.display())),
     };
     let mut r = Report::new(&data, o.tsc_hz.map(|hz| (hz, "--tsc-hz".to_string())));
+    sort_rows(&mut r.rows, o.sort);
     r.hint = linux_tsc_hz(&text).map(|h| h.0);
     if o.charts {
         let dir = o.out.clone().unwrap_or_else(|| default_dir(&o.log));
@@ -233,6 +302,8 @@ pub struct Row {
     pub min: Option<u64>,
     pub max: Option<u64>,
     pub stddev: Option<f64>,
+    /// p50, p90, p99, p99.9: upper bounds from the histogram (with details only).
+    pub pcts: [Option<u64>; 4],
 }
 
 impl Row {
@@ -281,10 +352,11 @@ pub fn rows(d: &Data) -> Vec<Row> {
                 min: det.and_then(|r| r.min),
                 max: det.map(|r| r.max),
                 stddev: det.map(|_| sd),
+                pcts: det.map_or([None; 4], |r| r.percentiles().map(|b| b.map(|b| b.hi))),
             }
         })
         .collect();
-    v.sort_by(|a, b| b.exits.cmp(&a.exits).then(a.slot.cmp(&b.slot)));
+    sort_rows(&mut v, SortKey::Samples);
     v
 }
 
@@ -329,8 +401,8 @@ impl<'a> Report<'a> {
         let name_w = self.rows.iter().map(|r| r.label.len()).chain([6, "total".len()]).max().unwrap_or(6);
         let _ = writeln!(
             s,
-            "\n{:>name_w$}  {:>12}  {:>8}  {:>7}  {:>10}  {:>12}  {:>22}",
-            "VM-EXIT", "Samples", "Samples%", "Time%", "Min", "Max", "Avg time (± stddev)"
+            "\n{:>name_w$}  {:>12}  {:>8}  {:>7}  {:>10}  {:>12}  {:>22}  {:>8}  {:>8}  {:>8}  {:>8}",
+            "VM-EXIT", "Samples", "Samples%", "Time%", "Min", "Max", "Avg time (± stddev)", "P50", "P90", "P99", "P99.9"
         );
         for r in &self.rows {
             let spread = match r.stddev_pct() {
@@ -339,14 +411,18 @@ impl<'a> Report<'a> {
             };
             let _ = writeln!(
                 s,
-                "{:>name_w$}  {:>12}  {:>7.2}%  {:>6.2}%  {:>10}  {:>12}  {:>22}",
+                "{:>name_w$}  {:>12}  {:>7.2}%  {:>6.2}%  {:>10}  {:>12}  {:>22}  {:>8}  {:>8}  {:>8}  {:>8}",
                 r.label,
                 r.exits,
                 r.exits_pct,
                 r.cycles_pct,
                 opt(r.min),
                 opt(r.max),
-                spread
+                spread,
+                opt(r.pcts[0]),
+                opt(r.pcts[1]),
+                opt(r.pcts[2]),
+                opt(r.pcts[3]),
             );
         }
         let te: u64 = self.rows.iter().map(|r| r.exits).sum();
@@ -362,6 +438,12 @@ impl<'a> Report<'a> {
             }
         );
         let _ = writeln!(s, "Times are TSC cycles spent in the hypervisor per exit (Bochs: instructions); stddev is of one exit's time, as a % of the average.");
+        if d.detail.is_some() {
+            let _ = writeln!(
+                s,
+                "P50..P99.9: percentiles by nearest rank, each the top of its log2 histogram bucket narrowed by min and max (at most 2x the exact value)."
+            );
+        }
         for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
             let _ = writeln!(s, "  vCPU {i}: {e} exits, {c} cycles");
         }
@@ -444,7 +526,7 @@ impl<'a> Report<'a> {
             let f = |x: Option<f64>| x.map_or("null".into(), |v| format!("{v:.3}"));
             let _ = write!(
                 s,
-                "{}{{\"slot\":{},\"nr\":{},\"key\":{},\"name\":{},\"samples\":{},\"samples_pct\":{:.3},\"time_pct\":{:.3},\"cycles\":{},\"min\":{},\"max\":{},\"avg\":{:.3},\"stddev\":{},\"stddev_pct\":{}}}",
+                "{}{{\"slot\":{},\"nr\":{},\"key\":{},\"name\":{},\"samples\":{},\"samples_pct\":{:.3},\"time_pct\":{:.3},\"cycles\":{},\"min\":{},\"max\":{},\"avg\":{:.3},\"stddev\":{},\"stddev_pct\":{},\"p50\":{},\"p90\":{},\"p99\":{},\"p99_9\":{}}}",
                 if i == 0 { "" } else { "," },
                 r.slot,
                 nr.map_or("null".into(), |n| n.to_string()),
@@ -459,6 +541,10 @@ impl<'a> Report<'a> {
                 r.avg,
                 f(r.stddev),
                 f(r.stddev_pct()),
+                r.pcts[0].map_or("null".into(), |v| v.to_string()),
+                r.pcts[1].map_or("null".into(), |v| v.to_string()),
+                r.pcts[2].map_or("null".into(), |v| v.to_string()),
+                r.pcts[3].map_or("null".into(), |v| v.to_string()),
             );
         }
         s += "],\"charts\":[";
@@ -1103,7 +1189,12 @@ mod tests {
         let line = text.lines().find(|l| l.trim_start().starts_with("CPUID (10)")).unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&cols[2..7], ["80", "80.00%", &format!("{:.2}%", cpuid.cycles_pct), "100", "300"], "{line}");
-        assert!(line.ends_with(&format!("150.0 (± {:6.2}%)", 100.0 * sd / 150.0)), "{line}");
+        assert!(line.contains(&format!("150.0 (± {:6.2}%)", 100.0 * sd / 150.0)), "{line}");
+        // 60 exits of 100 cycles, 20 of 300: p50 in [64,128) narrowed by min
+        // 100, the others at the maximum.
+        assert_eq!(cpuid.pcts, [Some(127), Some(300), Some(300), Some(300)]);
+        assert!(line.trim_end().ends_with("127       300       300       300"), "{line}");
+        assert!(text.contains("P50..P99.9: percentiles by nearest rank"), "{text}");
         assert!(text.contains("Timeline: 41 samples every 100 TSC ticks"), "{text}");
         assert!(!text.contains("Not in this"), "{text}");
     }
@@ -1117,6 +1208,7 @@ mod tests {
         assert_eq!(v["rows"][0]["name"], "CPUID");
         assert_eq!(v["rows"][0]["samples"], 80);
         assert_eq!(v["rows"][0]["min"], 100);
+        assert_eq!((v["rows"][0]["p50"].as_u64(), v["rows"][0]["p99_9"].as_u64()), (Some(127), Some(300)));
         assert_eq!(v["rows"][2]["key"], "EPT_VIOLATION");
         assert_eq!(v["total_exits"], 100);
     }
@@ -1135,7 +1227,8 @@ mod tests {
         let text = Report::new(&d, None).text();
         assert!(text.contains("Not in this log: min, max, stddev"), "{text}");
         let line = text.lines().find(|l| l.trim_start().starts_with("CPUID (10)")).unwrap();
-        assert!(line.trim_end().ends_with("-             -                   150.0"), "{line}");
+        assert!(line.trim_end().ends_with("-             -                   150.0         -         -         -         -"), "{line}");
+        assert_eq!(r[0].pcts, [None; 4]);
         // No dump at all.
         assert!(Data::from_log("just a guest\n").unwrap().is_none());
         // A broken JSON dump falls back to the human one and says why.
@@ -1143,6 +1236,30 @@ mod tests {
         let d = Data::from_log(&js).unwrap().unwrap();
         assert_eq!(d.source, Source::Human);
         assert!(d.json_problem.as_ref().unwrap().contains("out of order"), "{:?}", d.json_problem);
+    }
+
+    #[test]
+    fn sort_by_any_column() {
+        let d = Data::from_log(&json_log()).unwrap().unwrap();
+        let order = |k: &str| {
+            let mut r = rows(&d);
+            sort_rows(&mut r, SortKey::parse(k).unwrap());
+            r.iter().map(|r| r.slot).collect::<Vec<_>>()
+        };
+        // CPUID: 80 exits of 100-300; I/O: 15 of 1000-1014; EPT: 5 of 20,000.
+        assert_eq!(order("samples"), [10, 30, 48]);
+        assert_eq!(order("reason"), [10, 30, 48]);
+        assert_eq!(order("time"), [48, 30, 10]);
+        assert_eq!(order("min"), [48, 30, 10]);
+        assert_eq!(order("avg"), [48, 30, 10]);
+        assert_eq!(order("p50"), [48, 30, 10]);
+        assert_eq!(order("P99.9"), [48, 30, 10]);
+        assert_eq!(order("p99_9"), [48, 30, 10]);
+        assert_eq!(order("stddev")[2], 48, "EPT's stddev is 0");
+        assert!(SortKey::parse("p75").unwrap_err().contains("unknown column 'p75'"));
+        let o = parse_opts(&["log".to_string(), "--sort".to_string(), "max".to_string()]).unwrap();
+        assert_eq!(o.sort, SortKey::Max);
+        assert!(parse_opts(&["log".to_string(), "--sort".to_string()]).is_err());
     }
 
     #[test]
