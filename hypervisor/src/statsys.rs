@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering::Relaxed};
 use exitscope_stats::control::*;
 use exitscope_stats::detail::{BreakdownKind, DetailSnapshot, VcpuDetail, HIST_BUCKETS};
 use exitscope_stats::leaf::{self, ReasonClass, StatsView};
-use exitscope_stats::reasons::{self, MAX_DEFINED, SLOTS};
+use exitscope_stats::reasons::{self, MAX_DEFINED};
 use exitscope_stats::timeline::Timeline;
 use exitscope_stats::Snapshot;
 use spin::Mutex;
@@ -46,12 +46,8 @@ pub fn details() -> Vec<&'static VcpuDetail> {
         .collect()
 }
 
-fn minus(mut a: Snapshot, b: &Snapshot) -> Snapshot {
-    for i in 0..SLOTS {
-        a.exits[i] = a.exits[i].wrapping_sub(b.exits[i]);
-        a.cycles[i] = a.cycles[i].wrapping_sub(b.cycles[i]);
-    }
-    a
+fn minus(a: Snapshot, b: &Snapshot) -> Snapshot {
+    a.minus(b)
 }
 
 /// Statistics since the last reset, summed over vCPUs.
@@ -284,9 +280,12 @@ pub fn print_dump(title: &str) {
     let smi = current_smi_report();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
-        let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| match detail.as_ref() {
-            Some(d) => exitscope_stats::detail::write_latency_section(w, &c, d),
-            None => Ok(()),
+        let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| {
+            exitscope_stats::dump::write_flags_section(w, &c)?;
+            match detail.as_ref() {
+                Some(d) => exitscope_stats::detail::write_latency_section(w, &c, d),
+                None => Ok(()),
+            }
         });
         let _ = exitscope_stats::json::write_json_dump(
             w,

@@ -8,6 +8,7 @@
 //! costs the same with one vCPU as with many. A reader sees every completed
 //! `record` of another vCPU eventually and each counter only ever grows.
 
+use crate::flags::FLAG_ROWS;
 use crate::leaf::StatsView;
 use crate::reasons::SLOTS;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -31,6 +32,8 @@ impl Slot {
 #[derive(Debug)]
 pub struct VcpuCounters {
     slots: [Slot; SLOTS],
+    /// Exits per exit-reason modifier row ([`crate::flags::FLAGS`]).
+    flags: [AtomicU64; FLAG_ROWS],
 }
 
 impl Default for VcpuCounters {
@@ -42,7 +45,7 @@ impl Default for VcpuCounters {
 impl VcpuCounters {
     /// A zeroed block.
     pub const fn new() -> VcpuCounters {
-        VcpuCounters { slots: [const { Slot::new() }; SLOTS] }
+        VcpuCounters { slots: [const { Slot::new() }; SLOTS], flags: [const { AtomicU64::new(0) }; FLAG_ROWS] }
     }
 
     /// Counts one exit of `slot` (see [`crate::reasons::slot_of`]) that took
@@ -53,6 +56,22 @@ impl VcpuCounters {
         let s = &self.slots[slot];
         s.count.store(s.count.load(Relaxed).wrapping_add(1), Relaxed);
         s.cycles.store(s.cycles.load(Relaxed).wrapping_add(cycles), Relaxed);
+    }
+
+    /// Counts the modifier bits of an exit-reason field (owning vCPU only;
+    /// the caller tests `reason & MODIFIER_MASK != 0` first, so an exit
+    /// without flags costs one test).
+    #[cold]
+    pub fn record_flags(&self, reason: u32) {
+        for row in crate::flags::rows_of(reason) {
+            let a = &self.flags[row];
+            a.store(a.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+    }
+
+    /// Exits counted in flag row `row`.
+    pub fn flag(&self, row: usize) -> u64 {
+        self.flags[row].load(Relaxed)
     }
 
     /// Exits counted in `slot`.
@@ -81,11 +100,14 @@ impl VcpuCounters {
 pub struct Snapshot {
     pub exits: [u64; SLOTS],
     pub cycles: [u64; SLOTS],
+    /// Exits per exit-reason modifier row ([`crate::flags::FLAGS`]); these
+    /// exits are counted in `exits` as well (those that got that far).
+    pub flags: [u64; FLAG_ROWS],
 }
 
 impl Default for Snapshot {
     fn default() -> Self {
-        Snapshot { exits: [0; SLOTS], cycles: [0; SLOTS] }
+        Snapshot { exits: [0; SLOTS], cycles: [0; SLOTS], flags: [0; FLAG_ROWS] }
     }
 }
 
@@ -96,6 +118,21 @@ impl Snapshot {
             self.exits[i] = self.exits[i].wrapping_add(block.exits(i));
             self.cycles[i] = self.cycles[i].wrapping_add(block.cycles(i));
         }
+        for (i, f) in self.flags.iter_mut().enumerate() {
+            *f = f.wrapping_add(block.flag(i));
+        }
+    }
+
+    /// `self - base` (the figures since a reset whose baseline is `base`).
+    pub fn minus(mut self, base: &Snapshot) -> Snapshot {
+        for i in 0..SLOTS {
+            self.exits[i] = self.exits[i].wrapping_sub(base.exits[i]);
+            self.cycles[i] = self.cycles[i].wrapping_sub(base.cycles[i]);
+        }
+        for (f, b) in self.flags.iter_mut().zip(base.flags.iter()) {
+            *f = f.wrapping_sub(*b);
+        }
+        self
     }
 
     /// The sum of several vCPUs' blocks.
@@ -181,6 +218,20 @@ mod tests {
         assert_eq!(live.total_cycles(), 161);
         assert_eq!(live.exits(10), 3);
         assert_eq!(live.cycles(12), 3);
+    }
+
+    #[test]
+    fn flags_are_counted_per_row_summed_and_subtracted() {
+        let blocks = [VcpuCounters::new(), VcpuCounters::new()];
+        blocks[0].record_flags(1 << 31 | 33);
+        blocks[1].record_flags(1 << 29 | 1 << 28 | 12);
+        blocks[1].record_flags(1 << 28 | 12);
+        let base = Snapshot::sum(&blocks);
+        assert_eq!(base.flags, [0, 0, 2, 1, 1, 0]);
+        blocks[0].record_flags(1 << 27 | 1 << 20);
+        let now = Snapshot::sum(&blocks).minus(&base);
+        assert_eq!(now.flags, [0, 1, 0, 0, 0, 1]);
+        assert_eq!(StatsView::total_exits(&now), 0, "flags are not exits of their own");
     }
 
     /// Several threads, each the single writer of its own block, record a

@@ -210,6 +210,25 @@ pub fn write_dump_with<W: Write + ?Sized>(
     writeln!(w, "{PREFIX}{END}")
 }
 
+/// The first line of the dump's flag section (after the prefix).
+pub const FLAGS_SECTION: &str =
+    "-- exit-reason flags (modifier bits above the basic reason; an exit that got as far is also in its reason's row)";
+
+/// Writes the dump's exit-reason flag section: one row per flag that any
+/// exit set, or a line saying none did.
+pub fn write_flags_section(w: &mut (impl Write + ?Sized), snap: &Snapshot) -> fmt::Result {
+    writeln!(w, "{PREFIX}{FLAGS_SECTION}")?;
+    if snap.flags.iter().all(|&f| f == 0) {
+        return writeln!(w, "{PREFIX}   none set");
+    }
+    for (f, &n) in crate::flags::FLAGS.iter().zip(snap.flags.iter()) {
+        if n != 0 {
+            writeln!(w, "{PREFIX}     {:<NAME_WIDTH$} {n:>12}", f.name)?;
+        }
+    }
+    Ok(())
+}
+
 /// A dump read back from a serial log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedDump {
@@ -378,6 +397,22 @@ mod tests {
         assert_eq!(d.present, ReasonSet::of(&[10, 12, 48]));
         assert_eq!(d.nvcpus, 2);
         assert_eq!(d.vcpus[0], (4102, 4101 * 130 + 99));
+    }
+
+    #[test]
+    fn the_flag_section_names_each_flag_and_leaves_the_table_readable() {
+        let (mut snap, _) = sample();
+        let mut out = String::new();
+        write_dump_with(&mut out, "t", &snap, &[], None, |w| write_flags_section(w, &snap)).unwrap();
+        assert!(out.contains(FLAGS_SECTION) && out.contains("   none set\n"), "{out}");
+        snap.flags[4] = 1;
+        snap.flags[2] = 7;
+        let mut out = String::new();
+        write_dump_with(&mut out, "t", &snap, &[], None, |w| write_flags_section(w, &snap)).unwrap();
+        let rows: Vec<&str> = out.lines().skip_while(|l| !l.contains(FLAGS_SECTION)).skip(1).take(2).collect();
+        assert!(rows[0].contains("pending MTF VM exit (bit 28)") && rows[0].ends_with(" 7"), "{out}");
+        assert!(rows[1].contains("VM-entry failure (bit 31)") && rows[1].ends_with(" 1"), "{out}");
+        assert_eq!(parse_last(&out).unwrap().0.snap.exits, snap.exits);
     }
 
     #[test]

@@ -265,6 +265,9 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
             None => l.line("reason", common)?,
         }
     }
+    for (f, n) in crate::flags::FLAGS.iter().zip(d.snap.flags.iter()) {
+        l.line("flag", format_args!(",\"mask\":{},\"key\":{},\"name\":{},\"exits\":{n}", f.mask, Str(f.key), Str(f.name)))?;
+    }
     for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
         l.line("vcpu", format_args!(",\"vcpu\":{i},\"exits\":{e},\"cycles\":{c}"))?;
     }
@@ -331,6 +334,9 @@ pub struct ParsedJson {
     pub snap: Snapshot,
     /// Slots that had a `reason` line, ascending.
     pub present: Vec<usize>,
+    /// Whether the dump had `flag` lines (`snap.flags` holds them; dumps
+    /// written before them have none).
+    pub has_flags: bool,
     /// Latency details per slot (default for slots without a line) and the
     /// breakdowns, if the dump had them.
     pub detail: Option<DetailSnapshot>,
@@ -658,6 +664,7 @@ impl Block {
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
                 present: Vec::new(),
+                has_flags: false,
                 detail: None,
                 per_vcpu: Vec::new(),
                 timeline: None,
@@ -703,6 +710,14 @@ impl Block {
                     let rd = ReasonDetail { min: opt_num(v, "min")?, max: num(v, "max")?, sumsq, hist };
                     p.detail.get_or_insert_with(DetailSnapshot::default).reasons[slot] = rd;
                 }
+            }
+            "flag" => {
+                let key = string(v, "key")?;
+                // A later writer's flag this reader does not know is skipped.
+                if let Some(row) = crate::flags::FLAGS.iter().position(|f| f.key == key) {
+                    p.snap.flags[row] = num(v, "exits")?;
+                }
+                p.has_flags = true;
             }
             "vcpu" => {
                 if num(v, "vcpu")? != p.per_vcpu.len() as u64 {
@@ -910,6 +925,8 @@ mod tests {
         d[0].record_cr(3, 1);
         d[1].record_cr(0, 2);
         d[1].ept_regions.record(0xFEE0_0000 >> 21);
+        c[1].record_flags(1 << 28 | 12);
+        c[0].record_flags(1 << 31 | 33);
         let snap = Snapshot::sum(&c);
         let per = c.iter().map(|b| (b.total_exits(), b.total_cycles())).collect();
         let mut det = DetailSnapshot::sum(&d);
@@ -955,6 +972,9 @@ mod tests {
         assert_eq!(p.snap, snap);
         assert_eq!(p.present, [10, 12, 30, 35, 48, reasons::UNKNOWN_SLOT]);
         assert_eq!(p.per_vcpu, per);
+        assert!(p.has_flags);
+        assert_eq!(p.snap.flags, snap.flags);
+        assert_eq!(s.lines().filter(|l| l.contains("\"type\":\"flag\"")).count(), crate::flags::FLAG_ROWS);
         assert_eq!(p.smi, Some(SmiReport::Counted { start: 120, end: 123, vcpu: 1 }));
         assert_eq!(p.detail.as_ref(), Some(&det));
         assert_eq!((p.total_exits, p.total_cycles), (snap.total_exits(), snap.total_cycles()));
@@ -1038,7 +1058,7 @@ mod tests {
                 _ => {}
             }
         }
-        let want = ["begin", "breakdown", "breakdown_other", "end", "reason", "sample", "timeline", "vcpu"];
+        let want = ["begin", "breakdown", "breakdown_other", "end", "flag", "reason", "sample", "timeline", "vcpu"];
         assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
         assert!(s.contains("\"label\":\"port 0x3f8\""), "{s}");
         assert!(s.contains("\"label\":\"WRMSR 0x6e0\""), "{s}");

@@ -15,6 +15,7 @@ pub mod counters;
 #[cfg(feature = "alloc")]
 pub mod detail;
 pub mod dump;
+pub mod flags;
 pub mod intercept;
 #[cfg(feature = "alloc")]
 pub mod json;

@@ -238,6 +238,8 @@ pub struct Data {
     pub per_vcpu: Vec<(u64, u64)>,
     pub detail: Option<DetailSnapshot>,
     pub timeline: Option<ParsedTimeline>,
+    /// Whether `snap.flags` was in the dump (JSON dumps since the flag lines).
+    pub has_flags: bool,
     /// Why the JSON dump was not used, if there was one that could not be.
     pub json_problem: Option<String>,
 }
@@ -257,6 +259,7 @@ impl Data {
                     per_vcpu: p.per_vcpu,
                     detail: p.detail,
                     timeline: p.timeline,
+                    has_flags: p.has_flags,
                     json_problem: None,
                 }))
             }
@@ -273,6 +276,7 @@ impl Data {
                 per_vcpu: d.vcpus[..d.nvcpus].to_vec(),
                 detail: None,
                 timeline: None,
+                has_flags: false,
                 json_problem,
             })),
             Err(dump::ParseError::NotFound) => match json_problem {
@@ -446,6 +450,15 @@ impl<'a> Report<'a> {
         }
         for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
             let _ = writeln!(s, "  vCPU {i}: {e} exits, {c} cycles");
+        }
+        if d.has_flags {
+            let set: Vec<String> = exitscope_stats::flags::FLAGS
+                .iter()
+                .zip(d.snap.flags.iter())
+                .filter(|(_, n)| **n != 0)
+                .map(|(f, n)| format!("{n} {}", f.name))
+                .collect();
+            let _ = writeln!(s, "Exit-reason flags: {}.", if set.is_empty() { "none set".to_string() } else { set.join(", ") });
         }
         if d.source == Source::Human {
             let _ = writeln!(
@@ -1124,6 +1137,7 @@ mod tests {
         for _ in 0..5 {
             rec(1, 48, 20_000);
         }
+        c[1].record_flags(1 << 29 | 12);
         let snap = Snapshot::sum(&c);
         let per = c.iter().map(|b| (b.total_exits(), b.total_cycles())).collect();
         let det = DetailSnapshot::sum(&d);
@@ -1196,6 +1210,7 @@ mod tests {
         assert!(line.trim_end().ends_with("127       300       300       300"), "{line}");
         assert!(text.contains("P50..P99.9: percentiles by nearest rank"), "{text}");
         assert!(text.contains("Timeline: 41 samples every 100 TSC ticks"), "{text}");
+        assert!(text.contains("Exit-reason flags: 1 VM exit from VMX root operation (bit 29)."), "{text}");
         assert!(!text.contains("Not in this"), "{text}");
     }
 

@@ -331,6 +331,12 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     let reason = vmread(ro::EXIT_REASON) as u32;
     v.last_exit = reason;
     let basic = reason as u16;
+    // The modifier bits the basic reason drops (before an entry failure
+    // ends the run): one test when there are none.
+    #[cfg(feature = "accounting")]
+    if reason & exitscope_stats::flags::MODIFIER_MASK != 0 {
+        v.counters.record_flags(reason);
+    }
     if reason & (1 << 31) != 0 {
         entry_failure(v, reason);
     }
