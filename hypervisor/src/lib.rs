@@ -157,7 +157,9 @@ pub fn run(bi: BootInfo) -> ! {
     if opts.pit_stopped {
         hvprintln!("test switch pit=stopped: the 8254 PIT reads as stopped");
     }
-    hvprintln!("TSC: {}", tsc::calibrate(acpi.pm_timer, opts.pit_stopped));
+    let calibration = tsc::calibrate(acpi.pm_timer, opts.pit_stopped);
+    hvprintln!("TSC: {calibration}");
+    statsys::note_boot(&bi, &calibration);
 
     // VMX.
     let mut probe = read_probe();

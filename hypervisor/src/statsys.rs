@@ -270,6 +270,80 @@ pub fn timeline_sample(now: u64) {
     TIMELINE_NEXT.store(t.next_due(), Relaxed);
 }
 
+// ---------------------------------------------------------------------------
+// Run metadata (the JSON dump's meta line)
+
+/// What the metadata needs from the boot, noted once in `run`.
+struct BootNote {
+    cmdline: alloc::string::String,
+    boot: alloc::string::String,
+    tsc_hz: u64,
+    tsc_source: &'static str,
+    microcode: Option<u64>,
+    emulator: Option<&'static str>,
+}
+
+static BOOT_NOTE: spin::Once<BootNote> = spin::Once::new();
+
+/// The commit xtask built from (`EXITSCOPE_COMMIT`; "unknown" otherwise).
+pub const COMMIT: &str = match option_env!("EXITSCOPE_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+/// IA32_BIOS_SIGN_ID: the microcode revision in bits 63:32 after CPUID.1.
+const IA32_BIOS_SIGN_ID: u32 = 0x8B;
+
+/// Notes what the run's metadata needs from the boot (once, on the boot
+/// CPU, before the first VM entry).
+pub fn note_boot(bi: &crate::bootinfo::BootInfo, cal: &crate::tsc::Calibration) {
+    let intel = is_intel();
+    let microcode = if intel && crate::idt::wrmsr_safe(IA32_BIOS_SIGN_ID, 0) {
+        let _ = crate::cpu::cpuid(1, 0);
+        crate::idt::rdmsr_safe(IA32_BIOS_SIGN_ID).map(|v| v >> 32)
+    } else {
+        None
+    };
+    // Bochs's port 0xE9 hack reads back 0xE9; an unused port reads 0xFF.
+    // SAFETY: reading port 0xE9 has no effect on a device Exitscope knows.
+    let e9 = unsafe { crate::cpu::inb(0xE9) };
+    BOOT_NOTE.call_once(|| BootNote {
+        cmdline: bi.cmdline.clone(),
+        boot: alloc::format!("{} ({})", bi.protocol, bi.loader_name.as_deref().unwrap_or("unknown loader")),
+        tsc_hz: cal.hz,
+        tsc_source: cal.source.describe(),
+        microcode,
+        emulator: (e9 == 0xE9).then_some("bochs"),
+    });
+}
+
+fn is_intel() -> bool {
+    let v = crate::cpu::cpuid(0, 0);
+    exitscope_stats::meta::vendor_string(v[1], v[3], v[2]) == "GenuineIntel"
+}
+
+/// The run's metadata now.
+fn run_meta() -> exitscope_stats::meta::Meta {
+    use exitscope_stats::meta::{family_model_stepping, vendor_string, CpuInfo, Meta};
+    let v0 = crate::cpu::cpuid(0, 0);
+    let (family, model, stepping) = family_model_stepping(crate::cpu::cpuid(1, 0)[0]);
+    let note = BOOT_NOTE.get();
+    let sh = state::shared();
+    Meta {
+        version: crate::VERSION.into(),
+        commit: COMMIT.into(),
+        cmdline: note.map(|n| n.cmdline.clone()).unwrap_or_default(),
+        profile: sh.options.intercept.profile.name().into(),
+        enabled: (0..=MAX_DEFINED).filter(|&r| sh.enabled.contains(r as u32)).collect(),
+        cpu: CpuInfo { vendor: vendor_string(v0[1], v0[3], v0[2]), family, model, stepping, microcode: note.and_then(|n| n.microcode) },
+        tsc_hz: note.map_or(crate::tsc::hz(), |n| n.tsc_hz),
+        tsc_source: note.map_or("not calibrated", |n| n.tsc_source).into(),
+        emulator: note.and_then(|n| n.emulator).map(Into::into),
+        vcpus: ncpus() as u64,
+        boot: note.map(|n| n.boot.clone()).unwrap_or_default(),
+    }
+}
+
 /// Prints the statistics: the human table, then the JSON lines.
 pub fn print_dump(title: &str) {
     // The moment the figures are taken (printing them takes a while).
@@ -278,6 +352,7 @@ pub fn print_dump(title: &str) {
     let detail = current_detail();
     let per: Vec<(u64, u64)> = (0..ncpus()).filter_map(vcpu_current).map(|s| (s.total_exits(), s.total_cycles())).collect();
     let smi = current_smi_report();
+    let meta = run_meta();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
         let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| {
@@ -297,6 +372,7 @@ pub fn print_dump(title: &str) {
                 timeline: timeline.as_deref(),
                 tsc: Some(tsc),
                 smi: Some(&smi),
+                meta: Some(&meta),
             },
         );
     });

@@ -2,17 +2,24 @@
 //! the hypervisor next to the human table of [`crate::dump`] and read back by
 //! `cargo xtask report` (or any script).
 //!
-//! # Format, schema version 1
+//! # Format, schema version 2
 //!
 //! Every line starts with [`JSON_PREFIX`] (`[exitscope-json] `), followed by
-//! one JSON object on the rest of the line. Every object has `"schema":1`
-//! and a `"type"`. A dump is a block of lines from a `begin` line to an
+//! one JSON object on the rest of the line. Every object has `"schema":2`
+//! and a `"type"`.
+//!
+//! Schema 2 (this one) added the `meta` line, the `flag` lines and the
+//! percentile fields of `reason` lines; schema 1 had none of them and is
+//! otherwise the same. [`parse_last_json`] reads both (a schema 1 dump has
+//! `meta: None` and `has_flags: false`). A dump is a block of lines from a `begin` line to an
 //! `end` line, in this order:
 //!
 //! | type | fields |
 //! |---|---|
 //! | `begin` | `title` (string, as in the human dump), `vcpus` (number of vCPU lines), `reasons_source` (where the reason table comes from, [`SDM_SOURCE`]), `slots` (87: reasons 0..=85 and the unknown slot), `unknown_slot` (86), `hist_buckets` (32), `detail` (bool: reason lines carry latency details and breakdown lines follow), `timeline` (bool: a timeline follows), `tsc` (number or `null`); optional (absent from dumps that predate it): `smis` (SMIs during the run by MSR_SMI_COUNT, see [`SmiReport`]; `null`: not counted, no such MSR), and with a number also `smi_count_start`, `smi_count_end` (the MSR's readings) and `smi_vcpu` (the vCPU they were read on) |
-//! | `reason` | one per counter slot with at least one exit, ascending: `slot`, `nr` (the basic exit reason, `null` for the unknown slot, which collects reasons above 85), `key` (Linux-style identifier; `"UNDEFINED"` for a number the SDM does not define, `"UNKNOWN"` for the unknown slot), `name` (the SDM's name), `exits`, `cycles`; with details also `min` (cycles, `null` if not recorded), `max`, `sumsq` (sum of squared latencies, a decimal **string**: it is a 128-bit number), `hist` (array of 32 counts: bucket `b` counts exits of `[2^b, 2^(b+1))` cycles, bucket 0 also 0 and 1, bucket 31 everything from `2^31`; see [`crate::detail::bucket`]) |
+//! | `meta` | right after `begin` (schema 2): `version` (Exitscope's), `commit` (git commit it was built from, `-dirty` with uncommitted changes, `unknown` if not built by xtask), `cmdline` (the hypervisor's command line), `profile` (interception profile), `enabled` (array of the reasons this configuration can produce), `cpu_vendor`, `cpu_family`, `cpu_model`, `cpu_stepping` (display values from CPUID.1), `microcode` (IA32_BIOS_SIGN_ID bits 63:32; `null` if not read), `tsc_hz` and `tsc_source` (the TSC rate and how it was found: calibrated against the PM timer or PIT, or from CPUID 0x15/0x16), `tsc_counts_instructions` (bool: the run was in Bochs, where the TSC counts emulated instructions), `emulator` (`"bochs"` when port 0xE9 answers 0xE9, else `null`), `vcpus`, `boot` (boot protocol and loader). See [`Meta`] |
+//! | `reason` | one per counter slot with at least one exit, ascending: `slot`, `nr` (the basic exit reason, `null` for the unknown slot, which collects reasons above 85), `key` (Linux-style identifier; `"UNDEFINED"` for a number the SDM does not define, `"UNKNOWN"` for the unknown slot), `name` (the SDM's name), `exits`, `cycles`; with details also `min` (cycles, `null` if not recorded), `max`, `sumsq` (sum of squared latencies, a decimal **string**: it is a 128-bit number), `hist` (array of 32 counts: bucket `b` counts exits of `[2^b, 2^(b+1))` cycles, bucket 0 also 0 and 1, bucket 31 everything from `2^31`; see [`crate::detail::bucket`]), and (schema 2) `p50`, `p90`, `p99`, `p99_9`: upper bounds of those percentiles from the histogram, see [`crate::detail::percentile`] |
+//! | `flag` | schema 2, one per exit-reason modifier row of [`crate::flags::FLAGS`], zeros included: `mask` (the bits of the exit-reason field it counts), `key`, `name`, `exits` |
 //! | `vcpu` | one per vCPU, ascending: `vcpu`, `exits`, `cycles` |
 //! | `breakdown` | with details, per kind by count descending: `kind` (`io_port`, `msr`, `cr`, `ept_2m_region`, see [`BreakdownKind`]), `reason` (the exit reason it splits), `key` (number, meaning per kind), `label` (the key for people, e.g. `port 0x3f8`, `WRMSR 0x6e0`, `MOV to CR4`, `GPA 0xfee00000-0xfeffffff`), `count` |
 //! | `breakdown_other` | with details, one per kind, after its entries: `kind`, `reason`, `count` (accesses whose key was not tracked individually) |
@@ -30,20 +37,23 @@
 //! Example (abridged):
 //!
 //! ```text
-//! [exitscope-json] {"schema":1,"type":"begin","title":"final (guest halted)","vcpus":1,...,"detail":true,"timeline":true}
-//! [exitscope-json] {"schema":1,"type":"reason","slot":10,"nr":10,"key":"CPUID","name":"CPUID","exits":4101,"cycles":535634,"min":98,"max":2900,"sumsq":"70654012","hist":[0,0,...]}
-//! [exitscope-json] {"schema":1,"type":"vcpu","vcpu":0,"exits":4154,"cycles":551543}
-//! [exitscope-json] {"schema":1,"type":"breakdown","kind":"io_port","reason":30,"key":1016,"label":"port 0x3f8","count":41}
-//! [exitscope-json] {"schema":1,"type":"breakdown_other","kind":"io_port","reason":30,"count":0}
-//! [exitscope-json] {"schema":1,"type":"timeline","start":81234,"interval":1000000,"base_interval":1000000,"doublings":0,"samples":3}
-//! [exitscope-json] {"schema":1,"type":"sample","i":1,"tsc":1081234,"exits":{"10":2031,"30":12}}
-//! [exitscope-json] {"schema":1,"type":"end","total_exits":4154,"total_cycles":551543,"lines":12}
+//! [exitscope-json] {"schema":2,"type":"begin","title":"final (guest halted)","vcpus":1,...,"detail":true,"timeline":true}
+//! [exitscope-json] {"schema":2,"type":"meta","version":"0.1.0","commit":"234b837a1c2d","cmdline":"","profile":"minimal","enabled":[0,2,3,...],"cpu_vendor":"GenuineIntel",...,"boot":"multiboot2 (GRUB 2.06-13+deb12u2)"}
+//! [exitscope-json] {"schema":2,"type":"reason","slot":10,"nr":10,"key":"CPUID","name":"CPUID","exits":4101,"cycles":535634,"min":98,"max":2900,"sumsq":"70654012","hist":[0,0,...],"p50":127,"p90":255,"p99":255,"p99_9":2900}
+//! [exitscope-json] {"schema":2,"type":"flag","mask":2147483648,"key":"ENTRY_FAILURE","name":"VM-entry failure (bit 31)","exits":0}
+//! [exitscope-json] {"schema":2,"type":"vcpu","vcpu":0,"exits":4154,"cycles":551543}
+//! [exitscope-json] {"schema":2,"type":"breakdown","kind":"io_port","reason":30,"key":1016,"label":"port 0x3f8","count":41}
+//! [exitscope-json] {"schema":2,"type":"breakdown_other","kind":"io_port","reason":30,"count":0}
+//! [exitscope-json] {"schema":2,"type":"timeline","start":81234,"interval":1000000,"base_interval":1000000,"doublings":0,"samples":3}
+//! [exitscope-json] {"schema":2,"type":"sample","i":1,"tsc":1081234,"exits":{"10":2031,"30":12}}
+//! [exitscope-json] {"schema":2,"type":"end","total_exits":4154,"total_cycles":551543,"lines":18}
 //! ```
 
 use crate::counters::Snapshot;
 use crate::detail::{BreakdownKind, DetailSnapshot, ReasonDetail, HIST_BUCKETS};
 pub use crate::dump::SmiReport;
 use crate::leaf::StatsView;
+pub use crate::meta::{CpuInfo, Meta};
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
 use crate::timeline::Timeline;
 use alloc::string::String;
@@ -52,8 +62,10 @@ use core::fmt::{self, Write};
 
 /// Prefix of every JSON line on the serial console.
 pub const JSON_PREFIX: &str = "[exitscope-json] ";
-/// The schema version written (and the only one read).
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema version written.
+pub const SCHEMA_VERSION: u64 = 2;
+/// The schema versions read: 1 (before the `meta` line) and 2.
+pub const SCHEMAS_READ: [u64; 2] = [1, 2];
 
 /// What a JSON dump is made of.
 #[derive(Clone, Copy)]
@@ -69,6 +81,8 @@ pub struct JsonDump<'a> {
     pub tsc: Option<u64>,
     /// SMIs during the run (`None`: the fields are left out).
     pub smi: Option<&'a SmiReport>,
+    /// The run's metadata (`None`: no `meta` line).
+    pub meta: Option<&'a Meta>,
 }
 
 /// The optional SMI fields of the `begin` line.
@@ -225,6 +239,18 @@ impl fmt::Display for Opt {
     }
 }
 
+/// An optional string: the string literal or `null`.
+struct OptStr<'a>(Option<&'a str>);
+
+impl fmt::Display for OptStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, "{}", Str(s)),
+            None => f.write_str("null"),
+        }
+    }
+}
+
 /// Writes the JSON lines of a dump (see the module documentation).
 pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::Result {
     let mut l = Lines { w, n: 0 };
@@ -241,6 +267,36 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
             SmiFields(d.smi)
         ),
     )?;
+    if let Some(m) = d.meta {
+        let enabled = m.enabled.iter().fold(String::new(), |mut a, n| {
+            if !a.is_empty() {
+                a.push(',');
+            }
+            let _ = write!(a, "{n}");
+            a
+        });
+        l.line(
+            "meta",
+            format_args!(
+                ",\"version\":{},\"commit\":{},\"cmdline\":{},\"profile\":{},\"enabled\":[{enabled}],\"cpu_vendor\":{},\"cpu_family\":{},\"cpu_model\":{},\"cpu_stepping\":{},\"microcode\":{},\"tsc_hz\":{},\"tsc_source\":{},\"tsc_counts_instructions\":{},\"emulator\":{},\"vcpus\":{},\"boot\":{}",
+                Str(&m.version),
+                Str(&m.commit),
+                Str(&m.cmdline),
+                Str(&m.profile),
+                Str(&m.cpu.vendor),
+                m.cpu.family,
+                m.cpu.model,
+                m.cpu.stepping,
+                Opt(m.cpu.microcode),
+                m.tsc_hz,
+                Str(&m.tsc_source),
+                m.tsc_counts_instructions(),
+                OptStr(m.emulator.as_deref()),
+                m.vcpus,
+                Str(&m.boot)
+            ),
+        )?;
+    }
     for slot in (0..SLOTS).filter(|&s| d.snap.exits[s] != 0) {
         let (nr, key, name) = slot_names(slot);
         let (e, c) = (d.snap.exits[slot], d.snap.cycles[slot]);
@@ -329,6 +385,8 @@ pub struct ParsedJson {
     pub tsc: Option<u64>,
     /// SMIs during the run, if the writer gave them.
     pub smi: Option<SmiReport>,
+    /// The `meta` line (schema 2; `None` in schema 1 dumps).
+    pub meta: Option<Meta>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -364,7 +422,7 @@ impl fmt::Display for JsonError {
         match self {
             JsonError::NotFound => f.write_str("no complete JSON dump (begin and end lines) found"),
             JsonError::Schema { line, found } => {
-                write!(f, "line {line}: JSON dump schema {found}, but this reader knows schema {SCHEMA_VERSION} only")
+                write!(f, "line {line}: JSON dump schema {found}, but this reader knows schemas 1 and 2 only (or a block mixes schemas)")
             }
             JsonError::BadLine { line, why } => write!(f, "line {line}: malformed JSON dump line: {why}"),
         }
@@ -660,6 +718,7 @@ impl Block {
                 schema: SCHEMA_VERSION,
                 tsc: None,
                 smi: None,
+                meta: None,
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -710,6 +769,48 @@ impl Block {
                     let rd = ReasonDetail { min: opt_num(v, "min")?, max: num(v, "max")?, sumsq, hist };
                     p.detail.get_or_insert_with(DetailSnapshot::default).reasons[slot] = rd;
                 }
+            }
+            "meta" => {
+                if p.meta.is_some() {
+                    return Err("second meta line");
+                }
+                let mut enabled = Vec::new();
+                match v.get("enabled") {
+                    Some(Value::Arr(a)) => {
+                        for x in a {
+                            match x {
+                                Value::Num(n) if *n <= u16::MAX as u64 => enabled.push(*n as u16),
+                                _ => return Err("enabled holds a non-reason"),
+                            }
+                        }
+                    }
+                    _ => return Err("enabled is not an array"),
+                }
+                let small = |k: &str| -> PResult<u32> { u32::try_from(num(v, k)?).map_err(|_| "a CPU field is out of range") };
+                let emulator = match v.get("emulator") {
+                    Some(Value::Null) | None => None,
+                    Some(Value::Str(s)) => Some(s.clone()),
+                    Some(_) => return Err("emulator is not a string"),
+                };
+                p.meta = Some(Meta {
+                    version: string(v, "version")?,
+                    commit: string(v, "commit")?,
+                    cmdline: string(v, "cmdline")?,
+                    profile: string(v, "profile")?,
+                    enabled,
+                    cpu: CpuInfo {
+                        vendor: string(v, "cpu_vendor")?,
+                        family: small("cpu_family")?,
+                        model: small("cpu_model")?,
+                        stepping: small("cpu_stepping")?,
+                        microcode: opt_num(v, "microcode")?,
+                    },
+                    tsc_hz: num(v, "tsc_hz")?,
+                    tsc_source: string(v, "tsc_source")?,
+                    emulator,
+                    vcpus: num(v, "vcpus")?,
+                    boot: string(v, "boot")?,
+                });
             }
             "flag" => {
                 let key = string(v, "key")?;
@@ -828,7 +929,7 @@ pub fn parse_last_json(text: &str) -> Result<ParsedJson, JsonError> {
         if ty == "begin" {
             let mut b = Block::new();
             match schema {
-                Ok(SCHEMA_VERSION) => {}
+                Ok(s) if SCHEMAS_READ.contains(&s) => b.p.schema = s,
                 Ok(found) => b.error = Some(JsonError::Schema { line: no, found }),
                 Err(why) => b.error = Some(JsonError::BadLine { line: no, why: why.into() }),
             }
@@ -868,7 +969,7 @@ pub fn parse_last_json(text: &str) -> Result<ParsedJson, JsonError> {
         let Some(b) = cur.as_mut() else { continue };
         if b.error.is_none() {
             match schema {
-                Ok(SCHEMA_VERSION) => {}
+                Ok(s) if s == b.p.schema => {}
                 Ok(found) => b.error = Some(JsonError::Schema { line: no, found }),
                 Err(why) => b.error = Some(JsonError::BadLine { line: no, why: why.into() }),
             }
@@ -957,6 +1058,7 @@ mod tests {
             timeline: Some(&t),
             tsc: Some(123_456_789),
             smi: Some(&SmiReport::Counted { start: 120, end: 123, vcpu: 1 }),
+            meta: Some(&sample_meta()),
         });
         (s, snap, per, det, t)
     }
@@ -966,7 +1068,7 @@ mod tests {
         let (s, snap, per, det, t) = full();
         assert!(s.lines().all(|l| l.starts_with(JSON_PREFIX)), "{s}");
         let p = parse_last_json(&s).unwrap();
-        assert_eq!(p.schema, 1);
+        assert_eq!(p.schema, 2);
         assert_eq!(p.title, "final (guest \"halted\")\t\\");
         assert_eq!(p.reasons_source, SDM_SOURCE);
         assert_eq!(p.snap, snap);
@@ -1000,7 +1102,7 @@ mod tests {
     fn smi_fields_are_optional() {
         let (snap, per, _, _) = sample();
         let with = |smi: Option<&SmiReport>| {
-            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi })
+            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi, meta: None })
         };
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
         let s = with(Some(&counted));
@@ -1021,14 +1123,23 @@ mod tests {
     #[test]
     fn without_details_or_timeline() {
         let (snap, per, _, _) = sample();
-        let s = write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None });
+        let s =
+            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None, meta: None });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
         assert_eq!(p.snap, snap);
         assert_eq!((p.detail, p.timeline), (None, None));
         // An empty dump is still a dump.
-        let s =
-            write(&JsonDump { title: "", snap: &Snapshot::default(), per_vcpu: &[], detail: None, timeline: None, tsc: None, smi: None });
+        let s = write(&JsonDump {
+            title: "",
+            snap: &Snapshot::default(),
+            per_vcpu: &[],
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: None,
+        });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
     }
@@ -1039,7 +1150,7 @@ mod tests {
         let mut types = std::collections::BTreeSet::new();
         for l in s.lines() {
             let v: serde_json::Value = serde_json::from_str(l.strip_prefix(JSON_PREFIX).unwrap()).unwrap_or_else(|e| panic!("{e}: {l}"));
-            assert_eq!(v["schema"], 1, "{l}");
+            assert_eq!(v["schema"], 2, "{l}");
             types.insert(v["type"].as_str().unwrap().to_string());
             match v["type"].as_str().unwrap() {
                 "reason" => {
@@ -1058,7 +1169,7 @@ mod tests {
                 _ => {}
             }
         }
-        let want = ["begin", "breakdown", "breakdown_other", "end", "flag", "reason", "sample", "timeline", "vcpu"];
+        let want = ["begin", "breakdown", "breakdown_other", "end", "flag", "meta", "reason", "sample", "timeline", "vcpu"];
         assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
         assert!(s.contains("\"label\":\"port 0x3f8\""), "{s}");
         assert!(s.contains("\"label\":\"WRMSR 0x6e0\""), "{s}");
@@ -1111,6 +1222,7 @@ mod tests {
             timeline: None,
             tsc: None,
             smi: None,
+            meta: None,
         });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
@@ -1155,18 +1267,110 @@ mod tests {
     #[test]
     fn schema_version_is_checked() {
         let (s, ..) = full();
-        let v2 = s.replace("\"schema\":1,", "\"schema\":2,");
-        assert_eq!(parse_last_json(&v2), Err(JsonError::Schema { line: 1, found: 2 }));
+        let v3 = s.replace("\"schema\":2,", "\"schema\":3,");
+        assert_eq!(parse_last_json(&v3), Err(JsonError::Schema { line: 1, found: 3 }));
         // Only one line of another version is still an error.
         let lines: Vec<&str> = s.lines().collect();
         let mixed: Vec<String> = lines
             .iter()
             .enumerate()
-            .map(|(i, l)| if i == 3 { l.replace("\"schema\":1,", "\"schema\":7,") } else { l.to_string() })
+            .map(|(i, l)| if i == 3 { l.replace("\"schema\":2,", "\"schema\":1,") } else { l.to_string() })
             .collect();
-        assert_eq!(parse_last_json(&mixed.join("\n")), Err(JsonError::Schema { line: 4, found: 7 }));
-        let e = JsonError::Schema { line: 1, found: 2 }.to_string();
-        assert!(e.contains("schema 2") && e.contains("schema 1"), "{e}");
+        assert_eq!(parse_last_json(&mixed.join("\n")), Err(JsonError::Schema { line: 4, found: 1 }));
+        let e = JsonError::Schema { line: 1, found: 3 }.to_string();
+        assert!(e.contains("schema 3") && e.contains("schemas 1 and 2"), "{e}");
+    }
+
+    /// A dump as schema 1 writers wrote it (no meta, no flag lines, no
+    /// percentiles) is still read.
+    #[test]
+    fn schema_1_dumps_are_still_read() {
+        let (s, snap, ..) = full();
+        let v1: String = s
+            .lines()
+            .filter(|l| !l.contains("\"type\":\"meta\"") && !l.contains("\"type\":\"flag\""))
+            .map(|l| {
+                let l = l.replace("\"schema\":2,", "\"schema\":1,");
+                // The end line counts the lines it closes.
+                if l.contains("\"type\":\"end\"") {
+                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS;
+                    let at = l.find("\"lines\":").unwrap();
+                    format!("{}\"lines\":{n}}}", &l[..at])
+                } else {
+                    l
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let p = parse_last_json(&v1).unwrap();
+        assert_eq!(p.schema, 1);
+        assert_eq!((p.meta, p.has_flags), (None, false));
+        assert_eq!(p.snap.exits, snap.exits);
+    }
+
+    fn sample_meta() -> Meta {
+        Meta {
+            version: "0.1.0".into(),
+            commit: "0123456789ab-dirty".into(),
+            cmdline: "profile=minimal log=\"x\"".into(),
+            profile: "minimal".into(),
+            enabled: vec![10, 12, 30, 55],
+            cpu: CpuInfo { vendor: "GenuineIntel".into(), family: 6, model: 0x55, stepping: 4, microcode: Some(0x2006e05) },
+            tsc_hz: 50_000_000,
+            tsc_source: "calibrated against the ACPI PM timer".into(),
+            emulator: Some("bochs".into()),
+            vcpus: 2,
+            boot: "multiboot2 (GRUB 2.06-13+deb12u2)".into(),
+        }
+    }
+
+    /// The meta line: every field, its JSON type, and the round trip.
+    #[test]
+    fn the_meta_header() {
+        let (s, ..) = full();
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(lines[1].contains("\"type\":\"meta\""), "the header comes right after begin: {}", lines[1]);
+        let v: serde_json::Value = serde_json::from_str(&lines[1][JSON_PREFIX.len()..]).unwrap();
+        let want_str = ["version", "commit", "cmdline", "profile", "cpu_vendor", "tsc_source", "emulator", "boot"];
+        let want_num = ["cpu_family", "cpu_model", "cpu_stepping", "microcode", "tsc_hz", "vcpus"];
+        for k in want_str {
+            assert!(v[k].is_string(), "{k} in {}", lines[1]);
+        }
+        for k in want_num {
+            assert!(v[k].is_u64(), "{k} in {}", lines[1]);
+        }
+        assert_eq!(v["schema"], 2);
+        assert_eq!(v["enabled"], serde_json::json!([10, 12, 30, 55]));
+        assert_eq!(v["tsc_counts_instructions"], true);
+        assert_eq!(v["cmdline"], "profile=minimal log=\"x\"");
+        let n = v.as_object().unwrap().len();
+        assert_eq!(n, 2 + want_str.len() + want_num.len() + 2, "no field unaccounted for: {}", lines[1]);
+        let p = parse_last_json(&s).unwrap();
+        assert_eq!(p.meta, Some(sample_meta()));
+        // Without an emulator or microcode: nulls, and they read back.
+        let mut m = sample_meta();
+        m.emulator = None;
+        m.cpu.microcode = None;
+        let (snap, per, ..) = sample();
+        let t = write(&JsonDump {
+            title: "t",
+            snap: &snap,
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: Some(&m),
+        });
+        assert!(
+            t.contains("\"microcode\":null") && t.contains("\"emulator\":null,\"tsc_counts_instructions\":false")
+                || t.contains("\"tsc_counts_instructions\":false"),
+            "{t}"
+        );
+        assert_eq!(parse_last_json(&t).unwrap().meta, Some(m));
+        // A malformed meta line is an error of the dump.
+        let bad = s.replace("\"cpu_family\":6", "\"cpu_family\":\"six\"");
+        assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { line: 2, .. })));
     }
 
     #[test]
@@ -1175,7 +1379,7 @@ mod tests {
         let mut lines: Vec<String> =
             s.lines().map(|l| l.replace("\"type\":\"vcpu\",", "\"type\":\"vcpu\",\"future\":[1.5,-2,{\"x\":null}],")).collect();
         // A new line type, counted by the end line like any other.
-        lines.insert(1, format!("{JSON_PREFIX}{{\"schema\":1,\"type\":\"future\",\"x\":\"\\u00e9\\ud83d\\ude00\"}}"));
+        lines.insert(1, format!("{JSON_PREFIX}{{\"schema\":2,\"type\":\"future\",\"x\":\"\\u00e9\\ud83d\\ude00\"}}"));
         let end = lines.len() - 1;
         let n = lines.len() as u64 - 1;
         lines[end] = lines[end].replace(&format!("\"lines\":{}", n - 1), &format!("\"lines\":{n}"));

@@ -20,6 +20,8 @@ pub mod intercept;
 #[cfg(feature = "alloc")]
 pub mod json;
 pub mod leaf;
+#[cfg(feature = "alloc")]
+pub mod meta;
 pub mod reasons;
 #[cfg(feature = "alloc")]
 pub mod timeline;

@@ -25,10 +25,33 @@ fn cargo() -> Command {
     c
 }
 
+/// The commit of the tree being built: `git rev-parse --short=12 HEAD`,
+/// `-dirty` if tracked files differ from it, "unknown" outside git.
+pub fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git").args(args).current_dir(util::root()).output().ok().filter(|o| o.status.success()).map(|o| o.stdout)
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(h) => {
+            let h = String::from_utf8_lossy(&h).trim().to_string();
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            if dirty {
+                h + "-dirty"
+            } else {
+                h
+            }
+        }
+        None => "unknown".into(),
+    }
+}
+
 /// Builds the hypervisor and the test guests (release, x86_64-unknown-none).
 pub fn build(features: &[&str]) -> Result<Artifacts> {
     crate::toolchain::ensure()?;
     let mut c = cargo();
+    // The commit goes into the JSON dump's meta line (a change rebuilds the
+    // hypervisor crate, which reads it with option_env!).
+    c.env("EXITSCOPE_COMMIT", commit());
     c.args(["build", "--release", "--target", "x86_64-unknown-none", "-p", "exitscope-boot"]);
     if !features.is_empty() {
         c.args(["--features", &features.join(",")]);

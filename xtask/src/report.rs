@@ -240,6 +240,9 @@ pub struct Data {
     pub timeline: Option<ParsedTimeline>,
     /// Whether `snap.flags` was in the dump (JSON dumps since the flag lines).
     pub has_flags: bool,
+    /// The JSON dump's schema (0: the human dump) and its meta line.
+    pub schema: u64,
+    pub meta: Option<json::Meta>,
     /// Why the JSON dump was not used, if there was one that could not be.
     pub json_problem: Option<String>,
 }
@@ -260,6 +263,8 @@ impl Data {
                     detail: p.detail,
                     timeline: p.timeline,
                     has_flags: p.has_flags,
+                    schema: p.schema,
+                    meta: p.meta,
                     json_problem: None,
                 }))
             }
@@ -277,6 +282,8 @@ impl Data {
                 detail: None,
                 timeline: None,
                 has_flags: false,
+                schema: 0,
+                meta: None,
                 json_problem,
             })),
             Err(dump::ParseError::NotFound) => match json_problem {
@@ -364,6 +371,39 @@ pub fn rows(d: &Data) -> Vec<Row> {
     v
 }
 
+/// The run's metadata, for people: above the table.
+pub fn meta_text(m: &json::Meta) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Build:   Exitscope {} (commit {}), command line '{}'", m.version, m.commit, m.cmdline);
+    let _ = writeln!(
+        s,
+        "Config:  profile {}, {} vCPU{}, booted by {}; {} reasons enabled: {}",
+        m.profile,
+        m.vcpus,
+        if m.vcpus == 1 { "" } else { "s" },
+        m.boot,
+        m.enabled.len(),
+        m.enabled.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+    );
+    let _ = writeln!(
+        s,
+        "CPU:     {} family {} model {:#x} stepping {}, microcode {}",
+        m.cpu.vendor,
+        m.cpu.family,
+        m.cpu.model,
+        m.cpu.stepping,
+        m.cpu.microcode.map_or("not read".to_string(), |r| format!("{r:#x}"))
+    );
+    let _ = writeln!(
+        s,
+        "TSC:     {:.3} MHz ({}){}",
+        m.tsc_hz as f64 / 1e6,
+        m.tsc_source,
+        if m.tsc_counts_instructions() { "; in Bochs the TSC counts emulated instructions, so cycles below are instructions" } else { "" }
+    );
+    s
+}
+
 /// The table, the notes and where the charts are.
 pub struct Report<'a> {
     pub data: &'a Data,
@@ -397,10 +437,17 @@ impl<'a> Report<'a> {
         let d = self.data;
         let mut s = String::new();
         let src = match d.source {
-            Source::Json => "JSON dump, schema 1".to_string(),
+            Source::Json => format!("JSON dump, schema {}", d.schema),
             Source::Human => "human dump only".to_string(),
         };
         let _ = writeln!(s, "Exit statistics: {} [{src}]", d.title);
+        match &d.meta {
+            Some(m) => s += &meta_text(m),
+            None if d.source == Source::Json => {
+                let _ = writeln!(s, "No run metadata (a schema {} dump: the meta line came with schema 2).", d.schema);
+            }
+            None => {}
+        }
         let _ = writeln!(s, "Analyze events for all vCPUs ({}):", d.per_vcpu.len());
         let name_w = self.rows.iter().map(|r| r.label.len()).chain([6, "total".len()]).max().unwrap_or(6);
         let _ = writeln!(
@@ -1169,6 +1216,7 @@ mod tests {
                 timeline: Some(&t),
                 tsc: None,
                 smi: None,
+                meta: None,
             },
         )
         .unwrap();
@@ -1198,7 +1246,7 @@ mod tests {
         let ept = &r[2];
         assert_eq!((ept.stddev, ept.stddev_pct()), (Some(0.0), Some(0.0)));
         let text = Report::new(&d, None).text();
-        assert!(text.contains("[JSON dump, schema 1]"), "{text}");
+        assert!(text.contains("[JSON dump, schema 2]"), "{text}");
         assert!(text.contains(&format!("Total Samples: {total_e}, Total time: {total_c} cycles")), "{text}");
         let line = text.lines().find(|l| l.trim_start().starts_with("CPUID (10)")).unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -1251,6 +1299,59 @@ mod tests {
         let d = Data::from_log(&js).unwrap().unwrap();
         assert_eq!(d.source, Source::Human);
         assert!(d.json_problem.as_ref().unwrap().contains("out of order"), "{:?}", d.json_problem);
+    }
+
+    /// A serial log of the bench-smoke test as the hypervisor wrote it
+    /// before schema 2 (no meta line, no flag lines, no percentiles): the
+    /// report still reads it, and computes the percentiles itself.
+    #[test]
+    fn reads_a_schema_1_dump() {
+        let log = include_str!("../tests/fixtures/schema1-bench-smoke.log");
+        let d = Data::from_log(log).unwrap().unwrap();
+        assert_eq!((d.source, d.schema), (Source::Json, 1));
+        assert!(d.meta.is_none() && !d.has_flags);
+        let r = rows(&d);
+        assert!(!r.is_empty() && r.iter().map(|r| r.exits).sum::<u64>() == d.total_exits);
+        assert!(r.iter().all(|r| r.pcts[0].is_some()), "percentiles from the histograms");
+        let text = Report::new(&d, None).text();
+        assert!(text.contains("[JSON dump, schema 1]"), "{text}");
+        assert!(text.contains("No run metadata (a schema 1 dump"), "{text}");
+        assert!(!text.contains("Exit-reason flags"), "{text}");
+    }
+
+    #[test]
+    fn the_meta_header_is_printed_above_the_table() {
+        let (snap, per, det, _) = synthetic();
+        let m = json::Meta {
+            version: "0.1.0".into(),
+            commit: "abcdef012345".into(),
+            cmdline: "profile=minimal".into(),
+            profile: "minimal".into(),
+            enabled: vec![10, 12, 30],
+            cpu: json::CpuInfo { vendor: "GenuineIntel".into(), family: 6, model: 0x55, stepping: 4, microcode: None },
+            tsc_hz: 50_000_000,
+            tsc_source: "calibrated against the ACPI PM timer".into(),
+            emulator: Some("bochs".into()),
+            vcpus: 2,
+            boot: "multiboot2 (GRUB 2.06)".into(),
+        };
+        let mut js = String::new();
+        write_json_dump(
+            &mut js,
+            &JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: Some(&det), timeline: None, tsc: None, smi: None, meta: Some(&m) },
+        )
+        .unwrap();
+        let d = Data::from_log(&js).unwrap().unwrap();
+        assert_eq!(d.schema, 2);
+        let text = Report::new(&d, None).text();
+        let head: Vec<&str> = text.lines().take(6).collect();
+        assert_eq!(head[1], "Build:   Exitscope 0.1.0 (commit abcdef012345), command line 'profile=minimal'", "{text}");
+        assert_eq!(head[2], "Config:  profile minimal, 2 vCPUs, booted by multiboot2 (GRUB 2.06); 3 reasons enabled: 10,12,30");
+        assert_eq!(head[3], "CPU:     GenuineIntel family 6 model 0x55 stepping 4, microcode not read");
+        assert!(
+            head[4].starts_with("TSC:     50.000 MHz (calibrated against the ACPI PM timer); in Bochs the TSC counts emulated"),
+            "{text}"
+        );
     }
 
     #[test]
