@@ -91,6 +91,7 @@ pub fn reset() {
         d.reset_extremes();
     }
     *b = Some(Baseline { sum, per_vcpu, detail });
+    RESET_TSC.store(crate::cpu::rdtsc(), Relaxed);
     drop(b);
     if let Some(t) = TIMELINE.lock().as_mut() {
         let now = crate::cpu::rdtsc();
@@ -226,11 +227,31 @@ fn read_smi_count() -> Option<u64> {
     crate::idt::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
 }
 
-/// Takes vCPU `vcpu`'s starting SMI count (just before its first VM entry).
-pub fn note_smi_start(vcpu: usize) {
+/// Notes what vCPU `vcpu` starts from, just before its first VM entry:
+/// the SMI count and the TSC (the start of its time split).
+pub fn note_first_entry(vcpu: usize) {
     if let Some(c) = read_smi_count() {
         SMI_START[vcpu].store(c, Relaxed);
     }
+    FIRST_ENTRY[vcpu].store(crate::cpu::rdtsc(), Relaxed);
+}
+
+/// The TSC of each vCPU's first VM entry (0: not entered yet), and of the
+/// last reset.
+static FIRST_ENTRY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static RESET_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// Each entered vCPU's time split at TSC `now` (from its first entry or
+/// the last reset, whichever is later).
+pub fn time_splits(now: u64) -> Vec<exitscope_stats::timesplit::TimeSplit> {
+    let reset = RESET_TSC.load(Relaxed);
+    (0..ncpus())
+        .filter_map(|i| {
+            let first = FIRST_ENTRY[i].load(Relaxed);
+            let s = vcpu_current(i)?;
+            (first != 0).then(|| exitscope_stats::timesplit::TimeSplit { start: first.max(reset), end: now, hypervisor: s.total_cycles() })
+        })
+        .collect()
 }
 
 /// SMIs on this CPU since vCPU `vcpu` first entered the guest.
@@ -353,10 +374,12 @@ pub fn print_dump(title: &str) {
     let per: Vec<(u64, u64)> = (0..ncpus()).filter_map(vcpu_current).map(|s| (s.total_exits(), s.total_cycles())).collect();
     let smi = current_smi_report();
     let meta = run_meta();
+    let time = time_splits(tsc);
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
         let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| {
             exitscope_stats::dump::write_flags_section(w, &c)?;
+            exitscope_stats::timesplit::write_time_section(w, &time)?;
             match detail.as_ref() {
                 Some(d) => exitscope_stats::detail::write_latency_section(w, &c, d),
                 None => Ok(()),
@@ -373,6 +396,7 @@ pub fn print_dump(title: &str) {
                 tsc: Some(tsc),
                 smi: Some(&smi),
                 meta: Some(&meta),
+                time: Some(&time),
             },
         );
     });

@@ -56,6 +56,7 @@ use crate::leaf::StatsView;
 pub use crate::meta::{CpuInfo, Meta};
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
 use crate::timeline::Timeline;
+pub use crate::timesplit::TimeSplit;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::{self, Write};
@@ -83,6 +84,8 @@ pub struct JsonDump<'a> {
     pub smi: Option<&'a SmiReport>,
     /// The run's metadata (`None`: no `meta` line).
     pub meta: Option<&'a Meta>,
+    /// Each vCPU's time split (`None`: no `time` lines).
+    pub time: Option<&'a [TimeSplit]>,
 }
 
 /// The optional SMI fields of the `begin` line.
@@ -327,6 +330,24 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
     for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
         l.line("vcpu", format_args!(",\"vcpu\":{i},\"exits\":{e},\"cycles\":{c}"))?;
     }
+    if let Some(t) = d.time {
+        for (i, s) in t.iter().enumerate() {
+            l.line(
+                "time",
+                format_args!(
+                    ",\"vcpu\":{i},\"start\":{},\"end\":{},\"ticks\":{},\"hypervisor\":{},\"guest\":{}",
+                    s.start,
+                    s.end,
+                    s.ticks(),
+                    s.hypervisor.min(s.ticks()),
+                    s.guest()
+                ),
+            )?;
+        }
+        let ticks = crate::timesplit::total_ticks(t);
+        let hv: u64 = t.iter().map(|s| s.hypervisor.min(s.ticks())).sum();
+        l.line("time_total", format_args!(",\"ticks\":{ticks},\"hypervisor\":{hv},\"guest\":{}", ticks - hv))?;
+    }
     if let Some(det) = d.detail {
         for (kind, (entries, other)) in BreakdownKind::ALL.iter().zip(det.breakdowns.iter()) {
             let (name, reason) = (kind.name(), kind.reason());
@@ -387,6 +408,8 @@ pub struct ParsedJson {
     pub smi: Option<SmiReport>,
     /// The `meta` line (schema 2; `None` in schema 1 dumps).
     pub meta: Option<Meta>,
+    /// The `time` lines, per vCPU (empty in schema 1 dumps).
+    pub time: Vec<TimeSplit>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -719,6 +742,7 @@ impl Block {
                 tsc: None,
                 smi: None,
                 meta: None,
+                time: Vec::new(),
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -811,6 +835,23 @@ impl Block {
                     vcpus: num(v, "vcpus")?,
                     boot: string(v, "boot")?,
                 });
+            }
+            "time" => {
+                if num(v, "vcpu")? != p.time.len() as u64 {
+                    return Err("time lines out of order");
+                }
+                let s = TimeSplit { start: num(v, "start")?, end: num(v, "end")?, hypervisor: num(v, "hypervisor")? };
+                if num(v, "ticks")? != s.ticks() || num(v, "guest")? != s.guest() {
+                    return Err("a time line's ticks or guest share do not add up");
+                }
+                p.time.push(s);
+            }
+            "time_total" => {
+                let t = crate::timesplit::total_ticks(&p.time);
+                let hv: u64 = p.time.iter().map(|s| s.hypervisor).sum();
+                if num(v, "ticks")? != t || num(v, "hypervisor")? != hv {
+                    return Err("the time_total line is not the sum of the time lines");
+                }
             }
             "flag" => {
                 let key = string(v, "key")?;
@@ -1059,6 +1100,7 @@ mod tests {
             tsc: Some(123_456_789),
             smi: Some(&SmiReport::Counted { start: 120, end: 123, vcpu: 1 }),
             meta: Some(&sample_meta()),
+            time: Some(&SAMPLE_TIME),
         });
         (s, snap, per, det, t)
     }
@@ -1102,7 +1144,17 @@ mod tests {
     fn smi_fields_are_optional() {
         let (snap, per, _, _) = sample();
         let with = |smi: Option<&SmiReport>| {
-            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi, meta: None })
+            write(&JsonDump {
+                title: "t",
+                snap: &snap,
+                per_vcpu: &per,
+                detail: None,
+                timeline: None,
+                tsc: None,
+                smi,
+                meta: None,
+                time: None,
+            })
         };
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
         let s = with(Some(&counted));
@@ -1123,8 +1175,17 @@ mod tests {
     #[test]
     fn without_details_or_timeline() {
         let (snap, per, _, _) = sample();
-        let s =
-            write(&JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None, meta: None });
+        let s = write(&JsonDump {
+            title: "t",
+            snap: &snap,
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: None,
+            time: None,
+        });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
         assert_eq!(p.snap, snap);
@@ -1139,6 +1200,7 @@ mod tests {
             tsc: None,
             smi: None,
             meta: None,
+            time: None,
         });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
@@ -1169,7 +1231,8 @@ mod tests {
                 _ => {}
             }
         }
-        let want = ["begin", "breakdown", "breakdown_other", "end", "flag", "meta", "reason", "sample", "timeline", "vcpu"];
+        let want =
+            ["begin", "breakdown", "breakdown_other", "end", "flag", "meta", "reason", "sample", "time", "time_total", "timeline", "vcpu"];
         assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
         assert!(s.contains("\"label\":\"port 0x3f8\""), "{s}");
         assert!(s.contains("\"label\":\"WRMSR 0x6e0\""), "{s}");
@@ -1223,6 +1286,7 @@ mod tests {
             tsc: None,
             smi: None,
             meta: None,
+            time: None,
         });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
@@ -1288,12 +1352,17 @@ mod tests {
         let (s, snap, ..) = full();
         let v1: String = s
             .lines()
-            .filter(|l| !l.contains("\"type\":\"meta\"") && !l.contains("\"type\":\"flag\""))
+            .filter(|l| {
+                !l.contains("\"type\":\"meta\"")
+                    && !l.contains("\"type\":\"flag\"")
+                    && !l.contains("\"type\":\"time\"")
+                    && !l.contains("\"type\":\"time_total\"")
+            })
             .map(|l| {
                 let l = l.replace("\"schema\":2,", "\"schema\":1,");
                 // The end line counts the lines it closes.
                 if l.contains("\"type\":\"end\"") {
-                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS;
+                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS - SAMPLE_TIME.len() - 1;
                     let at = l.find("\"lines\":").unwrap();
                     format!("{}\"lines\":{n}}}", &l[..at])
                 } else {
@@ -1304,8 +1373,24 @@ mod tests {
             .collect();
         let p = parse_last_json(&v1).unwrap();
         assert_eq!(p.schema, 1);
-        assert_eq!((p.meta, p.has_flags), (None, false));
+        assert_eq!((p.meta, p.has_flags, p.time.len()), (None, false, 0));
         assert_eq!(p.snap.exits, snap.exits);
+    }
+
+    const SAMPLE_TIME: [TimeSplit; 2] =
+        [TimeSplit { start: 1_000, end: 1_000_000, hypervisor: 90_000 }, TimeSplit { start: 5_000, end: 1_000_000, hypervisor: 10_000 }];
+
+    #[test]
+    fn time_lines_round_trip_and_add_up() {
+        let (s, ..) = full();
+        let p = parse_last_json(&s).unwrap();
+        assert_eq!(p.time, SAMPLE_TIME);
+        let total = s.lines().find(|l| l.contains("\"type\":\"time_total\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&total[JSON_PREFIX.len()..]).unwrap();
+        assert_eq!((v["ticks"].as_u64(), v["hypervisor"].as_u64()), (Some(999_000 + 995_000), Some(100_000)));
+        assert_eq!(v["guest"].as_u64(), Some(999_000 + 995_000 - 100_000));
+        let bad = s.replace("\"guest\":909000", "\"guest\":909001");
+        assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { .. })), "{bad}");
     }
 
     fn sample_meta() -> Meta {
@@ -1361,6 +1446,7 @@ mod tests {
             tsc: None,
             smi: None,
             meta: Some(&m),
+            time: None,
         });
         assert!(
             t.contains("\"microcode\":null") && t.contains("\"emulator\":null,\"tsc_counts_instructions\":false")

@@ -25,6 +25,7 @@ pub mod meta;
 pub mod reasons;
 #[cfg(feature = "alloc")]
 pub mod timeline;
+pub mod timesplit;
 
 pub use counters::{Snapshot, VcpuCounters};
 pub use leaf::{CpuidRegs, StatsView};

@@ -243,6 +243,8 @@ pub struct Data {
     /// The JSON dump's schema (0: the human dump) and its meta line.
     pub schema: u64,
     pub meta: Option<json::Meta>,
+    /// Each vCPU's time split (schema 2).
+    pub time: Vec<json::TimeSplit>,
     /// Why the JSON dump was not used, if there was one that could not be.
     pub json_problem: Option<String>,
 }
@@ -265,6 +267,7 @@ impl Data {
                     has_flags: p.has_flags,
                     schema: p.schema,
                     meta: p.meta,
+                    time: p.time,
                     json_problem: None,
                 }))
             }
@@ -284,6 +287,7 @@ impl Data {
                 has_flags: false,
                 schema: 0,
                 meta: None,
+                time: Vec::new(),
                 json_problem,
             })),
             Err(dump::ParseError::NotFound) => match json_problem {
@@ -497,6 +501,16 @@ impl<'a> Report<'a> {
         }
         for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
             let _ = writeln!(s, "  vCPU {i}: {e} exits, {c} cycles");
+        }
+        if !d.time.is_empty() {
+            let _ = writeln!(s, "Time split from each vCPU's first VM entry (or the last reset) to the dump, TSC ticks:");
+            let mut section = String::new();
+            let _ = exitscope_stats::timesplit::write_time_section(&mut section, &d.time);
+            for l in section.lines().skip(1) {
+                let _ = writeln!(s, "{}", l.trim_start_matches(exitscope_stats::dump::PREFIX));
+            }
+            let _ =
+                writeln!(s, "  (hypervisor: the measured exit windows, so a lower bound; the hardware exit and entry count as guest time)");
         }
         if d.has_flags {
             let set: Vec<String> = exitscope_stats::flags::FLAGS
@@ -1217,6 +1231,7 @@ mod tests {
                 tsc: None,
                 smi: None,
                 meta: None,
+                time: None,
             },
         )
         .unwrap();
@@ -1338,13 +1353,28 @@ mod tests {
         let mut js = String::new();
         write_json_dump(
             &mut js,
-            &JsonDump { title: "t", snap: &snap, per_vcpu: &per, detail: Some(&det), timeline: None, tsc: None, smi: None, meta: Some(&m) },
+            &JsonDump {
+                title: "t",
+                snap: &snap,
+                per_vcpu: &per,
+                detail: Some(&det),
+                timeline: None,
+                tsc: None,
+                smi: None,
+                meta: Some(&m),
+                time: Some(&[
+                    json::TimeSplit { start: 0, end: 1000, hypervisor: 300 },
+                    json::TimeSplit { start: 100, end: 1000, hypervisor: 100 },
+                ]),
+            },
         )
         .unwrap();
         let d = Data::from_log(&js).unwrap().unwrap();
         assert_eq!(d.schema, 2);
         let text = Report::new(&d, None).text();
         let head: Vec<&str> = text.lines().take(6).collect();
+        assert!(text.contains("Time split from each vCPU's first VM entry"), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("   total") && l.contains("1900 ticks: hypervisor            400 ( 21.05%)")), "{text}");
         assert_eq!(head[1], "Build:   Exitscope 0.1.0 (commit abcdef012345), command line 'profile=minimal'", "{text}");
         assert_eq!(head[2], "Config:  profile minimal, 2 vCPUs, booted by multiboot2 (GRUB 2.06); 3 reasons enabled: 10,12,30");
         assert_eq!(head[3], "CPU:     GenuineIntel family 6 model 0x55 stepping 4, microcode not read");

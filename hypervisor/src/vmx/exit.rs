@@ -239,7 +239,7 @@ unsafe extern "C" {
 /// Enters the guest for the first time on this CPU. Never returns: from now
 /// on the CPU lives in the exit loop.
 pub fn launch(v: &'static mut VcpuState) -> ! {
-    crate::statsys::note_smi_start(v.id);
+    crate::statsys::note_first_entry(v.id);
     crate::serial::drain();
     crate::serial::GUEST_STARTED.store(true, core::sync::atomic::Ordering::Relaxed);
     // SAFETY: the VMCS of `v` is current and fully programmed; HOST_RSP is
