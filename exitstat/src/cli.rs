@@ -23,7 +23,7 @@ pub enum Mode {
     Watch(u32),
     /// `--detail N`: min, max, average, stddev and histogram of reason N.
     Detail(u32),
-    /// `--breakdown io|msr|cr|ept`: the entries of one breakdown (index
+    /// `--breakdown io|msr|cr|ept|cpuid|exception`: the entries of one breakdown (index
     /// into `BreakdownKind::ALL`).
     Breakdown(usize),
     /// `-h`, `--help`.
@@ -40,7 +40,7 @@ pub struct Cli {
 
 pub const USAGE: &str = "\
 usage: exitstat [--json] [N | --all | --check N | --reset | --dump | --watch SECS |
-                          --detail N | --breakdown io|msr|cr|ept | --run CMD [ARGS...]]
+                          --detail N | --breakdown io|msr|cr|ept|cpuid|exception | --run CMD [ARGS...]]
        exitstat --help";
 
 /// The `--help` text (without the reason-table source, added by the caller).
@@ -74,7 +74,7 @@ usage:
                          left out of the CPUID figures
   exitstat --detail N    min, max, average and standard deviation of the time
                          an exit of reason N takes, and its log2 histogram
-  exitstat --breakdown io|msr|cr|ept
+  exitstat --breakdown io|msr|cr|ept|cpuid|exception
                          the I/O ports, MSRs, control-register accesses or 2 MiB
                          guest-physical regions (EPT violations) that caused
                          exits, by count
@@ -186,7 +186,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
             }
             "--breakdown" => {
                 let Some(k) = args.next() else {
-                    return Err("'--breakdown' needs a kind: io, msr, cr or ept".into());
+                    return Err("'--breakdown' needs a kind: io, msr, cr, ept, cpuid or exception".into());
                 };
                 let k = k.to_string_lossy().into_owned();
                 let kind = match k.as_str() {
@@ -194,7 +194,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
                     "msr" => 1,
                     "cr" => 2,
                     "ept" | "ept_2m_region" => 3,
-                    _ => return Err(format!("unknown breakdown '{k}' (io, msr, cr or ept)")),
+                    "cpuid" | "cpuid_leaf" => 4,
+                    "exception" | "exception_vector" => 5,
+                    _ => return Err(format!("unknown breakdown '{k}' (io, msr, cr, ept, cpuid or exception)")),
                 };
                 set(Mode::Breakdown(kind), format!("--breakdown {k}"))?;
             }
@@ -244,6 +246,8 @@ mod tests {
         assert_eq!(p(&["--breakdown", "msr"]), ok(Mode::Breakdown(1), false));
         assert_eq!(p(&["--breakdown", "cr"]), ok(Mode::Breakdown(2), false));
         assert_eq!(p(&["--breakdown", "ept"]), ok(Mode::Breakdown(3), false));
+        assert_eq!(p(&["--breakdown", "cpuid"]), ok(Mode::Breakdown(4), false));
+        assert_eq!(p(&["--breakdown", "exception"]), ok(Mode::Breakdown(5), false));
         // Everything after --run is the command, options included.
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(p(&["--run", "touch", "/tmp/x"]), ok(Mode::Run(argv(&["touch", "/tmp/x"])), false));
@@ -279,7 +283,7 @@ mod tests {
         assert_eq!(err(&["--watch", "0"]), "'--watch' needs at least 1 second");
         assert!(err(&["--watch", "x"]).starts_with("invalid number of seconds 'x'"));
         assert_eq!(err(&["--detail"]), "'--detail' needs an exit reason number");
-        assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr or ept)");
+        assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr, ept, cpuid or exception)");
         assert_eq!(err(&["--all", "--run", "ls"]), "'--run' cannot be combined with '--all'");
         assert_eq!(err(&["abc"]), "invalid exit reason number 'abc' (expected a decimal number or 0x-prefixed hex)");
         assert!(err(&["0x"]).starts_with("invalid exit reason number '0x'"));

@@ -577,12 +577,18 @@ fn key_kind(k: BreakdownKind) -> &'static str {
         BreakdownKind::Msr => "MSR and access",
         BreakdownKind::ControlRegister => "control register and access",
         BreakdownKind::EptRegion => "2 MiB guest-physical region",
+        BreakdownKind::CpuidLeaf => "leaf and subleaf",
+        BreakdownKind::ExceptionVector => "vector",
     }
 }
 
 pub fn breakdown_text(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -> String {
     let total: u64 = entries.iter().map(|e| e.1).sum::<u64>() + other;
-    let mut s = format!("{} exits by {}, since the last reset:\n", label(kind.reason() as u32), key_kind(kind));
+    let what = match kind {
+        BreakdownKind::Msr => "RDMSR (31) and WRMSR (32)".to_string(),
+        k => label(k.reason() as u32),
+    };
+    let mut s = format!("{what} exits by {}, since the last reset:\n", key_kind(kind));
     if total == 0 {
         s += "  (none)\n";
         return s;
@@ -596,23 +602,34 @@ pub fn breakdown_text(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -
     if other != 0 {
         let _ = writeln!(s, "  {other:>cw$}  {:>6.2}%  (others, not tracked one by one)", p(other));
     }
+    if kind == BreakdownKind::Msr {
+        // The RDMSR/WRMSR split of the entries tracked one by one.
+        for (op, reason) in [("RDMSR", 31), ("WRMSR", 32)] {
+            let c: u64 = entries.iter().filter(|e| kind.reason_of(e.0) == reason).map(|e| e.1).sum();
+            let _ = writeln!(s, "  {c:>cw$}  {:>6.2}%  {op} ({reason}), of the keys above", p(c));
+        }
+    }
     let _ = writeln!(s, "  {total:>cw$}  100.00%  total");
     s
 }
 
 fn breakdown_json(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -> String {
-    let b =
-        Object::new()
-            .str("kind", Some(kind.name()))
-            .num("reason", kind.reason() as u64)
-            .raw(
-                "entries",
-                &json::array(entries.iter().map(|&(k, c)| {
-                    Object::new().num("key", k).str("label", Some(&KeyLabel(kind, k).to_string())).num("count", c).finish()
-                })),
-            )
-            .num("other", other)
-            .finish();
+    let b = Object::new()
+        .str("kind", Some(kind.name()))
+        .num("reason", kind.reason() as u64)
+        .raw(
+            "entries",
+            &json::array(entries.iter().map(|&(k, c)| {
+                Object::new()
+                    .num("key", k)
+                    .num("reason", kind.reason_of(k) as u64)
+                    .str("label", Some(&KeyLabel(kind, k).to_string()))
+                    .num("count", c)
+                    .finish()
+            })),
+        )
+        .num("other", other)
+        .finish();
     Object::new().bool("exitscope", true).raw("breakdown", &b).finish() + "\n"
 }
 
@@ -897,23 +914,31 @@ mod tests {
         let o = run_fake(&mut f, &["--breakdown", "msr"]);
         assert_eq!(
             o.stdout,
-            "RDMSR (31) exits by MSR and access, since the last reset:\n\
+            "RDMSR (31) and WRMSR (32) exits by MSR and access, since the last reset:\n\
              \x20 count        %  key\n\
              \x20     5   50.00%  WRMSR 0x6e0\n\
              \x20     2   20.00%  RDMSR 0x1b\n\
              \x20     3   30.00%  (others, not tracked one by one)\n\
+             \x20     2   20.00%  RDMSR (31), of the keys above\n\
+             \x20     5   50.00%  WRMSR (32), of the keys above\n\
              \x20    10  100.00%  total\n"
         );
         let v = json_of(&run_fake(&mut f, &["--breakdown", "msr", "--json"]).stdout);
         assert_eq!(
             v["breakdown"],
             serde_json::json!({"kind": "msr", "reason": 31, "entries": [
-                {"key": 0x6E0u64 | 1 << 32, "label": "WRMSR 0x6e0", "count": 5},
-                {"key": 0x1B, "label": "RDMSR 0x1b", "count": 2}], "other": 3})
+                {"key": 0x6E0u64 | 1 << 32, "reason": 32, "label": "WRMSR 0x6e0", "count": 5},
+                {"key": 0x1B, "reason": 31, "label": "RDMSR 0x1b", "count": 2}], "other": 3})
         );
         let o = run_fake(&mut f, &["--breakdown", "ept"]);
         assert_eq!(o.stdout, "EPT violation (48) exits by 2 MiB guest-physical region, since the last reset:\n  (none)\n");
         f.record_key(BreakdownKind::ControlRegister, 4 * 4, 1);
         assert!(run_fake(&mut f, &["--breakdown", "cr"]).stdout.contains("100.00%  MOV to CR4\n"));
+        f.record_key(BreakdownKind::CpuidLeaf, 7 << 32 | 1, 4);
+        let o = run_fake(&mut f, &["--breakdown", "cpuid"]);
+        assert!(o.stdout.starts_with("CPUID (10) exits by leaf and subleaf, since the last reset:\n"), "{}", o.stdout);
+        assert!(o.stdout.contains("100.00%  leaf 0x7 subleaf 0x1\n"), "{}", o.stdout);
+        f.record_key(BreakdownKind::ExceptionVector, 14, 1);
+        assert!(run_fake(&mut f, &["--breakdown", "exception"]).stdout.contains("#PF (vector 14)"));
     }
 }

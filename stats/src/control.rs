@@ -11,7 +11,7 @@
 //! | `0x4FFFFFF3` MIN | reason | EBX:ECX = shortest exit in cycles (0 if none) |
 //! | `0x4FFFFFF4` MAX | reason | EBX:ECX = longest exit in cycles |
 //! | `0x4FFFFFF5` HIST | reason \| bucket << 16 | EBX:ECX = exits with latency in bucket (see `detail::bucket`) |
-//! | `0x4FFFFFF6` BREAKDOWN | kind \| index << 8 | entry `index` of breakdown `kind` (0 I/O port, 1 MSR, 2 CR, 3 EPT 2 MiB region; see `detail::BreakdownKind`), by count descending: EAX = key bits 31:0, EDX = key bits 62:32 with bit 31 set if the entry exists, EBX:ECX = count. Index 0xFFFFFF: the count of keys not tracked individually |
+//! | `0x4FFFFFF6` BREAKDOWN | kind \| index << 8 | entry `index` of breakdown `kind` (0 I/O port, 1 MSR, 2 CR, 3 EPT 2 MiB region, 4 CPUID leaf and subleaf, 5 exception vector; see `detail::BreakdownKind`), by count descending: EAX = key bits 31:0, EDX = key bits 62:32 with bit 31 set if the entry exists, EBX:ECX = count. Index 0xFFFFFF: the count of keys not tracked individually |
 //! | `0x4FFFFFF7` SUMSQ | reason \| part << 16 | EBX:ECX = bits 63:0 (part 0) or 127:64 (part 1) of the sum of squared latencies |
 //! | `0x4FFFFFF8` VCPU | vCPU number | EAX = exits bits 31:0, EDX = exits bits 63:32, EBX:ECX = cycles, of that vCPU |
 //!

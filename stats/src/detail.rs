@@ -182,6 +182,111 @@ impl<const N: usize> TopTable<N> {
     }
 }
 
+/// A bounded hash table of keys and their counts, for keys met on a hot
+/// path (CPUID leaves): a key goes to one of `N` slots by a multiplicative
+/// hash and, if that slot holds another key, to at most [`PROBES`] - 1
+/// slots after it; a key that finds none free is counted in `other`.
+/// Recording costs a hash and one or a few compares, whatever the number
+/// of keys (a [`TopTable`] searches every key it holds). Single writer;
+/// `N` must be a power of two.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HashTable<const N: usize> {
+    /// key + 1 (0: empty).
+    keys: [AtomicU64; N],
+    counts: [AtomicU64; N],
+    other: AtomicU64,
+}
+
+/// Slots a key may try in a [`HashTable`].
+pub const PROBES: usize = 4;
+
+impl<const N: usize> Default for HashTable<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> HashTable<N> {
+    pub const fn new() -> Self {
+        assert!(N.is_power_of_two());
+        HashTable { keys: [const { AtomicU64::new(0) }; N], counts: [const { AtomicU64::new(0) }; N], other: AtomicU64::new(0) }
+    }
+
+    #[inline(always)]
+    fn home(key: u64) -> usize {
+        let h = (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> 40) as usize & (N - 1)
+    }
+
+    /// Counts one occurrence of `key` (`key != u64::MAX`; owning vCPU only).
+    #[inline]
+    pub fn record(&self, key: u64) {
+        let stored = key.wrapping_add(1);
+        let mut i = Self::home(key);
+        for _ in 0..PROBES {
+            let k = self.keys[i].load(Relaxed);
+            if k == stored {
+                bump(&self.counts[i], 1);
+                return;
+            }
+            if k == 0 {
+                self.counts[i].store(1, Relaxed);
+                // Publish the slot after its count.
+                self.keys[i].store(stored, core::sync::atomic::Ordering::Release);
+                return;
+            }
+            i = (i + 1) & (N - 1);
+        }
+        bump(&self.other, 1);
+    }
+
+    /// Adds this table's entries into `into` and returns the count of keys
+    /// that found no slot.
+    pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
+        for (k, c) in self.keys.iter().zip(self.counts.iter()) {
+            let k = k.load(core::sync::atomic::Ordering::Acquire);
+            if k == 0 {
+                continue;
+            }
+            let (k, c) = (k - 1, c.load(Relaxed));
+            match into.iter_mut().find(|e| e.0 == k) {
+                Some(e) => e.1 += c,
+                None => into.push((k, c)),
+            }
+        }
+        self.other.load(Relaxed)
+    }
+}
+
+/// CPUID leaves below 32 whose answer depends on the subleaf in ECX
+/// (4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1A, 0x1B, 0x1D,
+/// 0x1E, 0x1F), as a bit mask.
+pub const SUBLEAF_LEAVES: u32 = 1 << 4
+    | 1 << 7
+    | 1 << 0xB
+    | 1 << 0xD
+    | 1 << 0xF
+    | 1 << 0x10
+    | 1 << 0x12
+    | 1 << 0x14
+    | 1 << 0x17
+    | 1 << 0x18
+    | 1 << 0x1A
+    | 1 << 0x1B
+    | 1 << 0x1D
+    | 1 << 0x1E
+    | 1 << 0x1F;
+
+/// The CPUID breakdown's key: `leaf << 32 | subleaf`, the subleaf kept only
+/// for leaves whose answer depends on it (else 0, so that the ECX a guest
+/// happens to leave behind does not split one leaf into many keys).
+#[inline(always)]
+pub const fn cpuid_key(leaf: u32, subleaf: u32) -> u64 {
+    let keeps = (leaf < 32 && SUBLEAF_LEAVES & (1 << (leaf & 31)) != 0) || leaf == 0x8000_0020 || leaf == 0x8000_0026;
+    (leaf as u64) << 32 | if keeps { subleaf as u64 } else { 0 }
+}
+
 /// What a breakdown entry's key means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakdownKind {
@@ -194,11 +299,25 @@ pub enum BreakdownKind {
     ControlRegister,
     /// Key: guest-physical address >> 21 (the 2 MiB region).
     EptRegion,
+    /// Key: [`cpuid_key`] (leaf << 32 | subleaf).
+    CpuidLeaf,
+    /// Key: the exception or NMI vector (exit reason 0; no profile enables
+    /// it today, so it fills only if such an exit ends a run).
+    ExceptionVector,
 }
 
+/// Number of breakdown kinds.
+pub const BREAKDOWN_KINDS: usize = 6;
+
 impl BreakdownKind {
-    pub const ALL: [BreakdownKind; 4] =
-        [BreakdownKind::IoPort, BreakdownKind::Msr, BreakdownKind::ControlRegister, BreakdownKind::EptRegion];
+    pub const ALL: [BreakdownKind; BREAKDOWN_KINDS] = [
+        BreakdownKind::IoPort,
+        BreakdownKind::Msr,
+        BreakdownKind::ControlRegister,
+        BreakdownKind::EptRegion,
+        BreakdownKind::CpuidLeaf,
+        BreakdownKind::ExceptionVector,
+    ];
 
     /// Short name (JSON and reports).
     pub const fn name(self) -> &'static str {
@@ -207,16 +326,30 @@ impl BreakdownKind {
             BreakdownKind::Msr => "msr",
             BreakdownKind::ControlRegister => "cr",
             BreakdownKind::EptRegion => "ept_2m_region",
+            BreakdownKind::CpuidLeaf => "cpuid_leaf",
+            BreakdownKind::ExceptionVector => "exception_vector",
         }
     }
 
-    /// The basic exit reason the breakdown splits.
+    /// The basic exit reason the breakdown splits (the MSR breakdown holds
+    /// RDMSR's, 31, and WRMSR's, 32: see [`BreakdownKind::reason_of`]).
     pub const fn reason(self) -> u16 {
         match self {
             BreakdownKind::IoPort => 30,
             BreakdownKind::Msr => 31,
             BreakdownKind::ControlRegister => 28,
             BreakdownKind::EptRegion => 48,
+            BreakdownKind::CpuidLeaf => 10,
+            BreakdownKind::ExceptionVector => 0,
+        }
+    }
+
+    /// The exit reason of one entry: for MSRs, 32 (WRMSR) where the key
+    /// has bit 32 set, else 31 (RDMSR); for the others [`Self::reason`].
+    pub const fn reason_of(self, key: u64) -> u16 {
+        match self {
+            BreakdownKind::Msr if key & (1 << 32) != 0 => 32,
+            k => k.reason(),
         }
     }
 }
@@ -234,7 +367,14 @@ pub struct VcpuDetail {
     pub ept_regions: TopTable<TOP_KEYS>,
     /// Control-register accesses by (CR number * 4 + access type).
     pub cr: [AtomicU64; 64],
+    /// CPUID exits by [`cpuid_key`].
+    pub cpuid: HashTable<CPUID_KEYS>,
+    /// Exception-or-NMI exits by vector.
+    pub exceptions: TopTable<TOP_KEYS>,
 }
+
+/// Slots of the CPUID breakdown per vCPU.
+pub const CPUID_KEYS: usize = 64;
 
 impl Default for VcpuDetail {
     fn default() -> Self {
@@ -250,6 +390,8 @@ impl VcpuDetail {
             msrs: TopTable::new(),
             ept_regions: TopTable::new(),
             cr: [const { AtomicU64::new(0) }; 64],
+            cpuid: HashTable::new(),
+            exceptions: TopTable::new(),
         }
     }
 
@@ -310,7 +452,7 @@ pub struct DetailSnapshot {
     pub reasons: Vec<ReasonDetail>,
     /// Per breakdown kind (in `BreakdownKind::ALL` order): (key, count)
     /// sorted by count, descending, and the count of keys that did not fit.
-    pub breakdowns: [(Vec<(u64, u64)>, u64); 4],
+    pub breakdowns: [(Vec<(u64, u64)>, u64); BREAKDOWN_KINDS],
 }
 
 impl Default for DetailSnapshot {
@@ -333,10 +475,12 @@ impl DetailSnapshot {
                 *h = h.wrapping_add(a.load(Relaxed));
             }
         }
-        let [io, msr, cr, ept] = &mut self.breakdowns;
+        let [io, msr, cr, ept, cpuid, exc] = &mut self.breakdowns;
         io.1 += d.io_ports.merge_into(&mut io.0);
         msr.1 += d.msrs.merge_into(&mut msr.0);
         ept.1 += d.ept_regions.merge_into(&mut ept.0);
+        cpuid.1 += d.cpuid.merge_into(&mut cpuid.0);
+        exc.1 += d.exceptions.merge_into(&mut exc.0);
         for (k, c) in d.cr.iter().enumerate() {
             let c = c.load(Relaxed);
             if c != 0 {
@@ -610,6 +754,68 @@ mod tests {
         let (parsed, _) = crate::dump::parse_last(&out).unwrap();
         assert_eq!(parsed.snap, snap);
         assert_eq!(parsed.total_exits, 5);
+    }
+
+    #[test]
+    fn hash_table_counts_exactly_until_full_then_into_other() {
+        let t = HashTable::<8>::new();
+        for k in 0..6u64 {
+            for _ in 0..=k {
+                t.record(k << 32);
+            }
+        }
+        let mut v = Vec::new();
+        let other = t.merge_into(&mut v);
+        v.sort_unstable();
+        // Six keys in eight slots: each counted exactly unless all its
+        // probes were taken (then in other); nothing is lost.
+        let counted: u64 = v.iter().map(|e| e.1).sum();
+        assert_eq!(counted + other, (1..=6).sum::<u64>());
+        for &(k, c) in &v {
+            assert_eq!(c, (k >> 32) + 1, "key {k:#x}");
+        }
+        // Many keys: the table holds at most N, the rest is other.
+        let t = HashTable::<8>::new();
+        for k in 0..100u64 {
+            t.record(k);
+        }
+        let mut v = Vec::new();
+        let other = t.merge_into(&mut v);
+        assert!(v.len() <= 8 && v.len() as u64 + other == 100, "{} + {other}", v.len());
+        // Key 0 is a key like any other.
+        let t = HashTable::<8>::new();
+        t.record(0);
+        t.record(0);
+        let mut v = Vec::new();
+        assert_eq!((t.merge_into(&mut v), v), (0, std::vec![(0, 2)]));
+    }
+
+    #[test]
+    fn cpuid_keys_keep_the_subleaf_only_where_it_matters() {
+        assert_eq!(cpuid_key(0, 5), 0);
+        assert_eq!(cpuid_key(1, 0xdead), 1 << 32);
+        assert_eq!(cpuid_key(7, 1), 7 << 32 | 1);
+        assert_eq!(cpuid_key(0xD, 2), 0xD << 32 | 2);
+        assert_eq!(cpuid_key(0x4FFF_FFF5, 10 | 3 << 16), 0x4FFF_FFF5 << 32);
+        assert_eq!(cpuid_key(0x8000_0001, 9), 0x8000_0001 << 32);
+        assert_eq!(cpuid_key(0x8000_0026, 1), 0x8000_0026 << 32 | 1);
+        // Leaves 32 and up never alias a subleaf leaf through the mask.
+        assert_eq!(cpuid_key(32 + 4, 1), 36 << 32);
+    }
+
+    #[test]
+    fn new_breakdowns_merge_over_vcpus() {
+        let (a, b) = (VcpuDetail::new(), VcpuDetail::new());
+        a.cpuid.record(cpuid_key(0, 0));
+        b.cpuid.record(cpuid_key(0, 0));
+        b.cpuid.record(cpuid_key(7, 0));
+        b.exceptions.record(14);
+        let s = DetailSnapshot::sum([&a, &b]);
+        assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(0, 2), (7 << 32, 1)]);
+        assert_eq!(s.breakdowns[BreakdownKind::ExceptionVector as usize].0, [(14, 1)]);
+        assert_eq!(BreakdownKind::Msr.reason_of(0x1B), 31);
+        assert_eq!(BreakdownKind::Msr.reason_of(0x1B | 1 << 32), 32);
+        assert_eq!(BreakdownKind::CpuidLeaf.reason_of(5), 10);
     }
 
     #[test]

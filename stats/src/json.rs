@@ -152,6 +152,24 @@ impl fmt::Display for KeyLabel {
                 let lo = k << 21;
                 write!(f, "GPA {lo:#x}-{:#x}", lo | 0x1F_FFFF)
             }
+            BreakdownKind::CpuidLeaf => {
+                let (leaf, sub) = ((k >> 32) as u32, k as u32);
+                if crate::detail::cpuid_key(leaf, sub) == k && crate::detail::cpuid_key(leaf, 1) != crate::detail::cpuid_key(leaf, 0) {
+                    write!(f, "leaf {leaf:#x} subleaf {sub:#x}")
+                } else {
+                    write!(f, "leaf {leaf:#x}")
+                }
+            }
+            BreakdownKind::ExceptionVector => {
+                const NAMES: [&str; 22] = [
+                    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS", "#GP", "#PF", "", "#MF", "#AC",
+                    "#MC", "#XM", "#VE", "#CP",
+                ];
+                match NAMES.get(k as usize).filter(|n| !n.is_empty()) {
+                    Some(n) => write!(f, "{n} (vector {k})"),
+                    None => write!(f, "vector {k}"),
+                }
+            }
         }
     }
 }
@@ -352,6 +370,7 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         for (kind, (entries, other)) in BreakdownKind::ALL.iter().zip(det.breakdowns.iter()) {
             let (name, reason) = (kind.name(), kind.reason());
             for &(key, count) in entries {
+                let reason = kind.reason_of(key);
                 l.line(
                     "breakdown",
                     format_args!(
@@ -1067,6 +1086,8 @@ mod tests {
         d[0].record_cr(3, 1);
         d[1].record_cr(0, 2);
         d[1].ept_regions.record(0xFEE0_0000 >> 21);
+        d[0].cpuid.record(crate::detail::cpuid_key(7, 0));
+        d[1].cpuid.record(crate::detail::cpuid_key(0, 0));
         c[1].record_flags(1 << 28 | 12);
         c[0].record_flags(1 << 31 | 33);
         let snap = Snapshot::sum(&c);
@@ -1251,6 +1272,12 @@ mod tests {
         assert_eq!(l(BreakdownKind::ControlRegister, 3 * 4 + 1), "MOV from CR3");
         assert_eq!(l(BreakdownKind::ControlRegister, 3), "LMSW");
         assert_eq!(l(BreakdownKind::EptRegion, 1), "GPA 0x200000-0x3fffff");
+        assert_eq!(l(BreakdownKind::CpuidLeaf, 7 << 32 | 1), "leaf 0x7 subleaf 0x1");
+        assert_eq!(l(BreakdownKind::CpuidLeaf, 1 << 32), "leaf 0x1");
+        assert_eq!(l(BreakdownKind::CpuidLeaf, 0x4FFF_FFFC << 32), "leaf 0x4ffffffc");
+        assert_eq!(l(BreakdownKind::ExceptionVector, 14), "#PF (vector 14)");
+        assert_eq!(l(BreakdownKind::ExceptionVector, 2), "NMI (vector 2)");
+        assert_eq!(l(BreakdownKind::ExceptionVector, 15), "vector 15");
     }
 
     #[test]

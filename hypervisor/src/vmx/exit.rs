@@ -100,6 +100,28 @@ macro_rules! stub_fast_account {
     };
 }
 
+// With the detailed statistics, the fast path keeps the guest's leaf and
+// subleaf for the CPUID breakdown (CPUID overwrites both): two stores.
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_note_leaf {
+    () => {
+        concat!("    mov [rsp + {FAST_CPUID}], eax\n", "    mov [rsp + {FAST_CPUID} + 4], ecx\n",)
+    };
+}
+#[cfg(not(feature = "detailed"))]
+macro_rules! stub_fast_note_leaf {
+    () => {
+        ""
+    };
+}
+
+/// Where the fast path keeps the guest's CPUID leaf (detailed builds; the
+/// other builds name the offset without using it).
+#[cfg(feature = "detailed")]
+const FAST_CPUID_OFFSET: usize = core::mem::offset_of!(VcpuState, fast_cpuid);
+#[cfg(not(feature = "detailed"))]
+const FAST_CPUID_OFFSET: usize = 0;
+
 // Loads the fifteen guest registers from the state block at RSP (before
 // VMRESUME and VMLAUNCH).
 macro_rules! load_guest_regs {
@@ -139,7 +161,7 @@ global_asm!(
     ".global exitscope_vmexit",
     "exitscope_vmexit:",
     // (Offsets not every build uses: {TSC_EXIT} {COUNTERS} {CPUID_SLOT}.)
-    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} */",
+    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {FAST_CPUID} */",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
     stub_take_timestamp!(),
@@ -156,6 +178,7 @@ global_asm!(
     "    bt edx, eax",
     "    jnc 2f",
     "    mov dword ptr [rsp + {LAST_EXIT}], 10",
+    stub_fast_note_leaf!(),
     "    cpuid",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
@@ -230,6 +253,7 @@ global_asm!(
     TSC_EXIT = const vcpu::OFFSET_TSC_EXIT,
     COUNTERS = const core::mem::offset_of!(VcpuState, counters),
     CPUID_SLOT = const 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
+    FAST_CPUID = const FAST_CPUID_OFFSET,
 );
 
 unsafe extern "C" {
@@ -463,6 +487,7 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
 #[cfg(feature = "detailed")]
 #[unsafe(no_mangle)]
 extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64) {
+    v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(v.fast_cpuid as u32, (v.fast_cpuid >> 32) as u32));
     record(v, 10, now);
 }
 
@@ -556,6 +581,8 @@ pub const HV_LEAVES_LAST: u32 = 0x4FFF_FFFF;
 fn cpuid(v: &mut VcpuState) {
     let leaf = v.regs.rax as u32;
     let sub = v.regs.rcx as u32;
+    #[cfg(feature = "detailed")]
+    v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(leaf, sub));
     let r = if leaf::is_stats_leaf(leaf) {
         crate::statsys::stats_leaf(leaf, sub)
     } else if exitscope_stats::control::is_control_leaf(leaf) {
@@ -1170,6 +1197,12 @@ fn ept_violation(v: &mut VcpuState) {
 }
 
 fn unexpected(v: &mut VcpuState, n: u16) {
+    // An exception or NMI (no profile enables reason 0): its vector, for
+    // the breakdown of the final dump.
+    #[cfg(feature = "detailed")]
+    if n == 0 {
+        v.detail.exceptions.record(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF);
+    }
     let q = vmread(ro::EXIT_QUALIFICATION);
     let rip = vmread(guest::RIP);
     let name = exitscope_stats::reasons::name(n as u32).unwrap_or("undefined");

@@ -91,6 +91,10 @@ pub struct VcpuState {
     /// This vCPU's detailed statistics (same rule).
     #[cfg(feature = "detailed")]
     pub detail: &'static exitscope_stats::detail::VcpuDetail,
+    /// The guest's EAX (bits 31:0) and ECX (63:32) of a CPUID the exit
+    /// stub's fast path answers, kept for the CPUID breakdown.
+    #[cfg(feature = "detailed")]
+    pub fast_cpuid: u64,
     pub id: usize,
     pub vpid: u16,
     pub vmcs_pa: u64,
@@ -162,6 +166,8 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
             counters,
             #[cfg(feature = "detailed")]
             detail,
+            #[cfg(feature = "detailed")]
+            fast_cpuid: 0,
             id,
             vpid: (id + 1) as u16,
             vmcs_pa,
