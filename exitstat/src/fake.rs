@@ -6,10 +6,11 @@
 //! the clock, sleeping and running a command.
 
 use crate::leaves::{CommandStatus, Leaves, CPUID_REASON, HV_LEAF, HYPERVISOR_BIT, SIGNATURE};
-use exitscope_stats::control::{self as ctl, BREAKDOWN_OTHER, BREAKDOWN_VALID};
-use exitscope_stats::detail::{bucket, BreakdownKind, DetailSnapshot, HIST_BUCKETS};
-use exitscope_stats::leaf::{self, CpuidRegs, ReasonClass, StatsView};
-use exitscope_stats::reasons::{ReasonSet, MAX_DEFINED, SLOTS};
+use exitscope_stats::control as ctl;
+use exitscope_stats::detail::{bucket, BreakdownKind, DetailSnapshot};
+use exitscope_stats::leaf::{self, CpuidRegs, StatsView};
+use exitscope_stats::reasons::{ReasonSet, SLOTS};
+use exitscope_stats::Snapshot;
 use std::time::Duration;
 
 #[derive(Clone)]
@@ -43,6 +44,10 @@ pub struct Fake {
     pub detail: DetailSnapshot,
     /// CONTROL commands received.
     pub commands: Vec<u32>,
+    /// Offers the snapshot commands (INFO's FLAG_SNAPSHOT).
+    pub snapshots: bool,
+    /// The snapshot held, as the hypervisor keeps it.
+    pub snapshot: ctl::SnapshotState,
     /// Simulated time (advanced by `sleep` only).
     pub clock: Duration,
     /// Exits per second that happen while exitstat sleeps: (slot, rate, cycles each).
@@ -81,6 +86,8 @@ impl Fake {
             vcpus: 1,
             detail: DetailSnapshot::default(),
             commands: Vec::new(),
+            snapshots: true,
+            snapshot: ctl::SnapshotState::new(),
             clock: Duration::ZERO,
             background: Vec::new(),
             command_effect: Vec::new(),
@@ -120,84 +127,35 @@ impl Fake {
         self.detail.sort();
     }
 
-    /// Answers a control leaf.
+    /// Answers a control leaf: `exitscope_stats::control::answer_control`,
+    /// the hypervisor's own code, over this fake's figures.
     fn control(&mut self, eax: u32, ecx: u32) -> CpuidRegs {
-        let zero = CpuidRegs::default();
-        let wide = |v: u64| CpuidRegs { ebx: (v >> 32) as u32, ecx: v as u32, ..zero };
         if self.control_version == 0 {
-            return zero;
+            return CpuidRegs::default();
         }
-        let class = |r: u32, enabled: &ReasonSet| leaf::classify(r, enabled);
-        let per_reason = |r: u32, f: &dyn Fn(usize) -> CpuidRegs, enabled: &ReasonSet| match class(r, enabled) {
-            ReasonClass::Undefined => CpuidRegs { edx: leaf::UNDEFINED_EDX, ..zero },
-            ReasonClass::NotEnabled => zero,
-            ReasonClass::Enabled(r) => f(r as usize),
-        };
-        match eax {
-            ctl::LEAF_INFO => CpuidRegs {
-                eax: self.control_version,
-                ebx: self.vcpus,
-                ecx: if self.detailed { ctl::FLAG_DETAILED } else { 0 },
-                edx: MAX_DEFINED as u32,
-            },
-            ctl::LEAF_CONTROL => {
-                self.commands.push(ecx);
-                match ecx {
-                    ctl::CMD_DUMP => zero,
-                    ctl::CMD_RESET if self.reset_unavailable => CpuidRegs { eax: ctl::STATUS_UNAVAILABLE, ..zero },
-                    ctl::CMD_RESET => {
-                        self.exits = [0; SLOTS];
-                        self.cycles = [0; SLOTS];
-                        self.detail = DetailSnapshot::default();
-                        zero
-                    }
-                    _ => CpuidRegs { eax: ctl::STATUS_UNKNOWN, ..zero },
-                }
-            }
-            ctl::LEAF_EXITS64 if ecx == ctl::ALL_REASONS => wide(self.total_exits()),
-            ctl::LEAF_EXITS64 => per_reason(ecx, &|r| wide(self.exits[r]), &self.enabled),
-            ctl::LEAF_MIN | ctl::LEAF_MAX | ctl::LEAF_HIST | ctl::LEAF_SUMSQ => {
-                if !self.detailed {
-                    return zero;
-                }
-                let sub = (ecx >> 16) as usize;
-                per_reason(
-                    ecx & 0xFFFF,
-                    &|r| {
-                        let d = &self.detail.reasons[r];
-                        match eax {
-                            ctl::LEAF_MIN => wide(d.min.unwrap_or(0)),
-                            ctl::LEAF_MAX => wide(d.max),
-                            ctl::LEAF_HIST if sub < HIST_BUCKETS => wide(d.hist[sub]),
-                            ctl::LEAF_SUMSQ if sub < 2 => wide((d.sumsq >> (64 * sub)) as u64),
-                            _ => zero,
-                        }
-                    },
-                    &self.enabled,
-                )
-            }
-            ctl::LEAF_BREAKDOWN => {
-                if !self.detailed {
-                    return zero;
-                }
-                let Some(b) = self.detail.breakdowns.get((ecx & 0xFF) as usize) else { return zero };
-                let index = ecx >> 8;
-                if index == BREAKDOWN_OTHER {
-                    return CpuidRegs { edx: BREAKDOWN_VALID, ..wide(b.1) };
-                }
-                match b.0.get(index as usize) {
-                    Some(&(key, count)) => {
-                        CpuidRegs { eax: key as u32, edx: BREAKDOWN_VALID | ((key >> 32) as u32 & 0x7FFF_FFFF), ..wide(count) }
-                    }
-                    None => zero,
-                }
-            }
-            ctl::LEAF_VCPU if ecx == 0 => {
-                let (e, c) = (self.total_exits(), self.total_cycles());
-                CpuidRegs { eax: e as u32, edx: (e >> 32) as u32, ..wide(c) }
-            }
-            _ => zero,
+        if eax == ctl::LEAF_CONTROL {
+            self.commands.push(ecx);
         }
+        let mut snap = std::mem::take(&mut self.snapshot);
+        let mut a = ctl::answer_control(eax, ecx, 0, self, &mut snap);
+        self.snapshot = snap;
+        if eax == ctl::LEAF_INFO {
+            // The fake's own interface version and flags (a hypervisor
+            // without the snapshot commands, for the tests of their absence).
+            a.eax = self.control_version;
+            if !self.snapshots {
+                a.ecx &= !ctl::FLAG_SNAPSHOT;
+            }
+        }
+        a
+    }
+
+    /// The fake's figures as a snapshot.
+    fn snap(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        s.exits = self.exits;
+        s.cycles = self.cycles;
+        s
     }
 
     /// Exitscope after a Linux boot: some reasons enabled, some counted.
@@ -233,6 +191,41 @@ impl Fake {
 
     pub fn total_cycles(&self) -> u64 {
         self.cycles.iter().sum()
+    }
+}
+
+impl ctl::ControlHost for Fake {
+    fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+    fn detailed(&self) -> bool {
+        self.detailed
+    }
+    fn timeline(&self) -> bool {
+        false
+    }
+    fn enabled(&self) -> ReasonSet {
+        self.enabled
+    }
+    fn sum(&self) -> Snapshot {
+        self.snap()
+    }
+    /// vCPU 0 holds everything.
+    fn vcpu(&self, i: usize) -> Option<Snapshot> {
+        (i == 0).then(|| self.snap())
+    }
+    fn detail(&self) -> Option<DetailSnapshot> {
+        self.detailed.then(|| self.detail.clone())
+    }
+    fn dump(&mut self, _vcpu: usize) {}
+    fn reset(&mut self) -> bool {
+        if self.reset_unavailable {
+            return false;
+        }
+        self.exits = [0; SLOTS];
+        self.cycles = [0; SLOTS];
+        self.detail = DetailSnapshot::default();
+        true
     }
 }
 

@@ -259,6 +259,23 @@ impl Info {
     pub fn detailed(&self) -> bool {
         self.flags & ctl::FLAG_DETAILED != 0
     }
+    /// The snapshot commands exist (one consistent moment for many reads).
+    pub fn snapshots(&self) -> bool {
+        self.flags & ctl::FLAG_SNAPSHOT != 0
+    }
+}
+
+/// Runs `reads` on a snapshot of the statistics where the hypervisor has
+/// the snapshot commands: every read answers the same moment. Returns what
+/// `reads` returned and, with a snapshot, the reads it answered (exitstat's
+/// own CPUID exits since, not in the figures).
+pub fn on_snapshot<T>(l: &mut dyn Leaves, reads: impl FnOnce(&mut dyn Leaves, bool) -> T) -> (T, Option<u64>) {
+    if !read_info(l).snapshots() || control(l, ctl::CMD_SNAPSHOT) != ctl::STATUS_OK {
+        return (reads(l, false), None);
+    }
+    let t = reads(l, true);
+    let r = l.cpuid(ctl::LEAF_CONTROL, ctl::CMD_RELEASE);
+    (t, Some(leaf::join64(r.ebx, r.ecx)))
 }
 
 /// Reads the INFO leaf.
@@ -301,6 +318,9 @@ pub struct DetailReading {
     pub max: u64,
     pub sumsq: u128,
     pub hist: [u64; HIST_BUCKETS],
+    /// Read from one snapshot: exitstat's own reads after it, not in the
+    /// figures (None: read live, each figure a moment of its own).
+    pub own_reads: Option<u64>,
 }
 
 impl DetailReading {
@@ -316,8 +336,16 @@ impl DetailReading {
 /// reason `nr`, in that order (each read is one CPUID exit: for reason 10
 /// every figure also counts the reads before it).
 pub fn read_detail(l: &mut dyn Leaves, nr: u32) -> DetailReading {
+    let (mut d, own) = on_snapshot(l, |l, snap| read_detail_now(l, nr, snap));
+    d.own_reads = own;
+    d
+}
+
+/// [`read_detail`]'s reads: the cycles from CYCLES64 on a snapshot (the
+/// 32-bit-era leaf 0x4FFFFFFF is always live).
+fn read_detail_now(l: &mut dyn Leaves, nr: u32, snapshot: bool) -> DetailReading {
     let (exits, undefined) = exits64(l, nr);
-    let cycles = cycles(l, nr);
+    let cycles = if snapshot { wide(l.cpuid(ctl::LEAF_CYCLES64, nr)).0 } else { cycles(l, nr) };
     let (min, _) = wide(l.cpuid(ctl::LEAF_MIN, nr));
     let (max, _) = wide(l.cpuid(ctl::LEAF_MAX, nr));
     let (lo, _) = wide(l.cpuid(ctl::LEAF_SUMSQ, nr));
@@ -326,7 +354,7 @@ pub fn read_detail(l: &mut dyn Leaves, nr: u32) -> DetailReading {
     for (b, h) in hist.iter_mut().enumerate() {
         *h = wide(l.cpuid(ctl::LEAF_HIST, nr | (b as u32) << 16)).0;
     }
-    DetailReading { nr, undefined, exits, cycles, min, max, sumsq: (hi as u128) << 64 | lo as u128, hist }
+    DetailReading { nr, undefined, exits, cycles, min, max, sumsq: (hi as u128) << 64 | lo as u128, hist, own_reads: None }
 }
 
 /// The most entries read from one breakdown (a bound against a

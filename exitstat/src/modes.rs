@@ -517,8 +517,14 @@ pub fn detail_text(d: &DetailReading) -> String {
         let bar = "#".repeat(((c * 40).div_ceil(peak)) as usize);
         let _ = writeln!(s, "    {range:>rw$}  {c:>cw$}  {:>6.2}%  {bar}", 100.0 * c as f64 / n as f64);
     }
-    if d.nr == CPUID_REASON {
-        s += "  (these CPUID figures include exitstat's own reads, each counted after it is answered, so they differ slightly)\n";
+    match d.own_reads {
+        Some(n) => {
+            let _ = writeln!(s, "  (one snapshot of the statistics; exitstat's own {n} reads of it are not in these figures)");
+        }
+        None if d.nr == CPUID_REASON => {
+            s += "  (these CPUID figures include exitstat's own reads, each counted after it is answered, so they differ slightly)\n";
+        }
+        None => {}
     }
     s
 }
@@ -536,7 +542,8 @@ fn detail_json(d: &DetailReading) -> String {
         .float("avg", avg)
         .float("stddev", sd)
         .str("sumsq", Some(&d.sumsq.to_string()))
-        .raw("hist", &hist);
+        .raw("hist", &hist)
+        .raw("own_reads", &d.own_reads.map_or("null".to_string(), |n| n.to_string()));
     let det = PERCENTILE_FIELDS
         .iter()
         .zip(d.percentiles())
@@ -639,8 +646,11 @@ pub fn breakdown(l: &mut dyn Leaves, kind: usize, json: bool) -> Outcome {
         return o;
     }
     let k = BreakdownKind::ALL[kind];
-    let (entries, other) = leaves::read_breakdown(l, kind);
-    let stdout = if json { breakdown_json(k, &entries, other) } else { breakdown_text(k, &entries, other) };
+    let ((entries, other), own) = leaves::on_snapshot(l, |l, _| leaves::read_breakdown(l, kind));
+    let mut stdout = if json { breakdown_json(k, &entries, other) } else { breakdown_text(k, &entries, other) };
+    if let (Some(n), false) = (own, json) {
+        let _ = writeln!(stdout, "  (one snapshot of the statistics; exitstat's own {n} reads of it are not in these figures)");
+    }
     Outcome { stdout, stderr: notes, code: OK }
 }
 
@@ -875,7 +885,8 @@ mod tests {
                  \x20 latency histogram (cycles per exit, log2 buckets):\n\
                  \x20      64-127  2   50.00%  ########################################\n\
                  \x20     128-255  1   25.00%  ####################\n\
-                 \x20   4096-8191  1   25.00%  ####################\n",
+                 \x20   4096-8191  1   25.00%  ####################\n\
+                 \x20 (one snapshot of the statistics; exitstat's own 38 reads of it are not in these figures)\n",
                 100.0 * sd / mean
             )
         );
@@ -890,8 +901,46 @@ mod tests {
         assert_eq!(o.stdout, "exit reason 12 (HLT), since the last reset:\n  no exits (not enabled, or none yet)\n");
         let o = run_fake(&mut f, &["--detail", "35"]);
         assert_eq!((o.stdout.as_str(), o.code), ("exit reason 35 is not defined by the SDM\n", OK));
+        // Without the snapshot commands (an older hypervisor): live reads, and a note.
+        f.snapshots = false;
         let o = run_fake(&mut f, &["--detail", "10"]);
         assert!(o.stdout.contains("include exitstat's own reads"), "{}", o.stdout);
+        assert!(!f.snapshot.held());
+    }
+
+    /// After --reset, --detail 10 prints a histogram whose buckets sum
+    /// exactly to the exits it prints (one snapshot), and its own reads
+    /// apart; without the snapshot they would not (the end-to-end Linux
+    /// test checks the same in the guest).
+    #[test]
+    fn detail_after_reset_is_one_moment() {
+        let mut f = Fake::typical();
+        assert_eq!(run_fake(&mut f, &["--reset"]).code, OK);
+        let o = run_fake(&mut f, &["--detail", "10"]);
+        let exits: u64 = o.stdout.lines().find_map(|l| l.trim().strip_prefix("exits")).unwrap().trim().parse().unwrap();
+        let buckets: u64 = o
+            .stdout
+            .lines()
+            .skip_while(|l| !l.contains("latency histogram"))
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+            .sum();
+        assert!(exits > 0 && exits == buckets, "{}", o.stdout);
+        assert!(o.stdout.contains("exitstat's own 38 reads of it are not in these figures"), "{}", o.stdout);
+        assert!(!f.snapshot.held(), "released");
+        assert!(f.commands.ends_with(&[ctl::CMD_SNAPSHOT, ctl::CMD_RELEASE]), "{:?}", f.commands);
+        // Live (no snapshot commands), the buckets run ahead of the exits.
+        f.snapshots = false;
+        let o = run_fake(&mut f, &["--detail", "10"]);
+        let exits: u64 = o.stdout.lines().find_map(|l| l.trim().strip_prefix("exits")).unwrap().trim().parse().unwrap();
+        let buckets: u64 = o
+            .stdout
+            .lines()
+            .skip_while(|l| !l.contains("latency histogram"))
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+            .sum();
+        assert!(buckets > exits, "{}", o.stdout);
     }
 
     #[test]
@@ -906,7 +955,8 @@ mod tests {
              \x20  9000   52.63%  port 0x3f8\n\
              \x20  8000   46.78%  port 0x3fd\n\
              \x20   102    0.60%  port 0xcf8\n\
-             \x20 17102  100.00%  total\n"
+             \x20 17102  100.00%  total\n\
+             \x20 (one snapshot of the statistics; exitstat's own 5 reads of it are not in these figures)\n"
         );
         f.record_key(BreakdownKind::Msr, 0x6E0 | 1 << 32, 5);
         f.record_key(BreakdownKind::Msr, 0x1B, 2);
@@ -921,7 +971,8 @@ mod tests {
              \x20     3   30.00%  (others, not tracked one by one)\n\
              \x20     2   20.00%  RDMSR (31), of the keys above\n\
              \x20     5   50.00%  WRMSR (32), of the keys above\n\
-             \x20    10  100.00%  total\n"
+             \x20    10  100.00%  total\n\
+             \x20 (one snapshot of the statistics; exitstat's own 4 reads of it are not in these figures)\n"
         );
         let v = json_of(&run_fake(&mut f, &["--breakdown", "msr", "--json"]).stdout);
         assert_eq!(
@@ -931,7 +982,11 @@ mod tests {
                 {"key": 0x1B, "reason": 31, "label": "RDMSR 0x1b", "count": 2}], "other": 3})
         );
         let o = run_fake(&mut f, &["--breakdown", "ept"]);
-        assert_eq!(o.stdout, "EPT violation (48) exits by 2 MiB guest-physical region, since the last reset:\n  (none)\n");
+        assert_eq!(
+            o.stdout,
+            "EPT violation (48) exits by 2 MiB guest-physical region, since the last reset:\n  (none)\n  \
+             (one snapshot of the statistics; exitstat's own 2 reads of it are not in these figures)\n"
+        );
         f.record_key(BreakdownKind::ControlRegister, 4 * 4, 1);
         assert!(run_fake(&mut f, &["--breakdown", "cr"]).stdout.contains("100.00%  MOV to CR4\n"));
         f.record_key(BreakdownKind::CpuidLeaf, 7 << 32 | 1, 4);

@@ -7,8 +7,8 @@ use crate::state::{self, MAX_CPUS};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering::Relaxed};
 use exitscope_stats::control::*;
-use exitscope_stats::detail::{BreakdownKind, DetailSnapshot, VcpuDetail, HIST_BUCKETS};
-use exitscope_stats::leaf::{self, ReasonClass, StatsView};
+use exitscope_stats::detail::{DetailSnapshot, VcpuDetail};
+use exitscope_stats::leaf::{self, StatsView};
 use exitscope_stats::reasons::{self, MAX_DEFINED};
 use exitscope_stats::timeline::Timeline;
 use exitscope_stats::Snapshot;
@@ -109,99 +109,49 @@ pub fn stats_leaf(leaf: u32, ecx: u32) -> [u32; 4] {
     [a.eax, a.ebx, a.ecx, a.edx]
 }
 
-fn split(v: u64) -> (u32, u32) {
-    leaf::split64(v)
+/// The control leaves' view of the live statistics (`exitscope_stats::control`
+/// answers the leaves; this is what it reads and commands).
+struct Live;
+
+impl ControlHost for Live {
+    fn vcpus(&self) -> u32 {
+        ncpus() as u32
+    }
+    fn detailed(&self) -> bool {
+        cfg!(feature = "detailed")
+    }
+    fn timeline(&self) -> bool {
+        TIMELINE.lock().is_some()
+    }
+    fn enabled(&self) -> exitscope_stats::ReasonSet {
+        state::shared().enabled
+    }
+    fn sum(&self) -> Snapshot {
+        current()
+    }
+    fn vcpu(&self, i: usize) -> Option<Snapshot> {
+        vcpu_current(i)
+    }
+    fn detail(&self) -> Option<DetailSnapshot> {
+        current_detail()
+    }
+    fn dump(&mut self, vcpu: usize) {
+        let title = alloc::format!("on request of vCPU {vcpu}");
+        print_dump(&title);
+    }
+    fn reset(&mut self) -> bool {
+        reset();
+        true
+    }
 }
 
-/// EBX:ECX = v.
-fn wide(v: u64) -> [u32; 4] {
-    let (hi, lo) = split(v);
-    [0, hi, lo, 0]
-}
-
-const UNDEFINED: [u32; 4] = [0, 0, 0, leaf::UNDEFINED_EDX];
+/// The snapshot a guest holds (`CMD_SNAPSHOT` .. `CMD_RELEASE`).
+static SNAPSHOT: Mutex<SnapshotState> = Mutex::new(SnapshotState::new());
 
 /// Answers a control leaf (0x4FFFFFF0..=0x4FFFFFFB) for vCPU `vcpu`.
 pub fn control_leaf(leaf: u32, ecx: u32, vcpu: usize) -> [u32; 4] {
-    let sh = state::shared();
-    let per_reason = |r: u32, f: &dyn Fn(u16) -> [u32; 4]| match leaf::classify(r, &sh.enabled) {
-        ReasonClass::Undefined => UNDEFINED,
-        ReasonClass::NotEnabled => [0; 4],
-        ReasonClass::Enabled(r) => f(r),
-    };
-    match leaf {
-        LEAF_INFO => {
-            let mut flags = 0;
-            if cfg!(feature = "detailed") {
-                flags |= FLAG_DETAILED;
-            }
-            if TIMELINE.lock().is_some() {
-                flags |= FLAG_TIMELINE;
-            }
-            [INTERFACE_VERSION, ncpus() as u32, flags, MAX_DEFINED as u32]
-        }
-        LEAF_CONTROL => match ecx {
-            CMD_DUMP => {
-                let title = alloc::format!("on request of vCPU {vcpu}");
-                print_dump(&title);
-                [STATUS_OK, 0, 0, 0]
-            }
-            CMD_RESET => {
-                reset();
-                [STATUS_OK, 0, 0, 0]
-            }
-            _ => [STATUS_UNKNOWN, 0, 0, 0],
-        },
-        LEAF_EXITS64 => {
-            let c = current();
-            if ecx == ALL_REASONS {
-                wide(c.total_exits())
-            } else {
-                per_reason(ecx, &|r| wide(c.exits[r as usize]))
-            }
-        }
-        LEAF_MIN | LEAF_MAX | LEAF_HIST | LEAF_SUMSQ => {
-            let Some(d) = current_detail() else { return [0; 4] };
-            let reason = ecx & 0xFFFF;
-            let sub = (ecx >> 16) as usize;
-            per_reason(reason, &|r| {
-                let rd = &d.reasons[r as usize];
-                match leaf {
-                    LEAF_MIN => wide(rd.min.unwrap_or(0)),
-                    LEAF_MAX => wide(rd.max),
-                    LEAF_HIST if sub < HIST_BUCKETS => wide(rd.hist[sub]),
-                    LEAF_SUMSQ if sub < 2 => wide((rd.sumsq >> (64 * sub)) as u64),
-                    _ => [0; 4],
-                }
-            })
-        }
-        LEAF_BREAKDOWN => {
-            let Some(d) = current_detail() else { return [0; 4] };
-            let Some(kind) = BreakdownKind::ALL.get((ecx & 0xFF) as usize) else { return [0; 4] };
-            let (entries, other) = &d.breakdowns[*kind as usize];
-            let index = ecx >> 8;
-            if index == BREAKDOWN_OTHER {
-                let w = wide(*other);
-                return [0, w[1], w[2], BREAKDOWN_VALID];
-            }
-            match entries.get(index as usize) {
-                Some(&(key, count)) => {
-                    let (hi, lo) = split(count);
-                    [key as u32, hi, lo, BREAKDOWN_VALID | ((key >> 32) as u32 & 0x7FFF_FFFF)]
-                }
-                None => [0; 4],
-            }
-        }
-        LEAF_VCPU => match vcpu_current(ecx as usize) {
-            Some(s) => {
-                let (ehi, elo) = split(s.total_exits());
-                let (chi, clo) = split(s.total_cycles());
-                [elo, chi, clo, ehi]
-            }
-            None => [0; 4],
-        },
-        _ => [0; 4],
-    }
+    let a = answer_control(leaf, ecx, vcpu, &mut Live, &mut SNAPSHOT.lock());
+    [a.eax, a.ebx, a.ecx, a.edx]
 }
 
 // ---------------------------------------------------------------------------

@@ -678,6 +678,10 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
     if post >= 100 || post >= pre {
         return Err(format!("after --reset the total is {post} (before: {pre}); expected a fresh count"));
     }
+    // --detail 10 right after the reset reads one snapshot: its histogram's
+    // buckets add up exactly to the exits it prints, and its own reads are
+    // reported apart.
+    check_detail_consistent(after("INIT: after reset:")?)?;
     // The final JSON dump's timeline covers the boot: from the guest's
     // start to within one interval of the end.
     let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
@@ -690,6 +694,32 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
             t.samples.len(),
             t.interval
         ));
+    }
+    Ok(())
+}
+
+/// `exitstat --detail N`'s output at the start of `text`: the exits it
+/// prints equal the sum of its histogram's buckets, and it names its own
+/// reads of the snapshot apart.
+fn check_detail_consistent(text: &str) -> Result {
+    let block: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("exit reason 10 (CPUID)")).take_while(|l| !l.starts_with("INIT:")).collect();
+    let exits: u64 = block
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("exits "))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("no exitstat --detail 10 output after the reset:\n{}", block.join("\n")))?;
+    let buckets: u64 = block
+        .iter()
+        .skip_while(|l| !l.contains("latency histogram"))
+        .skip(1)
+        .take_while(|l| l.contains('%'))
+        .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+        .sum();
+    if buckets != exits {
+        return Err(format!("exitstat --detail 10 after --reset: histogram buckets sum to {buckets}, exits {exits}:\n{}", block.join("\n")));
+    }
+    if !block.iter().any(|l| l.contains("exitstat's own") && l.contains("reads of it are not in these figures")) {
+        return Err(format!("exitstat --detail 10 does not report its own reads apart:\n{}", block.join("\n")));
     }
     Ok(())
 }
