@@ -40,7 +40,7 @@ pub struct Cli {
 
 pub const USAGE: &str = "\
 usage: exitstat [--json] [N | --all | --check N | --reset | --dump | --watch SECS |
-                          --detail N | --breakdown io|msr|cr|ept|cpuid|exception | --run CMD [ARGS...]]
+                          --detail N | --breakdown io|msr|cr|ept|cpuid|exception|rip | --run CMD [ARGS...]]
        exitstat --help";
 
 /// The `--help` text (without the reason-table source, added by the caller).
@@ -74,7 +74,7 @@ usage:
                          left out of the CPUID figures
   exitstat --detail N    min, max, average and standard deviation of the time
                          an exit of reason N takes, and its log2 histogram
-  exitstat --breakdown io|msr|cr|ept|cpuid|exception
+  exitstat --breakdown io|msr|cr|ept|cpuid|exception|rip
                          the I/O ports, MSRs, control-register accesses or 2 MiB
                          guest-physical regions (EPT violations) that caused
                          exits, by count
@@ -186,7 +186,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
             }
             "--breakdown" => {
                 let Some(k) = args.next() else {
-                    return Err("'--breakdown' needs a kind: io, msr, cr, ept, cpuid or exception".into());
+                    return Err("'--breakdown' needs a kind: io, msr, cr, ept, cpuid, exception or rip".into());
                 };
                 let k = k.to_string_lossy().into_owned();
                 let kind = match k.as_str() {
@@ -196,7 +196,8 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
                     "ept" | "ept_2m_region" => 3,
                     "cpuid" | "cpuid_leaf" => 4,
                     "exception" | "exception_vector" => 5,
-                    _ => return Err(format!("unknown breakdown '{k}' (io, msr, cr, ept, cpuid or exception)")),
+                    "rip" => 6,
+                    _ => return Err(format!("unknown breakdown '{k}' (io, msr, cr, ept, cpuid, exception or rip)")),
                 };
                 set(Mode::Breakdown(kind), format!("--breakdown {k}"))?;
             }
@@ -248,6 +249,7 @@ mod tests {
         assert_eq!(p(&["--breakdown", "ept"]), ok(Mode::Breakdown(3), false));
         assert_eq!(p(&["--breakdown", "cpuid"]), ok(Mode::Breakdown(4), false));
         assert_eq!(p(&["--breakdown", "exception"]), ok(Mode::Breakdown(5), false));
+        assert_eq!(p(&["--breakdown", "rip"]), ok(Mode::Breakdown(6), false));
         // Everything after --run is the command, options included.
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(p(&["--run", "touch", "/tmp/x"]), ok(Mode::Run(argv(&["touch", "/tmp/x"])), false));
@@ -283,7 +285,7 @@ mod tests {
         assert_eq!(err(&["--watch", "0"]), "'--watch' needs at least 1 second");
         assert!(err(&["--watch", "x"]).starts_with("invalid number of seconds 'x'"));
         assert_eq!(err(&["--detail"]), "'--detail' needs an exit reason number");
-        assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr, ept, cpuid or exception)");
+        assert_eq!(err(&["--breakdown", "disk"]), "unknown breakdown 'disk' (io, msr, cr, ept, cpuid, exception or rip)");
         assert_eq!(err(&["--all", "--run", "ls"]), "'--run' cannot be combined with '--all'");
         assert_eq!(err(&["abc"]), "invalid exit reason number 'abc' (expected a decimal number or 0x-prefixed hex)");
         assert!(err(&["0x"]).starts_with("invalid exit reason number '0x'"));

@@ -59,6 +59,8 @@ pub struct Fake {
     pub ran: Vec<Vec<String>>,
     /// What `emit` printed.
     pub emitted: String,
+    /// What /proc/kallsyms holds (None: unreadable).
+    pub kallsyms: Option<String>,
 }
 
 impl Fake {
@@ -94,6 +96,7 @@ impl Fake {
             command_status: Ok(CommandStatus::Exited(0)),
             ran: Vec::new(),
             emitted: String::new(),
+            kallsyms: None,
         }
     }
 
@@ -304,5 +307,9 @@ impl Leaves for Fake {
 
     fn emit(&mut self, text: &str) {
         self.emitted += text;
+    }
+
+    fn kallsyms(&mut self) -> Option<String> {
+        self.kallsyms.clone()
     }
 }

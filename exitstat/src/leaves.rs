@@ -59,6 +59,9 @@ pub trait Leaves {
 
     /// Prints `text` on stdout right away (`--watch` prints as it goes).
     fn emit(&mut self, text: &str);
+
+    /// The guest kernel's symbols (`/proc/kallsyms`), if readable.
+    fn kallsyms(&mut self) -> Option<String>;
 }
 
 /// The real instruction, executed from user mode, and the real process.
@@ -108,6 +111,10 @@ impl Leaves for RealCpuid {
         let mut o = std::io::stdout().lock();
         let _ = o.write_all(text.as_bytes());
         let _ = o.flush();
+    }
+
+    fn kallsyms(&mut self) -> Option<String> {
+        std::fs::read_to_string("/proc/kallsyms").ok()
     }
 }
 

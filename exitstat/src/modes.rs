@@ -586,6 +586,7 @@ fn key_kind(k: BreakdownKind) -> &'static str {
         BreakdownKind::EptRegion => "2 MiB guest-physical region",
         BreakdownKind::CpuidLeaf => "leaf and subleaf",
         BreakdownKind::ExceptionVector => "vector",
+        BreakdownKind::GuestRip => "guest code site",
     }
 }
 
@@ -620,6 +621,44 @@ pub fn breakdown_text(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -
     s
 }
 
+/// `--breakdown rip`: the guest code sites by reason, busiest first, named
+/// from /proc/kallsyms where it is readable.
+pub fn rip_text(entries: &[(u64, u64)], other: u64, syms: Option<&exitscope_stats::symbols::Symbols>) -> String {
+    use exitscope_stats::detail::rip_of_key;
+    let mut s = String::from("Guest code sites of the exits (RIP and mode), by reason, since the last reset:\n");
+    if entries.is_empty() && other == 0 {
+        s += "  (none)\n";
+        return s;
+    }
+    let mut reasons_seen: Vec<(u16, u64)> = Vec::new();
+    for &(k, c) in entries {
+        let r = rip_of_key(k).0;
+        match reasons_seen.iter_mut().find(|e| e.0 == r) {
+            Some(e) => e.1 += c,
+            None => reasons_seen.push((r, c)),
+        }
+    }
+    reasons_seen.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (r, total) in reasons_seen {
+        let _ = writeln!(s, "  {}: {total} exits at these sites", label(r as u32));
+        for &(k, c) in entries.iter().filter(|e| rip_of_key(e.0).0 == r) {
+            let (_, rip, user) = rip_of_key(k);
+            let name = match syms {
+                Some(t) if !user => t.describe(rip),
+                _ => format!("{rip:#x}"),
+            };
+            let _ = writeln!(s, "    {c:>10}  {rip:#018x} {:<6} {name}", if user { "user" } else { "kernel" });
+        }
+    }
+    if other != 0 {
+        let _ = writeln!(s, "  {other} exits at sites the hypervisor's per-vCPU tables had no room for");
+    }
+    if syms.is_none() {
+        s += "  (no names: /proc/kallsyms is not readable here)\n";
+    }
+    s
+}
+
 fn breakdown_json(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -> String {
     let b = Object::new()
         .str("kind", Some(kind.name()))
@@ -647,7 +686,14 @@ pub fn breakdown(l: &mut dyn Leaves, kind: usize, json: bool) -> Outcome {
     }
     let k = BreakdownKind::ALL[kind];
     let ((entries, other), own) = leaves::on_snapshot(l, |l, _| leaves::read_breakdown(l, kind));
-    let mut stdout = if json { breakdown_json(k, &entries, other) } else { breakdown_text(k, &entries, other) };
+    let mut stdout = match (json, k) {
+        (true, _) => breakdown_json(k, &entries, other),
+        (false, BreakdownKind::GuestRip) => {
+            let syms = l.kallsyms().and_then(|t| exitscope_stats::symbols::Symbols::parse(&t).ok());
+            rip_text(&entries, other, syms.as_ref())
+        }
+        (false, _) => breakdown_text(k, &entries, other),
+    };
     if let (Some(n), false) = (own, json) {
         let _ = writeln!(stdout, "  (one snapshot of the statistics; exitstat's own {n} reads of it are not in these figures)");
     }
@@ -993,6 +1039,19 @@ mod tests {
         let o = run_fake(&mut f, &["--breakdown", "cpuid"]);
         assert!(o.stdout.starts_with("CPUID (10) exits by leaf and subleaf, since the last reset:\n"), "{}", o.stdout);
         assert!(o.stdout.contains("100.00%  leaf 0x7 subleaf 0x1\n"), "{}", o.stdout);
+        // Code sites: grouped by reason, kernel ones named from kallsyms.
+        use exitscope_stats::detail::rip_key;
+        f.record_key(BreakdownKind::GuestRip, rip_key(30, 0xffff_ffff_8123_45ba, false), 479);
+        f.record_key(BreakdownKind::GuestRip, rip_key(30, 0xffff_ffff_8123_4600, false), 9);
+        f.record_key(BreakdownKind::GuestRip, rip_key(10, 0x40_1000, true), 20);
+        f.kallsyms = Some("ffffffff81234560 t pci_conf1_read\nffffffff812345f0 T pci_conf1_write\n".into());
+        let o = run_fake(&mut f, &["--breakdown", "rip"]);
+        assert!(o.stdout.contains("  I/O instruction (30): 488 exits at these sites\n"), "{}", o.stdout);
+        assert!(o.stdout.contains("       479  0xffffffff812345ba kernel pci_conf1_read+0x5a\n"), "{}", o.stdout);
+        assert!(o.stdout.contains("pci_conf1_write+0x10"), "{}", o.stdout);
+        assert!(o.stdout.contains("        20  0x0000000000401000 user   0x401000\n"), "{}", o.stdout);
+        f.kallsyms = None;
+        assert!(run_fake(&mut f, &["--breakdown", "rip"]).stdout.contains("(no names: /proc/kallsyms is not readable here)"));
         f.record_key(BreakdownKind::ExceptionVector, 14, 1);
         assert!(run_fake(&mut f, &["--breakdown", "exception"]).stdout.contains("#PF (vector 14)"));
     }

@@ -287,6 +287,28 @@ pub const fn cpuid_key(leaf: u32, subleaf: u32) -> u64 {
     (leaf as u64) << 32 | if keeps { subleaf as u64 } else { 0 }
 }
 
+/// The guest-code-site key: bit 62 user mode (CPL 3), bits 61:55 the basic
+/// exit reason, bits 54:0 the guest RIP (sign-extended from bit 54 on
+/// decoding: exact for 4-level-paging guests, whose addresses are
+/// canonical at 48 bits). Bit 63 stays clear (the BREAKDOWN leaf returns
+/// bits 62:0).
+#[inline(always)]
+pub const fn rip_key(reason: u16, rip: u64, user: bool) -> u64 {
+    (user as u64) << 62 | ((reason as u64) & 0x7F) << 55 | (rip & RIP_BITS)
+}
+
+const RIP_BITS: u64 = (1 << 55) - 1;
+
+/// A [`rip_key`] taken apart: (reason, RIP, user mode).
+pub const fn rip_of_key(key: u64) -> (u16, u64, bool) {
+    let low = key & RIP_BITS;
+    let rip = if low & (1 << 54) != 0 { low | !RIP_BITS } else { low };
+    (((key >> 55) & 0x7F) as u16, rip, key & (1 << 62) != 0)
+}
+
+/// Slots of the guest-code-site table per vCPU (all reasons share it).
+pub const RIP_KEYS: usize = 256;
+
 /// What a breakdown entry's key means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakdownKind {
@@ -304,10 +326,13 @@ pub enum BreakdownKind {
     /// Key: the exception or NMI vector (exit reason 0; no profile enables
     /// it today, so it fills only if such an exit ends a run).
     ExceptionVector,
+    /// Key: [`rip_key`] (exit reason, guest RIP, user or kernel mode): the
+    /// guest code that caused the exits, all reasons in one table.
+    GuestRip,
 }
 
 /// Number of breakdown kinds.
-pub const BREAKDOWN_KINDS: usize = 6;
+pub const BREAKDOWN_KINDS: usize = 7;
 
 impl BreakdownKind {
     pub const ALL: [BreakdownKind; BREAKDOWN_KINDS] = [
@@ -317,6 +342,7 @@ impl BreakdownKind {
         BreakdownKind::EptRegion,
         BreakdownKind::CpuidLeaf,
         BreakdownKind::ExceptionVector,
+        BreakdownKind::GuestRip,
     ];
 
     /// Short name (JSON and reports).
@@ -328,6 +354,7 @@ impl BreakdownKind {
             BreakdownKind::EptRegion => "ept_2m_region",
             BreakdownKind::CpuidLeaf => "cpuid_leaf",
             BreakdownKind::ExceptionVector => "exception_vector",
+            BreakdownKind::GuestRip => "rip",
         }
     }
 
@@ -341,6 +368,8 @@ impl BreakdownKind {
             BreakdownKind::EptRegion => 48,
             BreakdownKind::CpuidLeaf => 10,
             BreakdownKind::ExceptionVector => 0,
+            // Every reason: each entry says its own.
+            BreakdownKind::GuestRip => 0,
         }
     }
 
@@ -349,6 +378,7 @@ impl BreakdownKind {
     pub const fn reason_of(self, key: u64) -> u16 {
         match self {
             BreakdownKind::Msr if key & (1 << 32) != 0 => 32,
+            BreakdownKind::GuestRip => rip_of_key(key).0,
             k => k.reason(),
         }
     }
@@ -371,6 +401,8 @@ pub struct VcpuDetail {
     pub cpuid: HashTable<CPUID_KEYS>,
     /// Exception-or-NMI exits by vector.
     pub exceptions: TopTable<TOP_KEYS>,
+    /// Exits by guest code site ([`rip_key`]).
+    pub rips: HashTable<RIP_KEYS>,
 }
 
 /// Slots of the CPUID breakdown per vCPU.
@@ -392,6 +424,7 @@ impl VcpuDetail {
             cr: [const { AtomicU64::new(0) }; 64],
             cpuid: HashTable::new(),
             exceptions: TopTable::new(),
+            rips: HashTable::new(),
         }
     }
 
@@ -475,7 +508,8 @@ impl DetailSnapshot {
                 *h = h.wrapping_add(a.load(Relaxed));
             }
         }
-        let [io, msr, cr, ept, cpuid, exc] = &mut self.breakdowns;
+        let [io, msr, cr, ept, cpuid, exc, rip] = &mut self.breakdowns;
+        rip.1 += d.rips.merge_into(&mut rip.0);
         io.1 += d.io_ports.merge_into(&mut io.0);
         msr.1 += d.msrs.merge_into(&mut msr.0);
         ept.1 += d.ept_regions.merge_into(&mut ept.0);
@@ -816,6 +850,40 @@ mod tests {
         assert_eq!(BreakdownKind::Msr.reason_of(0x1B), 31);
         assert_eq!(BreakdownKind::Msr.reason_of(0x1B | 1 << 32), 32);
         assert_eq!(BreakdownKind::CpuidLeaf.reason_of(5), 10);
+    }
+
+    #[test]
+    fn rip_keys_round_trip() {
+        for (r, rip, user) in [(30u16, 0xffff_ffff_8123_4567u64, false), (10, 0x40_1000, true), (85, 0x7fff_ffff_f000, true), (0, 0, false)]
+        {
+            let k = rip_key(r, rip, user);
+            assert_eq!(k >> 63, 0);
+            assert_eq!(rip_of_key(k), (r, rip, user));
+        }
+    }
+
+    /// The guest-code-site table: bounded (what does not fit is counted in
+    /// other), merged across vCPUs, and per reason never more than the
+    /// reason's exits.
+    #[test]
+    fn rip_table_bounded_and_merged_across_vcpus() {
+        let (a, b) = (VcpuDetail::new(), VcpuDetail::new());
+        let site = 0xffff_ffff_8100_0000u64;
+        for i in 0..1000u64 {
+            a.rips.record(rip_key(30, site + (i % 3), false));
+            b.rips.record(rip_key(30, site + (i % 5), false));
+        }
+        for i in 0..2000u64 {
+            b.rips.record(rip_key(10, 0x40_0000 + i, true));
+        }
+        let s = DetailSnapshot::sum([&a, &b]);
+        let (entries, other) = &s.breakdowns[BreakdownKind::GuestRip as usize];
+        assert!(entries.len() <= 2 * RIP_KEYS);
+        let io: Vec<_> = entries.iter().filter(|e| rip_of_key(e.0).0 == 30).collect();
+        assert_eq!(io.len(), 5, "the five I/O sites, merged over both vCPUs");
+        assert_eq!(io[0].1, 334 + 200, "site+0: 334 on vCPU 0, 200 on vCPU 1");
+        let cpuid: u64 = entries.iter().filter(|e| rip_of_key(e.0).0 == 10).map(|e| e.1).sum();
+        assert!(cpuid < 2000 && cpuid + other == 2000, "{cpuid} + {other}");
     }
 
     #[test]

@@ -160,6 +160,10 @@ impl fmt::Display for KeyLabel {
                     write!(f, "leaf {leaf:#x}")
                 }
             }
+            BreakdownKind::GuestRip => {
+                let (reason, rip, user) = crate::detail::rip_of_key(k);
+                write!(f, "{} RIP {rip:#x} ({})", if user { "user" } else { "kernel" }, crate::reasons::name(reason as u32).unwrap_or("?"))
+            }
             BreakdownKind::ExceptionVector => {
                 const NAMES: [&str; 22] = [
                     "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS", "#GP", "#PF", "", "#MF", "#AC",

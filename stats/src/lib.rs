@@ -24,6 +24,8 @@ pub mod leaf;
 pub mod meta;
 pub mod reasons;
 #[cfg(feature = "alloc")]
+pub mod symbols;
+#[cfg(feature = "alloc")]
 pub mod timeline;
 pub mod timesplit;
 

@@ -15,9 +15,11 @@
 
 use crate::util::Result;
 use exitscope_stats::detail::{bucket_floor, mean_stddev, DetailSnapshot, HIST_BUCKETS};
+use exitscope_stats::detail::{rip_of_key, BreakdownKind};
 use exitscope_stats::dump;
 use exitscope_stats::json::{self, ParsedTimeline};
 use exitscope_stats::reasons::{self, SLOTS, UNKNOWN_SLOT};
+use exitscope_stats::symbols::Symbols;
 use exitscope_stats::Snapshot;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -32,6 +34,7 @@ pub const FONT_BOLD: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.tt
 
 pub const USAGE: &str = "\
 usage: cargo xtask report LOG [--tsc-hz HZ] [--out DIR] [--json] [--no-charts] [--sort COLUMN]
+                          [--symbols FILE]
   LOG            a serial log of an Exitscope run (Bochs, QEMU or bare metal)
   --tsc-hz HZ    the TSC frequency, for a time axis in seconds (default: TSC
                  ticks; the report suggests what a Linux guest logged as
@@ -41,7 +44,10 @@ usage: cargo xtask report LOG [--tsc-hz HZ] [--out DIR] [--json] [--no-charts] [
   --no-charts    only the table
   --sort COLUMN  order the rows by a column: samples (default), time, min, max,
                  avg, stddev, p50, p90, p99, p99.9 (largest first) or reason
-                 (by number)";
+                 (by number)
+  --symbols FILE a System.map (or an ELF with symbols, read with nm) that names
+                 the guest code sites of the exits (cargo xtask run passes the
+                 Debian kernel's own)";
 
 /// Options of `report`.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +58,7 @@ pub struct Opts {
     pub json: bool,
     pub charts: bool,
     pub sort: SortKey,
+    pub symbols: Option<PathBuf>,
 }
 
 /// The column `--sort` orders the rows by.
@@ -118,7 +125,7 @@ pub fn sort_rows(rows: &mut [Row], key: SortKey) {
 }
 
 pub fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts { log: PathBuf::new(), tsc_hz: None, out: None, json: false, charts: true, sort: SortKey::Samples };
+    let mut o = Opts { log: PathBuf::new(), tsc_hz: None, out: None, json: false, charts: true, sort: SortKey::Samples, symbols: None };
     let mut log = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -134,6 +141,7 @@ pub fn parse_opts(args: &[String]) -> Result<Opts> {
             "--out" => o.out = Some(PathBuf::from(it.next().ok_or("--out needs a directory")?)),
             "--json" => o.json = true,
             "--no-charts" => o.charts = false,
+            "--symbols" => o.symbols = Some(PathBuf::from(it.next().ok_or("--symbols needs a System.map or ELF file")?)),
             "--sort" => o.sort = SortKey::parse(it.next().ok_or("--sort needs a column")?)?,
             s if s.starts_with('-') => return Err(format!("unknown report option '{s}'\n\n{USAGE}")),
             _ if log.is_some() => return Err(format!("report takes one LOG, got a second one: '{a}'")),
@@ -155,6 +163,9 @@ pub fn cmd_report(args: &[String]) -> Result {
     };
     let mut r = Report::new(&data, o.tsc_hz.map(|hz| (hz, "--tsc-hz".to_string())));
     sort_rows(&mut r.rows, o.sort);
+    if let Some(f) = &o.symbols {
+        r.symbols = Some(load_symbols(f)?);
+    }
     r.hint = linux_tsc_hz(&text).map(|h| h.0);
     if o.charts {
         let dir = o.out.clone().unwrap_or_else(|| default_dir(&o.log));
@@ -171,7 +182,7 @@ pub fn cmd_report(args: &[String]) -> Result {
 
 /// After `cargo xtask run`: the report of the run's serial log, or a line
 /// saying there is nothing to report. Never fails the run.
-pub fn after_run(log: &Path) {
+pub fn after_run(log: &Path, symbols: Option<&Path>) {
     let text = match std::fs::read(log) {
         Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) => {
@@ -193,6 +204,12 @@ pub fn after_run(log: &Path) {
     let dir = default_dir(log);
     let mut r = Report::new(&data, None);
     r.hint = linux_tsc_hz(&text).map(|h| h.0);
+    if let Some(f) = symbols {
+        match load_symbols(f) {
+            Ok(s) => r.symbols = Some(s),
+            Err(e) => eprintln!("xtask: report: {e}"),
+        }
+    }
     match write_charts(&data, r.tsc.as_ref(), &dir) {
         Ok(c) => {
             r.charts = c;
@@ -418,6 +435,61 @@ pub struct Report<'a> {
     pub charts: Charts,
     /// A TSC frequency the log suggests (a Linux guest's), to mention only.
     pub hint: Option<f64>,
+    /// Names for the guest code sites.
+    pub symbols: Option<Symbols>,
+}
+
+/// A symbol file: a System.map (or kallsyms), or an ELF read with `nm`.
+pub fn load_symbols(path: &Path) -> Result<Symbols> {
+    let bytes = std::fs::read(path).map_err(|e| format!("--symbols {}: {e}", path.display()))?;
+    let text = if bytes.starts_with(b"\x7fELF") {
+        let out = std::process::Command::new("nm")
+            .arg("--defined-only")
+            .arg(path)
+            .output()
+            .map_err(|e| format!("--symbols {}: an ELF file, but nm could not run: {e}", path.display()))?;
+        if !out.status.success() {
+            return Err(format!("--symbols {}: nm failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    Symbols::parse(&text).map_err(|e| format!("--symbols {}: {}", path.display(), e.0))
+}
+
+/// The guest code sites per reason (the `rip` breakdown): reason, its
+/// exits in the table, and the top sites (key, count), busiest first.
+pub fn code_sites(d: &DetailSnapshot, top: usize) -> Vec<(u16, u64, Vec<(u64, u64)>)> {
+    let (entries, _) = &d.breakdowns[BreakdownKind::GuestRip as usize];
+    let mut by: Vec<(u16, u64, Vec<(u64, u64)>)> = Vec::new();
+    for &(k, c) in entries {
+        let r = rip_of_key(k).0;
+        match by.iter_mut().find(|e| e.0 == r) {
+            Some(e) => {
+                e.1 += c;
+                e.2.push((k, c));
+            }
+            None => by.push((r, c, vec![(k, c)])),
+        }
+    }
+    for e in by.iter_mut() {
+        e.2.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        e.2.truncate(top);
+    }
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    by
+}
+
+/// One code site for people: `479 at pci_conf1_read+0x5a` (kernel mode)
+/// or `12 at 0x401000 (user)`.
+pub fn site_text(key: u64, count: u64, symbols: Option<&Symbols>) -> String {
+    let (_, rip, user) = rip_of_key(key);
+    let at = match symbols {
+        Some(s) if !user => s.describe(rip),
+        _ => format!("{rip:#x}"),
+    };
+    format!("{count} at {at}{}", if user { " (user)" } else { "" })
 }
 
 /// What `write_charts` wrote, and what it could not draw and why.
@@ -433,7 +505,7 @@ fn opt(v: Option<u64>) -> String {
 
 impl<'a> Report<'a> {
     pub fn new(data: &'a Data, tsc: Option<(f64, String)>) -> Report<'a> {
-        Report { data, rows: rows(data), tsc, chart_dir: None, charts: Charts::default(), hint: None }
+        Report { data, rows: rows(data), tsc, chart_dir: None, charts: Charts::default(), hint: None, symbols: None }
     }
 
     /// The `perf kvm stat`-like table and the notes, as text.
@@ -501,6 +573,24 @@ impl<'a> Report<'a> {
         }
         for (i, (e, c)) in d.per_vcpu.iter().enumerate() {
             let _ = writeln!(s, "  vCPU {i}: {e} exits, {c} cycles");
+        }
+        if let Some(det) = &d.detail {
+            let sites = code_sites(det, 5);
+            if !sites.is_empty() {
+                let other = det.breakdowns[BreakdownKind::GuestRip as usize].1;
+                let _ = writeln!(
+                    s,
+                    "Guest code sites (top 5 per reason{}):",
+                    if self.symbols.is_some() { "; kernel addresses named from --symbols" } else { "; --symbols FILE names them" }
+                );
+                for (r, _, top) in &sites {
+                    let list: Vec<String> = top.iter().map(|&(k, c)| site_text(k, c, self.symbols.as_ref())).collect();
+                    let _ = writeln!(s, "  {} ({r}): {}", reasons::name(*r as u32).unwrap_or("?"), list.join(", "));
+                }
+                if other != 0 {
+                    let _ = writeln!(s, "  ({other} exits at sites the per-vCPU tables had no room for)");
+                }
+            }
         }
         if !d.time.is_empty() {
             let _ = writeln!(s, "Time split from each vCPU's first VM entry (or the last reset) to the dump, TSC ticks:");
@@ -1382,6 +1472,61 @@ mod tests {
             head[4].starts_with("TSC:     50.000 MHz (calibrated against the ACPI PM timer); in Bochs the TSC counts emulated"),
             "{text}"
         );
+    }
+
+    /// `--symbols` on a small System.map written here: the report names the
+    /// kernel code sites of each reason, busiest first.
+    #[test]
+    fn code_sites_named_from_a_system_map() {
+        use exitscope_stats::detail::rip_key;
+        let (snap, per, mut det, _) = synthetic();
+        let rip = BreakdownKind::GuestRip as usize;
+        det.breakdowns[rip].0 = vec![
+            (rip_key(30, 0xffff_ffff_8123_45ba, false), 12),
+            (rip_key(30, 0xffff_ffff_8123_4600, false), 3),
+            (rip_key(10, 0xffff_ffff_8100_0010, false), 70),
+            (rip_key(10, 0x40_1000, true), 10),
+        ];
+        det.breakdowns[rip].1 = 2;
+        let dir = std::env::temp_dir().join(format!("exitscope-symtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let map = dir.join("System.map");
+        std::fs::write(
+            &map,
+            "ffffffff81000000 T _text\nffffffff81234560 t pci_conf1_read\nffffffff812345f0 T pci_conf1_write\nffffffff81300000 D data\n",
+        )
+        .unwrap();
+        let syms = load_symbols(&map).unwrap();
+        assert_eq!(syms.len(), 3);
+        let mut js = String::new();
+        write_json_dump(
+            &mut js,
+            &JsonDump {
+                title: "t",
+                snap: &snap,
+                per_vcpu: &per,
+                detail: Some(&det),
+                timeline: None,
+                tsc: None,
+                smi: None,
+                meta: None,
+                time: None,
+            },
+        )
+        .unwrap();
+        let d = Data::from_log(&js).unwrap().unwrap();
+        let mut r = Report::new(&d, None);
+        r.symbols = Some(syms);
+        let text = r.text();
+        assert!(text.contains("  CPUID (10): 70 at _text+0x10, 10 at 0x401000 (user)\n"), "{text}");
+        assert!(text.contains("  I/O instruction (30): 12 at pci_conf1_read+0x5a, 3 at pci_conf1_write+0x10\n"), "{text}");
+        assert!(text.contains("(2 exits at sites the per-vCPU tables had no room for)"), "{text}");
+        // Without symbols: addresses.
+        assert!(Report::new(&d, None).text().contains("12 at 0xffffffff812345ba"));
+        // A bad file is a clear error.
+        std::fs::write(&map, "garbage\n").unwrap();
+        assert!(load_symbols(&map).unwrap_err().contains("line 1"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -682,6 +682,12 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
     // buckets add up exactly to the exits it prints, and its own reads are
     // reported apart.
     check_detail_consistent(after("INIT: after reset:")?)?;
+    // Guest code sites: exitstat's per-reason sums are no more than the
+    // reason's exits (counted since the same reset, up to the final dump),
+    // and the boot's top I/O and CPUID sites are kernel functions of the
+    // package's System.map (the guest runs with nokaslr).
+    let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
+    check_code_sites(after("INIT: after reset:")?, &fin)?;
     // The final JSON dump's timeline covers the boot: from the guest's
     // start to within one interval of the end.
     let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
@@ -702,7 +708,8 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
 /// prints equal the sum of its histogram's buckets, and it names its own
 /// reads of the snapshot apart.
 fn check_detail_consistent(text: &str) -> Result {
-    let block: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("exit reason 10 (CPUID)")).take_while(|l| !l.starts_with("INIT:")).collect();
+    let block: Vec<&str> =
+        text.lines().skip_while(|l| !l.starts_with("exit reason 10 (CPUID)")).take_while(|l| !l.starts_with("INIT:")).collect();
     let exits: u64 = block
         .iter()
         .find_map(|l| l.trim().strip_prefix("exits "))
@@ -716,10 +723,51 @@ fn check_detail_consistent(text: &str) -> Result {
         .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
         .sum();
     if buckets != exits {
-        return Err(format!("exitstat --detail 10 after --reset: histogram buckets sum to {buckets}, exits {exits}:\n{}", block.join("\n")));
+        return Err(format!(
+            "exitstat --detail 10 after --reset: histogram buckets sum to {buckets}, exits {exits}:\n{}",
+            block.join("\n")
+        ));
     }
     if !block.iter().any(|l| l.contains("exitstat's own") && l.contains("reads of it are not in these figures")) {
         return Err(format!("exitstat --detail 10 does not report its own reads apart:\n{}", block.join("\n")));
+    }
+    Ok(())
+}
+
+/// See `linux_1cpu`.
+fn check_code_sites(text: &str, fin: &exitscope_stats::json::ParsedJson) -> Result {
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Guest code sites of the exits"))
+        .take_while(|l| !l.starts_with("INIT:") && !l.starts_with("exitstat: "))
+        .collect();
+    let mut reasons = 0;
+    for l in &block {
+        // "  I/O instruction (30): 479 exits at these sites"
+        let Some((head, n)) = l.trim().split_once("): ") else { continue };
+        let Some(n) = n.strip_suffix(" exits at these sites").and_then(|n| n.parse::<u64>().ok()) else { continue };
+        let nr: usize = head.rsplit_once('(').and_then(|x| x.1.parse().ok()).ok_or_else(|| format!("bad line {l:?}"))?;
+        reasons += 1;
+        if n > fin.snap.exits[nr] {
+            return Err(format!("exitstat --breakdown rip: {n} exits at reason {nr}'s sites, more than its {} exits", fin.snap.exits[nr]));
+        }
+    }
+    if reasons == 0 {
+        return Err(format!("exitstat --breakdown rip listed no reason:\n{}", block.join("\n")));
+    }
+    let map = crate::linux::debian_system_map().ok_or("no System.map of the Debian kernel in the cache")?;
+    let syms = crate::report::load_symbols(&map)?;
+    let det = fin.detail.as_ref().ok_or("final dump without details")?;
+    let sites = crate::report::code_sites(det, 1);
+    for reason in [30u16, 10] {
+        let (_, _, top) =
+            sites.iter().find(|s| s.0 == reason).ok_or_else(|| format!("no code site of reason {reason} in the final dump"))?;
+        let (key, count) = top[0];
+        let (_, rip, user) = exitscope_stats::detail::rip_of_key(key);
+        match syms.lookup(rip) {
+            Some((name, off)) if !user => eprintln!("xtask:   top reason-{reason} site: {count} exits at {name}+{off:#x}"),
+            _ => return Err(format!("the top reason-{reason} site {rip:#x} (user {user}) is no kernel function of {}", map.display())),
+        }
     }
     Ok(())
 }

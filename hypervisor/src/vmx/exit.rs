@@ -361,6 +361,11 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     if reason & exitscope_stats::flags::MODIFIER_MASK != 0 {
         v.counters.record_flags(reason);
     }
+    // The guest code that caused it (not for a failed entry: no guest ran).
+    #[cfg(feature = "detailed")]
+    if reason & (1 << 31) == 0 {
+        note_site(v, basic, vmread(guest::RIP));
+    }
     if reason & (1 << 31) != 0 {
         entry_failure(v, reason);
     }
@@ -488,7 +493,19 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
 #[unsafe(no_mangle)]
 extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64) {
     v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(v.fast_cpuid as u32, (v.fast_cpuid >> 32) as u32));
+    // The stub has moved RIP past the CPUID already.
+    note_site(v, 10, vmread(guest::RIP).wrapping_sub(vmread(ro::VMEXIT_INSTRUCTION_LEN)));
     record(v, 10, now);
+}
+
+/// Counts the exit in the guest-code-site table: its reason, the guest RIP
+/// of the instruction that caused it, and whether the guest was in user
+/// mode (CPL 3, the DPL of SS).
+#[cfg(feature = "detailed")]
+#[inline(always)]
+fn note_site(v: &VcpuState, basic: u16, rip: u64) {
+    let user = (vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 3;
+    v.detail.rips.record(exitscope_stats::detail::rip_key(basic, rip, user));
 }
 
 /// Exception vectors.
