@@ -110,6 +110,7 @@ fn run_mode(cli: &Cli, l: &mut dyn Leaves) -> Outcome {
         Mode::Watch(secs) => return modes::watch(l, secs, cli.json),
         Mode::Detail(nr) => return modes::detail(l, nr, cli.json),
         Mode::Breakdown(kind) => return modes::breakdown(l, kind, cli.json),
+        Mode::Symbolize => return modes::symbolize(l),
         Mode::Help => unreachable!("handled by run"),
     }
     o

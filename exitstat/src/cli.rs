@@ -26,6 +26,9 @@ pub enum Mode {
     /// `--breakdown io|msr|cr|ept|cpuid|exception`: the entries of one breakdown (index
     /// into `BreakdownKind::ALL`).
     Breakdown(usize),
+    /// `--symbolize`: the kernel code sites of the exits with their
+    /// /proc/kallsyms names, as `[exitscope-sym]` lines for the host's report.
+    Symbolize,
     /// `-h`, `--help`.
     Help,
 }
@@ -75,6 +78,7 @@ usage:
   exitstat --detail N    min, max, average and standard deviation of the time
                          an exit of reason N takes, and its log2 histogram
   exitstat --breakdown io|msr|cr|ept|cpuid|exception|rip
+  exitstat --symbolize
                          the I/O ports, MSRs, control-register accesses or 2 MiB
                          guest-physical regions (EPT violations) that caused
                          exits, by count
@@ -158,6 +162,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Cli, String> {
                 set(Mode::Check(count), format!("--check {n}"))?;
             }
             "--reset" => set(Mode::Reset, a)?,
+            "--symbolize" => set(Mode::Symbolize, a)?,
             "--dump" => set(Mode::Dump, a)?,
             "--run" => {
                 let argv: Vec<String> = args.by_ref().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -250,6 +255,7 @@ mod tests {
         assert_eq!(p(&["--breakdown", "cpuid"]), ok(Mode::Breakdown(4), false));
         assert_eq!(p(&["--breakdown", "exception"]), ok(Mode::Breakdown(5), false));
         assert_eq!(p(&["--breakdown", "rip"]), ok(Mode::Breakdown(6), false));
+        assert_eq!(p(&["--symbolize"]), ok(Mode::Symbolize, false));
         // Everything after --run is the command, options included.
         let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(p(&["--run", "touch", "/tmp/x"]), ok(Mode::Run(argv(&["touch", "/tmp/x"])), false));

@@ -659,6 +659,39 @@ pub fn rip_text(entries: &[(u64, u64)], other: u64, syms: Option<&exitscope_stat
     s
 }
 
+/// `--symbolize`: one `[exitscope-sym] RIP NAME+OFF` line per kernel code
+/// site of the exits that /proc/kallsyms names. The guest's kernel may be
+/// relocated (KASLR) and its package may ship no real System.map, so the
+/// guest's own symbols are what names its addresses; `cargo xtask report`
+/// reads these lines from the serial log.
+pub fn symbolize(l: &mut dyn Leaves) -> Outcome {
+    let mut notes = String::new();
+    if let Err(o) = require(l, Need::Detailed, "--symbolize", false, &mut notes) {
+        return o;
+    }
+    let Some(text) = l.kallsyms() else {
+        return Outcome { stdout: String::new(), stderr: "exitstat: --symbolize: /proc/kallsyms is not readable\n".into(), code: FAIL };
+    };
+    let syms = match exitscope_stats::symbols::Symbols::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            return Outcome { stdout: String::new(), stderr: format!("exitstat: --symbolize: /proc/kallsyms: {}\n", e.0), code: FAIL }
+        }
+    };
+    let ((entries, _), _) = leaves::on_snapshot(l, |l, _| leaves::read_breakdown(l, BreakdownKind::GuestRip as usize));
+    let mut rips: Vec<u64> =
+        entries.iter().map(|e| exitscope_stats::detail::rip_of_key(e.0)).filter(|(_, _, user)| !user).map(|(_, rip, _)| rip).collect();
+    rips.sort_unstable();
+    rips.dedup();
+    let mut stdout = String::new();
+    for rip in rips {
+        if syms.lookup(rip).is_some() {
+            let _ = writeln!(stdout, "{}{rip:#x} {}", exitscope_stats::symbols::SYM_PREFIX, syms.describe(rip));
+        }
+    }
+    Outcome { stdout, stderr: notes, code: OK }
+}
+
 fn breakdown_json(kind: BreakdownKind, entries: &[(u64, u64)], other: u64) -> String {
     let b = Object::new()
         .str("kind", Some(kind.name()))
@@ -1052,6 +1085,14 @@ mod tests {
         assert!(o.stdout.contains("        20  0x0000000000401000 user   0x401000\n"), "{}", o.stdout);
         f.kallsyms = None;
         assert!(run_fake(&mut f, &["--breakdown", "rip"]).stdout.contains("(no names: /proc/kallsyms is not readable here)"));
+        f.kallsyms = Some("ffffffff81234560 t pci_conf1_read\nffffffff812345f0 T pci_conf1_write\n".into());
+        let o = run_fake(&mut f, &["--symbolize"]);
+        assert_eq!(
+            (o.code, o.stdout.as_str()),
+            (OK, "[exitscope-sym] 0xffffffff812345ba pci_conf1_read+0x5a\n[exitscope-sym] 0xffffffff81234600 pci_conf1_write+0x10\n")
+        );
+        f.kallsyms = None;
+        assert_eq!(run_fake(&mut f, &["--symbolize"]).code, FAIL);
         f.record_key(BreakdownKind::ExceptionVector, 14, 1);
         assert!(run_fake(&mut f, &["--breakdown", "exception"]).stdout.contains("#PF (vector 14)"));
     }

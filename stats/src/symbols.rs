@@ -77,6 +77,25 @@ impl Symbols {
     }
 }
 
+/// The prefix of the lines `exitstat --symbolize` prints in the guest:
+/// `[exitscope-sym] 0xRIP NAME+0xOFF`.
+pub const SYM_PREFIX: &str = "[exitscope-sym] ";
+
+/// The `[exitscope-sym]` lines of a serial log: RIP -> name, the last line
+/// for a RIP winning.
+pub fn parse_sym_lines(log: &str) -> alloc::collections::BTreeMap<u64, String> {
+    let mut m = alloc::collections::BTreeMap::new();
+    for l in log.lines() {
+        let Some(at) = l.find(SYM_PREFIX) else { continue };
+        let mut f = l[at + SYM_PREFIX.len()..].split_whitespace();
+        let (Some(rip), Some(name)) = (f.next(), f.next()) else { continue };
+        if let Some(rip) = rip.strip_prefix("0x").and_then(|r| u64::from_str_radix(r, 16).ok()) {
+            m.insert(rip, String::from(name));
+        }
+    }
+    m
+}
+
 /// The largest offset into a symbol that is still attributed to it.
 pub const MAX_OFFSET: u64 = 0x10_0000;
 
@@ -108,6 +127,15 @@ ffffffff81400000 W weak_fn
         assert_eq!(s.describe(0xffff_ffff_9000_0000), "0xffffffff90000000");
         // Two names at one address: the first by name.
         assert_eq!(s.lookup(0xffff_ffff_8100_0001), Some(("_text", 1)));
+    }
+
+    #[test]
+    fn sym_lines_from_a_log() {
+        let log = "guest\r\n[exitscope-sym] 0xffffffff812345ba pci_conf1_read+0x5a\r\nx [exitscope-sym] 0x10 a\n[exitscope-sym] bad\n";
+        let m = parse_sym_lines(log);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&0xffff_ffff_8123_45ba], "pci_conf1_read+0x5a");
+        assert_eq!(m[&0x10], "a");
     }
 
     #[test]

@@ -7,9 +7,7 @@ use std::process::Command;
 
 /// The kernel command line Exitscope's Linux guest boots with. The speed
 /// matters on real serial ports: without it Linux sets COM1 to 9600 baud.
-/// `nokaslr` keeps the kernel at its link address, so that the guest code
-/// sites of the exits resolve against the package's System.map.
-pub const APPEND: &str = "console=ttyS0,115200 cryptomgr.notests nokaslr";
+pub const APPEND: &str = "console=ttyS0,115200 cryptomgr.notests";
 
 fn cache_dir() -> PathBuf {
     util::out_dir().join("cache")
@@ -24,61 +22,10 @@ pub fn debian_kernel() -> Result<PathBuf> {
     }
     let dir = cache_dir().join("linux");
     let kernel = dir.join("vmlinuz");
-    let map = dir.join("System.map");
-    if kernel.is_file() && map.is_file() {
+    if kernel.is_file() {
         return Ok(kernel);
     }
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    // A cache from before System.map was kept: fetch the same version's
-    // package again for its map (a newer kernel's would not match).
-    let cached = std::fs::read_to_string(dir.join("version")).ok().and_then(|v| v.trim().strip_prefix("vmlinuz-").map(str::to_string));
-    let pkg = match (kernel.is_file(), cached) {
-        (true, Some(v)) => format!("linux-image-{v}"),
-        _ => current_kernel_package()?,
-    };
-    eprintln!("xtask: downloading {pkg} (Debian cloud kernel and its System.map, once)");
-    let dl = dir.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
-    util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
-    let deb = std::fs::read_dir(&dl)
-        .map_err(|e| e.to_string())?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or("apt-get download produced no .deb")?;
-    let unpack = dl.join("unpacked");
-    util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
-    let boot_file = |prefix: &str| -> Result<PathBuf> {
-        std::fs::read_dir(unpack.join("boot"))
-            .map_err(|e| e.to_string())?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
-            .ok_or_else(|| format!("the kernel package has no /boot/{prefix}*"))
-    };
-    let vmlinuz = boot_file("vmlinuz-")?;
-    if !kernel.is_file() {
-        util::copy(&vmlinuz, &kernel)?;
-        util::write(&dir.join("version"), vmlinuz.file_name().unwrap().to_string_lossy().as_bytes())?;
-    }
-    util::copy(&boot_file("System.map-")?, &map)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(kernel)
-}
-
-/// The `System.map` of Debian's kernel that [`debian_kernel`] cached, if
-/// it is there (`cargo xtask run` names kernel functions with it).
-pub fn debian_system_map() -> Option<PathBuf> {
-    if std::env::var("EXITSCOPE_KERNEL").is_ok() {
-        return None;
-    }
-    let m = cache_dir().join("linux").join("System.map");
-    m.is_file().then_some(m)
-}
-
-/// The versioned kernel package `linux-image-cloud-amd64` depends on.
-fn current_kernel_package() -> Result<String> {
     let depends = util::output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
     let pkg =
         depends.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")).find(|p| p.starts_with("linux-image-")).map(str::to_string);
@@ -95,7 +42,29 @@ fn current_kernel_package() -> Result<String> {
         }
         None => return Err("apt-cache knows no linux-image-cloud-amd64 (run apt-get update as root first)".into()),
     };
-    Ok(pkg)
+    eprintln!("xtask: downloading {pkg} (Debian cloud kernel, once)");
+    let dl = dir.join("download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
+    util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
+    let deb = std::fs::read_dir(&dl)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("apt-get download produced no .deb")?;
+    let unpack = dl.join("unpacked");
+    util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+    let vmlinuz = std::fs::read_dir(unpack.join("boot"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .ok_or("the kernel package has no /boot/vmlinuz-*")?;
+    util::copy(&vmlinuz, &kernel)?;
+    util::write(&dir.join("version"), vmlinuz.file_name().unwrap().to_string_lossy().as_bytes())?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(kernel)
 }
 
 /// Builds `exitstat` as a static Linux binary.
@@ -140,6 +109,8 @@ if [ "$mode" = test ]; then
     exitstat --run exitstat --cpuid 5000
     echo "INIT: dump:"
     exitstat --dump
+    echo "INIT: boot symbols:"
+    exitstat --symbolize
     echo "INIT: reset:"
     exitstat
     exitstat --reset
@@ -154,6 +125,8 @@ if [ "$mode" = test ]; then
     exitstat --cpuid 100000
     wait
 fi
+echo "INIT: symbols:"
+exitstat --symbolize
 echo "INIT: exitstat totals:"
 exitstat
 echo "INIT: exitstat --all:"

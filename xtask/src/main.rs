@@ -257,9 +257,7 @@ fn cmd_run(args: &[String]) -> Result {
                 progress: Some(Duration::from_secs(10)),
             })?;
             // The report comes first: a run cut short may still have a dump.
-            // Debian's kernel: its System.map names the guest code sites.
-            let map = if linux && o.kernel.is_none() { linux::debian_system_map() } else { None };
-            report::after_run(&out.dir.join("serial.log"), map.as_deref());
+            report::after_run(&out.dir.join("serial.log"), None);
             if out.timed_out {
                 return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }

@@ -118,8 +118,7 @@ pub fn run_kvm(hv: &Path, guest: &Path, guest_args: &str, modules: &[std::path::
     // Keep the serial log, and report on it (a run cut short may still have a dump).
     let log = util::out_dir().join("runs").join("run-qemu").join("serial.log");
     util::write(&log, &serial)?;
-    let map = if o.kernel.is_none() && o.guest == "linux" { crate::linux::debian_system_map() } else { None };
-    crate::report::after_run(&log, map.as_deref());
+    crate::report::after_run(&log, None);
     if timed_out {
         return Err(format!("QEMU did not finish within {timeout}s; serial log: {}", log.display()));
     }

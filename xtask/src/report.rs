@@ -262,6 +262,9 @@ pub struct Data {
     pub meta: Option<json::Meta>,
     /// Each vCPU's time split (schema 2).
     pub time: Vec<json::TimeSplit>,
+    /// Names of guest code sites that the guest's `exitstat --symbolize`
+    /// printed in the log (`[exitscope-sym]` lines).
+    pub guest_syms: std::collections::BTreeMap<u64, String>,
     /// Why the JSON dump was not used, if there was one that could not be.
     pub json_problem: Option<String>,
 }
@@ -285,6 +288,7 @@ impl Data {
                     schema: p.schema,
                     meta: p.meta,
                     time: p.time,
+                    guest_syms: exitscope_stats::symbols::parse_sym_lines(log),
                     json_problem: None,
                 }))
             }
@@ -305,6 +309,7 @@ impl Data {
                 schema: 0,
                 meta: None,
                 time: Vec::new(),
+                guest_syms: exitscope_stats::symbols::parse_sym_lines(log),
                 json_problem,
             })),
             Err(dump::ParseError::NotFound) => match json_problem {
@@ -482,11 +487,13 @@ pub fn code_sites(d: &DetailSnapshot, top: usize) -> Vec<(u16, u64, Vec<(u64, u6
 }
 
 /// One code site for people: `479 at pci_conf1_read+0x5a` (kernel mode)
-/// or `12 at 0x401000 (user)`.
-pub fn site_text(key: u64, count: u64, symbols: Option<&Symbols>) -> String {
+/// or `12 at 0x401000 (user)`; named from `symbols` (`--symbols FILE`),
+/// else from the guest's own `[exitscope-sym]` lines.
+pub fn site_text(key: u64, count: u64, symbols: Option<&Symbols>, guest: &std::collections::BTreeMap<u64, String>) -> String {
     let (_, rip, user) = rip_of_key(key);
-    let at = match symbols {
-        Some(s) if !user => s.describe(rip),
+    let at = match (symbols, guest.get(&rip)) {
+        (Some(s), _) if !user => s.describe(rip),
+        (None, Some(name)) if !user => name.clone(),
         _ => format!("{rip:#x}"),
     };
     format!("{count} at {at}{}", if user { " (user)" } else { "" })
@@ -581,10 +588,14 @@ impl<'a> Report<'a> {
                 let _ = writeln!(
                     s,
                     "Guest code sites (top 5 per reason{}):",
-                    if self.symbols.is_some() { "; kernel addresses named from --symbols" } else { "; --symbols FILE names them" }
+                    match (self.symbols.is_some(), d.guest_syms.is_empty()) {
+                        (true, _) => "; kernel addresses named from --symbols",
+                        (false, false) => "; kernel addresses named by the guest's exitstat --symbolize",
+                        (false, true) => "; --symbols FILE names them",
+                    }
                 );
                 for (r, _, top) in &sites {
-                    let list: Vec<String> = top.iter().map(|&(k, c)| site_text(k, c, self.symbols.as_ref())).collect();
+                    let list: Vec<String> = top.iter().map(|&(k, c)| site_text(k, c, self.symbols.as_ref(), &d.guest_syms)).collect();
                     let _ = writeln!(s, "  {} ({r}): {}", reasons::name(*r as u32).unwrap_or("?"), list.join(", "));
                 }
                 if other != 0 {
@@ -1523,6 +1534,12 @@ mod tests {
         assert!(text.contains("(2 exits at sites the per-vCPU tables had no room for)"), "{text}");
         // Without symbols: addresses.
         assert!(Report::new(&d, None).text().contains("12 at 0xffffffff812345ba"));
+        // The guest's own names from the log.
+        let logged = format!("{js}[exitscope-sym] 0xffffffff812345ba pci_conf1_read+0x5a\n");
+        let d = Data::from_log(&logged).unwrap().unwrap();
+        let text = Report::new(&d, None).text();
+        assert!(text.contains("  I/O instruction (30): 12 at pci_conf1_read+0x5a, 3 at 0xffffffff81234600\n"), "{text}");
+        assert!(text.contains("named by the guest's exitstat --symbolize"), "{text}");
         // A bad file is a clear error.
         std::fs::write(&map, "garbage\n").unwrap();
         assert!(load_symbols(&map).unwrap_err().contains("line 1"));

@@ -684,10 +684,10 @@ fn linux_1cpu(ctx: &Ctx) -> Result {
     check_detail_consistent(after("INIT: after reset:")?)?;
     // Guest code sites: exitstat's per-reason sums are no more than the
     // reason's exits (counted since the same reset, up to the final dump),
-    // and the boot's top I/O and CPUID sites are kernel functions of the
-    // package's System.map (the guest runs with nokaslr).
+    // and the boot's top I/O and CPUID sites are kernel functions, named
+    // by the guest's `exitstat --symbolize` for the report.
     let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
-    check_code_sites(after("INIT: after reset:")?, &fin)?;
+    check_code_sites(after("INIT: after reset:")?, &fin, &j, s)?;
     // The final JSON dump's timeline covers the boot: from the guest's
     // start to within one interval of the end.
     let fin = exitscope_stats::json::parse_last_json(s).map_err(|e| format!("final JSON dump: {e}"))?;
@@ -735,7 +735,7 @@ fn check_detail_consistent(text: &str) -> Result {
 }
 
 /// See `linux_1cpu`.
-fn check_code_sites(text: &str, fin: &exitscope_stats::json::ParsedJson) -> Result {
+fn check_code_sites(text: &str, fin: &exitscope_stats::json::ParsedJson, boot: &exitscope_stats::json::ParsedJson, log: &str) -> Result {
     let block: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.starts_with("Guest code sites of the exits"))
@@ -755,18 +755,26 @@ fn check_code_sites(text: &str, fin: &exitscope_stats::json::ParsedJson) -> Resu
     if reasons == 0 {
         return Err(format!("exitstat --breakdown rip listed no reason:\n{}", block.join("\n")));
     }
-    let map = crate::linux::debian_system_map().ok_or("no System.map of the Debian kernel in the cache")?;
-    let syms = crate::report::load_symbols(&map)?;
-    let det = fin.detail.as_ref().ok_or("final dump without details")?;
-    let sites = crate::report::code_sites(det, 1);
+    let names = exitscope_stats::symbols::parse_sym_lines(log);
+    // The boot's sites: the on-request dump before the reset (the final
+    // dump counts from the reset).
+    let det = boot.detail.as_ref().ok_or("on-request dump without details")?;
+    // The top kernel-mode site of each reason (the user-mode ones are
+    // exitstat's own CPUIDs).
+    let (entries, _) = &det.breakdowns[exitscope_stats::detail::BreakdownKind::GuestRip as usize];
     for reason in [30u16, 10] {
-        let (_, _, top) =
-            sites.iter().find(|s| s.0 == reason).ok_or_else(|| format!("no code site of reason {reason} in the final dump"))?;
-        let (key, count) = top[0];
-        let (_, rip, user) = exitscope_stats::detail::rip_of_key(key);
-        match syms.lookup(rip) {
-            Some((name, off)) if !user => eprintln!("xtask:   top reason-{reason} site: {count} exits at {name}+{off:#x}"),
-            _ => return Err(format!("the top reason-{reason} site {rip:#x} (user {user}) is no kernel function of {}", map.display())),
+        let (rip, count) = entries
+            .iter()
+            .map(|&(k, c)| (exitscope_stats::detail::rip_of_key(k), c))
+            .filter(|((r, _, user), _)| *r == reason && !user)
+            .max_by_key(|(_, c)| *c)
+            .map(|((_, rip, _), c)| (rip, c))
+            .ok_or_else(|| format!("no kernel code site of reason {reason} in the on-request dump"))?;
+        match names.get(&rip) {
+            Some(name) if !name.starts_with("0x") => eprintln!("xtask:   top kernel reason-{reason} site: {count} exits at {name}"),
+            _ => {
+                return Err(format!("the top kernel reason-{reason} site {rip:#x} has no function name in the log's [exitscope-sym] lines"))
+            }
         }
     }
     Ok(())
