@@ -155,10 +155,7 @@ impl Fake {
 
     /// The fake's figures as a snapshot.
     fn snap(&self) -> Snapshot {
-        let mut s = Snapshot::default();
-        s.exits = self.exits;
-        s.cycles = self.cycles;
-        s
+        Snapshot { exits: self.exits, cycles: self.cycles, ..Snapshot::default() }
     }
 
     /// Exitscope after a Linux boot: some reasons enabled, some counted.

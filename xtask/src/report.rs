@@ -465,9 +465,13 @@ pub fn load_symbols(path: &Path) -> Result<Symbols> {
 
 /// The guest code sites per reason (the `rip` breakdown): reason, its
 /// exits in the table, and the top sites (key, count), busiest first.
-pub fn code_sites(d: &DetailSnapshot, top: usize) -> Vec<(u16, u64, Vec<(u64, u64)>)> {
+/// One reason's code sites: the reason, its exits at tracked sites, and its
+/// top sites (key, count).
+pub type ReasonSites = (u16, u64, Vec<(u64, u64)>);
+
+pub fn code_sites(d: &DetailSnapshot, top: usize) -> Vec<ReasonSites> {
     let (entries, _) = &d.breakdowns[BreakdownKind::GuestRip as usize];
-    let mut by: Vec<(u16, u64, Vec<(u64, u64)>)> = Vec::new();
+    let mut by: Vec<ReasonSites> = Vec::new();
     for &(k, c) in entries {
         let r = rip_of_key(k).0;
         match by.iter_mut().find(|e| e.0 == r) {
