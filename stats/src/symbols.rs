@@ -16,7 +16,7 @@ pub struct Symbols {
 pub struct SymbolsError(pub String);
 
 impl Symbols {
-    /// Parses "ADDRESS TYPE NAME [MODULE]" lines; keeps code symbols (types
+    /// Parses `ADDRESS TYPE NAME [MODULE]` lines; keeps code symbols (types
     /// t, T, w, W) at non-zero addresses. Lines that are not of that shape
     /// are an error (naming the line), except blank ones; a file with no
     /// code symbol at all is an error too (a restricted /proc/kallsyms
