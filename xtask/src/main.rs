@@ -8,12 +8,14 @@
 //! cargo xtask image --uefi|--bios|--iso OUT [options]
 //!                                   UEFI/BIOS disk images, the hybrid GRUB ISO
 //! cargo xtask report LOG [options]  perf-kvm-stat-like table and charts of a serial log
+//! cargo xtask compare A B [options] two runs' exits and cycles side by side
 //! cargo xtask conformance [options] kvm-unit-tests natively and under Exitscope, compared
 //! ```
 
 mod bench;
 mod bochs;
 mod build;
+mod compare;
 mod conformance;
 mod deps;
 mod image;
@@ -47,6 +49,7 @@ commands:
       --cpus N               CPUs (default 1)
       --emulator bochs|qemu  Bochs (default; emulated VT-x) or QEMU with KVM (nested VT-x)
       --timeout SECS         give up after this long (default 120, Linux 900)
+      --compare-with PATH    after the run, 'cargo xtask compare PATH <this run's log>'
   image [options]            write bootable images for a USB stick (or a CD)
       --uefi OUT.img         UEFI disk image: rust-osdev bootloader, GPT
       --bios OUT.img         legacy BIOS disk image: rust-osdev bootloader, MBR
@@ -85,6 +88,15 @@ commands:
       --out DIR              write the charts there instead
       --json                 print the table as one JSON object
       --no-charts            only the table
+  compare A B [options]      two runs side by side: each reason's exits and cycles in A
+                             and B, the difference B-A and the ratio B/A, totals, and
+                             charts (compare-exits, compare-cycles; SVG and PNG) in
+                             target/compare/; A and B are serial logs, files of
+                             '[exitscope-json] ' lines or 'report --json' output
+      --names NAME_A,NAME_B  what to call them (default: the file names)
+      --out DIR              write the charts there instead
+      --json                 print the table as one JSON object
+      --no-charts            only the table
 ";
 
 fn main() {
@@ -96,6 +108,7 @@ fn main() {
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("image") => uefi::cmd_image(&args[1..]),
         Some("report") => report::cmd_report(&args[1..]),
+        Some("compare") => compare::cmd_compare(&args[1..]),
         Some("lint") => lint::cmd_lint(),
         Some("conformance") => conformance::cmd_conformance(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
@@ -130,6 +143,7 @@ pub struct RunOpts {
     pub cpus: u32,
     pub emulator: String,
     pub timeout: Option<u64>,
+    pub compare_with: Option<PathBuf>,
 }
 
 fn parse_run(args: &[String]) -> Result<RunOpts> {
@@ -143,6 +157,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
         cpus: 1,
         emulator: "bochs".into(),
         timeout: None,
+        compare_with: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -156,6 +171,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
             "--hv-args" => o.hv_args = val(a)?,
             "--cpus" => o.cpus = val(a)?.parse().map_err(|_| "--cpus needs a number".to_string())?,
             "--emulator" => o.emulator = val(a)?,
+            "--compare-with" => o.compare_with = Some(PathBuf::from(val(a)?)),
             "--timeout" => o.timeout = Some(val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?),
             _ => return Err(format!("unknown run option '{a}'\n\n{USAGE}")),
         }
@@ -241,6 +257,9 @@ fn cmd_run(args: &[String]) -> Result {
             })?;
             // The report comes first: a run cut short may still have a dump.
             report::after_run(&out.dir.join("serial.log"));
+            if let Some(other) = &o.compare_with {
+                compare::after_run(&out.dir.join("serial.log"), other);
+            }
             if out.timed_out {
                 return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }
