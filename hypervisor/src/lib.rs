@@ -25,6 +25,7 @@ pub mod options;
 pub mod pic;
 pub mod platform;
 pub mod serial;
+pub mod shadow;
 pub mod smp;
 pub mod state;
 pub mod statsys;
