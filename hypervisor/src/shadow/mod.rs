@@ -74,6 +74,7 @@
 //! the large page drops all of its pieces, as it drops the one TLB entry
 //! of the large page.
 
+pub mod phase;
 pub mod walk;
 
 use crate::guestmem::{PagingMode, PagingState};
