@@ -77,6 +77,7 @@
 pub mod phase;
 pub mod walk;
 
+use crate::emulate::Invpcid;
 use crate::guestmem::{PagingMode, PagingState};
 use alloc::vec::Vec;
 pub use walk::{Access, GuestTables, WalkCtx, WalkFault, Walked};
@@ -506,23 +507,20 @@ impl<M: PoolMem> Shadow<M> {
         }
     }
 
-    /// INVPCID of `kind` (0: one address in one PCID, 1: one PCID, 2: all
-    /// including globals, 3: all but globals). The caller has checked the
-    /// descriptor (#GP cases). Returns false for an unknown type (#GP).
-    pub fn invpcid(&mut self, kind: u64, pcid: u16, la: u64, p: &PagingState) -> bool {
-        match kind {
-            0 => {
-                // Global translations of `la` need not go; the PCID's do.
+    /// INVPCID (checked and decoded by `emulate::invpcid`) for `pcid` (the
+    /// descriptor's low 12 bits): one address in one PCID (global
+    /// translations of it need not go), one PCID, or everything.
+    pub fn invpcid(&mut self, op: Invpcid, pcid: u16, p: &PagingState) {
+        match op {
+            Invpcid::Address(la) => {
                 if let Some(r) = self.roots.iter().position(|r| r.pcid == pcid) {
                     let (la, bits32) = Self::canonical_la(la, p);
                     self.invalidate_in(r, la, bits32);
                 }
             }
-            1 => self.flush_pcid(pcid),
-            2 | 3 => self.flush_all(),
-            _ => return false,
+            Invpcid::Context => self.flush_pcid(pcid),
+            Invpcid::All | Invpcid::AllButGlobal => self.flush_all(),
         }
-        true
     }
 
     /// A guest page fault exit at `la` with the hardware's error code `ec`:

@@ -154,28 +154,6 @@ pub fn control_write(old: &PagingState, new: &PagingState) -> ControlWrite {
     }
 }
 
-/// An INVPCID the guest executed: (type, the descriptor's PCID field (its
-/// low 64 bits), its linear address), checked as the CPU checks them
-/// (SDM Vol. 2, INVPCID: #GP for a type above 3, a descriptor with bits
-/// 63:12 of the PCID quadword set, a non-canonical address for type 0, or a
-/// non-zero PCID for types 0 and 1 with CR4.PCIDE = 0).
-pub fn invpcid_check(kind: u64, pcid_field: u64, la: u64, pcide: bool) -> Result<(u64, u16, u64), &'static str> {
-    if kind > 3 {
-        return Err("INVPCID type above 3");
-    }
-    if pcid_field >> 12 != 0 {
-        return Err("INVPCID descriptor bits 63:12 set");
-    }
-    let pcid = pcid_field as u16;
-    if kind == 0 && ((la << 16) as i64 >> 16) as u64 != la {
-        return Err("INVPCID type 0 with a non-canonical address");
-    }
-    if kind <= 1 && !pcide && pcid != 0 {
-        return Err("INVPCID of a non-zero PCID with CR4.PCIDE = 0");
-    }
-    Ok((kind, pcid, la))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,17 +217,5 @@ mod tests {
         // #GP in long mode only; in legacy mode it changes the format).
         let b32 = ps(CR0_PE | CR0_PG, 0, 0);
         assert_eq!(control_write(&b32, &ps(b32.cr0, CR4_PAE, 0)), ControlWrite::Flush, "same PAE shadow format, flushed");
-    }
-
-    #[test]
-    fn invpcid_descriptor_checks() {
-        assert_eq!(invpcid_check(0, 5, 0x7fff_f000, true), Ok((0, 5, 0x7fff_f000)));
-        assert!(invpcid_check(4, 0, 0, true).is_err());
-        assert!(invpcid_check(1, 1 << 12, 0, true).is_err());
-        assert!(invpcid_check(0, 1, 0x8000_0000_0000, true).is_err(), "non-canonical");
-        assert_eq!(invpcid_check(1, 1, 0x8000_0000_0000, true), Ok((1, 1, 0x8000_0000_0000)), "the address is ignored for type 1");
-        assert!(invpcid_check(1, 3, 0, false).is_err());
-        assert!(invpcid_check(2, 3, 0, false).is_ok(), "types 2 and 3 ignore the descriptor's PCID");
-        assert!(invpcid_check(0, 0, 0, false).is_ok());
     }
 }

@@ -493,17 +493,19 @@ fn cr3_loads_flush_by_the_pcid_rules() {
     assert!(r1 != 0 && r1b != 0);
     s.load_cr3(&at(2, true)).unwrap();
     assert!(s.lookup(0x1000).is_some(), "PCID 2 untouched");
-    // INVPCID: type 0 (one address, one PCID), 1 (one PCID), 2 and 3 (all), 4 (#GP).
-    assert!(s.invpcid(0, 2, 0x1000, &p));
+    // INVPCID: one address in one PCID, one PCID, all (with or without globals).
+    s.invpcid(Invpcid::Address(0x1000), 2, &p);
     assert_eq!(s.lookup(0x1000), None);
     access(&mut s, &mut ram, &ctx(at(2, true)), 0x1000, Access::READ);
-    assert!(s.invpcid(0, 7, 0x1000, &p), "another PCID: nothing to do");
-    assert!(s.lookup(0x1000).is_some());
-    assert!(s.invpcid(1, 2, 0, &p));
+    s.invpcid(Invpcid::Address(0x1000), 7, &p);
+    assert!(s.lookup(0x1000).is_some(), "another PCID: nothing to do");
+    s.invpcid(Invpcid::Context, 2, &p);
     assert_eq!(s.roots(), 1);
-    assert!(s.invpcid(3, 0, 0, &p));
+    s.invpcid(Invpcid::AllButGlobal, 0, &p);
     assert_eq!((s.roots(), s.pages_used()), (0, 0));
-    assert!(!s.invpcid(4, 0, 0, &p));
+    s.load_cr3(&at(1, false)).unwrap();
+    s.invpcid(Invpcid::All, 0, &p);
+    assert_eq!(s.roots(), 0);
     assert_eq!(s.root_pa(), None);
 }
 
