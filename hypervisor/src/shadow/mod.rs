@@ -54,8 +54,11 @@
 //! # The pool
 //!
 //! Shadow tables come from a fixed pool of 4 KiB pages per vCPU. When it
-//! runs out, every shadow root is dropped and the current one rebuilt
-//! empty: the guest's pages fault in again. This is never an error.
+//! runs out, every shadow root is dropped and the current one emptied in
+//! place (its address, the hardware CR3, stays): the guest's pages fault in
+//! again. This is never an error. Flushes keep the current root's address
+//! the same way; only [`Shadow::load_cr3`] (whose answer is the new
+//! hardware CR3) and [`Shadow::drop_all`] (for a change of format) move it.
 //! Up to [`MAX_ROOTS`] contexts are kept: with CR4.PCIDE each PCID has its
 //! own root, so a CR3 load with the no-flush bit finds its entries again;
 //! the least recently used root goes when a new one is needed.
@@ -81,12 +84,12 @@ use crate::emulate::Invpcid;
 use crate::guestmem::{PagingMode, PagingState};
 use alloc::vec::Vec;
 pub use walk::{Access, GuestTables, WalkCtx, WalkFault, Walked};
-use walk::{P, PF_ID, PF_P, PF_RSVD, PF_U, PF_W, RW, US, XD};
+use walk::{A, D, P, PF_ID, PF_P, PF_RSVD, PF_U, PF_W, RW, US, XD};
 
 /// Contexts (PCIDs) whose shadows are kept at once.
 pub const MAX_ROOTS: usize = 8;
-/// The smallest pool: one PAE root with its four directories and one page
-/// table, and room for the tables of one more address.
+/// The smallest pool: one PAE root with its four directories and room for
+/// the tables of one address (three for a 4-level root).
 pub const MIN_POOL: usize = 8;
 
 /// Ignored by the CPU in non-leaf entries: "this table holds the pieces of
@@ -317,6 +320,12 @@ impl<M: PoolMem> Shadow<M> {
         let need = if format == Format::Pae { 5 } else { 1 };
         if self.free.len() < need {
             self.reset_pool();
+            if self.free.len() < need {
+                // The current root is being replaced: it goes too.
+                while !self.roots.is_empty() {
+                    self.drop_root(self.roots.len() - 1);
+                }
+            }
         }
         let page = self.alloc().expect("an empty pool holds a root");
         if format == Format::Pae {
@@ -331,29 +340,81 @@ impl<M: PoolMem> Shadow<M> {
         self.roots.len() - 1
     }
 
-    /// Drops every root: the pool is empty again.
-    fn reset_pool(&mut self) {
-        while !self.roots.is_empty() {
-            self.drop_root(self.roots.len() - 1);
+    /// Empties root `i` but keeps its page (and a PAE root's directories),
+    /// so that a hardware CR3 pointing at it stays valid.
+    fn clear_root(&mut self, i: usize) {
+        let (format, page) = (self.roots[i].format, self.roots[i].page);
+        match format {
+            Format::Level4 => self.clear_table(page, 3),
+            // The directories stay; the page tables under them go.
+            Format::Pae => {
+                for k in 0..4 {
+                    let e = self.mem.page(page)[k];
+                    let pd = self.index(e);
+                    self.clear_table(pd, 1);
+                }
+            }
         }
-        self.stats.pool_resets += 1;
-        debug_assert_eq!(self.free.len(), self.mem.pages());
     }
 
-    /// Drops every shadow (CR0/CR4/EFER changes, INVPCID types 2 and 3).
+    /// Frees every table under `page`, whose children are at `child_level`.
+    fn clear_table(&mut self, page: usize, child_level: u32) {
+        for e in 0..512 {
+            let v = self.mem.page(page)[e];
+            if v & P != 0 {
+                let child = self.index(v);
+                self.free_tree(child, child_level);
+                self.mem.page(page)[e] = 0;
+            }
+        }
+    }
+
+    /// Drops every root but the current one, and empties that.
+    fn drop_all_but_current(&mut self) {
+        for i in (0..self.roots.len()).rev() {
+            if Some(i) != self.current {
+                self.drop_root(i);
+            }
+        }
+        if let Some(c) = self.current {
+            self.clear_root(c);
+        }
+    }
+
+    /// The pool ran out: everything goes; the current root stays, empty, at
+    /// the same address (the hardware CR3 need not change).
+    fn reset_pool(&mut self) {
+        self.drop_all_but_current();
+        self.stats.pool_resets += 1;
+    }
+
+    /// Flushes every shadow (CR0/CR4/EFER changes, INVPCID types 2 and 3).
+    /// The current root stays, empty, at the same address.
     pub fn flush_all(&mut self) {
+        self.drop_all_but_current();
+        self.stats.full_flushes += 1;
+    }
+
+    /// Flushes the shadow of one PCID (INVPCID type 1, CR3 loads). The
+    /// current root stays at the same address.
+    pub fn flush_pcid(&mut self, pcid: u16) {
+        if let Some(i) = self.roots.iter().position(|r| r.pcid == pcid) {
+            if Some(i) == self.current {
+                self.clear_root(i);
+            } else {
+                self.drop_root(i);
+            }
+            self.stats.context_flushes += 1;
+        }
+    }
+
+    /// Forgets every root, the current one too (a change of the shadow
+    /// format: the caller loads CR3 again).
+    pub fn drop_all(&mut self) {
         while !self.roots.is_empty() {
             self.drop_root(self.roots.len() - 1);
         }
         self.stats.full_flushes += 1;
-    }
-
-    /// Drops the shadow of one PCID (INVPCID type 1).
-    pub fn flush_pcid(&mut self, pcid: u16) {
-        if let Some(i) = self.roots.iter().position(|r| r.pcid == pcid) {
-            self.drop_root(i);
-            self.stats.context_flushes += 1;
-        }
     }
 
     /// A MOV to CR3 (or the CR3 the guest runs with after a VM entry that
@@ -420,14 +481,8 @@ impl<M: PoolMem> Shadow<M> {
     /// of the guest page it is a piece of. Resets the pool if it runs out.
     fn fill(&mut self, la: u64, leaf: u64, large: u64) {
         if self.try_fill(la, leaf, large).is_none() {
-            let (pcid, format) = {
-                let r = &self.roots[self.current.expect("a current root")];
-                (r.pcid, r.format)
-            };
             self.reset_pool();
-            let i = self.new_root(pcid, format);
-            self.current = Some(i);
-            self.try_fill(la, leaf, large).expect("an empty pool holds one translation");
+            self.try_fill(la, leaf, large).expect("a pool with only the current root holds one translation");
         }
         self.stats.fills += 1;
     }
@@ -445,7 +500,7 @@ impl<M: PoolMem> Shadow<M> {
             let mut e = self.mem.page(page)[idx];
             if e & P == 0 {
                 let t = self.alloc()?;
-                e = self.pa(t) | P | RW | US;
+                e = self.pa(t) | P | RW | US | A;
                 self.mem.page(page)[idx] = e;
             }
             // Mark the table that holds all the pieces of a guest large page:
@@ -590,7 +645,9 @@ pub fn shadow_leaf(w: &Walked, acc: Access, p: &PagingState, host_writable: bool
             }
         }
     }
-    let mut e = w.frame | P | w.cache;
+    // A and D preset: the CPU never writes the shadow, and an entry reads
+    // back exactly as it was made.
+    let mut e = w.frame | P | A | D | w.cache;
     if writable && host_writable {
         e |= RW;
     }

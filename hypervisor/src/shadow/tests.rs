@@ -210,7 +210,7 @@ fn first_read_maps_read_only_then_a_write_sets_dirty() {
     s.load_cr3(&c.paging).unwrap();
     let la = 0x7f00_1234_5678;
     assert_eq!(access(&mut s, &mut ram, &c, la, Access::READ.from_user()), (1, PfOutcome::Filled));
-    assert_eq!(s.lookup(la), Some(0x20_3000 | P | US), "clean: mapped read-only");
+    assert_eq!(s.lookup(la), Some(0x20_3000 | P | US | A | D), "clean: mapped read-only");
     assert_eq!(ram.get(pte, true) & (A | D), A, "A set, D not");
     // Every entry on the way got A.
     let pml4e = ram.get(sp.cr3 + ((la >> 39) & 0x1FF) * 8, true);
@@ -220,7 +220,7 @@ fn first_read_maps_read_only_then_a_write_sets_dirty() {
     // The write: one exit, D first, then the shadow is writable.
     assert_eq!(access(&mut s, &mut ram, &c, la, Access::WRITE.from_user()), (1, PfOutcome::Filled));
     assert_eq!(ram.get(pte, true) & (A | D), A | D);
-    assert_eq!(s.lookup(la), Some(0x20_3000 | P | RW | US));
+    assert_eq!(s.lookup(la), Some(0x20_3000 | P | RW | US | A | D));
     assert_eq!(s.stats.fills, 2);
 }
 
@@ -234,7 +234,7 @@ fn a_first_write_is_one_exit_and_sets_a_and_d() {
     s.load_cr3(&c.paging).unwrap();
     assert_eq!(access(&mut s, &mut ram, &c, 0x40_0010, Access::WRITE), (1, PfOutcome::Filled));
     assert_eq!(ram.get(pte, true) & (A | D), A | D);
-    assert_eq!(s.lookup(0x40_0000), Some(0x80_0000 | P | RW));
+    assert_eq!(s.lookup(0x40_0000), Some(0x80_0000 | P | RW | A | D));
 }
 
 #[test]
@@ -425,7 +425,7 @@ fn large_pages_in_every_mode() {
         assert_eq!(access(&mut s, &mut ram, &c, la, Access::WRITE), (1, PfOutcome::Filled), "{mode:?} {size:#x}");
         let want = pa + (la & (size - 1) & !0xFFF);
         // The large page's PAT bit (12) lands in the 4 KiB position (7).
-        assert_eq!(s.lookup(la), Some(want | P | RW | PCD | PAT_4K), "{mode:?} {size:#x}");
+        assert_eq!(s.lookup(la), Some(want | P | RW | A | D | PCD | PAT_4K), "{mode:?} {size:#x}");
         let wide = mode != PagingMode::Bits32;
         assert_eq!(ram.get(leaf, wide) & (A | D), A | D, "D in the large-page entry");
         // Another 4 KiB piece of the same large page: one more exit, no new flags needed.
@@ -486,7 +486,7 @@ fn cr3_loads_flush_by_the_pcid_rules() {
     assert_eq!(access(&mut s, &mut ram, &ctx(at(2, false)), 0x1000, Access::READ).0, 1);
     let r1 = s.load_cr3(&at(1, true)).unwrap();
     assert_eq!(s.lookup(0x1000).map(|e| e & ADDR), Some(0x5000), "no-flush keeps PCID 1's entries");
-    assert_eq!(s.roots(), 2);
+    assert_eq!(s.roots(), 3, "PCID 0's (emptied by the flush), 1 and 2");
     // Without bit 63 PCID 1 is flushed, PCID 2 not.
     let r1b = s.load_cr3(&at(1, false)).unwrap();
     assert_eq!(s.lookup(0x1000), None);
@@ -500,12 +500,20 @@ fn cr3_loads_flush_by_the_pcid_rules() {
     s.invpcid(Invpcid::Address(0x1000), 7, &p);
     assert!(s.lookup(0x1000).is_some(), "another PCID: nothing to do");
     s.invpcid(Invpcid::Context, 2, &p);
-    assert_eq!(s.roots(), 1);
-    s.invpcid(Invpcid::AllButGlobal, 0, &p);
-    assert_eq!((s.roots(), s.pages_used()), (0, 0));
+    assert_eq!((s.roots(), s.lookup(0x1000)), (3, None), "the current PCID: emptied in place");
+    s.invpcid(Invpcid::Context, 0, &p);
+    assert_eq!(s.roots(), 2, "another PCID: its root goes");
     s.load_cr3(&at(1, false)).unwrap();
+    access(&mut s, &mut ram, &c1, 0x1000, Access::READ);
+    s.load_cr3(&at(2, true)).unwrap();
+    s.invpcid(Invpcid::AllButGlobal, 0, &p);
+    assert_eq!((s.roots(), s.pages_used(), s.lookup(0x1000)), (1, 1, None), "only the current root, empty");
+    s.load_cr3(&at(1, true)).unwrap();
+    assert_eq!(s.lookup(0x1000), None, "PCID 1 flushed too");
+    access(&mut s, &mut ram, &c1, 0x1000, Access::READ);
     s.invpcid(Invpcid::All, 0, &p);
-    assert_eq!(s.roots(), 0);
+    assert_eq!((s.roots(), s.pages_used(), s.lookup(0x1000)), (1, 1, None));
+    s.drop_all();
     assert_eq!(s.root_pa(), None);
 }
 
@@ -593,6 +601,32 @@ fn the_pool_drops_everything_when_it_runs_out() {
 }
 
 #[test]
+fn the_hardware_cr3_stays_valid_across_flushes_and_pool_resets() {
+    for mode in [PagingMode::Pae, LONG] {
+        let mut ram = Ram::new();
+        let sp = Space::new(&mut ram, mode);
+        for i in 0..64u64 {
+            sp.map(&mut ram, (i << 22) | 0x1000, 0x100_0000 + (i << 12), 4096, RW, 0);
+        }
+        let c = ctx(sp.paging(CR0_WP, 0, 0));
+        let mut s = shadow(MIN_POOL);
+        let root = s.load_cr3(&c.paging).unwrap();
+        for i in 0..64u64 {
+            access(&mut s, &mut ram, &c, (i << 22) | 0x1000, Access::READ);
+            assert_eq!(s.root_pa(), Some(root), "{mode:?}: page {i}");
+        }
+        assert!(s.stats.pool_resets > 10, "{mode:?}: {:?}", s.stats);
+        s.flush_all();
+        assert_eq!(s.root_pa(), Some(root));
+        assert_eq!(s.load_cr3(&c.paging), Some(root), "{mode:?}: a CR3 load without PCID empties the same root");
+        assert_eq!(s.pages_used(), if mode == LONG { 1 } else { 5 });
+        // Entries of the new root are reachable again.
+        access(&mut s, &mut ram, &c, 0x1000, Access::READ);
+        assert!(s.lookup(0x1000).is_some());
+    }
+}
+
+#[test]
 fn too_many_contexts_evict_the_least_recently_used() {
     let mut ram = Ram::new();
     let sp = Space::new(&mut ram, LONG);
@@ -645,7 +679,7 @@ fn the_hypervisor_footprint_is_never_mapped() {
     assert_eq!(s.page_fault(&mut ram, &c, (1 << 30) + foot.1, 0, host), PfOutcome::Filled);
     // A read-only (watched) frame: reads map it read-only, even when dirty; writes are contained.
     assert_eq!(s.page_fault(&mut ram, &c, 0x2000, 0, host), PfOutcome::Filled);
-    assert_eq!(s.lookup(0x2000), Some(0x8000 | P));
+    assert_eq!(s.lookup(0x2000), Some(0x8000 | P | A | D));
     assert_eq!(s.page_fault(&mut ram, &c, 0x2000, PF_P | PF_W, host), PfOutcome::Contain { gpa: 0x8000, access: Access::WRITE });
     // Guest page tables in the footprint: never read; the guest stops.
     let pml4e_at = sp.cr3 + ((0x7000_0000_0000u64 >> 39) & 0x1FF) * 8;
@@ -696,11 +730,11 @@ fn wp_off_lets_the_supervisor_write_read_only_pages() {
     let mut s = shadow(64);
     s.load_cr3(&c.paging).unwrap();
     assert_eq!(access(&mut s, &mut ram, &c, 0x1000, Access::WRITE), (1, PfOutcome::Filled));
-    assert_eq!(s.lookup(0x1000), Some(0x5000 | P | RW | XD), "writable, supervisor-only, not executable");
+    assert_eq!(s.lookup(0x1000), Some(0x5000 | P | RW | A | D | XD), "writable, supervisor-only, not executable");
     assert_eq!(ram.get(pte, true) & D, D);
     // A user read faults on the supervisor-only entry and gets it back as the guest's: read-only, user.
     assert_eq!(access(&mut s, &mut ram, &c, 0x1000, Access::READ.from_user()), (1, PfOutcome::Filled));
-    assert_eq!(s.lookup(0x1000), Some(0x5000 | P | US));
+    assert_eq!(s.lookup(0x1000), Some(0x5000 | P | US | A | D));
     // A user write is the guest's fault.
     assert_eq!(
         access(&mut s, &mut ram, &c, 0x1000, Access::WRITE.from_user()),
