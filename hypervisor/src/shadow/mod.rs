@@ -81,6 +81,7 @@ pub mod phase;
 pub mod walk;
 
 use crate::emulate::Invpcid;
+use crate::ept::EptRange;
 use crate::guestmem::{PagingMode, PagingState};
 use alloc::vec::Vec;
 pub use walk::{Access, GuestTables, WalkCtx, WalkFault, Walked};
@@ -155,6 +156,19 @@ pub enum Frame {
     ReadOnly,
     /// The hypervisor's footprint, or no memory: never mapped.
     Forbidden,
+}
+
+/// What the host allows at `gpa` under the EPT policy: the same ranges the
+/// identity EPT maps (`ept::guest_ranges`, sorted and disjoint: everything
+/// below the top except the hypervisor's footprint; watched pages without
+/// write), so that a guest is contained the same way with and without EPT.
+pub fn frame_of(ranges: &[EptRange], gpa: u64) -> Frame {
+    let i = ranges.partition_point(|r| r.end <= gpa);
+    match ranges.get(i) {
+        Some(r) if r.start <= gpa && r.write => Frame::Open,
+        Some(r) if r.start <= gpa => Frame::ReadOnly,
+        _ => Frame::Forbidden,
+    }
 }
 
 /// What the exit handler does after a shadow page fault.

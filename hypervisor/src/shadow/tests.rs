@@ -772,3 +772,21 @@ fn shadow_formats_and_pool_placement() {
     let pdpt = s.mem.page(i);
     assert!(pdpt[..4].iter().all(|e| e & 0xFFF == P) && pdpt[4..].iter().all(|&e| e == 0));
 }
+
+#[test]
+fn the_frame_policy_is_the_epts() {
+    use guest_loader::memmap::{MemKind, MemoryMap, Region};
+    let map = MemoryMap::from_regions([Region::new(0, 0x9F000, MemKind::Ram), Region::new(0x10_0000, 0x2000_0000, MemKind::Ram)]);
+    let foot = (0x100_0000, 0x120_0000);
+    let ranges = crate::ept::guest_ranges(&map, 1 << 36, &[foot], &[(0xFED0_0000, 0xFED0_1000)]);
+    let f = |gpa| frame_of(&ranges, gpa);
+    assert_eq!(f(0), Frame::Open);
+    assert_eq!(f(0xA0000), Frame::Open, "device memory below 1 MiB is mapped (uncacheable) as with EPT");
+    assert_eq!(f(foot.0), Frame::Forbidden);
+    assert_eq!(f(foot.1 - 1), Frame::Forbidden);
+    assert_eq!(f(foot.1), Frame::Open);
+    assert_eq!(f(0xFED0_0010), Frame::ReadOnly, "a watched page");
+    assert_eq!(f(0xFED0_1000), Frame::Open);
+    assert_eq!(f(1 << 36), Frame::Forbidden, "above the top: unbacked");
+    assert_eq!(frame_of(&[], 0), Frame::Forbidden);
+}
