@@ -610,4 +610,27 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+
+    /// `cargo xtask compare` on files, and `run --compare-with`'s after_run.
+    #[test]
+    fn command_on_files() {
+        let dir = std::env::temp_dir().join(format!("exitscope-compare-cmd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (dir.join("ept/serial.log"), dir.join("shadow/serial.log"));
+        crate::util::write(&a, log(&[(0, 10, 100)], "final")).unwrap();
+        crate::util::write(&b, log(&[(0, 10, 100), (0, 0, 900)], "final")).unwrap();
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (sa, sb) = (a.display().to_string(), b.display().to_string());
+        cmd_compare(&args(&[&sa, &sb, "--no-charts", "--json"])).unwrap();
+        let e = cmd_compare(&args(&[&sa, &dir.join("missing.log").display().to_string(), "--no-charts"])).unwrap_err();
+        assert!(e.contains("cannot read") && e.contains("missing.log"), "{e}");
+        crate::util::write(&dir.join("empty.log"), "no dump\n").unwrap();
+        let e = cmd_compare(&args(&[&sa, &dir.join("empty.log").display().to_string(), "--no-charts"])).unwrap_err();
+        assert!(e.contains("empty.log: no exit-statistics dump"), "{e}");
+        if Path::new(report::FONT).exists() {
+            after_run(&b, &a);
+            assert!(dir.join("shadow/compare/compare-exits.png").is_file(), "the charts go beside the run's log");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
