@@ -53,8 +53,19 @@
 //! BENCH vmcall ...
 //! BENCH rdmsr ...
 //! BENCH out ...
+//! BENCH samples native n=10000 min=12 p50=12 p90=12 p99=12 max=12 sum=120000 top=12:10000
+//! BENCH samples cpuid n=... min=... p50=... p90=... p99=... max=... sum=... top=V:C,V:C,...
+//! ...
 //! BENCH DONE
 //! ```
+//!
+//! After the loops, a per-sample pass times each execution on its own:
+//! `min(iters, 10000)` samples of `lfence; rdtsc; lfence; mov r9d, eax;
+//! mov edx, esi; xor eax, eax; INSN; lfence; rdtsc`, per measurement, and
+//! prints their distribution (raw bracket ticks; the native bracket is the
+//! overhead; `top` lists the four most frequent values with their counts).
+//! Loop averages mix rare long samples (a host's timer interrupt, an
+//! Exitscope timeline sample) into the mean; the samples separate them.
 //!
 //! `guest_cycles` is the TSC difference minus `timer overhead` (the same two
 //! RDTSCs with no loop between), so in Bochs it is exactly N times the
