@@ -257,8 +257,7 @@ impl Vm {
     /// Gives the guest `len` bytes of zeroed RAM at guest-physical 0 (slot 0).
     pub fn add_memory(&mut self, len: usize) -> io::Result<()> {
         let m = Mapping::new(len, None)?;
-        let mut r =
-            MemoryRegion { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: len as u64, userspace_addr: m.ptr as u64 };
+        let mut r = MemoryRegion { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: len as u64, userspace_addr: m.ptr as u64 };
         ioctl_ptr(&self.fd, "KVM_SET_USER_MEMORY_REGION", KVM_SET_USER_MEMORY_REGION, &mut r)?;
         self.memory = Some(m);
         Ok(())

@@ -111,21 +111,16 @@ fn load(mem: &mut [u8], image: &[u8], cmdline: &str) -> Result<u32> {
     let mb = multiboot::parse(image).map_err(|e| format!("not a multiboot1 image: {e}"))?;
     for s in &mb.segments {
         let start = usize::try_from(s.paddr).map_err(|_| "segment address".to_string())?;
-        let end = usize::try_from(s.end()).ok().filter(|&e| e <= mem.len() && start >= 0x10_0000).ok_or_else(|| {
-            format!("segment {:#x}..{:#x} outside the guest's RAM (1 MiB..{} MiB)", s.paddr, s.end(), mem.len() >> 20)
-        })?;
+        let end = usize::try_from(s.end())
+            .ok()
+            .filter(|&e| e <= mem.len() && start >= 0x10_0000)
+            .ok_or_else(|| format!("segment {:#x}..{:#x} outside the guest's RAM (1 MiB..{} MiB)", s.paddr, s.end(), mem.len() >> 20))?;
         let data = image.get(s.file_offset..s.file_offset + s.file_len).ok_or("segment beyond the end of the file")?;
         mem[start..start + data.len()].copy_from_slice(data);
         mem[start + data.len()..end].fill(0);
     }
-    let map = MemoryMap::from_regions([
-        Region::new(0, 0xA_0000, MemKind::Ram),
-        Region::new(0x10_0000, mem.len() as u64, MemKind::Ram),
-    ]);
-    let mbi = multiboot::build_mbi(
-        MBI_ADDR,
-        &multiboot::MbiInput { memory: &map, cmdline, modules: &[], loader_name: "kvmpeer" },
-    );
+    let map = MemoryMap::from_regions([Region::new(0, 0xA_0000, MemKind::Ram), Region::new(0x10_0000, mem.len() as u64, MemKind::Ram)]);
+    let mbi = multiboot::build_mbi(MBI_ADDR, &multiboot::MbiInput { memory: &map, cmdline, modules: &[], loader_name: "kvmpeer" });
     let at = MBI_ADDR as usize;
     if at + mbi.len() > 0xA_0000 {
         return Err(format!("multiboot information of {} bytes does not fit below 640 KiB", mbi.len()));

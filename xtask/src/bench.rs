@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 pub const KINDS: [&str; 5] = ["native", "cpuid", "vmcall", "rdmsr", "out"];
 /// Default loop length.
 const DEFAULT_ITERS: u64 = 10_000;
+/// Most samples of the bench guest's per-sample pass (its `MAX_SAMPLES`).
+const MAX_SAMPLES: u64 = 10_000;
 /// Exit reason number of each measurement (none for the native loop).
 const REASON_OF: [(&str, u32); 4] = [("cpuid", 10), ("vmcall", 18), ("rdmsr", 31), ("out", 30)];
 
@@ -605,6 +607,11 @@ pub fn check_guest(g: &GuestRun, counting: bool) -> Result {
     }
     for k in KINDS {
         let m = g.get(k).ok_or_else(|| format!("no {k} measurement"))?;
+        let n = g.iters.min(MAX_SAMPLES);
+        match g.samples_of(k) {
+            Some(s) if s.n == n && s.min <= s.p50 && s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.max => {}
+            s => return Err(format!("{k}: samples {s:?}, expected {n} ordered ones")),
+        }
         if m.iters != g.iters || m.guest_cycles <= 0 {
             return Err(format!("{k}: iters={} guest_cycles={}", m.iters, m.guest_cycles));
         }
@@ -1245,6 +1252,11 @@ BENCH cpuid iters=100 guest_cycles=13400 hv_exits=100 hv_cycles=8000 other_exits
 BENCH vmcall iters=100 guest_cycles=12000 hv_exits=100 hv_cycles=7000 other_exits=0\n\
 BENCH rdmsr iters=100 guest_cycles=14000 hv_exits=100 hv_cycles=9000 other_exits=0\n\
 BENCH out iters=100 guest_cycles=15000 hv_exits=100 hv_cycles=10000 other_exits=0\n\
+BENCH samples native n=100 min=6 p50=6 p90=6 p99=6 max=6 sum=600 top=6:100\n\
+BENCH samples cpuid n=100 min=137 p50=137 p90=137 p99=140 max=1500 sum=15063 top=137:98,140:1,1500:1\n\
+BENCH samples vmcall n=100 min=126 p50=126 p90=126 p99=126 max=126 sum=12600 top=126:100\n\
+BENCH samples rdmsr n=100 min=146 p50=146 p90=146 p99=146 max=146 sum=14600 top=146:100\n\
+BENCH samples out n=100 min=156 p50=156 p90=156 p99=156 max=156 sum=15600 top=156:100\n\
 BENCH DONE\n";
 
     #[test]
@@ -1257,6 +1269,27 @@ BENCH DONE\n";
         assert_eq!(g.get("cpuid").unwrap().hv_per_exit(), Some(80.0));
         check_guest(&g, true).unwrap();
         assert!(check_guest(&g, false).is_err());
+        let c = g.samples_of("cpuid").unwrap();
+        assert_eq!((c.n, c.min, c.p50, c.p99, c.max, c.sum), (100, 137, 137, 140, 1500, 15063));
+        assert_eq!(c.top, vec![(137, 98), (140, 1), (1500, 1)]);
+        assert_eq!(g.sample_round_trip("cpuid", |s| s.p50 as f64), Some(131.0));
+        assert_eq!(g.sample_round_trip("cpuid", Samples::mean), Some(144.63));
+    }
+
+    #[test]
+    fn rejects_bad_samples() {
+        assert!(parse_guest(&LOG.replace("samples out n=100", "samples bogus n=100")).is_err());
+        assert!(parse_guest(&LOG.replace("top=137:98,", "top=137-98,")).is_err());
+        assert!(parse_guest(&LOG.replace("samples native n=100", "samples native n=0")).is_err());
+        assert!(parse_guest(&LOG.replace("p99=140", "p99=x")).is_err());
+        // A missing, short or unordered sample line fails the check.
+        let g = parse_guest(&LOG.replace("BENCH samples rdmsr n=100 min=146 p50=146 p90=146 p99=146 max=146 sum=14600 top=146:100\n", ""))
+            .unwrap();
+        assert!(check_guest(&g, true).unwrap_err().contains("rdmsr: samples None"));
+        let g = parse_guest(&LOG.replace("samples vmcall n=100", "samples vmcall n=99")).unwrap();
+        assert!(check_guest(&g, true).is_err());
+        let g = parse_guest(&LOG.replace("p50=156 p90=156", "p50=157 p90=156")).unwrap();
+        assert!(check_guest(&g, true).is_err());
     }
 
     #[test]

@@ -125,11 +125,7 @@ pub fn debian_kvm_modules() -> Result<(String, Vec<(String, PathBuf)>)> {
 /// A `.modinfo` field (`key=value\0`) of a kernel module's bytes.
 pub fn modinfo(module: &[u8], key: &str) -> Option<String> {
     let pat = format!("{key}=");
-    module
-        .split(|&b| b == 0)
-        .filter_map(|s| s.strip_prefix(pat.as_bytes()))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .next()
+    module.split(|&b| b == 0).filter_map(|s| s.strip_prefix(pat.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned()).next()
 }
 
 /// Builds `exitstat` as a static Linux binary.

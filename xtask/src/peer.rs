@@ -51,8 +51,10 @@ for f in /sys/devices/system/cpu/vulnerabilities/*; do
     echo "PEER vuln ${f##*/}=$(cat $f)"
 done
 dmesg | grep -iE 'kvm|vmx|l1tf|mds|mitigat' | while read -r l; do echo "PEER dmesg $l"; done
+while read -r l; do echo "PEER irq-before $l"; done < /proc/interrupts
 kvmpeer /bench.elf iters={ITERS}
 echo "PEER kvmpeer-exit $?"
+while read -r l; do echo "PEER irq-after $l"; done < /proc/interrupts
 echo "PEER DONE"
 poweroff -f
 "#;
@@ -92,6 +94,32 @@ pub struct PeerInfo {
     pub dmesg: Vec<String>,
     /// kvmpeer's `KVMPEER exits ...` counts: (name, value).
     pub user_exits: Vec<(String, u64)>,
+    /// /proc/interrupts lines just before and just after kvmpeer.
+    pub irq_before: Vec<String>,
+    pub irq_after: Vec<String>,
+}
+
+impl PeerInfo {
+    /// Interrupts the (one) CPU took while kvmpeer ran, by /proc/interrupts
+    /// line: (label, count, description), those with a non-zero count.
+    pub fn interrupts_during(&self) -> Vec<(String, u64, String)> {
+        // "  0:        123   IO-APIC   2-edge      timer" (one CPU column).
+        let parse = |l: &String| -> Option<(String, u64, String)> {
+            let (label, rest) = l.trim().split_once(':')?;
+            let mut w = rest.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            Some((label.to_string(), n, w.collect::<Vec<_>>().join(" ")))
+        };
+        let before: Vec<_> = self.irq_before.iter().filter_map(parse).collect();
+        self.irq_after
+            .iter()
+            .filter_map(parse)
+            .filter_map(|(label, n, what)| {
+                let b = before.iter().find(|(l, _, _)| *l == label).map_or(0, |x| x.1);
+                (n > b).then(|| (label, n - b, what))
+            })
+            .collect()
+    }
 }
 
 /// Parses a serial log of the peer boot: the `PEER` lines of /init, the
@@ -135,6 +163,8 @@ pub fn parse_peer(serial: &str) -> Result<(PeerInfo, GuestRun)> {
             "vuln" => info.vulns.push(kv(tail)?),
             "dmesg" => info.dmesg.push(tail.to_string()),
             "kvmpeer-exit" => exit = Some(tail.trim().to_string()),
+            "irq-before" => info.irq_before.push(tail.to_string()),
+            "irq-after" => info.irq_after.push(tail.to_string()),
             _ => {}
         }
     }
@@ -292,6 +322,9 @@ fn table(o: &Opts, rows: &[Row], x: &GuestRun, k: &GuestRun, info: &PeerInfo, en
     }
     let ue: Vec<String> = info.user_exits.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(s, "  kvmpeer's exits to user space: {}", ue.join(" "));
+    let irqs: Vec<String> = info.interrupts_during().iter().map(|(l, n, w)| format!("{l} ({w}): {n}")).collect();
+    let _ =
+        writeln!(s, "  interrupts while kvmpeer ran (/proc/interrupts): {}", if irqs.is_empty() { "none".into() } else { irqs.join(", ") });
     let _ = writeln!(
         s,
         "  run time: builds {:.0}s, Exitscope run {:.1}s ({:.1} CPU-s), Linux+KVM run {:.1}s ({:.1} CPU-s), total {:.0}s",
@@ -351,12 +384,20 @@ fn json(o: &Opts, rows: &[Row], info: &PeerInfo, env: &bench::Environment, deter
     let _ = writeln!(s, "  \"command\": {},", js(&bench::command_line(o)));
     let _ = writeln!(s, "  \"emulator\": {}, \"bochs_cpu\": {}, \"host_cpu\": {},", js(&env.bochs), js(&env.bochs_cpu), js(&env.host_cpu));
     let _ = writeln!(s, "  \"iters\": {}, \"unit\": \"Bochs ticks (emulated instructions)\",", o.iters);
-    let _ = writeln!(s, "  \"kvm\": {{\"release\": {}, \"version\": {}, \"cmdline\": {},", js(&info.release), js(&info.version), js(&info.cmdline));
+    let _ = writeln!(
+        s,
+        "  \"kvm\": {{\"release\": {}, \"version\": {}, \"cmdline\": {},",
+        js(&info.release),
+        js(&info.version),
+        js(&info.cmdline)
+    );
     let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| format!("{}: {}", js(k), js(v))).collect::<Vec<_>>().join(", ");
     let _ = writeln!(s, "    \"parameters\": {{{}}},", pairs(&info.params));
     let _ = writeln!(s, "    \"vulnerabilities\": {{{}}},", pairs(&info.vulns));
     let ue: Vec<String> = info.user_exits.iter().map(|(k, v)| format!("{}: {v}", js(k))).collect();
-    let _ = writeln!(s, "    \"exits_to_user_space\": {{{}}}}},", ue.join(", "));
+    let _ = writeln!(s, "    \"exits_to_user_space\": {{{}}},", ue.join(", "));
+    let irqs: Vec<String> = info.interrupts_during().iter().map(|(l, n, w)| format!("{}: {n}", js(&format!("{l} {w}")))).collect();
+    let _ = writeln!(s, "    \"interrupts_during\": {{{}}}}},", irqs.join(", "));
     let _ = writeln!(s, "  \"round_trips\": {{");
     for (i, r) in rows.iter().enumerate() {
         let _ = writeln!(
@@ -425,12 +466,7 @@ pub fn bench_peer_kvm(o: &Opts) -> Result {
     if let Some(m) = rc.lines().find_map(|l| l.strip_prefix("cpu: model=")) {
         env.bochs_cpu = m.split(',').next().unwrap_or("").to_string();
     }
-    let times = Times {
-        builds,
-        exitscope: (tx.out.wall, tx.cpu),
-        kvm: (tk.out.wall, tk.cpu),
-        total: start.elapsed(),
-    };
+    let times = Times { builds, exitscope: (tx.out.wall, tx.cpu), kvm: (tk.out.wall, tk.cpu), total: start.elapsed() };
     let rows = rows(&x, &k);
     let text = table(o, &rows, &x, &k, &info, &env, &times);
     print!("{text}");
@@ -446,4 +482,135 @@ pub fn bench_peer_kvm(o: &Opts) -> Result {
         return Err(format!("the benchmark is not deterministic: {determinism}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    /// A peer boot's serial log as Bochs records it (kernel lines, /init's
+    /// PEER lines, kvmpeer's lines, the guest's lines), shortened.
+    const SERIAL: &str = "\
+[    0.000000] Linux version 6.1.0-57-cloud-amd64\n\
+PEER START\n\
+PEER release 6.1.0-57-cloud-amd64\n\
+PEER version Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3\n\
+PEER cmdline BOOT_IMAGE=/boot/vmlinuz console=ttyS0,115200 cryptomgr.notests loglevel=1\n\
+PEER param kvm.halt_poll_ns=200000\n\
+PEER param kvm_intel.ept=Y\n\
+PEER param kvm_intel.vmentry_l1d_flush=cond\n\
+PEER vuln l1tf=Mitigation: PTE Inversion; VMX: conditional cache flushes, SMT disabled\n\
+PEER vuln meltdown=Mitigation: PTI\n\
+PEER dmesg [    0.022088] Spectre V2 : Mitigation: Retpolines\n\
+KVMPEER START api=12 cpuid_entries=40 memory_mib=64 entry=0x100020 cmdline=\"/bench.elf iters=100\"\n\
+kvm-guest: BENCH note: not Exitscope (hypervisor bit 1, CPUID 0x40000000 signature \"KVMKVMKVM\\0\\0\\0\"): no hypervisor-side figures\n\
+kvm-guest: BENCH START hv=other accounting=na iters=100\n\
+kvm-guest: BENCH timer overhead=7\n\
+kvm-guest: BENCH leafcost cycles=na\n\
+kvm-guest: BENCH native iters=100 guest_cycles=300 hv_exits=na hv_cycles=na other_exits=na\n\
+kvm-guest: BENCH cpuid iters=100 guest_cycles=130800 hv_exits=na hv_cycles=na other_exits=na\n\
+kvm-guest: BENCH vmcall iters=100 guest_cycles=135200 hv_exits=na hv_cycles=na other_exits=na\n\
+kvm-guest: BENCH rdmsr skipped=vector-13\n\
+kvm-guest: BENCH out iters=100 guest_cycles=757300 hv_exits=na hv_cycles=na other_exits=na\n\
+kvm-guest: BENCH samples native n=100 min=6 p50=6 p90=6 p99=6 max=6 sum=600 top=6:100\n\
+kvm-guest: BENCH samples cpuid n=100 min=1058 p50=1058 p90=1058 p99=5839 max=5839 sum=153300 top=1058:95,5839:5\n\
+kvm-guest: BENCH samples vmcall n=100 min=1098 p50=1098 p90=1098 p99=1098 max=1098 sum=109800 top=1098:100\n\
+kvm-guest: BENCH samples out n=100 min=7371 p50=7376 p90=7986 p99=7986 max=7986 sum=760000 top=7376:70,7986:30\n\
+kvm-guest: BENCH DONE\n\
+KVMPEER exits io=250 com1=48 other_io=200 hlt=1\n\
+KVMPEER DONE\n\
+PEER irq-before            CPU0       \n\
+PEER irq-before   0:         45   IO-APIC   2-edge      timer\n\
+PEER irq-before   4:        900   IO-APIC   4-edge      ttyS0\n\
+PEER irq-before LOC:       1000   Local timer interrupts\n\
+PEER kvmpeer-exit 0\n\
+PEER irq-after            CPU0       \n\
+PEER irq-after   0:         45   IO-APIC   2-edge      timer\n\
+PEER irq-after   4:        980   IO-APIC   4-edge      ttyS0\n\
+PEER irq-after LOC:       1600   Local timer interrupts\n\
+PEER irq-after PIW:          0   Posted-interrupt wakeup event\n\
+PEER DONE\n\
+[   40.1] reboot: Power down\n";
+
+    const EXITSCOPE: &str = "\
+BENCH START hv=exitscope accounting=on iters=100\n\
+BENCH timer overhead=7\n\
+BENCH native iters=100 guest_cycles=300 hv_exits=0 hv_cycles=0 other_exits=0\n\
+BENCH cpuid iters=100 guest_cycles=8800 hv_exits=100 hv_cycles=2700 other_exits=0\n\
+BENCH vmcall iters=100 guest_cycles=13800 hv_exits=100 hv_cycles=6900 other_exits=0\n\
+BENCH rdmsr iters=100 guest_cycles=17700 hv_exits=100 hv_cycles=10800 other_exits=0\n\
+BENCH out iters=100 guest_cycles=27800 hv_exits=100 hv_cycles=20900 other_exits=0\n\
+BENCH samples native n=100 min=6 p50=6 p90=6 p99=6 max=6 sum=600 top=6:100\n\
+BENCH samples cpuid n=100 min=91 p50=91 p90=91 p99=91 max=91 sum=9100 top=91:100\n\
+BENCH samples vmcall n=100 min=141 p50=141 p90=141 p99=141 max=141 sum=14100 top=141:100\n\
+BENCH samples rdmsr n=100 min=180 p50=180 p90=180 p99=180 max=180 sum=18000 top=180:100\n\
+BENCH samples out n=100 min=281 p50=281 p90=281 p99=281 max=281 sum=28100 top=281:100\n\
+BENCH DONE\n";
+
+    #[test]
+    fn parses_a_peer_boot() {
+        let (info, k) = parse_peer(SERIAL).unwrap();
+        assert_eq!(info.release, "6.1.0-57-cloud-amd64");
+        assert!(info.version.contains("Debian 6.1.192-3"));
+        assert!(info.cmdline.ends_with("loglevel=1"));
+        assert_eq!(info.params[2], ("kvm_intel.vmentry_l1d_flush".to_string(), "cond".to_string()));
+        assert_eq!(info.vulns[0].0, "l1tf");
+        assert_eq!(info.vulns[0].1, "Mitigation: PTE Inversion; VMX: conditional cache flushes, SMT disabled");
+        assert_eq!(info.dmesg.len(), 1);
+        assert_eq!(info.user_exits, vec![("io".into(), 250), ("com1".into(), 48), ("other_io".into(), 200), ("hlt".into(), 1)]);
+        assert_eq!((k.hv.as_str(), k.iters), ("other", 100));
+        assert_eq!(
+            info.interrupts_during(),
+            vec![("4".into(), 80, "IO-APIC 4-edge ttyS0".into()), ("LOC".into(), 600, "Local timer interrupts".into())]
+        );
+        assert_eq!(k.round_trip("cpuid"), Some(1305.0));
+        assert_eq!(k.skipped, vec![("rdmsr".to_string(), "vector-13".to_string())]);
+        assert_eq!(k.samples_of("cpuid").unwrap().top, vec![(1058, 95), (5839, 5)]);
+    }
+
+    #[test]
+    fn rejects_failed_peer_boots() {
+        let no_done = SERIAL.replace("PEER DONE\n", "");
+        assert!(parse_peer(&no_done).unwrap_err().contains("did not finish"));
+        assert!(parse_peer(&SERIAL.replace("PEER START\n", "")).unwrap_err().contains("did not start"));
+        let insmod = SERIAL.replace("PEER param kvm.halt", "PEER FAIL: insmod kvm-intel.ko\nPEER param kvm.halt");
+        assert!(parse_peer(&insmod).unwrap_err().contains("insmod kvm-intel.ko"));
+        let no_intel = SERIAL.replace("PEER param kvm_intel.ept=Y\n", "").replace("PEER param kvm_intel.vmentry_l1d_flush=cond\n", "");
+        assert!(parse_peer(&no_intel).unwrap_err().contains("kvm_intel is not loaded"));
+        let failed = SERIAL.replace("KVMPEER DONE", "KVMPEER FAIL: unexpected exit Shutdown").replace("kvmpeer-exit 0", "kvmpeer-exit 1");
+        assert!(parse_peer(&failed).unwrap_err().contains("Shutdown"));
+        assert!(parse_peer(&SERIAL.replace("kvmpeer-exit 0", "kvmpeer-exit 1")).unwrap_err().contains("kvmpeer exited"));
+        assert!(parse_peer(&SERIAL.replace("kvm-guest: BENCH DONE\n", "")).unwrap_err().contains("BENCH DONE"));
+        assert!(parse_peer(&SERIAL.replace("PEER vuln meltdown=", "PEER vuln meltdown ")).is_err());
+        assert!(parse_peer(&SERIAL.replace("hlt=1", "hlt=one")).is_err());
+    }
+
+    #[test]
+    fn rows_put_the_two_side_by_side() {
+        let (_, k) = parse_peer(SERIAL).unwrap();
+        let x = bench::parse_guest(EXITSCOPE).unwrap();
+        let r = rows(&x, &k);
+        assert_eq!(r.iter().map(|r| r.kind).collect::<Vec<_>>(), ["cpuid", "vmcall", "rdmsr", "out"]);
+        let cpuid = &r[0];
+        assert_eq!(cpuid.loop_rt, [Some(85.0), Some(1305.0)]);
+        assert_eq!(cpuid.p50_rt, [Some(85.0), Some(1052.0)]);
+        assert_eq!(cpuid.kvm_spread, [Some(1052.0), Some(5833.0), Some(5833.0)]);
+        assert_eq!(cpuid.p50_ratio(), Some(1052.0 / 85.0));
+        assert_eq!(cpuid.loop_ratio(), Some(1305.0 / 85.0));
+        // KVM's RDMSR faulted: no KVM figures, the reason is kept.
+        let rdmsr = &r[2];
+        assert_eq!((rdmsr.loop_rt[1], rdmsr.p50_rt[1], rdmsr.loop_ratio()), (None, None, None));
+        assert_eq!(rdmsr.skipped.as_deref(), Some("vector-13"));
+        assert_eq!(rdmsr.p50_rt[0], Some(174.0));
+    }
+
+    #[test]
+    fn ticks_list_both_sides() {
+        let (_, k) = parse_peer(SERIAL).unwrap();
+        let x = bench::parse_guest(EXITSCOPE).unwrap();
+        let t = ticks(&[], 100, &x, &k).unwrap();
+        assert!(t.contains("exitscope.cpuid guest_cycles=8800\n"));
+        assert!(t.contains("kvm.samples.cpuid n=100 min=1058 p50=1058 p90=1058 p99=5839 max=5839 sum=153300 top=1058:95,5839:5\n"));
+        assert!(!t.contains("kvm.rdmsr"));
+    }
 }
