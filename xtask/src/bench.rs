@@ -33,7 +33,13 @@ pub const KINDS: [&str; 5] = ["native", "cpuid", "vmcall", "rdmsr", "out"];
 /// Default loop length.
 const DEFAULT_ITERS: u64 = 10_000;
 /// Most samples of the bench guest's per-sample pass (its `MAX_SAMPLES`).
-const MAX_SAMPLES: u64 = 10_000;
+pub const MAX_SAMPLES: u64 = 10_000;
+
+/// The bench guest's command line for `iters` iterations: as many samples,
+/// up to [`MAX_SAMPLES`].
+pub fn guest_args(iters: u64) -> String {
+    format!("iters={iters} samples={}", iters.min(MAX_SAMPLES))
+}
 /// Exit reason number of each measurement (none for the native loop).
 const REASON_OF: [(&str, u32); 4] = [("cpuid", 10), ("vmcall", 18), ("rdmsr", 31), ("out", 30)];
 
@@ -127,6 +133,8 @@ pub struct GuestRun {
     /// `on`, `off` or `na`.
     pub accounting: String,
     pub iters: u64,
+    /// Samples per measurement of the per-sample pass (`samples=`; 0: none).
+    pub samples_per: u64,
     pub timer_overhead: i64,
     pub leafcost: Fig,
     pub measures: Vec<Measure>,
@@ -188,6 +196,7 @@ pub fn parse_guest(serial: &str) -> Result<GuestRun> {
                 r.hv = f.get("hv").unwrap_or(&"").to_string();
                 r.accounting = f.get("accounting").unwrap_or(&"").to_string();
                 r.iters = num(&f, "iters").map_err(bad)?;
+                r.samples_per = if f.contains_key("samples") { num(&f, "samples").map_err(bad)? } else { 0 };
             }
             "timer" => r.timer_overhead = num(&f, "overhead").map_err(bad)?,
             "leafcost" => r.leafcost = fig(&f, "cycles").map_err(bad)?,
@@ -348,7 +357,7 @@ pub(crate) fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
 pub(crate) fn guest_in_bochs(name: &str, hv: &Path, guest: &Path, iters: u64) -> Result<(GuestRun, Timed)> {
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
-    let args = format!("iters={iters}");
+    let args = guest_args(iters);
     image::grub_iso(&IsoSpec { hypervisor: hv, hv_args: "", guest: Some(guest), guest_args: &args, modules: &[] }, &work, &iso)?;
     let t = run_iso(name, &iso, 120 + iters / 1000)?;
     let g = parse_guest(&t.out.serial).map_err(|e| format!("{name}: {e}\n{}", t.out.describe()))?;
@@ -607,10 +616,10 @@ pub fn check_guest(g: &GuestRun, counting: bool) -> Result {
     }
     for k in KINDS {
         let m = g.get(k).ok_or_else(|| format!("no {k} measurement"))?;
-        let n = g.iters.min(MAX_SAMPLES);
-        match g.samples_of(k) {
-            Some(s) if s.n == n && s.min <= s.p50 && s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.max => {}
-            s => return Err(format!("{k}: samples {s:?}, expected {n} ordered ones")),
+        match (g.samples_of(k), g.samples_per) {
+            (None, 0) => {}
+            (Some(s), n) if s.n == n && s.min <= s.p50 && s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.max => {}
+            (s, n) => return Err(format!("{k}: samples {s:?}, expected {n} ordered ones")),
         }
         if m.iters != g.iters || m.guest_cycles <= 0 {
             return Err(format!("{k}: iters={} guest_cycles={}", m.iters, m.guest_cycles));
@@ -1145,7 +1154,7 @@ fn bench_qemu(o: &Opts) -> Result {
     // 1. The bench guest directly under KVM. HLT does not end a plain KVM
     //    guest: it leaves through QEMU's isa-debug-exit port.
     eprintln!("xtask: bench guest as a KVM guest (iters={})", o.iters);
-    let args = format!("iters={} exit=isa-debug", o.iters);
+    let args = format!("{} exit=isa-debug", guest_args(o.iters));
     let (serial, timed_out) = crate::qemu::run_kernel(
         &guest,
         &args,
@@ -1163,7 +1172,7 @@ fn bench_qemu(o: &Opts) -> Result {
     // 2. The same guest under Exitscope, itself a KVM guest (nested VT-x).
     //    The guest's CLI; HLT ends the run and Exitscope powers off.
     eprintln!("xtask: bench guest under Exitscope under KVM (nested)");
-    let module = format!("{} iters={}", guest.display(), o.iters);
+    let module = format!("{} {}", guest.display(), guest_args(o.iters));
     let (serial, timed_out) =
         crate::qemu::run_kernel(&art.hypervisor, "", &module, &["-enable-kvm", "-cpu", "host,+vmx", "-smp", "1"], timeout, false)?;
     util::write(&runs.join("bench-nested").join("serial.log"), &serial)?;
@@ -1244,7 +1253,7 @@ mod unit {
 
     const LOG: &str = "\
 [exitscope] entering the guest\n\
-BENCH START hv=exitscope accounting=on iters=100\n\
+BENCH START hv=exitscope accounting=on iters=100 samples=100\n\
 BENCH timer overhead=7\n\
 BENCH leafcost cycles=250\n\
 BENCH native iters=100 guest_cycles=300 hv_exits=0 hv_cycles=0 other_exits=0\n\
@@ -1288,6 +1297,12 @@ BENCH DONE\n";
         assert!(check_guest(&g, true).unwrap_err().contains("rdmsr: samples None"));
         let g = parse_guest(&LOG.replace("samples vmcall n=100", "samples vmcall n=99")).unwrap();
         assert!(check_guest(&g, true).is_err());
+        // Without samples= (the smoke test's run) there must be no pass.
+        let g = parse_guest(&LOG.replace(" samples=100", "")).unwrap();
+        assert_eq!(g.samples_per, 0);
+        assert!(check_guest(&g, true).unwrap_err().contains("expected 0"));
+        let none: String = LOG.lines().filter(|l| !l.starts_with("BENCH samples")).map(|l| format!("{l}\n")).collect();
+        check_guest(&parse_guest(&none.replace(" samples=100", "")).unwrap(), true).unwrap();
         let g = parse_guest(&LOG.replace("p50=156 p90=156", "p50=157 p90=156")).unwrap();
         assert!(check_guest(&g, true).is_err());
     }

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 /// console kept for our lines (the kernel's own messages stay in dmesg).
 pub const PEER_APPEND: &str = "console=ttyS0,115200 cryptomgr.notests loglevel=1";
 
-/// /init of the KVM peer's initramfs; `{ITERS}` is replaced.
+/// /init of the KVM peer's initramfs; `{ARGS}` is replaced by the bench
+/// guest's command line ([`bench::guest_args`]).
 const PEER_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s
@@ -52,7 +53,7 @@ for f in /sys/devices/system/cpu/vulnerabilities/*; do
 done
 dmesg | grep -iE 'kvm|vmx|l1tf|mds|mitigat' | while read -r l; do echo "PEER dmesg $l"; done
 while read -r l; do echo "PEER irq-before $l"; done < /proc/interrupts
-kvmpeer /bench.elf iters={ITERS}
+kvmpeer /bench.elf {ARGS}
 echo "PEER kvmpeer-exit $?"
 while read -r l; do echo "PEER irq-after $l"; done < /proc/interrupts
 echo "PEER DONE"
@@ -68,7 +69,7 @@ fn peer_initramfs(dir: &Path, guest: &Path, modules: &[(String, PathBuf)], iters
         c.dir(d);
     }
     c.node("dev/console", 0o020600, (5, 1));
-    c.file("init", 0o755, PEER_INIT.replace("{ITERS}", &iters.to_string()).as_bytes());
+    c.file("init", 0o755, PEER_INIT.replace("{ARGS}", &bench::guest_args(iters)).as_bytes());
     c.file("bin/busybox", 0o755, &read(Path::new("/bin/busybox"))?);
     c.file("bin/kvmpeer", 0o755, &read(&kvmpeer)?);
     c.file("bench.elf", 0o644, &read(guest)?);
@@ -504,7 +505,7 @@ PEER vuln meltdown=Mitigation: PTI\n\
 PEER dmesg [    0.022088] Spectre V2 : Mitigation: Retpolines\n\
 KVMPEER START api=12 cpuid_entries=40 memory_mib=64 entry=0x100020 cmdline=\"/bench.elf iters=100\"\n\
 kvm-guest: BENCH note: not Exitscope (hypervisor bit 1, CPUID 0x40000000 signature \"KVMKVMKVM\\0\\0\\0\"): no hypervisor-side figures\n\
-kvm-guest: BENCH START hv=other accounting=na iters=100\n\
+kvm-guest: BENCH START hv=other accounting=na iters=100 samples=100\n\
 kvm-guest: BENCH timer overhead=7\n\
 kvm-guest: BENCH leafcost cycles=na\n\
 kvm-guest: BENCH native iters=100 guest_cycles=300 hv_exits=na hv_cycles=na other_exits=na\n\

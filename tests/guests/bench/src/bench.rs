@@ -453,9 +453,17 @@ pub fn main(boot: BootInfo) -> ! {
             halt_forever()
         }
     };
+    let samples = match boot.arg_u64("samples") {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_SAMPLES as u64 => n as usize,
+        Some(_) => {
+            println!("BENCH FAIL: bad samples= (want a number, at most {MAX_SAMPLES})");
+            halt_forever()
+        }
+    };
     let hv = detect();
     println!(
-        "BENCH START hv={} accounting={} iters={iters}",
+        "BENCH START hv={} accounting={} iters={iters} samples={samples}",
         if hv == Hv::Other { "other" } else { "exitscope" },
         match hv {
             Hv::Counting => "on",
@@ -469,11 +477,13 @@ pub fn main(boot: BootInfo) -> ! {
     let leafcost = (hv == Hv::Counting).then(|| leaf_cost(cpuid_reason));
     println!("BENCH leafcost cycles={}", Fig(leafcost, hv));
 
-    for kind in Kind::ALL {
+    let mut measured = [false; Kind::ALL.len()];
+    for (i, kind) in Kind::ALL.into_iter().enumerate() {
         if let Some(v) = kind.try_once() {
             println!("BENCH {} skipped=vector-{v}", kind.name());
             continue;
         }
+        measured[i] = true;
         let reason = reason_number(kind.reason_key());
         let counting = hv == Hv::Counting;
         // r1..r3, the loop, r4..r6: nothing prints in between.
@@ -502,11 +512,10 @@ pub fn main(boot: BootInfo) -> ! {
         );
     }
     // The per-sample pass, after every loop (so the loops' hypervisor-side
-    // figures above are untouched by it).
-    let n = usize::try_from(iters).unwrap_or(MAX_SAMPLES).min(MAX_SAMPLES);
-    for kind in Kind::ALL {
-        if kind.try_once().is_none() {
-            print_samples(kind, n);
+    // figures above are untouched by it), of what was measured.
+    if samples > 0 {
+        for (kind, _) in Kind::ALL.into_iter().zip(measured).filter(|k| k.1) {
+            print_samples(kind, samples);
         }
     }
     println!("BENCH DONE");
