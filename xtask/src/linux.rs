@@ -62,7 +62,18 @@ pub fn debian_kernel() -> Result<PathBuf> {
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .ok_or("the kernel package has no /boot/vmlinuz-*")?;
     util::copy(&vmlinuz, &kernel)?;
-    util::write(&dir.join("version"), vmlinuz.file_name().unwrap().to_string_lossy().as_bytes())?;
+    let name = vmlinuz.file_name().unwrap().to_string_lossy().into_owned();
+    // Keep the KVM modules too (`bench --peer kvm`), so that a fresh clone
+    // downloads the package once; a package without them is not an error here.
+    if let Some(release) = name.strip_prefix("vmlinuz-") {
+        let mods = unpack.join("lib/modules").join(release);
+        for m in KVM_MODULES {
+            if mods.join(m).is_file() {
+                util::copy(&mods.join(m), &dir.join("kvm").join(release).join(Path::new(m).file_name().unwrap()))?;
+            }
+        }
+    }
+    util::write(&dir.join("version"), name.as_bytes())?;
     let _ = std::fs::remove_dir_all(&dl);
     Ok(kernel)
 }

@@ -52,15 +52,18 @@ for f in /sys/devices/system/cpu/vulnerabilities/*; do
     echo "PEER vuln ${f##*/}=$(cat $f)"
 done
 dmesg | grep -iE 'kvm|vmx|l1tf|mds|mitigat' | while read -r l; do echo "PEER dmesg $l"; done
-while read -r l; do echo "PEER irq-before $l"; done < /proc/interrupts
+awk '$2 != "0" { print "PEER irq-before " $0 }' /proc/interrupts
 kvmpeer /bench.elf {ARGS}
 echo "PEER kvmpeer-exit $?"
-while read -r l; do echo "PEER irq-after $l"; done < /proc/interrupts
+awk '$2 != "0" { print "PEER irq-after " $0 }' /proc/interrupts
 echo "PEER DONE"
+sleep 1
 poweroff -f
 "#;
 
 /// The peer's initramfs: busybox, the KVM modules, kvmpeer, the bench guest.
+/// (/init waits a second before the power-off: `poweroff -f` does not wait
+/// for the console to drain, and the last lines would be lost.)
 fn peer_initramfs(dir: &Path, guest: &Path, modules: &[(String, PathBuf)], iters: u64) -> Result<PathBuf> {
     let kvmpeer = crate::linux::build_static("kvmpeer")?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
