@@ -17,6 +17,8 @@
 //!
 //! With `--emulator qemu`: the bench guest as a plain KVM guest and as a
 //! guest of Exitscope under nested KVM, where /dev/kvm and VT-x allow it.
+//!
+//! With `--peer kvm`: Exitscope and KVM side by side in Bochs (`peer.rs`).
 
 use crate::bochs;
 use crate::image::{self, IsoSpec};
