@@ -13,7 +13,7 @@ fn cargo() -> Command {
 }
 
 /// The host crates, checked with their tests.
-const HOST: &[&str] = &["exitscope-stats", "guest-loader", "exitscope-hv", "xtask", "guest-rt", "exitstat"];
+const HOST: &[&str] = &["exitscope-stats", "guest-loader", "exitscope-hv", "xtask", "guest-rt", "exitstat", "kvmpeer"];
 /// The bare-metal crates, checked for `x86_64-unknown-none`.
 const BARE: &[&str] = &["exitscope-boot", "exitscope-uefi", "probe-guest", "bench-guest", "fuzz-guest", "fwshim"];
 

@@ -21,6 +21,7 @@ mod deps;
 mod image;
 mod lint;
 mod linux;
+mod peer;
 mod qemu;
 mod report;
 mod tests;
@@ -79,6 +80,9 @@ commands:
                              under Exitscope; says why and exits 0 without /dev/kvm and VT-x)
       --iters N              loop iterations per measurement (default 10000)
       --no-linux             skip the Linux boots (Bochs)
+      --peer kvm             only Exitscope vs. KVM, side by side in one run: the bench
+                             guest under Exitscope, and on /dev/kvm of Debian's kernel
+                             booted natively in Bochs (writes results-peer-kvm.json)
   report LOG [options]       the perf-kvm-stat-like table of a serial log's last dump
                              (JSON dump preferred, else the human one) and charts as
                              SVG and PNG in <directory of LOG>/report/ (run does this

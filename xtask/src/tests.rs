@@ -183,6 +183,8 @@ fn unit_tests() -> Result {
             "guest-rt",
             "-p",
             "exitstat",
+            "-p",
+            "kvmpeer",
             "--",
             "--include-ignored",
         ])
