@@ -234,8 +234,7 @@ pub const fn pat_valid(v: u64) -> bool {
     true
 }
 
-pub const EFER_LME: u64 = 1 << 8;
-pub const EFER_LMA: u64 = 1 << 10;
+pub use crate::arch::{EFER_LMA, EFER_LME};
 
 /// The EFER a WRMSR of `new` leaves, or None for a #GP: bits outside
 /// `allowed` set, or LME changed while paging is on. LMA is read-only: it

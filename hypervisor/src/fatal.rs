@@ -208,7 +208,7 @@ pub fn boot_error(msg: core::fmt::Arguments) -> ! {
 pub fn current_vcpu() -> Option<(usize, u32)> {
     state::try_shared()?;
     // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
-    let gs = unsafe { cpu::rdmsr(crate::cpu::msr::IA32_GS_BASE) };
+    let gs = unsafe { cpu::rdmsr(crate::arch::msr::IA32_GS_BASE) };
     if gs == 0 {
         return None;
     }

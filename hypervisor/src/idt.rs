@@ -364,9 +364,9 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
 // ---------------------------------------------------------------------------
 // Machine checks in VMX root operation
 
-/// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
-/// MCIP (bit 2, a machine check is in progress).
-pub const IA32_MCG_STATUS: u32 = 0x17A;
+// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
+// MCIP (bit 2, a machine check is in progress).
+use crate::arch::msr::IA32_MCG_STATUS;
 const MCG_RIPV: u64 = 1 << 0;
 const MCG_MCIP: u64 = 1 << 2;
 

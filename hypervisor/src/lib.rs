@@ -11,6 +11,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod arch;
 pub mod bootinfo;
 pub mod cpu;
 pub mod decode;
@@ -94,7 +95,7 @@ fn read_probe() -> VmxProbe {
         return p;
     }
     let rd = |m| idt::rdmsr_safe(m).unwrap_or(0);
-    use cpu::msr::*;
+    use arch::msr::*;
     p.feature_control = rd(IA32_FEATURE_CONTROL);
     p.basic = rd(IA32_VMX_BASIC);
     let true_ctls = p.basic & (1 << 55) != 0;
@@ -169,7 +170,7 @@ pub fn run(bi: BootInfo) -> ! {
         Err(e) => boot_error(format_args!("{e}")),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+            if !idt::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("could not enable VMX in IA32_FEATURE_CONTROL"));
             }
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
@@ -344,10 +345,10 @@ pub fn run(bi: BootInfo) -> ! {
         None
     } else {
         // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-        Some(unsafe { cpu::rdmsr(cpu::msr::IA32_APIC_BASE) } & 0xF_FFFF_F000)
+        Some(unsafe { cpu::rdmsr(arch::msr::IA32_APIC_BASE) } & 0xF_FFFF_F000)
     };
     if apic_trap.is_some() {
-        trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
+        trap_msr_write(msr_bitmap_pa, arch::msr::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
     let mut watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
@@ -361,7 +362,7 @@ pub fn run(bi: BootInfo) -> ! {
         let ext = cpu::cpuid(0x8000_0000, 0)[0];
         let d = if ext >= 0x8000_0001 { cpu::cpuid(0x8000_0001, 0)[3] } else { 0 };
         let bit = |cpuid_bit: u32, efer: u64| if d & (1 << cpuid_bit) != 0 { efer } else { 0 };
-        bit(11, 1) | bit(29, 1 << 8) | bit(20, 1 << 11)
+        bit(11, arch::EFER_SCE) | bit(29, arch::EFER_LME) | bit(20, arch::EFER_NXE)
     };
     let sh = state::init(state::Shared {
         options: opts,
@@ -514,12 +515,12 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     idt::load_idt();
     // IA32_FEATURE_CONTROL is per CPU: firmware that left it unlocked on
     // the boot CPU may have left it so here too.
-    let fc = idt::rdmsr_safe(cpu::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
+    let fc = idt::rdmsr_safe(arch::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
     match caps::check_presence(cpu::cpuid(1, 0)[2], fc) {
         Err(e) => boot_error(format_args!("AP {}: {e}", setup.mem.state.id)),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+            if !idt::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", setup.mem.state.id));
             }
             hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", setup.mem.state.id);
@@ -614,12 +615,12 @@ fn make_bitmaps(w: &state::PortWatch, io_all: bool, msr_all: bool) -> Result<(u6
         msr[(base + bit / 8) as usize] |= 1 << (bit % 8); // read
         msr[(base + 2048 + bit / 8) as usize] |= 1 << (bit % 8); // write
     };
-    trap(cpu::msr::IA32_FEATURE_CONTROL);
+    trap(arch::msr::IA32_FEATURE_CONTROL);
     // KVM's original paravirtual clock MSRs: in the bitmap's range, so they
     // must be trapped explicitly to be refused (see isolation.rs).
-    trap(0x11);
-    trap(0x12);
-    for m in cpu::msr::IA32_VMX_BASIC..=cpu::msr::IA32_VMX_EXIT_CTLS2 {
+    trap(arch::msr::KVM_WALL_CLOCK_OLD);
+    trap(arch::msr::KVM_SYSTEM_TIME_OLD);
+    for m in arch::msr::IA32_VMX_BASIC..=arch::msr::IA32_VMX_EXIT_CTLS2 {
         trap(m);
     }
     Ok((io_pa, msr_pa))

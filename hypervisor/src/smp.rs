@@ -10,7 +10,8 @@
 //! for the SIPI the hypervisor posts in its mailbox, and enters the guest
 //! at the SIPI vector.
 
-use crate::cpu::{self, msr};
+use crate::arch::msr;
+use crate::cpu;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
@@ -53,7 +54,7 @@ impl LocalApic {
     pub fn id(&self) -> u32 {
         if self.x2apic {
             // SAFETY: x2APIC id MSR exists in x2APIC mode.
-            unsafe { cpu::rdmsr(0x802) as u32 }
+            unsafe { cpu::rdmsr(msr::X2APIC_ID) as u32 }
         } else {
             // SAFETY: the xAPIC page is identity-mapped MMIO.
             unsafe { core::ptr::read_volatile((self.base + 0x20) as *const u32) >> 24 }
@@ -65,7 +66,7 @@ impl LocalApic {
     pub fn send(&self, dest: u32, low: u32) {
         if self.x2apic {
             // SAFETY: the x2APIC ICR MSR; the encodings are the SDM's.
-            unsafe { cpu::wrmsr(0x830, (dest as u64) << 32 | low as u64) };
+            unsafe { cpu::wrmsr(msr::X2APIC_ICR, (dest as u64) << 32 | low as u64) };
         } else {
             // SAFETY: the xAPIC ICR registers, identity-mapped MMIO.
             unsafe {

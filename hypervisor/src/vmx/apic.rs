@@ -46,13 +46,13 @@ fn apic_write(off: u64, v: u32) {
 /// IA32_APIC_BASE each time.
 pub fn in_service(vector: u8) -> bool {
     // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-    let base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
+    let base = unsafe { crate::cpu::rdmsr(crate::arch::msr::IA32_APIC_BASE) };
     if base & (1 << 11) == 0 {
         return false; // globally disabled: interrupts come from the PIC
     }
     let word = if base & (1 << 10) != 0 {
         // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
-        unsafe { crate::cpu::rdmsr(0x810 + u32::from(vector / 32)) as u32 }
+        unsafe { crate::cpu::rdmsr(crate::arch::msr::X2APIC_ISR0 + u32::from(vector / 32)) as u32 }
     } else {
         // SAFETY: the local APIC's MMIO page, identity-mapped (below 4 GiB),
         // a 32-bit read of an ISR register, which has no side effect.
