@@ -220,5 +220,21 @@ pub fn rflags() -> u64 {
     v
 }
 
+/// Sets IA32_GS_BASE to 0, which [`crate::fatal::current_vcpu`] reads as
+/// "no vCPU on this CPU". Every CPU runs it first thing: the boot loader or
+/// firmware may leave any value there, and only a VM exit (the VMCS host
+/// GS base) sets it to the vCPU's state block.
+pub fn clear_gs_base() {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU and takes 0; the
+    // hypervisor's code never addresses through GS.
+    unsafe { wrmsr(msr::IA32_GS_BASE, 0) }
+}
+
+/// Reads IA32_GS_BASE (see [`clear_gs_base`]).
+pub fn gs_base() -> u64 {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
+    unsafe { rdmsr(msr::IA32_GS_BASE) }
+}
+
 /// The MSR numbers, re-exported from their one home, [`crate::arch::msr`].
 pub use crate::arch::msr;

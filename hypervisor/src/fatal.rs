@@ -207,15 +207,16 @@ pub fn boot_error(msg: core::fmt::Arguments) -> ! {
 /// its number and the full exit reason it last handled.
 pub fn current_vcpu() -> Option<(usize, u32)> {
     state::try_shared()?;
-    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
-    let gs = unsafe { cpu::rdmsr(crate::arch::msr::IA32_GS_BASE) };
+    let gs = cpu::gs_base();
     if gs == 0 {
         return None;
     }
+    let v = gs as *const VcpuState;
     // SAFETY: the host GS base is set to the vCPU state block in the VMCS
-    // and is 0 before; the block lives forever.
-    let v = unsafe { &*(gs as *const VcpuState) };
-    Some((v.id, v.last_exit))
+    // and is 0 before (every CPU clears it first, cpu::clear_gs_base); the
+    // block lives forever. Two plain field reads, no reference: the exit
+    // path may hold the block's `&mut`.
+    Some(unsafe { ((*v).id, (*v).last_exit) })
 }
 
 fn describe_current() {

@@ -44,6 +44,12 @@ pub struct LocalApic {
 }
 
 impl LocalApic {
+    /// Physical address of the xAPIC register page (also where it would
+    /// be in x2APIC mode, per IA32_APIC_BASE).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     pub fn current() -> LocalApic {
         // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
         let b = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };
@@ -56,8 +62,7 @@ impl LocalApic {
             // SAFETY: x2APIC id MSR exists in x2APIC mode.
             unsafe { cpu::rdmsr(msr::X2APIC_ID) as u32 }
         } else {
-            // SAFETY: the xAPIC page is identity-mapped MMIO.
-            unsafe { core::ptr::read_volatile((self.base + 0x20) as *const u32) >> 24 }
+            crate::memory::mmio_read::<u32>(self.base + 0x20) >> 24
         }
     }
 
@@ -68,16 +73,11 @@ impl LocalApic {
             // SAFETY: the x2APIC ICR MSR; the encodings are the SDM's.
             unsafe { cpu::wrmsr(msr::X2APIC_ICR, (dest as u64) << 32 | low as u64) };
         } else {
-            // SAFETY: the xAPIC ICR registers, identity-mapped MMIO.
-            unsafe {
-                core::ptr::write_volatile((self.base + 0x310) as *mut u32, dest << 24);
-                core::ptr::write_volatile((self.base + 0x300) as *mut u32, low);
-            }
+            // The xAPIC ICR registers (MMIO).
+            crate::memory::mmio_write::<u32>(self.base + 0x310, dest << 24);
+            crate::memory::mmio_write::<u32>(self.base + 0x300, low);
             // Bounded: an APIC that never accepts must not hang us.
-            crate::tsc::spin_until(100_000, || {
-                // SAFETY: as above.
-                unsafe { core::ptr::read_volatile((self.base + 0x300) as *const u32) & icr::DELIVERY_PENDING == 0 }
-            });
+            crate::tsc::spin_until(100_000, || crate::memory::mmio_read::<u32>(self.base + 0x300) & icr::DELIVERY_PENDING == 0);
         }
     }
 }
@@ -197,8 +197,28 @@ fn far_jump_operand(code: &[u8]) -> usize {
     code.windows(2).position(|w| w == [0x66, 0xEA]).expect("trampoline far jump") + 2
 }
 
-/// Places the trampoline at physical `base` (a free page below 1 MiB).
-pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
+/// The AP start-up code, installed in a page below 1 MiB that is the
+/// hypervisor's until the guest is loaded ([`install_trampoline`]).
+pub struct Trampoline {
+    base: u64,
+}
+
+impl Trampoline {
+    /// Physical address of the page.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+}
+
+/// Picks the lowest free RAM page below 640 KiB in `map` (the guest's
+/// memory map: the footprint is not in it) that overlaps none of `avoid`,
+/// and places the trampoline there, to enter `entry` on the page tables at
+/// `cr3`. `None`: no such page.
+///
+/// The page holds nothing yet (the guest is loaded after the APs start)
+/// and nothing but the APs uses it until then; the guest gets it back.
+pub fn install_trampoline(map: &guest_loader::memmap::MemoryMap, avoid: &[(u64, u64)], entry: u64, cr3: u64) -> Option<Trampoline> {
+    let base = map.lowest_fit(4096, 4096, 0x1000, 0xA0000, avoid)?;
     let start = &raw const exitscope_ap_trampoline;
     let end = &raw const exitscope_ap_trampoline_end;
     // SAFETY: the two symbols bracket the trampoline in .rodata.
@@ -206,31 +226,32 @@ pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
     let jmp = far_jump_operand(code);
     // The 32-bit entry is the label right after the far jump's 6 operand bytes.
     let pm32 = base + jmp as u64 + 6;
-    // SAFETY: `base` is a free RAM page below 1 MiB chosen by the caller,
-    // identity-mapped; nothing else uses it until the APs are up.
-    unsafe {
-        core::ptr::copy_nonoverlapping(code.as_ptr(), base as *mut u8, code.len());
-        let w32 = |off: u64, v: u32| core::ptr::write_unaligned((base + off) as *mut u32, v);
-        let w64 = |off: u64, v: u64| core::ptr::write_unaligned((base + off) as *mut u64, v);
-        w32(jmp as u64, pm32 as u32);
-        w64(OFF_ENTRY, entry);
-        w64(OFF_CR3, cr3);
-        w32(OFF_GDT_BASE, (base + OFF_GDT) as u32);
-        w32(OFF_BASE, base as u32);
-    }
+    let patch = |bytes: &mut [u8], off: u64, v: &[u8]| bytes[off as usize..off as usize + v.len()].copy_from_slice(v);
+    let mut page = code.to_vec();
+    patch(&mut page, jmp as u64, &(pm32 as u32).to_le_bytes());
+    patch(&mut page, OFF_ENTRY, &entry.to_le_bytes());
+    patch(&mut page, OFF_CR3, &cr3.to_le_bytes());
+    patch(&mut page, OFF_GDT_BASE, &((base + OFF_GDT) as u32).to_le_bytes());
+    patch(&mut page, OFF_BASE, &(base as u32).to_le_bytes());
+    // SAFETY: `base` is a free RAM page of the guest's map (outside the
+    // footprint, checked again by phys_write), below 1 MiB and
+    // identity-mapped; the guest is not loaded yet, no view covers it, and
+    // nothing but the APs uses it until the guest is.
+    unsafe { crate::memory::phys_write(base, &page) };
+    Some(Trampoline { base })
 }
 
 /// Starts the AP with `apic_id` at the trampoline, giving it `stack` and
 /// `arg`. Returns whether it reached long mode in time.
-pub fn start_ap(lapic: &LocalApic, apic_id: u32, base: u64, stack: u64, arg: u64) -> bool {
-    // SAFETY: the trampoline page is ours (see install_trampoline).
-    let alive = unsafe { &*((base + OFF_ALIVE) as *const AtomicU32) };
+pub fn start_ap(lapic: &LocalApic, apic_id: u32, t: &Trampoline, stack: u64, arg: u64) -> bool {
+    let base = t.base;
+    // SAFETY: the trampoline page is the hypervisor's while `t` lives (see
+    // install_trampoline): the alive flag is an aligned u32 in it, which
+    // only this CPU and the starting AP touch, atomically.
+    let alive = unsafe { &*(crate::memory::phys_ptr::<AtomicU32>(base + OFF_ALIVE)) };
     alive.store(0, SeqCst);
-    // SAFETY: as above.
-    unsafe {
-        core::ptr::write_volatile((base + OFF_STACK) as *mut u64, stack);
-        core::ptr::write_volatile((base + OFF_ARG) as *mut u64, arg);
-    }
+    crate::memory::mmio_write(base + OFF_STACK, stack);
+    crate::memory::mmio_write(base + OFF_ARG, arg);
     lapic.send(apic_id, icr::init());
     udelay(10_000);
     for _ in 0..2 {
