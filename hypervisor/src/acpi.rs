@@ -579,23 +579,6 @@ pub fn hide_cpus(madt: &mut [u8], keep: &[u32]) -> Vec<u32> {
     hidden
 }
 
-/// Writes `bytes` to physical memory at `pa` through the identity map,
-/// then reads them back: false if they did not stick (ROM, write-protected
-/// shadow RAM).
-///
-/// # Safety
-///
-/// As for [`crate::memory::phys_write`]: `pa..pa + len` is firmware memory
-/// or RAM outside the footprint that nobody else uses and no view covers.
-unsafe fn write_phys_checked(pa: u64, bytes: &[u8]) -> bool {
-    // SAFETY: the caller's contract is phys_write's.
-    unsafe { crate::memory::phys_write(pa, bytes) };
-    // The guest reads ACPI memory through EPT as uncached: write back the
-    // cache so that it sees the new bytes.
-    crate::cpu::wbinvd();
-    crate::memory::IdentityMem.bytes(pa, bytes.len()) == Some(bytes)
-}
-
 /// On the machine: hides the processors that are not vCPUs (APIC ids not
 /// in `vcpus`) in the firmware's MADT ([`hide_cpus`]). Returns the line for
 /// the boot log, or `None` when there is nothing to hide.
@@ -610,7 +593,7 @@ pub fn hide_non_vcpus(acpi: &Acpi, vcpus: &[u32]) -> Option<alloc::string::Strin
     // SAFETY: `addr` is the firmware's MADT (outside the footprint: the
     // footprint is RAM the memory map gave us); its view above was copied
     // out, and the guest has not run.
-    Some(if unsafe { write_phys_checked(addr, &madt) } {
+    Some(if unsafe { crate::memory::phys_write_verified(addr, &madt) } {
         alloc::format!(
             "ACPI: MADT at {addr:#x}: {} CPU(s) that are not vCPUs marked disabled for the guest (APIC ids {})",
             hidden.len(),
@@ -639,7 +622,7 @@ pub fn give_guest_rsdp_copy(acpi: &mut Acpi, map: &mut MemoryMap, avoid: &[(u64,
     };
     // SAFETY: `page` is a RAM page of the guest's map (which excludes the
     // footprint), now reserved for this copy; nothing else uses it.
-    if !unsafe { write_phys_checked(page, &acpi.rsdp_bytes) } {
+    if !unsafe { crate::memory::phys_write_verified(page, &acpi.rsdp_bytes) } {
         return Some(alloc::format!("warning: ACPI: the RSDP copy at {page:#x} did not stick; the guest runs without ACPI"));
     }
     acpi.rsdp_addr = Some(page);

@@ -220,6 +220,23 @@ pub fn rflags() -> u64 {
     v
 }
 
+/// Reads CR2 (the last page-fault address).
+#[inline(always)]
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Raises #UD (UD2), on purpose: the hypervisor's IDT reports it (the
+/// test switch `fault=exception`, which checks the failure path in root mode).
+pub fn ud2() -> ! {
+    // SAFETY: UD2 only raises #UD, which the hypervisor's IDT handles and
+    // never returns from.
+    unsafe { asm!("ud2", options(noreturn)) }
+}
+
 /// Sets IA32_GS_BASE to 0, which [`crate::fatal::current_vcpu`] reads as
 /// "no vCPU on this CPU". Every CPU runs it first thing: the boot loader or
 /// firmware may leave any value there, and only a VM exit (the VMCS host

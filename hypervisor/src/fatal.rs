@@ -270,9 +270,7 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
         "#SX security",
         "reserved",
     ];
-    let cr2: u64;
-    // SAFETY: reading CR2 has no side effect.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2) };
+    let cr2 = cpu::read_cr2();
     crate::serial::write_emergency(format_args!(
         "{}FATAL: hypervisor exception {} (vector {}) error code {:#x} at RIP {:#x}, RSP {:#x}, CR2 {:#x}\n",
         exitscope_stats::dump::PREFIX,
@@ -309,10 +307,9 @@ pub fn inject_fault(f: crate::options::Fault, vcpu: usize) {
         }
         crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
         crate::options::Fault::Exception => {
-            // SAFETY: UD2 raises #UD in VMX root operation on purpose; the
-            // hypervisor's IDT sends it to `root_exception`, which reports
-            // it and never returns to this code.
-            unsafe { core::arch::asm!("ud2", options(noreturn)) }
+            // #UD in VMX root operation on purpose; the hypervisor's IDT
+            // sends it to `root_exception`, which reports it.
+            cpu::ud2()
         }
     }
 }

@@ -711,10 +711,10 @@ mod tests {
             if pa < self.refuse.1 && self.refuse.0 < pa + len as u64 {
                 return None;
             }
-            let m = self.mem.borrow();
-            let s = m.bytes(pa, len)?;
-            // SAFETY (test only): the buffer is never reallocated.
-            Some(unsafe { core::slice::from_raw_parts(s.as_ptr(), s.len()) })
+            // A snapshot, leaked (test only, a few bytes): a later write
+            // must not change a view already handed out.
+            let copy = self.mem.borrow().bytes(pa, len)?.to_vec();
+            Some(std::boxed::Box::leak(copy.into_boxed_slice()))
         }
     }
     impl PhysMemMut for Rw {

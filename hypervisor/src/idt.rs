@@ -117,6 +117,16 @@ pub fn init_idt() {
     }
 }
 
+/// Resets the machine the last way there is: an empty IDT, then an
+/// exception, which the CPU cannot deliver (triple fault). For `reset`
+/// after every reset register failed.
+pub fn triple_fault() -> ! {
+    let null = DescPtr { limit: 0, base: 0 };
+    // SAFETY: the machine is going down on purpose; nothing runs after.
+    unsafe { asm!("lidt [{}]", "int3", in(reg) &null) };
+    crate::cpu::halt_forever()
+}
+
 /// Loads the IDT on this CPU.
 pub fn load_idt() {
     let ptr = DescPtr { limit: (64 * 8 - 1) as u16, base: core::ptr::addr_of!(IDT) as u64 };

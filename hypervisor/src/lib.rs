@@ -25,6 +25,7 @@ pub mod memory;
 pub mod options;
 pub mod pic;
 pub mod platform;
+pub mod port;
 pub mod serial;
 pub mod smp;
 pub mod state;

@@ -232,6 +232,22 @@ pub unsafe fn phys_write(dst: u64, bytes: &[u8]) {
     unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), phys_ptr::<u8>(dst), bytes.len()) }
 }
 
+/// [`phys_write`], then writes the cache back (WBINVD: the guest may read
+/// the range uncached through EPT, as it does ACPI memory) and reads the
+/// bytes back: false if they did not stick (ROM, write-protected shadow
+/// RAM).
+///
+/// # Safety
+///
+/// As for [`phys_write`].
+pub unsafe fn phys_write_verified(dst: u64, bytes: &[u8]) -> bool {
+    // SAFETY: the caller's contract is phys_write's.
+    unsafe { phys_write(dst, bytes) };
+    crate::cpu::wbinvd();
+    use crate::bootinfo::PhysMem;
+    IdentityMem.bytes(dst, bytes.len()) == Some(bytes)
+}
+
 /// Reads a physical range into a slice view (for ACPI tables and modules).
 ///
 /// # Safety

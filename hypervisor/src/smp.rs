@@ -56,6 +56,26 @@ impl LocalApic {
         LocalApic { x2apic: b & (1 << 10) != 0, base: b & 0xF_FFFF_F000 }
     }
 
+    /// The in-service register word (ISR 0-7) that holds `vector`, in
+    /// whichever mode this CPU's local APIC is now (read from
+    /// IA32_APIC_BASE each time: the guest programs it). `None`: the APIC
+    /// is globally disabled.
+    pub fn isr_word(vector: u8) -> Option<u32> {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        let base = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };
+        if base & (1 << 11) == 0 {
+            return None;
+        }
+        Some(if base & (1 << 10) != 0 {
+            // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
+            unsafe { cpu::rdmsr(msr::X2APIC_ISR0 + u32::from(vector / 32)) as u32 }
+        } else {
+            // The local APIC's MMIO page (below 4 GiB), a 32-bit read of an
+            // ISR register, which has no side effect.
+            crate::memory::mmio_read::<u32>((base & 0xF_FFFF_F000) + 0x100 + 0x10 * u64::from(vector / 32))
+        })
+    }
+
     /// This CPU's APIC id.
     pub fn id(&self) -> u32 {
         if self.x2apic {
