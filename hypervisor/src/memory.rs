@@ -170,15 +170,29 @@ pub fn phys_ptr<T>(pa: u64) -> *mut T {
     pa.wrapping_add(PHYS_OFFSET.load(core::sync::atomic::Ordering::Relaxed)) as *mut T
 }
 
-/// Whether `[pa, pa + len)` overlaps the hypervisor's own memory: its
-/// footprint, which before [`relocate`] is the image where the loader put
-/// it. Every Rust object (statics, stacks, heap, arena) lives there. A
-/// range that wraps around the address space counts as overlapping.
+/// The hypervisor's own physical memory, where every Rust object
+/// (statics, stacks, heap, arena) lives: the footprint after [`relocate`];
+/// before it, the image where a multiboot loader put it. `None` before
+/// relocation on the UEFI path, where the boot loader placed the image in
+/// frames this module does not know (nothing there writes physical memory
+/// before relocation, and reads go through the boot loader's map).
+pub fn hypervisor_range() -> Option<(u64, u64)> {
+    if FOOTPRINT_SIZE.load(SeqCst) != 0 {
+        Some(footprint())
+    } else if MB_LOAD_BASE.load(SeqCst) != 0 {
+        Some(multiboot_load_range())
+    } else {
+        None
+    }
+}
+
+/// Whether `[pa, pa + len)` overlaps [`hypervisor_range`]. A range that
+/// wraps around the address space counts as overlapping.
 pub fn overlaps_hypervisor(pa: u64, len: u64) -> bool {
-    let (lo, hi) = footprint();
-    match pa.checked_add(len) {
-        Some(end) => len != 0 && pa < hi && end > lo,
-        None => true,
+    match (pa.checked_add(len), hypervisor_range()) {
+        (None, _) => true,
+        (Some(end), Some((lo, hi))) => len != 0 && pa < hi && end > lo,
+        (Some(_), None) => false,
     }
 }
 
@@ -187,7 +201,7 @@ pub fn overlaps_hypervisor(pa: u64, len: u64) -> bool {
 #[track_caller]
 fn check_not_hypervisor(what: &str, pa: u64, len: u64) {
     if overlaps_hypervisor(pa, len) {
-        let (lo, hi) = footprint();
+        let (lo, hi) = hypervisor_range().unwrap_or((0, u64::MAX));
         panic!("{what} of {len:#x} bytes at physical {pa:#x} would reach the hypervisor's own memory {lo:#x}-{hi:#x}");
     }
 }
