@@ -135,13 +135,12 @@ pub fn run(bi: BootInfo) -> ! {
     };
     serial::set_level(opts.log);
     hvprintln!("booted by {} ({}), command line '{}'", bi.protocol, bi.loader_name.as_deref().unwrap_or("unknown loader"), bi.cmdline);
-    let machine = probe(&bi, &opts);
+    let mut machine = probe(&bi, &opts);
     // The guest must exist before anything moves.
     if bi.modules.is_empty() {
         boot_error(format_args!("no guest: give the guest kernel as the first boot module (GRUB: module2 /path/kernel args)"));
     }
     let place = relocate(&bi, &opts, &machine);
-    let mut machine = machine;
     let staged = stage_guest(&bi, &mut machine.acpi, place.footprint);
     let mut bitmaps = bitmaps(&machine.acpi, &machine.controls);
     let (sh, cpus) = shared_state(opts, machine, &place, &staged.guest_map, &mut bitmaps);
@@ -641,8 +640,10 @@ struct VcpuSetup {
 }
 
 /// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
-/// state, its fault stack, descriptor tables, detail block and setup block
-/// (each rounded up as `vmx::vcpu::alloc` and [`arena_box`] align them).
+/// state, its fault stack, descriptor tables, detail block, setup block and
+/// its ready flag (each rounded up as `vmx::vcpu::alloc` and [`arena_box`]
+/// align them; the setup block's 64 bytes of slack cover its alignment and
+/// the one-byte flag).
 pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
     let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
