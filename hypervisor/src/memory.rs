@@ -171,19 +171,14 @@ pub fn phys_ptr<T>(pa: u64) -> *mut T {
 }
 
 /// The hypervisor's own physical memory, where every Rust object
-/// (statics, stacks, heap, arena) lives: the footprint after [`relocate`];
-/// before it, the image where a multiboot loader put it. `None` before
-/// relocation on the UEFI path, where the boot loader placed the image in
-/// frames this module does not know (nothing there writes physical memory
-/// before relocation, and reads go through the boot loader's map).
+/// (statics, stacks, heap, arena) lives: the footprint, once [`relocate`]
+/// has run. `None` before: the image's physical extent is then not known
+/// exactly (a multiboot loader may put its boot information inside the
+/// image's not-yet-used arena, and the UEFI boot loader places the image
+/// in frames of its choosing), so nothing is refused; the hypervisor
+/// writes no physical memory outside its image before it relocates.
 pub fn hypervisor_range() -> Option<(u64, u64)> {
-    if FOOTPRINT_SIZE.load(SeqCst) != 0 {
-        Some(footprint())
-    } else if MB_LOAD_BASE.load(SeqCst) != 0 {
-        Some(multiboot_load_range())
-    } else {
-        None
-    }
+    (FOOTPRINT_SIZE.load(SeqCst) != 0).then(footprint)
 }
 
 /// Whether `[pa, pa + len)` overlaps [`hypervisor_range`]. A range that
