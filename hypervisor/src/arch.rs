@@ -29,6 +29,8 @@ pub const CR4_MCE: u64 = 1 << 6;
 pub const CR4_LA57: u64 = 1 << 12;
 /// CR4.VMXE: VMX enable.
 pub const CR4_VMXE: u64 = 1 << 13;
+/// CR4.PCIDE: process-context identifiers.
+pub const CR4_PCIDE: u64 = 1 << 17;
 /// CR4.OSXSAVE: XSAVE and XSETBV enabled.
 pub const CR4_OSXSAVE: u64 = 1 << 18;
 /// CR4.SMEP: supervisor-mode execution prevention.

@@ -387,7 +387,7 @@ mod tests {
     use crate::bootinfo::tests::Buf;
 
     const PG: u64 = CR0_PG | 1; // PG | PE
-    const LONG: PagingState = PagingState { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA | (1 << 8) | EFER_NXE };
+    const LONG: PagingState = PagingState { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA | crate::arch::EFER_LME | EFER_NXE };
 
     /// 64 KiB of "physical memory" at 0 for page tables and data.
     fn mem() -> Buf {
@@ -551,7 +551,7 @@ mod tests {
         let mut m = mem();
         long_tables(&mut m, 0);
         m.put64(0x4000, 0x9000 | 3);
-        let p = PagingState { cr3: 0x1000 | 0xABC, cr4: LONG.cr4 | (1 << 17), ..LONG };
+        let p = PagingState { cr3: 0x1000 | 0xABC, cr4: LONG.cr4 | crate::arch::CR4_PCIDE, ..LONG };
         assert_eq!(translate(&m, &p, 0x10).unwrap().gpa, 0x9010);
         // 32-bit paging: CR3 bits 11:0 (PWT, PCD) ignored.
         let mut m = mem();

@@ -751,3 +751,37 @@ fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps:
 
 /// EPT tables from the arena (they live in `memory`, the physical-memory wrapper).
 pub(crate) use memory::ArenaTables;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmaps() -> Bitmaps {
+        let page = |n: usize| std::boxed::Box::leak(std::vec![0u8; n * 4096].into_boxed_slice());
+        Bitmaps { io: page(2), io_pa: 0, msr: page(1), msr_pa: 0, watch: state::PortWatch::default() }
+    }
+
+    #[test]
+    fn bitmap_bits_are_the_sdms() {
+        let mut b = bitmaps();
+        // I/O bitmap A then B, one bit per port.
+        b.trap_io(0x64);
+        b.trap_io(0xCF9);
+        b.trap_io(0x8900);
+        assert_eq!(b.io[0x64 / 8], 1 << 4);
+        assert_eq!(b.io[0xCF9 / 8], 1 << 1);
+        assert_eq!(b.io[0x8900 / 8], 1, "port 0x8900 is in bitmap B");
+        assert_eq!(b.io.iter().map(|x| x.count_ones()).sum::<u32>(), 3);
+        // MSR bitmap: read low, read high, write low, write high (1 KiB each).
+        b.trap_msr(arch::msr::IA32_FEATURE_CONTROL);
+        assert_eq!(b.msr[0x3A / 8], 1 << 2, "read, low MSRs");
+        assert_eq!(b.msr[2048 + 0x3A / 8], 1 << 2, "write, low MSRs");
+        b.trap_msr(arch::msr::IA32_EFER);
+        assert_eq!(b.msr[1024 + 0x80 / 8], 1, "read, high MSRs");
+        assert_eq!(b.msr[3072 + 0x80 / 8], 1, "write, high MSRs");
+        b.trap_msr_write(arch::msr::X2APIC_ICR);
+        assert_eq!(b.msr[0x830 / 8], 0, "a write trap leaves reads alone");
+        assert_eq!(b.msr[2048 + 0x830 / 8], 1, "write, low MSRs");
+        assert_eq!(b.msr.iter().map(|x| x.count_ones()).sum::<u32>(), 5);
+    }
+}

@@ -184,10 +184,36 @@ pub fn hypervisor_range() -> Option<(u64, u64)> {
 /// Whether `[pa, pa + len)` overlaps [`hypervisor_range`]. A range that
 /// wraps around the address space counts as overlapping.
 pub fn overlaps_hypervisor(pa: u64, len: u64) -> bool {
-    match (pa.checked_add(len), hypervisor_range()) {
+    overlaps(hypervisor_range(), pa, len)
+}
+
+/// Whether `[pa, pa + len)` overlaps `range` (`None`: nothing to refuse);
+/// a range that wraps around the address space always does.
+fn overlaps(range: Option<(u64, u64)>, pa: u64, len: u64) -> bool {
+    match (pa.checked_add(len), range) {
         (None, _) => true,
         (Some(end), Some((lo, hi))) => len != 0 && pa < hi && end > lo,
         (Some(_), None) => false,
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::overlaps;
+
+    #[test]
+    fn refuses_exactly_the_hypervisors_range() {
+        let fp = Some((0x1f00_0000, 0x1fe0_0000));
+        assert!(overlaps(fp, 0x1f00_0000, 1));
+        assert!(overlaps(fp, 0x1eff_ffff, 2), "straddles the start");
+        assert!(overlaps(fp, 0x1fdf_ffff, 0x1000), "straddles the end");
+        assert!(overlaps(fp, 0x1000_0000, 0x1000_0000), "covers it");
+        assert!(!overlaps(fp, 0x1eff_f000, 0x1000), "ends where it starts");
+        assert!(!overlaps(fp, 0x1fe0_0000, 0x1000), "starts where it ends");
+        assert!(!overlaps(fp, 0x1f80_0000, 0), "empty");
+        assert!(overlaps(fp, u64::MAX - 1, 4), "wraps");
+        assert!(!overlaps(None, 0x1f00_0000, 0x1000), "before relocation nothing is refused");
+        assert!(overlaps(None, u64::MAX, 2), "but a wrapping range still is");
     }
 }
 

@@ -458,7 +458,7 @@ pub fn wrmsr(m: u32, value: u64) -> bool {
     let canonical = emulate::is_canonical(value);
     match m {
         msr::IA32_EFER => {
-            let paging = vmread(guest::CR0) & (1 << 31) != 0;
+            let paging = vmread(guest::CR0) & crate::arch::CR0_PG != 0;
             match emulate::efer_write(vmread(guest::IA32_EFER_FULL), value, paging, shared().efer_allowed) {
                 Some(e) => vmwrite(guest::IA32_EFER_FULL, e),
                 None => return false,
