@@ -173,10 +173,12 @@ pub fn phys_ptr<T>(pa: u64) -> *mut T {
 /// The hypervisor's own physical memory, where every Rust object
 /// (statics, stacks, heap, arena) lives: the footprint, once [`relocate`]
 /// has run. `None` before: the image's physical extent is then not known
-/// exactly (a multiboot loader may put its boot information inside the
-/// image's not-yet-used arena, and the UEFI boot loader places the image
-/// in frames of its choosing), so nothing is refused; the hypervisor
-/// writes no physical memory outside its image before it relocates.
+/// exactly ([`multiboot_load_range`] runs to `__image_end`, rounded up to
+/// 2 MiB past the last load segment, and GRUB puts its boot information in
+/// that padding, e.g. at 0xde0348 with the image ending at 0xdcd000; the
+/// UEFI boot loader places the image in frames of its choosing), so
+/// nothing is refused; the hypervisor writes no physical memory outside
+/// its image before it relocates.
 pub fn hypervisor_range() -> Option<(u64, u64)> {
     (FOOTPRINT_SIZE.load(SeqCst) != 0).then(footprint)
 }
