@@ -207,15 +207,16 @@ pub fn boot_error(msg: core::fmt::Arguments) -> ! {
 /// its number and the full exit reason it last handled.
 pub fn current_vcpu() -> Option<(usize, u32)> {
     state::try_shared()?;
-    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
-    let gs = unsafe { cpu::rdmsr(crate::cpu::msr::IA32_GS_BASE) };
+    let gs = cpu::gs_base();
     if gs == 0 {
         return None;
     }
+    let v = gs as *const VcpuState;
     // SAFETY: the host GS base is set to the vCPU state block in the VMCS
-    // and is 0 before; the block lives forever.
-    let v = unsafe { &*(gs as *const VcpuState) };
-    Some((v.id, v.last_exit))
+    // and is 0 before (every CPU clears it first, cpu::clear_gs_base); the
+    // block lives forever. Two plain field reads, no reference: the exit
+    // path may hold the block's `&mut`.
+    Some(unsafe { ((*v).id, (*v).last_exit) })
 }
 
 fn describe_current() {
@@ -269,9 +270,7 @@ pub fn root_exception(f: &crate::idt::ExceptionFrame) -> ! {
         "#SX security",
         "reserved",
     ];
-    let cr2: u64;
-    // SAFETY: reading CR2 has no side effect.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2) };
+    let cr2 = cpu::read_cr2();
     crate::serial::write_emergency(format_args!(
         "{}FATAL: hypervisor exception {} (vector {}) error code {:#x} at RIP {:#x}, RSP {:#x}, CR2 {:#x}\n",
         exitscope_stats::dump::PREFIX,
@@ -308,10 +307,9 @@ pub fn inject_fault(f: crate::options::Fault, vcpu: usize) {
         }
         crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
         crate::options::Fault::Exception => {
-            // SAFETY: UD2 raises #UD in VMX root operation on purpose; the
-            // hypervisor's IDT sends it to `root_exception`, which reports
-            // it and never returns to this code.
-            unsafe { core::arch::asm!("ud2", options(noreturn)) }
+            // #UD in VMX root operation on purpose; the hypervisor's IDT
+            // sends it to `root_exception`, which reports it.
+            cpu::ud2()
         }
     }
 }

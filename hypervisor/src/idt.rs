@@ -117,6 +117,16 @@ pub fn init_idt() {
     }
 }
 
+/// Resets the machine the last way there is: an empty IDT, then an
+/// exception, which the CPU cannot deliver (triple fault). For `reset`
+/// after every reset register failed.
+pub fn triple_fault() -> ! {
+    let null = DescPtr { limit: 0, base: 0 };
+    // SAFETY: the machine is going down on purpose; nothing runs after.
+    unsafe { asm!("lidt [{}]", "int3", in(reg) &null) };
+    crate::cpu::halt_forever()
+}
+
 /// Loads the IDT on this CPU.
 pub fn load_idt() {
     let ptr = DescPtr { limit: (64 * 8 - 1) as u16, base: core::ptr::addr_of!(IDT) as u64 };
@@ -364,9 +374,9 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
 // ---------------------------------------------------------------------------
 // Machine checks in VMX root operation
 
-/// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
-/// MCIP (bit 2, a machine check is in progress).
-pub const IA32_MCG_STATUS: u32 = 0x17A;
+// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
+// MCIP (bit 2, a machine check is in progress).
+use crate::arch::msr::IA32_MCG_STATUS;
 const MCG_RIPV: u64 = 1 << 0;
 const MCG_MCIP: u64 = 1 << 2;
 

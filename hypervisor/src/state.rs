@@ -150,12 +150,22 @@ pub fn init(s: Shared) -> &'static Shared {
     SHARED.call_once(|| s)
 }
 
-/// The shared state (set before any vCPU runs).
+/// The shared state (set by [`init`] before any vCPU runs). Called before
+/// that, it stops the hypervisor with a report naming the bug; code that
+/// may run earlier (the failure reporter) uses [`try_shared`].
 #[inline(always)]
 pub fn shared() -> &'static Shared {
-    // SAFETY: init() runs before the first VM entry, and every caller of
-    // shared() runs on the exit path or after init.
-    unsafe { SHARED.get_unchecked() }
+    match SHARED.get() {
+        Some(s) => s,
+        None => not_initialised(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn not_initialised() -> ! {
+    panic!("state::shared() used before state::init(): the hypervisor's shared state does not exist yet")
 }
 
 pub fn try_shared() -> Option<&'static Shared> {

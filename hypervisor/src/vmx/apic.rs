@@ -29,14 +29,14 @@ pub fn is_watched(gpa: u64) -> bool {
 
 fn apic_read(off: u64) -> u32 {
     let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    // SAFETY: the local APIC's MMIO page, identity-mapped, 32-bit register.
-    unsafe { core::ptr::read_volatile((base + off) as *const u32) }
+    // The local APIC's MMIO page, a 32-bit register.
+    crate::memory::mmio_read::<u32>(base + off)
 }
 
 fn apic_write(off: u64, v: u32) {
     let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    // SAFETY: as above; replaying the guest's own register write.
-    unsafe { core::ptr::write_volatile((base + off) as *mut u32, v) }
+    // As above; replaying the guest's own register write.
+    crate::memory::mmio_write::<u32>(base + off, v)
 }
 
 /// Whether this CPU's local APIC has `vector` in service: it delivered the
@@ -45,20 +45,8 @@ fn apic_write(off: u64, v: u32) {
 /// alone. The guest programs the APIC; its mode is read from
 /// IA32_APIC_BASE each time.
 pub fn in_service(vector: u8) -> bool {
-    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-    let base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
-    if base & (1 << 11) == 0 {
-        return false; // globally disabled: interrupts come from the PIC
-    }
-    let word = if base & (1 << 10) != 0 {
-        // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
-        unsafe { crate::cpu::rdmsr(0x810 + u32::from(vector / 32)) as u32 }
-    } else {
-        // SAFETY: the local APIC's MMIO page, identity-mapped (below 4 GiB),
-        // a 32-bit read of an ISR register, which has no side effect.
-        unsafe { core::ptr::read_volatile(((base & 0xF_FFFF_F000) + 0x100 + 0x10 * u64::from(vector / 32)) as *const u32) }
-    };
-    word & (1 << (vector % 32)) != 0
+    // None: globally disabled, interrupts come from the PIC.
+    crate::smp::LocalApic::isr_word(vector).is_some_and(|word| word & (1 << (vector % 32)) != 0)
 }
 
 /// Emulates the guest instruction that wrote the watched APIC page.

@@ -892,8 +892,7 @@ pub const fn guest_feature_control(real: u64) -> u64 {
     (real | 1) & !(0x6 | 0x7F00)
 }
 
-/// The x2APIC interrupt command register.
-pub const X2APIC_ICR: u32 = 0x830;
+use crate::arch::msr::X2APIC_ICR;
 
 fn is_vmx_msr(m: u32) -> bool {
     (msr::IA32_VMX_BASIC..=msr::IA32_VMX_EXIT_CTLS2).contains(&m)
@@ -959,15 +958,7 @@ impl CrAccess {
     }
 }
 
-const CR0_PE: u64 = 1;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_MCE: u64 = 1 << 6;
-const CR4_VMXE: u64 = 1 << 13;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use crate::arch::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_MCE, CR4_PAE, CR4_VMXE, EFER_LMA, EFER_LME};
 
 /// Whether a MOV to CR0 of `new` would fault (#GP) on hardware.
 pub const fn cr0_write_faults(new: u64) -> bool {

@@ -45,9 +45,7 @@ const SEG_ES: u8 = 0;
 const SEG_FS: u8 = 4;
 /// Elements one string I/O exit moves at most (then it exits again).
 const STRING_IO_LIMIT: u64 = 4096;
-const IA32_TSC: u32 = 0x10;
-const IA32_TSC_DEADLINE: u32 = 0x6E0;
-const IA32_TSC_AUX: u32 = 0xC000_0103;
+use crate::arch::msr::{IA32_TSC, IA32_TSC_AUX, IA32_TSC_DEADLINE};
 
 // ---------------------------------------------------------------------------
 // Guest memory as the emulation sees it
@@ -460,7 +458,7 @@ pub fn wrmsr(m: u32, value: u64) -> bool {
     let canonical = emulate::is_canonical(value);
     match m {
         msr::IA32_EFER => {
-            let paging = vmread(guest::CR0) & (1 << 31) != 0;
+            let paging = vmread(guest::CR0) & crate::arch::CR0_PG != 0;
             match emulate::efer_write(vmread(guest::IA32_EFER_FULL), value, paging, shared().efer_allowed) {
                 Some(e) => vmwrite(guest::IA32_EFER_FULL, e),
                 None => return false,

@@ -204,31 +204,26 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     super::exit::advance(acc.len as u64);
 }
 
+/// A device register page the guest may access (mapped for it read-only
+/// in EPT): read for the guest, with the guest's own width.
 fn mmio_read(pa: u64, size: u8) -> u64 {
-    let p = crate::memory::phys_ptr::<u8>(pa);
-    // SAFETY: a device register page the guest may access (mapped for it
-    // read-only in EPT, identity-mapped for the host); reading it for the
-    // guest, with the guest's own width.
-    unsafe {
-        match size {
-            1 => core::ptr::read_volatile(p) as u64,
-            2 => core::ptr::read_volatile(p as *const u16) as u64,
-            4 => core::ptr::read_volatile(p as *const u32) as u64,
-            _ => core::ptr::read_volatile(p as *const u64),
-        }
+    use crate::memory::mmio_read as rd;
+    match size {
+        1 => rd::<u8>(pa) as u64,
+        2 => rd::<u16>(pa) as u64,
+        4 => rd::<u32>(pa) as u64,
+        _ => rd::<u64>(pa),
     }
 }
 
+/// As for mmio_read: replaying the guest's own store.
 fn mmio_write(pa: u64, size: u8, v: u64) {
-    let p = crate::memory::phys_ptr::<u8>(pa);
-    // SAFETY: as for mmio_read: replaying the guest's own store.
-    unsafe {
-        match size {
-            1 => core::ptr::write_volatile(p, v as u8),
-            2 => core::ptr::write_volatile(p as *mut u16, v as u16),
-            4 => core::ptr::write_volatile(p as *mut u32, v as u32),
-            _ => core::ptr::write_volatile(p as *mut u64, v),
-        }
+    use crate::memory::mmio_write as wr;
+    match size {
+        1 => wr(pa, v as u8),
+        2 => wr(pa, v as u16),
+        4 => wr(pa, v as u32),
+        _ => wr(pa, v),
     }
 }
 

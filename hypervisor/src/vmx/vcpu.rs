@@ -181,18 +181,11 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
 
 /// CR0 bits the hypervisor owns: NE must stay 1 in VMX operation, whatever
 /// the guest writes, so writes that change it exit and are emulated.
-pub const CR0_OWNED: u64 = 1 << 5;
+pub const CR0_OWNED: u64 = CR0_NE;
 /// CR4 bits the hypervisor owns: VMXE must stay 1 and is hidden.
-pub const CR4_OWNED: u64 = 1 << 13;
+pub const CR4_OWNED: u64 = CR4_VMXE;
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_VMXE: u64 = 1 << 13;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use crate::arch::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_VMXE, EFER_LMA, EFER_LME};
 
 /// Segment access rights.
 const AR_CODE32: u64 = 0xC09B;
