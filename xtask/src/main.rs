@@ -19,6 +19,7 @@ mod deps;
 mod image;
 mod lint;
 mod linux;
+mod modgraph;
 mod qemu;
 mod report;
 mod tests;
