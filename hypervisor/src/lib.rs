@@ -16,14 +16,19 @@ pub mod cpu;
 pub mod decode;
 pub mod emulate;
 pub mod ept;
+pub mod exit;
+pub mod fallible;
 pub mod fatal;
 pub mod guest;
+pub mod guestaccess;
 pub mod guestmem;
 pub mod idt;
 pub mod memory;
 pub mod options;
+pub mod percpu;
 pub mod pic;
-pub mod platform;
+pub mod power;
+pub mod runstate;
 pub mod serial;
 pub mod smp;
 pub mod state;
@@ -44,13 +49,6 @@ use vmx::caps::{self, FeatureControl, VmxProbe};
 static ALLOC: memory::HeapAllocator = memory::HeapAllocator;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// ACPI facts found at boot, for power-off on early errors.
-static BOOT_ACPI: spin::Once<acpi::Acpi> = spin::Once::new();
-
-pub fn boot_acpi() -> acpi::Acpi {
-    BOOT_ACPI.get().cloned().unwrap_or_default()
-}
 
 /// Entry from the multiboot front-end: `magic` and `info` as the loader
 /// left them in EAX and EBX, `load_base` where it put the image (a
@@ -93,7 +91,7 @@ fn read_probe() -> VmxProbe {
     if ecx & (1 << 5) == 0 {
         return p;
     }
-    let rd = |m| idt::rdmsr_safe(m).unwrap_or(0);
+    let rd = |m| fallible::rdmsr_safe(m).unwrap_or(0);
     use cpu::msr::*;
     p.feature_control = rd(IA32_FEATURE_CONTROL);
     p.basic = rd(IA32_VMX_BASIC);
@@ -135,7 +133,7 @@ pub fn run(bi: BootInfo) -> ! {
     }
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
     let mut acpi = acpi::parse(&guest::IdentityMem, &bi);
-    BOOT_ACPI.call_once(|| acpi.clone());
+    power::set_boot_acpi(&acpi);
     // The console UART is known now: `serial=`, the SPCR's, or COM1.
     serial::configure(opts.serial, acpi.spcr);
     if acpi.tables.is_empty() {
@@ -169,7 +167,7 @@ pub fn run(bi: BootInfo) -> ! {
         Err(e) => boot_error(format_args!("{e}")),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+            if !fallible::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("could not enable VMX in IA32_FEATURE_CONTROL"));
             }
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
@@ -347,7 +345,7 @@ pub fn run(bi: BootInfo) -> ! {
         Some(unsafe { cpu::rdmsr(cpu::msr::IA32_APIC_BASE) } & 0xF_FFFF_F000)
     };
     if apic_trap.is_some() {
-        trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
+        trap_msr_write(msr_bitmap_pa, exit::msr::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
     let mut watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
@@ -384,7 +382,7 @@ pub fn run(bi: BootInfo) -> ! {
     state::APIC_IDS[0].store(bsp_id, core::sync::atomic::Ordering::SeqCst);
     // One EPT tree for all vCPUs: built up front below `lazy_from`, filled
     // on demand above it (all of it under ept=lazy), see ept.rs.
-    let eptp = match ept::build(&ept::below(&sh.ept_ranges, sh.lazy_from), &mut ArenaTables, large) {
+    let eptp = match ept::build(&ept::below(&sh.ept_ranges, sh.lazy_from), &mut memory::ArenaTables, large) {
         Ok(root) => ept::eptp(root),
         Err(e) => boot_error(format_args!("{e}")),
     };
@@ -464,7 +462,7 @@ pub fn run(bi: BootInfo) -> ! {
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
     // SAFETY: the state block lives in the arena for good; it is handed to
     // the exit loop, which owns it from now on.
-    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
+    vmx::stub::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
 }
 
 /// What a vCPU needs to start: built by the boot CPU, used on its own CPU.
@@ -514,12 +512,12 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     idt::load_idt();
     // IA32_FEATURE_CONTROL is per CPU: firmware that left it unlocked on
     // the boot CPU may have left it so here too.
-    let fc = idt::rdmsr_safe(cpu::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
+    let fc = fallible::rdmsr_safe(cpu::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
     match caps::check_presence(cpu::cpuid(1, 0)[2], fc) {
         Err(e) => boot_error(format_args!("AP {}: {e}", setup.mem.state.id)),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+            if !fallible::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", setup.mem.state.id));
             }
             hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", setup.mem.state.id);
@@ -545,18 +543,18 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
     vmx::invept(sh.controls.invept_single, setup.eptp);
-    fatal::WAITING_FOR_SIPI.insert(v.id);
+    runstate::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
     if !sh.controls.wait_for_sipi_state {
         // No wait-for-SIPI activity state: wait here, in root mode, and
         // enter the guest active at the SIPI's vector.
-        let vector = vmx::exit::wait_for_sipi_in_root(v.id);
+        let vector = vmx::backend::wait_for_sipi_in_root(v.id);
         if let Err(e) = vmx::vcpu::start_at_sipi(vector) {
             boot_error(format_args!("AP {} start at SIPI vector {vector:#x}: {e}", v.id));
         }
     }
     // SAFETY: as for the boot CPU.
-    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
+    vmx::stub::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
 }
 
 /// CR0/CR4 as VMX requires, then VMXON.
@@ -637,18 +635,4 @@ fn trap_io(bitmaps_pa: u64, port: u16) {
     // SAFETY: the bitmap pages are ours (allocated by make_bitmaps); A then
     // B, one bit per port.
     unsafe { *memory::phys_ptr::<u8>(bitmaps_pa + u64::from(port / 8)) |= 1 << (port % 8) };
-}
-
-/// EPT tables from the arena.
-pub(crate) struct ArenaTables;
-
-impl ept::Tables for ArenaTables {
-    type Error = memory::OutOfMemory;
-    fn alloc(&mut self) -> Result<u64, Self::Error> {
-        memory::alloc_pages(1).map(|(_, pa)| pa)
-    }
-    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-        // SAFETY: `pa` came from alloc() above: an arena page, identity-mapped.
-        unsafe { &mut *memory::phys_ptr::<[u64; 512]>(pa) }
-    }
 }

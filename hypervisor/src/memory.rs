@@ -120,6 +120,20 @@ pub fn multiboot_load_range() -> (u64, u64) {
     (loaded(boot), loaded(image_end_va() - KERNEL_VMA))
 }
 
+/// EPT tables from the arena.
+pub struct ArenaTables;
+
+impl crate::ept::Tables for ArenaTables {
+    type Error = OutOfMemory;
+    fn alloc(&mut self) -> Result<u64, Self::Error> {
+        alloc_pages(1).map(|(_, pa)| pa)
+    }
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        // SAFETY: `pa` came from alloc() above: an arena page, identity-mapped.
+        unsafe { &mut *phys_ptr::<[u64; 512]>(pa) }
+    }
+}
+
 #[cfg(test)]
 mod load_tests {
     use super::as_loaded;

@@ -1,6 +1,6 @@
-//! Ending the run: powering the machine off or resetting it, using ACPI
-//! where the firmware describes it and the well-known emulator and PC ports
-//! otherwise.
+//! Power: turning the machine off or resetting it at the end of the run,
+//! using ACPI where the firmware describes it and the well-known emulator
+//! and PC ports otherwise.
 
 use crate::acpi::{self, Acpi, AcpiReg};
 use crate::cpu::{self, inw, outb, outw};
@@ -13,6 +13,20 @@ macro_rules! say {
     ($($arg:tt)*) => {
         crate::serial::write_emergency(format_args!("{}{}\n", exitscope_stats::dump::PREFIX, format_args!($($arg)*)))
     };
+}
+
+/// ACPI facts found at boot, for powering off after an early error (before
+/// the shared state exists).
+static BOOT_ACPI: spin::Once<Acpi> = spin::Once::new();
+
+/// Records the ACPI facts found at boot (once).
+pub fn set_boot_acpi(a: &Acpi) {
+    BOOT_ACPI.call_once(|| a.clone());
+}
+
+/// The ACPI facts found at boot (none yet: the defaults).
+pub fn boot_acpi() -> Acpi {
+    BOOT_ACPI.get().cloned().unwrap_or_default()
 }
 
 fn write_reg(r: AcpiReg, v: u16) {
@@ -115,7 +129,7 @@ pub fn reset(a: &Acpi) -> ! {
         outb(0x64, 0xFE);
         spin(200_000);
         // Triple fault: an empty IDT and an exception.
-        let null = crate::idt::DescPtr { limit: 0, base: 0 };
+        let null = [0u16; 5]; // limit 0, base 0
         core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
     }
     cpu::halt_forever()

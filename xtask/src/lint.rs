@@ -19,6 +19,8 @@ const BARE: &[&str] = &["exitscope-boot", "exitscope-uefi", "probe-guest", "benc
 
 pub fn cmd_lint() -> Result {
     crate::toolchain::ensure()?;
+    eprintln!("xtask: no import cycle in the hypervisor crate (xtask/src/modgraph.rs)");
+    crate::modgraph::check_hypervisor()?;
     eprintln!("xtask: cargo fmt --check");
     util::run(cargo().args(["fmt", "--all", "--", "--check"])).map_err(|e| format!("{e}: run `cargo fmt --all`"))?;
     eprintln!("xtask: clippy (host crates and their tests, then the bare-metal crates), warnings denied");
