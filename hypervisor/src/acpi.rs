@@ -6,6 +6,26 @@ use crate::bootinfo::{BootInfo, PhysMem, RsdpInfo};
 use alloc::vec::Vec;
 use guest_loader::memmap::{MemKind, MemoryMap, Region};
 
+/// Where a 16550-compatible UART's registers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UartPort {
+    /// I/O ports `base..base+8`.
+    Io(u16),
+    /// Memory-mapped: with `wide`, 32-bit registers 4 bytes apart (Linux's
+    /// `mmio32`), else byte registers 1 byte apart (`mmio`).
+    Mmio { base: u64, wide: bool },
+}
+
+impl core::fmt::Display for UartPort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            UartPort::Io(p) => write!(f, "I/O port {p:#x}"),
+            UartPort::Mmio { base, wide: true } => write!(f, "MMIO {base:#x} (32-bit registers)"),
+            UartPort::Mmio { base, wide: false } => write!(f, "MMIO {base:#x} (byte registers)"),
+        }
+    }
+}
+
 /// A register named by an ACPI Generic Address Structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcpiReg {
@@ -94,7 +114,7 @@ pub struct Acpi {
 /// The serial console named by the SPCR table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spcr {
-    pub port: crate::serial::UartPort,
+    pub port: UartPort,
     /// Baud rate the firmware configured (None: "as is").
     pub baud: Option<u32>,
 }
@@ -415,7 +435,6 @@ fn parse_fadt_sleep(d: &[u8], acpi: &mut Acpi) {
 /// space. A 32-bit access size (or, with the size unspecified, a 32-bit
 /// register width) means 32-bit registers 4 bytes apart, else bytes.
 pub fn parse_spcr(d: &[u8]) -> Option<Spcr> {
-    use crate::serial::UartPort;
     let ty = *d.get(36)?;
     if !matches!(ty, 0 | 1 | 0x12) {
         log::info!("ACPI SPCR: interface type {ty:#x} is not a 16550-compatible UART; ignored");

@@ -19,12 +19,16 @@ pub const CR0_CD: u64 = 1 << 30;
 /// CR0.PG: paging.
 pub const CR0_PG: u64 = 1 << 31;
 
+/// CR4.DE: debugging extensions (DR4/DR5 fault).
+pub const CR4_DE: u64 = 1 << 3;
 /// CR4.PSE: 4 MiB pages in 32-bit paging.
 pub const CR4_PSE: u64 = 1 << 4;
 /// CR4.PAE: physical address extension.
 pub const CR4_PAE: u64 = 1 << 5;
 /// CR4.MCE: machine-check enable.
 pub const CR4_MCE: u64 = 1 << 6;
+/// CR4.PGE: global pages.
+pub const CR4_PGE: u64 = 1 << 7;
 /// CR4.LA57: 5-level paging.
 pub const CR4_LA57: u64 = 1 << 12;
 /// CR4.VMXE: VMX enable.
@@ -35,6 +39,10 @@ pub const CR4_PCIDE: u64 = 1 << 17;
 pub const CR4_OSXSAVE: u64 = 1 << 18;
 /// CR4.SMEP: supervisor-mode execution prevention.
 pub const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP: supervisor-mode access prevention.
+pub const CR4_SMAP: u64 = 1 << 21;
+/// CR4.PKE: protection keys for user pages.
+pub const CR4_PKE: u64 = 1 << 22;
 
 /// IA32_EFER.SCE: SYSCALL enable.
 pub const EFER_SCE: u64 = 1;

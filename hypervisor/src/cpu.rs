@@ -255,3 +255,13 @@ pub fn gs_base() -> u64 {
 
 /// The MSR numbers, re-exported from their one home, [`crate::arch::msr`].
 pub use crate::arch::msr;
+
+/// Resets the machine the last way there is: an empty IDT, then an
+/// exception, which the CPU cannot deliver (triple fault). For `reset`
+/// after every reset register failed.
+pub fn triple_fault() -> ! {
+    let null = [0u16; 5]; // limit 0, base 0
+                          // SAFETY: the machine is going down on purpose; nothing runs after.
+    unsafe { asm!("lidt [{}]", "int3", in(reg) &null) };
+    halt_forever()
+}

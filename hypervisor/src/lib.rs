@@ -20,15 +20,20 @@ pub mod cpu;
 pub mod decode;
 pub mod emulate;
 pub mod ept;
+pub mod exit;
+pub mod fallible;
 pub mod fatal;
 pub mod guest;
+pub mod guestaccess;
 pub mod guestmem;
 pub mod idt;
 pub mod memory;
 pub mod options;
+pub mod percpu;
 pub mod pic;
-pub mod platform;
 pub mod port;
+pub mod power;
+pub mod runstate;
 pub mod serial;
 pub mod shadow;
 pub mod smp;
@@ -50,13 +55,6 @@ use vmx::caps::{self, FeatureControl, VmxProbe};
 static ALLOC: memory::HeapAllocator = memory::HeapAllocator;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// ACPI facts found at boot, for power-off on early errors.
-static BOOT_ACPI: spin::Once<acpi::Acpi> = spin::Once::new();
-
-pub fn boot_acpi() -> acpi::Acpi {
-    BOOT_ACPI.get().cloned().unwrap_or_default()
-}
 
 /// Entry from the multiboot front-end: `magic` and `info` as the loader
 /// left them in EAX and EBX, `load_base` where it put the image (a
@@ -101,7 +99,7 @@ fn read_probe() -> VmxProbe {
     if ecx & (1 << 5) == 0 {
         return p;
     }
-    let rd = |m| idt::rdmsr_safe(m).unwrap_or(0);
+    let rd = |m| fallible::rdmsr_safe(m).unwrap_or(0);
     use arch::msr::*;
     p.feature_control = rd(IA32_FEATURE_CONTROL);
     p.basic = rd(IA32_VMX_BASIC);
@@ -178,7 +176,7 @@ fn probe(bi: &BootInfo, opts: &options::Options) -> Machine {
     }
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
     let acpi = acpi::parse(&memory::IdentityMem, bi);
-    BOOT_ACPI.call_once(|| acpi.clone());
+    power::set_boot_acpi(&acpi);
     // The console UART is known now: `serial=`, the SPCR's, or COM1.
     serial::configure(opts.serial, acpi.spcr);
     if acpi.tables.is_empty() {
@@ -212,7 +210,7 @@ fn probe(bi: &BootInfo, opts: &options::Options) -> Machine {
         Err(e) => boot_error(format_args!("{e}")),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, v) {
+            if !fallible::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("could not enable VMX in IA32_FEATURE_CONTROL"));
             }
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
@@ -625,7 +623,7 @@ fn launch(sh: &state::Shared, bsp: &'static mut VcpuSetup, loaded: &guest::Loade
         statsys::start_timeline(t);
     }
     hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, sh.ncpus.load(core::sync::atomic::Ordering::SeqCst));
-    vmx::exit::launch(v)
+    vmx::stub::launch(v)
 }
 
 /// What a vCPU needs to start: built by the boot CPU, used on its own CPU.
@@ -677,12 +675,12 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     idt::load_idt();
     // IA32_FEATURE_CONTROL is per CPU: firmware that left it unlocked on
     // the boot CPU may have left it so here too.
-    let fc = idt::rdmsr_safe(arch::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
+    let fc = fallible::rdmsr_safe(arch::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
     match caps::check_presence(cpu::cpuid(1, 0)[2], fc) {
         Err(e) => boot_error(format_args!("AP {}: {e}", v.id)),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(fc)) => {
-            if !idt::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, fc) {
+            if !fallible::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, fc) {
                 boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", v.id));
             }
             hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", v.id);
@@ -707,17 +705,17 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
     vmx::invept(sh.controls.invept_single, setup.eptp);
-    fatal::WAITING_FOR_SIPI.insert(v.id);
+    runstate::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
     if !sh.controls.wait_for_sipi_state {
         // No wait-for-SIPI activity state: wait here, in root mode, and
         // enter the guest active at the SIPI's vector.
-        let vector = vmx::exit::wait_for_sipi_in_root(v.id);
+        let vector = vmx::backend::wait_for_sipi_in_root(v.id);
         if let Err(e) = vmx::vcpu::start_at_sipi(vector) {
             boot_error(format_args!("AP {} start at SIPI vector {vector:#x}: {e}", v.id));
         }
     }
-    vmx::exit::launch(v)
+    vmx::stub::launch(v)
 }
 
 /// CR0/CR4 as VMX requires, then VMXON.
@@ -749,9 +747,6 @@ fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps:
         if c.lazy_ept { "lazy" } else { "eager" },
     );
 }
-
-/// EPT tables from the arena (they live in `memory`, the physical-memory wrapper).
-pub(crate) use memory::ArenaTables;
 
 #[cfg(test)]
 mod tests {

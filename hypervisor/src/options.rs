@@ -25,6 +25,11 @@ use alloc::string::{String, ToString};
 use core::fmt;
 use exitscope_stats::intercept::{self, Interception};
 
+/// Most CPUs Exitscope virtualises (the limit `cpus=` takes). CPUs beyond
+/// it (and beyond `cpus=`) are left out of the vCPU set: the boot CPU
+/// takes the first MAX_CPUS of the MADT.
+pub const MAX_CPUS: usize = 256;
+
 /// What happens after the guest has ended and the statistics are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndAction {
@@ -174,7 +179,7 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
                 }
             }
             "cpus" => match value.parse::<u32>() {
-                Ok(n) if (1..=crate::MAX_CPUS as u32).contains(&n) => o.max_cpus = Some(n),
+                Ok(n) if (1..=MAX_CPUS as u32).contains(&n) => o.max_cpus = Some(n),
                 _ => return Err(bad("a number from 1 to 256")),
             },
             "timeline" => {

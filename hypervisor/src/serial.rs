@@ -24,25 +24,9 @@ use core::fmt::{self, Write};
 use exitscope_stats::dump::PREFIX;
 use spin::Mutex;
 
-/// Where a 16550-compatible UART's registers are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UartPort {
-    /// I/O ports `base..base+8`.
-    Io(u16),
-    /// Memory-mapped: with `wide`, 32-bit registers 4 bytes apart (Linux's
-    /// `mmio32`), else byte registers 1 byte apart (`mmio`).
-    Mmio { base: u64, wide: bool },
-}
-
-impl fmt::Display for UartPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UartPort::Io(p) => write!(f, "I/O port {p:#x}"),
-            UartPort::Mmio { base, wide: true } => write!(f, "MMIO {base:#x} (32-bit registers)"),
-            UartPort::Mmio { base, wide: false } => write!(f, "MMIO {base:#x} (byte registers)"),
-        }
-    }
-}
+// The UART's address type lives with the SPCR that describes one
+// (`acpi.rs`), so that ACPI parsing needs nothing of the console.
+pub use crate::acpi::UartPort;
 
 /// COM1, the default console.
 pub const COM1: UartPort = UartPort::Io(0x3F8);
@@ -397,7 +381,7 @@ impl<F: FnMut(usize, u16)> Write for TextScreen<F> {
 
 /// The message for the screen when no UART answered.
 pub fn no_uart_message(w: &mut dyn Write, tried: Ports<UartPort>) -> fmt::Result {
-    write!(w, "Exitscope {}: no serial port answered (tried ", crate::VERSION)?;
+    write!(w, "Exitscope {}: no serial port answered (tried ", env!("CARGO_PKG_VERSION"))?;
     for (i, p) in tried.iter().enumerate() {
         write!(w, "{}{p}", if i > 0 { ", " } else { "" })?;
     }

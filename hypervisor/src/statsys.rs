@@ -227,7 +227,7 @@ fn read_smi_count() -> Option<u64> {
     if !intel {
         return None;
     }
-    crate::idt::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
+    crate::fallible::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
 }
 
 /// Takes vCPU `vcpu`'s starting SMI count (just before its first VM entry).
@@ -249,7 +249,7 @@ pub fn smi_report(vcpu: usize) -> exitscope_stats::dump::SmiReport {
 
 /// The SMI report of the vCPU running on this CPU (vCPU 0 before any runs).
 pub fn current_smi_report() -> exitscope_stats::dump::SmiReport {
-    smi_report(crate::fatal::current_vcpu().map_or(0, |(id, _)| id))
+    smi_report(crate::percpu::current_vcpu().map_or(0, |(id, _)| id))
 }
 
 /// Turns the timeline on: a sample every `interval` TSC ticks.

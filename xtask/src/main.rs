@@ -21,6 +21,7 @@ mod deps;
 mod image;
 mod lint;
 mod linux;
+mod modgraph;
 mod peer;
 mod qemu;
 mod report;

@@ -97,18 +97,17 @@ pub const MIN_POOL: usize = 8;
 /// one guest large page".
 const LARGE_MARK: u64 = 1 << 9;
 const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
-const CR0_PG: u64 = 1 << 31;
-const CR0_WP: u64 = 1 << 16;
-const CR4_PCIDE: u64 = 1 << 17;
-const CR4_SMEP: u64 = 1 << 20;
+use crate::arch::{
+    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PCIDE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_NXE,
+};
 /// CR4 bits whose change flushes every shadow: PSE, PAE, PGE, PCIDE, SMEP,
 /// SMAP, LA57 (and PKE, which is hidden).
-pub const CR4_FLUSH_BITS: u64 = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 12) | (1 << 17) | (1 << 20) | (1 << 21) | (1 << 22);
+pub const CR4_FLUSH_BITS: u64 = CR4_PSE | CR4_PAE | CR4_PGE | CR4_LA57 | CR4_PCIDE | CR4_SMEP | CR4_SMAP | CR4_PKE;
 /// CR0 bits whose change flushes every shadow: PG, WP (the shadow's rights
 /// depend on WP), PE.
-pub const CR0_FLUSH_BITS: u64 = CR0_PG | CR0_WP | 1;
+pub const CR0_FLUSH_BITS: u64 = CR0_PG | CR0_WP | CR0_PE;
 /// EFER bits: NXE, LMA.
-pub const EFER_FLUSH_BITS: u64 = (1 << 11) | (1 << 10);
+pub const EFER_FLUSH_BITS: u64 = EFER_NXE | EFER_LMA;
 
 /// The pages of one vCPU's pool: `pages()` consecutive 4 KiB pages at
 /// physical `base()`. On the machine, pages of the hypervisor's arena; in

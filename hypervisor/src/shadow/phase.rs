@@ -26,13 +26,7 @@ use super::Format;
 use crate::guestmem::{PagingMode, PagingState};
 use crate::vmx::caps::bits::{CPU2_EPT, CPU2_UNRESTRICTED, CPU_CR3_LOAD, CPU_CR3_STORE, CPU_INVLPG};
 
-const CR0_PE: u64 = 1;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_PCIDE: u64 = 1 << 17;
-const CR4_PKE: u64 = 1 << 22;
+use crate::arch::{CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PCIDE, CR4_PKE};
 
 /// The exception-bitmap bit of #PF.
 pub const PF_BIT: u32 = 1 << 14;

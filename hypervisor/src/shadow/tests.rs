@@ -7,12 +7,7 @@ use super::walk::*;
 use super::*;
 use std::collections::BTreeMap;
 
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_SMAP: u64 = 1 << 21;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+use crate::arch::{CR4_PAE, CR4_PSE, CR4_SMAP, EFER_LMA, EFER_LME, EFER_NXE};
 
 /// Guest RAM as sparse 4-byte words; frames in `forbidden` cannot be read.
 #[derive(Default)]

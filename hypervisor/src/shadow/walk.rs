@@ -31,12 +31,7 @@ pub const PF_U: u32 = 1 << 2;
 pub const PF_RSVD: u32 = 1 << 3;
 pub const PF_ID: u32 = 1 << 4;
 
-const CR0_WP: u64 = 1 << 16;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_SMEP: u64 = 1 << 20;
-const CR4_SMAP: u64 = 1 << 21;
-const EFER_NXE: u64 = 1 << 11;
+use crate::arch::{CR0_WP, CR4_PAE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE};
 
 /// Entry bits.
 pub const P: u64 = 1 << 0;

@@ -13,9 +13,10 @@
 //! SIPIs are handled here. In x2APIC mode the ICR is an MSR (0x830) and
 //! its writes are intercepted through the MSR bitmap instead.
 
+use super::dispatch::end_guest;
 use super::vcpu::VcpuState;
 use crate::decode::{self, Operand};
-use crate::fatal::{end_guest, GuestEnd, WAITING_FOR_SIPI};
+use crate::runstate::{GuestEnd, WAITING_FOR_SIPI};
 use crate::state::{shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
 
@@ -53,7 +54,7 @@ pub fn in_service(vector: u8) -> bool {
 pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     // Through a view that only reads guest RAM: the guest's page tables
     // could point anywhere (and change under us on another vCPU).
-    let mem = super::isolation::GuestView::new(v.eptp, shared().footprint);
+    let mem = crate::guestaccess::GuestMem::current();
     let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
     let acc = match decode::decode(&buf[..n], mode) {
         Ok(a) if a.size == 4 => a,
@@ -86,7 +87,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     } else {
         apic_write(off, value);
     }
-    super::exit::advance(acc.len as u64);
+    super::events::advance(acc.len as u64);
 }
 
 /// A write of the x2APIC ICR (MSR 0x830): true if the hypervisor handled

@@ -1,12 +1,19 @@
-//! Intel VT-x: capability checks, VMXON, the VMCS of each vCPU, and the exit
-//! path. VMX instructions are wrapped here and nowhere else.
+//! Intel VT-x, the backend of the neutral core (`crate::exit`): capability
+//! checks, VMXON, the VMCS of each vCPU, and the exit path (`stub.rs` the
+//! assembly and the first entry, `dispatch.rs` the decoding and the one
+//! dispatch, `backend.rs` the `Vcpu`/`Machine` implementation, `events.rs`
+//! injection and instruction completion). VMX instructions are wrapped
+//! here and nowhere else.
 
 pub mod apic;
+pub mod backend;
 pub mod caps;
-pub mod exit;
+pub mod dispatch;
+pub mod events;
 pub mod intercept;
 pub mod isolation;
 pub mod pmwatch;
+pub mod stub;
 pub mod vcpu;
 
 use core::arch::asm;

@@ -17,11 +17,11 @@
 //! `test_mmio_pm=` (TEST-ONLY) adds a register at a chosen address, so that
 //! Bochs, whose PM1 block is in I/O space, can show the path end to end.
 
-use super::exit::PortEvent;
 use super::vcpu::VcpuState;
 use crate::acpi::{self, Acpi, AcpiReg};
 use crate::decode::{self, Operand};
-use crate::fatal::{end_guest, GuestEnd};
+use crate::exit::io::PortEvent;
+use crate::exit::{Flow, GuestEnd};
 use crate::options::MmioPmTest;
 use spin::Once;
 
@@ -169,8 +169,8 @@ pub fn is_watched(gpa: u64) -> bool {
 
 /// Emulates the guest instruction that wrote a watched page (an EPT
 /// violation on a write to it).
-pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
-    let mem = super::isolation::GuestView::new(v.eptp, crate::state::shared().footprint);
+pub fn emulate_write(v: &mut VcpuState, gpa: u64) -> Flow {
+    let mem = crate::guestaccess::GuestMem::current();
     let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
     let acc = match decode::decode(&buf[..n], mode) {
         Ok(a) if a.write => a,
@@ -179,7 +179,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
                 "cannot emulate the guest's write to a power-management register page (GPA {gpa:#x}) at RIP {rip:#x}: bytes {:02x?}",
                 &buf[..n]
             );
-            end_guest(v, GuestEnd::Stopped("unemulated write to a power-management register page"));
+            return Flow::End(GuestEnd::Stopped("unemulated write to a power-management register page"));
         }
     };
     let value = match acc.value {
@@ -188,7 +188,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     };
     let w = WATCH.get().cloned().unwrap_or_default();
     match classify_write(&w, gpa, acc.size, value) {
-        PortEvent::End(e) => end_guest(v, e),
+        PortEvent::End(e) => return Flow::End(e),
         PortEvent::PassThrough | PortEvent::Swallow => {
             if acc.xchg {
                 // XCHG: the register receives the old value.
@@ -201,7 +201,8 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
             mmio_write(gpa, acc.size, value);
         }
     }
-    super::exit::advance(acc.len as u64);
+    super::events::advance(acc.len as u64);
+    Flow::Resume
 }
 
 /// A device register page the guest may access (mapped for it read-only

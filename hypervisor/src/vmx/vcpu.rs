@@ -86,19 +86,21 @@ pub struct VcpuState {
     pub regs: GuestRegs,
     /// TSC read by the exit stub right after the exit (offset 120).
     pub tsc_exit: u64,
+    /// The vCPU's number (offset `percpu::OFFSET_ID`).
+    pub id: usize,
+    /// Full exit-reason field of the exit being handled or last handled
+    /// (offset `percpu::OFFSET_LAST_EXIT`).
+    pub last_exit: u32,
     /// This vCPU's counter block; only this vCPU writes it.
     pub counters: &'static VcpuCounters,
     /// This vCPU's detailed statistics (same rule).
     #[cfg(feature = "detailed")]
     pub detail: &'static exitscope_stats::detail::VcpuDetail,
-    pub id: usize,
     pub vpid: u16,
     pub vmcs_pa: u64,
     pub eptp: u64,
     /// VM-entry controls as last written (the IA-32e bit changes).
     pub entry_ctls: u32,
-    /// Full exit-reason field of the exit being handled or last handled.
-    pub last_exit: u32,
     /// Bytes written to Bochs' shutdown port (0x8900) so far.
     pub shutdown_buf: [u8; 8],
     pub shutdown_len: usize,
@@ -113,6 +115,8 @@ pub struct VcpuState {
 pub const OFFSET_TSC_EXIT: usize = 120;
 const _: () = assert!(core::mem::offset_of!(VcpuState, tsc_exit) == OFFSET_TSC_EXIT);
 const _: () = assert!(core::mem::offset_of!(VcpuState, regs) == 0);
+const _: () = assert!(core::mem::offset_of!(VcpuState, id) == crate::percpu::OFFSET_ID);
+const _: () = assert!(core::mem::offset_of!(VcpuState, last_exit) == crate::percpu::OFFSET_LAST_EXIT);
 
 /// Host stack per vCPU, below its state block.
 pub const STACK_SIZE: usize = 32 * 1024;

@@ -1,6 +1,6 @@
-//! Ending the run: powering the machine off or resetting it, using ACPI
-//! where the firmware describes it and the well-known emulator and PC ports
-//! otherwise.
+//! Power: turning the machine off or resetting it at the end of the run,
+//! using ACPI where the firmware describes it and the well-known emulator
+//! and PC ports otherwise.
 
 use crate::acpi::{self, Acpi, AcpiReg};
 use crate::cpu;
@@ -15,6 +15,20 @@ macro_rules! say {
     ($($arg:tt)*) => {
         crate::serial::write_emergency(format_args!("{}{}\n", exitscope_stats::dump::PREFIX, format_args!($($arg)*)))
     };
+}
+
+/// ACPI facts found at boot, for powering off after an early error (before
+/// the shared state exists).
+static BOOT_ACPI: spin::Once<Acpi> = spin::Once::new();
+
+/// Records the ACPI facts found at boot (once).
+pub fn set_boot_acpi(a: &Acpi) {
+    BOOT_ACPI.call_once(|| a.clone());
+}
+
+/// The ACPI facts found at boot (none yet: the defaults).
+pub fn boot_acpi() -> Acpi {
+    BOOT_ACPI.get().cloned().unwrap_or_default()
 }
 
 fn write_reg(r: AcpiReg, v: u16) {
@@ -111,7 +125,7 @@ pub fn reset(a: &Acpi) -> ! {
     spin(200_000);
     outb(0x64, 0xFE);
     spin(200_000);
-    crate::idt::triple_fault()
+    cpu::triple_fault()
 }
 
 /// Does what the `on_end` option asks.
