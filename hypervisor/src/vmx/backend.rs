@@ -371,12 +371,7 @@ fn inject_fault(f: crate::options::Fault, vcpu: usize) {
                 crate::idt::raise_machine_check();
             }
         }
-        crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
-        crate::options::Fault::Exception => {
-            // SAFETY: UD2 raises #UD in VMX root operation on purpose; the
-            // hypervisor's IDT sends it to `fatal::root_exception`, which
-            // reports it and never returns to this code.
-            unsafe { core::arch::asm!("ud2", options(noreturn)) }
-        }
+        crate::options::Fault::Panic => crate::fatal::fail_on_purpose(true),
+        crate::options::Fault::Exception => crate::fatal::fail_on_purpose(false),
     }
 }
