@@ -87,6 +87,20 @@ pub fn root_exception(vector: u64, error_code: u64, rip: u64, rsp: u64) -> ! {
     finish_after_failure("final (hypervisor exception)")
 }
 
+/// `fault=panic` and `fault=exception` (at a guest VMCALL, see
+/// `vmx/backend.rs`): a panic, or an exception in root mode (#UD), on
+/// purpose, so that tests can show what a real failure of the hypervisor
+/// looks like. Neither returns.
+#[cold]
+pub fn fail_on_purpose(panic: bool) -> ! {
+    if panic {
+        panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)");
+    }
+    // #UD in VMX root operation on purpose; the hypervisor's IDT sends it
+    // to `root_exception`, which reports it.
+    cpu::ud2()
+}
+
 #[cfg(all(not(test), target_os = "none"))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {

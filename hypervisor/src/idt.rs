@@ -233,7 +233,7 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
                 // Only marked here: the exit handler this interrupted may
                 // hold the console lock or be about to write the event
                 // field. The dispatcher injects #MC and logs the line
-                // before its VM entry (vmx/exit.rs).
+                // before its VM entry (vmx/dispatch.rs).
                 MCE_PENDING[id].store(true, Relaxed);
                 return;
             }

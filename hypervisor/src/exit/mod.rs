@@ -436,4 +436,15 @@ mod tests {
         assert_eq!(handle(&mut g, Exit::Nop), Flow::Resume);
         assert_eq!(g.rip, 0x1000 + 2);
     }
+
+    #[test]
+    fn the_backend_classes_are_routed_to_the_backend() {
+        let mut g = Fake::new();
+        let all = [Exit::ExternalInterrupt, Exit::InterruptWindow, Exit::Invpcid, Exit::GdtrIdtr, Exit::LdtrTr];
+        for e in all {
+            assert_eq!(handle(&mut g, e), Flow::Resume);
+        }
+        assert_eq!(g.backend_classes, all);
+        assert_eq!((g.rip, g.injected.len()), (0x1000, 0), "the backend completes them");
+    }
 }

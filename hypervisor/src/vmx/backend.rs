@@ -356,11 +356,7 @@ fn inject_fault(f: crate::options::Fault, vcpu: usize) {
                 crate::idt::raise_machine_check();
             }
         }
-        crate::options::Fault::Panic => panic!("injected by the hypervisor option fault=panic (at a guest VMCALL)"),
-        crate::options::Fault::Exception => {
-            // #UD in VMX root operation on purpose; the hypervisor's IDT
-            // sends it to `fatal::root_exception`, which reports it.
-            crate::cpu::ud2()
-        }
+        crate::options::Fault::Panic => crate::fatal::fail_on_purpose(true),
+        crate::options::Fault::Exception => crate::fatal::fail_on_purpose(false),
     }
 }

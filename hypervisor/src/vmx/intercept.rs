@@ -23,7 +23,7 @@
 //!   in the VMCS, DR0-3 and DR6 in the real registers; LGDT ... STR:
 //!   emulated from the instruction-information field; RDPMC: the real
 //!   counter, #GP reflected; PAUSE, MONITOR and MWAIT: no-ops (as KVM
-//!   treats MWAIT); WBINVD (exit.rs): carried out.
+//!   treats MWAIT); WBINVD (`crate::exit::misc`): carried out.
 //! - `ept=lazy`: an EPT violation inside the identity layout maps that
 //!   page (2 MiB or 4 KiB) and retries; the event being delivered, if any,
 //!   is injected again.

@@ -10,7 +10,7 @@ use exitscope_stats::VcpuCounters;
 use guest_loader::plan::Entry;
 
 /// The guest's general-purpose registers, saved by the exit stub. RSP and
-/// RIP live in the VMCS. The field order is the stub's (see exit.rs).
+/// RIP live in the VMCS. The field order is the stub's (see stub.rs).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GuestRegs {
