@@ -302,6 +302,7 @@ const PROBE_CHECKS: &[&[&str]] = &[
     &["rdmsr"],
     &["in-0x92"],
     &["xsetbv"],
+    &["rf"],
     &["cr0-ne-flip"],
     &["invd"],
     &["sweep"],
