@@ -326,9 +326,9 @@ const PROBE_CHECKS: &[&[&str]] = &[
 
 /// The checks that run only on one vCPU (the HLT, external-interrupt and
 /// HLT-single-step checks need the local APIC timer, which the probe does
-/// not use in SMP mode), and the one that runs only in SMP mode.
+/// not use in SMP mode), and those that run only in SMP mode.
 const PROBE_UP_CHECKS: &[&[&str]] = &[&["hlt"], &["extint"], &["hlt-tf"]];
-const PROBE_SMP_CHECKS: &[&[&str]] = &[&["smp cpuid delta"]];
+const PROBE_SMP_CHECKS: &[&[&str]] = &[&["smp cpuid delta"], &["smp apic-bytes"]];
 
 /// Every check of [`PROBE_CHECKS`] said ok, and so did those of the mode
 /// (one vCPU or SMP); no check was skipped but those SMP mode skips (saying
