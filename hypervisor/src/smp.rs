@@ -50,6 +50,13 @@ impl LocalApic {
         self.base
     }
 
+    /// IA32_APIC_BASE of this CPU, as the guest has programmed it (mode
+    /// bits 10-11, base 51:12).
+    pub fn base_msr() -> u64 {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) }
+    }
+
     pub fn current() -> LocalApic {
         // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
         let b = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };

@@ -171,8 +171,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     };
     let off = gpa & 0xFFF;
     let page = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-    let apic_base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
+    let apic_base = crate::smp::LocalApic::base_msr();
     let plan = plan(xapic_at(apic_base, page), off, acc.size);
     let value = match acc.value {
         Operand::Imm(i) => i,
