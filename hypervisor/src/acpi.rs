@@ -6,6 +6,26 @@ use crate::bootinfo::{BootInfo, PhysMem, RsdpInfo};
 use alloc::vec::Vec;
 use guest_loader::memmap::{MemKind, MemoryMap, Region};
 
+/// Where a 16550-compatible UART's registers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UartPort {
+    /// I/O ports `base..base+8`.
+    Io(u16),
+    /// Memory-mapped: with `wide`, 32-bit registers 4 bytes apart (Linux's
+    /// `mmio32`), else byte registers 1 byte apart (`mmio`).
+    Mmio { base: u64, wide: bool },
+}
+
+impl core::fmt::Display for UartPort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            UartPort::Io(p) => write!(f, "I/O port {p:#x}"),
+            UartPort::Mmio { base, wide: true } => write!(f, "MMIO {base:#x} (32-bit registers)"),
+            UartPort::Mmio { base, wide: false } => write!(f, "MMIO {base:#x} (byte registers)"),
+        }
+    }
+}
+
 /// A register named by an ACPI Generic Address Structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcpiReg {
@@ -94,7 +114,7 @@ pub struct Acpi {
 /// The serial console named by the SPCR table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spcr {
-    pub port: crate::serial::UartPort,
+    pub port: UartPort,
     /// Baud rate the firmware configured (None: "as is").
     pub baud: Option<u32>,
 }
@@ -415,7 +435,6 @@ fn parse_fadt_sleep(d: &[u8], acpi: &mut Acpi) {
 /// space. A 32-bit access size (or, with the size unspecified, a 32-bit
 /// register width) means 32-bit registers 4 bytes apart, else bytes.
 pub fn parse_spcr(d: &[u8]) -> Option<Spcr> {
-    use crate::serial::UartPort;
     let ty = *d.get(36)?;
     if !matches!(ty, 0 | 1 | 0x12) {
         log::info!("ACPI SPCR: interface type {ty:#x} is not a 16550-compatible UART; ignored");
@@ -579,32 +598,21 @@ pub fn hide_cpus(madt: &mut [u8], keep: &[u32]) -> Vec<u32> {
     hidden
 }
 
-/// Writes `bytes` to physical memory at `pa` through the identity map,
-/// then reads them back: false if they did not stick (ROM, write-protected
-/// shadow RAM).
-fn write_phys_checked(pa: u64, bytes: &[u8]) -> bool {
-    // SAFETY: `pa..pa + len` is an ACPI table or a page reserved for the
-    // guest's RSDP copy, both identity-mapped; no Rust reference to that
-    // memory is live (the parsed tables were copied out).
-    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), crate::memory::phys_ptr::<u8>(pa), bytes.len()) };
-    // The guest reads ACPI memory through EPT as uncached: write back the
-    // cache so that it sees the new bytes.
-    crate::cpu::wbinvd();
-    crate::guest::IdentityMem.bytes(pa, bytes.len()) == Some(bytes)
-}
-
 /// On the machine: hides the processors that are not vCPUs (APIC ids not
 /// in `vcpus`) in the firmware's MADT ([`hide_cpus`]). Returns the line for
 /// the boot log, or `None` when there is nothing to hide.
 pub fn hide_non_vcpus(acpi: &Acpi, vcpus: &[u32]) -> Option<alloc::string::String> {
     let (addr, len) = acpi.madt?;
-    let mut madt = crate::guest::IdentityMem.bytes(addr, len)?.to_vec();
+    let mut madt = crate::memory::IdentityMem.bytes(addr, len)?.to_vec();
     let hidden = hide_cpus(&mut madt, vcpus);
     if hidden.is_empty() {
         return None;
     }
     let ids: Vec<alloc::string::String> = hidden.iter().map(|id| alloc::format!("{id}")).collect();
-    Some(if write_phys_checked(addr, &madt) {
+    // SAFETY: `addr` is the firmware's MADT (outside the footprint: the
+    // footprint is RAM the memory map gave us); its view above was copied
+    // out, and the guest has not run.
+    Some(if unsafe { crate::memory::phys_write_verified(addr, &madt) } {
         alloc::format!(
             "ACPI: MADT at {addr:#x}: {} CPU(s) that are not vCPUs marked disabled for the guest (APIC ids {})",
             hidden.len(),
@@ -631,7 +639,9 @@ pub fn give_guest_rsdp_copy(acpi: &mut Acpi, map: &mut MemoryMap, avoid: &[(u64,
     let Some(page) = place_rsdp_copy(map, avoid) else {
         return Some("warning: ACPI: no page for the guest's copy of the RSDP; the guest runs without ACPI".into());
     };
-    if !write_phys_checked(page, &acpi.rsdp_bytes) {
+    // SAFETY: `page` is a RAM page of the guest's map (which excludes the
+    // footprint), now reserved for this copy; nothing else uses it.
+    if !unsafe { crate::memory::phys_write_verified(page, &acpi.rsdp_bytes) } {
         return Some(alloc::format!("warning: ACPI: the RSDP copy at {page:#x} did not stick; the guest runs without ACPI"));
     }
     acpi.rsdp_addr = Some(page);

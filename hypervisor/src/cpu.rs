@@ -220,34 +220,48 @@ pub fn rflags() -> u64 {
     v
 }
 
-pub mod msr {
-    pub const IA32_APIC_BASE: u32 = 0x1B;
-    pub const IA32_FEATURE_CONTROL: u32 = 0x3A;
-    pub const IA32_SYSENTER_CS: u32 = 0x174;
-    pub const IA32_SYSENTER_ESP: u32 = 0x175;
-    pub const IA32_SYSENTER_EIP: u32 = 0x176;
-    pub const IA32_DEBUGCTL: u32 = 0x1D9;
-    pub const IA32_PAT: u32 = 0x277;
-    pub const IA32_VMX_BASIC: u32 = 0x480;
-    pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
-    pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
-    pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
-    pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
-    pub const IA32_VMX_MISC: u32 = 0x485;
-    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
-    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
-    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
-    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
-    pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
-    pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
-    pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
-    pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
-    pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
-    pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
-    pub const IA32_VMX_VMFUNC: u32 = 0x491;
-    pub const IA32_VMX_PROCBASED_CTLS3: u32 = 0x492;
-    pub const IA32_VMX_EXIT_CTLS2: u32 = 0x493;
-    pub const IA32_EFER: u32 = 0xC000_0080;
-    pub const IA32_FS_BASE: u32 = 0xC000_0100;
-    pub const IA32_GS_BASE: u32 = 0xC000_0101;
+/// Reads CR2 (the last page-fault address).
+#[inline(always)]
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Raises #UD (UD2), on purpose: the hypervisor's IDT reports it (the
+/// test switch `fault=exception`, which checks the failure path in root mode).
+pub fn ud2() -> ! {
+    // SAFETY: UD2 only raises #UD, which the hypervisor's IDT handles and
+    // never returns from.
+    unsafe { asm!("ud2", options(noreturn)) }
+}
+
+/// Sets IA32_GS_BASE to 0, which [`crate::fatal::current_vcpu`] reads as
+/// "no vCPU on this CPU". Every CPU runs it first thing: the boot loader or
+/// firmware may leave any value there, and only a VM exit (the VMCS host
+/// GS base) sets it to the vCPU's state block.
+pub fn clear_gs_base() {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU and takes 0; the
+    // hypervisor's code never addresses through GS.
+    unsafe { wrmsr(msr::IA32_GS_BASE, 0) }
+}
+
+/// Reads IA32_GS_BASE (see [`clear_gs_base`]).
+pub fn gs_base() -> u64 {
+    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU.
+    unsafe { rdmsr(msr::IA32_GS_BASE) }
+}
+
+/// The MSR numbers, re-exported from their one home, [`crate::arch::msr`].
+pub use crate::arch::msr;
+
+/// Resets the machine the last way there is: an empty IDT, then an
+/// exception, which the CPU cannot deliver (triple fault). For `reset`
+/// after every reset register failed.
+pub fn triple_fault() -> ! {
+    let null = [0u16; 5]; // limit 0, base 0
+                          // SAFETY: the machine is going down on purpose; nothing runs after.
+    unsafe { asm!("lidt [{}]", "int3", in(reg) &null) };
+    halt_forever()
 }

@@ -270,8 +270,8 @@ pub fn decode(bytes: &[u8], mode: CpuMode) -> Result<MemAccess, DecodeError> {
 /// be 0xF3), so it comes out as `Prot16`, which decodes the same as
 /// `Real16`.
 pub fn mode_of(cr0: u64, efer: u64, cs_access_rights: u64) -> CpuMode {
-    let pe = cr0 & 1 != 0;
-    let lma = efer & (1 << 10) != 0;
+    let pe = cr0 & crate::arch::CR0_PE != 0;
+    let lma = efer & crate::arch::EFER_LMA != 0;
     let l = cs_access_rights & (1 << 13) != 0;
     let d = cs_access_rights & (1 << 14) != 0;
     match (pe, lma && l, d) {
@@ -552,8 +552,7 @@ mod tests {
 
     #[test]
     fn modes() {
-        const PE: u64 = 1;
-        const LMA: u64 = 1 << 10;
+        use crate::arch::{CR0_PE as PE, EFER_LMA as LMA};
         const L: u64 = 1 << 13;
         const D: u64 = 1 << 14;
         // 64-bit code segment: 0xA09B (G, L, P, S, type B).

@@ -234,8 +234,7 @@ pub const fn pat_valid(v: u64) -> bool {
     true
 }
 
-pub const EFER_LME: u64 = 1 << 8;
-pub const EFER_LMA: u64 = 1 << 10;
+pub use crate::arch::{EFER_LMA, EFER_LME};
 
 /// The EFER a WRMSR of `new` leaves, or None for a #GP: bits outside
 /// `allowed` set, or LME changed while paging is on. LMA is read-only: it
@@ -469,10 +468,14 @@ mod tests {
         assert!(pat_valid(0x0007_0406_0007_0406));
         assert!(!pat_valid(0x0007_0406_0007_0402));
         assert!(!pat_valid(0x0807_0406_0007_0406));
-        let allowed = 1 | EFER_LME | (1 << 11);
+        use crate::arch::{EFER_NXE, EFER_SCE};
+        let allowed = EFER_SCE | EFER_LME | EFER_NXE;
         assert_eq!(efer_write(0, EFER_LME, false, allowed), Some(EFER_LME));
-        assert_eq!(efer_write(EFER_LME | EFER_LMA, EFER_LME | 1 | (1 << 11), true, allowed), Some(EFER_LME | EFER_LMA | 1 | (1 << 11)));
-        assert_eq!(efer_write(EFER_LME | EFER_LMA, 1, true, allowed), None, "LME cleared with paging on");
+        assert_eq!(
+            efer_write(EFER_LME | EFER_LMA, EFER_LME | EFER_SCE | EFER_NXE, true, allowed),
+            Some(EFER_LME | EFER_LMA | EFER_SCE | EFER_NXE)
+        );
+        assert_eq!(efer_write(EFER_LME | EFER_LMA, EFER_SCE, true, allowed), None, "LME cleared with paging on");
         assert_eq!(efer_write(0, 1 << 12, false, allowed), None, "reserved bit");
         // LMA is read-only: writing it changes nothing, nor faults.
         assert_eq!(efer_write(0, EFER_LMA, false, allowed), Some(0));

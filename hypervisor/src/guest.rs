@@ -1,8 +1,10 @@
 //! Putting the guest into memory: staging the boot modules out of the way,
 //! planning the guest's layout (guest-loader), and executing the plan.
 
-use crate::bootinfo::{BootInfo, PhysMem};
-use crate::memory::{self, phys_copy, phys_zero};
+use crate::bootinfo::BootInfo;
+/// The boot loader's and firmware's memory, as the parsers read it (it moved to `memory`).
+pub use crate::memory::IdentityMem;
+use crate::memory::{self, phys_copy, phys_write, phys_zero};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -14,20 +16,6 @@ use guest_loader::{bzimage, plan};
 /// Where each guest module's bytes are staged: per module, the `(pa, len)`
 /// pieces that are copied one after the other.
 type ModuleSources = Vec<Vec<(u64, u64)>>;
-
-/// Physical memory through the identity map.
-pub struct IdentityMem;
-
-impl PhysMem for IdentityMem {
-    fn bytes(&self, pa: u64, len: usize) -> Option<&[u8]> {
-        if pa == 0 || pa.checked_add(len as u64)? > 1 << 39 {
-            return None;
-        }
-        // SAFETY: the identity map covers all physical memory the boot
-        // information and ACPI tables can name; they are read-only here.
-        Some(unsafe { memory::phys_slice(pa, len) })
-    }
-}
 
 /// The modules, copied to one staging area that the guest layout avoids.
 pub struct Staged {
@@ -52,7 +40,11 @@ pub fn stage_modules(bi: &BootInfo, avoid: &[(u64, u64)]) -> Result<Staged, Stri
     let mut at = base;
     let mut modules = Vec::new();
     for m in &bi.modules {
-        phys_copy(at, m.start, m.len());
+        // SAFETY: `base..base + size` is RAM from the memory map that
+        // overlaps no module, nothing in `avoid` (the footprint, the boot
+        // information) and nothing a view is held on; each copy lands in
+        // its own page-rounded slot.
+        unsafe { phys_copy(at, m.start, m.len()) };
         modules.push((at, m.len()));
         at += m.len().next_multiple_of(page);
     }
@@ -111,21 +103,25 @@ pub fn load(bi: &BootInfo, staged: &Staged, memory: &MemoryMap, rsdp: Option<u64
     for c in &plan.chunks {
         let len = plan.len_of(c, kernel.len(), &module_lens);
         log::debug!("guest {}: {:#x}-{:#x}", c.what, c.gpa, c.gpa + len);
+        // SAFETY (every write below): `plan.validate` above checked that
+        // each chunk lies in the guest's RAM (`memory`, from which the
+        // footprint was removed) and outside `avoid`, the staging area the
+        // `kernel` view and the module sources live in; the guest has not
+        // run, and no other view of its RAM is live.
         match &c.src {
-            Source::Image { offset, len } => phys_copy(c.gpa, kpa + *offset as u64, *len as u64),
+            Source::Image { offset, len } => unsafe { phys_copy(c.gpa, kpa + *offset as u64, *len as u64) },
             Source::Module(i) => {
                 let mut at = c.gpa;
                 for &(pa, l) in &module_src[*i] {
-                    phys_copy(at, pa, l);
-                    phys_zero(at + l, l.next_multiple_of(4) - l);
+                    unsafe {
+                        phys_copy(at, pa, l);
+                        phys_zero(at + l, l.next_multiple_of(4) - l);
+                    }
                     at += l.next_multiple_of(4);
                 }
             }
-            Source::Bytes(b) => {
-                // SAFETY: copying out of the heap into guest RAM planned for it.
-                unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), memory::phys_ptr(c.gpa), b.len()) }
-            }
-            Source::Zero(n) => phys_zero(c.gpa, *n),
+            Source::Bytes(b) => unsafe { phys_write(c.gpa, b) },
+            Source::Zero(n) => unsafe { phys_zero(c.gpa, *n) },
             Source::Reserve(_) => {}
         }
         if matches!(c.what, "initrd" | "module") {

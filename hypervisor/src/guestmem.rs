@@ -106,14 +106,7 @@ pub enum PagingMode {
     Level5,
 }
 
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_SMEP: u64 = 1 << 20;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+use crate::arch::{CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMEP, EFER_LMA, EFER_NXE};
 
 const P: u64 = 1 << 0;
 const RW: u64 = 1 << 1;
@@ -394,7 +387,7 @@ mod tests {
     use crate::bootinfo::tests::Buf;
 
     const PG: u64 = CR0_PG | 1; // PG | PE
-    const LONG: PagingState = PagingState { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA | (1 << 8) | EFER_NXE };
+    const LONG: PagingState = PagingState { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA | crate::arch::EFER_LME | EFER_NXE };
 
     /// 64 KiB of "physical memory" at 0 for page tables and data.
     fn mem() -> Buf {
@@ -558,7 +551,7 @@ mod tests {
         let mut m = mem();
         long_tables(&mut m, 0);
         m.put64(0x4000, 0x9000 | 3);
-        let p = PagingState { cr3: 0x1000 | 0xABC, cr4: LONG.cr4 | (1 << 17), ..LONG };
+        let p = PagingState { cr3: 0x1000 | 0xABC, cr4: LONG.cr4 | crate::arch::CR4_PCIDE, ..LONG };
         assert_eq!(translate(&m, &p, 0x10).unwrap().gpa, 0x9010);
         // 32-bit paging: CR3 bits 11:0 (PWT, PCD) ignored.
         let mut m = mem();
@@ -718,10 +711,10 @@ mod tests {
             if pa < self.refuse.1 && self.refuse.0 < pa + len as u64 {
                 return None;
             }
-            let m = self.mem.borrow();
-            let s = m.bytes(pa, len)?;
-            // SAFETY (test only): the buffer is never reallocated.
-            Some(unsafe { core::slice::from_raw_parts(s.as_ptr(), s.len()) })
+            // A snapshot, leaked (test only, a few bytes): a later write
+            // must not change a view already handed out.
+            let copy = self.mem.borrow().bytes(pa, len)?.to_vec();
+            Some(std::boxed::Box::leak(copy.into_boxed_slice()))
         }
     }
     impl PhysMemMut for Rw {

@@ -1,8 +1,8 @@
 //! The hypervisor's own IDT and per-CPU GDT/TSS, so that an exception in VMX
 //! root operation is reported on serial instead of triple-faulting the
 //! machine. Faults on a few instructions that may legitimately fault
-//! (RDMSR/WRMSR/XSETBV/RDPMC done on the guest's behalf) are recovered
-//! through a fixup table.
+//! (RDMSR/WRMSR/XSETBV/RDPMC done on the guest's behalf, `fallible.rs`)
+//! are recovered through that module's fixup table.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -210,117 +210,12 @@ impl PerCpuTables {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Fixups: instructions allowed to fault, and where to resume.
-
-global_asm!(
-    ".section .text.msr_safe, \"ax\"",
-    // u32 exitscope_rdmsr_safe(u32 msr, u64 *out): 0 = ok, 1 = #GP
-    ".global exitscope_rdmsr_safe",
-    "exitscope_rdmsr_safe:",
-    "    mov ecx, edi",
-    ".global exitscope_rdmsr_insn",
-    "exitscope_rdmsr_insn:",
-    "    rdmsr",
-    "    shl rdx, 32",
-    "    or rax, rdx",
-    "    mov [rsi], rax",
-    "    xor eax, eax",
-    "    ret",
-    // u32 exitscope_wrmsr_safe(u32 msr, u64 value)
-    ".global exitscope_wrmsr_safe",
-    "exitscope_wrmsr_safe:",
-    "    mov ecx, edi",
-    "    mov eax, esi",
-    "    mov rdx, rsi",
-    "    shr rdx, 32",
-    ".global exitscope_wrmsr_insn",
-    "exitscope_wrmsr_insn:",
-    "    wrmsr",
-    "    xor eax, eax",
-    "    ret",
-    // u32 exitscope_xsetbv_safe(u32 xcr, u64 value)
-    ".global exitscope_xsetbv_safe",
-    "exitscope_xsetbv_safe:",
-    "    mov ecx, edi",
-    "    mov eax, esi",
-    "    mov rdx, rsi",
-    "    shr rdx, 32",
-    ".global exitscope_xsetbv_insn",
-    "exitscope_xsetbv_insn:",
-    "    xsetbv",
-    "    xor eax, eax",
-    "    ret",
-    // u32 exitscope_rdpmc_safe(u32 counter, u64 *out)
-    ".global exitscope_rdpmc_safe",
-    "exitscope_rdpmc_safe:",
-    "    mov ecx, edi",
-    ".global exitscope_rdpmc_insn",
-    "exitscope_rdpmc_insn:",
-    "    rdpmc",
-    "    shl rdx, 32",
-    "    or rax, rdx",
-    "    mov [rsi], rax",
-    "    xor eax, eax",
-    "    ret",
-    ".global exitscope_fault_return",
-    "exitscope_fault_return:",
-    "    mov eax, 1",
-    "    ret",
-);
-
-unsafe extern "C" {
-    fn exitscope_rdmsr_safe(msr: u32, out: *mut u64) -> u32;
-    fn exitscope_wrmsr_safe(msr: u32, value: u64) -> u32;
-    fn exitscope_xsetbv_safe(xcr: u32, value: u64) -> u32;
-    fn exitscope_rdpmc_safe(counter: u32, out: *mut u64) -> u32;
-    static exitscope_rdpmc_insn: u8;
-    static exitscope_rdmsr_insn: u8;
-    static exitscope_wrmsr_insn: u8;
-    static exitscope_xsetbv_insn: u8;
-    static exitscope_fault_return: u8;
-}
-
-/// RDMSR that reports #GP instead of crashing.
-pub fn rdmsr_safe(msr: u32) -> Option<u64> {
-    let mut v = 0;
-    // SAFETY: a #GP is caught by the fixup table and turned into Err.
-    (unsafe { exitscope_rdmsr_safe(msr, &mut v) } == 0).then_some(v)
-}
-
-/// WRMSR that reports #GP instead of crashing.
-pub fn wrmsr_safe(msr: u32, value: u64) -> bool {
-    // SAFETY: as for rdmsr_safe. The caller decides the MSR may be written.
-    unsafe { exitscope_wrmsr_safe(msr, value) == 0 }
-}
-
-/// XSETBV that reports #GP instead of crashing.
-pub fn xsetbv_safe(xcr: u32, value: u64) -> bool {
-    // SAFETY: as for rdmsr_safe; the hypervisor itself never uses extended state.
-    unsafe { exitscope_xsetbv_safe(xcr, value) == 0 }
-}
-
-/// RDPMC that reports #GP (a counter the CPU does not have) instead of
-/// crashing.
-pub fn rdpmc_safe(counter: u32) -> Option<u64> {
-    let mut v = 0;
-    // SAFETY: as for rdmsr_safe; RDPMC only reads a counter.
-    (unsafe { exitscope_rdpmc_safe(counter, &mut v) } == 0).then_some(v)
-}
-
 /// Last exception seen in root mode (vector << 32 | error code), for reports.
 pub static LAST_ROOT_FAULT: AtomicU64 = AtomicU64::new(0);
 
 #[unsafe(no_mangle)]
 extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
-    let (rd, wr, xs, pmc, ret) = (
-        &raw const exitscope_rdmsr_insn as u64,
-        &raw const exitscope_wrmsr_insn as u64,
-        &raw const exitscope_xsetbv_insn as u64,
-        &raw const exitscope_rdpmc_insn as u64,
-        &raw const exitscope_fault_return as u64,
-    );
-    if (f.vector == 13 && (f.rip == rd || f.rip == wr || f.rip == xs || f.rip == pmc)) || (f.vector == 6 && f.rip == xs) {
+    if let Some(ret) = crate::fallible::fixup(f.vector, f.rip) {
         f.rip = ret;
         return;
     }
@@ -331,14 +226,14 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
         return;
     }
     if f.vector == VECTOR_MC {
-        let status = rdmsr_safe(IA32_MCG_STATUS);
-        let vcpu = crate::fatal::current_vcpu().map(|(id, _)| id);
+        let status = crate::fallible::rdmsr_safe(IA32_MCG_STATUS);
+        let vcpu = crate::percpu::current_vcpu().map(|(id, _)| id);
         match machine_check_disposition(status, vcpu) {
             McDisposition::Reflect(id) => {
                 // Only marked here: the exit handler this interrupted may
                 // hold the console lock or be about to write the event
                 // field. The dispatcher injects #MC and logs the line
-                // before its VM entry (vmx/exit.rs).
+                // before its VM entry (vmx/dispatch.rs).
                 MCE_PENDING[id].store(true, Relaxed);
                 return;
             }
@@ -358,15 +253,15 @@ extern "C" fn exitscope_root_exception(f: &mut ExceptionFrame) {
         }
     }
     LAST_ROOT_FAULT.store(f.vector << 32 | (f.error_code & 0xFFFF_FFFF), Relaxed);
-    crate::fatal::root_exception(f);
+    crate::fatal::root_exception(f.vector, f.error_code, f.rip, f.rsp);
 }
 
 // ---------------------------------------------------------------------------
 // Machine checks in VMX root operation
 
-/// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
-/// MCIP (bit 2, a machine check is in progress).
-pub const IA32_MCG_STATUS: u32 = 0x17A;
+// IA32_MCG_STATUS: RIPV (bit 0, the interrupted code may resume), EIPV,
+// MCIP (bit 2, a machine check is in progress).
+use crate::arch::msr::IA32_MCG_STATUS;
 const MCG_RIPV: u64 = 1 << 0;
 const MCG_MCIP: u64 = 1 << 2;
 

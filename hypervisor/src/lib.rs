@@ -4,27 +4,38 @@
 //! `boot/`, UEFI later) turns what its loader handed over into a
 //! [`bootinfo::BootInfo`] and calls [`run`]. Logic that needs no hardware
 //! (boot-information and ACPI parsing, options, VMX control selection, EPT
-//! building, exit decoding) is plain safe Rust and unit-tested on the host;
-//! the `unsafe` instruction wrappers live in `cpu`, `vmx` and `idt`.
+//! building, exit decoding) is plain safe Rust and unit-tested on the host.
+//! `unsafe` lives in thin wrapper modules (`cpu`, `port`, `memory`, `idt`,
+//! `smp`, `vmx`) and a few capped call sites; `cargo xtask lint` counts it
+//! per file and fails elsewhere (see docs/architecture.md). Architectural
+//! constants (CR0/CR4/EFER bits, MSR numbers) live in [`arch`].
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
 pub mod acpi;
+pub mod arch;
 pub mod bootinfo;
 pub mod cpu;
 pub mod decode;
 pub mod emulate;
 pub mod ept;
+pub mod exit;
+pub mod fallible;
 pub mod fatal;
 pub mod guest;
+pub mod guestaccess;
 pub mod guestmem;
 pub mod idt;
 pub mod memory;
 pub mod options;
+pub mod percpu;
 pub mod pic;
-pub mod platform;
+pub mod port;
+pub mod power;
+pub mod runstate;
 pub mod serial;
+pub mod shadow;
 pub mod smp;
 pub mod state;
 pub mod statsys;
@@ -45,13 +56,6 @@ static ALLOC: memory::HeapAllocator = memory::HeapAllocator;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// ACPI facts found at boot, for power-off on early errors.
-static BOOT_ACPI: spin::Once<acpi::Acpi> = spin::Once::new();
-
-pub fn boot_acpi() -> acpi::Acpi {
-    BOOT_ACPI.get().cloned().unwrap_or_default()
-}
-
 /// Entry from the multiboot front-end: `magic` and `info` as the loader
 /// left them in EAX and EBX, `load_base` where it put the image (a
 /// multiboot2 loader may relocate it).
@@ -67,7 +71,7 @@ pub fn multiboot_entry(magic: u32, info: u32, load_base: u32) -> ! {
     if let Some(how) = how {
         hvprintln!("loaded at {:#x} by {how}", memory::multiboot_load_range().0);
     }
-    match bootinfo::parse_multiboot(magic, info as u64, &guest::IdentityMem) {
+    match bootinfo::parse_multiboot(magic, info as u64, &memory::IdentityMem) {
         Ok(mut bi) => {
             bi.preserve.push(memory::multiboot_load_range());
             run(bi)
@@ -78,6 +82,8 @@ pub fn multiboot_entry(magic: u32, info: u32, load_base: u32) -> ! {
 
 /// Serial console and exception handling, before anything else.
 pub fn early_init() {
+    // Before anything can fail and ask which vCPU it is on (fatal::current_vcpu).
+    cpu::clear_gs_base();
     serial::init(log::LevelFilter::Info);
     if let Err(e) = memory::init_heap() {
         boot_error(format_args!("{e}"));
@@ -93,8 +99,8 @@ fn read_probe() -> VmxProbe {
     if ecx & (1 << 5) == 0 {
         return p;
     }
-    let rd = |m| idt::rdmsr_safe(m).unwrap_or(0);
-    use cpu::msr::*;
+    let rd = |m| fallible::rdmsr_safe(m).unwrap_or(0);
+    use arch::msr::*;
     p.feature_control = rd(IA32_FEATURE_CONTROL);
     p.basic = rd(IA32_VMX_BASIC);
     let true_ctls = p.basic & (1 << 55) != 0;
@@ -119,7 +125,8 @@ fn read_probe() -> VmxProbe {
 }
 
 /// The core: check the machine, move out of the guest's way, set up VMX and
-/// the guest, and enter it. Never returns.
+/// the guest, and enter it. Never returns. Each step is one phase below,
+/// in the order they run.
 pub fn run(bi: BootInfo) -> ! {
     let opts = match options::parse(&bi.cmdline) {
         Ok(o) => o,
@@ -127,15 +134,49 @@ pub fn run(bi: BootInfo) -> ! {
     };
     serial::set_level(opts.log);
     hvprintln!("booted by {} ({}), command line '{}'", bi.protocol, bi.loader_name.as_deref().unwrap_or("unknown loader"), bi.cmdline);
+    let mut machine = probe(&bi, &opts);
+    // The guest must exist before anything moves.
+    if bi.modules.is_empty() {
+        boot_error(format_args!("no guest: give the guest kernel as the first boot module (GRUB: module2 /path/kernel args)"));
+    }
+    let place = relocate(&bi, &opts, &machine);
+    let staged = stage_guest(&bi, &mut machine.acpi, place.footprint);
+    let mut bitmaps = bitmaps(&machine.acpi, &machine.controls);
+    let (sh, cpus) = shared_state(opts, machine, &place, &staged.guest_map, &mut bitmaps);
+    let eptp = build_ept(sh, place.large);
+    let setup = |id: usize| -> VcpuSetup {
+        let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
+            Ok(m) => m,
+            Err(e) => boot_error(format_args!("{e}")),
+        };
+        let ready = arena_box(core::sync::atomic::AtomicBool::new(false));
+        VcpuSetup { mem, eptp, io_bitmaps_pa: bitmaps.io_pa, msr_bitmap_pa: bitmaps.msr_pa, ready }
+    };
+    let bsp = start_bsp(sh, setup(0));
+    start_aps(sh, &cpus, &staged.guest_map, staged.staged.range, &setup);
+    let loaded = load_guest(&bi, &staged.staged, &staged.guest_map, sh);
+    launch(sh, bsp, &loaded)
+}
 
-    // The machine.
+/// What [`probe`] found: the ACPI facts, the VMX capabilities and the
+/// controls chosen from them.
+struct Machine {
+    acpi: acpi::Acpi,
+    probe: VmxProbe,
+    controls: caps::Controls,
+}
+
+/// Phase 1, probe: the memory map, ACPI (and with it the console UART),
+/// the TSC, VMX (enabled in IA32_FEATURE_CONTROL if the firmware left it
+/// unlocked) and the controls the options ask for.
+fn probe(bi: &BootInfo, opts: &options::Options) -> Machine {
     let ram = bi.memory.total_ram();
     if ram == 0 {
         boot_error(format_args!("no usable memory map: the boot loader reported no RAM"));
     }
     hvprintln!("memory: {} MiB of RAM in {} ranges", ram >> 20, bi.memory.regions().iter().filter(|r| r.kind == MemKind::Ram).count());
-    let mut acpi = acpi::parse(&guest::IdentityMem, &bi);
-    BOOT_ACPI.call_once(|| acpi.clone());
+    let acpi = acpi::parse(&memory::IdentityMem, bi);
+    power::set_boot_acpi(&acpi);
     // The console UART is known now: `serial=`, the SPCR's, or COM1.
     serial::configure(opts.serial, acpi.spcr);
     if acpi.tables.is_empty() {
@@ -159,7 +200,7 @@ pub fn run(bi: BootInfo) -> ! {
     }
     let calibration = tsc::calibrate(acpi.pm_timer, opts.pit_stopped);
     hvprintln!("TSC: {calibration}");
-    statsys::note_boot(&bi, &calibration);
+    statsys::note_boot(bi, &calibration);
 
     // VMX.
     let mut probe = read_probe();
@@ -171,7 +212,7 @@ pub fn run(bi: BootInfo) -> ! {
         Err(e) => boot_error(format_args!("{e}")),
         Ok(FeatureControl::Ready) => {}
         Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
+            if !fallible::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, v) {
                 boot_error(format_args!("could not enable VMX in IA32_FEATURE_CONTROL"));
             }
             hvprintln!("IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it");
@@ -196,30 +237,44 @@ pub fn run(bi: BootInfo) -> ! {
         hvprintln!("VMX: not available on this CPU, skipped: {s}");
     }
     print_interception(&opts.intercept, &controls);
+    Machine { acpi, probe, controls }
+}
 
-    // The guest must exist before anything moves.
-    if bi.modules.is_empty() {
-        boot_error(format_args!("no guest: give the guest kernel as the first boot module (GRUB: module2 /path/kernel args)"));
-    }
+/// Where [`relocate`] put the hypervisor, and the physical-address facts
+/// the later phases size things by.
+struct Placement {
+    /// The hypervisor's physical footprint after the move.
+    footprint: (u64, u64),
+    /// MAXPHYADDR.
+    phys_bits: u8,
+    /// End of the host identity map.
+    phys_limit: u64,
+    /// End of the memory map, and the top EPT maps to (see `ept.rs`).
+    map_top: u64,
+    phys_top: u64,
+    /// EPT large pages: (2 MiB, 1 GiB).
+    large: (bool, bool),
+}
 
+/// Phase 2, relocate: sizes the footprint (one vCPU block per CPU, one EPT
+/// tree for all, the host identity map), then moves the hypervisor to the
+/// top of RAM below 4 GiB, out of the guest's way.
+fn relocate(bi: &BootInfo, opts: &options::Options, m: &Machine) -> Placement {
     // The vCPUs: the first min(cpus=, MAX_CPUS, MADT) CPUs, boot CPU included.
     let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
-    let vcpus_planned = acpi.cpus.len().clamp(1, max_cpus);
-    if acpi.cpus.len() > MAX_CPUS {
-        hvprintln!("the MADT lists {} CPUs; Exitscope virtualises at most {MAX_CPUS}, the others are not started", acpi.cpus.len());
+    let vcpus_planned = m.acpi.cpus.len().clamp(1, max_cpus);
+    if m.acpi.cpus.len() > MAX_CPUS {
+        hvprintln!("the MADT lists {} CPUs; Exitscope virtualises at most {MAX_CPUS}, the others are not started", m.acpi.cpus.len());
     }
-
-    // Size the footprint: one vCPU block per CPU, one EPT tree for all
-    // (MAXPHYADDR wide), the host identity map.
     let phys_bits = if cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0008 { cpu::cpuid(0x8000_0008, 0)[0] as u8 } else { 36 };
     let huge = !opts.no_1g_pages && cpu::cpuid(0x8000_0000, 0)[0] >= 0x8000_0001 && cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
     let map_end = bi.memory.regions().last().map_or(1 << 32, |r| r.end);
     let phys_limit = memory::identity_limit(map_end, phys_bits, huge);
     let (map_top, phys_top) = (ept::map_top(&bi.memory), ept::phys_top(&bi.memory, phys_bits));
-    let large = (controls.ept_2m, controls.ept_1g);
+    let large = (m.controls.ept_2m, m.controls.ept_1g);
     // The footprint's hole and the watched APIC page (neither known yet)
     // split a few more slots: 8 tables cover both.
-    let ept_tables = ept::plan_tables(&ept::guest_ranges(&bi.memory, phys_top, &[], &[]), map_top, large, controls.lazy_ept) + 8;
+    let ept_tables = ept::plan_tables(&ept::guest_ranges(&bi.memory, phys_top, &[], &[]), map_top, large, m.controls.lazy_ept) + 8;
     let plan = memory::plan(&memory::PlanInput {
         vcpus: vcpus_planned as u64,
         per_vcpu: vcpu_arena_bytes() as u64,
@@ -272,11 +327,23 @@ pub fn run(bi: BootInfo) -> ! {
         footprint.1,
         (footprint.1 - footprint.0) >> 20
     );
+    Placement { footprint, phys_bits, phys_limit, map_top, phys_top, large }
+}
 
-    // Stage the modules, then describe the guest's memory.
+/// What [`stage_guest`] leaves: the staged boot modules and the guest's
+/// memory map (the footprint removed, an RSDP copy reserved if one was
+/// needed).
+struct Staging {
+    staged: guest::Staged,
+    guest_map: guest_loader::memmap::MemoryMap,
+}
+
+/// Phase 3, stage the guest: copies the boot modules out of the way of the
+/// guest's layout and describes the guest's memory.
+fn stage_guest(bi: &BootInfo, acpi: &mut acpi::Acpi, footprint: (u64, u64)) -> Staging {
     let mut avoid = bi.preserve.clone();
     avoid.push(footprint);
-    let staged = match guest::stage_modules(&bi, &avoid) {
+    let staged = match guest::stage_modules(bi, &avoid) {
         Ok(s) => s,
         Err(e) => boot_error(format_args!("{e}")),
     };
@@ -284,43 +351,117 @@ pub fn run(bi: BootInfo) -> ! {
     guest_map.remove(footprint.0, footprint.1);
     let mut rsdp_avoid: Vec<(u64, u64)> = bi.modules.iter().map(|m| (m.start, m.end)).chain(bi.preserve.iter().copied()).collect();
     rsdp_avoid.push(staged.range);
-    if let Some(line) = acpi::give_guest_rsdp_copy(&mut acpi, &mut guest_map, &rsdp_avoid) {
+    if let Some(line) = acpi::give_guest_rsdp_copy(acpi, &mut guest_map, &rsdp_avoid) {
         hvprintln!("{line}");
     }
+    Staging { staged, guest_map }
+}
 
-    // Bitmaps shared by all vCPUs: I/O ports and MSRs the hypervisor watches.
+/// The I/O bitmaps (two pages) and the MSR bitmap (one page) all vCPUs
+/// share: the hypervisor's own pages, with their physical addresses for
+/// the VMCS.
+struct Bitmaps {
+    io: &'static mut [u8],
+    io_pa: u64,
+    msr: &'static mut [u8],
+    msr_pa: u64,
+    watch: state::PortWatch,
+}
+
+impl Bitmaps {
+    /// Makes accesses to `port` exit (bitmap A then B, one bit per port).
+    fn trap_io(&mut self, port: u16) {
+        self.io[usize::from(port / 8)] |= 1 << (port % 8);
+    }
+
+    /// Makes reads and writes of `msr` exit.
+    fn trap_msr(&mut self, msr: u32) {
+        let (base, bit) = if msr < 0x2000 { (0, msr) } else { (1024, msr - 0xC000_0000) };
+        self.msr[(base + bit / 8) as usize] |= 1 << (bit % 8); // read
+        self.msr[(base + 2048 + bit / 8) as usize] |= 1 << (bit % 8); // write
+    }
+
+    /// Makes writes of `msr` exit.
+    fn trap_msr_write(&mut self, msr: u32) {
+        let (base, bit) = if msr < 0x2000 { (2048, msr) } else { (3072, msr - 0xC000_0000) };
+        self.msr[(base + bit / 8) as usize] |= 1 << (bit % 8);
+    }
+}
+
+/// Phase 4, bitmaps: the I/O ports and MSRs the hypervisor watches, for
+/// every vCPU: the ports that end the run (from ACPI), every port or MSR
+/// when the profile intercepts them all, the PICs' ports under
+/// `intercept=extint`, the VMX capability MSRs.
+fn bitmaps(acpi: &acpi::Acpi, controls: &caps::Controls) -> Bitmaps {
+    let io_port = |r: Option<acpi::AcpiReg>| match r {
+        Some(acpi::AcpiReg::Io(p)) => Some(p),
+        _ => None,
+    };
     let watch = state::PortWatch {
-        pm1a: match acpi.pm1a_cnt {
-            Some(acpi::AcpiReg::Io(p)) => Some(p),
-            _ => None,
-        },
-        pm1b: match acpi.pm1b_cnt {
-            Some(acpi::AcpiReg::Io(p)) => Some(p),
-            _ => None,
-        },
+        pm1a: io_port(acpi.pm1a_cnt),
+        pm1b: io_port(acpi.pm1b_cnt),
         s5: acpi.s5,
         reset: match acpi.reset_reg {
             Some((acpi::AcpiReg::Io(p), v)) if p != 0xCF9 => Some((p, v)),
             _ => None,
         },
-        sleep: match acpi.sleep_control {
-            Some(acpi::AcpiReg::Io(p)) => Some(p),
-            _ => None,
-        },
+        sleep: io_port(acpi.sleep_control),
     };
-    let (io_bitmaps_pa, msr_bitmap_pa) =
-        match make_bitmaps(&watch, controls.classes.contains(Class::Io), controls.classes.contains(Class::Msr)) {
-            Ok(x) => x,
-            Err(e) => boot_error(format_args!("{e}")),
-        };
+    let pages = memory::alloc_pages(2).and_then(|io| Ok((io, memory::alloc_pages(1)?)));
+    let ((io, io_pa), (msr, msr_pa)) = match pages {
+        Ok(x) => x,
+        Err(e) => boot_error(format_args!("{e}")),
+    };
+    let mut b = Bitmaps { io, io_pa, msr, msr_pa, watch };
+    let watch = b.watch;
+    for p in watch.ports() {
+        b.trap_io(p);
+    }
+    if controls.classes.contains(Class::Io) {
+        b.io.fill(0xFF);
+    }
+    if controls.classes.contains(Class::Msr) {
+        b.msr.fill(0xFF);
+    }
+    b.trap_msr(arch::msr::IA32_FEATURE_CONTROL);
+    // KVM's original paravirtual clock MSRs: in the bitmap's range, so they
+    // must be trapped explicitly to be refused (see isolation.rs).
+    b.trap_msr(arch::msr::KVM_WALL_CLOCK_OLD);
+    b.trap_msr(arch::msr::KVM_SYSTEM_TIME_OLD);
+    for m in arch::msr::IA32_VMX_BASIC..=arch::msr::IA32_VMX_EXIT_CTLS2 {
+        b.trap_msr(m);
+    }
     // External interrupts are acknowledged on exit: the PICs' ports are
     // watched so that one from a PIC reaches the guest as the guest's PIC
     // would deliver it (see pic.rs).
     if controls.classes.contains(Class::Extint) {
         for p in pic::PORTS {
-            trap_io(io_bitmaps_pa, p);
+            b.trap_io(p);
         }
     }
+    b
+}
+
+/// The CPUs [`shared_state`] found: the boot CPU's local APIC and the APIC
+/// ids of the APs to start.
+struct Cpus {
+    lapic: smp::LocalApic,
+    aps: Vec<u32>,
+    /// Whether the MADT listed any CPU.
+    acpi_cpus_found: bool,
+}
+
+/// Phase 5, shared state: everything every vCPU reads and nobody writes
+/// (options, ACPI facts, controls, the EPT ranges, ...), set once in
+/// [`state::init`]; from here on [`state::shared`] answers.
+fn shared_state(
+    opts: options::Options,
+    m: Machine,
+    place: &Placement,
+    guest_map: &guest_loader::memmap::MemoryMap,
+    bitmaps: &mut Bitmaps,
+) -> (&'static state::Shared, Cpus) {
+    let Machine { acpi, probe, controls } = m;
     let xcr0_supported = {
         let d = cpu::cpuid(0xD, 0);
         (d[3] as u64) << 32 | d[0] as u64
@@ -334,7 +475,7 @@ pub fn run(bi: BootInfo) -> ! {
         waitpkg: controls.hide_waitpkg,
         monitor: caps::hide_monitor(&controls),
     };
-    let timeline = opts.timeline;
+    let max_cpus = opts.max_cpus.map_or(MAX_CPUS, |n| n as usize);
     let lapic = smp::LocalApic::current();
     let bsp_id = lapic.id();
     let machine_cpus = acpi.cpus_boot_first(bsp_id);
@@ -342,14 +483,9 @@ pub fn run(bi: BootInfo) -> ! {
     // With several CPUs, INIT and SIPI IPIs are emulated (to vCPUs) or
     // dropped (to the others, left out with `cpus=`), even with one vCPU:
     // watch the local APIC page.
-    let apic_trap = if machine_cpus.len() < 2 {
-        None
-    } else {
-        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-        Some(unsafe { cpu::rdmsr(cpu::msr::IA32_APIC_BASE) } & 0xF_FFFF_F000)
-    };
+    let apic_trap = (machine_cpus.len() >= 2).then(|| lapic.base());
     if apic_trap.is_some() {
-        trap_msr_write(msr_bitmap_pa, vmx::exit::X2APIC_ICR);
+        bitmaps.trap_msr_write(arch::msr::X2APIC_ICR);
     }
     let acpi_cpus_found = !acpi.cpus.is_empty();
     let mut watched: Vec<(u64, u64)> = apic_trap.iter().map(|&b| (b, b + 4096)).collect();
@@ -357,116 +493,139 @@ pub fn run(bi: BootInfo) -> ! {
     watched.extend(vmx::pmwatch::init(&acpi, opts.test_mmio_pm));
     // Everything up to MAXPHYADDR but the footprint: RAM write-back, the
     // rest (64-bit BARs above RAM included) uncacheable.
-    let ept_ranges = ept::guest_ranges(&guest_map, phys_top, &[footprint], &watched);
-    let lazy_from = ept::lazy_from(map_top, large, controls.lazy_ept);
+    let ept_ranges = ept::guest_ranges(guest_map, place.phys_top, &[place.footprint], &watched);
+    let lazy_from = ept::lazy_from(place.map_top, place.large, controls.lazy_ept);
     let efer_allowed = {
         let ext = cpu::cpuid(0x8000_0000, 0)[0];
         let d = if ext >= 0x8000_0001 { cpu::cpuid(0x8000_0001, 0)[3] } else { 0 };
         let bit = |cpuid_bit: u32, efer: u64| if d & (1 << cpuid_bit) != 0 { efer } else { 0 };
-        bit(11, 1) | bit(29, 1 << 8) | bit(20, 1 << 11)
+        bit(11, arch::EFER_SCE) | bit(29, arch::EFER_LME) | bit(20, arch::EFER_NXE)
     };
     let sh = state::init(state::Shared {
         options: opts,
         acpi,
         controls,
         enabled,
-        footprint,
+        footprint: place.footprint,
         ncpus: core::sync::atomic::AtomicUsize::new(1),
-        watch,
+        watch: bitmaps.watch,
         xcr0_supported,
         hide,
         apic_trap,
         ept_ranges,
         efer_allowed,
-        phys_bits,
-        phys_mapped: phys_limit,
+        phys_bits: place.phys_bits,
+        phys_mapped: place.phys_limit,
         lazy_from,
         ins_outs_info: probe.basic & (1 << 54) != 0,
     });
     state::APIC_IDS[0].store(bsp_id, core::sync::atomic::Ordering::SeqCst);
-    // One EPT tree for all vCPUs: built up front below `lazy_from`, filled
-    // on demand above it (all of it under ept=lazy), see ept.rs.
-    let eptp = match ept::build(&ept::below(&sh.ept_ranges, sh.lazy_from), &mut ArenaTables, large) {
+    (sh, Cpus { lapic, aps, acpi_cpus_found })
+}
+
+/// One EPT tree for all vCPUs: built up front below `lazy_from`, filled on
+/// demand above it (all of it under ept=lazy), see ept.rs. Returns the EPTP.
+fn build_ept(sh: &state::Shared, large: (bool, bool)) -> u64 {
+    match ept::build(&ept::below(&sh.ept_ranges, sh.lazy_from), &mut memory::ArenaTables, large) {
         Ok(root) => ept::eptp(root),
         Err(e) => boot_error(format_args!("{e}")),
-    };
-    let new_vcpu = |id: usize| -> VcpuSetup {
-        let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
-            Ok(m) => m,
-            Err(e) => boot_error(format_args!("{e}")),
-        };
-        VcpuSetup { mem, eptp, io_bitmaps_pa, msr_bitmap_pa, ready: core::sync::atomic::AtomicBool::new(false) }
-    };
+    }
+}
 
-    // The boot CPU: its own GDT/TSS, then VMXON.
-    let bsp = arena_box(new_vcpu(0));
+/// Phase 6, the boot CPU: its own GDT/TSS, then VMX operation.
+fn start_bsp(sh: &state::Shared, setup: VcpuSetup) -> &'static mut VcpuSetup {
+    let bsp = arena_box(setup);
     bsp.mem.tables.load();
     idt::load_idt();
     if let Err(e) = enable_vmx(&sh.controls, bsp.mem.vmxon_pa) {
         boot_error(format_args!("{e}"));
     }
+    bsp
+}
 
-    // The other CPUs, each parked in VMX non-root operation (wait-for-SIPI),
-    // or in root mode where the CPU lacks that activity state.
-    if !aps.is_empty() {
+/// Phase 7, AP start: every other CPU is started (INIT, SIPI, SIPI) at the
+/// trampoline, enters VMX operation in [`ap_entry`] and parks in VMX
+/// non-root operation (wait-for-SIPI), or in root mode where the CPU lacks
+/// that activity state. CPUs that are not vCPUs are hidden in the MADT.
+fn start_aps(
+    sh: &'static state::Shared,
+    cpus: &Cpus,
+    guest_map: &guest_loader::memmap::MemoryMap,
+    staged: (u64, u64),
+    setup: &dyn Fn(usize) -> VcpuSetup,
+) {
+    use core::sync::atomic::Ordering::SeqCst;
+    if !cpus.aps.is_empty() {
         if !sh.controls.wait_for_sipi_state {
             hvprintln!("SMP: no wait-for-SIPI activity state: APs wait for their SIPI in VMX root operation");
         }
-        let Some(tramp) = guest_map.lowest_fit(4096, 4096, 0x1000, 0xA0000, &[staged.range]) else {
+        let entry = ap_entry as *const () as u64;
+        let Some(tramp) = smp::install_trampoline(guest_map, &[staged], entry, cpu::read_cr3()) else {
             boot_error(format_args!("no free page below 1 MiB for the AP start-up code"))
         };
-        smp::install_trampoline(tramp, ap_entry as *const () as u64, cpu::read_cr3());
-        for apic_id in aps {
-            let id = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
-            let ap = arena_box(new_vcpu(id));
+        for &apic_id in &cpus.aps {
+            let id = sh.ncpus.load(SeqCst);
+            let ap = arena_box(setup(id));
             let stack = &*ap.mem.state as *const vmx::vcpu::VcpuState as u64 - 8;
+            let ready: &'static core::sync::atomic::AtomicBool = ap.ready;
+            // The setup block is the AP's from here on: this CPU keeps only
+            // the shared `ready` flag.
+            let arg = ap as *mut VcpuSetup as u64;
             let t0 = cpu::rdtsc();
-            let started = smp::start_ap(&lapic, apic_id, tramp, stack, ap as *const VcpuSetup as u64);
-            let ready = tsc::spin_until(1_000_000, || ap.ready.load(core::sync::atomic::Ordering::SeqCst));
+            let started = smp::start_ap(&cpus.lapic, apic_id, &tramp, stack, arg);
+            let ready = tsc::spin_until(1_000_000, || ready.load(SeqCst));
             if started && ready {
                 let ticks = cpu::rdtsc().wrapping_sub(t0);
                 hvprintln!("SMP: vCPU {id} (APIC id {apic_id}) ready in {} us ({ticks} TSC ticks)", tsc::us_for_ticks(ticks, tsc::hz()));
-                state::APIC_IDS[id].store(apic_id, core::sync::atomic::Ordering::SeqCst);
-                sh.ncpus.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+                state::APIC_IDS[id].store(apic_id, SeqCst);
+                sh.ncpus.fetch_add(1, SeqCst);
             } else {
                 hvprintln!("warning: CPU with APIC id {apic_id} did not start; continuing without it");
             }
         }
     }
-    let ncpus = sh.ncpus.load(core::sync::atomic::Ordering::SeqCst);
-    let vcpu_ids: Vec<u32> = state::APIC_IDS[..ncpus].iter().map(|a| a.load(core::sync::atomic::Ordering::SeqCst)).collect();
+    let ncpus = sh.ncpus.load(SeqCst);
+    let vcpu_ids: Vec<u32> = state::APIC_IDS[..ncpus].iter().map(|a| a.load(SeqCst)).collect();
     if let Some(line) = acpi::hide_non_vcpus(&sh.acpi, &vcpu_ids) {
         hvprintln!("{line}");
     }
-    if !acpi_cpus_found {
+    if !cpus.acpi_cpus_found {
         hvprintln!("no ACPI MADT: running on the boot CPU only");
     }
+}
 
-    // The guest.
-    let loaded = match guest::load(&bi, &staged, &guest_map, sh.acpi.rsdp_addr) {
+/// Phase 8, guest load: plans the guest from the staged modules
+/// (guest-loader) and writes it into its memory.
+fn load_guest(bi: &BootInfo, staged: &guest::Staged, guest_map: &guest_loader::memmap::MemoryMap, sh: &state::Shared) -> guest::Loaded {
+    let loaded = match guest::load(bi, staged, guest_map, sh.acpi.rsdp_addr) {
         Ok(l) => l,
         Err(e) => boot_error(format_args!("{e}")),
     };
     hvprintln!("guest: {}", loaded.summary);
+    loaded
+}
 
+/// Phase 9, launch: the boot CPU's VMCS, at the guest's entry point, then
+/// the first VM entry. Never returns: the exit loop owns the vCPU.
+fn launch(sh: &state::Shared, bsp: &'static mut VcpuSetup, loaded: &guest::Loaded) -> ! {
     if let Err(e) = vmx::load_vmcs(bsp.mem.vmcs_pa) {
         boot_error(format_args!("{e}"));
     }
-    let v = &mut *bsp.mem.state;
+    // The state block is the exit loop's for good: taken out of the setup
+    // block for 'static (no raw pointer), which is not used again.
+    let v: &'static mut vmx::vcpu::VcpuState = &mut *bsp.mem.state;
     let start = vmx::vcpu::Start::Guest(&loaded.entry);
-    if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, bsp.mem.tables, io_bitmaps_pa, msr_bitmap_pa, bsp.eptp, start) {
+    if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, bsp.mem.tables, bsp.io_bitmaps_pa, bsp.msr_bitmap_pa, bsp.eptp, start) {
         boot_error(format_args!("VMCS setup: {e}"));
     }
     vmx::invept(sh.controls.invept_single, bsp.eptp);
     let (used, total) = memory::arena_usage();
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
-    if let (true, Some(t)) = (cfg!(feature = "detailed"), timeline) {
+    if let (true, Some(t)) = (cfg!(feature = "detailed"), sh.options.timeline) {
         statsys::start_timeline(t);
     }
-    hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, ncpus);
-    // SAFETY: the state block lives in the arena for good; it is handed to
-    // the exit loop, which owns it from now on.
-    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
+    hvprintln!("entering the guest ({}) on {} vCPU(s)", loaded.kind, sh.ncpus.load(core::sync::atomic::Ordering::SeqCst));
+    vmx::stub::launch(v)
 }
 
 /// What a vCPU needs to start: built by the boot CPU, used on its own CPU.
@@ -475,13 +634,17 @@ struct VcpuSetup {
     eptp: u64,
     io_bitmaps_pa: u64,
     msr_bitmap_pa: u64,
-    /// Set by an AP when its VMCS is ready and it is about to enter.
-    ready: core::sync::atomic::AtomicBool,
+    /// Set by an AP when its VMCS is ready and it is about to enter; the
+    /// boot CPU waits on it (its own reference, not through this block,
+    /// which is the AP's).
+    ready: &'static core::sync::atomic::AtomicBool,
 }
 
 /// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
-/// state, its fault stack, descriptor tables, detail block and setup block
-/// (each rounded up as `vmx::vcpu::alloc` and [`arena_box`] align them).
+/// state, its fault stack, descriptor tables, detail block, setup block and
+/// its ready flag (each rounded up as `vmx::vcpu::alloc` and [`arena_box`]
+/// align them; the setup block's 64 bytes of slack cover its alignment and
+/// the one-byte flag).
 pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
     let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
@@ -493,47 +656,44 @@ pub(crate) fn vcpu_arena_bytes() -> usize {
     2 * page + vmx::vcpu::STACK_SIZE + state + vmx::vcpu::FAULT_STACK_SIZE + tables + detail + core::mem::size_of::<VcpuSetup>() + 64
 }
 
-/// Moves a value into the arena for good.
+/// Moves a value into the arena for good ([`memory::arena_box`]); out of
+/// memory stops the boot with a report.
 fn arena_box<T>(v: T) -> &'static mut T {
-    match memory::arena_alloc(core::mem::size_of::<T>(), core::mem::align_of::<T>()) {
-        Ok(p) => {
-            let p = p as *mut T;
-            // SAFETY: fresh, aligned, exclusive arena memory of the right size.
-            unsafe {
-                p.write(v);
-                &mut *p
-            }
-        }
-        Err(e) => boot_error(format_args!("{e}")),
-    }
+    memory::arena_box(v).unwrap_or_else(|e| boot_error(format_args!("{e}")))
 }
 
 /// An AP's first Rust code, entered from the trampoline in long mode on the
 /// hypervisor's page tables, on its own stack.
+///
+/// `setup` is this AP's alone: the boot CPU handed it over through the
+/// trampoline and kept only the `ready` flag.
 extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
+    // Before anything can fail and ask which vCPU it is on.
+    cpu::clear_gs_base();
     let sh = state::shared();
+    // The state block is the exit loop's for good (see `launch`).
+    let v: &'static mut vmx::vcpu::VcpuState = &mut *setup.mem.state;
     setup.mem.tables.load();
     idt::load_idt();
     // IA32_FEATURE_CONTROL is per CPU: firmware that left it unlocked on
     // the boot CPU may have left it so here too.
-    let fc = idt::rdmsr_safe(cpu::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
+    let fc = fallible::rdmsr_safe(arch::msr::IA32_FEATURE_CONTROL).unwrap_or(0);
     match caps::check_presence(cpu::cpuid(1, 0)[2], fc) {
-        Err(e) => boot_error(format_args!("AP {}: {e}", setup.mem.state.id)),
+        Err(e) => boot_error(format_args!("AP {}: {e}", v.id)),
         Ok(FeatureControl::Ready) => {}
-        Ok(FeatureControl::Write(v)) => {
-            if !idt::wrmsr_safe(cpu::msr::IA32_FEATURE_CONTROL, v) {
-                boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", setup.mem.state.id));
+        Ok(FeatureControl::Write(fc)) => {
+            if !fallible::wrmsr_safe(arch::msr::IA32_FEATURE_CONTROL, fc) {
+                boot_error(format_args!("AP {}: could not enable VMX in IA32_FEATURE_CONTROL", v.id));
             }
-            hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", setup.mem.state.id);
+            hvprintln!("AP {}: IA32_FEATURE_CONTROL was unlocked: enabled VMX and locked it", v.id);
         }
     }
     if let Err(e) = enable_vmx(&sh.controls, setup.mem.vmxon_pa) {
-        boot_error(format_args!("AP {}: {e}", setup.mem.state.id));
+        boot_error(format_args!("AP {}: {e}", v.id));
     }
     if let Err(e) = vmx::load_vmcs(setup.mem.vmcs_pa) {
-        boot_error(format_args!("AP {}: {e}", setup.mem.state.id));
+        boot_error(format_args!("AP {}: {e}", v.id));
     }
-    let v = &mut *setup.mem.state;
     let r = vmx::vcpu::setup_vmcs(
         v,
         &sh.controls,
@@ -547,18 +707,17 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
     vmx::invept(sh.controls.invept_single, setup.eptp);
-    fatal::WAITING_FOR_SIPI.insert(v.id);
+    runstate::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
     if !sh.controls.wait_for_sipi_state {
         // No wait-for-SIPI activity state: wait here, in root mode, and
         // enter the guest active at the SIPI's vector.
-        let vector = vmx::exit::wait_for_sipi_in_root(v.id);
+        let vector = vmx::backend::wait_for_sipi_in_root(v.id);
         if let Err(e) = vmx::vcpu::start_at_sipi(vector) {
             boot_error(format_args!("AP {} start at SIPI vector {vector:#x}: {e}", v.id));
         }
     }
-    // SAFETY: as for the boot CPU.
-    vmx::exit::launch(unsafe { &mut *(v as *mut vmx::vcpu::VcpuState) })
+    vmx::stub::launch(v)
 }
 
 /// CR0/CR4 as VMX requires, then VMXON.
@@ -567,12 +726,7 @@ fn enable_vmx(c: &caps::Controls, vmxon_pa: u64) -> Result<(), alloc::string::St
     // CR4.VMXE, OSXSAVE and MCE (see `caps::host_cr4`), on every CPU.
     let l1 = cpu::cpuid(1, 0);
     let cr4 = caps::host_cr4(cpu::read_cr4(), l1[2], l1[3], c.cr4_fixed0, c.cr4_fixed1).ok_or("CR4 has bits VMX does not allow")?;
-    // SAFETY: the values satisfy the VMX fixed-bit MSRs; paging stays on.
-    unsafe {
-        cpu::write_cr0(cr0);
-        cpu::write_cr4(cr4);
-    }
-    vmx::vmxon(vmxon_pa).map_err(|e| alloc::format!("{e}"))
+    vmx::enter_vmx_operation(cr0, cr4, vmxon_pa).map_err(|e| alloc::format!("{e}"))
 }
 
 /// Prints the interception in effect: the profile, every class on, EPT,
@@ -596,61 +750,36 @@ fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps:
     );
 }
 
-/// Builds the I/O bitmaps (two pages) and the MSR bitmap (one page):
-/// every port (`io_all`) or only the watched ones; every MSR (`msr_all`)
-/// or only the hypervisor's.
-fn make_bitmaps(w: &state::PortWatch, io_all: bool, msr_all: bool) -> Result<(u64, u64), memory::OutOfMemory> {
-    let (io, io_pa) = memory::alloc_pages(2)?;
-    for p in w.ports() {
-        io[p as usize / 8] |= 1 << (p % 8);
-    }
-    if io_all {
-        io.fill(0xFF);
-    }
-    let (msr, msr_pa) = memory::alloc_pages(1)?;
-    if msr_all {
-        msr.fill(0xFF);
-    }
-    let mut trap = |m: u32| {
-        let (base, bit) = if m < 0x2000 { (0, m) } else { (1024, m - 0xC000_0000) };
-        msr[(base + bit / 8) as usize] |= 1 << (bit % 8); // read
-        msr[(base + 2048 + bit / 8) as usize] |= 1 << (bit % 8); // write
-    };
-    trap(cpu::msr::IA32_FEATURE_CONTROL);
-    // KVM's original paravirtual clock MSRs: in the bitmap's range, so they
-    // must be trapped explicitly to be refused (see isolation.rs).
-    trap(0x11);
-    trap(0x12);
-    for m in cpu::msr::IA32_VMX_BASIC..=cpu::msr::IA32_VMX_EXIT_CTLS2 {
-        trap(m);
-    }
-    Ok((io_pa, msr_pa))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Makes writes of `msr` exit (MSR bitmap at physical `bitmap_pa`).
-fn trap_msr_write(bitmap_pa: u64, msr: u32) {
-    let (base, bit) = if msr < 0x2000 { (2048, msr) } else { (3072, msr - 0xC000_0000) };
-    // SAFETY: the bitmap page is ours (allocated by make_bitmaps).
-    unsafe { *memory::phys_ptr::<u8>(bitmap_pa + (base + bit / 8) as u64) |= 1 << (bit % 8) };
-}
-
-/// Makes accesses to `port` exit (I/O bitmaps at physical `bitmaps_pa`).
-fn trap_io(bitmaps_pa: u64, port: u16) {
-    // SAFETY: the bitmap pages are ours (allocated by make_bitmaps); A then
-    // B, one bit per port.
-    unsafe { *memory::phys_ptr::<u8>(bitmaps_pa + u64::from(port / 8)) |= 1 << (port % 8) };
-}
-
-/// EPT tables from the arena.
-pub(crate) struct ArenaTables;
-
-impl ept::Tables for ArenaTables {
-    type Error = memory::OutOfMemory;
-    fn alloc(&mut self) -> Result<u64, Self::Error> {
-        memory::alloc_pages(1).map(|(_, pa)| pa)
+    fn bitmaps() -> Bitmaps {
+        let page = |n: usize| std::boxed::Box::leak(std::vec![0u8; n * 4096].into_boxed_slice());
+        Bitmaps { io: page(2), io_pa: 0, msr: page(1), msr_pa: 0, watch: state::PortWatch::default() }
     }
-    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-        // SAFETY: `pa` came from alloc() above: an arena page, identity-mapped.
-        unsafe { &mut *memory::phys_ptr::<[u64; 512]>(pa) }
+
+    #[test]
+    fn bitmap_bits_are_the_sdms() {
+        let mut b = bitmaps();
+        // I/O bitmap A then B, one bit per port.
+        b.trap_io(0x64);
+        b.trap_io(0xCF9);
+        b.trap_io(0x8900);
+        assert_eq!(b.io[0x64 / 8], 1 << 4);
+        assert_eq!(b.io[0xCF9 / 8], 1 << 1);
+        assert_eq!(b.io[0x8900 / 8], 1, "port 0x8900 is in bitmap B");
+        assert_eq!(b.io.iter().map(|x| x.count_ones()).sum::<u32>(), 3);
+        // MSR bitmap: read low, read high, write low, write high (1 KiB each).
+        b.trap_msr(arch::msr::IA32_FEATURE_CONTROL);
+        assert_eq!(b.msr[0x3A / 8], 1 << 2, "read, low MSRs");
+        assert_eq!(b.msr[2048 + 0x3A / 8], 1 << 2, "write, low MSRs");
+        b.trap_msr(arch::msr::IA32_EFER);
+        assert_eq!(b.msr[1024 + 0x80 / 8], 1, "read, high MSRs");
+        assert_eq!(b.msr[3072 + 0x80 / 8], 1, "write, high MSRs");
+        b.trap_msr_write(arch::msr::X2APIC_ICR);
+        assert_eq!(b.msr[0x830 / 8], 0, "a write trap leaves reads alone");
+        assert_eq!(b.msr[2048 + 0x830 / 8], 1, "write, low MSRs");
+        assert_eq!(b.msr.iter().map(|x| x.count_ones()).sum::<u32>(), 5);
     }
 }

@@ -170,27 +170,183 @@ pub fn phys_ptr<T>(pa: u64) -> *mut T {
     pa.wrapping_add(PHYS_OFFSET.load(core::sync::atomic::Ordering::Relaxed)) as *mut T
 }
 
+/// The hypervisor's own physical memory, where every Rust object
+/// (statics, stacks, heap, arena) lives: the footprint, once [`relocate`]
+/// has run. `None` before: the image's physical extent is then not known
+/// exactly ([`multiboot_load_range`] runs to `__image_end`, rounded up to
+/// 2 MiB past the last load segment, and GRUB puts its boot information in
+/// that padding, e.g. at 0xde0348 with the image ending at 0xdcd000; the
+/// UEFI boot loader places the image in frames of its choosing), so
+/// nothing is refused; the hypervisor writes no physical memory outside
+/// its image before it relocates.
+pub fn hypervisor_range() -> Option<(u64, u64)> {
+    (FOOTPRINT_SIZE.load(SeqCst) != 0).then(footprint)
+}
+
+/// Whether `[pa, pa + len)` overlaps [`hypervisor_range`]. A range that
+/// wraps around the address space counts as overlapping.
+pub fn overlaps_hypervisor(pa: u64, len: u64) -> bool {
+    overlaps(hypervisor_range(), pa, len)
+}
+
+/// Whether `[pa, pa + len)` overlaps `range` (`None`: nothing to refuse);
+/// a range that wraps around the address space always does.
+fn overlaps(range: Option<(u64, u64)>, pa: u64, len: u64) -> bool {
+    match (pa.checked_add(len), range) {
+        (None, _) => true,
+        (Some(end), Some((lo, hi))) => len != 0 && pa < hi && end > lo,
+        (Some(_), None) => false,
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::overlaps;
+
+    #[test]
+    fn refuses_exactly_the_hypervisors_range() {
+        let fp = Some((0x1f00_0000, 0x1fe0_0000));
+        assert!(overlaps(fp, 0x1f00_0000, 1));
+        assert!(overlaps(fp, 0x1eff_ffff, 2), "straddles the start");
+        assert!(overlaps(fp, 0x1fdf_ffff, 0x1000), "straddles the end");
+        assert!(overlaps(fp, 0x1000_0000, 0x1000_0000), "covers it");
+        assert!(!overlaps(fp, 0x1eff_f000, 0x1000), "ends where it starts");
+        assert!(!overlaps(fp, 0x1fe0_0000, 0x1000), "starts where it ends");
+        assert!(!overlaps(fp, 0x1f80_0000, 0), "empty");
+        assert!(overlaps(fp, u64::MAX - 1, 4), "wraps");
+        assert!(!overlaps(None, 0x1f00_0000, 0x1000), "before relocation nothing is refused");
+        assert!(overlaps(None, u64::MAX, 2), "but a wrapping range still is");
+    }
+}
+
+/// Stops with a clear report if a physical access would reach the
+/// hypervisor's own memory: such an access is a bug, never the guest's doing.
+#[track_caller]
+fn check_not_hypervisor(what: &str, pa: u64, len: u64) {
+    if overlaps_hypervisor(pa, len) {
+        let (lo, hi) = hypervisor_range().unwrap_or((0, u64::MAX));
+        panic!("{what} of {len:#x} bytes at physical {pa:#x} would reach the hypervisor's own memory {lo:#x}-{hi:#x}");
+    }
+}
+
 /// Copies `len` bytes between physical ranges (they may overlap).
-pub fn phys_copy(dst: u64, src: u64, len: u64) {
-    // SAFETY: the caller (the guest loader) owns both ranges: they are guest
-    // RAM or the module staging area, never hypervisor memory.
+///
+/// # Safety
+///
+/// Both ranges are identity-mapped RAM outside the hypervisor's footprint
+/// (checked: an overlap stops the hypervisor with a report), and no Rust
+/// reference into `dst..dst + len` is live (a [`phys_slice`] or
+/// [`IdentityMem`] view, an atomic in a page shared with an AP). The bytes
+/// at `dst` are nobody else's: not firmware code or data in use, not memory
+/// of a running guest.
+pub unsafe fn phys_copy(dst: u64, src: u64, len: u64) {
+    check_not_hypervisor("physical copy", dst, len);
+    check_not_hypervisor("physical copy source", src, len);
+    // SAFETY: per the contract above; the ranges may overlap (ptr::copy).
     unsafe { ptr::copy(phys_ptr::<u8>(src), phys_ptr::<u8>(dst), len as usize) }
 }
 
 /// Zeroes a physical range.
-pub fn phys_zero(dst: u64, len: u64) {
-    // SAFETY: as for phys_copy.
+///
+/// # Safety
+///
+/// As for [`phys_copy`]'s destination.
+pub unsafe fn phys_zero(dst: u64, len: u64) {
+    check_not_hypervisor("physical zeroing", dst, len);
+    // SAFETY: per the contract above.
     unsafe { ptr::write_bytes(phys_ptr::<u8>(dst), 0, len as usize) }
+}
+
+/// Writes `bytes` to physical memory at `dst`.
+///
+/// # Safety
+///
+/// As for [`phys_copy`]'s destination.
+pub unsafe fn phys_write(dst: u64, bytes: &[u8]) {
+    check_not_hypervisor("physical write", dst, bytes.len() as u64);
+    // SAFETY: per the contract above; `bytes` is hypervisor memory, which
+    // the check keeps apart from `dst`.
+    unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), phys_ptr::<u8>(dst), bytes.len()) }
+}
+
+/// [`phys_write`], then writes the cache back (WBINVD: the guest may read
+/// the range uncached through EPT, as it does ACPI memory) and reads the
+/// bytes back: false if they did not stick (ROM, write-protected shadow
+/// RAM).
+///
+/// # Safety
+///
+/// As for [`phys_write`].
+pub unsafe fn phys_write_verified(dst: u64, bytes: &[u8]) -> bool {
+    // SAFETY: the caller's contract is phys_write's.
+    unsafe { phys_write(dst, bytes) };
+    crate::cpu::wbinvd();
+    use crate::bootinfo::PhysMem;
+    IdentityMem.bytes(dst, bytes.len()) == Some(bytes)
 }
 
 /// Reads a physical range into a slice view (for ACPI tables and modules).
 ///
 /// # Safety
-/// The range must be RAM or firmware tables that stay unchanged while the
-/// slice lives.
+/// The range must be RAM or firmware tables outside the hypervisor's
+/// footprint that nothing writes while the slice lives.
 pub unsafe fn phys_slice<'a>(pa: u64, len: usize) -> &'a [u8] {
+    check_not_hypervisor("physical read view", pa, len as u64);
     // SAFETY: per the contract above.
     unsafe { core::slice::from_raw_parts(phys_ptr::<u8>(pa), len) }
+}
+
+/// Physical memory through the identity map, for parsing what the boot
+/// loader and the firmware left (boot information, ACPI tables): the
+/// [`crate::bootinfo::PhysMem`] the parsers read through.
+///
+/// Its views rest on one rule of this module: the hypervisor writes
+/// physical memory outside its footprint only through [`phys_copy`],
+/// [`phys_zero`] and [`phys_write`], whose callers promise that no view of
+/// the destination is live. Ranges that reach the hypervisor's own memory
+/// are refused.
+pub struct IdentityMem;
+
+impl crate::bootinfo::PhysMem for IdentityMem {
+    fn bytes(&self, pa: u64, len: usize) -> Option<&[u8]> {
+        if pa == 0 || pa.checked_add(len as u64)? > 1 << 39 || overlaps_hypervisor(pa, len as u64) {
+            return None;
+        }
+        // SAFETY: the identity map covers all physical memory the boot
+        // information and ACPI tables can name; the range is not the
+        // hypervisor's, and the module rule above keeps it unwritten while
+        // the view lives.
+        Some(unsafe { core::slice::from_raw_parts(phys_ptr::<u8>(pa), len) })
+    }
+}
+
+/// A word of a device register block (MMIO) or firmware data area.
+pub trait MmioWord: Copy {}
+impl MmioWord for u8 {}
+impl MmioWord for u16 {}
+impl MmioWord for u32 {}
+impl MmioWord for u64 {}
+
+/// Reads a device register (or a firmware data word) at physical `pa`:
+/// one volatile access through the identity map.
+///
+/// Safe: `pa` is checked to be outside the hypervisor's memory (an
+/// overlap stops it with a report), so the access cannot reach a Rust
+/// object; what the read does to the device is the caller's business.
+#[track_caller]
+pub fn mmio_read<T: MmioWord>(pa: u64) -> T {
+    check_not_hypervisor("MMIO read", pa, core::mem::size_of::<T>() as u64);
+    // SAFETY: identity-mapped, not the hypervisor's memory (checked above).
+    unsafe { ptr::read_volatile(phys_ptr::<T>(pa)) }
+}
+
+/// Writes a device register at physical `pa`: one volatile access through
+/// the identity map; checked as [`mmio_read`].
+#[track_caller]
+pub fn mmio_write<T: MmioWord>(pa: u64, v: T) {
+    check_not_hypervisor("MMIO write", pa, core::mem::size_of::<T>() as u64);
+    // SAFETY: as for mmio_read.
+    unsafe { ptr::write_volatile(phys_ptr::<T>(pa), v) }
 }
 
 /// Out of hypervisor memory.
@@ -235,6 +391,41 @@ pub fn alloc_pages(n: usize) -> Result<(&'static mut [u8], u64), OutOfMemory> {
         core::slice::from_raw_parts_mut(p, n * PAGE)
     };
     Ok((s, virt_to_phys(p)))
+}
+
+/// Moves `v` into the arena for good: the one place a fresh `&'static mut`
+/// comes out of arena memory.
+pub fn arena_box<T>(v: T) -> Result<&'static mut T, OutOfMemory> {
+    let p = arena_alloc(core::mem::size_of::<T>(), core::mem::align_of::<T>())? as *mut T;
+    // SAFETY: the arena hands out each range once: fresh, aligned,
+    // exclusive memory of the right size, never freed.
+    unsafe {
+        p.write(v);
+        Ok(&mut *p)
+    }
+}
+
+/// EPT tables (and other page tables) from the arena: [`crate::ept::Tables`]
+/// over pages of [`alloc_pages`], addressed by their physical address.
+pub struct ArenaTables;
+
+impl crate::ept::Tables for ArenaTables {
+    type Error = OutOfMemory;
+    fn alloc(&mut self) -> Result<u64, Self::Error> {
+        alloc_pages(1).map(|(_, pa)| pa)
+    }
+    /// The table at `pa`, which must be a page [`alloc`](Self::alloc) gave
+    /// (checked: the footprint, page-aligned). Builders of one EPT tree
+    /// run one at a time (the boot CPU before any vCPU, then under the
+    /// lazy-EPT lock), and the `&mut` lives only as long as the borrow of
+    /// `self`.
+    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
+        let (lo, hi) = footprint();
+        assert!(pa.is_multiple_of(PAGE as u64) && pa >= lo && pa + PAGE as u64 <= hi, "EPT table {pa:#x} is not an arena page");
+        // SAFETY: an arena page from alloc() above (checked to be in the
+        // footprint), identity-mapped; see the doc line for exclusivity.
+        unsafe { &mut *phys_ptr::<[u64; 512]>(pa) }
+    }
 }
 
 /// Arena statistics: (used, total) bytes.

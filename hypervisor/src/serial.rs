@@ -24,25 +24,9 @@ use core::fmt::{self, Write};
 use exitscope_stats::dump::PREFIX;
 use spin::Mutex;
 
-/// Where a 16550-compatible UART's registers are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UartPort {
-    /// I/O ports `base..base+8`.
-    Io(u16),
-    /// Memory-mapped: with `wide`, 32-bit registers 4 bytes apart (Linux's
-    /// `mmio32`), else byte registers 1 byte apart (`mmio`).
-    Mmio { base: u64, wide: bool },
-}
-
-impl fmt::Display for UartPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UartPort::Io(p) => write!(f, "I/O port {p:#x}"),
-            UartPort::Mmio { base, wide: true } => write!(f, "MMIO {base:#x} (32-bit registers)"),
-            UartPort::Mmio { base, wide: false } => write!(f, "MMIO {base:#x} (byte registers)"),
-        }
-    }
-}
+// The UART's address type lives with the SPCR that describes one
+// (`acpi.rs`), so that ACPI parsing needs nothing of the console.
+pub use crate::acpi::UartPort;
 
 /// COM1, the default console.
 pub const COM1: UartPort = UartPort::Io(0x3F8);
@@ -143,29 +127,22 @@ struct Uart(UartPort);
 impl Uart {
     fn read(self, reg: u64) -> u8 {
         match self.0 {
-            // SAFETY: a UART port the user, the firmware or the PC standard
-            // names as the console; reading its registers has no other effect.
-            UartPort::Io(p) => unsafe { crate::cpu::inb(p.wrapping_add(reg as u16)) },
-            // SAFETY: as above, a UART register in MMIO, mapped by the host
-            // page tables (all physical memory below 4 GiB at least).
-            UartPort::Mmio { base, wide: true } => unsafe {
-                core::ptr::read_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4)) as u8
-            },
-            // SAFETY: as above.
-            UartPort::Mmio { base, wide: false } => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(base + reg)) },
+            // A UART port the user, the firmware or the PC standard names as
+            // the console; reading its registers has no other effect.
+            UartPort::Io(p) => crate::port::inb(p.wrapping_add(reg as u16)),
+            // As above, a UART register in MMIO, mapped by the host page
+            // tables (all physical memory below 4 GiB at least).
+            UartPort::Mmio { base, wide: true } => crate::memory::mmio_read::<u32>(base + reg * 4) as u8,
+            UartPort::Mmio { base, wide: false } => crate::memory::mmio_read::<u8>(base + reg),
         }
     }
 
     fn write(self, reg: u64, v: u8) {
         match self.0 {
-            // SAFETY: as for read: the console UART's own register.
-            UartPort::Io(p) => unsafe { crate::cpu::outb(p.wrapping_add(reg as u16), v) },
-            // SAFETY: as above.
-            UartPort::Mmio { base, wide: true } => unsafe {
-                core::ptr::write_volatile(crate::memory::phys_ptr::<u32>(base + reg * 4), v as u32)
-            },
-            // SAFETY: as above.
-            UartPort::Mmio { base, wide: false } => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(base + reg), v) },
+            // As for read: the console UART's own register.
+            UartPort::Io(p) => crate::port::outb(p.wrapping_add(reg as u16), v),
+            UartPort::Mmio { base, wide: true } => crate::memory::mmio_write::<u32>(base + reg * 4, v as u32),
+            UartPort::Mmio { base, wide: false } => crate::memory::mmio_write::<u8>(base + reg, v),
         }
     }
 
@@ -404,7 +381,7 @@ impl<F: FnMut(usize, u16)> Write for TextScreen<F> {
 
 /// The message for the screen when no UART answered.
 pub fn no_uart_message(w: &mut dyn Write, tried: Ports<UartPort>) -> fmt::Result {
-    write!(w, "Exitscope {}: no serial port answered (tried ", crate::VERSION)?;
+    write!(w, "Exitscope {}: no serial port answered (tried ", env!("CARGO_PKG_VERSION"))?;
     for (i, p) in tried.iter().enumerate() {
         write!(w, "{}{p}", if i > 0 { ", " } else { "" })?;
     }
@@ -419,18 +396,13 @@ pub fn no_uart_message(w: &mut dyn Write, tried: Ports<UartPort>) -> fmt::Result
 /// Writes the "no UART" message on the VGA text screen, if the BIOS left
 /// one in text mode.
 fn say_on_screen(tried: Ports<UartPort>) {
-    // SAFETY: the BIOS data area in the first page of physical memory,
+    // The BIOS data area in the first page of physical memory,
     // identity-mapped on the boot paths that set SCREEN; only read.
-    let (mode, cols, crtc) = unsafe {
-        (
-            core::ptr::read_volatile(crate::memory::phys_ptr::<u8>(0x449)),
-            core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(0x44A)),
-            core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(0x463)),
-        )
-    };
+    use crate::memory::{mmio_read, mmio_write};
+    let (mode, cols, crtc) = (mmio_read::<u8>(0x449), mmio_read::<u16>(0x44A), mmio_read::<u16>(0x463));
     let Some((base, cols)) = text_screen(mode, cols, crtc) else { return };
-    // SAFETY: the VGA text buffer the BIOS data area describes (25 rows).
-    let put = |i: usize, c: u16| unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(base + 2 * i as u64), c) };
+    // The VGA text buffer the BIOS data area describes (25 rows).
+    let put = |i: usize, c: u16| mmio_write::<u16>(base + 2 * i as u64, c);
     let _ = no_uart_message(&mut TextScreen::new(put, cols, 25), tried);
 }
 

@@ -10,7 +10,8 @@
 //! for the SIPI the hypervisor posts in its mailbox, and enters the guest
 //! at the SIPI vector.
 
-use crate::cpu::{self, msr};
+use crate::arch::msr;
+use crate::cpu;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
@@ -43,20 +44,52 @@ pub struct LocalApic {
 }
 
 impl LocalApic {
+    /// Physical address of the xAPIC register page (also where it would
+    /// be in x2APIC mode, per IA32_APIC_BASE).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// IA32_APIC_BASE of this CPU, as the guest has programmed it (mode
+    /// bits 10-11, base 51:12).
+    pub fn base_msr() -> u64 {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) }
+    }
+
     pub fn current() -> LocalApic {
         // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
         let b = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };
         LocalApic { x2apic: b & (1 << 10) != 0, base: b & 0xF_FFFF_F000 }
     }
 
+    /// The in-service register word (ISR 0-7) that holds `vector`, in
+    /// whichever mode this CPU's local APIC is now (read from
+    /// IA32_APIC_BASE each time: the guest programs it). `None`: the APIC
+    /// is globally disabled.
+    pub fn isr_word(vector: u8) -> Option<u32> {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
+        let base = unsafe { cpu::rdmsr(msr::IA32_APIC_BASE) };
+        if base & (1 << 11) == 0 {
+            return None;
+        }
+        Some(if base & (1 << 10) != 0 {
+            // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
+            unsafe { cpu::rdmsr(msr::X2APIC_ISR0 + u32::from(vector / 32)) as u32 }
+        } else {
+            // The local APIC's MMIO page (below 4 GiB), a 32-bit read of an
+            // ISR register, which has no side effect.
+            crate::memory::mmio_read::<u32>((base & 0xF_FFFF_F000) + 0x100 + 0x10 * u64::from(vector / 32))
+        })
+    }
+
     /// This CPU's APIC id.
     pub fn id(&self) -> u32 {
         if self.x2apic {
             // SAFETY: x2APIC id MSR exists in x2APIC mode.
-            unsafe { cpu::rdmsr(0x802) as u32 }
+            unsafe { cpu::rdmsr(msr::X2APIC_ID) as u32 }
         } else {
-            // SAFETY: the xAPIC page is identity-mapped MMIO.
-            unsafe { core::ptr::read_volatile((self.base + 0x20) as *const u32) >> 24 }
+            crate::memory::mmio_read::<u32>(self.base + 0x20) >> 24
         }
     }
 
@@ -65,18 +98,13 @@ impl LocalApic {
     pub fn send(&self, dest: u32, low: u32) {
         if self.x2apic {
             // SAFETY: the x2APIC ICR MSR; the encodings are the SDM's.
-            unsafe { cpu::wrmsr(0x830, (dest as u64) << 32 | low as u64) };
+            unsafe { cpu::wrmsr(msr::X2APIC_ICR, (dest as u64) << 32 | low as u64) };
         } else {
-            // SAFETY: the xAPIC ICR registers, identity-mapped MMIO.
-            unsafe {
-                core::ptr::write_volatile((self.base + 0x310) as *mut u32, dest << 24);
-                core::ptr::write_volatile((self.base + 0x300) as *mut u32, low);
-            }
+            // The xAPIC ICR registers (MMIO).
+            crate::memory::mmio_write::<u32>(self.base + 0x310, dest << 24);
+            crate::memory::mmio_write::<u32>(self.base + 0x300, low);
             // Bounded: an APIC that never accepts must not hang us.
-            crate::tsc::spin_until(100_000, || {
-                // SAFETY: as above.
-                unsafe { core::ptr::read_volatile((self.base + 0x300) as *const u32) & icr::DELIVERY_PENDING == 0 }
-            });
+            crate::tsc::spin_until(100_000, || crate::memory::mmio_read::<u32>(self.base + 0x300) & icr::DELIVERY_PENDING == 0);
         }
     }
 }
@@ -196,8 +224,28 @@ fn far_jump_operand(code: &[u8]) -> usize {
     code.windows(2).position(|w| w == [0x66, 0xEA]).expect("trampoline far jump") + 2
 }
 
-/// Places the trampoline at physical `base` (a free page below 1 MiB).
-pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
+/// The AP start-up code, installed in a page below 1 MiB that is the
+/// hypervisor's until the guest is loaded ([`install_trampoline`]).
+pub struct Trampoline {
+    base: u64,
+}
+
+impl Trampoline {
+    /// Physical address of the page.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+}
+
+/// Picks the lowest free RAM page below 640 KiB in `map` (the guest's
+/// memory map: the footprint is not in it) that overlaps none of `avoid`,
+/// and places the trampoline there, to enter `entry` on the page tables at
+/// `cr3`. `None`: no such page.
+///
+/// The page holds nothing yet (the guest is loaded after the APs start)
+/// and nothing but the APs uses it until then; the guest gets it back.
+pub fn install_trampoline(map: &guest_loader::memmap::MemoryMap, avoid: &[(u64, u64)], entry: u64, cr3: u64) -> Option<Trampoline> {
+    let base = map.lowest_fit(4096, 4096, 0x1000, 0xA0000, avoid)?;
     let start = &raw const exitscope_ap_trampoline;
     let end = &raw const exitscope_ap_trampoline_end;
     // SAFETY: the two symbols bracket the trampoline in .rodata.
@@ -205,31 +253,32 @@ pub fn install_trampoline(base: u64, entry: u64, cr3: u64) {
     let jmp = far_jump_operand(code);
     // The 32-bit entry is the label right after the far jump's 6 operand bytes.
     let pm32 = base + jmp as u64 + 6;
-    // SAFETY: `base` is a free RAM page below 1 MiB chosen by the caller,
-    // identity-mapped; nothing else uses it until the APs are up.
-    unsafe {
-        core::ptr::copy_nonoverlapping(code.as_ptr(), base as *mut u8, code.len());
-        let w32 = |off: u64, v: u32| core::ptr::write_unaligned((base + off) as *mut u32, v);
-        let w64 = |off: u64, v: u64| core::ptr::write_unaligned((base + off) as *mut u64, v);
-        w32(jmp as u64, pm32 as u32);
-        w64(OFF_ENTRY, entry);
-        w64(OFF_CR3, cr3);
-        w32(OFF_GDT_BASE, (base + OFF_GDT) as u32);
-        w32(OFF_BASE, base as u32);
-    }
+    let patch = |bytes: &mut [u8], off: u64, v: &[u8]| bytes[off as usize..off as usize + v.len()].copy_from_slice(v);
+    let mut page = code.to_vec();
+    patch(&mut page, jmp as u64, &(pm32 as u32).to_le_bytes());
+    patch(&mut page, OFF_ENTRY, &entry.to_le_bytes());
+    patch(&mut page, OFF_CR3, &cr3.to_le_bytes());
+    patch(&mut page, OFF_GDT_BASE, &((base + OFF_GDT) as u32).to_le_bytes());
+    patch(&mut page, OFF_BASE, &(base as u32).to_le_bytes());
+    // SAFETY: `base` is a free RAM page of the guest's map (outside the
+    // footprint, checked again by phys_write), below 1 MiB and
+    // identity-mapped; the guest is not loaded yet, no view covers it, and
+    // nothing but the APs uses it until the guest is.
+    unsafe { crate::memory::phys_write(base, &page) };
+    Some(Trampoline { base })
 }
 
 /// Starts the AP with `apic_id` at the trampoline, giving it `stack` and
 /// `arg`. Returns whether it reached long mode in time.
-pub fn start_ap(lapic: &LocalApic, apic_id: u32, base: u64, stack: u64, arg: u64) -> bool {
-    // SAFETY: the trampoline page is ours (see install_trampoline).
-    let alive = unsafe { &*((base + OFF_ALIVE) as *const AtomicU32) };
+pub fn start_ap(lapic: &LocalApic, apic_id: u32, t: &Trampoline, stack: u64, arg: u64) -> bool {
+    let base = t.base;
+    // SAFETY: the trampoline page is the hypervisor's while `t` lives (see
+    // install_trampoline): the alive flag is an aligned u32 in it, which
+    // only this CPU and the starting AP touch, atomically.
+    let alive = unsafe { &*(crate::memory::phys_ptr::<AtomicU32>(base + OFF_ALIVE)) };
     alive.store(0, SeqCst);
-    // SAFETY: as above.
-    unsafe {
-        core::ptr::write_volatile((base + OFF_STACK) as *mut u64, stack);
-        core::ptr::write_volatile((base + OFF_ARG) as *mut u64, arg);
-    }
+    crate::memory::mmio_write(base + OFF_STACK, stack);
+    crate::memory::mmio_write(base + OFF_ARG, arg);
     lapic.send(apic_id, icr::init());
     udelay(10_000);
     for _ in 0..2 {

@@ -7,10 +7,7 @@ use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use exitscope_stats::{ReasonSet, VcpuCounters};
 use spin::Once;
 
-/// Most CPUs Exitscope virtualises. CPUs beyond it (and beyond `cpus=`)
-/// are left out of the vCPU set: the boot CPU takes the first MAX_CPUS of
-/// the MADT.
-pub const MAX_CPUS: usize = 256;
+pub use crate::options::MAX_CPUS;
 
 /// A set of vCPU indices (0..MAX_CPUS), updated atomically bit by bit.
 pub struct CpuSet([core::sync::atomic::AtomicU64; MAX_CPUS / 64]);
@@ -150,12 +147,22 @@ pub fn init(s: Shared) -> &'static Shared {
     SHARED.call_once(|| s)
 }
 
-/// The shared state (set before any vCPU runs).
+/// The shared state (set by [`init`] before any vCPU runs). Called before
+/// that, it stops the hypervisor with a report naming the bug; code that
+/// may run earlier (the failure reporter) uses [`try_shared`].
 #[inline(always)]
 pub fn shared() -> &'static Shared {
-    // SAFETY: init() runs before the first VM entry, and every caller of
-    // shared() runs on the exit path or after init.
-    unsafe { SHARED.get_unchecked() }
+    match SHARED.get() {
+        Some(s) => s,
+        None => not_initialised(),
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn not_initialised() -> ! {
+    panic!("state::shared() used before state::init(): the hypervisor's shared state does not exist yet")
 }
 
 pub fn try_shared() -> Option<&'static Shared> {
@@ -166,11 +173,6 @@ pub fn try_shared() -> Option<&'static Shared> {
 pub fn counters() -> &'static [VcpuCounters] {
     let n = try_shared().map_or(1, |s| s.ncpus.load(SeqCst));
     &COUNTERS[..n]
-}
-
-/// Prints the statistics dump (human table and JSON lines).
-pub fn print_dump(title: &str) {
-    crate::statsys::print_dump(title);
 }
 
 #[cfg(test)]

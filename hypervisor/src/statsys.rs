@@ -159,7 +159,7 @@ pub fn control_leaf(leaf: u32, ecx: u32, vcpu: usize) -> [u32; 4] {
 
 /// MSR_SMI_COUNT (Intel, Nehalem and later): SMIs since reset, bits 31:0,
 /// per logical processor.
-pub const MSR_SMI_COUNT: u32 = 0x34;
+pub use crate::arch::msr::MSR_SMI_COUNT;
 /// "Not read": this vCPU's CPU has no MSR_SMI_COUNT.
 const NO_SMI_COUNT: u64 = u64::MAX;
 
@@ -174,7 +174,7 @@ fn read_smi_count() -> Option<u64> {
     if !intel {
         return None;
     }
-    crate::idt::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
+    crate::fallible::rdmsr_safe(MSR_SMI_COUNT).map(|c| c & 0xFFFF_FFFF)
 }
 
 /// Notes what vCPU `vcpu` starts from, just before its first VM entry:
@@ -216,7 +216,7 @@ pub fn smi_report(vcpu: usize) -> exitscope_stats::dump::SmiReport {
 
 /// The SMI report of the vCPU running on this CPU (vCPU 0 before any runs).
 pub fn current_smi_report() -> exitscope_stats::dump::SmiReport {
-    smi_report(crate::fatal::current_vcpu().map_or(0, |(id, _)| id))
+    smi_report(crate::percpu::current_vcpu().map_or(0, |(id, _)| id))
 }
 
 /// Turns the timeline on: a sample every `interval` TSC ticks.
@@ -262,22 +262,20 @@ pub const COMMIT: &str = match option_env!("EXITSCOPE_COMMIT") {
     None => "unknown",
 };
 
-/// IA32_BIOS_SIGN_ID: the microcode revision in bits 63:32 after CPUID.1.
-const IA32_BIOS_SIGN_ID: u32 = 0x8B;
+use crate::arch::msr::IA32_BIOS_SIGN_ID;
 
 /// Notes what the run's metadata needs from the boot (once, on the boot
 /// CPU, before the first VM entry).
 pub fn note_boot(bi: &crate::bootinfo::BootInfo, cal: &crate::tsc::Calibration) {
     let intel = is_intel();
-    let microcode = if intel && crate::idt::wrmsr_safe(IA32_BIOS_SIGN_ID, 0) {
+    let microcode = if intel && crate::fallible::wrmsr_safe(IA32_BIOS_SIGN_ID, 0) {
         let _ = crate::cpu::cpuid(1, 0);
-        crate::idt::rdmsr_safe(IA32_BIOS_SIGN_ID).map(|v| v >> 32)
+        crate::fallible::rdmsr_safe(IA32_BIOS_SIGN_ID).map(|v| v >> 32)
     } else {
         None
     };
     // Bochs's port 0xE9 hack reads back 0xE9; an unused port reads 0xFF.
-    // SAFETY: reading port 0xE9 has no effect on a device Exitscope knows.
-    let e9 = unsafe { crate::cpu::inb(0xE9) };
+    let e9 = crate::port::inb(0xE9);
     BOOT_NOTE.call_once(|| BootNote {
         cmdline: bi.cmdline.clone(),
         boot: alloc::format!("{} ({})", bi.protocol, bi.loader_name.as_deref().unwrap_or("unknown loader")),
@@ -301,7 +299,7 @@ fn run_meta() -> exitscope_stats::meta::Meta {
     let note = BOOT_NOTE.get();
     let sh = state::shared();
     Meta {
-        version: crate::VERSION.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         commit: COMMIT.into(),
         cmdline: note.map(|n| n.cmdline.clone()).unwrap_or_default(),
         profile: sh.options.intercept.profile.name().into(),

@@ -15,10 +15,10 @@
 //! A CPUID claim that disagrees with a measured rate by more than 10% is
 //! ignored and reported (Bochs claims 3.5 GHz in leaf 0x16 while its TSC
 //! counts instructions). The arithmetic is plain functions, unit-tested on
-//! the host; the reads are thin `unsafe` wrappers.
+//! the host; the reads go through the safe device wrappers (`port`, `memory::mmio_read`).
 
 use crate::acpi::AcpiReg;
-use crate::cpu;
+use crate::{cpu, port};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// The ACPI PM timer's rate.
@@ -231,11 +231,11 @@ pub fn spin_until(us: u64, mut done: impl FnMut() -> bool) -> bool {
 /// Reads the PM timer.
 fn read_pm(reg: AcpiReg) -> u32 {
     match reg {
-        // SAFETY: the FADT names this port as the PM timer; reading it has
-        // no side effect.
-        AcpiReg::Io(p) => unsafe { cpu::inl(p) },
-        // SAFETY: as above, an identity-mapped MMIO register.
-        AcpiReg::Memory(a) => unsafe { core::ptr::read_volatile(a as *const u32) },
+        // The FADT names this port as the PM timer; reading it has no
+        // side effect.
+        AcpiReg::Io(p) => crate::port::inl(p),
+        // As above, an MMIO register.
+        AcpiReg::Memory(a) => crate::memory::mmio_read::<u32>(a),
     }
 }
 
@@ -290,29 +290,24 @@ fn read_pit() -> u16 {
     if PIT_STOPPED.load(Relaxed) {
         return 0xFFFF;
     }
-    // SAFETY: PIT channel 2 (the speaker timer, gated off from the
-    // speaker); nothing else uses it while the hypervisor boots.
-    unsafe {
-        cpu::outb(0x43, 0b1000_0000); // latch channel 2
-        let lo = cpu::inb(0x42);
-        let hi = cpu::inb(0x42);
-        u16::from_le_bytes([lo, hi])
-    }
+    // PIT channel 2 (the speaker timer, gated off from the speaker);
+    // nothing else uses it while the hypervisor boots.
+    port::outb(0x43, 0b1000_0000); // latch channel 2
+    let lo = port::inb(0x42);
+    let hi = port::inb(0x42);
+    u16::from_le_bytes([lo, hi])
 }
 
 fn measure_pit() -> Option<u64> {
-    // SAFETY: as in read_pit; the gate is restored afterwards.
-    let gate = unsafe { cpu::inb(0x61) };
-    // SAFETY: as above. Channel 2 as a rate generator over 65536 ticks.
-    unsafe {
-        cpu::outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
-        cpu::outb(0x43, 0b1011_0100); // channel 2, lo/hi, mode 2, binary
-        cpu::outb(0x42, 0);
-        cpu::outb(0x42, 0);
-    }
+    // As in read_pit; the gate is restored afterwards.
+    let gate = port::inb(0x61);
+    // Channel 2 as a rate generator over 65536 ticks.
+    port::outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
+    port::outb(0x43, 0b1011_0100); // channel 2, lo/hi, mode 2, binary
+    port::outb(0x42, 0);
+    port::outb(0x42, 0);
     let hz = measure(|| read_pit() as u32, |a, b| pit_delta(a as u16, b as u16) as u64, MEASURE_PIT_TICKS, PIT_HZ);
-    // SAFETY: as above.
-    unsafe { cpu::outb(0x61, gate) };
+    port::outb(0x61, gate);
     hz
 }
 

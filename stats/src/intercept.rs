@@ -15,6 +15,7 @@
 //! | `intercept=NAME,NAME,...` | adds classes on top of the profile; `-NAME` removes one |
 //! | `preempt=TICKS` / `preempt=off` | the VMX-preemption timer, re-armed every TICKS TSC ticks of guest time (reason 52). The timer does not count in C3 and deeper, so while it is on MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits as a no-op (reason 36) |
 //! | `ept=lazy` / `ept=eager` | EPT filled on demand from EPT violations, or built whole before the guest starts (the default) |
+//! | `ept=off` | shadow paging: while the guest's paging is on, no EPT; page faults (reason 0), CR3 accesses (28), INVLPG (14) and INVPCID (58) exit (see [`SHADOW_REASONS`]); the paging-off phases run on the eager identity EPT |
 //!
 //! The profile is the base wherever it stands on the line (the last
 //! `profile=` wins); `intercept=` words then apply in order, so
@@ -81,6 +82,11 @@ pub static CLASSES: [ClassInfo; N_CLASSES] = [
 pub const PREEMPT_REASON: u16 = 52;
 /// The MWAIT exit, which `preempt=` enables too (see [`Interception::reasons`]).
 pub const MWAIT_REASON: u16 = 36;
+/// The reasons shadow paging (`ept=off`) enables: exceptions (#PF is in the
+/// exception bitmap), INVLPG and INVPCID; CR access (28) is in
+/// [`BASE_REASONS`] and grows by the CR3 loads and stores. EPT violations
+/// (48) stay possible, in the guest's paging-off phases only.
+pub const SHADOW_REASONS: [u16; 3] = [0, 14, 58];
 
 /// Reasons enabled in every profile: the exits VT-x makes unconditional
 /// (CPUID, GETSEC, INVD, XSETBV, the VMX and TDX instructions, triple
@@ -198,6 +204,9 @@ pub struct Interception {
     pub preempt: Option<u64>,
     /// EPT filled on demand.
     pub lazy_ept: bool,
+    /// Shadow paging (`ept=off`); `lazy_ept` is then false (the paging-off
+    /// phases use the eager identity EPT).
+    pub shadow: bool,
 }
 
 impl Default for Interception {
@@ -208,7 +217,7 @@ impl Default for Interception {
 
 impl Interception {
     pub const fn of_profile(p: Profile) -> Interception {
-        Interception { profile: p, classes: p.classes(), preempt: None, lazy_ept: p.lazy_ept() }
+        Interception { profile: p, classes: p.classes(), preempt: None, lazy_ept: p.lazy_ept(), shadow: false }
     }
 
     pub const fn has(&self, c: Class) -> bool {
@@ -230,6 +239,11 @@ impl Interception {
             // MWAIT exits while the timer is on (the timer stops in deep
             // C-states): see the hypervisor's `caps::choose`.
             s.insert(MWAIT_REASON);
+        }
+        if self.shadow {
+            for r in SHADOW_REASONS {
+                s.insert(r);
+            }
         }
         s
     }
@@ -278,7 +292,7 @@ impl core::fmt::Display for InterceptError<'_> {
             InterceptError::BadPreempt(v) => {
                 write!(f, "bad value '{v}' for preempt= (expected 'off' or TSC ticks from {PREEMPT_MIN} to {PREEMPT_MAX})")
             }
-            InterceptError::BadEpt(v) => write!(f, "bad value '{v}' for ept= (expected lazy or eager)"),
+            InterceptError::BadEpt(v) => write!(f, "bad value '{v}' for ept= (expected lazy, eager or off)"),
         }
     }
 }
@@ -290,7 +304,8 @@ pub struct Builder {
     add: ClassSet,
     remove: ClassSet,
     preempt: Option<Option<u64>>,
-    ept: Option<bool>,
+    /// `ept=`: Some(lazy) for lazy or eager, None for off.
+    ept: Option<Option<bool>>,
 }
 
 impl Builder {
@@ -331,8 +346,9 @@ impl Builder {
             }
             "ept" => {
                 self.ept = Some(match value {
-                    "lazy" => true,
-                    "eager" => false,
+                    "lazy" => Some(true),
+                    "eager" => Some(false),
+                    "off" => None,
                     v => return Err(InterceptError::BadEpt(v)),
                 })
             }
@@ -347,7 +363,11 @@ impl Builder {
             profile: self.profile,
             classes: base.classes.union(self.add).minus(self.remove),
             preempt: self.preempt.unwrap_or(base.preempt),
-            lazy_ept: self.ept.unwrap_or(base.lazy_ept),
+            lazy_ept: match self.ept {
+                None => base.lazy_ept,
+                Some(lazy) => lazy.unwrap_or(false),
+            },
+            shadow: self.ept == Some(None),
         }
     }
 }
@@ -452,7 +472,27 @@ mod tests {
             assert_eq!(from_cmdline(&line).unwrap_err(), InterceptError::BadPreempt(bad), "{bad}");
         }
         assert_eq!(from_cmdline("ept=never").unwrap_err(), InterceptError::BadEpt("never"));
+        assert!(InterceptError::BadEpt("x").to_string().contains("lazy, eager or off"));
         assert!(InterceptError::BadPreempt("x").to_string().contains("1000"));
+    }
+
+    #[test]
+    fn ept_off_is_shadow_paging() {
+        let k = from_cmdline("profile=kvm-like ept=off").unwrap();
+        assert!(k.shadow && !k.lazy_ept, "the paging-off phases use the eager EPT");
+        assert!(k.has(Class::Io), "composes with the profile");
+        for r in [0u16, 14, 28, 58, 48] {
+            assert!(k.reasons().contains(r as u32), "reason {r}");
+        }
+        let m = from_cmdline("ept=off").unwrap();
+        assert_eq!(m.classes, ClassSet::of(&[Class::Hlt]));
+        assert!(!m.reason_off(0) && !m.reason_off(14) && !m.reason_off(58));
+        assert!(m.reason_off(1) && m.reason_off(16), "other classes stay off");
+        assert!(Interception::default().reason_off(0));
+        // The last ept= wins.
+        let l = from_cmdline("ept=off ept=lazy").unwrap();
+        assert!(!l.shadow && l.lazy_ept);
+        assert!(!from_cmdline("ept=lazy ept=off").unwrap().lazy_ept);
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //!
 //! With `--emulator qemu`: the bench guest as a plain KVM guest and as a
 //! guest of Exitscope under nested KVM, where /dev/kvm and VT-x allow it.
+//!
+//! With `--peer kvm`: Exitscope and KVM side by side in Bochs (`peer.rs`).
 
 use crate::bochs;
 use crate::image::{self, IsoSpec};
@@ -32,18 +34,26 @@ use std::time::{Duration, Instant};
 pub const KINDS: [&str; 5] = ["native", "cpuid", "vmcall", "rdmsr", "out"];
 /// Default loop length.
 const DEFAULT_ITERS: u64 = 10_000;
+/// Most samples of the bench guest's per-sample pass (its `MAX_SAMPLES`).
+pub const MAX_SAMPLES: u64 = 10_000;
+
+/// The bench guest's command line for `iters` iterations: as many samples,
+/// up to [`MAX_SAMPLES`].
+pub fn guest_args(iters: u64) -> String {
+    format!("iters={iters} samples={}", iters.min(MAX_SAMPLES))
+}
 /// Exit reason number of each measurement (none for the native loop).
 const REASON_OF: [(&str, u32); 4] = [("cpuid", 10), ("vmcall", 18), ("rdmsr", 31), ("out", 30)];
 
 /// A hypervisor build of the benchmark.
-struct Variant {
-    name: &'static str,
+pub(crate) struct Variant {
+    pub(crate) name: &'static str,
     /// The cargo arguments that select its features.
     cargo: &'static [&'static str],
     what: &'static str,
 }
 
-const VARIANTS: [Variant; 3] = [
+pub(crate) const VARIANTS: [Variant; 3] = [
     Variant { name: "full", cargo: &[], what: "default features: accounting + detailed statistics" },
     Variant {
         name: "accounting",
@@ -84,6 +94,39 @@ impl Measure {
     }
 }
 
+/// One `BENCH samples NAME ...` line: the distribution of per-sample
+/// brackets (raw ticks, bracket overhead included).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples {
+    pub name: String,
+    pub n: u64,
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub sum: u64,
+    /// The most frequent values, most frequent first: (value, count).
+    pub top: Vec<(u64, u64)>,
+}
+
+impl Samples {
+    pub fn mean(&self) -> f64 {
+        self.sum as f64 / self.n as f64
+    }
+}
+
+/// Parses the `top=V:C,V:C` field.
+fn parse_top(v: &str) -> Result<Vec<(u64, u64)>> {
+    v.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (a, b) = p.split_once(':').ok_or_else(|| format!("bad top entry '{p}'"))?;
+            Ok((a.parse().map_err(|_| format!("bad top value '{a}'"))?, b.parse().map_err(|_| format!("bad top count '{b}'"))?))
+        })
+        .collect()
+}
+
 /// Everything one run of the bench guest printed.
 #[derive(Debug, Clone, Default)]
 pub struct GuestRun {
@@ -92,11 +135,15 @@ pub struct GuestRun {
     /// `on`, `off` or `na`.
     pub accounting: String,
     pub iters: u64,
+    /// Samples per measurement of the per-sample pass (`samples=`; 0: none).
+    pub samples_per: u64,
     pub timer_overhead: i64,
     pub leafcost: Fig,
     pub measures: Vec<Measure>,
     /// Measurements whose instruction faulted: (name, reason).
     pub skipped: Vec<(String, String)>,
+    /// The per-sample pass, in its order.
+    pub samples: Vec<Samples>,
 }
 
 impl GuestRun {
@@ -106,6 +153,14 @@ impl GuestRun {
     /// Guest cycles per round trip of `name`: its loop minus the native loop.
     pub fn round_trip(&self, name: &str) -> Option<f64> {
         Some(self.get(name)?.guest_per_iter() - self.get("native")?.guest_per_iter())
+    }
+    pub fn samples_of(&self, name: &str) -> Option<&Samples> {
+        self.samples.iter().find(|m| m.name == name)
+    }
+    /// A statistic of `name`'s samples minus the native bracket's median
+    /// (the bracket overhead): a per-sample round trip.
+    pub fn sample_round_trip(&self, name: &str, stat: impl Fn(&Samples) -> f64) -> Option<f64> {
+        Some(stat(self.samples_of(name)?) - self.samples_of("native")?.p50 as f64)
     }
 }
 
@@ -143,11 +198,34 @@ pub fn parse_guest(serial: &str) -> Result<GuestRun> {
                 r.hv = f.get("hv").unwrap_or(&"").to_string();
                 r.accounting = f.get("accounting").unwrap_or(&"").to_string();
                 r.iters = num(&f, "iters").map_err(bad)?;
+                r.samples_per = if f.contains_key("samples") { num(&f, "samples").map_err(bad)? } else { 0 };
             }
             "timer" => r.timer_overhead = num(&f, "overhead").map_err(bad)?,
             "leafcost" => r.leafcost = fig(&f, "cycles").map_err(bad)?,
             "note:" => {}
             "DONE" => done = true,
+            "samples" => {
+                let (name, tail) = tail.split_once(' ').unwrap_or((tail, ""));
+                if !KINDS.contains(&name) {
+                    return Err(bad(format!("unknown measurement '{name}'")));
+                }
+                let f = fields(tail);
+                let n: u64 = num(&f, "n").map_err(bad)?;
+                if n == 0 {
+                    return Err(bad("n=0".into()));
+                }
+                r.samples.push(Samples {
+                    name: name.to_string(),
+                    n,
+                    min: num(&f, "min").map_err(bad)?,
+                    p50: num(&f, "p50").map_err(bad)?,
+                    p90: num(&f, "p90").map_err(bad)?,
+                    p99: num(&f, "p99").map_err(bad)?,
+                    max: num(&f, "max").map_err(bad)?,
+                    sum: num(&f, "sum").map_err(bad)?,
+                    top: parse_top(f.get("top").copied().unwrap_or("")).map_err(bad)?,
+                });
+            }
             name if KINDS.contains(&name) => {
                 if let Some(why) = f.get("skipped") {
                     r.skipped.push((name.to_string(), why.to_string()));
@@ -177,14 +255,16 @@ pub fn parse_guest(serial: &str) -> Result<GuestRun> {
 // ---------------------------------------------------------------------------
 // Options
 
-struct Opts {
-    emulator: String,
-    iters: u64,
+pub(crate) struct Opts {
+    pub(crate) emulator: String,
+    pub(crate) iters: u64,
     linux: bool,
+    /// `--peer kvm`: only the side-by-side comparison with KVM.
+    peer: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
-    let mut o = Opts { emulator: "bochs".into(), iters: DEFAULT_ITERS, linux: true };
+    let mut o = Opts { emulator: "bochs".into(), iters: DEFAULT_ITERS, linux: true, peer: None };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
@@ -194,6 +274,13 @@ fn parse(args: &[String]) -> Result<Opts> {
                 o.iters = val(a)?.parse().ok().filter(|&n| n >= 1).ok_or("--iters needs a number, at least 1")?;
             }
             "--no-linux" => o.linux = false,
+            "--peer" => {
+                let p = val(a)?;
+                if p != "kvm" {
+                    return Err(format!("unknown peer '{p}' (kvm)"));
+                }
+                o.peer = Some(p);
+            }
             _ => return Err(format!("unknown bench option '{a}'\n\n{}", crate::USAGE)),
         }
     }
@@ -202,6 +289,12 @@ fn parse(args: &[String]) -> Result<Opts> {
 
 pub fn cmd_bench(args: &[String]) -> Result {
     let o = parse(args)?;
+    if o.peer.is_some() {
+        if o.emulator != "bochs" {
+            return Err("--peer kvm runs in Bochs only".into());
+        }
+        return crate::peer::bench_peer_kvm(&o);
+    }
     match o.emulator.as_str() {
         "bochs" => bench_bochs(&o),
         "qemu" => bench_qemu(&o),
@@ -209,7 +302,7 @@ pub fn cmd_bench(args: &[String]) -> Result {
     }
 }
 
-fn bench_dir() -> PathBuf {
+pub(crate) fn bench_dir() -> PathBuf {
     util::root().join("target").join("bench")
 }
 
@@ -217,7 +310,7 @@ fn bench_dir() -> PathBuf {
 // Building and running
 
 /// Builds one hypervisor variant into target/bench and copies its ELF aside.
-fn build_variant(v: &Variant) -> Result<PathBuf> {
+pub(crate) fn build_variant(v: &Variant) -> Result<PathBuf> {
     let target_dir = bench_dir().join("cargo");
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(util::root())
@@ -243,15 +336,15 @@ fn children_cpu() -> Duration {
 }
 
 /// A finished Bochs run with the host CPU time it took.
-struct Timed {
-    out: bochs::Outcome,
-    cpu: Duration,
+pub(crate) struct Timed {
+    pub(crate) out: bochs::Outcome,
+    pub(crate) cpu: Duration,
 }
 
 /// Boots `iso` in Bochs (one CPU, 512 MiB) and measures the CPU time of the
 /// Bochs process (runs are sequential, so the children's rusage delta is
 /// that one process).
-fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
+pub(crate) fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
     let before = children_cpu();
     let out = bochs::run(&bochs::Run {
         name,
@@ -270,10 +363,10 @@ fn run_iso(name: &str, iso: &Path, timeout: u64) -> Result<Timed> {
 }
 
 /// The bench guest under hypervisor `hv` in Bochs.
-fn guest_in_bochs(name: &str, hv: &Path, guest: &Path, iters: u64) -> Result<(GuestRun, Timed)> {
+pub(crate) fn guest_in_bochs(name: &str, hv: &Path, guest: &Path, iters: u64) -> Result<(GuestRun, Timed)> {
     let work = util::out_dir().join("runs").join(name);
     let iso = work.join("exitscope.iso");
-    let args = format!("iters={iters}");
+    let args = guest_args(iters);
     image::grub_iso(&IsoSpec { hypervisor: hv, hv_args: "", guest: Some(guest), guest_args: &args, modules: &[] }, &work, &iso)?;
     let t = run_iso(name, &iso, 120 + iters / 1000)?;
     let g = parse_guest(&t.out.serial).map_err(|e| format!("{name}: {e}\n{}", t.out.describe()))?;
@@ -338,7 +431,7 @@ fn bench_initramfs(dir: &Path) -> Result<PathBuf> {
 }
 
 /// A GRUB ISO that boots Linux directly (no Exitscope).
-fn native_linux_iso(kernel: &Path, initrd: &Path, append: &str, work: &Path, iso: &Path) -> Result {
+pub(crate) fn native_linux_iso(kernel: &Path, initrd: &Path, append: &str, work: &Path, iso: &Path) -> Result {
     let tree = work.join("iso");
     let _ = std::fs::remove_dir_all(&tree);
     let boot = tree.join("boot");
@@ -532,6 +625,11 @@ pub fn check_guest(g: &GuestRun, counting: bool) -> Result {
     }
     for k in KINDS {
         let m = g.get(k).ok_or_else(|| format!("no {k} measurement"))?;
+        match (g.samples_of(k), g.samples_per) {
+            (None, 0) => {}
+            (Some(s), n) if s.n == n && s.min <= s.p50 && s.p50 <= s.p90 && s.p90 <= s.p99 && s.p99 <= s.max => {}
+            (s, n) => return Err(format!("{k}: samples {s:?}, expected {n} ordered ones")),
+        }
         if m.iters != g.iters || m.guest_cycles <= 0 {
             return Err(format!("{k}: iters={} guest_cycles={}", m.iters, m.guest_cycles));
         }
@@ -561,17 +659,17 @@ pub fn check_guest(g: &GuestRun, counting: bool) -> Result {
 }
 
 /// Where the figures came from.
-struct Environment {
-    host_cpu: String,
-    host_cores: usize,
-    bochs: String,
-    bochs_cpu: String,
-    kernel: String,
-    rustc: String,
+pub(crate) struct Environment {
+    pub(crate) host_cpu: String,
+    pub(crate) host_cores: usize,
+    pub(crate) bochs: String,
+    pub(crate) bochs_cpu: String,
+    pub(crate) kernel: String,
+    pub(crate) rustc: String,
 }
 
 impl Environment {
-    fn probe() -> Environment {
+    pub(crate) fn probe() -> Environment {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let host_cpu = cpuinfo
             .lines()
@@ -600,11 +698,11 @@ impl Environment {
     }
 }
 
-fn f1(x: Option<f64>) -> String {
+pub(crate) fn f1(x: Option<f64>) -> String {
     x.map_or("-".into(), |v| format!("{v:.1}"))
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b != 0.0 => Some(a / b),
         _ => None,
@@ -788,7 +886,7 @@ fn verdict(ok: Option<bool>) -> &'static str {
 // ---------------------------------------------------------------------------
 // JSON (written by hand: xtask has no JSON library)
 
-fn js(s: &str) -> String {
+pub(crate) fn js(s: &str) -> String {
     let mut o = String::from("\"");
     for c in s.chars() {
         match c {
@@ -804,7 +902,7 @@ fn js(s: &str) -> String {
     o
 }
 
-fn jf(x: Option<f64>) -> String {
+pub(crate) fn jf(x: Option<f64>) -> String {
     x.filter(|v| v.is_finite()).map_or("null".into(), |v| format!("{v:.4}"))
 }
 
@@ -966,7 +1064,7 @@ fn bochs_json(
     s
 }
 
-fn command_line(o: &Opts) -> String {
+pub(crate) fn command_line(o: &Opts) -> String {
     let mut c = String::from("cargo xtask bench");
     if o.emulator != "bochs" {
         let _ = write!(c, " --emulator {}", o.emulator);
@@ -977,11 +1075,14 @@ fn command_line(o: &Opts) -> String {
     if !o.linux {
         c.push_str(" --no-linux");
     }
+    if let Some(p) = &o.peer {
+        let _ = write!(c, " --peer {p}");
+    }
     c
 }
 
 /// FNV-1a, 64 bits: identifies the inputs of a run in ticks.txt.
-fn fnv1a(b: &[u8]) -> u64 {
+pub(crate) fn fnv1a(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
 }
 
@@ -990,17 +1091,22 @@ fn fnv1a(b: &[u8]) -> u64 {
 /// both runs have and that differ although every input both runs used is
 /// the same (the benchmark promises determinism).
 fn compare_with_previous(ticks: &str) -> Result<(String, bool)> {
-    let path = bench_dir().join("ticks.txt");
+    compare_with_previous_in("ticks.txt", ticks)
+}
+
+/// [`compare_with_previous`] with the ticks file `file` of target/bench.
+pub(crate) fn compare_with_previous_in(file: &str, ticks: &str) -> Result<(String, bool)> {
+    let path = bench_dir().join(file);
     let prev = std::fs::read_to_string(&path).ok();
     util::write(&path, ticks)?;
     Ok(match prev {
-        None => ("first run (no previous target/bench/ticks.txt to compare with)".into(), false),
+        None => (format!("first run (no previous target/bench/{file} to compare with)"), false),
         Some(prev) => compare_ticks(&prev, ticks),
     })
 }
 
 /// The comparison of [`compare_with_previous`], on the two files' texts.
-fn compare_ticks(prev: &str, ticks: &str) -> (String, bool) {
+pub(crate) fn compare_ticks(prev: &str, ticks: &str) -> (String, bool) {
     // "input NAME HASH", "iters N", then "KEY figures..." lines.
     let split = |t: &str| -> BTreeMap<String, String> {
         t.lines()
@@ -1057,7 +1163,7 @@ fn bench_qemu(o: &Opts) -> Result {
     // 1. The bench guest directly under KVM. HLT does not end a plain KVM
     //    guest: it leaves through QEMU's isa-debug-exit port.
     eprintln!("xtask: bench guest as a KVM guest (iters={})", o.iters);
-    let args = format!("iters={} exit=isa-debug", o.iters);
+    let args = format!("{} exit=isa-debug", guest_args(o.iters));
     let (serial, timed_out) = crate::qemu::run_kernel(
         &guest,
         &args,
@@ -1075,7 +1181,7 @@ fn bench_qemu(o: &Opts) -> Result {
     // 2. The same guest under Exitscope, itself a KVM guest (nested VT-x).
     //    The guest's CLI; HLT ends the run and Exitscope powers off.
     eprintln!("xtask: bench guest under Exitscope under KVM (nested)");
-    let module = format!("{} iters={}", guest.display(), o.iters);
+    let module = format!("{} {}", guest.display(), guest_args(o.iters));
     let (serial, timed_out) = crate::qemu::run_kernel(
         &art.hypervisor,
         "",
@@ -1162,7 +1268,7 @@ mod unit {
 
     const LOG: &str = "\
 [exitscope] entering the guest\n\
-BENCH START hv=exitscope accounting=on iters=100\n\
+BENCH START hv=exitscope accounting=on iters=100 samples=100\n\
 BENCH timer overhead=7\n\
 BENCH leafcost cycles=250\n\
 BENCH native iters=100 guest_cycles=300 hv_exits=0 hv_cycles=0 other_exits=0\n\
@@ -1170,6 +1276,11 @@ BENCH cpuid iters=100 guest_cycles=13400 hv_exits=100 hv_cycles=8000 other_exits
 BENCH vmcall iters=100 guest_cycles=12000 hv_exits=100 hv_cycles=7000 other_exits=0\n\
 BENCH rdmsr iters=100 guest_cycles=14000 hv_exits=100 hv_cycles=9000 other_exits=0\n\
 BENCH out iters=100 guest_cycles=15000 hv_exits=100 hv_cycles=10000 other_exits=0\n\
+BENCH samples native n=100 min=6 p50=6 p90=6 p99=6 max=6 sum=600 top=6:100\n\
+BENCH samples cpuid n=100 min=137 p50=137 p90=137 p99=140 max=1500 sum=15063 top=137:98,140:1,1500:1\n\
+BENCH samples vmcall n=100 min=126 p50=126 p90=126 p99=126 max=126 sum=12600 top=126:100\n\
+BENCH samples rdmsr n=100 min=146 p50=146 p90=146 p99=146 max=146 sum=14600 top=146:100\n\
+BENCH samples out n=100 min=156 p50=156 p90=156 p99=156 max=156 sum=15600 top=156:100\n\
 BENCH DONE\n";
 
     #[test]
@@ -1182,6 +1293,33 @@ BENCH DONE\n";
         assert_eq!(g.get("cpuid").unwrap().hv_per_exit(), Some(80.0));
         check_guest(&g, true).unwrap();
         assert!(check_guest(&g, false).is_err());
+        let c = g.samples_of("cpuid").unwrap();
+        assert_eq!((c.n, c.min, c.p50, c.p99, c.max, c.sum), (100, 137, 137, 140, 1500, 15063));
+        assert_eq!(c.top, vec![(137, 98), (140, 1), (1500, 1)]);
+        assert_eq!(g.sample_round_trip("cpuid", |s| s.p50 as f64), Some(131.0));
+        assert_eq!(g.sample_round_trip("cpuid", Samples::mean), Some(144.63));
+    }
+
+    #[test]
+    fn rejects_bad_samples() {
+        assert!(parse_guest(&LOG.replace("samples out n=100", "samples bogus n=100")).is_err());
+        assert!(parse_guest(&LOG.replace("top=137:98,", "top=137-98,")).is_err());
+        assert!(parse_guest(&LOG.replace("samples native n=100", "samples native n=0")).is_err());
+        assert!(parse_guest(&LOG.replace("p99=140", "p99=x")).is_err());
+        // A missing, short or unordered sample line fails the check.
+        let g = parse_guest(&LOG.replace("BENCH samples rdmsr n=100 min=146 p50=146 p90=146 p99=146 max=146 sum=14600 top=146:100\n", ""))
+            .unwrap();
+        assert!(check_guest(&g, true).unwrap_err().contains("rdmsr: samples None"));
+        let g = parse_guest(&LOG.replace("samples vmcall n=100", "samples vmcall n=99")).unwrap();
+        assert!(check_guest(&g, true).is_err());
+        // Without samples= (the smoke test's run) there must be no pass.
+        let g = parse_guest(&LOG.replace(" samples=100", "")).unwrap();
+        assert_eq!(g.samples_per, 0);
+        assert!(check_guest(&g, true).unwrap_err().contains("expected 0"));
+        let none: String = LOG.lines().filter(|l| !l.starts_with("BENCH samples")).map(|l| format!("{l}\n")).collect();
+        check_guest(&parse_guest(&none.replace(" samples=100", "")).unwrap(), true).unwrap();
+        let g = parse_guest(&LOG.replace("p50=156 p90=156", "p50=157 p90=156")).unwrap();
+        assert!(check_guest(&g, true).is_err());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub const DEFAULT_TESTS: &[&str] = &[
     "idt_test",
     "realmode",
     "hypercall",
+    "xapic",
+    "x2apic",
 ];
 
 pub const PROFILES: &[&str] = &["minimal", "kvm-like", "all"];
@@ -191,6 +193,10 @@ pub struct TestResult {
     pub reports: Vec<String>,
     /// For the vmexit tests: the figure line (`cpuid 1652`).
     pub figure: Option<String>,
+    /// The library's `Unhandled exception 13 #GP(0) at ip ...` line: an
+    /// exception the test did not expect, after which it exits (natively,
+    /// xapic and x2apic end so in Bochs).
+    pub exception: Option<String>,
     pub end: End,
 }
 
@@ -210,7 +216,7 @@ const REPORT_PREFIXES: &[&str] = &["PASS: ", "FAIL: ", "XFAIL: ", "XPASS: ", "KF
 /// (its argument) whose `NAME <cycles>` line is the figure; `timed_out`
 /// says whether the run hit its limit.
 pub fn parse_result(serial: &str, figure_key: &str, timed_out: bool) -> TestResult {
-    let mut r = TestResult { summary: None, done: None, reports: Vec::new(), figure: None, end: End::Ended };
+    let mut r = TestResult { summary: None, done: None, reports: Vec::new(), figure: None, exception: None, end: End::Ended };
     let mut stopped = None;
     let mut last = "";
     for line in serial.lines() {
@@ -232,6 +238,8 @@ pub fn parse_result(serial: &str, figure_key: &str, timed_out: bool) -> TestResu
             r.summary = Some(parse_summary(s));
         } else if let Some(d) = line.strip_prefix("--- DONE: ").and_then(|d| d.strip_suffix(" ---")) {
             r.done = d.trim().parse().ok();
+        } else if line.starts_with("Unhandled exception ") {
+            r.exception.get_or_insert_with(|| line.to_string());
         } else if REPORT_PREFIXES.iter().any(|p| line.starts_with(p)) || line == "PASS" || line == "FAIL" {
             // rmap_chain's verdict is a bare PASS (or FAIL) line.
             r.reports.push(line.to_string());
@@ -272,9 +280,14 @@ fn parse_summary(s: &str) -> [u32; 4] {
 
 impl TestResult {
     /// Whether the test said how it went: SUMMARY, DONE, its vmexit
-    /// figure, or a bare PASS/FAIL line (rmap_chain).
+    /// figure, a bare PASS/FAIL line (rmap_chain), or an unhandled
+    /// exception that ended it.
     pub fn has_verdict(&self) -> bool {
-        self.summary.is_some() || self.done.is_some() || self.figure.is_some() || self.reports.iter().any(|l| l == "PASS" || l == "FAIL")
+        self.summary.is_some()
+            || self.done.is_some()
+            || self.figure.is_some()
+            || self.exception.is_some()
+            || self.reports.iter().any(|l| l == "PASS" || l == "FAIL")
     }
 
     /// The short verdict of a table cell.
@@ -298,6 +311,10 @@ impl TestResult {
         }
         if let Some(d) = self.done {
             return format!("{} ({})", if d == 0 { "DONE 0" } else { "DONE 1" }, counts(p, f));
+        }
+        if let Some(e) = &self.exception {
+            let what = e.strip_prefix("Unhandled exception ").and_then(|e| e.split_whitespace().nth(1)).unwrap_or("?");
+            return format!("unhandled {what} ({})", counts(p, f));
         }
         match &self.figure {
             Some(fig) => format!("ran: {fig}"),
@@ -337,6 +354,9 @@ impl TestResult {
         }
         if self.done != native.done {
             return Some(format!("DONE {:?} vs native {:?}", self.done, native.done));
+        }
+        if self.exception != native.exception {
+            return Some(format!("unhandled exception {:?} vs native {:?}", self.exception, native.exception));
         }
         None
     }
@@ -518,10 +538,29 @@ impl Config {
 /// slowest tests of the list take about 60 s natively.
 pub const CPU_LIMIT: Duration = Duration::from_secs(240);
 
+/// The least CPU limit of the tests that run for a fixed number of TSC
+/// ticks (the vmexit tests: rounds of doubling iterations until one takes
+/// 2^30 ticks, so 2^31 to 2^32 ticks in all) or a fixed amount of work
+/// (sieve): minutes of Bochs CPU natively, and under Exitscope every VM
+/// exit costs Bochs about 8 us for about one tick, so vmexit_ipi on two
+/// CPUs (two exits per IPI) takes several times its native 165 s.
+pub const SLOW_CPU_LIMIT: Duration = Duration::from_secs(1200);
+
+/// The CPU limit for `test`: `base`, or at least [`SLOW_CPU_LIMIT`] for
+/// the vmexit tests and sieve.
+pub fn cpu_limit_for(test: &str, base: Duration) -> Duration {
+    if test.starts_with("vmexit_") || test == "sieve" {
+        base.max(SLOW_CPU_LIMIT)
+    } else {
+        base
+    }
+}
+
 /// Runs `test` once as `cfg` says; returns its serial log and whether it
-/// timed out.
+/// timed out (after `cpu_limit`, or [`cpu_limit_for`] the test).
 pub fn run_one(s: &Suite, hypervisor: &Path, test: &str, cfg: &Config, cpu_limit: Duration) -> Result<(String, bool)> {
     let t = s.cfg.get(test).ok_or_else(|| format!("x86/unittests.cfg has no test '{test}'"))?;
+    let cpu_limit = cpu_limit_for(test, cpu_limit);
     let flat = s.dir.join("x86").join(&t.file);
     if !flat.is_file() {
         return Err(format!("{} was not built", flat.display()));
@@ -776,6 +815,15 @@ test_args = \"10000000 `date +%s`\"
 ";
 
     #[test]
+    fn slow_tests_get_a_larger_cpu_limit() {
+        let base = Duration::from_secs(240);
+        assert_eq!(cpu_limit_for("vmexit_ipi", base), SLOW_CPU_LIMIT);
+        assert_eq!(cpu_limit_for("sieve", base), SLOW_CPU_LIMIT);
+        assert_eq!(cpu_limit_for("access", base), base);
+        assert_eq!(cpu_limit_for("vmexit_cpuid", Duration::from_secs(5000)), Duration::from_secs(5000));
+    }
+
+    #[test]
     fn cfg_sections() {
         let c = parse_cfg(CFG);
         assert_eq!(c.len(), 3);
@@ -827,6 +875,20 @@ test_args = \"10000000 `date +%s`\"
         let p =
             parse_result("cpuid 10\n[exitscope] guest ended on vCPU 0: guest powered off: Bochs shutdown port (0x8900)\n", "cpuid", false);
         assert_eq!(p.end, End::Ended);
+    }
+
+    #[test]
+    fn unhandled_exception_is_a_verdict_and_compared() {
+        let native = parse_result("PASS: a\nFAIL: b\nUnhandled exception 13 #GP(0) at ip 0000000000407428\nerror_code=0000\n", "", false);
+        assert!(native.has_verdict());
+        assert_eq!(native.cell(), "unhandled #GP(0) (1 pass, 1 fail)");
+        let same = parse_result("PASS: a\nFAIL: b\nUnhandled exception 13 #GP(0) at ip 0000000000407428\n", "", false);
+        assert_eq!(same.differs_from(&native), None);
+        let other = parse_result("PASS: a\nFAIL: b\nUnhandled exception 6 #UD at ip 0000000000407428\n", "", false);
+        assert!(other.differs_from(&native).is_some_and(|d| d.contains("unhandled exception")));
+        let none = parse_result("PASS: a\nFAIL: b\n", "", false);
+        assert!(!none.has_verdict());
+        assert!(none.differs_from(&native).is_some());
     }
 
     #[test]

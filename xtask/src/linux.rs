@@ -62,17 +62,95 @@ pub fn debian_kernel() -> Result<PathBuf> {
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .ok_or("the kernel package has no /boot/vmlinuz-*")?;
     util::copy(&vmlinuz, &kernel)?;
-    util::write(&dir.join("version"), vmlinuz.file_name().unwrap().to_string_lossy().as_bytes())?;
+    let name = vmlinuz.file_name().unwrap().to_string_lossy().into_owned();
+    // Keep the KVM modules too (`bench --peer kvm`), so that a fresh clone
+    // downloads the package once; a package without them is not an error here.
+    if let Some(release) = name.strip_prefix("vmlinuz-") {
+        let mods = unpack.join("lib/modules").join(release);
+        for m in KVM_MODULES {
+            if mods.join(m).is_file() {
+                util::copy(&mods.join(m), &dir.join("kvm").join(release).join(Path::new(m).file_name().unwrap()))?;
+            }
+        }
+    }
+    util::write(&dir.join("version"), name.as_bytes())?;
     let _ = std::fs::remove_dir_all(&dl);
     Ok(kernel)
 }
 
+/// The KVM modules of the cached Debian kernel, in load order: `irqbypass`
+/// (which `kvm` depends on), `kvm`, `kvm-intel` (which depends on `kvm`).
+pub const KVM_MODULES: [&str; 3] = ["kernel/virt/lib/irqbypass.ko", "kernel/arch/x86/kvm/kvm.ko", "kernel/arch/x86/kvm/kvm-intel.ko"];
+
+/// The cached kernel's KVM modules ([`KVM_MODULES`], in that order), taken
+/// from the same Debian package as [`debian_kernel`] (downloaded again once
+/// if the cache holds only the kernel) and cached under
+/// target/exitscope/cache/linux/kvm. Each module's `vermagic` must name the
+/// kernel's release. `EXITSCOPE_KERNEL` is refused: its modules are unknown.
+pub fn debian_kvm_modules() -> Result<(String, Vec<(String, PathBuf)>)> {
+    if std::env::var_os("EXITSCOPE_KERNEL").is_some() {
+        return Err("the KVM peer needs Debian's kernel and its modules: unset EXITSCOPE_KERNEL".into());
+    }
+    debian_kernel()?;
+    let dir = cache_dir().join("linux");
+    let version = std::fs::read_to_string(dir.join("version")).map_err(|e| format!("{}: {e}", dir.join("version").display()))?;
+    let release = version.trim().strip_prefix("vmlinuz-").ok_or_else(|| format!("odd kernel version file '{version}'"))?.to_string();
+    let kvm_dir = dir.join("kvm").join(&release);
+    let name = |m: &str| Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
+    let paths: Vec<(String, PathBuf)> = KVM_MODULES.iter().map(|m| (name(m), kvm_dir.join(name(m)))).collect();
+    if !paths.iter().all(|(_, p)| p.is_file()) {
+        let pkg = format!("linux-image-{release}");
+        eprintln!("xtask: downloading {pkg} for its KVM modules (once)");
+        let dl = dir.join("download-kvm");
+        let _ = std::fs::remove_dir_all(&dl);
+        std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
+        util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
+        let deb = std::fs::read_dir(&dl)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or("apt-get download produced no .deb")?;
+        let unpack = dl.join("unpacked");
+        util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+        let mods = unpack.join("lib/modules").join(&release);
+        for (m, (_, to)) in KVM_MODULES.iter().zip(&paths) {
+            let from = mods.join(m);
+            if !from.is_file() {
+                return Err(format!("{pkg} has no {} (a kernel without KVM modules?)", from.display()));
+            }
+            util::copy(&from, to)?;
+        }
+        let _ = std::fs::remove_dir_all(&dl);
+    }
+    for (_, p) in &paths {
+        let b = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        match modinfo(&b, "vermagic") {
+            Some(v) if v.split_whitespace().next() == Some(release.as_str()) => {}
+            v => return Err(format!("{}: vermagic {v:?} does not name the kernel {release}", p.display())),
+        }
+    }
+    Ok((release, paths))
+}
+
+/// A `.modinfo` field (`key=value\0`) of a kernel module's bytes.
+pub fn modinfo(module: &[u8], key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    module.split(|&b| b == 0).filter_map(|s| s.strip_prefix(pat.as_bytes())).map(|v| String::from_utf8_lossy(v).into_owned()).next()
+}
+
 /// Builds `exitstat` as a static Linux binary.
 pub fn build_exitstat() -> Result<PathBuf> {
+    build_static("exitstat")
+}
+
+/// Builds a workspace binary of the same name as its package (`exitstat`,
+/// `kvmpeer`) as a static Linux (musl) binary.
+pub fn build_static(package: &str) -> Result<PathBuf> {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(util::root()).args(["build", "--release", "-p", "exitstat", "--target", "x86_64-unknown-linux-musl"]);
+    c.current_dir(util::root()).args(["build", "--release", "-p", package, "--target", "x86_64-unknown-linux-musl"]);
     util::run(&mut c)?;
-    Ok(util::root().join("target/x86_64-unknown-linux-musl/release/exitstat"))
+    Ok(util::root().join("target/x86_64-unknown-linux-musl/release").join(package))
 }
 
 /// The init script of the default Linux guest. The kernel command line
@@ -199,6 +277,15 @@ impl Cpio {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_modinfo_fields() {
+        let m = b"\x7fELF\0\0junk\0depends=kvm\0name=kvm_intel\0vermagic=6.1.0-57-cloud-amd64 SMP preempt mod_unload modversions \0";
+        assert_eq!(modinfo(m, "depends").as_deref(), Some("kvm"));
+        assert_eq!(modinfo(m, "vermagic").as_deref(), Some("6.1.0-57-cloud-amd64 SMP preempt mod_unload modversions "));
+        assert_eq!(modinfo(m, "name").as_deref(), Some("kvm_intel"));
+        assert_eq!(modinfo(m, "license"), None);
+    }
 
     #[test]
     fn cpio_layout() {

@@ -8,17 +8,21 @@
 //! cargo xtask image --uefi|--bios|--iso OUT [options]
 //!                                   UEFI/BIOS disk images, the hybrid GRUB ISO
 //! cargo xtask report LOG [options]  perf-kvm-stat-like table and charts of a serial log
+//! cargo xtask compare A B [options] two runs' exits and cycles side by side
 //! cargo xtask conformance [options] kvm-unit-tests natively and under Exitscope, compared
 //! ```
 
 mod bench;
 mod bochs;
 mod build;
+mod compare;
 mod conformance;
 mod deps;
 mod image;
 mod lint;
 mod linux;
+mod modgraph;
+mod peer;
 mod qemu;
 mod report;
 mod tests;
@@ -49,6 +53,7 @@ commands:
       --timeout SECS         give up after this long (default 120, Linux 900)
       --verbose              show the [exitscope-json] lines on the terminal too
                              (serial.log always has them)
+      --compare-with PATH    after the run, 'cargo xtask compare PATH <this run's log>'
   image [options]            write bootable images for a USB stick (or a CD)
       --uefi OUT.img         UEFI disk image: rust-osdev bootloader, GPT
       --bios OUT.img         legacy BIOS disk image: rust-osdev bootloader, MBR
@@ -78,12 +83,24 @@ commands:
                              under Exitscope; says why and exits 0 without /dev/kvm and VT-x)
       --iters N              loop iterations per measurement (default 10000)
       --no-linux             skip the Linux boots (Bochs)
+      --peer kvm             only Exitscope vs. KVM, side by side in one run: the bench
+                             guest under Exitscope, and on /dev/kvm of Debian's kernel
+                             booted natively in Bochs (writes results-peer-kvm.json)
   report LOG [options]       the perf-kvm-stat-like table of a serial log's last dump
                              (JSON dump preferred, else the human one) and charts as
                              SVG and PNG in <directory of LOG>/report/ (run does this
                              at the end of every run)
       --tsc-hz HZ            TSC frequency for a time axis in seconds (default: TSC
                              ticks; the report suggests what a Linux guest logged)
+      --out DIR              write the charts there instead
+      --json                 print the table as one JSON object
+      --no-charts            only the table
+  compare A B [options]      two runs side by side: each reason's exits and cycles in A
+                             and B, the difference B-A and the ratio B/A, totals, and
+                             charts (compare-exits, compare-cycles; SVG and PNG) in
+                             target/compare/; A and B are serial logs, files of
+                             '[exitscope-json] ' lines or 'report --json' output
+      --names NAME_A,NAME_B  what to call them (default: the file names)
       --out DIR              write the charts there instead
       --json                 print the table as one JSON object
       --no-charts            only the table
@@ -98,6 +115,7 @@ fn main() {
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("image") => uefi::cmd_image(&args[1..]),
         Some("report") => report::cmd_report(&args[1..]),
+        Some("compare") => compare::cmd_compare(&args[1..]),
         Some("lint") => lint::cmd_lint(),
         Some("conformance") => conformance::cmd_conformance(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
@@ -132,6 +150,7 @@ pub struct RunOpts {
     pub cpus: u32,
     pub emulator: String,
     pub timeout: Option<u64>,
+    pub compare_with: Option<PathBuf>,
     /// Echo the `[exitscope-json]` lines too.
     pub verbose: bool,
 }
@@ -159,6 +178,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
         emulator: "bochs".into(),
         timeout: None,
         verbose: false,
+        compare_with: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -173,6 +193,7 @@ fn parse_run(args: &[String]) -> Result<RunOpts> {
             "--cpus" => o.cpus = val(a)?.parse().map_err(|_| "--cpus needs a number".to_string())?,
             "--emulator" => o.emulator = val(a)?,
             "--verbose" => o.verbose = true,
+            "--compare-with" => o.compare_with = Some(PathBuf::from(val(a)?)),
             "--timeout" => o.timeout = Some(val(a)?.parse().map_err(|_| "--timeout needs seconds".to_string())?),
             _ => return Err(format!("unknown run option '{a}'\n\n{USAGE}")),
         }
@@ -258,6 +279,9 @@ fn cmd_run(args: &[String]) -> Result {
             })?;
             // The report comes first: a run cut short may still have a dump.
             report::after_run(&out.dir.join("serial.log"), None);
+            if let Some(other) = &o.compare_with {
+                compare::after_run(&out.dir.join("serial.log"), other);
+            }
             if out.timed_out {
                 return Err(format!("no end of run within {timeout}s (raise --timeout?)\n{}", out.describe()));
             }

@@ -735,7 +735,7 @@ impl<'a> Report<'a> {
     }
 }
 
-fn jstr(v: &str) -> String {
+pub(crate) fn jstr(v: &str) -> String {
     let mut s = String::from("\"");
     for c in v.chars() {
         match c {
@@ -755,7 +755,7 @@ fn jstr(v: &str) -> String {
 // Charts
 
 /// Registers DejaVu Sans as plotters' "sans-serif" (once).
-fn fonts() -> Result {
+pub(crate) fn fonts() -> Result {
     static ONCE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let load = |path: &str, style: FontStyle| -> Result {
@@ -773,7 +773,7 @@ fn fonts() -> Result {
 }
 
 /// Distinct colours (Tableau 10), then grey for "other".
-const COLORS: [RGBColor; 7] = [
+pub(crate) const COLORS: [RGBColor; 7] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -784,19 +784,21 @@ const COLORS: [RGBColor; 7] = [
 ];
 const OTHER: RGBColor = RGBColor(150, 150, 150);
 
-const W: u32 = 1400;
-const CAPTION: u32 = 28;
-const LABEL: u32 = 20;
-const TICK: u32 = 18;
+pub(crate) const W: u32 = 1400;
+pub(crate) const CAPTION: u32 = 28;
+pub(crate) const LABEL: u32 = 20;
+pub(crate) const TICK: u32 = 18;
 
-type DrawResult = std::result::Result<(), String>;
+pub(crate) type DrawResult = std::result::Result<(), String>;
 
-fn e2s<E: std::fmt::Debug>(e: E) -> String {
+pub(crate) fn e2s<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
 }
 
 /// The legend box of the charts with series labels, in the upper right.
-fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>) -> DrawResult {
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> DrawResult {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -808,13 +810,13 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>
 }
 
 /// A chart that can be drawn on any backend.
-trait Chart {
+pub(crate) trait Chart {
     fn size(&self) -> (u32, u32);
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult;
 }
 
 /// Draws `chart` as `<dir>/<stem>.svg` and `.png`.
-fn render(chart: &impl Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+pub(crate) fn render(chart: &impl Chart, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     let svg = dir.join(format!("{stem}.svg"));
     let png = dir.join(format!("{stem}.png"));
     {
@@ -918,16 +920,16 @@ pub fn si(v: f64) -> String {
     format!("{s}{suffix}")
 }
 
-fn font(size: u32) -> TextStyle<'static> {
+pub(crate) fn font(size: u32) -> TextStyle<'static> {
     ("sans-serif", size).into_font().color(&BLACK)
 }
 
-fn caption_font() -> TextStyle<'static> {
+pub(crate) fn caption_font() -> TextStyle<'static> {
     FontDesc::new(FontFamily::SansSerif, CAPTION as f64, FontStyle::Bold).color(&BLACK)
 }
 
 /// Text width in pixels at `size`.
-fn text_width<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &str, size: u32) -> u32 {
+pub(crate) fn text_width<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &str, size: u32) -> u32 {
     root.estimate_text_size(s, &font(size)).map_or(s.len() as u32 * size / 2, |(w, _)| w)
 }
 

@@ -109,9 +109,11 @@ pub const TESTS: &[Test] = &[
     Test { name: "linux-all", run: linux_all },
     Test { name: "hv-mce-reflected", run: hv_mce_reflected },
     Test { name: "kut-minimal-1", run: kut_minimal_1 },
-    Test { name: "kut-minimal-2", run: kut_minimal_2 },
     Test { name: "kut-kvm-like-1", run: kut_kvm_like_1 },
+    Test { name: "kut-minimal-2", run: kut_minimal_2 },
     Test { name: "kut-kvm-like-2", run: kut_kvm_like_2 },
+    Test { name: "kut-minimal-3", run: kut_minimal_3 },
+    Test { name: "kut-kvm-like-3", run: kut_kvm_like_3 },
 ];
 
 pub fn cmd_test(args: &[String]) -> Result {
@@ -183,6 +185,8 @@ fn unit_tests() -> Result {
             "guest-rt",
             "-p",
             "exitstat",
+            "-p",
+            "kvmpeer",
             "--",
             "--include-ignored",
         ])
@@ -310,6 +314,7 @@ const PROBE_CHECKS: &[&[&str]] = &[
     &["rdmsr"],
     &["in-0x92"],
     &["xsetbv"],
+    &["rf"],
     &["cr0-ne-flip"],
     &["invd"],
     &["sweep"],
@@ -333,9 +338,9 @@ const PROBE_CHECKS: &[&[&str]] = &[
 
 /// The checks that run only on one vCPU (the HLT, external-interrupt and
 /// HLT-single-step checks need the local APIC timer, which the probe does
-/// not use in SMP mode), and the one that runs only in SMP mode.
+/// not use in SMP mode), and those that run only in SMP mode.
 const PROBE_UP_CHECKS: &[&[&str]] = &[&["hlt"], &["extint"], &["hlt-tf"]];
-const PROBE_SMP_CHECKS: &[&[&str]] = &[&["smp cpuid delta"]];
+const PROBE_SMP_CHECKS: &[&[&str]] = &[&["smp cpuid delta"], &["smp apic-bytes"]];
 
 /// Every check of [`PROBE_CHECKS`] said ok, and so did those of the mode
 /// (one vCPU or SMP); no check was skipped but those SMP mode skips (saying
@@ -1198,7 +1203,9 @@ mod unit {
         let skips = "PROBE hlt and extint checks skipped in smp mode\nPROBE hlt-tf skipped in smp mode\n";
         let smp = up_only.clone() + "PROBE smp mode: expecting 2 CPUs\n" + skips;
         assert!(check_probe_markers(&smp).unwrap_err().contains("smp cpuid delta"));
-        assert_eq!(check_probe_markers(&(smp.clone() + "PROBE smp cpuid delta ok (1 APs x 10000)\n")), Ok(()));
+        let delta = smp.clone() + "PROBE smp cpuid delta ok (1 APs x 10000)\n";
+        assert!(check_probe_markers(&delta).unwrap_err().contains("smp apic-bytes"));
+        assert_eq!(check_probe_markers(&(delta + "PROBE smp apic-bytes ok (TPR ...)\n")), Ok(()));
         // Outside SMP mode those skips are failures.
         let e = check_probe_markers(&(up_only.clone() + skips)).unwrap_err();
         assert!(e.contains("hlt"), "{e}");
@@ -2153,29 +2160,38 @@ fn vmx_unlocked_by_firmware_smp2(ctx: &Ctx) -> Result {
 
 // kvm-unit-tests conformance (see conformance.rs and docs/conformance.md)
 
-/// The kvm-unit-tests `cargo xtask test` runs under each profile, in two
-/// halves of about equal cost so that two workers share them: those of
-/// conformance::DEFAULT_TESTS (issue 14's list less sieve and the vmexit
-/// tests, minutes of Bochs CPU per run each).
-const KUT_HALVES: [&[&str]; 2] = [
+/// The kvm-unit-tests `cargo xtask test` runs under each profile, in
+/// three parts of a few minutes each, so that the runner's workers share
+/// them: those of conformance::DEFAULT_TESTS (see there for what is left
+/// out and why).
+const KUT_PARTS: [&[&str]; 3] = [
     &["setjmp", "tsc", "tsc_adjust", "memory", "syscall", "xsave", "umip", "smap", "pcid-enabled", "rmap_chain"],
-    &["eventinj", "access", "smptest", "smptest3", "idt_test", "realmode", "hypercall"],
+    &["eventinj", "access", "smptest", "smptest3"],
+    &["idt_test", "realmode", "hypercall", "xapic", "x2apic"],
 ];
 
 fn kut_minimal_1(ctx: &Ctx) -> Result {
-    kut(ctx, "minimal", KUT_HALVES[0])
+    kut(ctx, "minimal", KUT_PARTS[0])
 }
 
 fn kut_minimal_2(ctx: &Ctx) -> Result {
-    kut(ctx, "minimal", KUT_HALVES[1])
+    kut(ctx, "minimal", KUT_PARTS[1])
+}
+
+fn kut_minimal_3(ctx: &Ctx) -> Result {
+    kut(ctx, "minimal", KUT_PARTS[2])
 }
 
 fn kut_kvm_like_1(ctx: &Ctx) -> Result {
-    kut(ctx, "kvm-like", KUT_HALVES[0])
+    kut(ctx, "kvm-like", KUT_PARTS[0])
 }
 
 fn kut_kvm_like_2(ctx: &Ctx) -> Result {
-    kut(ctx, "kvm-like", KUT_HALVES[1])
+    kut(ctx, "kvm-like", KUT_PARTS[1])
+}
+
+fn kut_kvm_like_3(ctx: &Ctx) -> Result {
+    kut(ctx, "kvm-like", KUT_PARTS[2])
 }
 
 /// Runs `tests` as Exitscope's guest under `profile`; each must print
@@ -2209,14 +2225,14 @@ fn kut(ctx: &Ctx, profile: &str, tests: &[&str]) -> Result {
 mod kut_tests {
     /// The `kut-*` tests run exactly the conformance command's default set.
     #[test]
-    fn halves_cover_the_default_set() {
-        let mut halves: Vec<&str> = super::KUT_HALVES.concat();
+    fn parts_cover_the_default_set() {
+        let mut parts: Vec<&str> = super::KUT_PARTS.concat();
         let mut default = crate::conformance::DEFAULT_TESTS.to_vec();
-        halves.sort_unstable();
+        parts.sort_unstable();
         default.sort_unstable();
-        assert_eq!(halves, default);
-        let n = halves.len();
-        halves.dedup();
-        assert_eq!(halves.len(), n, "a test in both halves");
+        assert_eq!(parts, default);
+        let n = parts.len();
+        parts.dedup();
+        assert_eq!(parts.len(), n, "a test in two parts");
     }
 }

@@ -12,10 +12,21 @@
 //! violation), is decoded and replayed on the real APIC, and INITs and
 //! SIPIs are handled here. In x2APIC mode the ICR is an MSR (0x830) and
 //! its writes are intercepted through the MSR bitmap instead.
+//!
+//! Loads from the page never exit. A store (or XCHG) that exits is carried
+//! out as the APIC (or the bus) would, per [`plan`]: aligned 32-bit
+//! accesses reach the register as they are; bytes and words within a
+//! register's bits 31:0 are merged into it (read, replace, write back);
+//! while the page is not the APIC's (x2APIC mode, disabled, moved), the
+//! access goes to the bus as made. Only what the SDM leaves undefined
+//! (touching bytes 4-15 of a register's 16-byte slot) and instructions the
+//! decoder does not know stop the guest, with a line naming the access.
 
+use super::dispatch::end_guest;
 use super::vcpu::VcpuState;
 use crate::decode::{self, Operand};
-use crate::fatal::{end_guest, GuestEnd, WAITING_FOR_SIPI};
+use crate::memory::{mmio_read, mmio_write};
+use crate::runstate::{GuestEnd, WAITING_FOR_SIPI};
 use crate::state::{shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
 
@@ -28,15 +39,109 @@ pub fn is_watched(gpa: u64) -> bool {
 }
 
 fn apic_read(off: u64) -> u32 {
-    let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    // SAFETY: the local APIC's MMIO page, identity-mapped, 32-bit register.
-    unsafe { core::ptr::read_volatile((base + off) as *const u32) }
+    page_read(off, 4) as u32
 }
 
 fn apic_write(off: u64, v: u32) {
-    let base = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    // SAFETY: as above; replaying the guest's own register write.
-    unsafe { core::ptr::write_volatile((base + off) as *mut u32, v) }
+    page_write(off, 4, u64::from(v));
+}
+
+/// A load of `size` bytes (1, 2, 4 or 8) at `off` in the watched page, as
+/// the guest would have made it.
+fn page_read(off: u64, size: u8) -> u64 {
+    // The watched page; `plan` keeps the access inside it, at the width
+    // the guest's own instruction used.
+    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    match size {
+        1 => u64::from(mmio_read::<u8>(a)),
+        2 => u64::from(mmio_read::<u16>(a)),
+        4 => u64::from(mmio_read::<u32>(a)),
+        _ => mmio_read::<u64>(a),
+    }
+}
+
+/// A store of `size` bytes at `off` in the watched page.
+fn page_write(off: u64, size: u8, v: u64) {
+    // As above; replaying the guest's own store.
+    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    match size {
+        1 => mmio_write::<u8>(a, v as u8),
+        2 => mmio_write::<u16>(a, v as u16),
+        4 => mmio_write::<u32>(a, v as u32),
+        _ => mmio_write::<u64>(a, v),
+    }
+}
+
+/// How the emulation carries out one access the guest made to the watched
+/// page (a store, or XCHG's load and store). See [`plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// The page is not the local APIC's register page at the moment (the
+    /// APIC is in x2APIC mode, globally disabled, or moved elsewhere
+    /// through IA32_APIC_BASE): the access goes to the bus as the guest
+    /// made it, at its own offset and width, and reads and writes what
+    /// they would natively.
+    Bus,
+    /// All of bits 31:0 of the register at `reg` (an aligned 32-bit
+    /// access): written (and read) as it is.
+    Register { reg: u16 },
+    /// Part of bits 31:0 of the register at `reg` (a byte or word access,
+    /// which the SDM calls model-specific): the register is read, the
+    /// `size` bytes at byte `shift` replaced, and the whole 32-bit value
+    /// written back; a load gets those bytes of the register.
+    Partial { reg: u16, shift: u8, size: u8 },
+    /// An access the SDM leaves undefined (Vol. 3A, 11.4.1: "any access
+    /// that touches bytes 4 through 15 of an APIC register may cause
+    /// undefined behavior and must not be executed"), or one that leaves
+    /// the page: the guest is stopped, with this reason.
+    Undefined(&'static str),
+}
+
+/// Whether the local APIC's register page is at `page` now, from the
+/// value of IA32_APIC_BASE: enabled (bit 11), in xAPIC mode (bit 10
+/// clear), with its base (bits 51:12) at `page`.
+pub fn xapic_at(apic_base: u64, page: u64) -> bool {
+    apic_base & (1 << 11) != 0 && apic_base & (1 << 10) == 0 && apic_base & 0x000F_FFFF_FFFF_F000 == page
+}
+
+/// The plan for an access of `size` bytes (1, 2, 4 or 8) at offset `off`
+/// (0-0xFFF) of the watched page; `xapic`: the page is the local APIC's
+/// (see [`xapic_at`]). The APIC's registers are 32 bits wide, each at the
+/// start of a 16-byte slot (SDM Vol. 3A, 11.4.1): an access within bytes
+/// 0-3 of a slot reaches that register (whole or in part), one that
+/// touches bytes 4-15 is undefined.
+pub fn plan(xapic: bool, off: u64, size: u8) -> Plan {
+    if off + u64::from(size) > 0x1000 {
+        return Plan::Undefined("the access runs past the end of the local APIC page");
+    }
+    if !xapic {
+        return Plan::Bus;
+    }
+    let (reg, within) = ((off & 0xFF0) as u16, (off & 0xF) as u8);
+    match (within, size) {
+        (0, 4) => Plan::Register { reg },
+        (w, s) if w + s <= 4 => Plan::Partial { reg, shift: w, size: s },
+        _ => Plan::Undefined("the access touches bytes 4-15 of a local APIC register, which the SDM leaves undefined"),
+    }
+}
+
+/// Bits covered by a `size`-byte access at byte `shift` of a register.
+fn field(shift: u8, size: u8) -> u32 {
+    let ones = if size >= 4 { u32::MAX } else { (1u32 << (8 * u32::from(size))) - 1 };
+    ones << (8 * u32::from(shift))
+}
+
+/// The register's new value when `size` bytes at byte `shift` of it
+/// (old value `old`) are written with `value` (its low `size` bytes).
+pub fn merge(old: u32, shift: u8, size: u8, value: u64) -> u32 {
+    let f = field(shift, size);
+    (old & !f) | (((value as u32) << (8 * u32::from(shift))) & f)
+}
+
+/// The value a load of `size` bytes at byte `shift` of a register holding
+/// `reg` gets.
+pub fn extract(reg: u32, shift: u8, size: u8) -> u64 {
+    u64::from((reg & field(shift, size)) >> (8 * u32::from(shift)))
 }
 
 /// Whether this CPU's local APIC has `vector` in service: it delivered the
@@ -45,60 +150,78 @@ fn apic_write(off: u64, v: u32) {
 /// alone. The guest programs the APIC; its mode is read from
 /// IA32_APIC_BASE each time.
 pub fn in_service(vector: u8) -> bool {
-    // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC.
-    let base = unsafe { crate::cpu::rdmsr(crate::cpu::msr::IA32_APIC_BASE) };
-    if base & (1 << 11) == 0 {
-        return false; // globally disabled: interrupts come from the PIC
-    }
-    let word = if base & (1 << 10) != 0 {
-        // SAFETY: x2APIC mode: the ISR MSRs 0x810-0x817 exist.
-        unsafe { crate::cpu::rdmsr(0x810 + u32::from(vector / 32)) as u32 }
-    } else {
-        // SAFETY: the local APIC's MMIO page, identity-mapped (below 4 GiB),
-        // a 32-bit read of an ISR register, which has no side effect.
-        unsafe { core::ptr::read_volatile(((base & 0xF_FFFF_F000) + 0x100 + 0x10 * u64::from(vector / 32)) as *const u32) }
-    };
-    word & (1 << (vector % 32)) != 0
+    // None: globally disabled, interrupts come from the PIC.
+    crate::smp::LocalApic::isr_word(vector).is_some_and(|word| word & (1 << (vector % 32)) != 0)
 }
 
-/// Emulates the guest instruction that wrote the watched APIC page.
+/// Emulates the guest instruction that wrote the watched APIC page: a
+/// store (MOV) of 1, 2, 4 or 8 bytes, or an XCHG (a load and a store),
+/// carried out as [`plan`] says. Instructions the decoder does not know
+/// (see `decode.rs`) and accesses the SDM leaves undefined stop the guest
+/// with a line naming the access.
 pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     // Through a view that only reads guest RAM: the guest's page tables
     // could point anywhere (and change under us on another vCPU).
-    let mem = super::isolation::GuestView::new(v.eptp, shared().footprint);
+    let mem = crate::guestaccess::GuestMem::current();
     let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
     let acc = match decode::decode(&buf[..n], mode) {
-        Ok(a) if a.size == 4 => a,
-        _ => {
-            crate::hvprintln!(
-                "cannot emulate the guest's write to the local APIC (GPA {gpa:#x}) at RIP {rip:#x}: bytes {:02x?}",
-                &buf[..n]
-            );
-            end_guest(v, GuestEnd::Stopped("unemulated write to the local APIC"));
-        }
+        Ok(a) if a.write => a,
+        Ok(_) => stop(v, gpa, rip, &buf[..n], &"a load that exited as a write"),
+        Err(e) => stop(v, gpa, rip, &buf[..n], &e),
     };
     let off = gpa & 0xFFF;
+    let page = shared().apic_trap.unwrap_or(0xFEE0_0000);
+    let apic_base = crate::smp::LocalApic::base_msr();
+    let plan = plan(xapic_at(apic_base, page), off, acc.size);
     let value = match acc.value {
-        Operand::Imm(i) => i as u32,
-        op => decode::reg_value(|r| v.regs.get(r), &op, acc.size) as u32,
+        Operand::Imm(i) => i,
+        op => decode::reg_value(|r| v.regs.get(r), &op, acc.size),
     };
+    // (what XCHG loads, what is stored) per plan.
+    let (old, stored) = match plan {
+        Plan::Undefined(why) => stop(v, gpa, rip, &buf[..n], &why),
+        Plan::Bus => {
+            let old = if acc.xchg { page_read(off, acc.size) } else { 0 };
+            page_write(off, acc.size, value);
+            (old, None)
+        }
+        Plan::Register { reg } => {
+            let old = if acc.xchg { u64::from(apic_read(u64::from(reg))) } else { 0 };
+            (old, Some((reg, value as u32)))
+        }
+        Plan::Partial { reg, shift, size } => {
+            let cur = apic_read(u64::from(reg));
+            (extract(cur, shift, size), Some((reg, merge(cur, shift, size, value))))
+        }
+    };
+    if let Some((reg, value)) = stored {
+        let reg = u64::from(reg);
+        if reg == ICR_LOW {
+            let dest = apic_read(ICR_HIGH) >> 24;
+            if !intercept_init(v, value, dest, false) {
+                apic_write(reg, value);
+            }
+        } else {
+            apic_write(reg, value);
+        }
+    }
     if acc.xchg {
         // XCHG: the register receives the old value.
         if let Operand::Reg { index, .. } = acc.value {
-            let old = apic_read(off) as u64;
             let r = v.regs.get(index);
             v.regs.set(index, decode::load_into(r, &acc.value, acc.size, old));
         }
     }
-    if off == ICR_LOW {
-        let dest = apic_read(ICR_HIGH) >> 24;
-        if !intercept_init(v, value, dest, false) {
-            apic_write(off, value);
-        }
-    } else {
-        apic_write(off, value);
-    }
-    super::exit::advance(acc.len as u64);
+    super::events::advance(acc.len as u64);
+}
+
+/// Stops the guest for an access to the local APIC page that cannot be
+/// emulated, naming it.
+fn stop(v: &mut VcpuState, gpa: u64, rip: u64, bytes: &[u8], why: &dyn core::fmt::Display) -> ! {
+    crate::hvprintln!(
+        "cannot emulate the guest's write to the local APIC (GPA {gpa:#x}) at RIP {rip:#x}: {why}; instruction bytes {bytes:02x?}"
+    );
+    end_guest(v, GuestEnd::Stopped("unemulated write to the local APIC"));
 }
 
 /// A write of the x2APIC ICR (MSR 0x830): true if the hypervisor handled
@@ -218,5 +341,74 @@ fn note_dropped(apic_id: u32) {
     };
     if first {
         log::warn!("dropped INIT/SIPI to APIC id {apic_id}: not a vCPU");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 0xFEE0_0000;
+
+    #[test]
+    fn xapic_mode_from_apic_base() {
+        assert!(xapic_at(PAGE | 1 << 11 | 1 << 8, PAGE)); // enabled, BSP
+        assert!(!xapic_at(PAGE | 1 << 11 | 1 << 10, PAGE), "x2APIC mode: the page is no APIC");
+        assert!(!xapic_at(PAGE, PAGE), "globally disabled");
+        assert!(!xapic_at(0xFED4_0000 | 1 << 11, PAGE), "moved elsewhere");
+    }
+
+    #[test]
+    fn aligned_dwords_are_whole_registers() {
+        for reg in (0..0x1000).step_by(16) {
+            assert_eq!(plan(true, reg, 4), Plan::Register { reg: reg as u16 });
+        }
+    }
+
+    #[test]
+    fn bytes_and_words_in_bits_31_0_are_partial() {
+        assert_eq!(plan(true, 0x300, 1), Plan::Partial { reg: 0x300, shift: 0, size: 1 });
+        assert_eq!(plan(true, 0x083, 1), Plan::Partial { reg: 0x080, shift: 3, size: 1 });
+        assert_eq!(plan(true, 0x312, 2), Plan::Partial { reg: 0x310, shift: 2, size: 2 });
+        assert_eq!(plan(true, 0x0F1, 2), Plan::Partial { reg: 0x0F0, shift: 1, size: 2 });
+    }
+
+    #[test]
+    fn bytes_4_to_15_are_undefined() {
+        for (off, size) in [(0x304, 1), (0x30F, 1), (0x303, 2), (0x302, 4), (0x304, 4), (0x300, 8), (0x308, 8), (0x30C, 4)] {
+            assert!(matches!(plan(true, off, size), Plan::Undefined(_)), "{off:#x}/{size}");
+        }
+    }
+
+    #[test]
+    fn not_the_apic_goes_to_the_bus_at_any_width() {
+        for (off, size) in [(0x0, 1), (0x305, 1), (0x301, 4), (0x308, 8), (0xFF8, 8), (0xFFF, 1)] {
+            assert_eq!(plan(false, off, size), Plan::Bus, "{off:#x}/{size}");
+        }
+    }
+
+    #[test]
+    fn leaving_the_page_is_undefined_in_either_mode() {
+        for x in [false, true] {
+            assert!(matches!(plan(x, 0xFFF, 2), Plan::Undefined(_)));
+            assert!(matches!(plan(x, 0xFFC, 8), Plan::Undefined(_)));
+        }
+    }
+
+    #[test]
+    fn merging_replaces_only_the_bytes_written() {
+        assert_eq!(merge(0x1234_5678, 0, 1, 0xAB), 0x1234_56AB);
+        assert_eq!(merge(0x1234_5678, 3, 1, 0xAB), 0xAB34_5678);
+        assert_eq!(merge(0x1234_5678, 1, 2, 0xFFFF_ABCD), 0x12AB_CD78, "only the low `size` bytes of the value");
+        assert_eq!(merge(0x1234_5678, 2, 2, 0xABCD), 0xABCD_5678);
+        assert_eq!(merge(0x1234_5678, 0, 4, 0x1_DEAD_BEEF), 0xDEAD_BEEF);
+    }
+
+    #[test]
+    fn extracting_gives_the_bytes_loaded() {
+        assert_eq!(extract(0x1234_5678, 0, 1), 0x78);
+        assert_eq!(extract(0x1234_5678, 3, 1), 0x12);
+        assert_eq!(extract(0x1234_5678, 1, 2), 0x3456);
+        assert_eq!(extract(0x1234_5678, 0, 4), 0x1234_5678);
     }
 }

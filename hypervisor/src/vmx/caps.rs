@@ -461,9 +461,10 @@ pub const fn fix_cr(cr: u64, fixed0: u64, fixed1: u64) -> Option<u64> {
 /// guest's CR4 is its own VMCS field: none of these bits shows there.
 /// `None`: the result has a bit CR4_FIXED1 forbids.
 pub const fn host_cr4(cr4: u64, cpuid1_ecx: u32, cpuid1_edx: u32, fixed0: u64, fixed1: u64) -> Option<u64> {
-    let osxsave = if cpuid1_ecx & (1 << 26) != 0 { 1 << 18 } else { 0 };
-    let mce = if cpuid1_edx & (1 << 7) != 0 { 1 << 6 } else { 0 };
-    fix_cr(cr4 | (1 << 13) | osxsave | mce, fixed0, fixed1)
+    use crate::arch::{CR4_MCE, CR4_OSXSAVE, CR4_VMXE};
+    let osxsave = if cpuid1_ecx & (1 << 26) != 0 { CR4_OSXSAVE } else { 0 };
+    let mce = if cpuid1_edx & (1 << 7) != 0 { CR4_MCE } else { 0 };
+    fix_cr(cr4 | CR4_VMXE | osxsave | mce, fixed0, fixed1)
 }
 
 /// Whether MONITOR/MWAIT are hidden from the guest's CPUID: when they are

@@ -33,11 +33,17 @@
 //! Neither path ever reads or writes hypervisor memory on the guest's
 //! behalf, and neither is fatal to the hypervisor.
 //!
+//! The decision itself is the core's (`crate::exit::ept::decide`, tested
+//! on the host); this module holds its VMX side: the instruction at RIP,
+//! the counters and reports of what was contained, NMIs that arrive in
+//! root mode, and the guest-state checks after a failed entry.
+//!
 //! What the hypervisor reads for the guest (the instruction bytes and the
-//! guest's page tables to find them) goes through [`GuestView`], which
-//! allows only pages the guest's own EPT maps as RAM (or anything below
-//! 1 MiB): a guest cannot make the hypervisor read its own memory, or an
-//! address the host does not map, by pointing a page-table entry there.
+//! guest's page tables to find them) goes through the one guest-memory
+//! policy (`crate::guestaccess`), which allows only the guest's RAM (or
+//! anything below 1 MiB): a guest cannot make the hypervisor read its own
+//! memory, or an address the host does not map, by pointing a page-table
+//! entry there.
 //!
 //! # Entry failures
 //!
@@ -46,13 +52,10 @@
 //! Vol. 3, 27.3.1 that the guest can influence, so the report can name
 //! them (`fatal.rs` prints them).
 
-use super::vcpu::VcpuState;
-use super::{control, guest, ro, vmread, vmwrite};
+use super::{control, guest, vmread, vmwrite};
 use crate::bootinfo::PhysMem;
-use crate::decode::{self, DecodeError, MemAccess, Operand};
-use crate::fatal::{end_guest, GuestEnd};
+use crate::decode;
 use crate::guestmem::{self, PagingState};
-use crate::state::shared;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Emulated accesses reported one per line before the rest are only counted.
@@ -72,216 +75,12 @@ static PAGE_SEEN: [AtomicU64; TRACKED_PAGES / 64] = [const { AtomicU64::new(0) }
 // ---------------------------------------------------------------------------
 // The decision (pure, host-tested)
 
-/// The EPT-violation exit qualification (SDM Vol. 3, Table 28-7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EptQual(pub u64);
-
-impl EptQual {
-    pub const fn read(self) -> bool {
-        self.0 & 1 != 0
-    }
-    pub const fn write(self) -> bool {
-        self.0 & 2 != 0
-    }
-    pub const fn fetch(self) -> bool {
-        self.0 & 4 != 0
-    }
-    /// Bits 5:3: the permissions of the guest-physical address in EPT. All
-    /// clear: the page is not mapped at all.
-    pub const fn mapped(self) -> bool {
-        self.0 & 0x38 != 0
-    }
-    /// Bit 7 set and bit 8 clear: the access was to a guest paging
-    /// structure during a page walk, not the instruction's own access.
-    pub const fn page_walk(self) -> bool {
-        self.0 & (1 << 7) != 0 && self.0 & (1 << 8) == 0
-    }
-    /// What the access was, for reports.
-    pub const fn kind(self) -> &'static str {
-        if self.fetch() {
-            "instruction fetch"
-        } else if self.write() {
-            "write"
-        } else {
-            "read"
-        }
-    }
-}
-
-/// Why an access outside guest memory stops the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopWhy {
-    /// The guest tried to execute there.
-    Fetch,
-    /// The guest's page tables point there.
-    PageWalk,
-    /// The page is mapped but the access lacks a permission (not a hole:
-    /// nothing else in this hypervisor maps pages without permissions).
-    Permission,
-    /// The instruction bytes could not be read.
-    Unreadable,
-    /// An instruction form the decoder does not emulate.
-    Undecodable(DecodeError),
-    /// The decoded instruction reads where the CPU reported a write, or the
-    /// other way round (the bytes changed under us).
-    Mismatch,
-}
-
-impl StopWhy {
-    /// The reason in the guest-end line.
-    pub const fn end_reason(self) -> &'static str {
-        match self {
-            StopWhy::Fetch => "EPT violation: instruction fetch outside guest memory",
-            StopWhy::PageWalk => "EPT violation: guest page tables point outside guest memory",
-            StopWhy::Permission => "EPT violation: access without permission",
-            StopWhy::Unreadable => "EPT violation: access outside guest memory from unreadable code",
-            StopWhy::Undecodable(_) => "EPT violation: access outside guest memory by an instruction Exitscope does not emulate",
-            StopWhy::Mismatch => "EPT violation: access outside guest memory that does not match its instruction",
-        }
-    }
-}
-
-impl core::fmt::Display for StopWhy {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            StopWhy::Fetch => f.write_str("the guest cannot execute outside its memory"),
-            StopWhy::PageWalk => f.write_str("a guest paging structure lies outside guest memory"),
-            StopWhy::Permission => f.write_str("the page is mapped but not for this access"),
-            StopWhy::Unreadable => f.write_str("the instruction bytes are not in guest RAM"),
-            StopWhy::Undecodable(e) => write!(f, "only MOV and XCHG forms are emulated: {e}"),
-            StopWhy::Mismatch => f.write_str("the instruction at RIP does not make the access the CPU reported"),
-        }
-    }
-}
-
-/// What to do with an access outside guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Emulate: `load` is the destination register and its new value (a
-    /// load or XCHG: all-ones of the access width merged into the old
-    /// value); `write` says a store was dropped; RIP moves `len` bytes.
-    Emulate {
-        load: Option<(u8, u64)>,
-        write: bool,
-        size: u8,
-        len: u8,
-    },
-    Stop(StopWhy),
-}
-
-/// All-ones of `size` bytes.
-pub const fn ones(size: u8) -> u64 {
-    if size >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (8 * size as u32)) - 1
-    }
-}
-
-/// Applies the policy to an access outside guest memory: `q` is the exit
-/// qualification, `decoded` the instruction at RIP (or why it could not
-/// be decoded; `None` if its bytes could not be read), `reg` reads a
-/// guest register by number.
-pub fn decide(q: EptQual, decoded: Option<Result<MemAccess, DecodeError>>, reg: impl Fn(u8) -> u64) -> Outcome {
-    if q.fetch() {
-        return Outcome::Stop(StopWhy::Fetch);
-    }
-    if q.mapped() {
-        return Outcome::Stop(StopWhy::Permission);
-    }
-    if q.page_walk() {
-        return Outcome::Stop(StopWhy::PageWalk);
-    }
-    let a = match decoded {
-        None => return Outcome::Stop(StopWhy::Unreadable),
-        Some(Err(e)) => return Outcome::Stop(StopWhy::Undecodable(e)),
-        Some(Ok(a)) => a,
-    };
-    // A plain load must not be reported as a write, a plain store not as a
-    // read-only access. XCHG reads and writes: either bit is consistent.
-    let consistent = if a.xchg {
-        q.read() || q.write()
-    } else if a.write {
-        q.write()
-    } else {
-        q.read() && !q.write()
-    };
-    if !consistent {
-        return Outcome::Stop(StopWhy::Mismatch);
-    }
-    let load = match a.value {
-        Operand::Reg { index, .. } if !a.write || a.xchg => Some((index, decode::load_into(reg(index), &a.value, a.size, ones(a.size)))),
-        _ => None,
-    };
-    Outcome::Emulate { load, write: a.write, size: a.size, len: a.len }
-}
-
 // ---------------------------------------------------------------------------
 // Reading guest memory for the guest
 
-/// Guest-physical memory as the guest itself may read it: pages its EPT maps
-/// write-back (RAM), and anything below 1 MiB. Never the hypervisor's
-/// footprint, never an address the host does not map.
-pub struct GuestView {
-    ept_root: u64,
-    footprint: (u64, u64),
-}
-
-/// EPT tables read in place (identity-mapped arena pages).
-struct EptReader;
-
-impl crate::ept::Tables for EptReader {
-    type Error = ();
-    fn alloc(&mut self) -> Result<u64, ()> {
-        Err(())
-    }
-    fn table(&mut self, pa: u64) -> &mut [u64; 512] {
-        // SAFETY: `pa` comes from an EPT pointer or entry the hypervisor
-        // built in its arena: a page-aligned table, identity-mapped. Only
-        // read here.
-        unsafe { &mut *crate::memory::phys_ptr::<[u64; 512]>(pa) }
-    }
-}
-
-impl GuestView {
-    /// The view of the vCPU whose EPT pointer is `eptp`.
-    pub fn new(eptp: u64, footprint: (u64, u64)) -> GuestView {
-        GuestView { ept_root: eptp & !0xFFF, footprint }
-    }
-
-    fn readable(&self, pa: u64) -> bool {
-        if (self.footprint.0..self.footprint.1).contains(&pa) {
-            return false;
-        }
-        if pa < 1 << 20 {
-            return true;
-        }
-        match crate::ept::walk(&mut EptReader, self.ept_root, pa) {
-            Some(l) => l.ty == crate::ept::MemType::WriteBack as u64,
-            None => false,
-        }
-    }
-}
-
-impl PhysMem for GuestView {
-    fn bytes(&self, pa: u64, len: usize) -> Option<&[u8]> {
-        let end = pa.checked_add(len as u64)?;
-        let mut page = pa & !0xFFF;
-        while page < end {
-            if !self.readable(page) {
-                return None;
-            }
-            page += 0x1000;
-        }
-        // SAFETY: every page of the range is guest RAM that EPT maps, so the
-        // host identity map covers it too; the bytes are only read.
-        Some(unsafe { crate::memory::phys_slice(pa, len) })
-    }
-}
-
 /// The guest's instruction at RIP: up to 15 bytes (fewer if the
 /// instruction ends before an unreadable page), and the decoding mode.
-pub(crate) fn fetch_instruction(view: &GuestView) -> ([u8; 15], usize, decode::CpuMode, u64) {
+pub(crate) fn fetch_instruction(view: &impl PhysMem) -> ([u8; 15], usize, decode::CpuMode, u64) {
     let p = PagingState { cr0: vmread(guest::CR0), cr3: vmread(guest::CR3), cr4: vmread(guest::CR4), efer: vmread(guest::IA32_EFER_FULL) };
     let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
     let rip = vmread(guest::RIP);
@@ -298,7 +97,7 @@ pub(crate) fn fetch_instruction(view: &GuestView) -> ([u8; 15], usize, decode::C
 // The handler
 
 /// Where an address outside guest memory lies, for reports.
-fn region_name(gpa: u64, footprint: (u64, u64)) -> &'static str {
+pub fn region_name(gpa: u64, footprint: (u64, u64)) -> &'static str {
     if (footprint.0..footprint.1).contains(&gpa) {
         "hypervisor memory"
     } else {
@@ -306,53 +105,8 @@ fn region_name(gpa: u64, footprint: (u64, u64)) -> &'static str {
     }
 }
 
-/// Handles an EPT violation, as the first thing `exit::ept_violation`
-/// does. Returns false (and does nothing) for what is not an access
-/// outside guest memory: a write to the local APIC page that the SMP code
-/// watches, or to a power-management register page (`pmwatch.rs`). Otherwise applies the policy: emulates the access and returns
-/// true, or stops the guest.
-pub fn ept_violation(v: &mut VcpuState) -> bool {
-    let gpa = vmread(ro::GUEST_PHYSICAL_ADDR_FULL);
-    let q = EptQual(vmread(ro::EXIT_QUALIFICATION));
-    if q.write() && (super::apic::is_watched(gpa) || super::pmwatch::is_watched(gpa)) {
-        return false;
-    }
-    #[cfg(feature = "detailed")]
-    v.detail.ept_regions.record(gpa >> 21);
-    let footprint = shared().footprint;
-    let view = GuestView::new(v.eptp, footprint);
-    let decoded = if q.fetch() {
-        None
-    } else {
-        let (bytes, n, mode, _) = fetch_instruction(&view);
-        (n > 0).then(|| decode::decode(&bytes[..n], mode))
-    };
-    let rip = vmread(guest::RIP);
-    match decide(q, decoded, |r| v.regs.get(r)) {
-        Outcome::Emulate { load, write, size, len } => {
-            if let Some((r, value)) = load {
-                v.regs.set(r, value);
-            }
-            note(gpa, rip, load.is_some(), write, size, footprint);
-            super::exit::advance(len as u64);
-            true
-        }
-        Outcome::Stop(why) => {
-            let (bytes, n, _, _) = if q.fetch() { ([0; 15], 0, decode::CpuMode::Long64, 0) } else { fetch_instruction(&view) };
-            crate::hvprintln!(
-                "guest {} of {}: GPA {gpa:#x} at RIP {rip:#x} (qualification {:#x}, bytes {:02x?}): {why}; the guest is stopped",
-                q.kind(),
-                region_name(gpa, footprint),
-                q.0,
-                &bytes[..n]
-            );
-            end_guest(v, GuestEnd::Stopped(why.end_reason()))
-        }
-    }
-}
-
 /// Counts an emulated access and reports the first few.
-fn note(gpa: u64, rip: u64, read: bool, write: bool, size: u8, footprint: (u64, u64)) {
+pub fn note(gpa: u64, rip: u64, read: bool, write: bool, size: u8, footprint: (u64, u64)) {
     let n = if (footprint.0..footprint.1).contains(&gpa) {
         let page = ((gpa - footprint.0) >> 12) as usize;
         if page < TRACKED_PAGES {
@@ -436,26 +190,6 @@ pub fn print_summary() {
 }
 
 // ---------------------------------------------------------------------------
-// MSRs executed on the guest's behalf
-
-/// Whether the hypervisor may execute a guest's WRMSR of `msr` for it, in
-/// root mode. Not for the ranges where an *outer* hypervisor (when
-/// Exitscope itself runs nested, e.g. under KVM) offers paravirtual MSRs:
-/// writing one makes the outer hypervisor write to a guest-physical
-/// address of *Exitscope's* choosing as it sees it, which the guest picks
-/// (KVM's system-time and steal-time MSRs take a physical address), so
-/// forwarding it would let the guest write into the hypervisor's
-/// footprint. Exitscope offers none of these MSRs; the guest gets #GP, as
-/// on hardware without them.
-///
-/// Ranges: 0x40000000-0x400000FF (Hyper-V and the common synthetic range),
-/// 0x4B564D00-0x4B564DFF (KVM), 0x11-0x12 and 0x4B564D00's older aliases
-/// (KVM's original MSR_KVM_WALL_CLOCK and MSR_KVM_SYSTEM_TIME).
-pub const fn forward_msr_write(msr: u32) -> bool {
-    !matches!(msr, 0x4000_0000..=0x4000_00FF | 0x4B56_4D00..=0x4B56_4DFF | 0x11 | 0x12)
-}
-
-// ---------------------------------------------------------------------------
 // NMIs in VMX root operation
 
 static NMIS_DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -470,7 +204,7 @@ static NMIS_PASSED: AtomicU64 = AtomicU64::new(0);
 /// NMI: it is lost, not doubled.) Before any vCPU runs, an NMI is only
 /// counted.
 pub fn nmi_in_root_mode() {
-    if crate::fatal::current_vcpu().is_none() {
+    if crate::percpu::current_vcpu().is_none() {
         NMIS_DROPPED.fetch_add(1, Relaxed);
         return;
     }
@@ -648,106 +382,6 @@ pub fn sample_guest_state() -> GuestStateSample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::CpuMode::*;
-
-    const READ: EptQual = EptQual(1 | 1 << 7 | 1 << 8);
-    const WRITE: EptQual = EptQual(2 | 1 << 7 | 1 << 8);
-    const RW: EptQual = EptQual(3 | 1 << 7 | 1 << 8);
-
-    fn regs(n: u8) -> u64 {
-        0x1111_2222_3333_4400 | n as u64
-    }
-
-    fn run(q: EptQual, bytes: &[u8], mode: decode::CpuMode) -> Outcome {
-        decide(q, Some(decode::decode(bytes, mode)), regs)
-    }
-
-    #[test]
-    fn loads_give_all_ones_with_the_right_width() {
-        // mov rax, [rdi]
-        assert_eq!(run(READ, &[0x48, 0x8B, 0x07], Long64), Outcome::Emulate { load: Some((0, u64::MAX)), write: false, size: 8, len: 3 });
-        // mov eax, [rdi]: zero-extends
-        assert_eq!(run(READ, &[0x8B, 0x07], Long64), Outcome::Emulate { load: Some((0, 0xFFFF_FFFF)), write: false, size: 4, len: 2 });
-        // mov ax, [rdi]: keeps bits 63:16
-        assert_eq!(
-            run(READ, &[0x66, 0x8B, 0x07], Long64),
-            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FFFF)), write: false, size: 2, len: 3 }
-        );
-        // mov al, [rdi]
-        assert_eq!(
-            run(READ, &[0x8A, 0x07], Long64),
-            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_44FF)), write: false, size: 1, len: 2 }
-        );
-        // mov ah, [rdi]: bits 15:8 of RAX
-        assert_eq!(
-            run(READ, &[0x8A, 0x27], Long64),
-            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FF00)), write: false, size: 1, len: 2 }
-        );
-        // mov r9d, [rdi]
-        assert_eq!(
-            run(READ, &[0x44, 0x8B, 0x0F], Long64),
-            Outcome::Emulate { load: Some((9, 0xFFFF_FFFF)), write: false, size: 4, len: 3 }
-        );
-        // 32-bit code: mov eax, [0x1f000000] (A1 moffs32)
-        assert_eq!(
-            run(READ, &[0xA1, 0x00, 0x00, 0x00, 0x1F], Prot32),
-            Outcome::Emulate { load: Some((0, 0xFFFF_FFFF)), write: false, size: 4, len: 5 }
-        );
-        // Real mode: mov ax, [bx]
-        assert_eq!(
-            run(READ, &[0x8B, 0x07], Real16),
-            Outcome::Emulate { load: Some((0, 0x1111_2222_3333_FFFF)), write: false, size: 2, len: 2 }
-        );
-    }
-
-    #[test]
-    fn stores_are_dropped_and_xchg_does_both() {
-        // mov [rdi], rax
-        assert_eq!(run(WRITE, &[0x48, 0x89, 0x07], Long64), Outcome::Emulate { load: None, write: true, size: 8, len: 3 });
-        // mov dword [rdi], imm32
-        assert_eq!(run(WRITE, &[0xC7, 0x07, 1, 2, 3, 4], Long64), Outcome::Emulate { load: None, write: true, size: 4, len: 6 });
-        // xchg [rdi], ecx (with either qualification)
-        for q in [READ, WRITE, RW] {
-            assert_eq!(run(q, &[0x87, 0x0F], Long64), Outcome::Emulate { load: Some((1, 0xFFFF_FFFF)), write: true, size: 4, len: 2 });
-        }
-    }
-
-    #[test]
-    fn everything_else_stops_the_guest() {
-        // movzx eax, byte [rdi]: two-byte opcode
-        assert!(matches!(run(READ, &[0x0F, 0xB6, 0x07], Long64), Outcome::Stop(StopWhy::Undecodable(_))));
-        // rep movsb
-        assert!(matches!(run(WRITE, &[0xF3, 0xA4], Long64), Outcome::Stop(StopWhy::Undecodable(_))));
-        // add [rdi], eax
-        assert!(matches!(run(RW, &[0x01, 0x07], Long64), Outcome::Stop(StopWhy::Undecodable(_))));
-        // A load reported as a write, a store reported as a read.
-        assert_eq!(run(WRITE, &[0x8B, 0x07], Long64), Outcome::Stop(StopWhy::Mismatch));
-        assert_eq!(run(READ, &[0x89, 0x07], Long64), Outcome::Stop(StopWhy::Mismatch));
-        // Fetch, page walk, mapped-without-permission, unreadable bytes.
-        assert_eq!(decide(EptQual(4), None, regs), Outcome::Stop(StopWhy::Fetch));
-        assert_eq!(run(EptQual(1 | 1 << 7), &[0x8B, 0x07], Long64), Outcome::Stop(StopWhy::PageWalk));
-        assert_eq!(run(EptQual(2 | 1 << 3 | 1 << 7 | 1 << 8), &[0x89, 0x07], Long64), Outcome::Stop(StopWhy::Permission));
-        assert_eq!(decide(READ, None, regs), Outcome::Stop(StopWhy::Unreadable));
-        // Without the linear-address bits (an emulator that leaves them 0),
-        // a decodable access is still emulated.
-        assert!(matches!(run(EptQual(1), &[0x8B, 0x07], Long64), Outcome::Emulate { .. }));
-    }
-
-    #[test]
-    fn outer_hypervisor_msrs_are_not_forwarded() {
-        for m in [0x4000_0000, 0x4000_0073, 0x4000_00FF, 0x4B56_4D00, 0x4B56_4D01, 0x4B56_4DFF, 0x11, 0x12] {
-            assert!(!forward_msr_write(m), "{m:#x}");
-        }
-        for m in [0x10, 0x1B, 0x3A, 0x277, 0x3FFF_FFFF, 0x4000_0100, 0xC000_0080, 0xC000_0100] {
-            assert!(forward_msr_write(m), "{m:#x}");
-        }
-    }
-
-    #[test]
-    fn ones_by_width() {
-        assert_eq!((ones(1), ones(2), ones(4), ones(8)), (0xFF, 0xFFFF, 0xFFFF_FFFF, u64::MAX));
-    }
-
     /// The state Exitscope gives a 64-bit guest on Bochs' skylake_x.
     fn good_state() -> GuestStateSample {
         GuestStateSample {

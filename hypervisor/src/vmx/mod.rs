@@ -1,12 +1,19 @@
-//! Intel VT-x: capability checks, VMXON, the VMCS of each vCPU, and the exit
-//! path. VMX instructions are wrapped here and nowhere else.
+//! Intel VT-x, the backend of the neutral core (`crate::exit`): capability
+//! checks, VMXON, the VMCS of each vCPU, and the exit path (`stub.rs` the
+//! assembly and the first entry, `dispatch.rs` the decoding and the one
+//! dispatch, `backend.rs` the `Vcpu`/`Machine` implementation, `events.rs`
+//! injection and instruction completion). VMX instructions are wrapped
+//! here and nowhere else.
 
 pub mod apic;
+pub mod backend;
 pub mod caps;
-pub mod exit;
+pub mod dispatch;
+pub mod events;
 pub mod intercept;
 pub mod isolation;
 pub mod pmwatch;
+pub mod stub;
 pub mod vcpu;
 
 use core::arch::asm;
@@ -60,6 +67,52 @@ fn check(what: &'static str, r: x86::vmx::Result<()>) -> Result<(), VmxFail> {
 pub fn vmxon(pa: u64) -> Result<(), VmxFail> {
     // SAFETY: CR4.VMXE is set, the region is a zeroed page with the revision id.
     check("VMXON", unsafe { x86::bits64::vmx::vmxon(pa) })
+}
+
+/// Enters VMX operation on this CPU: CR0 and CR4 set to `cr0` and `cr4`
+/// (as the VMX fixed-bit MSRs require: `caps::fix_cr`, `caps::host_cr4`),
+/// then VMXON with the region at physical `vmxon_pa`.
+///
+/// The new values may only add or clear bits that do not change how the
+/// hypervisor runs: paging, protected mode, write protection and PAE must
+/// stay as they are (checked: a change is refused before anything is
+/// written).
+pub fn enter_vmx_operation(cr0: u64, cr4: u64, vmxon_pa: u64) -> Result<(), EnterError> {
+    use crate::arch::{CR0_PE, CR0_PG, CR0_WP, CR4_PAE};
+    let (old0, old4) = (crate::cpu::read_cr0(), crate::cpu::read_cr4());
+    if (cr0 ^ old0) & (CR0_PE | CR0_PG | CR0_WP) != 0 || (cr4 ^ old4) & CR4_PAE != 0 {
+        return Err(EnterError::ModeChange { cr0, cr4 });
+    }
+    // SAFETY: the values keep paging, protection and PAE as they are
+    // (checked above); the bits they change (CR0.NE, CR4.VMXE, OSXSAVE,
+    // MCE) affect nothing the hypervisor's code relies on.
+    unsafe {
+        crate::cpu::write_cr0(cr0);
+        crate::cpu::write_cr4(cr4);
+    }
+    vmxon(vmxon_pa).map_err(EnterError::Vmxon)
+}
+
+/// Why [`enter_vmx_operation`] failed.
+#[derive(Debug, Clone, Copy)]
+pub enum EnterError {
+    /// The CR0/CR4 values VMX asks for would change the paging mode.
+    ModeChange {
+        cr0: u64,
+        cr4: u64,
+    },
+    Vmxon(VmxFail),
+}
+
+impl fmt::Display for EnterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EnterError::ModeChange { cr0, cr4 } => {
+                write!(f, "VMX would need CR0 {cr0:#x} / CR4 {cr4:#x}, which change the paging mode: refused")
+            }
+            EnterError::Vmxon(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// VMCLEAR then VMPTRLD of the VMCS at `pa`.

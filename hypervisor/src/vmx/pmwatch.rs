@@ -17,11 +17,11 @@
 //! `test_mmio_pm=` (TEST-ONLY) adds a register at a chosen address, so that
 //! Bochs, whose PM1 block is in I/O space, can show the path end to end.
 
-use super::exit::PortEvent;
 use super::vcpu::VcpuState;
 use crate::acpi::{self, Acpi, AcpiReg};
 use crate::decode::{self, Operand};
-use crate::fatal::{end_guest, GuestEnd};
+use crate::exit::io::PortEvent;
+use crate::exit::{Flow, GuestEnd};
 use crate::options::MmioPmTest;
 use spin::Once;
 
@@ -169,8 +169,8 @@ pub fn is_watched(gpa: u64) -> bool {
 
 /// Emulates the guest instruction that wrote a watched page (an EPT
 /// violation on a write to it).
-pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
-    let mem = super::isolation::GuestView::new(v.eptp, crate::state::shared().footprint);
+pub fn emulate_write(v: &mut VcpuState, gpa: u64) -> Flow {
+    let mem = crate::guestaccess::GuestMem::current();
     let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
     let acc = match decode::decode(&buf[..n], mode) {
         Ok(a) if a.write => a,
@@ -179,7 +179,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
                 "cannot emulate the guest's write to a power-management register page (GPA {gpa:#x}) at RIP {rip:#x}: bytes {:02x?}",
                 &buf[..n]
             );
-            end_guest(v, GuestEnd::Stopped("unemulated write to a power-management register page"));
+            return Flow::End(GuestEnd::Stopped("unemulated write to a power-management register page"));
         }
     };
     let value = match acc.value {
@@ -188,7 +188,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     };
     let w = WATCH.get().cloned().unwrap_or_default();
     match classify_write(&w, gpa, acc.size, value) {
-        PortEvent::End(e) => end_guest(v, e),
+        PortEvent::End(e) => return Flow::End(e),
         PortEvent::PassThrough | PortEvent::Swallow => {
             if acc.xchg {
                 // XCHG: the register receives the old value.
@@ -201,34 +201,30 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
             mmio_write(gpa, acc.size, value);
         }
     }
-    super::exit::advance(acc.len as u64);
+    super::events::advance(acc.len as u64);
+    Flow::Resume
 }
 
+/// A device register page the guest may access (mapped for it read-only
+/// in EPT): read for the guest, with the guest's own width.
 fn mmio_read(pa: u64, size: u8) -> u64 {
-    let p = crate::memory::phys_ptr::<u8>(pa);
-    // SAFETY: a device register page the guest may access (mapped for it
-    // read-only in EPT, identity-mapped for the host); reading it for the
-    // guest, with the guest's own width.
-    unsafe {
-        match size {
-            1 => core::ptr::read_volatile(p) as u64,
-            2 => core::ptr::read_volatile(p as *const u16) as u64,
-            4 => core::ptr::read_volatile(p as *const u32) as u64,
-            _ => core::ptr::read_volatile(p as *const u64),
-        }
+    use crate::memory::mmio_read as rd;
+    match size {
+        1 => rd::<u8>(pa) as u64,
+        2 => rd::<u16>(pa) as u64,
+        4 => rd::<u32>(pa) as u64,
+        _ => rd::<u64>(pa),
     }
 }
 
+/// As for mmio_read: replaying the guest's own store.
 fn mmio_write(pa: u64, size: u8, v: u64) {
-    let p = crate::memory::phys_ptr::<u8>(pa);
-    // SAFETY: as for mmio_read: replaying the guest's own store.
-    unsafe {
-        match size {
-            1 => core::ptr::write_volatile(p, v as u8),
-            2 => core::ptr::write_volatile(p as *mut u16, v as u16),
-            4 => core::ptr::write_volatile(p as *mut u32, v as u32),
-            _ => core::ptr::write_volatile(p as *mut u64, v),
-        }
+    use crate::memory::mmio_write as wr;
+    match size {
+        1 => wr(pa, v as u8),
+        2 => wr(pa, v as u16),
+        4 => wr(pa, v as u32),
+        _ => wr(pa, v),
     }
 }
 

@@ -10,7 +10,7 @@ use exitscope_stats::VcpuCounters;
 use guest_loader::plan::Entry;
 
 /// The guest's general-purpose registers, saved by the exit stub. RSP and
-/// RIP live in the VMCS. The field order is the stub's (see exit.rs).
+/// RIP live in the VMCS. The field order is the stub's (see stub.rs).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GuestRegs {
@@ -86,23 +86,21 @@ pub struct VcpuState {
     pub regs: GuestRegs,
     /// TSC read by the exit stub right after the exit (offset 120).
     pub tsc_exit: u64,
+    /// The vCPU's number (offset `percpu::OFFSET_ID`).
+    pub id: usize,
+    /// Full exit-reason field of the exit being handled or last handled
+    /// (offset `percpu::OFFSET_LAST_EXIT`).
+    pub last_exit: u32,
     /// This vCPU's counter block; only this vCPU writes it.
     pub counters: &'static VcpuCounters,
     /// This vCPU's detailed statistics (same rule).
     #[cfg(feature = "detailed")]
     pub detail: &'static exitscope_stats::detail::VcpuDetail,
-    /// The guest's EAX (bits 31:0) and ECX (63:32) of a CPUID the exit
-    /// stub's fast path answers, kept for the CPUID breakdown.
-    #[cfg(feature = "detailed")]
-    pub fast_cpuid: u64,
-    pub id: usize,
     pub vpid: u16,
     pub vmcs_pa: u64,
     pub eptp: u64,
     /// VM-entry controls as last written (the IA-32e bit changes).
     pub entry_ctls: u32,
-    /// Full exit-reason field of the exit being handled or last handled.
-    pub last_exit: u32,
     /// Bytes written to Bochs' shutdown port (0x8900) so far.
     pub shutdown_buf: [u8; 8],
     pub shutdown_len: usize,
@@ -112,11 +110,17 @@ pub struct VcpuState {
     /// Primary processor-based controls as last written (interrupt-window
     /// exiting comes and goes).
     pub proc_ctls: u32,
+    /// The guest's EAX (bits 31:0) and ECX (63:32) of a CPUID the exit
+    /// stub's fast path answers, kept for the CPUID breakdown.
+    #[cfg(feature = "detailed")]
+    pub fast_cpuid: u64,
 }
 
 pub const OFFSET_TSC_EXIT: usize = 120;
 const _: () = assert!(core::mem::offset_of!(VcpuState, tsc_exit) == OFFSET_TSC_EXIT);
 const _: () = assert!(core::mem::offset_of!(VcpuState, regs) == 0);
+const _: () = assert!(core::mem::offset_of!(VcpuState, id) == crate::percpu::OFFSET_ID);
+const _: () = assert!(core::mem::offset_of!(VcpuState, last_exit) == crate::percpu::OFFSET_LAST_EXIT);
 
 /// Host stack per vCPU, below its state block.
 pub const STACK_SIZE: usize = 32 * 1024;
@@ -187,18 +191,11 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
 
 /// CR0 bits the hypervisor owns: NE must stay 1 in VMX operation, whatever
 /// the guest writes, so writes that change it exit and are emulated.
-pub const CR0_OWNED: u64 = 1 << 5;
+pub const CR0_OWNED: u64 = CR0_NE;
 /// CR4 bits the hypervisor owns: VMXE must stay 1 and is hidden.
-pub const CR4_OWNED: u64 = 1 << 13;
+pub const CR4_OWNED: u64 = CR4_VMXE;
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_VMXE: u64 = 1 << 13;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use crate::arch::{CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, CR4_VMXE, EFER_LMA, EFER_LME};
 
 /// Segment access rights.
 const AR_CODE32: u64 = 0xC09B;

@@ -1,6 +1,8 @@
 //! The measurements (see the crate docs for the method and the output).
 
 use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use exitscope_stats::leaf::{join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_EXITS as FC};
 use exitscope_stats::reasons::REASONS;
@@ -71,6 +73,18 @@ impl Kind {
             Kind::Vmcall => timed_vmcall(n),
             Kind::Rdmsr => timed_rdmsr(n),
             Kind::Out => timed_out(n),
+        }
+    }
+
+    /// Times each of `buf.len()` (>= 1) executions on its own: one RDTSC
+    /// bracket per sample, stored in `buf`.
+    fn sampled(self, buf: &mut [u32]) {
+        match self {
+            Kind::Native => sampled_native(buf),
+            Kind::Cpuid => sampled_cpuid(buf),
+            Kind::Vmcall => sampled_vmcall(buf),
+            Kind::Rdmsr => sampled_rdmsr(buf),
+            Kind::Out => sampled_out(buf),
         }
     }
 
@@ -174,6 +188,151 @@ timed_loop!(
     timed_out, "out dx, al", pre: [], post: [],
     options(nostack, nomem)
 );
+
+// ---------------------------------------------------------------------------
+// Per-sample brackets: each execution of the instruction timed on its own,
+// so that a rare long sample (an interrupt of the host, a timeline sample of
+// Exitscope) can be told apart from the steady state that the loop averages
+// mix it into.
+
+/// Defines `fn $name(buf: &mut [u32])`: `buf.len()` samples of
+/// `lfence; rdtsc; lfence; mov r9d, eax; mov edx, esi; xor eax, eax; $insn;
+/// lfence; rdtsc; sub eax, r9d`, each stored as the low 32 bits of the TSC
+/// difference. The sample of the native bracket (no instruction) is the
+/// fixed overhead. The buffer pointer and count live in R11 and R8, which
+/// neither an instruction under test nor a hypervisor's answer touches.
+macro_rules! sampled_loop {
+    ($(#[$m:meta])* $name:ident, $insn:literal, pre: [$($pre:literal),*], post: [$($post:literal),*], $($clobber:tt)*) => {
+        $(#[$m])*
+        #[inline(never)]
+        fn $name(buf: &mut [u32]) {
+            assert!(!buf.is_empty());
+            // SAFETY: the registers the block writes are declared; it stores
+            // exactly `buf.len()` u32s from `buf`'s start; the instruction
+            // under test is one each caller has vetted (`Kind::try_once`).
+            unsafe {
+                asm!(
+                    $($pre,)*
+                    "2:",
+                    "lfence",
+                    "rdtsc",
+                    "lfence",
+                    "mov r9d, eax",
+                    "mov edx, esi",
+                    "xor eax, eax",
+                    $insn,
+                    "lfence",
+                    "rdtsc",
+                    "sub eax, r9d",
+                    "mov dword ptr [r11], eax",
+                    "add r11, 4",
+                    "dec r8",
+                    "jnz 2b",
+                    $($post,)*
+                    inout("r8") buf.len() => _,
+                    inout("r11") buf.as_mut_ptr() => _,
+                    in("rsi") u64::from(PORT_SWALLOWED),
+                    out("rax") _,
+                    out("rdx") _,
+                    out("r9") _,
+                    $($clobber)*
+                );
+            }
+        }
+    };
+}
+
+sampled_loop!(
+    /// The bracket with no instruction under test: the fixed overhead.
+    sampled_native, "", pre: [], post: [], options(nostack)
+);
+sampled_loop!(
+    /// CPUID leaf 0. RBX (reserved by LLVM) is kept in R10.
+    sampled_cpuid, "cpuid", pre: ["mov r10, rbx"], post: ["mov rbx, r10"],
+    out("rcx") _, out("r10") _, options(nostack)
+);
+sampled_loop!(
+    /// VMCALL with RAX = 0 (no such hypercall).
+    sampled_vmcall, "vmcall", pre: ["mov r10, rbx"], post: ["mov rbx, r10"],
+    out("rcx") _, out("r10") _, options(nostack)
+);
+sampled_loop!(
+    /// RDMSR of IA32_FEATURE_CONTROL.
+    sampled_rdmsr, "rdmsr", pre: ["mov ecx, 0x3A"], post: [],
+    out("rcx") _, options(nostack)
+);
+sampled_loop!(
+    /// OUT of AL = 0 to port 0x8900.
+    sampled_out, "out dx, al", pre: [], post: [],
+    options(nostack)
+);
+
+/// Most samples taken per measurement (fewer when `iters` is smaller).
+const MAX_SAMPLES: usize = 10_000;
+/// How many of the most frequent sample values a `BENCH samples` line lists.
+const TOP_VALUES: usize = 4;
+
+/// The sample buffer (40 KB: too large for the 64 KiB boot stack).
+struct SampleBuf(UnsafeCell<[u32; MAX_SAMPLES]>);
+// SAFETY: only `with_samples` hands out a reference, one at a time (BUSY).
+unsafe impl Sync for SampleBuf {}
+static SAMPLES: SampleBuf = SampleBuf(UnsafeCell::new([0; MAX_SAMPLES]));
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// Runs `f` with the only reference to the sample buffer.
+fn with_samples<R>(f: impl FnOnce(&mut [u32; MAX_SAMPLES]) -> R) -> R {
+    assert!(!BUSY.swap(true, Ordering::Acquire), "sample buffer in use");
+    // SAFETY: BUSY was clear, so no other reference exists until it is
+    // cleared again below.
+    let r = f(unsafe { &mut *SAMPLES.0.get() });
+    BUSY.store(false, Ordering::Release);
+    r
+}
+
+/// Takes `n` samples of `kind` and prints their distribution:
+/// `BENCH samples NAME n= min= p50= p90= p99= max= sum= top=V:C,...` (raw
+/// bracket ticks, overhead included; `top` lists the most frequent values,
+/// most frequent first).
+fn print_samples(kind: Kind, n: usize) {
+    with_samples(|buf| {
+        let s = &mut buf[..n];
+        kind.sampled(s);
+        s.sort_unstable();
+        let sum: u64 = s.iter().map(|&v| u64::from(v)).sum();
+        let pct = |p: usize| s[(n - 1) * p / 100];
+        // The most frequent values: runs of the sorted samples.
+        let mut top = [(0u32, 0usize); TOP_VALUES];
+        let mut i = 0;
+        while i < n {
+            let v = s[i];
+            let mut j = i;
+            while j < n && s[j] == v {
+                j += 1;
+            }
+            let c = j - i;
+            // Insert (v, c) keeping `top` sorted by count, larger first; on a
+            // tie the smaller value (seen first) stays ahead.
+            if let Some(k) = top.iter().position(|&(_, tc)| c > tc) {
+                top.copy_within(k..TOP_VALUES - 1, k + 1);
+                top[k] = (v, c);
+            }
+            i = j;
+        }
+        guest_rt::print!(
+            "BENCH samples {} n={n} min={} p50={} p90={} p99={} max={} sum={sum} top=",
+            kind.name(),
+            s[0],
+            pct(50),
+            pct(90),
+            pct(99),
+            s[n - 1]
+        );
+        for (k, (v, c)) in top.iter().filter(|t| t.1 > 0).enumerate() {
+            guest_rt::print!("{}{v}:{c}", if k == 0 { "" } else { "," });
+        }
+        println!();
+    });
+}
 
 /// The two RDTSCs of every timed loop with nothing between them: the fixed
 /// overhead subtracted from each raw difference.
@@ -294,9 +453,17 @@ pub fn main(boot: BootInfo) -> ! {
             halt_forever()
         }
     };
+    let samples = match boot.arg_u64("samples") {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_SAMPLES as u64 => n as usize,
+        Some(_) => {
+            println!("BENCH FAIL: bad samples= (want a number, at most {MAX_SAMPLES})");
+            halt_forever()
+        }
+    };
     let hv = detect();
     println!(
-        "BENCH START hv={} accounting={} iters={iters}",
+        "BENCH START hv={} accounting={} iters={iters} samples={samples}",
         if hv == Hv::Other { "other" } else { "exitscope" },
         match hv {
             Hv::Counting => "on",
@@ -310,11 +477,13 @@ pub fn main(boot: BootInfo) -> ! {
     let leafcost = (hv == Hv::Counting).then(|| leaf_cost(cpuid_reason));
     println!("BENCH leafcost cycles={}", Fig(leafcost, hv));
 
-    for kind in Kind::ALL {
+    let mut measured = [false; Kind::ALL.len()];
+    for (i, kind) in Kind::ALL.into_iter().enumerate() {
         if let Some(v) = kind.try_once() {
             println!("BENCH {} skipped=vector-{v}", kind.name());
             continue;
         }
+        measured[i] = true;
         let reason = reason_number(kind.reason_key());
         let counting = hv == Hv::Counting;
         // r1..r3, the loop, r4..r6: nothing prints in between.
@@ -341,6 +510,13 @@ pub fn main(boot: BootInfo) -> ! {
             Fig(cycles, hv),
             Fig(other, hv)
         );
+    }
+    // The per-sample pass, after every loop (so the loops' hypervisor-side
+    // figures above are untouched by it), of what was measured.
+    if samples > 0 {
+        for (kind, _) in Kind::ALL.into_iter().zip(measured).filter(|k| k.1) {
+            print_samples(kind, samples);
+        }
     }
     println!("BENCH DONE");
     if boot.arg("exit") == Some("isa-debug") {

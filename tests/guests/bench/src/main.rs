@@ -45,7 +45,7 @@
 //! there is no Exitscope, `off` where its accounting is compiled out):
 //!
 //! ```text
-//! BENCH START hv=exitscope accounting=on iters=10000
+//! BENCH START hv=exitscope accounting=on iters=10000 samples=10000
 //! BENCH timer overhead=7
 //! BENCH leafcost cycles=...
 //! BENCH native iters=10000 guest_cycles=30000 hv_exits=0 hv_cycles=0 other_exits=0
@@ -53,15 +53,26 @@
 //! BENCH vmcall ...
 //! BENCH rdmsr ...
 //! BENCH out ...
+//! BENCH samples native n=10000 min=12 p50=12 p90=12 p99=12 max=12 sum=120000 top=12:10000
+//! BENCH samples cpuid n=... min=... p50=... p90=... p99=... max=... sum=... top=V:C,V:C,...
+//! ...
 //! BENCH DONE
 //! ```
+//!
+//! With `samples=N` (at most 10000; default 0: none), after the loops, a
+//! per-sample pass times each execution on its own: N samples of `lfence; rdtsc; lfence; mov r9d, eax;
+//! mov edx, esi; xor eax, eax; INSN; lfence; rdtsc`, per measurement, and
+//! prints their distribution (raw bracket ticks; the native bracket is the
+//! overhead; `top` lists the four most frequent values with their counts).
+//! Loop averages mix rare long samples (a host's timer interrupt, an
+//! Exitscope timeline sample) into the mean; the samples separate them.
 //!
 //! `guest_cycles` is the TSC difference minus `timer overhead` (the same two
 //! RDTSCs with no loop between), so in Bochs it is exactly N times the
 //! per-iteration path length. A measurement whose instruction faults (no
 //! hypervisor to answer it) prints `BENCH NAME skipped=vector-V`.
 //!
-//! Command line: `iters=N` (1 or more), and `exit=isa-debug` to end with an
+//! Command line: `iters=N` (1 or more), `samples=N` (0 to 10000), and `exit=isa-debug` to end with an
 //! OUT to QEMU's isa-debug-exit port 0xF4 (for a plain KVM guest, where
 //! HLT does not end the run). Without it the guest halts for good (CLI;
 //! HLT), which ends an Exitscope run.

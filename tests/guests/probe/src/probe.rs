@@ -8,7 +8,7 @@ use exitscope_stats::leaf::{
     join64, LEAF_REASON_CYCLES as FF, LEAF_REASON_EXITS as FE, LEAF_TOTAL_CYCLES as FD, LEAF_TOTAL_EXITS as FC, UNDEFINED_EDX,
 };
 use exitscope_stats::reasons::{self, Reason, MAX_DEFINED, REASONS, SLOTS};
-use guest_rt::{cpuid, cpuid_count, halt_forever, print, println, BootInfo};
+use guest_rt::{catch, cpuid, cpuid_count, halt_forever, print, println, BootInfo};
 
 /// Hypervisor signature leaf and the signature Exitscope promises there.
 const HV_LEAF: u32 = 0x4000_0000;
@@ -20,6 +20,8 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 /// CR0.NE and CR4.OSXSAVE.
 const CR0_NE: u64 = 1 << 5;
 const CR4_OSXSAVE: u64 = 1 << 18;
+/// RFLAGS.RF, the resume flag.
+const RFLAGS_RF: u64 = 1 << 16;
 /// IA32_FEATURE_CONTROL and its lock / VMX-enable bits.
 const MSR_FEATURE_CONTROL: u32 = 0x3A;
 const FC_LOCK: u64 = 1 << 0;
@@ -463,7 +465,18 @@ fn step4_exits(k: &Known, leaf1_ecx: u32) -> u32 {
                 guest_rt::xsetbv(0, xcr0);
             }
         });
-        n
+        // A fault the hypervisor injects: XSETBV of XCR0 without x87 (bit
+        // 0) is #GP, and the frame's RFLAGS.RF (bit 16) is set, as the CPU
+        // sets it in the frame of every fault-class exception.
+        measure("rf", k.xsetbv, n, 1, |_| {
+            // SAFETY: XCR0 = 0 is refused (#GP) and XCR0 stays as it was.
+            let v = catch(|| unsafe { guest_rt::xsetbv(0, 0) });
+            let f = guest_rt::last_fault();
+            if v != Some(13) || f.rflags & RFLAGS_RF == 0 {
+                fail!("xsetbv XCR0=0: expected #GP (13) with RFLAGS.RF set in its frame, got {v:?}, frame RFLAGS {:#x}", f.rflags);
+            }
+        });
+        2 * n
     };
 
     // Per iteration: flip NE (exit), restore it (exit), write the same CR0

@@ -150,6 +150,7 @@ pub fn run(k: &Known, cfg: Config) {
     if let Err(e) = smp::check_xapic() {
         fail!("smp: {e}");
     }
+    apic_bytes();
     let bsp = smp::apic_id();
     let mut targets = [0u32; MAX_APS];
     let method = if cfg.linux {
@@ -212,4 +213,53 @@ pub fn run(k: &Known, cfg: Config) {
         fail!("smp: {entered} APs started, smp={} expects {aps}", cfg.cpus);
     }
     println!("PROBE smp cpuid delta ok ({aps} APs x {iters} = {ap_cpuids}; FE(10) {fe0} -> {fe1}, +{})", fe1.wrapping_sub(fe0));
+}
+
+/// The xAPIC's TPR, at 0xFEE00080.
+const TPR: u64 = smp::LAPIC_BASE + 0x80;
+
+/// `smp apic-bytes`: with more than one CPU Exitscope traps the local APIC
+/// page and emulates each store to it; byte, word and XCHG accesses to a
+/// register's bits 31:0 reach the register as on a CPU that supports them
+/// (merged into it), checked on the TPR (bits 7:0; 31:8 reserved, read as
+/// 0). The TPR is 0 again afterwards. Natively Bochs panics on a byte
+/// store to the APIC, so this runs only here, where the page is trapped.
+fn apic_bytes() {
+    let tpr = || {
+        // SAFETY: the xAPIC page (checked by check_xapic), identity-mapped;
+        // reading the TPR has no side effect.
+        unsafe { (TPR as *const u32).read_volatile() }
+    };
+    let mut al: u8 = 0x40;
+    // SAFETY: TPR writes only change which interrupts are delivered; the
+    // probe runs with interrupts off here and puts 0 back at the end.
+    unsafe {
+        core::arch::asm!("mov byte ptr [{p}], 0x20", p = in(reg) TPR, options(nostack, preserves_flags));
+    }
+    let after_byte = tpr();
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("mov word ptr [{p}], 0x30", p = in(reg) TPR, options(nostack, preserves_flags));
+    }
+    let after_word = tpr();
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("xchg byte ptr [{p}], {v}", p = in(reg) TPR, v = inout(reg_byte) al, options(nostack, preserves_flags));
+    }
+    let after_xchg = tpr();
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("mov byte ptr [{p}], 0x77", p = in(reg) TPR + 1, options(nostack, preserves_flags));
+    }
+    let after_reserved = tpr();
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("mov dword ptr [{p}], 0", p = in(reg) TPR, options(nostack, preserves_flags));
+    }
+    let got = [after_byte, after_word, u32::from(al), after_xchg, after_reserved, tpr()];
+    let want = [0x20, 0x30, 0x30, 0x40, 0x40, 0];
+    if got != want {
+        fail!("smp apic-bytes: TPR after a byte store, a word store, XCHG (old, new), a byte into bits 15:8, a dword 0: expected {want:x?}, got {got:x?} (hex)");
+    }
+    println!("PROBE smp apic-bytes ok (TPR by byte, word and XCHG stores: {got:x?}, hex)");
 }

@@ -26,6 +26,7 @@ static CATCH_RIP: AtomicU64 = AtomicU64::new(0);
 static FAULT_VECTOR: AtomicU64 = AtomicU64::new(0);
 static FAULT_ERROR: AtomicU64 = AtomicU64::new(0);
 static FAULT_RIP: AtomicU64 = AtomicU64::new(0);
+static FAULT_RFLAGS: AtomicU64 = AtomicU64::new(0);
 
 // The stubs, the common handler and the catch trampoline.
 //
@@ -64,6 +65,8 @@ guest_rt_isr_common:
     mov [rip + {fault_error}], rax
     mov rax, [rsp + 24]
     mov [rip + {fault_rip}], rax
+    mov rax, [rsp + 40]
+    mov [rip + {fault_rflags}], rax
     mov rax, [rip + {catch_rip}]
     mov [rsp + 24], rax             /* frame RIP */
     mov rax, [rip + {catch_rsp}]
@@ -129,6 +132,7 @@ guest_rt_isr_table:
     fault_vector = sym FAULT_VECTOR,
     fault_error = sym FAULT_ERROR,
     fault_rip = sym FAULT_RIP,
+    fault_rflags = sym FAULT_RFLAGS,
     fatal = sym fatal_exception,
 );
 
@@ -234,6 +238,10 @@ pub struct Fault {
     pub error_code: u64,
     /// RIP of the faulting instruction (for faults; the next one for traps).
     pub rip: u64,
+    /// RFLAGS in the exception frame (for faults the CPU sets RF, bit 16,
+    /// in it, so that the instruction restarts without re-triggering an
+    /// instruction breakpoint).
+    pub rflags: u64,
 }
 
 /// The most recent fault caught by [`catch`] (all zeros if none yet).
@@ -242,6 +250,7 @@ pub fn last_fault() -> Fault {
         vector: FAULT_VECTOR.load(Ordering::Relaxed) as u8,
         error_code: FAULT_ERROR.load(Ordering::Relaxed),
         rip: FAULT_RIP.load(Ordering::Relaxed),
+        rflags: FAULT_RFLAGS.load(Ordering::Relaxed),
     }
 }
 

@@ -1,10 +1,12 @@
-//! Ending the run: powering the machine off or resetting it, using ACPI
-//! where the firmware describes it and the well-known emulator and PC ports
-//! otherwise.
+//! Power: turning the machine off or resetting it at the end of the run,
+//! using ACPI where the firmware describes it and the well-known emulator
+//! and PC ports otherwise.
 
 use crate::acpi::{self, Acpi, AcpiReg};
-use crate::cpu::{self, inw, outb, outw};
+use crate::cpu;
+use crate::memory::{mmio_read, mmio_write};
 use crate::options::EndAction;
+use crate::port::{inw, outb, outw};
 
 /// One prefixed line. These are the run's last words, often after a
 /// failure: written so that a console lock a failed CPU still holds cannot
@@ -15,32 +17,43 @@ macro_rules! say {
     };
 }
 
+/// ACPI facts found at boot, for powering off after an early error (before
+/// the shared state exists).
+static BOOT_ACPI: spin::Once<Acpi> = spin::Once::new();
+
+/// Records the ACPI facts found at boot (once).
+pub fn set_boot_acpi(a: &Acpi) {
+    BOOT_ACPI.call_once(|| a.clone());
+}
+
+/// The ACPI facts found at boot (none yet: the defaults).
+pub fn boot_acpi() -> Acpi {
+    BOOT_ACPI.get().cloned().unwrap_or_default()
+}
+
 fn write_reg(r: AcpiReg, v: u16) {
     match r {
-        // SAFETY: ports named by the firmware's FADT for this purpose.
-        AcpiReg::Io(p) => unsafe { outw(p, v) },
-        // SAFETY: an MMIO register named by the FADT, mapped by the host
-        // page tables (all physical memory below 4 GiB at least).
-        AcpiReg::Memory(a) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u16>(a), v) },
+        // Ports named by the firmware's FADT for this purpose.
+        AcpiReg::Io(p) => outw(p, v),
+        // An MMIO register named by the FADT, mapped by the host page
+        // tables (all physical memory below 4 GiB at least).
+        AcpiReg::Memory(a) => mmio_write::<u16>(a, v),
     }
 }
 
 fn read_reg(r: AcpiReg) -> u16 {
     match r {
-        // SAFETY: as above.
-        AcpiReg::Io(p) => unsafe { inw(p) },
-        // SAFETY: as above.
-        AcpiReg::Memory(a) => unsafe { core::ptr::read_volatile(crate::memory::phys_ptr::<u16>(a)) },
+        AcpiReg::Io(p) => inw(p),
+        AcpiReg::Memory(a) => mmio_read::<u16>(a),
     }
 }
 
 /// Writes an 8-bit register (the HW-reduced sleep control register).
 fn write_reg8(r: AcpiReg, v: u8) {
     match r {
-        // SAFETY: a port named by the FADT for this purpose.
-        AcpiReg::Io(p) => unsafe { outb(p, v) },
-        // SAFETY: an MMIO register named by the FADT, mapped as above.
-        AcpiReg::Memory(a) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(a), v) },
+        // A register named by the FADT for this purpose.
+        AcpiReg::Io(p) => outb(p, v),
+        AcpiReg::Memory(a) => mmio_write::<u8>(a, v),
     }
 }
 
@@ -62,8 +75,8 @@ pub fn power_off(a: &Acpi) -> ! {
     crate::serial::drain();
     if let (Some(pm1a), Some((typa, typb))) = (a.pm1a_cnt, a.s5) {
         if read_reg(pm1a) & acpi::SCI_EN == 0 && a.smi_cmd != 0 && a.acpi_enable != 0 {
-            // SAFETY: the FADT says writing ACPI_ENABLE to SMI_CMD enables ACPI mode.
-            unsafe { outb(a.smi_cmd, a.acpi_enable) };
+            // The FADT says writing ACPI_ENABLE to SMI_CMD enables ACPI mode.
+            outb(a.smi_cmd, a.acpi_enable);
             for _ in 0..1000 {
                 if read_reg(pm1a) & acpi::SCI_EN != 0 {
                     break;
@@ -83,9 +96,9 @@ pub fn power_off(a: &Acpi) -> ! {
     }
     // Bochs: the string "Shutdown" on port 0x8900.
     for &b in b"Shutdown" {
-        // SAFETY: port 0x8900 is Bochs' shutdown port; on real hardware it
-        // is unassigned and writes are ignored.
-        unsafe { outb(0x8900, b) };
+        // Port 0x8900 is Bochs' shutdown port; on real hardware it is
+        // unassigned and writes are ignored.
+        outb(0x8900, b);
     }
     say!("could not power off (no usable ACPI S5); halted");
     crate::serial::drain();
@@ -99,26 +112,20 @@ pub fn reset(a: &Acpi) -> ! {
     crate::serial::drain();
     if let Some((reg, val)) = a.reset_reg {
         match reg {
-            // SAFETY: the FADT's reset register.
-            AcpiReg::Io(p) => unsafe { outb(p, val) },
-            // SAFETY: as above, MMIO.
-            AcpiReg::Memory(m) => unsafe { core::ptr::write_volatile(crate::memory::phys_ptr::<u8>(m), val) },
+            // The FADT's reset register.
+            AcpiReg::Io(p) => outb(p, val),
+            AcpiReg::Memory(m) => mmio_write::<u8>(m, val),
         }
         spin(200_000);
     }
-    // SAFETY: standard PC reset paths; the machine is going down.
-    unsafe {
-        outb(0xCF9, 0x02);
-        spin(20);
-        outb(0xCF9, 0x06);
-        spin(200_000);
-        outb(0x64, 0xFE);
-        spin(200_000);
-        // Triple fault: an empty IDT and an exception.
-        let null = crate::idt::DescPtr { limit: 0, base: 0 };
-        core::arch::asm!("lidt [{}]", "int3", in(reg) &null);
-    }
-    cpu::halt_forever()
+    // Standard PC reset paths; the machine is going down.
+    outb(0xCF9, 0x02);
+    spin(20);
+    outb(0xCF9, 0x06);
+    spin(200_000);
+    outb(0x64, 0xFE);
+    spin(200_000);
+    cpu::triple_fault()
 }
 
 /// Does what the `on_end` option asks.

@@ -1,0 +1,359 @@
+//! The one choke point: every VM exit of every vCPU that the stub does not
+//! answer itself comes through [`exitscope_vmexit_handler`], which decodes
+//! the VMCS into a neutral [`Exit`], hands it to the core
+//! ([`crate::exit::dispatch::handle`], against this vCPU's `Vcpu`/`Machine`
+//! implementation in `backend.rs`), and acts on the [`Flow`] it returns:
+//! resume, park, or end the run ([`end_guest`], the one way out).
+
+use super::stub::account;
+use super::vcpu::VcpuState;
+use super::{guest, ro, vmread};
+use crate::exit::{self, Access, CrAccess, CrKind, DrAccess, Exit, Flow, GuestEnd, IoAccess, NestedFault};
+use crate::idt;
+use crate::runstate;
+
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
+    let reason = vmread(ro::EXIT_REASON) as u32;
+    v.last_exit = reason;
+    let basic = reason as u16;
+    // The modifier bits the basic reason drops (before an entry failure
+    // ends the run): one test when there are none.
+    #[cfg(feature = "accounting")]
+    if reason & exitscope_stats::flags::MODIFIER_MASK != 0 {
+        v.counters.record_flags(reason);
+    }
+    // The guest code that caused it (not for a failed entry: no guest ran).
+    #[cfg(feature = "detailed")]
+    if reason & (1 << 31) == 0 {
+        super::stub::note_site(v, basic, vmread(guest::RIP));
+    }
+    if reason & (1 << 31) != 0 {
+        step(v, Exit::EntryFailure);
+    }
+    // The exits the benchmark measures are decoded in place, so that the
+    // core's dispatch folds to their handler at compile time (one switch
+    // on the reason, as before the core was neutral); `decode` gives the
+    // same `Exit` for them (unit test `the_hot_reasons_decode_alike`).
+    match basic {
+        10 => step(v, Exit::Cpuid),
+        18 => step(v, Exit::Vmcall),
+        30 => step(v, Exit::Io(io_access(vmread(ro::EXIT_QUALIFICATION)))),
+        31 => step(v, Exit::MsrRead),
+        32 => step(v, Exit::MsrWrite),
+        _ => other(v, basic),
+    }
+    if idt::machine_check_pending(v.id) {
+        reflect_machine_check(v);
+    }
+    account(v, basic);
+}
+
+/// Every other exit, out of line: the hot path keeps its registers.
+#[inline(never)]
+fn other(v: &mut VcpuState, basic: u16) {
+    step(v, decode(basic, vmread));
+}
+
+/// One exit through the core: the detailed statistics' hooks, the core's
+/// dispatch, and what its [`Flow`] says.
+#[inline(always)]
+fn step(v: &mut VcpuState, e: Exit) {
+    #[cfg(feature = "detailed")]
+    record_detail(v, e);
+    match exit::dispatch::handle(v, e) {
+        Flow::Resume => {}
+        Flow::End(why) => end_exit(v, why),
+        Flow::Park => runstate::park(),
+    }
+}
+
+/// The VMX exit reason, decoded (`read` reads a VMCS field).
+#[inline(always)]
+pub fn decode(basic: u16, read: impl Fn(u32) -> u64) -> Exit {
+    let q = || read(ro::EXIT_QUALIFICATION);
+    match basic {
+        10 => Exit::Cpuid,
+        12 => Exit::Hlt,
+        30 => Exit::Io(io_access(q())),
+        31 => Exit::MsrRead,
+        32 => Exit::MsrWrite,
+        28 => Exit::CrAccess(cr_access(q())),
+        55 => Exit::Xsetbv,
+        18 => Exit::Vmcall,
+        13 | 54 => Exit::CacheFlush,
+        1 => Exit::ExternalInterrupt,
+        7 => Exit::InterruptWindow,
+        52 => Exit::PreemptionTimer,
+        16 => Exit::Rdtsc,
+        51 => Exit::Rdtscp,
+        15 => Exit::Rdpmc,
+        14 => Exit::Invlpg(q()),
+        58 => Exit::Invpcid,
+        29 => {
+            let q = q();
+            Exit::MovDr(DrAccess { dr: (q & 7) as u8, from: q & (1 << 4) != 0, gpr: ((q >> 8) & 15) as u8 })
+        }
+        36 | 39 | 40 => Exit::Nop,
+        46 => Exit::GdtrIdtr,
+        47 => Exit::LdtrTr,
+        11 | 19..=27 | 50 | 53 | 59 | 76 | 77 => Exit::Undefined,
+        48 => Exit::NestedFault(NestedFault { gpa: read(ro::GUEST_PHYSICAL_ADDR_FULL), access: ept_access(q()) }),
+        49 => Exit::NestedMisconfig,
+        2 => Exit::TripleFault,
+        3 => Exit::Init,
+        4 => Exit::Sipi(q() as u8),
+        9 => Exit::TaskSwitch,
+        33 | 34 | 41 => Exit::EntryFailure,
+        n => Exit::Unexpected(n),
+    }
+}
+
+/// An I/O exit qualification (SDM Vol. 3, Table 28-5).
+pub const fn io_access(q: u64) -> IoAccess {
+    IoAccess { size: (q & 7) as u8 + 1, input: q & 8 != 0, string: q & 16 != 0, rep: q & 32 != 0, port: (q >> 16) as u16 }
+}
+
+/// A control-register exit qualification (SDM Vol. 3, Table 28-3).
+pub const fn cr_access(q: u64) -> CrAccess {
+    let kind = match (q >> 4) & 3 {
+        0 => CrKind::MovTo,
+        1 => CrKind::MovFrom,
+        2 => CrKind::Clts,
+        _ => CrKind::Lmsw((q >> 16) as u16),
+    };
+    CrAccess { cr: (q & 15) as u8, kind, gpr: ((q >> 8) & 15) as u8 }
+}
+
+/// An EPT-violation exit qualification (SDM Vol. 3, Table 28-7): bits 5:3
+/// are the page's permissions in EPT (all clear: not mapped); bit 7 set
+/// and bit 8 clear mean an access to a guest paging structure.
+pub const fn ept_access(q: u64) -> Access {
+    Access {
+        read: q & 1 != 0,
+        write: q & 2 != 0,
+        fetch: q & 4 != 0,
+        mapped: q & 0x38 != 0,
+        page_walk: q & (1 << 7) != 0 && q & (1 << 8) == 0,
+        raw: q,
+    }
+}
+
+/// The detailed statistics' view of the exit, recorded around the dispatch.
+#[cfg(feature = "detailed")]
+#[inline(always)]
+fn record_detail(v: &VcpuState, e: Exit) {
+    match e {
+        Exit::Cpuid => v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(v.regs.rax as u32, v.regs.rcx as u32)),
+        // An exception or NMI (no profile enables reason 0): its vector,
+        // for the breakdown of the final dump.
+        Exit::Unexpected(0) => v.detail.exceptions.record(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF),
+        Exit::Io(a) => v.detail.io_ports.record(a.port as u64),
+        Exit::MsrRead => v.detail.msrs.record(v.regs.rcx as u32 as u64),
+        Exit::MsrWrite => v.detail.msrs.record(v.regs.rcx as u32 as u64 | 1 << 32),
+        Exit::CrAccess(a) => {
+            let kind = match a.kind {
+                CrKind::MovTo => 0,
+                CrKind::MovFrom => 1,
+                CrKind::Clts => 2,
+                CrKind::Lmsw(_) => 3,
+            };
+            v.detail.record_cr(a.cr, kind)
+        }
+        Exit::NestedFault(f) => v.detail.ept_regions.record(f.gpa >> 21),
+        _ => {}
+    }
+}
+
+/// A handler ended the run: the backend's own report of the exit first
+/// (for a failed entry or an exit nobody asked for).
+#[cold]
+#[inline(never)]
+fn end_exit(v: &mut VcpuState, why: GuestEnd) -> ! {
+    let basic = v.last_exit as u16;
+    if v.last_exit & (1 << 31) != 0 {
+        report_entry_failure(v.last_exit);
+    } else {
+        match decode(basic, |_| 0) {
+            Exit::EntryFailure => report_entry_failure(v.last_exit),
+            Exit::Unexpected(n) => {
+                let name = exitscope_stats::reasons::name(n as u32).unwrap_or("undefined");
+                crate::hvprintln!(
+                    "unexpected VM exit {n} ({name}), qualification {:#x}, guest RIP {:#x}",
+                    vmread(ro::EXIT_QUALIFICATION),
+                    vmread(guest::RIP)
+                );
+            }
+            _ => {}
+        }
+    }
+    end_guest(v, why)
+}
+
+/// Ends the guest's run from this vCPU: counts the exit that ended it, then
+/// the final report and power-off (`runstate::end_guest`).
+#[cold]
+pub fn end_guest(v: &mut VcpuState, why: GuestEnd) -> ! {
+    account(v, v.last_exit as u16);
+    let rip = vmread(guest::RIP);
+    let failed_state = v.last_exit & (1 << 31) != 0 && v.last_exit as u16 == 33;
+    runstate::end_guest(v.id, why, rip, || {
+        if failed_state {
+            report_guest_state();
+        }
+    })
+}
+
+fn report_entry_failure(reason: u32) {
+    let basic = reason as u16;
+    let q = vmread(ro::EXIT_QUALIFICATION);
+    let what = match (basic, q) {
+        (33, 2) => "invalid guest state (PDPTE load failed)",
+        (33, 3) => "invalid guest state (NMI injection)",
+        (33, 4) => "invalid guest state (VMCS link pointer)",
+        (33, _) => "invalid guest state",
+        (34, _) => "MSR loading failed",
+        (41, _) => "machine-check event",
+        _ => "unknown cause",
+    };
+    crate::hvprintln!(
+        "VM entry failed: reason {basic} ({what}), qualification {q:#x}, guest RIP {:#x}, CR0 {:#x}, CR4 {:#x}, EFER {:#x}",
+        vmread(guest::RIP),
+        vmread(guest::CR0),
+        vmread(guest::CR4),
+        vmread(guest::IA32_EFER_FULL)
+    );
+}
+
+/// After a VM entry failed on guest state: the checks that fail.
+fn report_guest_state() {
+    let problems = super::isolation::guest_state_problems(&super::isolation::sample_guest_state());
+    if problems.is_empty() {
+        crate::hvprintln!(
+            "guest-state check: none of the checks Exitscope knows fails (an emulator's log may name the check: Bochs 'VMENTER FAIL')"
+        );
+    }
+    for p in problems {
+        crate::hvprintln!("guest-state check failed: {p}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Machine checks taken in root mode
+
+/// A machine check taken in VMX root operation while this vCPU's exit was
+/// being handled (`idt.rs` only marks it): hand it to the guest as #MC at
+/// this VM entry, as if the guest had taken it, and say so. A guest with
+/// CR4.MCE clear would shut down on a machine check: it is stopped, with
+/// that reason.
+#[cold]
+fn reflect_machine_check(v: &mut VcpuState) {
+    idt::clear_machine_check(v.id);
+    match machine_check_delivery(vmread(guest::CR4), vmread(guest::ACTIVITY_STATE)) {
+        McDelivery::Inject => {
+            super::events::inject(exit::vector::MC, None);
+            crate::hvprintln!("machine check in VMX root mode on CPU {}: reflected to the guest", v.id);
+        }
+        McDelivery::Shutdown => {
+            crate::hvprintln!(
+                "machine check in VMX root mode on CPU {}: the guest's CR4.MCE is clear, so the machine check would shut it down",
+                v.id
+            );
+            end_guest(v, GuestEnd::Stopped("machine check with the guest's CR4.MCE clear"))
+        }
+        McDelivery::NotNow => {
+            crate::hvprintln!("machine check in VMX root mode on CPU {}: not reflected (the vCPU waits for a SIPI or is shut down)", v.id);
+        }
+    }
+}
+
+/// How a machine check reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McDelivery {
+    /// Inject #MC (vector 18) at the next VM entry.
+    Inject,
+    /// The guest's CR4.MCE is clear: the processor would shut down.
+    Shutdown,
+    /// The vCPU is in the shutdown or wait-for-SIPI state, where VM entry
+    /// cannot inject an event.
+    NotNow,
+}
+
+/// Decides [`McDelivery`] from the guest's CR4 and activity state.
+pub const fn machine_check_delivery(guest_cr4: u64, activity: u64) -> McDelivery {
+    if activity >= 2 {
+        McDelivery::NotNow
+    } else if guest_cr4 & crate::arch::CR4_MCE == 0 {
+        McDelivery::Shutdown
+    } else {
+        McDelivery::Inject
+    }
+}
+
+/// VMLAUNCH or VMRESUME did not enter the guest.
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_vmentry_failed(v: &mut VcpuState, resume: u32) -> ! {
+    let what = if resume != 0 { "VMRESUME" } else { "VMLAUNCH" };
+    let err = vmread(ro::VM_INSTRUCTION_ERROR) as u32;
+    crate::hvprintln!("{what} failed: VM-instruction error {err} ({})", super::instruction_error_name(err));
+    end_guest(v, GuestEnd::Stopped("VM entry failed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_enabled_reason_has_a_handler() {
+        use exitscope_stats::reasons::REASONS;
+        // The widest configuration: every class and the preemption timer.
+        let want = exitscope_stats::intercept::from_cmdline("profile=all preempt=100000").unwrap();
+        let c = crate::vmx::caps::choose(&crate::vmx::caps::tests::skylake_x(), &want).unwrap();
+        let enabled = crate::vmx::caps::enabled_reasons(&c, false);
+        assert!(enabled.contains(52) && enabled.contains(7));
+        for r in REASONS.iter().filter(|r| enabled.contains(r.number as u32)) {
+            assert!(!matches!(decode(r.number, |_| 0), Exit::Unexpected(_)), "no handler for enabled reason {} {}", r.number, r.name);
+        }
+    }
+
+    #[test]
+    fn the_hot_reasons_decode_alike() {
+        let q = |_| 0x0092_0000;
+        assert_eq!(decode(10, q), Exit::Cpuid);
+        assert_eq!(decode(18, q), Exit::Vmcall);
+        assert_eq!(decode(30, q), Exit::Io(io_access(0x0092_0000)));
+        assert_eq!(decode(31, q), Exit::MsrRead);
+        assert_eq!(decode(32, q), Exit::MsrWrite);
+    }
+
+    #[test]
+    fn qualifications() {
+        // OUT DX, AL to 0x92: size 1, out, not string.
+        assert_eq!(io_access(0x0092_0000), IoAccess { port: 0x92, size: 1, input: false, string: false, rep: false });
+        let a = io_access(0x0CF8_0000 | 3 | 8);
+        assert_eq!((a.port, a.size, a.input), (0xCF8, 4, true));
+        let a = io_access(0x03F8_0000 | 16 | 32);
+        assert!(a.string && a.rep);
+        assert_eq!(cr_access(0x0300 | 0x4), CrAccess { cr: 4, kind: CrKind::MovTo, gpr: 3 });
+        assert_eq!(cr_access(0x000B_0030), CrAccess { cr: 0, kind: CrKind::Lmsw(0xB), gpr: 0 });
+        let a = ept_access(2 | 1 << 3 | 1 << 7);
+        assert!(a.write && a.mapped && a.page_walk && !a.read);
+        assert!(!ept_access(1 | 1 << 7 | 1 << 8).page_walk);
+        // The decoded exit carries the data.
+        let q = |f| if f == ro::EXIT_QUALIFICATION { 0x0092_0000 } else { 0xFEE0_0300 };
+        assert_eq!(decode(30, q), Exit::Io(io_access(0x0092_0000)));
+        assert_eq!(decode(48, q), Exit::NestedFault(NestedFault { gpa: 0xFEE0_0300, access: ept_access(0x0092_0000) }));
+        assert_eq!(decode(4, q), Exit::Sipi(0));
+        assert_eq!(decode(70, q), Exit::Unexpected(70));
+    }
+
+    #[test]
+    fn machine_check_delivery_follows_the_guest() {
+        const MCE: u64 = 1 << 6;
+        assert_eq!(machine_check_delivery(MCE | 0x20, 0), McDelivery::Inject);
+        assert_eq!(machine_check_delivery(MCE, 1), McDelivery::Inject); // HLT: #MC may be injected
+        assert_eq!(machine_check_delivery(0x20, 0), McDelivery::Shutdown);
+        assert_eq!(machine_check_delivery(MCE, 3), McDelivery::NotNow); // wait-for-SIPI
+        assert_eq!(machine_check_delivery(MCE, 2), McDelivery::NotNow); // shutdown
+    }
+}
