@@ -68,11 +68,12 @@ commands:
                              target/) natively in Bochs and as Exitscope's guest under
                              each profile; prints one table, differences marked '*'
                              (native results are measured once and kept; docs/conformance.md)
-      --tests a,b,c          tests of x86/unittests.cfg (default: the issue-14 list)
+      --tests a,b,c          tests of x86/unittests.cfg (default: docs/conformance.md's set)
       --profiles a,b         minimal, kvm-like, all (default: all three)
       --hv-args ARGS         further hypervisor arguments (after profile=)
       --jobs 1|2             Bochs at once (default 2)
-      --cpu-limit SECS       Bochs CPU seconds before a run counts as hung (default 240)
+      --cpu-limit SECS       Bochs CPU seconds before a run counts as hung (default 240;
+                             at least 1200 for the vmexit tests and sieve)
   lint                       cargo fmt --check and clippy with warnings denied
   bench [options]            exit round trips, instrumentation overhead and a Linux boot,
                              measured side by side (see BENCHMARKS.md); prints a table,
