@@ -51,6 +51,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "no-guest-module", run: no_guest_module },
     Test { name: "corrupt-guest", run: corrupt_guest },
     Test { name: "probe-smp2", run: probe_smp2 },
+    Test { name: "probe-ept-off", run: probe_ept_off },
+    Test { name: "probe-smp2-ept-off", run: probe_smp2_ept_off },
     Test { name: "probe-smp4", run: probe_smp4 },
     Test { name: "probe-smp4-linux-style", run: probe_smp4_linux_style },
     Test { name: "probe-smp8", run: probe_smp8 },
@@ -411,6 +413,52 @@ fn check_ap_shares(d: &ParsedDump, cpus: usize, k: u64, extra: Option<u64>) -> R
 
 fn probe_smp2(ctx: &Ctx) -> Result {
     probe_smp(ctx, "probe-smp2", 2, "broadcast")
+}
+
+/// The probe's checks of shadow paging (`shadow.rs` in the probe), all of
+/// which must say ok under `ept=off`.
+const SHADOW_CHECKS: &[&str] =
+    &["shadow-fresh-pages", "shadow-dirty", "shadow-first-write", "shadow-pf-delivered", "shadow-invlpg", "shadow-cr3"];
+
+fn require_shadow_checks(out: &bochs::Outcome) -> Result {
+    for c in SHADOW_CHECKS {
+        require(out, &format!("PROBE {c} ok ("))?;
+    }
+    require(out, "[exitscope] interception: profile minimal, intercept=hlt, ept=off (shadow paging")
+}
+
+/// Shadow paging (`ept=off`, issue 16) on one vCPU: the probe's every
+/// check (exact counts, with the shadow's #PF exits allowed on top where
+/// the measured code does not control what it touches) and its shadow
+/// checks (exact #PF, INVLPG and CR3 exits; the guest's own #PF with CR2
+/// and error code; A/D); only the reasons `ept=off` enables have exits.
+fn probe_ept_off(ctx: &Ctx) -> Result {
+    let opts = "ept=off";
+    let guest = ctx.art.guest("probe");
+    let spec = IsoSpec { hv_args: opts, guest_args: opts, ..probe_spec(ctx, &guest) };
+    let out = bochs_run("probe-ept-off", &spec, 1, 180)?;
+    check_probe(&out)?;
+    require(&out, HLT_TF_OK)?;
+    require_shadow_checks(&out)?;
+    let d = final_dump(&out)?.0;
+    if d.snap.exits[0] == 0 {
+        return Err("the dump has no #PF exits (reason 0) under ept=off".into());
+    }
+    only_enabled(&d, opts)
+}
+
+/// [`probe_ept_off`] on two vCPUs: the AP runs its share of CPUIDs on its
+/// own shadow (it starts in real mode on the identity EPT, then its paging
+/// switches it to its shadow).
+fn probe_smp2_ept_off(ctx: &Ctx) -> Result {
+    let k = 10_000;
+    let args = format!("smp=2 ap_iters={k} smp_start=broadcast ept=off");
+    let (d, out) = probe_with_hv(ctx, "probe-smp2-ept-off", 2, &args, "ept=off")?;
+    // The AP's exits besides its CPUIDs include its paging's switch to the
+    // shadow and its #PF exits: at least its CPUIDs.
+    check_ap_shares(&d, 2, k, None)?;
+    require_shadow_checks(&out)?;
+    only_enabled(&d, "ept=off")
 }
 
 fn probe_smp4(ctx: &Ctx) -> Result {

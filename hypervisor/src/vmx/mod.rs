@@ -13,6 +13,7 @@ pub mod events;
 pub mod intercept;
 pub mod isolation;
 pub mod pmwatch;
+pub mod shadowvm;
 pub mod stub;
 pub mod vcpu;
 

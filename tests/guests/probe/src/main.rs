@@ -55,6 +55,8 @@ mod intercept;
 #[cfg(target_os = "none")]
 mod machine;
 #[cfg(target_os = "none")]
+mod shadow;
+#[cfg(target_os = "none")]
 mod smp;
 
 #[cfg(target_os = "none")]
