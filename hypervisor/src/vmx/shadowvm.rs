@@ -308,6 +308,12 @@ pub fn page_fault(v: &mut VcpuState, la: u64, ec: u32) -> PfOutcome {
         let mut tables = Tables(GuestMem::current());
         s.shadow.page_fault(&mut tables, &ctx, la, ec, |gpa| shadow::frame_of(&sh.ept_ranges, gpa))
     };
+    if out == PfOutcome::Filled {
+        // The instruction runs again: "blocking by SMI", which Bochs
+        // reports in the state of the APs it started, must go (see
+        // `events::drop_smi_blocking`).
+        super::events::drop_smi_blocking();
+    }
     if out == PfOutcome::Filled && ec & 1 != 0 {
         // A present entry was replaced (a write that set the dirty flag):
         // the old one may be in the TLB.
