@@ -85,7 +85,7 @@ impl GuestMem<'_> {
     /// aligned to the entry.
     pub fn fetch_or(&self, pa: u64, wide: bool, bits: u64) -> bool {
         let len = if wide { 8 } else { 4 };
-        if pa % len as u64 != 0 || !self.allowed(pa, len) {
+        if !pa.is_multiple_of(len as u64) || !self.allowed(pa, len) {
             return false;
         }
         // SAFETY: guest RAM (checked above), aligned, identity-mapped.

@@ -621,6 +621,9 @@ fn launch(sh: &state::Shared, bsp: &'static mut VcpuSetup, loaded: &guest::Loade
     if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, bsp.mem.tables, bsp.io_bitmaps_pa, bsp.msr_bitmap_pa, bsp.eptp, start) {
         boot_error(format_args!("VMCS setup: {e}"));
     }
+    if let Err(e) = vmx::shadowvm::start(v) {
+        boot_error(format_args!("VMCS setup: {e}"));
+    }
     vmx::invept(sh.controls.invept_single, bsp.eptp);
     let (used, total) = memory::arena_usage();
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
@@ -707,6 +710,9 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
         vmx::vcpu::Start::WaitForSipi,
     );
     if let Err(e) = r {
+        boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
+    }
+    if let Err(e) = vmx::shadowvm::start(v) {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
     vmx::invept(sh.controls.invept_single, setup.eptp);

@@ -55,7 +55,7 @@ impl Vcpu for VcpuState {
             // Under `ept=off` the VMCS holds the shadow's CR3 and the
             // hardware's CR4 bits: the guest's own are elsewhere.
             Reg::Cr3 if shadowvm::enabled() => shadowvm::guest_cr3(self),
-            Reg::Cr4 if shadowvm::enabled() => shadowvm::guest_cr4(),
+            Reg::Cr4 if shadowvm::enabled() => super::guestview::guest_cr4(),
             _ => vmread(field(r)),
         }
     }

@@ -51,7 +51,7 @@ const STRING_IO_LIMIT: u64 = 4096;
 /// The guest's paging state as it sees it (under `ept=off` the VMCS holds
 /// the shadow's CR3 and the hardware's CR0/CR4).
 fn paging() -> PagingState {
-    super::shadowvm::current_guest_paging()
+    super::guestview::current_guest_paging()
 }
 
 /// The guest runs 64-bit code (IA-32e mode and CS.L).
@@ -408,7 +408,7 @@ pub fn invpcid(v: &mut VcpuState) -> Flow {
         return raise(f);
     }
     let desc = [u64::from_le_bytes(b[..8].try_into().unwrap()), u64::from_le_bytes(b[8..].try_into().unwrap())];
-    let pcide = super::shadowvm::guest_cr4() & (1 << 17) != 0;
+    let pcide = super::guestview::guest_cr4() & (1 << 17) != 0;
     let op = emulate::invpcid(ty, desc, pcide);
     if let Some(op) = op.filter(|_| super::shadowvm::in_shadow(v)) {
         super::shadowvm::invpcid(v, op, (desc[0] & 0xFFF) as u16);

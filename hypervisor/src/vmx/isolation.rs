@@ -81,7 +81,7 @@ static PAGE_SEEN: [AtomicU64; TRACKED_PAGES / 64] = [const { AtomicU64::new(0) }
 /// The guest's instruction at RIP: up to 15 bytes (fewer if the
 /// instruction ends before an unreadable page), and the decoding mode.
 pub(crate) fn fetch_instruction(view: &impl PhysMem) -> ([u8; 15], usize, decode::CpuMode, u64) {
-    let p = super::shadowvm::current_guest_paging();
+    let p = super::guestview::current_guest_paging();
     let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
     let rip = vmread(guest::RIP);
     let linear = if matches!(mode, decode::CpuMode::Long64) { rip } else { vmread(guest::CS_BASE).wrapping_add(rip) };

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod caps;
 pub mod dispatch;
 pub mod events;
+pub mod guestview;
 pub mod intercept;
 pub mod isolation;
 pub mod pmwatch;

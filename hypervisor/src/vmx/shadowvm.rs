@@ -10,6 +10,7 @@
 //! own); everything that needs the guest's paging state reads it here
 //! ([`guest_paging`]).
 
+use super::guestview::{self, guest_cr0, guest_cr4};
 use super::vcpu::VcpuState;
 use super::{control, guest, vmread, vmwrite};
 use crate::guestaccess::GuestMem;
@@ -18,7 +19,6 @@ use crate::memory::{self, OutOfMemory};
 use crate::shadow::phase::{self, Phase};
 use crate::shadow::{self, GuestTables, PfOutcome, PoolMem, Shadow, WalkCtx};
 use crate::state::{shared, MAX_CPUS};
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Pool pages per vCPU (4 KiB each): 1 MiB. Running out is never an
 /// error (everything is dropped and faults in again), only slower.
@@ -98,51 +98,22 @@ pub fn enabled() -> bool {
 /// Whether vCPU `v` runs on its shadow now.
 #[inline(always)]
 pub fn in_shadow(v: &VcpuState) -> bool {
-    enabled() && SHADOW_CR3[v.id].load(Relaxed) != NOT_SHADOW
+    enabled() && guestview::shadow_cr3(v.id).is_some()
 }
 
-/// The guest's CR0 as the guest sees it (owned bits from the read shadow).
-pub fn guest_cr0() -> u64 {
-    let m = vmread(control::CR0_GUEST_HOST_MASK);
-    (vmread(guest::CR0) & !m) | (vmread(control::CR0_READ_SHADOW) & m)
-}
-
-/// The guest's CR4 as the guest sees it.
-pub fn guest_cr4() -> u64 {
-    let m = vmread(control::CR4_GUEST_HOST_MASK);
-    (vmread(guest::CR4) & !m) | (vmread(control::CR4_READ_SHADOW) & m)
+fn publish(id: usize, s: &ShadowVcpu) {
+    guestview::publish(id, matches!(s.phase, Phase::Shadow(_)).then_some(s.guest_cr3));
 }
 
 /// The guest's CR3: its own, also while the shadow phase runs.
 pub fn guest_cr3(v: &VcpuState) -> u64 {
-    match SHADOW_CR3[v.id].load(Relaxed) {
-        NOT_SHADOW => vmread(guest::CR3),
-        cr3 => cr3,
-    }
+    guestview::shadow_cr3(v.id).unwrap_or_else(|| vmread(guest::CR3))
 }
 
 /// The guest's paging state as the guest sees it (the read shadows, its
 /// own CR3): what every guest page walk of the hypervisor uses.
 pub fn guest_paging(v: &VcpuState) -> PagingState {
     PagingState { cr0: guest_cr0(), cr3: guest_cr3(v), cr4: guest_cr4(), efer: vmread(guest::IA32_EFER_FULL) }
-}
-
-/// Each vCPU's guest CR3 while it runs on its shadow, else [`NOT_SHADOW`]:
-/// for the code that walks the guest's tables without the state block at
-/// hand ([`current_guest_paging`]).
-static SHADOW_CR3: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(NOT_SHADOW) }; MAX_CPUS];
-const NOT_SHADOW: u64 = u64::MAX;
-
-fn publish(id: usize, s: &ShadowVcpu) {
-    let v = if matches!(s.phase, Phase::Shadow(_)) { s.guest_cr3 } else { NOT_SHADOW };
-    SHADOW_CR3[id].store(v, Relaxed);
-}
-
-/// [`guest_paging`] of the vCPU running on this CPU (its VMCS is current).
-pub fn current_guest_paging() -> PagingState {
-    let shadow_cr3 = crate::percpu::current_vcpu().map_or(NOT_SHADOW, |(id, _)| SHADOW_CR3[id].load(Relaxed));
-    let cr3 = if shadow_cr3 == NOT_SHADOW { vmread(guest::CR3) } else { shadow_cr3 };
-    PagingState { cr0: guest_cr0(), cr3, cr4: guest_cr4(), efer: vmread(guest::IA32_EFER_FULL) }
 }
 
 /// The guest's paging state did or may have changed from `old` (a write
@@ -218,6 +189,17 @@ fn write_hardware_crs(cr0: u64, cr4: u64, ph: Phase) {
     };
     vmwrite(guest::CR0, phase::hardware_cr0(cr0, ph) | forced0 | crate::arch::CR0_NE);
     vmwrite(guest::CR4, phase::hardware_cr4(cr4, ph) | c.cr4_fixed0 | crate::arch::CR4_VMXE);
+}
+
+/// After `vcpu::setup_vmcs`: the phase of the start (a 64-bit entry runs on
+/// its shadow from the first entry).
+pub fn start(v: &mut VcpuState) -> Result<(), &'static str> {
+    let off = PagingState { cr0: 0, cr3: 0, cr4: 0, efer: 0 };
+    if sync(v, &off) {
+        Ok(())
+    } else {
+        Err("shadow paging (ept=off): the guest's start state is one it cannot run (5-level paging)")
+    }
 }
 
 /// A MOV to CR3 in the shadow phase: the guest's CR3 is `value` (bit 63

@@ -358,11 +358,6 @@ pub fn setup_vmcs(
             v.regs = GuestRegs::default();
         }
     }
-    // `ept=off`: the phase of the start (a 64-bit entry runs on its shadow).
-    let off = crate::guestmem::PagingState { cr0: 0, cr3: 0, cr4: 0, efer: 0 };
-    if !super::shadowvm::sync(v, &off) {
-        return Err(VmxFail { what: "shadow paging (ept=off): the start state (5-level paging)", error: Some(0) });
-    }
     Ok(())
 }
 
