@@ -80,6 +80,7 @@ pub const TESTS: &[Test] = &[
     Test { name: "fuzz", run: fuzz_stream },
     Test { name: "isolation-hole-sweep", run: isolation_hole_sweep },
     Test { name: "isolation-hole-sweep-all", run: isolation_hole_sweep_all },
+    Test { name: "isolation-hole-sweep-ept-off", run: isolation_hole_sweep_ept_off },
     Test { name: "isolation-hole-sweep-no-1g", run: isolation_hole_sweep_no_1g },
     Test { name: "isolation-undecodable", run: isolation_undecodable },
     Test { name: "isolation-exec", run: isolation_exec },
@@ -1379,10 +1380,22 @@ fn isolation_hole_sweep_all(ctx: &Ctx) -> Result {
     hole_sweep(ctx, "isolation-hole-sweep-all", "profile=all", None).map(|_| ())
 }
 
+/// The sweep under `ept=off` (shadow paging): the guest's tables point at
+/// every page of the footprint, the shadow never maps one, and each access
+/// is a #PF exit (reason 0) contained by the same policy as an EPT
+/// violation; the guest counts reason 0 instead of 48, exactly.
+fn isolation_hole_sweep_ept_off(ctx: &Ctx) -> Result {
+    hole_sweep(ctx, "isolation-hole-sweep-ept-off", "ept=off", None).map(|_| ())
+}
+
 /// `extra`: EPT violations besides the guest's accesses to the footprint:
-/// exactly this many, or (None, under `ept=lazy`) any number.
+/// exactly this many, or (None, under `ept=lazy` or `ept=off`) any number.
+/// Under `ept=off` the contained accesses are #PF exits (reason 0) among
+/// the shadow's own.
 fn hole_sweep(ctx: &Ctx, name: &str, hv_args: &str, extra: Option<u64>) -> Result<bochs::Outcome> {
-    let out = fuzz_run_with(ctx, name, hv_args, "mode=hole seed=7", 1, Default::default(), 512, 180)?;
+    let shadow = hv_args.contains("ept=off");
+    let guest_args = if shadow { "mode=hole seed=7 ept=off" } else { "mode=hole seed=7" };
+    let out = fuzz_run_with(ctx, name, hv_args, guest_args, 1, Default::default(), 512, 180)?;
     no_hypervisor_failure(&out)?;
     require(&out, "HOLE PASS")?;
     let (a, b) = hole_is_footprint(&out)?;
@@ -1406,7 +1419,7 @@ fn hole_sweep(ctx: &Ctx, name: &str, hv_args: &str, extra: Option<u64>) -> Resul
     // Under ept=lazy the boot's first touches of guest pages are EPT
     // violations as well (the guest's own count covers only its sweep).
     let (d, title) = final_dump(&out)?;
-    let (ept, accesses) = (d.snap.exits[48], get("accesses")?);
+    let (ept, accesses) = (d.snap.exits[if shadow { 0 } else { 48 }], get("accesses")?);
     if extra.map_or(ept < accesses, |n| ept != accesses + n) || !title.contains("guest halted") {
         return Err(format!(
             "dump '{title}' has {ept} EPT violations, the guest made {accesses} accesses outside guest memory (expected {extra:?} more)"
