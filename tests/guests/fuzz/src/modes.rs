@@ -44,6 +44,7 @@ pub fn main(boot: BootInfo) -> ! {
             let hole = need_hole();
             println!("FUZZ mode=fuzz seed={seed} ops={ops} strict_msrs={}", strict as u8);
             let mut f = Fuzz::new(seed, Some(hole), strict);
+            f.shadow = boot.arg("ept") == Some("off");
             f.run(ops);
             f.print_summary(seed);
             if f.mismatches == 0 {
