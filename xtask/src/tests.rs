@@ -1357,8 +1357,7 @@ fn fuzz_stream_with(ctx: &Ctx, name: &str, hv_args: &str) -> Result {
     if counted || iso[0] != iso[1] + iso[4] {
         return Err(format!(
             "isolation summary {iso:?} does not add up to the dump's {} EPT violations ({} #PF exits)",
-            d.snap.exits[48],
-            d.snap.exits[0]
+            d.snap.exits[48], d.snap.exits[0]
         ));
     }
     // Accesses above the memory map (where 64-bit BARs live) are mapped:
