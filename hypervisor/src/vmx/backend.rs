@@ -148,11 +148,13 @@ impl Vcpu for VcpuState {
         if vcpu::reset_to_wait_for_sipi(&shared().controls).is_err() {
             return false;
         }
-        // INIT: paging off, so back to the paging-off phase.
+        // INIT: paging off, so back to the paging-off phase (which puts the
+        // guest's CR3 of the shadow phase back in the VMCS: after INIT it is 0).
         if let Some(old) = old {
             if !shadowvm::sync(self, &old) {
                 return false;
             }
+            vmwrite(guest::CR3, 0);
         }
         self.entry_ctls &= !ENTRY_IA32E_GUEST;
         vmwrite(control::VMENTRY_CONTROLS, self.entry_ctls as u64);
