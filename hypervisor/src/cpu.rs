@@ -229,6 +229,18 @@ pub fn read_cr2() -> u64 {
     v
 }
 
+/// Writes CR2: the fault address a #PF the hypervisor injects reports to
+/// the guest (shadow paging, `ept=off`). CR2 is not in the VMCS: the value
+/// written here is what the guest reads after the VM entry that delivers
+/// the #PF. The hypervisor never takes a page fault of its own between
+/// this write and that entry (its memory is mapped for good).
+#[inline(always)]
+pub fn write_cr2(v: u64) {
+    // SAFETY: CR2 only reports page-fault addresses; the processor never
+    // uses its value.
+    unsafe { asm!("mov cr2, {}", in(reg) v, options(nomem, nostack, preserves_flags)) };
+}
+
 /// Raises #UD (UD2), on purpose: the hypervisor's IDT reports it (the
 /// test switch `fault=exception`, which checks the failure path in root mode).
 pub fn ud2() -> ! {

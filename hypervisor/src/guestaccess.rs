@@ -77,6 +77,23 @@ impl PhysMemMut for GuestMem<'_> {
     }
 }
 
+impl GuestMem<'_> {
+    /// ORs `bits` atomically into the guest's paging-structure entry at
+    /// `pa` (8 bytes if `wide`, else 4): the accessed and dirty flags shadow
+    /// paging sets as the CPU would, while other vCPUs may set flags in the
+    /// same entry. False if the policy forbids the access or `pa` is not
+    /// aligned to the entry.
+    pub fn fetch_or(&self, pa: u64, wide: bool, bits: u64) -> bool {
+        let len = if wide { 8 } else { 4 };
+        if !pa.is_multiple_of(len as u64) || !self.allowed(pa, len) {
+            return false;
+        }
+        // SAFETY: guest RAM (checked above), aligned, identity-mapped.
+        unsafe { crate::memory::phys_fetch_or(pa, wide, bits) };
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -145,6 +145,11 @@ pub fn run(bi: BootInfo) -> ! {
     let (sh, cpus) = shared_state(opts, machine, &place, &staged.guest_map, &mut bitmaps);
     let eptp = build_ept(sh, place.large);
     let setup = |id: usize| -> VcpuSetup {
+        if sh.controls.shadow {
+            if let Err(e) = vmx::shadowvm::alloc(id) {
+                boot_error(format_args!("vCPU {id}: {e}"));
+            }
+        }
         let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
             Ok(m) => m,
             Err(e) => boot_error(format_args!("{e}")),
@@ -277,7 +282,7 @@ fn relocate(bi: &BootInfo, opts: &options::Options, m: &Machine) -> Placement {
     let ept_tables = ept::plan_tables(&ept::guest_ranges(&bi.memory, phys_top, &[], &[]), map_top, large, m.controls.lazy_ept) + 8;
     let plan = memory::plan(&memory::PlanInput {
         vcpus: vcpus_planned as u64,
-        per_vcpu: vcpu_arena_bytes() as u64,
+        per_vcpu: (vcpu_arena_bytes() + if m.controls.shadow { vmx::shadowvm::ARENA_BYTES } else { 0 }) as u64,
         ept_tables,
         host_tables: memory::identity_tables(phys_limit, huge),
         arena_used: memory::arena_usage().0 as u64 + ((opts.arena_pad_mib as u64) << 20),
@@ -618,6 +623,9 @@ fn launch(sh: &state::Shared, bsp: &'static mut VcpuSetup, loaded: &guest::Loade
     if let Err(e) = vmx::vcpu::setup_vmcs(v, &sh.controls, bsp.mem.tables, bsp.io_bitmaps_pa, bsp.msr_bitmap_pa, bsp.eptp, start) {
         boot_error(format_args!("VMCS setup: {e}"));
     }
+    if let Err(e) = vmx::shadowvm::start(v) {
+        boot_error(format_args!("VMCS setup: {e}"));
+    }
     vmx::invept(sh.controls.invept_single, bsp.eptp);
     let (used, total) = memory::arena_usage();
     hvprintln!("heap: {} of {} KiB used", used / 1024, total / 1024);
@@ -706,6 +714,9 @@ extern "C" fn ap_entry(setup: &'static mut VcpuSetup) -> ! {
     if let Err(e) = r {
         boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
     }
+    if let Err(e) = vmx::shadowvm::start(v) {
+        boot_error(format_args!("AP {} VMCS setup: {e}", v.id));
+    }
     vmx::invept(sh.controls.invept_single, setup.eptp);
     runstate::WAITING_FOR_SIPI.insert(v.id);
     setup.ready.store(true, core::sync::atomic::Ordering::SeqCst);
@@ -746,7 +757,13 @@ fn print_interception(want: &exitscope_stats::intercept::Interception, c: &caps:
     hvprintln!(
         "interception: profile {}, intercept={classes}, ept={}, preempt {preempt}",
         want.profile.name(),
-        if c.lazy_ept { "lazy" } else { "eager" },
+        if c.shadow {
+            "off (shadow paging: #PF, CR3, INVLPG and INVPCID exit while the guest's paging is on; the paging-off phases run on the eager EPT)"
+        } else if c.lazy_ept {
+            "lazy"
+        } else {
+            "eager"
+        },
     );
 }
 

@@ -393,6 +393,34 @@ pub fn alloc_pages(n: usize) -> Result<(&'static mut [u8], u64), OutOfMemory> {
     Ok((s, virt_to_phys(p)))
 }
 
+/// Zeroed pages from the arena as page tables (512 entries each), with the
+/// physical address of the first: shadow paging's pool (`ept=off`).
+pub fn alloc_table_pages(n: usize) -> Result<(&'static mut [[u64; 512]], u64), OutOfMemory> {
+    let (bytes, pa) = alloc_pages(n)?;
+    // SAFETY: `bytes` is exclusive, page-aligned arena memory of n pages,
+    // never freed; [u64; 512] has no invalid bit patterns.
+    let tables = unsafe { core::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut [u64; 512], n) };
+    Ok((tables, pa))
+}
+
+/// ORs `bits` atomically into the 8-byte (`wide`) or 4-byte word at
+/// physical `pa` (naturally aligned), through the identity map.
+///
+/// # Safety
+/// `pa` must be memory the caller may write (guest RAM checked by the
+/// guest-memory policy), aligned to the word's size.
+pub unsafe fn phys_fetch_or(pa: u64, wide: bool, bits: u64) {
+    use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+    // SAFETY: the caller's contract; atomics have the plain integers' layout.
+    unsafe {
+        if wide {
+            AtomicU64::from_ptr(phys_ptr::<u64>(pa)).fetch_or(bits, SeqCst);
+        } else {
+            AtomicU32::from_ptr(phys_ptr::<u32>(pa)).fetch_or(bits as u32, SeqCst);
+        }
+    }
+}
+
 /// Moves `v` into the arena for good: the one place a fresh `&'static mut`
 /// comes out of arena memory.
 pub fn arena_box<T>(v: T) -> Result<&'static mut T, OutOfMemory> {

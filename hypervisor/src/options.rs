@@ -9,7 +9,7 @@
 //! | `profile` | `minimal` `kvm-like` `all` | `minimal` | the interception profile (see `exitscope_stats::intercept`) |
 //! | `intercept` | class names, comma-separated; `-NAME` removes | none | classes to intercept on top of the profile |
 //! | `preempt` | TSC ticks, or `off` | `off` | the VMX-preemption timer period |
-//! | `ept` | `lazy` `eager` (`off`) | per profile | EPT filled on demand, or built before the guest starts; `off` (shadow paging) is refused with a clear error until its VM-exit hooks are wired (its core is `shadow/`) |
+//! | `ept` | `lazy` `eager` `off` | per profile | EPT filled on demand, or built before the guest starts; `off`: shadow paging while the guest's paging is on (docs/shadow-paging.md) |
 //! | `preempt` caveat | | | while the timer is on, MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits (reason 36, a no-op): the timer does not count in C3 and deeper C-states, which a native MWAIT could enter |
 //! | `fault` | `panic` `exception` `mce` | none | for testing the failure path: fail on purpose (a Rust panic, or an invalid-opcode exception in VMX root operation) at the guest's first VMCALL; TEST ONLY `mce`: raise vector 18 (`int 18`) in VMX root operation at the guest's first VMCALL, through the root-mode machine-check handler, as a machine check would (Bochs and QEMU cannot raise a real one) |
 //! | `arena_pad` | MiB, 1..=256 | none | TEST-ONLY: set this much of the hypervisor's arena aside right after relocation (planned into the footprint), so that the bitmaps, the EPT tree and every vCPU's structures land in the footprint's extension beyond the image, as on a machine with a hundred CPUs or more |
@@ -145,11 +145,6 @@ impl fmt::Display for OptionError {
     }
 }
 
-/// Why `ept=off` is refused: shadow paging's core (`crate::shadow`) is
-/// built and host-tested, but the VM-exit path does not call it yet.
-pub const SHADOW_NOT_WIRED: &str =
-    "ept=off (shadow paging) is not available in this build: its core (hypervisor/src/shadow) is not yet wired into the VM-exit path";
-
 /// Parses the command line. Every word must be a known `key=value`.
 pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
     let mut o = Options::default();
@@ -238,9 +233,6 @@ pub fn parse(cmdline: &str) -> Result<Options, OptionError> {
         }
     }
     o.intercept = icpt.finish();
-    if o.intercept.shadow {
-        return Err(OptionError::Intercept(SHADOW_NOT_WIRED.to_string()));
-    }
     Ok(o)
 }
 
@@ -371,7 +363,8 @@ mod tests {
         assert!(e.contains("unknown profile 'fastest'") && e.contains("kvm-like"), "{e}");
         assert!(parse("preempt=5").unwrap_err().to_string().contains("preempt="));
         assert!(parse("ept=maybe").unwrap_err().to_string().contains("lazy, eager or off"));
-        assert_eq!(parse("profile=kvm-like ept=off").unwrap_err(), OptionError::Intercept(SHADOW_NOT_WIRED.into()));
+        let k = parse("profile=kvm-like ept=off").unwrap().intercept;
+        assert!(k.shadow && !k.lazy_ept, "ept=off: shadow paging, the paging-off phases on the eager EPT");
         assert!(parse("intercept=-hlt").unwrap_err().to_string().contains("cannot be turned off"));
         // An unknown key is still unknown.
         assert_eq!(parse("intercepts=io").unwrap_err(), OptionError::Unknown("intercepts=io".into()));

@@ -51,6 +51,8 @@ pub const TESTS: &[Test] = &[
     Test { name: "no-guest-module", run: no_guest_module },
     Test { name: "corrupt-guest", run: corrupt_guest },
     Test { name: "probe-smp2", run: probe_smp2 },
+    Test { name: "probe-ept-off", run: probe_ept_off },
+    Test { name: "probe-smp2-ept-off", run: probe_smp2_ept_off },
     Test { name: "probe-smp4", run: probe_smp4 },
     Test { name: "probe-smp4-linux-style", run: probe_smp4_linux_style },
     Test { name: "probe-smp8", run: probe_smp8 },
@@ -76,8 +78,10 @@ pub const TESTS: &[Test] = &[
     Test { name: "probe-relocated", run: probe_relocated },
     Test { name: "iso-uefi-qemu-relocated-no-vmx", run: iso_uefi_qemu_relocated_no_vmx },
     Test { name: "fuzz", run: fuzz_stream },
+    Test { name: "fuzz-ept-off", run: fuzz_ept_off },
     Test { name: "isolation-hole-sweep", run: isolation_hole_sweep },
     Test { name: "isolation-hole-sweep-all", run: isolation_hole_sweep_all },
+    Test { name: "isolation-hole-sweep-ept-off", run: isolation_hole_sweep_ept_off },
     Test { name: "isolation-hole-sweep-no-1g", run: isolation_hole_sweep_no_1g },
     Test { name: "isolation-undecodable", run: isolation_undecodable },
     Test { name: "isolation-exec", run: isolation_exec },
@@ -422,6 +426,52 @@ fn check_ap_shares(d: &ParsedDump, cpus: usize, k: u64, extra: Option<u64>) -> R
 
 fn probe_smp2(ctx: &Ctx) -> Result {
     probe_smp(ctx, "probe-smp2", 2, "broadcast")
+}
+
+/// The probe's checks of shadow paging (`shadow.rs` in the probe), all of
+/// which must say ok under `ept=off`.
+const SHADOW_CHECKS: &[&str] =
+    &["shadow-fresh-pages", "shadow-dirty", "shadow-first-write", "shadow-pf-delivered", "shadow-invlpg", "shadow-cr3"];
+
+fn require_shadow_checks(out: &bochs::Outcome) -> Result {
+    for c in SHADOW_CHECKS {
+        require(out, &format!("PROBE {c} ok ("))?;
+    }
+    require(out, "[exitscope] interception: profile minimal, intercept=hlt, ept=off (shadow paging")
+}
+
+/// Shadow paging (`ept=off`, issue 16) on one vCPU: the probe's every
+/// check (exact counts, with the shadow's #PF exits allowed on top where
+/// the measured code does not control what it touches) and its shadow
+/// checks (exact #PF, INVLPG and CR3 exits; the guest's own #PF with CR2
+/// and error code; A/D); only the reasons `ept=off` enables have exits.
+fn probe_ept_off(ctx: &Ctx) -> Result {
+    let opts = "ept=off";
+    let guest = ctx.art.guest("probe");
+    let spec = IsoSpec { hv_args: opts, guest_args: opts, ..probe_spec(ctx, &guest) };
+    let out = bochs_run("probe-ept-off", &spec, 1, 180)?;
+    check_probe(&out)?;
+    require(&out, HLT_TF_OK)?;
+    require_shadow_checks(&out)?;
+    let d = final_dump(&out)?.0;
+    if d.snap.exits[0] == 0 {
+        return Err("the dump has no #PF exits (reason 0) under ept=off".into());
+    }
+    only_enabled(&d, opts)
+}
+
+/// [`probe_ept_off`] on two vCPUs: the AP runs its share of CPUIDs on its
+/// own shadow (it starts in real mode on the identity EPT, then its paging
+/// switches it to its shadow).
+fn probe_smp2_ept_off(ctx: &Ctx) -> Result {
+    let k = 10_000;
+    let args = format!("smp=2 ap_iters={k} smp_start=broadcast ept=off");
+    let (d, out) = probe_with_hv(ctx, "probe-smp2-ept-off", 2, &args, "ept=off")?;
+    // The AP's exits besides its CPUIDs include its paging's switch to the
+    // shadow and its #PF exits: at least its CPUIDs.
+    check_ap_shares(&d, 2, k, None)?;
+    require_shadow_checks(&out)?;
+    only_enabled(&d, "ept=off")
 }
 
 fn probe_smp4(ctx: &Ctx) -> Result {
@@ -1384,8 +1434,22 @@ fn isolation_summary(serial: &str) -> Option<[u64; 7]> {
 /// exact exit count of every reason it caused, and a hypervisor that
 /// survives, counts every contained access under reason 48, and reports.
 fn fuzz_stream(ctx: &Ctx) -> Result {
+    fuzz_stream_with(ctx, "fuzz", "")
+}
+
+/// [`fuzz_stream`] under `ept=off` (shadow paging): the footprint's
+/// accesses are #PF exits (reason 0), contained by the same policy; reason
+/// 0 also counts the shadow's own faults, so the guest checks it as a
+/// lower bound, and the hypervisor's isolation summary must not exceed it.
+fn fuzz_ept_off(ctx: &Ctx) -> Result {
+    fuzz_stream_with(ctx, "fuzz-ept-off", "ept=off")
+}
+
+fn fuzz_stream_with(ctx: &Ctx, name: &str, hv_args: &str) -> Result {
+    let shadow = hv_args.contains("ept=off");
     let machine = bochs::Machine { strict_msrs: true, ..Default::default() };
-    let out = fuzz_run(ctx, "fuzz", &format!("ops={FUZZ_OPS} seed={FUZZ_SEED}"), machine, 512, 300)?;
+    let args = format!("ops={FUZZ_OPS} seed={FUZZ_SEED}{}", if shadow { " ept=off" } else { "" });
+    let out = fuzz_run_with(ctx, name, hv_args, &args, 1, machine, 512, 300)?;
     no_hypervisor_failure(&out)?;
     require(&out, "FUZZ PASS")?;
     let s = fields(&out.serial, "FUZZ SUMMARY ").ok_or("no FUZZ SUMMARY line")?;
@@ -1398,8 +1462,12 @@ fn fuzz_stream(ctx: &Ctx) -> Result {
         return Err(format!("final dump title '{title}': the guest did not end by halting"));
     }
     let iso = isolation_summary(&out.serial).ok_or("no 'isolation:' summary line")?;
-    if iso[0] != d.snap.exits[48] || iso[0] != iso[1] + iso[4] {
-        return Err(format!("isolation summary {iso:?} does not add up to the dump's {} EPT violations", d.snap.exits[48]));
+    let counted = if shadow { iso[0] > d.snap.exits[0] } else { iso[0] != d.snap.exits[48] };
+    if counted || iso[0] != iso[1] + iso[4] {
+        return Err(format!(
+            "isolation summary {iso:?} does not add up to the dump's {} EPT violations ({} #PF exits)",
+            d.snap.exits[48], d.snap.exits[0]
+        ));
     }
     // Accesses above the memory map (where 64-bit BARs live) are mapped:
     // the guest made some (all-ones, no exit, checked by the guest), and
@@ -1440,10 +1508,22 @@ fn isolation_hole_sweep_all(ctx: &Ctx) -> Result {
     hole_sweep(ctx, "isolation-hole-sweep-all", "profile=all", None).map(|_| ())
 }
 
+/// The sweep under `ept=off` (shadow paging): the guest's tables point at
+/// every page of the footprint, the shadow never maps one, and each access
+/// is a #PF exit (reason 0) contained by the same policy as an EPT
+/// violation; the guest counts reason 0 instead of 48, exactly.
+fn isolation_hole_sweep_ept_off(ctx: &Ctx) -> Result {
+    hole_sweep(ctx, "isolation-hole-sweep-ept-off", "ept=off", None).map(|_| ())
+}
+
 /// `extra`: EPT violations besides the guest's accesses to the footprint:
-/// exactly this many, or (None, under `ept=lazy`) any number.
+/// exactly this many, or (None, under `ept=lazy` or `ept=off`) any number.
+/// Under `ept=off` the contained accesses are #PF exits (reason 0) among
+/// the shadow's own.
 fn hole_sweep(ctx: &Ctx, name: &str, hv_args: &str, extra: Option<u64>) -> Result<bochs::Outcome> {
-    let out = fuzz_run_with(ctx, name, hv_args, "mode=hole seed=7", 1, Default::default(), 512, 180)?;
+    let shadow = hv_args.contains("ept=off");
+    let guest_args = if shadow { "mode=hole seed=7 ept=off" } else { "mode=hole seed=7" };
+    let out = fuzz_run_with(ctx, name, hv_args, guest_args, 1, Default::default(), 512, 180)?;
     no_hypervisor_failure(&out)?;
     require(&out, "HOLE PASS")?;
     let (a, b) = hole_is_footprint(&out)?;
@@ -1467,7 +1547,7 @@ fn hole_sweep(ctx: &Ctx, name: &str, hv_args: &str, extra: Option<u64>) -> Resul
     // Under ept=lazy the boot's first touches of guest pages are EPT
     // violations as well (the guest's own count covers only its sweep).
     let (d, title) = final_dump(&out)?;
-    let (ept, accesses) = (d.snap.exits[48], get("accesses")?);
+    let (ept, accesses) = (d.snap.exits[if shadow { 0 } else { 48 }], get("accesses")?);
     if extra.map_or(ept < accesses, |n| ept != accesses + n) || !title.contains("guest halted") {
         return Err(format!(
             "dump '{title}' has {ept} EPT violations, the guest made {accesses} accesses outside guest memory (expected {extra:?} more)"

@@ -1,6 +1,6 @@
 //! The one neutral dispatch: every exit of every vCPU, by class.
 
-use super::{classes, cpuid, cr, ept, inject, io, misc, msr, skip, vector, Exit, Flow, Guest, GuestEnd};
+use super::{classes, cpuid, cr, ept, inject, io, misc, msr, shadow, skip, vector, Exit, Flow, Guest, GuestEnd};
 
 /// The one dispatch: every exit of every vCPU, by class.
 #[inline(always)]
@@ -25,6 +25,7 @@ pub fn handle(g: &mut impl Guest, e: Exit) -> Flow {
         Exit::Nop => skip(g),
         Exit::ExternalInterrupt | Exit::InterruptWindow | Exit::Invpcid | Exit::GdtrIdtr | Exit::LdtrTr => g.backend_class(e),
         Exit::NestedFault(f) => ept::nested_fault(g, f),
+        Exit::PageFault(f) => shadow::page_fault(g, f),
         Exit::NestedMisconfig => Flow::End(GuestEnd::Stopped("EPT misconfiguration (a hypervisor bug)")),
         Exit::TripleFault => Flow::End(GuestEnd::TripleFault),
         Exit::Init => misc::init_signal(g),

@@ -66,6 +66,11 @@ pub struct Fake {
     pub watched_writes: Vec<(Watched, u64)>,
     pub contained: Vec<(u64, bool, bool, u8)>,
     pub reports: Vec<String>,
+    /// What the shadow answers a #PF exit with.
+    pub shadow_outcome: Option<crate::shadow::PfOutcome>,
+    pub shadow_faults: Vec<(u64, u32)>,
+    pub cr2: Option<u64>,
+    pub redelivered: usize,
 }
 
 impl Fake {
@@ -126,6 +131,12 @@ impl Vcpu for Fake {
     }
     fn inject(&mut self, vector: u8, error: Option<u32>) {
         self.injected.push((vector, error));
+    }
+    fn set_cr2(&mut self, value: u64) {
+        self.cr2 = Some(value);
+    }
+    fn redeliver_event(&mut self) {
+        self.redelivered += 1;
     }
     fn skip(&mut self) {
         self.rip += INSN_LEN;
@@ -278,6 +289,10 @@ impl Machine for Fake {
     }
     fn region_name(&self, _gpa: u64) -> &'static str {
         "an unbacked physical address"
+    }
+    fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome {
+        self.shadow_faults.push((la, error_code));
+        self.shadow_outcome.expect("the test sets the shadow's answer")
     }
     fn backend_class(&mut self, e: Exit) -> Flow {
         self.backend_classes.push(e);

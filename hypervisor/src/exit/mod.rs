@@ -28,6 +28,7 @@ pub mod fake;
 pub mod io;
 pub mod misc;
 pub mod msr;
+pub mod shadow;
 
 pub use crate::runstate::GuestEnd;
 
@@ -69,6 +70,8 @@ pub enum Exit {
     Undefined,
     /// A guest-physical access the second-level tables did not allow.
     NestedFault(NestedFault),
+    /// A guest page fault (shadow paging, `ept=off`).
+    PageFault(PageFault),
     /// The second-level tables are malformed (a hypervisor bug).
     NestedMisconfig,
     TripleFault,
@@ -135,6 +138,20 @@ pub struct DrAccess {
 pub struct NestedFault {
     pub gpa: u64,
     pub access: Access,
+}
+
+/// A guest page fault that exited (shadow paging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// The linear address (what CR2 would have held).
+    pub la: u64,
+    pub error_code: u32,
+    /// The fault happened while the CPU delivered an event (an interrupt,
+    /// an exception), which must be delivered again once the fault is
+    /// resolved.
+    pub during_delivery: bool,
+    /// That event was itself a #PF.
+    pub during_page_fault: bool,
 }
 
 /// The kind of a faulting guest-physical access.
@@ -216,6 +233,7 @@ pub enum Flush {
 /// Exception vectors.
 pub mod vector {
     pub const UD: u8 = 6;
+    pub const DF: u8 = 8;
     pub const NP: u8 = 11;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
@@ -259,6 +277,11 @@ pub trait Vcpu {
     fn flush_tlb(&mut self, f: Flush);
     /// Injects a hardware exception at the current instruction.
     fn inject(&mut self, vector: u8, error: Option<u32>);
+    /// Sets the guest's CR2 for a #PF about to be injected.
+    fn set_cr2(&mut self, value: u64);
+    /// After an exit during the delivery of an event that was resolved:
+    /// delivers the event again at the next entry.
+    fn redeliver_event(&mut self);
     /// Moves the guest past the instruction that exited.
     fn skip(&mut self);
     /// Moves the guest `len` bytes on (an instruction the hypervisor
@@ -343,6 +366,10 @@ pub trait Machine {
     fn note_contained(&mut self, gpa: u64, read: bool, write: bool, size: u8);
     /// Where `gpa` lies, for reports.
     fn region_name(&self, gpa: u64) -> &'static str;
+    /// Shadow paging: a #PF exit at `la` with the hardware's error code,
+    /// through the vCPU's shadow (walk the guest's tables; fill, or say
+    /// what else to do).
+    fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome;
     /// Carries out the classes whose work is the backend's own: the
     /// external-interrupt queue (acknowledged on exit, injected when the
     /// guest can take one) and the memory-operand instructions (string

@@ -6,6 +6,7 @@
 //! `isolation.rs`).
 
 use super::caps::bits::ENTRY_IA32E_GUEST;
+use super::shadowvm;
 use super::vcpu::{self, VcpuState};
 use super::{control, events, guest, vmread, vmwrite};
 use crate::cpu;
@@ -50,10 +51,23 @@ impl Vcpu for VcpuState {
     }
     #[inline(always)]
     fn read(&self, r: Reg) -> u64 {
-        vmread(field(r))
+        match r {
+            // Under `ept=off` the VMCS holds the shadow's CR3 and the
+            // hardware's CR4 bits: the guest's own are elsewhere.
+            Reg::Cr3 if shadowvm::enabled() => shadowvm::guest_cr3(self),
+            Reg::Cr4 if shadowvm::enabled() => super::guestview::guest_cr4(),
+            _ => vmread(field(r)),
+        }
     }
     #[inline(always)]
     fn write(&mut self, r: Reg, value: u64) {
+        if shadowvm::enabled() {
+            match r {
+                Reg::Cr3 if shadowvm::in_shadow(self) => return shadowvm::load_cr3(self, value),
+                Reg::Efer => shadowvm::efer_written(self, vmread(guest::IA32_EFER_FULL), value),
+                _ => {}
+            }
+        }
         vmwrite(field(r), value);
         if r == Reg::Efer {
             // "IA-32e mode guest" must equal EFER.LMA at entry. The controls
@@ -66,16 +80,28 @@ impl Vcpu for VcpuState {
         }
     }
     fn set_cr0(&mut self, value: u64) -> bool {
-        vcpu::set_cr0(&shared().controls, value).is_ok()
+        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
+        vcpu::set_cr0(&shared().controls, value).is_ok() && old.is_none_or(|old| shadowvm::sync(self, &old))
     }
     fn set_cr4(&mut self, value: u64) -> bool {
         let c = &shared().controls;
-        super::caps::fix_cr(value, 0, c.cr4_fixed1 | crate::arch::CR4_VMXE).is_some() && vcpu::set_cr4(c, value).is_ok()
+        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
+        super::caps::fix_cr(value, 0, c.cr4_fixed1 | crate::arch::CR4_VMXE).is_some()
+            && vcpu::set_cr4(c, value).is_ok()
+            && old.is_none_or(|old| shadowvm::sync(self, &old))
     }
     fn paging_changed(&mut self) {
         events::update_pdptes();
     }
     fn flush_tlb(&mut self, f: Flush) {
+        if shadowvm::in_shadow(self) {
+            match f {
+                Flush::Address(la) => shadowvm::invlpg(self, la),
+                Flush::NonGlobal => shadowvm::flush_context(self),
+                // CR0/CR4 writes: `set_cr0`/`set_cr4` flushed what they must.
+                Flush::All => {}
+            }
+        }
         match f {
             Flush::Address(la) => events::flush_address(self, la),
             Flush::NonGlobal => events::flush_context(self, true),
@@ -85,6 +111,12 @@ impl Vcpu for VcpuState {
     #[inline(always)]
     fn inject(&mut self, vector: u8, error: Option<u32>) {
         events::inject(vector, error)
+    }
+    fn set_cr2(&mut self, value: u64) {
+        cpu::write_cr2(value)
+    }
+    fn redeliver_event(&mut self) {
+        super::intercept::redeliver_event()
     }
     #[inline(always)]
     fn skip(&mut self) {
@@ -112,8 +144,17 @@ impl Vcpu for VcpuState {
         vmwrite(guest::ACTIVITY_STATE, n);
     }
     fn reset_to_wait_for_sipi(&mut self) -> bool {
+        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
         if vcpu::reset_to_wait_for_sipi(&shared().controls).is_err() {
             return false;
+        }
+        // INIT: paging off, so back to the paging-off phase (which puts the
+        // guest's CR3 of the shadow phase back in the VMCS: after INIT it is 0).
+        if let Some(old) = old {
+            if !shadowvm::sync(self, &old) {
+                return false;
+            }
+            vmwrite(guest::CR3, 0);
         }
         self.entry_ctls &= !ENTRY_IA32E_GUEST;
         vmwrite(control::VMENTRY_CONTROLS, self.entry_ctls as u64);
@@ -302,6 +343,9 @@ impl Machine for VcpuState {
     }
     fn region_name(&self, gpa: u64) -> &'static str {
         super::isolation::region_name(gpa, shared().footprint)
+    }
+    fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome {
+        shadowvm::page_fault(self, la, error_code)
     }
     fn backend_class(&mut self, e: Exit) -> Flow {
         use super::intercept;

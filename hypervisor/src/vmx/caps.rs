@@ -185,6 +185,8 @@ pub struct Controls {
     pub classes: ClassSet,
     /// EPT filled on demand (`ept=lazy`).
     pub lazy_ept: bool,
+    /// Shadow paging (`ept=off`): EPT only while the guest's paging is off.
+    pub shadow: bool,
     /// The preemption timer (`preempt=`), if the CPU has it.
     pub preempt: Option<Preempt>,
     /// "Use TSC offsetting" is on (the offset starts at 0).
@@ -421,6 +423,7 @@ pub fn choose(p: &VmxProbe, want: &Interception) -> Result<Controls, VmxError> {
         }
     }
     c.lazy_ept = want.lazy_ept;
+    c.shadow = want.shadow;
     (c.hlt_state, c.wait_for_sipi_state) = activity_states(p.misc);
     if !c.hlt_state {
         c.skipped.push("the HLT activity state: a guest HLT resumes the guest at once (it idles in a loop)");
@@ -522,6 +525,11 @@ pub fn enabled_reasons(c: &Controls, msr_imm: bool) -> exitscope_stats::ReasonSe
     add(on(c.cpu2, CPU2_RDSEED), 61);
     add(msr_imm && on(c.cpu, CPU_MSR_BITMAPS), 84);
     add(msr_imm && on(c.cpu, CPU_MSR_BITMAPS), 85);
+    // Shadow paging (`ept=off`): #PF exits (reason 0), and INVLPG and
+    // INVPCID exit while the guest's paging is on (`shadow::phase`).
+    add(c.shadow, 0);
+    add(c.shadow, 14);
+    add(c.shadow && on(c.cpu2, CPU2_INVPCID), 58);
     s
 }
 

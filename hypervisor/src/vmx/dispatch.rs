@@ -8,7 +8,7 @@
 use super::stub::account;
 use super::vcpu::VcpuState;
 use super::{guest, ro, vmread};
-use crate::exit::{self, Access, CrAccess, CrKind, DrAccess, Exit, Flow, GuestEnd, IoAccess, NestedFault};
+use crate::exit::{self, Access, CrAccess, CrKind, DrAccess, Exit, Flow, GuestEnd, IoAccess, NestedFault, PageFault};
 use crate::idt;
 use crate::runstate;
 
@@ -100,6 +100,7 @@ pub fn decode(basic: u16, read: impl Fn(u32) -> u64) -> Exit {
         11 | 19..=27 | 50 | 53 | 59 | 76 | 77 => Exit::Undefined,
         48 => Exit::NestedFault(NestedFault { gpa: read(ro::GUEST_PHYSICAL_ADDR_FULL), access: ept_access(q()) }),
         49 => Exit::NestedMisconfig,
+        0 => page_fault(read(ro::VMEXIT_INTERRUPTION_INFO), q(), || read(ro::VMEXIT_INTERRUPTION_ERR_CODE), read(ro::IDT_VECTORING_INFO)),
         2 => Exit::TripleFault,
         3 => Exit::Init,
         4 => Exit::Sipi(q() as u8),
@@ -107,6 +108,20 @@ pub fn decode(basic: u16, read: impl Fn(u32) -> u64) -> Exit {
         33 | 34 | 41 => Exit::EntryFailure,
         n => Exit::Unexpected(n),
     }
+}
+
+/// Reason 0 (exception or NMI): a hardware #PF (the only exception shadow
+/// paging asks for) is decoded from the interruption information `info`,
+/// the qualification (the linear address) and the IDT-vectoring
+/// information `vectoring`; anything else is unexpected.
+pub fn page_fault(info: u64, q: u64, error_code: impl Fn() -> u64, vectoring: u64) -> Exit {
+    const VALID: u64 = 1 << 31;
+    if info & VALID == 0 || info & 0x7FF != (3 << 8) | 14 {
+        return Exit::Unexpected(0);
+    }
+    let during_delivery = vectoring & VALID != 0;
+    let during_page_fault = during_delivery && vectoring & 0x7FF == (3 << 8) | 14;
+    Exit::PageFault(PageFault { la: q, error_code: error_code() as u32, during_delivery, during_page_fault })
 }
 
 /// An I/O exit qualification (SDM Vol. 3, Table 28-5).
@@ -345,6 +360,27 @@ mod tests {
         assert_eq!(decode(48, q), Exit::NestedFault(NestedFault { gpa: 0xFEE0_0300, access: ept_access(0x0092_0000) }));
         assert_eq!(decode(4, q), Exit::Sipi(0));
         assert_eq!(decode(70, q), Exit::Unexpected(70));
+    }
+
+    #[test]
+    fn page_fault_exits() {
+        let info = 1 << 31 | 1 << 11 | 3 << 8 | 14;
+        let e = page_fault(info, 0xDEAD_B000, || 6, 0);
+        assert_eq!(e, Exit::PageFault(PageFault { la: 0xDEAD_B000, error_code: 6, during_delivery: false, during_page_fault: false }));
+        // During the delivery of an external interrupt, and of a #PF.
+        let ext = 1 << 31 | 0x30;
+        assert!(matches!(
+            page_fault(info, 0, || 0, ext),
+            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: false, .. })
+        ));
+        assert!(matches!(
+            page_fault(info, 0, || 0, info),
+            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: true, .. })
+        ));
+        // An NMI, another exception, no valid information: not asked for.
+        assert_eq!(page_fault(1 << 31 | 2 << 8 | 2, 0, || 0, 0), Exit::Unexpected(0));
+        assert_eq!(page_fault(1 << 31 | 3 << 8 | 13, 0, || 0, 0), Exit::Unexpected(0));
+        assert_eq!(page_fault(0, 0, || 0, 0), Exit::Unexpected(0));
     }
 
     #[test]

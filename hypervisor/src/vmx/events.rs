@@ -65,6 +65,11 @@ pub fn drop_smi_blocking() {
 /// VMCS; refresh them from guest CR3 after an emulated CR write.
 pub fn update_pdptes() {
     use crate::bootinfo::PhysMem;
+    // Without EPT (the shadow phase of `ept=off`) VM entry loads them from
+    // the shadow root itself.
+    if vmread(control::SECONDARY_PROCBASED_EXEC_CONTROLS) as u32 & super::caps::bits::CPU2_EPT == 0 {
+        return;
+    }
     let (cr0, cr4, efer) = (vmread(guest::CR0), vmread(guest::CR4), vmread(guest::IA32_EFER_FULL));
     if cr0 & CR0_PG != 0 && cr4 & CR4_PAE != 0 && efer & EFER_LMA == 0 {
         let base = vmread(guest::CR3) & 0xFFFF_FFE0;

@@ -48,8 +48,10 @@ const SEG_FS: u8 = 4;
 /// Elements one string I/O exit moves at most (then it exits again).
 const STRING_IO_LIMIT: u64 = 4096;
 
+/// The guest's paging state as it sees it (under `ept=off` the VMCS holds
+/// the shadow's CR3 and the hardware's CR0/CR4).
 fn paging() -> PagingState {
-    PagingState { cr0: vmread(guest::CR0), cr3: vmread(guest::CR3), cr4: vmread(guest::CR4), efer: vmread(guest::IA32_EFER_FULL) }
+    super::guestview::current_guest_paging()
 }
 
 /// The guest runs 64-bit code (IA-32e mode and CS.L).
@@ -261,6 +263,13 @@ fn resume_after_fault(q: u64) {
     vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, idt & 0x8000_0FFF);
 }
 
+/// After a #PF exit of shadow paging that the shadow resolved, during the
+/// delivery of an event: [`resume_after_fault`], NMI unblocking by IRET
+/// being bit 12 of the exit's interruption information.
+pub fn redeliver_event() {
+    resume_after_fault(vmread(ro::VMEXIT_INTERRUPTION_INFO) & (1 << 12));
+}
+
 // ---------------------------------------------------------------------------
 // Lazy EPT
 
@@ -399,8 +408,12 @@ pub fn invpcid(v: &mut VcpuState) -> Flow {
         return raise(f);
     }
     let desc = [u64::from_le_bytes(b[..8].try_into().unwrap()), u64::from_le_bytes(b[8..].try_into().unwrap())];
-    let pcide = vmread(guest::CR4) & (1 << 17) != 0;
-    match emulate::invpcid(ty, desc, pcide) {
+    let pcide = super::guestview::guest_cr4() & (1 << 17) != 0;
+    let op = emulate::invpcid(ty, desc, pcide);
+    if let Some(op) = op.filter(|_| super::shadowvm::in_shadow(v)) {
+        super::shadowvm::invpcid(v, op, (desc[0] & 0xFFF) as u16);
+    }
+    match op {
         None => return fault(vector::GP, Some(0)),
         Some(emulate::Invpcid::Address(la)) => events::flush_address(v, la),
         Some(emulate::Invpcid::Context | emulate::Invpcid::AllButGlobal) => events::flush_context(v, true),

@@ -55,7 +55,7 @@
 use super::{control, guest, vmread, vmwrite};
 use crate::bootinfo::PhysMem;
 use crate::decode;
-use crate::guestmem::{self, PagingState};
+use crate::guestmem;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Emulated accesses reported one per line before the rest are only counted.
@@ -81,7 +81,7 @@ static PAGE_SEEN: [AtomicU64; TRACKED_PAGES / 64] = [const { AtomicU64::new(0) }
 /// The guest's instruction at RIP: up to 15 bytes (fewer if the
 /// instruction ends before an unreadable page), and the decoding mode.
 pub(crate) fn fetch_instruction(view: &impl PhysMem) -> ([u8; 15], usize, decode::CpuMode, u64) {
-    let p = PagingState { cr0: vmread(guest::CR0), cr3: vmread(guest::CR3), cr4: vmread(guest::CR4), efer: vmread(guest::IA32_EFER_FULL) };
+    let p = super::guestview::current_guest_paging();
     let mode = decode::mode_of(p.cr0, p.efer, vmread(guest::CS_ACCESS_RIGHTS));
     let rip = vmread(guest::RIP);
     let linear = if matches!(mode, decode::CpuMode::Long64) { rip } else { vmread(guest::CS_BASE).wrapping_add(rip) };

@@ -10,9 +10,11 @@ pub mod backend;
 pub mod caps;
 pub mod dispatch;
 pub mod events;
+pub mod guestview;
 pub mod intercept;
 pub mod isolation;
 pub mod pmwatch;
+pub mod shadowvm;
 pub mod stub;
 pub mod vcpu;
 

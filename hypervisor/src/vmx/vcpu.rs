@@ -293,8 +293,13 @@ pub fn setup_vmcs(
     if c.cpu2 & CPU2_XSAVES != 0 {
         w(control::XSS_EXITING_BITMAP_FULL, 0)?;
     }
-    w(control::CR0_GUEST_HOST_MASK, CR0_OWNED)?;
-    w(control::CR4_GUEST_HOST_MASK, CR4_OWNED)?;
+    let (cr0_owned, cr4_owned) = if c.shadow {
+        (CR0_OWNED | crate::shadow::phase::CR0_OWNED, CR4_OWNED | crate::shadow::phase::CR4_OWNED)
+    } else {
+        (CR0_OWNED, CR4_OWNED)
+    };
+    w(control::CR0_GUEST_HOST_MASK, cr0_owned)?;
+    w(control::CR4_GUEST_HOST_MASK, cr4_owned)?;
     w(guest::LINK_PTR_FULL, u64::MAX)?;
 
     // Guest state common to every start.

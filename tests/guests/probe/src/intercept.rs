@@ -72,7 +72,17 @@ pub fn setup(icpt: &Interception) {
 
 pub fn run(k: &Known, smp: bool) {
     let i = &k.icpt;
-    print!("PROBE interception: profile {}, ept {}, preempt ", i.profile.name(), if i.lazy_ept { "lazy" } else { "eager" });
+    print!(
+        "PROBE interception: profile {}, ept {}, preempt ",
+        i.profile.name(),
+        if i.shadow {
+            "off"
+        } else if i.lazy_ept {
+            "lazy"
+        } else {
+            "eager"
+        }
+    );
     match i.preempt {
         Some(t) => println!("every {t} ticks"),
         None => println!("off"),
@@ -331,7 +341,8 @@ fn rdtsc(i: &Interception) {
 fn invlpg(i: &Interception) {
     let target = &N as *const u32 as u64;
     let invlpg = || unsafe { asm!("invlpg [{}]", in(reg) target, options(nostack)) };
-    if !i.has(Class::Invlpg) {
+    // Under `ept=off` INVLPG and INVPCID exit while paging is on.
+    if !i.has(Class::Invlpg) && !i.shadow {
         none("invlpg", &[14, 58], invlpg);
         return;
     }
@@ -355,7 +366,8 @@ fn cr3(i: &Interception) {
     let cr = reason(28);
     let cr3 = guest_rt::read_cr3();
     let reload = || unsafe { asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack)) };
-    if !i.has(Class::Cr3) {
+    // Under `ept=off` CR3 accesses exit while paging is on, whatever the classes.
+    if !i.has(Class::Cr3) && !i.shadow {
         measure_n("cr3-off: mov from/to cr3", &[(cr, 0)], N, |_| reload());
         return;
     }
