@@ -8,9 +8,11 @@
 //!    accounting and detailed statistics), `accounting` (counts and cycles
 //!    only) and `none` (accounting compiled out, leaves answer zeros);
 //! 2. runs the bench guest (`tests/guests/bench`) under each;
-//! 3. boots the Debian kernel with one initramfs twice: natively (GRUB's
-//!    `linux`) and under the `full` Exitscope, reading the TSC at the first
-//!    instruction of /init;
+//! 3. boots the Debian kernel with one initramfs three times: natively
+//!    (GRUB's `linux`), under the `full` Exitscope (`ept=eager`, the
+//!    `minimal` profile's default) and under the same Exitscope with
+//!    `ept=off` (shadow paging, docs/shadow-paging.md; `--no-ept-off` skips
+//!    it), reading the TSC at the first instruction of /init;
 //! 4. prints the tables, writes `target/bench/results.json` and
 //!    `target/bench/ticks.txt`, and compares the tick figures with the
 //!    previous run's `ticks.txt` when the inputs are the same.
@@ -259,12 +261,14 @@ pub(crate) struct Opts {
     pub(crate) emulator: String,
     pub(crate) iters: u64,
     linux: bool,
+    /// The third Linux boot, under `ept=off` (`--no-ept-off` skips it).
+    ept_off: bool,
     /// `--peer kvm`: only the side-by-side comparison with KVM.
     peer: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
-    let mut o = Opts { emulator: "bochs".into(), iters: DEFAULT_ITERS, linux: true, peer: None };
+    let mut o = Opts { emulator: "bochs".into(), iters: DEFAULT_ITERS, linux: true, ept_off: true, peer: None };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
@@ -274,6 +278,7 @@ fn parse(args: &[String]) -> Result<Opts> {
                 o.iters = val(a)?.parse().ok().filter(|&n| n >= 1).ok_or("--iters needs a number, at least 1")?;
             }
             "--no-linux" => o.linux = false,
+            "--no-ept-off" => o.ept_off = false,
             "--peer" => {
                 let p = val(a)?;
                 if p != "kvm" {
@@ -456,6 +461,29 @@ struct LinuxRun {
     exits: Option<LinuxExits>,
 }
 
+/// The Linux boots of one bench run.
+#[derive(Debug, Clone)]
+struct LinuxBoots {
+    native: LinuxRun,
+    /// Under the `full` Exitscope, `ept=eager` (no hypervisor arguments:
+    /// the `minimal` profile's default).
+    eager: LinuxRun,
+    /// The same hypervisor and guest with `ept=off` (shadow paging).
+    ept_off: Option<LinuxRun>,
+}
+
+impl LinuxBoots {
+    /// Ticks to /init under Exitscope over natively.
+    fn ticks_ratio(&self) -> f64 {
+        self.eager.ticks_to_init as f64 / self.native.ticks_to_init as f64
+    }
+
+    /// Ticks to /init under `ept=off` over `ept=eager`, both of this run.
+    fn ept_off_ratio(&self) -> Option<f64> {
+        self.ept_off.as_ref().map(|s| s.ticks_to_init as f64 / self.eager.ticks_to_init as f64)
+    }
+}
+
 /// Exits of a Linux run, from the hypervisor's final dump.
 #[derive(Debug, Clone)]
 struct LinuxExits {
@@ -532,38 +560,53 @@ fn bench_bochs(o: &Opts) -> Result {
         let append = crate::linux::APPEND;
         let native_iso = work.join("native.iso");
         native_linux_iso(&kernel, &initrd, append, &work.join("native"), &native_iso)?;
-        let hv_iso = work.join("exitscope.iso");
-        image::grub_iso(
-            &IsoSpec {
-                hypervisor: &results[0].elf,
-                hv_args: "",
-                guest: Some(&kernel),
-                guest_args: append,
-                modules: std::slice::from_ref(&initrd),
-            },
-            &work.join("exitscope"),
-            &hv_iso,
-        )?;
+        let hv_iso = |hv_args: &str, dir: &str| -> Result<PathBuf> {
+            let iso = work.join(format!("{dir}.iso"));
+            image::grub_iso(
+                &IsoSpec {
+                    hypervisor: &results[0].elf,
+                    hv_args,
+                    guest: Some(&kernel),
+                    guest_args: append,
+                    modules: std::slice::from_ref(&initrd),
+                },
+                &work.join(dir),
+                &iso,
+            )?;
+            Ok(iso)
+        };
+        // No arguments: `ept=eager`, the minimal profile's default (as
+        // before the ept=off boot was added, so ticks.txt stays comparable).
+        let eager_iso = hv_iso("", "exitscope")?;
         eprintln!("xtask: Linux to /init in Bochs, natively (about 20 s)");
         let n = linux_boot("bench-linux-native", &native_iso, false)?;
         eprintln!("xtask:   {:.1}s wall, {:.1} CPU-s", n.wall.as_secs_f64(), n.cpu.as_secs_f64());
         eprintln!("xtask: Linux to /init in Bochs, under Exitscope 'full' (about 20 s)");
-        let x = linux_boot("bench-linux-exitscope", &hv_iso, true)?;
+        let x = linux_boot("bench-linux-exitscope", &eager_iso, true)?;
         eprintln!("xtask:   {:.1}s wall, {:.1} CPU-s", x.wall.as_secs_f64(), x.cpu.as_secs_f64());
-        Some((n, x, [kernel, initrd]))
+        let s = if o.ept_off {
+            let iso = hv_iso("ept=off", "exitscope-ept-off")?;
+            eprintln!("xtask: Linux to /init in Bochs, under Exitscope 'full' with ept=off (shadow paging; about 3 minutes)");
+            let s = linux_boot("bench-linux-exitscope-ept-off", &iso, true)?;
+            eprintln!("xtask:   {:.1}s wall, {:.1} CPU-s", s.wall.as_secs_f64(), s.cpu.as_secs_f64());
+            Some(s)
+        } else {
+            None
+        };
+        Some((LinuxBoots { native: n, eager: x, ept_off: s }, [kernel, initrd]))
     } else {
         None
     };
 
     let env = Environment::probe();
-    let text = bochs_tables(o, &results, linux.as_ref().map(|(n, x, _)| (n, x)), &env);
+    let text = bochs_tables(o, &results, linux.as_ref().map(|(l, _)| l), &env);
     print!("{text}");
 
     // Tick figures and the identity of their inputs, for the determinism check.
     let mut ticks = String::new();
     let mut inputs: Vec<PathBuf> = vec![guest.clone()];
     inputs.extend(results.iter().map(|r| r.elf.clone()));
-    if let Some((_, _, files)) = &linux {
+    if let Some((_, files)) = &linux {
         inputs.extend(files.iter().cloned());
     }
     for p in &inputs {
@@ -585,20 +628,13 @@ fn bench_bochs(o: &Opts) -> Result {
             );
         }
     }
-    if let Some((n, x, _)) = &linux {
-        let _ = writeln!(ticks, "linux.native ticks_to_init={}", n.ticks_to_init);
-        let _ = writeln!(ticks, "linux.exitscope ticks_to_init={}", x.ticks_to_init);
-        if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
-            let _ = writeln!(ticks, "linux.exitscope exits={e} cycles={c}");
-            for (nr, _, e, c) in rows {
-                let _ = writeln!(ticks, "linux.exitscope reason{nr} exits={e} cycles={c}");
-            }
-        }
+    if let Some((l, _)) = &linux {
+        ticks.push_str(&linux_ticks(l));
     }
     let (determinism, nondeterministic) = compare_with_previous(&ticks)?;
     eprintln!("xtask: determinism: {determinism}");
 
-    let json = bochs_json(o, &results, linux.as_ref().map(|(n, x, _)| (n, x)), &env, &determinism, start.elapsed());
+    let json = bochs_json(o, &results, linux.as_ref().map(|(l, _)| l), &env, &determinism, start.elapsed());
     let path = bench_dir().join("results.json");
     util::write(&path, json)?;
     util::write(&bench_dir().join("results.txt"), &text)?;
@@ -607,6 +643,24 @@ fn bench_bochs(o: &Opts) -> Result {
         return Err(format!("the benchmark is not deterministic: {determinism}"));
     }
     Ok(())
+}
+
+/// The Linux lines of ticks.txt.
+fn linux_ticks(l: &LinuxBoots) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "linux.native ticks_to_init={}", l.native.ticks_to_init);
+    let runs = [("linux.exitscope", Some(&l.eager)), ("linux.exitscope_ept_off", l.ept_off.as_ref())];
+    for (key, run) in runs {
+        let Some(x) = run else { continue };
+        let _ = writeln!(t, "{key} ticks_to_init={}", x.ticks_to_init);
+        if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
+            let _ = writeln!(t, "{key} exits={e} cycles={c}");
+            for (nr, _, e, c) in rows {
+                let _ = writeln!(t, "{key} reason{nr} exits={e} cycles={c}");
+            }
+        }
+    }
+    t
 }
 
 /// What every run of the bench guest must show (also the smoke test's
@@ -716,7 +770,7 @@ fn reason_label(kind: &str) -> String {
         .map_or("-".into(), |(_, r)| format!("{r} {}", exitscope_stats::reasons::name(*r).unwrap_or("")))
 }
 
-fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<(&LinuxRun, &LinuxRun)>, env: &Environment) -> String {
+fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<&LinuxBoots>, env: &Environment) -> String {
     let mut s = String::new();
     let full = &rs[0].guest;
     let _ = writeln!(
@@ -794,7 +848,8 @@ fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<(&LinuxRun, &Linux
     }
     let _ = writeln!(s);
 
-    if let Some((n, x)) = linux {
+    if let Some(l) = linux {
+        let (n, x) = (&l.native, &l.eager);
         let _ = writeln!(s, "3. Linux boot to /init ({}, 1 CPU, 512 MiB, '{}')", env.kernel, crate::linux::APPEND);
         let _ = writeln!(s, "  {:<26} {:>16} {:>16} {:>10}", "", "native", "Exitscope", "ratio");
         let _ = writeln!(
@@ -813,13 +868,30 @@ fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<(&LinuxRun, &Linux
             format!("{:.2}", x.cpu.as_secs_f64()),
             format!("{:.3}x", x.cpu.as_secs_f64() / n.cpu.as_secs_f64().max(1e-9))
         );
-        if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
-            let _ = writeln!(s, "  exits, whole guest run (to the power-off after /init): {e}, {c} ticks in the hypervisor");
-            for (nr, name, e, c) in rows {
-                let _ = writeln!(s, "    {nr:>3} {name:<24} {e:>8} exits {c:>12} ticks {:>8.1}/exit", *c as f64 / *e as f64);
-            }
-        }
+        exit_rows(&mut s, x);
         let _ = writeln!(s);
+        if let Some(sh) = &l.ept_off {
+            let _ = writeln!(s, "3b. The same boot without EPT: ept=off (shadow paging) against ept=eager, same hypervisor build");
+            let _ = writeln!(s, "  {:<26} {:>16} {:>16} {:>10}", "", "ept=eager", "ept=off", "ratio");
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>16} {:>16} {:>10}",
+                "ticks to /init",
+                x.ticks_to_init,
+                sh.ticks_to_init,
+                format!("{:.3}x", sh.ticks_to_init as f64 / x.ticks_to_init as f64)
+            );
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>16} {:>16} {:>10}",
+                "host CPU-seconds",
+                format!("{:.2}", x.cpu.as_secs_f64()),
+                format!("{:.2}", sh.cpu.as_secs_f64()),
+                format!("{:.3}x", sh.cpu.as_secs_f64() / x.cpu.as_secs_f64().max(1e-9))
+            );
+            exit_rows(&mut s, sh);
+            let _ = writeln!(s);
+        }
     }
 
     // The targets of the issue.
@@ -844,7 +916,20 @@ fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<(&LinuxRun, &Linux
     if let Some(r) = t.linux {
         let _ = writeln!(s, "  Linux boot ticks to /init, Exitscope / native: {r:.4}x; target <= 1.10x: {}", verdict(Some(r <= 1.10)));
     }
+    if let Some(r) = linux.and_then(LinuxBoots::ept_off_ratio) {
+        let _ = writeln!(s, "  Linux boot ticks to /init, ept=off / ept=eager: {r:.3}x (no target: the cost of shadow paging)");
+    }
     s
+}
+
+/// The exits by reason of a boot under Exitscope, for section 3.
+fn exit_rows(s: &mut String, x: &LinuxRun) {
+    if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
+        let _ = writeln!(s, "  exits, whole guest run (to the power-off after /init): {e}, {c} ticks in the hypervisor");
+        for (nr, name, e, c) in rows {
+            let _ = writeln!(s, "    {nr:>3} {name:<24} {e:>8} exits {c:>12} ticks {:>8.1}/exit", *c as f64 / *e as f64);
+        }
+    }
 }
 
 /// The three "make it fast" targets, measured.
@@ -857,15 +942,11 @@ struct Targets {
 }
 
 impl Targets {
-    fn of(rs: &[VariantResult], linux: Option<(&LinuxRun, &LinuxRun)>) -> Targets {
+    fn of(rs: &[VariantResult], linux: Option<&LinuxBoots>) -> Targets {
         let rt = |i: usize| rs.get(i).and_then(|r| r.guest.round_trip("cpuid"));
         let path = |i: usize| rt(i).map(|r| r - GUEST_INSTRUCTION_TICKS);
         let over = |i: usize| rt(i).zip(rt(2)).map(|(a, n)| a - n);
-        Targets {
-            cpuid_path: [path(0), path(1), path(2)],
-            overhead: [over(1), over(0)],
-            linux: linux.map(|(n, x)| x.ticks_to_init as f64 / n.ticks_to_init as f64),
-        }
+        Targets { cpuid_path: [path(0), path(1), path(2)], overhead: [over(1), over(0)], linux: linux.map(LinuxBoots::ticks_ratio) }
     }
 }
 
@@ -947,7 +1028,7 @@ fn guest_json(g: &GuestRun) -> String {
 fn bochs_json(
     o: &Opts,
     rs: &[VariantResult],
-    linux: Option<(&LinuxRun, &LinuxRun)>,
+    linux: Option<&LinuxBoots>,
     env: &Environment,
     determinism: &str,
     elapsed: Duration,
@@ -999,7 +1080,8 @@ fn bochs_json(
     }
     let _ = writeln!(s, "  }},");
     match linux {
-        Some((n, x)) => {
+        Some(l) => {
+            let (n, x) = (&l.native, &l.eager);
             let _ = writeln!(s, "  \"linux\": {{");
             let _ = writeln!(s, "    \"kernel\": {},", js(&env.kernel));
             let _ = writeln!(s, "    \"append\": {},", js(crate::linux::APPEND));
@@ -1010,28 +1092,21 @@ fn bochs_json(
                 n.cpu.as_secs_f64(),
                 n.wall.as_secs_f64()
             );
-            let _ = write!(
-                s,
-                "    \"exitscope\": {{\"build\": \"full\", \"ticks_to_init\": {}, \"cpu_seconds\": {:.3}, \"wall_seconds\": {:.3}",
-                x.ticks_to_init,
-                x.cpu.as_secs_f64(),
-                x.wall.as_secs_f64()
-            );
-            if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
-                let _ = write!(s, ", \"exits\": {e}, \"exit_cycles\": {c}, \"exits_by_reason\": [");
-                for (i, (nr, name, e, c)) in rows.iter().enumerate() {
-                    let _ = write!(
-                        s,
-                        "{}{{\"reason\": {nr}, \"name\": {}, \"exits\": {e}, \"cycles\": {c}}}",
-                        if i == 0 { "" } else { ", " },
-                        js(name)
-                    );
+            let _ = writeln!(s, "    \"exitscope\": {},", linux_run_json(x, "ept=eager"));
+            let _ = writeln!(s, "    \"ticks_ratio\": {},", jf(Some(l.ticks_ratio())));
+            let _ = writeln!(s, "    \"cpu_ratio\": {},", jf(Some(x.cpu.as_secs_f64() / n.cpu.as_secs_f64().max(1e-9))));
+            match &l.ept_off {
+                Some(sh) => {
+                    let _ = writeln!(s, "    \"exitscope_ept_off\": {},", linux_run_json(sh, "ept=off"));
+                    let _ = writeln!(s, "    \"ept_off_over_eager_ticks_ratio\": {},", jf(l.ept_off_ratio()));
+                    let cpu = sh.cpu.as_secs_f64() / x.cpu.as_secs_f64().max(1e-9);
+                    let _ = writeln!(s, "    \"ept_off_over_eager_cpu_ratio\": {}", jf(Some(cpu)));
                 }
-                s.push(']');
+                None => {
+                    let _ = writeln!(s, "    \"exitscope_ept_off\": null,");
+                    let _ = writeln!(s, "    \"ept_off_over_eager_ticks_ratio\": null");
+                }
             }
-            let _ = writeln!(s, "}},");
-            let _ = writeln!(s, "    \"ticks_ratio\": {},", jf(Some(x.ticks_to_init as f64 / n.ticks_to_init as f64)));
-            let _ = writeln!(s, "    \"cpu_ratio\": {}", jf(Some(x.cpu.as_secs_f64() / n.cpu.as_secs_f64().max(1e-9))));
             let _ = writeln!(s, "  }},");
         }
         None => {
@@ -1064,6 +1139,31 @@ fn bochs_json(
     s
 }
 
+/// One boot under Exitscope as a JSON object.
+fn linux_run_json(x: &LinuxRun, hv_args: &str) -> String {
+    let mut s = format!(
+        "{{\"build\": \"full\", \"hv_args\": {}, \"ticks_to_init\": {}, \"cpu_seconds\": {:.3}, \"wall_seconds\": {:.3}",
+        js(hv_args),
+        x.ticks_to_init,
+        x.cpu.as_secs_f64(),
+        x.wall.as_secs_f64()
+    );
+    if let Some(LinuxExits { total: e, cycles: c, rows }) = &x.exits {
+        let _ = write!(s, ", \"exits\": {e}, \"exit_cycles\": {c}, \"exits_by_reason\": [");
+        for (i, (nr, name, e, c)) in rows.iter().enumerate() {
+            let _ = write!(
+                s,
+                "{}{{\"reason\": {nr}, \"name\": {}, \"exits\": {e}, \"cycles\": {c}}}",
+                if i == 0 { "" } else { ", " },
+                js(name)
+            );
+        }
+        s.push(']');
+    }
+    s.push('}');
+    s
+}
+
 pub(crate) fn command_line(o: &Opts) -> String {
     let mut c = String::from("cargo xtask bench");
     if o.emulator != "bochs" {
@@ -1074,6 +1174,8 @@ pub(crate) fn command_line(o: &Opts) -> String {
     }
     if !o.linux {
         c.push_str(" --no-linux");
+    } else if !o.ept_off {
+        c.push_str(" --no-ept-off");
     }
     if let Some(p) = &o.peer {
         let _ = write!(c, " --peer {p}");
@@ -1107,12 +1209,18 @@ pub(crate) fn compare_with_previous_in(file: &str, ticks: &str) -> Result<(Strin
 
 /// The comparison of [`compare_with_previous`], on the two files' texts.
 pub(crate) fn compare_ticks(prev: &str, ticks: &str) -> (String, bool) {
-    // "input NAME HASH", "iters N", then "KEY figures..." lines.
+    // "input NAME HASH", "iters N", then "KEY [LABEL] NAME=VALUE..." lines,
+    // keyed by the line without its values: several lines share a KEY
+    // ("linux.exitscope ticks_to_init=", "linux.exitscope reason10 exits=").
     let split = |t: &str| -> BTreeMap<String, String> {
         t.lines()
             .filter_map(|l| match l.strip_prefix("input ") {
                 Some(rest) => rest.split_once(' ').map(|(n, h)| (format!("input {n}"), h.to_string())),
-                None => l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string())),
+                None if l.starts_with("iters ") => l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string())),
+                None => l.split_once(' ').map(|(k, v)| {
+                    let names: Vec<&str> = v.split(' ').map(|w| w.split('=').next().unwrap_or(w)).collect();
+                    (format!("{k} {}", names.join(" ")), v.to_string())
+                }),
             })
             .collect()
     };
@@ -1353,8 +1461,80 @@ BENCH DONE\n";
         let c = a.replace("guest_cycles=5", "guest_cycles=6");
         assert!(compare_ticks(a, &c).1);
         // Other inputs: not compared.
+        // Lines that share their first word are compared one by one.
+        let e = format!("{a}linux.exitscope exits=10 cycles=20\nlinux.exitscope reason10 exits=10 cycles=20\n");
+        assert!(compare_ticks(&e, &e.replace("ticks_to_init=9", "ticks_to_init=8")).1);
+        assert!(compare_ticks(&e, &e.replace("exits=10 cycles=20\nlinux", "exits=11 cycles=20\nlinux")).1);
+        assert!(compare_ticks(&e, &e).0.contains("(5 lines compared)"), "{}", compare_ticks(&e, &e).0);
         let d = c.replace("bench.elf 01", "bench.elf 03");
         assert_eq!(compare_ticks(a, &d), ("inputs changed since the previous run (input bench.elf): not compared".into(), false));
+    }
+
+    fn boot(ticks: u64, cpu: u64, rows: Vec<(usize, &str, u64, u64)>) -> LinuxRun {
+        let total = rows.iter().map(|r| r.2).sum();
+        let cycles = rows.iter().map(|r| r.3).sum();
+        let rows = rows.into_iter().map(|(nr, n, e, c)| (nr, n.to_string(), e, c)).collect();
+        LinuxRun {
+            ticks_to_init: ticks,
+            cpu: Duration::from_secs(cpu),
+            wall: Duration::from_secs(cpu),
+            exits: Some(LinuxExits { total, cycles, rows }),
+        }
+    }
+
+    #[test]
+    fn linux_boots_with_and_without_ept() {
+        let native = LinuxRun { ticks_to_init: 900, cpu: Duration::from_secs(10), wall: Duration::from_secs(10), exits: None };
+        let eager = boot(1_000, 20, vec![(10, "CPUID", 700, 70_000)]);
+        let off = boot(
+            12_500,
+            200,
+            vec![(0, "EXCEPTION_NMI", 250_000, 9_000_000), (10, "CPUID", 700, 70_000), (28, "CR_ACCESS", 20_000, 5_000_000)],
+        );
+        let mut l = LinuxBoots { native, eager, ept_off: Some(off) };
+        assert_eq!(l.ept_off_ratio(), Some(12.5));
+        assert_eq!(l.ticks_ratio(), 1_000.0 / 900.0);
+
+        // ticks.txt: one key per figure of each boot, so the determinism check compares the ept=off boot too.
+        let t = linux_ticks(&l);
+        assert!(t.contains("linux.exitscope ticks_to_init=1000\n"), "{t}");
+        assert!(t.contains("linux.exitscope_ept_off ticks_to_init=12500\n"), "{t}");
+        assert!(t.contains("linux.exitscope_ept_off reason0 exits=250000 cycles=9000000\n"), "{t}");
+        let changed = t.replace("ticks_to_init=12500", "ticks_to_init=12501");
+        assert!(compare_ticks(&t, &changed).1);
+
+        // The tables and the JSON: the ratio, both boots' exits.
+        let g = parse_guest(LOG).unwrap();
+        let rs: Vec<VariantResult> = VARIANTS
+            .iter()
+            .map(|v| VariantResult { variant: v, elf: PathBuf::new(), guest: g.clone(), cpu: Duration::ZERO, wall: Duration::ZERO })
+            .collect();
+        let env = Environment {
+            host_cpu: "cpu".into(),
+            host_cores: 2,
+            bochs: "Bochs".into(),
+            bochs_cpu: "model".into(),
+            kernel: "6.1".into(),
+            rustc: "rustc".into(),
+        };
+        let o = parse(&[]).unwrap();
+        let text = bochs_tables(&o, &rs, Some(&l), &env);
+        assert!(text.contains("3b. The same boot without EPT"), "{text}");
+        assert!(text.contains("12.500x"), "{text}");
+        assert!(text.contains("ept=off / ept=eager: 12.500x"), "{text}");
+        assert!(text.contains("250000 exits"), "{text}");
+        let json = bochs_json(&o, &rs, Some(&l), &env, "first run", Duration::ZERO);
+        assert!(json.contains("\"ept_off_over_eager_ticks_ratio\": 12.5000,"), "{json}");
+        assert!(json.contains("\"exitscope_ept_off\": {\"build\": \"full\", \"hv_args\": \"ept=off\", \"ticks_to_init\": 12500"), "{json}");
+
+        // Without the ept=off boot (--no-ept-off): no section 3b, null in the JSON.
+        l.ept_off = None;
+        assert_eq!(l.ept_off_ratio(), None);
+        assert!(!linux_ticks(&l).contains("ept_off"));
+        assert!(!bochs_tables(&o, &rs, Some(&l), &env).contains("3b."));
+        assert!(bochs_json(&o, &rs, Some(&l), &env, "", Duration::ZERO).contains("\"ept_off_over_eager_ticks_ratio\": null"));
+        let o = parse(&["--no-ept-off".to_string()]).unwrap();
+        assert_eq!(command_line(&o), "cargo xtask bench --no-ept-off");
     }
 
     #[test]

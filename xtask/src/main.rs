@@ -84,6 +84,9 @@ commands:
                              under Exitscope; says why and exits 0 without /dev/kvm and VT-x)
       --iters N              loop iterations per measurement (default 10000)
       --no-linux             skip the Linux boots (Bochs)
+      --no-ept-off           skip the third Linux boot, under ept=off (shadow
+                             paging, about 3 minutes of Bochs), and its ratio
+                             to ept=eager
       --peer kvm             only Exitscope vs. KVM, side by side in one run: the bench
                              guest under Exitscope, and on /dev/kvm of Debian's kernel
                              booted natively in Bochs (writes results-peer-kvm.json)
