@@ -9,7 +9,10 @@
 
 use crate::reasons::SLOTS;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use core::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// Buckets of the latency histogram: bucket `b` counts exits that took
 /// `[2^b, 2^(b+1))` cycles (bucket 0 also holds 0 and 1); the last bucket
@@ -122,9 +125,19 @@ impl DetailSlot {
 
 /// A bounded table of keys and their counts: the first `N` distinct keys
 /// are counted exactly, later ones only in `other`. Single writer.
+///
+/// Like [`HashTable`], it has a one-entry run cache in front (the last key
+/// and how many times in a row it came), flushed into the table when the
+/// key changes, under a sequence count, and folded in by every read, so
+/// every figure read is exact.
 #[repr(C)]
 #[derive(Debug)]
 pub struct TopTable<const N: usize> {
+    /// The pending run's key + 1 (0: none) and its length.
+    last: AtomicU64,
+    run: AtomicU64,
+    /// Odd while a flush changes the table.
+    seq: AtomicU64,
     keys: [AtomicU64; N],
     counts: [AtomicU64; N],
     used: AtomicUsize,
@@ -140,6 +153,9 @@ impl<const N: usize> Default for TopTable<N> {
 impl<const N: usize> TopTable<N> {
     pub const fn new() -> Self {
         TopTable {
+            last: AtomicU64::new(0),
+            run: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
             keys: [const { AtomicU64::new(0) }; N],
             counts: [const { AtomicU64::new(0) }; N],
             used: AtomicUsize::new(0),
@@ -147,51 +163,102 @@ impl<const N: usize> TopTable<N> {
         }
     }
 
-    /// Counts one occurrence of `key` (only the owning vCPU calls this).
-    #[inline]
+    /// Counts one occurrence of `key` (`key != u64::MAX`; only the owning
+    /// vCPU calls this).
+    #[inline(always)]
     pub fn record(&self, key: u64) {
-        let used = self.used.load(Relaxed);
-        for i in 0..used {
-            if self.keys[i].load(Relaxed) == key {
-                bump(&self.counts[i], 1);
-                return;
-            }
-        }
-        if used < N {
-            self.keys[used].store(key, Relaxed);
-            self.counts[used].store(1, Relaxed);
-            // Publish the slot after its key and count.
-            self.used.store(used + 1, core::sync::atomic::Ordering::Release);
+        let stored = key.wrapping_add(1);
+        if self.last.load(Relaxed) == stored {
+            bump(&self.run, 1);
         } else {
-            bump(&self.other, 1);
+            self.start_run(stored);
         }
     }
 
-    /// Adds this table's entries into `into` (key -> count) and returns
-    /// the count of keys that did not fit.
+    /// Flushes the pending run into the table and starts one of `stored`.
+    #[inline(never)]
+    #[cold]
+    fn start_run(&self, stored: u64) {
+        let s = self.seq.load(Relaxed);
+        self.seq.store(s.wrapping_add(1), Relaxed);
+        core::sync::atomic::fence(Release);
+        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
+        if last != 0 {
+            let key = last - 1;
+            let used = self.used.load(Relaxed);
+            match (0..used).find(|&i| self.keys[i].load(Relaxed) == key) {
+                Some(i) => bump(&self.counts[i], run),
+                None if used < N => {
+                    self.keys[used].store(key, Relaxed);
+                    self.counts[used].store(run, Relaxed);
+                    self.used.store(used + 1, Relaxed);
+                }
+                None => bump(&self.other, run),
+            }
+        }
+        self.last.store(stored, Relaxed);
+        self.run.store(1, Relaxed);
+        self.seq.store(s.wrapping_add(2), Release);
+    }
+
+    /// Adds this table's entries, the pending run included, into `into`
+    /// (key -> count) and returns the count of keys that did not fit.
     pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
-        let used = self.used.load(core::sync::atomic::Ordering::Acquire);
-        for i in 0..used {
-            let (k, c) = (self.keys[i].load(Relaxed), self.counts[i].load(Relaxed));
+        let mut tries = 0;
+        let (mut entries, mut other, last, run) = loop {
+            let s = self.seq.load(Acquire);
+            let used = self.used.load(Relaxed).min(N);
+            let entries: Vec<(u64, u64)> = (0..used).map(|i| (self.keys[i].load(Relaxed), self.counts[i].load(Relaxed))).collect();
+            let (other, last, run) = (self.other.load(Relaxed), self.last.load(Relaxed), self.run.load(Relaxed));
+            core::sync::atomic::fence(Acquire);
+            tries += 1;
+            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
+                break (entries, other, last, run);
+            }
+            core::hint::spin_loop();
+        };
+        if last != 0 {
+            let key = last - 1;
+            match entries.iter().position(|e| e.0 == key) {
+                Some(i) => entries[i].1 = entries[i].1.wrapping_add(run),
+                None if entries.len() < N => entries.push((key, run)),
+                None => other = other.wrapping_add(run),
+            }
+        }
+        for (k, c) in entries {
             match into.iter_mut().find(|e| e.0 == k) {
                 Some(e) => e.1 += c,
                 None => into.push((k, c)),
             }
         }
-        self.other.load(Relaxed)
+        other
     }
 }
 
 /// A bounded hash table of keys and their counts, for keys met on a hot
-/// path (CPUID leaves): a key goes to one of `N` slots by a multiplicative
-/// hash and, if that slot holds another key, to at most [`PROBES`] - 1
-/// slots after it; a key that finds none free is counted in `other`.
-/// Recording costs a hash and one or a few compares, whatever the number
-/// of keys (a [`TopTable`] searches every key it holds). Single writer;
-/// `N` must be a power of two.
+/// path (CPUID leaves, guest code sites): a key goes to one of `N` slots by
+/// a multiplicative hash and, if that slot holds another key, to at most
+/// [`PROBES`] - 1 slots after it; a key that finds none free is counted in
+/// `other`.
+///
+/// In front of the table sits a one-entry run cache: the key of the last
+/// record and how many times in a row it came. A record of the same key
+/// only bumps the run (a compare and an increment); a different key first
+/// flushes the run into the table, as that many records of its key would
+/// have, and starts a new run. Flushing in the order the runs came leaves
+/// the table exactly as recording every key at once would. Readers
+/// ([`merge_into`](Self::merge_into)) fold the pending run in as a flush
+/// would place it, so every figure read is exact; the flush is bracketed
+/// by a sequence count (odd while it runs) and a reader that overlaps one
+/// reads again. Single writer; `N` must be a power of two.
 #[repr(C)]
 #[derive(Debug)]
 pub struct HashTable<const N: usize> {
+    /// The pending run's key + 1 (0: none) and its length.
+    last: AtomicU64,
+    run: AtomicU64,
+    /// Odd while a flush changes the table.
+    seq: AtomicU64,
     /// key + 1 (0: empty).
     keys: [AtomicU64; N],
     counts: [AtomicU64; N],
@@ -200,6 +267,11 @@ pub struct HashTable<const N: usize> {
 
 /// Slots a key may try in a [`HashTable`].
 pub const PROBES: usize = 4;
+
+/// Times a reader reads a [`HashTable`] again while a flush overlaps its
+/// read before it takes what it read (a writer stopped in the middle of a
+/// flush, which only a crash of its CPU does).
+const READ_TRIES: u32 = 1 << 20;
 
 impl<const N: usize> Default for HashTable<N> {
     fn default() -> Self {
@@ -210,7 +282,14 @@ impl<const N: usize> Default for HashTable<N> {
 impl<const N: usize> HashTable<N> {
     pub const fn new() -> Self {
         assert!(N.is_power_of_two());
-        HashTable { keys: [const { AtomicU64::new(0) }; N], counts: [const { AtomicU64::new(0) }; N], other: AtomicU64::new(0) }
+        HashTable {
+            last: AtomicU64::new(0),
+            run: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            keys: [const { AtomicU64::new(0) }; N],
+            counts: [const { AtomicU64::new(0) }; N],
+            other: AtomicU64::new(0),
+        }
     }
 
     #[inline(always)]
@@ -219,43 +298,111 @@ impl<const N: usize> HashTable<N> {
         (h >> 40) as usize & (N - 1)
     }
 
-    /// Counts one occurrence of `key` (`key != u64::MAX`; owning vCPU only).
-    #[inline]
-    pub fn record(&self, key: u64) {
-        let stored = key.wrapping_add(1);
-        let mut i = Self::home(key);
+    /// Where `stored` (key + 1) goes in a table whose keys are `keys`:
+    /// `Some(slot)` holding it or free, `None` (counted in other).
+    #[inline(always)]
+    fn place(keys: impl Fn(usize) -> u64, stored: u64) -> Option<usize> {
+        let mut i = Self::home(stored.wrapping_sub(1));
         for _ in 0..PROBES {
-            let k = self.keys[i].load(Relaxed);
-            if k == stored {
-                bump(&self.counts[i], 1);
-                return;
-            }
-            if k == 0 {
-                self.counts[i].store(1, Relaxed);
-                // Publish the slot after its count.
-                self.keys[i].store(stored, core::sync::atomic::Ordering::Release);
-                return;
+            let k = keys(i);
+            if k == stored || k == 0 {
+                return Some(i);
             }
             i = (i + 1) & (N - 1);
         }
-        bump(&self.other, 1);
+        None
     }
 
-    /// Adds this table's entries into `into` and returns the count of keys
-    /// that found no slot.
+    /// Counts one occurrence of `key` (`key != u64::MAX`; owning vCPU only).
+    #[inline(always)]
+    pub fn record(&self, key: u64) {
+        let stored = key.wrapping_add(1);
+        if self.last.load(Relaxed) == stored {
+            bump(&self.run, 1);
+        } else {
+            self.start_run(stored);
+        }
+    }
+
+    /// Whether a record of `key` would only extend the pending run (then
+    /// [`extend_run`](Self::extend_run) records it).
+    #[inline(always)]
+    pub fn continues_run(&self, key: u64) -> bool {
+        self.last.load(Relaxed) == key.wrapping_add(1)
+    }
+
+    /// Records the pending run's key once more (owning vCPU only, after
+    /// [`continues_run`](Self::continues_run) said so).
+    #[inline(always)]
+    pub fn extend_run(&self) {
+        bump(&self.run, 1);
+    }
+
+    /// Flushes the pending run into the table and starts one of `stored`.
+    #[inline(never)]
+    #[cold]
+    fn start_run(&self, stored: u64) {
+        let s = self.seq.load(Relaxed);
+        self.seq.store(s.wrapping_add(1), Relaxed);
+        core::sync::atomic::fence(Release);
+        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
+        if last != 0 {
+            match Self::place(|i| self.keys[i].load(Relaxed), last) {
+                Some(i) if self.keys[i].load(Relaxed) == last => bump(&self.counts[i], run),
+                Some(i) => {
+                    self.counts[i].store(run, Relaxed);
+                    self.keys[i].store(last, Relaxed);
+                }
+                None => bump(&self.other, run),
+            }
+        }
+        self.last.store(stored, Relaxed);
+        self.run.store(1, Relaxed);
+        self.seq.store(s.wrapping_add(2), Release);
+    }
+
+    /// Reads the table and the pending run as of one moment: (keys + 1,
+    /// counts, other, pending key + 1, its run).
+    fn read(&self) -> (Vec<u64>, Vec<u64>, u64, u64, u64) {
+        let mut tries = 0;
+        loop {
+            let s = self.seq.load(Acquire);
+            let keys: Vec<u64> = self.keys.iter().map(|k| k.load(Relaxed)).collect();
+            let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+            let (other, last, run) = (self.other.load(Relaxed), self.last.load(Relaxed), self.run.load(Relaxed));
+            core::sync::atomic::fence(Acquire);
+            tries += 1;
+            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
+                return (keys, counts, other, last, run);
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Adds this table's entries, the pending run included, into `into`
+    /// and returns the count of keys that found no slot.
     pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
-        for (k, c) in self.keys.iter().zip(self.counts.iter()) {
-            let k = k.load(core::sync::atomic::Ordering::Acquire);
+        let (mut keys, mut counts, mut other, last, run) = self.read();
+        if last != 0 {
+            match Self::place(|i| keys[i], last) {
+                Some(i) => {
+                    keys[i] = last;
+                    counts[i] = counts[i].wrapping_add(run);
+                }
+                None => other = other.wrapping_add(run),
+            }
+        }
+        for (&k, &c) in keys.iter().zip(counts.iter()) {
             if k == 0 {
                 continue;
             }
-            let (k, c) = (k - 1, c.load(Relaxed));
+            let k = k - 1;
             match into.iter_mut().find(|e| e.0 == k) {
                 Some(e) => e.1 += c,
                 None => into.push((k, c)),
             }
         }
-        self.other.load(Relaxed)
+        other
     }
 }
 
@@ -822,6 +969,138 @@ mod tests {
         t.record(0);
         let mut v = Vec::new();
         assert_eq!((t.merge_into(&mut v), v), (0, std::vec![(0, 2)]));
+    }
+
+    /// The old table without the run cache: every record placed at once.
+    fn reference<const N: usize>(keys: &[u64]) -> (Vec<(u64, u64)>, u64) {
+        let (mut slots, mut other) = ([(0u64, 0u64); N], 0u64);
+        for &key in keys {
+            let stored = key + 1;
+            match HashTable::<N>::place(|i| slots[i].0, stored) {
+                Some(i) => slots[i] = (stored, slots[i].1 + 1),
+                None => other += 1,
+            }
+        }
+        let mut v: Vec<(u64, u64)> = slots.iter().filter(|s| s.0 != 0).map(|s| (s.0 - 1, s.1)).collect();
+        v.sort_unstable();
+        (v, other)
+    }
+
+    /// The run cache changes no figure: after every record, under runs of
+    /// one key, key changes, a full table and repeated reads, the table
+    /// reads exactly as placing every record at once.
+    #[test]
+    fn hash_table_run_cache_is_exact_at_every_read() {
+        let mut seed = 0x1234_5678u64;
+        let mut seq = Vec::new();
+        for _ in 0..3000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Runs of 1-4 of one key out of 24 keys in 8 slots (some go to other).
+            let (key, len) = ((seed >> 33) % 24 * 0x1_0000_0001, (seed >> 20) % 4 + 1);
+            for _ in 0..len {
+                seq.push(key);
+            }
+        }
+        let t = HashTable::<8>::new();
+        for (n, &k) in seq.iter().enumerate() {
+            t.record(k);
+            if n % 7 == 0 || n == seq.len() - 1 {
+                let mut v = Vec::new();
+                let other = t.merge_into(&mut v);
+                v.sort_unstable();
+                // A read twice in a row reads the same (it changes nothing).
+                let mut w = Vec::new();
+                assert_eq!(t.merge_into(&mut w), other);
+                w.sort_unstable();
+                assert_eq!(v, w);
+                assert_eq!((v, other), reference::<8>(&seq[..=n]), "after record {n}");
+            }
+        }
+        // Extending a run is recording its key.
+        let k = *seq.last().unwrap();
+        assert!(t.continues_run(k) && !t.continues_run(k + 1));
+        t.extend_run();
+        t.record(k);
+        seq.extend([k, k]);
+        let mut v = Vec::new();
+        let other = t.merge_into(&mut v);
+        v.sort_unstable();
+        assert_eq!((v, other), reference::<8>(&seq));
+        // Merging into entries already there adds to them.
+        let mut v = std::vec![(seq[0], 1000)];
+        t.merge_into(&mut v);
+        let (r, _) = reference::<8>(&seq);
+        let want = r.iter().find(|e| e.0 == seq[0]).map_or(0, |e| e.1);
+        assert_eq!(v.iter().find(|e| e.0 == seq[0]).unwrap().1, want + 1000);
+    }
+
+    /// A reader beside the writer (another vCPU reading the figures) never
+    /// sees a flush half done: its total never goes back and never passes
+    /// the records made, and the last read is exact.
+    #[test]
+    fn hash_table_reads_beside_the_writer_are_consistent() {
+        use std::sync::atomic::AtomicBool;
+        let t = std::sync::Arc::new(HashTable::<16>::new());
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let made = std::sync::Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (t, done, made) = (t.clone(), done.clone(), made.clone());
+            std::thread::spawn(move || {
+                for i in 0..200_000u64 {
+                    t.record((i / 3) % 40);
+                    made.store(i + 1, Release);
+                }
+                done.store(true, Release);
+            })
+        };
+        let mut last_total = 0;
+        loop {
+            let finished = done.load(Acquire);
+            let before = made.load(Acquire);
+            let mut v = Vec::new();
+            let other = t.merge_into(&mut v);
+            let after = made.load(Acquire);
+            let total = v.iter().map(|e| e.1).sum::<u64>() + other;
+            assert!(total >= before && total <= after && total >= last_total, "{before} <= {total} <= {after}");
+            last_total = total;
+            if finished {
+                assert_eq!(total, 200_000);
+                break;
+            }
+        }
+        writer.join().unwrap();
+    }
+
+    /// The top table's run cache changes no figure either: at every read
+    /// it reads as counting every record at once (first N keys exactly,
+    /// the rest in other).
+    #[test]
+    fn top_table_run_cache_is_exact_at_every_read() {
+        let mut seed = 0x9876_5432u64;
+        let mut seq = Vec::new();
+        for _ in 0..2000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let (key, len) = ((seed >> 33) % 10, (seed >> 20) % 4 + 1);
+            for _ in 0..len {
+                seq.push(key);
+            }
+        }
+        let t = TopTable::<6>::new();
+        let (mut want, mut other): (Vec<(u64, u64)>, u64) = (Vec::new(), 0);
+        for (n, &k) in seq.iter().enumerate() {
+            t.record(k);
+            match want.iter().position(|e| e.0 == k) {
+                Some(i) => want[i].1 += 1,
+                None if want.len() < 6 => want.push((k, 1)),
+                None => other += 1,
+            }
+            if n % 5 == 0 || n == seq.len() - 1 {
+                let mut v = Vec::new();
+                assert_eq!(t.merge_into(&mut v), other, "after record {n}");
+                assert_eq!(v, want, "after record {n}");
+            }
+        }
+        assert!(other > 0 && want.len() == 6);
     }
 
     #[test]

@@ -23,11 +23,10 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     if reason & exitscope_stats::flags::MODIFIER_MASK != 0 {
         v.counters.record_flags(reason);
     }
-    // The guest code that caused it (not for a failed entry: no guest ran).
+    // The guest code that caused it (not for a failed entry: no guest ran),
+    // read now and recorded after the measured window, as the breakdowns.
     #[cfg(feature = "detailed")]
-    if reason & (1 << 31) == 0 {
-        super::stub::note_site(v, basic, vmread(guest::RIP));
-    }
+    let rip = vmread(guest::RIP);
     if reason & (1 << 31) != 0 {
         step(v, Exit::EntryFailure);
     }
@@ -35,37 +34,49 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     // core's dispatch folds to their handler at compile time (one switch
     // on the reason, as before the core was neutral); `decode` gives the
     // same `Exit` for them (unit test `the_hot_reasons_decode_alike`).
-    match basic {
+    let _note = match basic {
         10 => step(v, Exit::Cpuid),
         18 => step(v, Exit::Vmcall),
         30 => step(v, Exit::Io(io_access(vmread(ro::EXIT_QUALIFICATION)))),
         31 => step(v, Exit::MsrRead),
         32 => step(v, Exit::MsrWrite),
         _ => other(v, basic),
-    }
+    };
     if idt::machine_check_pending(v.id) {
         reflect_machine_check(v);
     }
     account(v, basic);
+    // The detailed statistics' tables, after the window (as the stub's
+    // fast path): their cost varies with the keys met before (a run of one
+    // key, a new key), which the measured window should not.
+    #[cfg(feature = "detailed")]
+    {
+        super::stub::note_site(v, basic, rip);
+        record_note(v, _note);
+    }
 }
 
 /// Every other exit, out of line: the hot path keeps its registers.
 #[inline(never)]
-fn other(v: &mut VcpuState, basic: u16) {
-    step(v, decode(basic, vmread));
+fn other(v: &mut VcpuState, basic: u16) -> Note {
+    step(v, decode(basic, vmread))
 }
 
-/// One exit through the core: the detailed statistics' hooks, the core's
+/// One exit through the core: the detailed statistics' view of it (taken
+/// before the handler changes the registers it reads), the core's
 /// dispatch, and what its [`Flow`] says.
 #[inline(always)]
-fn step(v: &mut VcpuState, e: Exit) {
+fn step(v: &mut VcpuState, e: Exit) -> Note {
     #[cfg(feature = "detailed")]
-    record_detail(v, e);
+    let note = detail_note(v, e);
+    #[cfg(not(feature = "detailed"))]
+    let note = Note;
     match exit::dispatch::handle(v, e) {
         Flow::Resume => {}
         Flow::End(why) => end_exit(v, why),
         Flow::Park => runstate::park(),
     }
+    note
 }
 
 /// The VMX exit reason, decoded (`read` reads a VMCS field).
@@ -154,29 +165,61 @@ pub const fn ept_access(q: u64) -> Access {
     }
 }
 
-/// The detailed statistics' view of the exit, recorded around the dispatch.
+/// What the detailed statistics' breakdowns record of an exit.
+#[cfg(feature = "detailed")]
+#[derive(Clone, Copy)]
+enum Note {
+    None,
+    Cpuid(u64),
+    Exception(u64),
+    Io(u64),
+    Msr(u64),
+    Cr(u8, u8),
+    Ept(u64),
+}
+/// Nothing, in builds without the detailed statistics.
+#[cfg(not(feature = "detailed"))]
+#[derive(Clone, Copy)]
+struct Note;
+
+/// The detailed statistics' view of the exit, taken before the dispatch.
 #[cfg(feature = "detailed")]
 #[inline(always)]
-fn record_detail(v: &VcpuState, e: Exit) {
+fn detail_note(v: &VcpuState, e: Exit) -> Note {
     match e {
-        Exit::Cpuid => v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(v.regs.rax as u32, v.regs.rcx as u32)),
+        Exit::Cpuid => Note::Cpuid(exitscope_stats::detail::cpuid_key(v.regs.rax as u32, v.regs.rcx as u32)),
         // An exception or NMI (no profile enables reason 0): its vector,
         // for the breakdown of the final dump.
-        Exit::Unexpected(0) => v.detail.exceptions.record(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF),
-        Exit::Io(a) => v.detail.io_ports.record(a.port as u64),
-        Exit::MsrRead => v.detail.msrs.record(v.regs.rcx as u32 as u64),
-        Exit::MsrWrite => v.detail.msrs.record(v.regs.rcx as u32 as u64 | 1 << 32),
-        Exit::CrAccess(a) => {
-            let kind = match a.kind {
+        Exit::Unexpected(0) => Note::Exception(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF),
+        Exit::Io(a) => Note::Io(a.port as u64),
+        Exit::MsrRead => Note::Msr(v.regs.rcx as u32 as u64),
+        Exit::MsrWrite => Note::Msr(v.regs.rcx as u32 as u64 | 1 << 32),
+        Exit::CrAccess(a) => Note::Cr(
+            a.cr,
+            match a.kind {
                 CrKind::MovTo => 0,
                 CrKind::MovFrom => 1,
                 CrKind::Clts => 2,
                 CrKind::Lmsw(_) => 3,
-            };
-            v.detail.record_cr(a.cr, kind)
-        }
-        Exit::NestedFault(f) => v.detail.ept_regions.record(f.gpa >> 21),
-        _ => {}
+            },
+        ),
+        Exit::NestedFault(f) => Note::Ept(f.gpa >> 21),
+        _ => Note::None,
+    }
+}
+
+/// Records the breakdown an exit's [`Note`] names (after the window).
+#[cfg(feature = "detailed")]
+#[inline(always)]
+fn record_note(v: &VcpuState, n: Note) {
+    match n {
+        Note::None => {}
+        Note::Cpuid(k) => v.detail.cpuid.record(k),
+        Note::Exception(k) => v.detail.exceptions.record(k),
+        Note::Io(k) => v.detail.io_ports.record(k),
+        Note::Msr(k) => v.detail.msrs.record(k),
+        Note::Cr(cr, kind) => v.detail.record_cr(cr, kind),
+        Note::Ept(k) => v.detail.ept_regions.record(k),
     }
 }
 

@@ -47,7 +47,9 @@ macro_rules! stub_fast_account {
     };
 }
 // With the detailed statistics, the recording is `account`'s, in Rust: save
-// the caller-saved registers that still hold guest values and call it.
+// the caller-saved registers that still hold guest values and call it with
+// the TSC and the CPUID's own RIP (which the RSI slot holds until RSI is
+// saved there).
 #[cfg(feature = "detailed")]
 macro_rules! stub_fast_account {
     () => {
@@ -55,6 +57,7 @@ macro_rules! stub_fast_account {
             "    rdtsc\n",
             "    shl rdx, 32\n",
             "    or rax, rdx\n",
+            "    mov rdx, [rsp + 40]\n",
             "    mov [rsp + 8], rcx\n",
             "    mov [rsp + 40], rsi\n",
             "    mov [rsp + 48], rdi\n",
@@ -280,22 +283,48 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
 }
 
 /// The CPUID fast path's recording in builds with the detailed statistics
-/// (the stub calls it with the TSC that ended the window).
+/// (the stub calls it with the TSC that ended the window and the guest RIP
+/// of the CPUID).
 #[cfg(feature = "detailed")]
 #[unsafe(no_mangle)]
-extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64) {
-    v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(v.fast_cpuid as u32, (v.fast_cpuid >> 32) as u32));
-    // The stub has moved RIP past the CPUID already.
-    note_site(v, 10, super::vmread(super::guest::RIP).wrapping_sub(super::vmread(super::ro::VMEXIT_INSTRUCTION_LEN)));
+extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64, rip: u64) {
+    let leaf = exitscope_stats::detail::cpuid_key(v.fast_cpuid as u32, (v.fast_cpuid >> 32) as u32);
+    // `rip` is the CPUID's (the stub read it before moving RIP past it).
+    let site = site_key(10, rip);
+    // A loop's CPUID: the same leaf from the same site as the last one.
+    // Anything else goes out of line, so that this path saves no register.
+    if v.detail.cpuid.continues_run(leaf) && v.detail.rips.continues_run(site) {
+        v.detail.cpuid.extend_run();
+        v.detail.rips.extend_run();
+        record(v, 10, now);
+    } else {
+        fast_cpuid_record_new_key(v, now, leaf, site);
+    }
+}
+
+/// The fast path's recording when the leaf or the site is not the last one.
+#[cfg(feature = "detailed")]
+#[cold]
+#[inline(never)]
+fn fast_cpuid_record_new_key(v: &VcpuState, now: u64, leaf: u64, site: u64) {
+    v.detail.cpuid.record(leaf);
+    v.detail.rips.record(site);
     record(v, 10, now);
 }
 
-/// Counts the exit in the guest-code-site table: its reason, the guest RIP
-/// of the instruction that caused it, and whether the guest was in user
-/// mode (CPL 3, the DPL of SS).
+/// The guest-code-site key of this exit: its reason, the guest RIP of the
+/// instruction that caused it, and whether the guest was in user mode (CPL
+/// 3, the DPL of SS).
+#[cfg(feature = "detailed")]
+#[inline(always)]
+fn site_key(basic: u16, rip: u64) -> u64 {
+    let user = (super::vmread(super::guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 3;
+    exitscope_stats::detail::rip_key(basic, rip, user)
+}
+
+/// Counts the exit in the guest-code-site table ([`site_key`]).
 #[cfg(feature = "detailed")]
 #[inline(always)]
 pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
-    let user = (super::vmread(super::guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 3;
-    v.detail.rips.record(exitscope_stats::detail::rip_key(basic, rip, user));
+    v.detail.rips.record(site_key(basic, rip));
 }
