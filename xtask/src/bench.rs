@@ -851,44 +851,12 @@ fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<&LinuxBoots>, env:
     if let Some(l) = linux {
         let (n, x) = (&l.native, &l.eager);
         let _ = writeln!(s, "3. Linux boot to /init ({}, 1 CPU, 512 MiB, '{}')", env.kernel, crate::linux::APPEND);
-        let _ = writeln!(s, "  {:<26} {:>16} {:>16} {:>10}", "", "native", "Exitscope", "ratio");
-        let _ = writeln!(
-            s,
-            "  {:<26} {:>16} {:>16} {:>10}",
-            "ticks to /init",
-            n.ticks_to_init,
-            x.ticks_to_init,
-            format!("{:.4}x", x.ticks_to_init as f64 / n.ticks_to_init as f64)
-        );
-        let _ = writeln!(
-            s,
-            "  {:<26} {:>16} {:>16} {:>10}",
-            "host CPU-seconds",
-            format!("{:.2}", n.cpu.as_secs_f64()),
-            format!("{:.2}", x.cpu.as_secs_f64()),
-            format!("{:.3}x", x.cpu.as_secs_f64() / n.cpu.as_secs_f64().max(1e-9))
-        );
+        boot_ratio_rows(&mut s, ("native", n), ("Exitscope", x), 4);
         exit_rows(&mut s, x);
         let _ = writeln!(s);
         if let Some(sh) = &l.ept_off {
             let _ = writeln!(s, "3b. The same boot without EPT: ept=off (shadow paging) against ept=eager, same hypervisor build");
-            let _ = writeln!(s, "  {:<26} {:>16} {:>16} {:>10}", "", "ept=eager", "ept=off", "ratio");
-            let _ = writeln!(
-                s,
-                "  {:<26} {:>16} {:>16} {:>10}",
-                "ticks to /init",
-                x.ticks_to_init,
-                sh.ticks_to_init,
-                format!("{:.3}x", sh.ticks_to_init as f64 / x.ticks_to_init as f64)
-            );
-            let _ = writeln!(
-                s,
-                "  {:<26} {:>16} {:>16} {:>10}",
-                "host CPU-seconds",
-                format!("{:.2}", x.cpu.as_secs_f64()),
-                format!("{:.2}", sh.cpu.as_secs_f64()),
-                format!("{:.3}x", sh.cpu.as_secs_f64() / x.cpu.as_secs_f64().max(1e-9))
-            );
+            boot_ratio_rows(&mut s, ("ept=eager", x), ("ept=off", sh), 3);
             exit_rows(&mut s, sh);
             let _ = writeln!(s);
         }
@@ -920,6 +888,28 @@ fn bochs_tables(o: &Opts, rs: &[VariantResult], linux: Option<&LinuxBoots>, env:
         let _ = writeln!(s, "  Linux boot ticks to /init, ept=off / ept=eager: {r:.3}x (no target: the cost of shadow paging)");
     }
     s
+}
+
+/// Section 3's two comparison rows of boot `b` against boot `a` (each named):
+/// ticks to /init (ratio to `digits` decimals) and host CPU-seconds.
+fn boot_ratio_rows(s: &mut String, (an, a): (&str, &LinuxRun), (bn, b): (&str, &LinuxRun), digits: usize) {
+    let _ = writeln!(s, "  {:<26} {:>16} {:>16} {:>10}", "", an, bn, "ratio");
+    let _ = writeln!(
+        s,
+        "  {:<26} {:>16} {:>16} {:>10}",
+        "ticks to /init",
+        a.ticks_to_init,
+        b.ticks_to_init,
+        format!("{:.digits$}x", b.ticks_to_init as f64 / a.ticks_to_init as f64)
+    );
+    let _ = writeln!(
+        s,
+        "  {:<26} {:>16} {:>16} {:>10}",
+        "host CPU-seconds",
+        format!("{:.2}", a.cpu.as_secs_f64()),
+        format!("{:.2}", b.cpu.as_secs_f64()),
+        format!("{:.3}x", b.cpu.as_secs_f64() / a.cpu.as_secs_f64().max(1e-9))
+    );
 }
 
 /// The exits by reason of a boot under Exitscope, for section 3.

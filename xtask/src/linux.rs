@@ -44,17 +44,7 @@ pub fn debian_kernel() -> Result<PathBuf> {
     };
     eprintln!("xtask: downloading {pkg} (Debian cloud kernel, once)");
     let dl = dir.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
-    util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
-    let deb = std::fs::read_dir(&dl)
-        .map_err(|e| e.to_string())?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or("apt-get download produced no .deb")?;
-    let unpack = dl.join("unpacked");
-    util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+    let unpack = download_unpacked(&pkg, &dl)?;
     let vmlinuz = std::fs::read_dir(unpack.join("boot"))
         .map_err(|e| e.to_string())?
         .flatten()
@@ -76,6 +66,23 @@ pub fn debian_kernel() -> Result<PathBuf> {
     util::write(&dir.join("version"), name.as_bytes())?;
     let _ = std::fs::remove_dir_all(&dl);
     Ok(kernel)
+}
+
+/// Downloads Debian package `pkg` into the fresh directory `dl` (emptied
+/// first) and unpacks it there; returns the unpacked tree (`dl/unpacked`).
+fn download_unpacked(pkg: &str, dl: &Path) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dl);
+    std::fs::create_dir_all(dl).map_err(|e| e.to_string())?;
+    util::output(Command::new("apt-get").arg("download").arg(pkg).current_dir(dl))?;
+    let deb = std::fs::read_dir(dl)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("apt-get download produced no .deb")?;
+    let unpack = dl.join("unpacked");
+    util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+    Ok(unpack)
 }
 
 /// The KVM modules of the cached Debian kernel, in load order: `irqbypass`
@@ -102,17 +109,7 @@ pub fn debian_kvm_modules() -> Result<(String, Vec<(String, PathBuf)>)> {
         let pkg = format!("linux-image-{release}");
         eprintln!("xtask: downloading {pkg} for its KVM modules (once)");
         let dl = dir.join("download-kvm");
-        let _ = std::fs::remove_dir_all(&dl);
-        std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
-        util::output(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&dl))?;
-        let deb = std::fs::read_dir(&dl)
-            .map_err(|e| e.to_string())?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or("apt-get download produced no .deb")?;
-        let unpack = dl.join("unpacked");
-        util::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpack))?;
+        let unpack = download_unpacked(&pkg, &dl)?;
         let mods = unpack.join("lib/modules").join(&release);
         for (m, (_, to)) in KVM_MODULES.iter().zip(&paths) {
             let from = mods.join(m);
