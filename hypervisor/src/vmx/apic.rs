@@ -27,31 +27,31 @@ use super::vcpu::VcpuState;
 use crate::decode::{self, Operand};
 use crate::memory::{mmio_read, mmio_write};
 use crate::runstate::{GuestEnd, WAITING_FOR_SIPI};
-use crate::state::{shared, APIC_IDS};
+use crate::state::{Shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
 
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 
 /// Whether `gpa` lies in the local APIC page the hypervisor watches.
-pub fn is_watched(gpa: u64) -> bool {
-    shared().apic_trap.is_some_and(|base| gpa & !0xFFF == base)
+pub fn is_watched(sh: &Shared, gpa: u64) -> bool {
+    sh.apic_trap.is_some_and(|base| gpa & !0xFFF == base)
 }
 
-fn apic_read(off: u64) -> u32 {
-    page_read(off, 4) as u32
+fn apic_read(page: u64, off: u64) -> u32 {
+    page_read(page, off, 4) as u32
 }
 
-fn apic_write(off: u64, v: u32) {
-    page_write(off, 4, u64::from(v));
+fn apic_write(page: u64, off: u64, v: u32) {
+    page_write(page, off, 4, u64::from(v));
 }
 
-/// A load of `size` bytes (1, 2, 4 or 8) at `off` in the watched page, as
-/// the guest would have made it.
-fn page_read(off: u64, size: u8) -> u64 {
+/// A load of `size` bytes (1, 2, 4 or 8) at `off` in the watched page
+/// `page`, as the guest would have made it.
+fn page_read(page: u64, off: u64, size: u8) -> u64 {
     // The watched page; `plan` keeps the access inside it, at the width
     // the guest's own instruction used.
-    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    let a = page + off;
     match size {
         1 => u64::from(mmio_read::<u8>(a)),
         2 => u64::from(mmio_read::<u16>(a)),
@@ -60,10 +60,10 @@ fn page_read(off: u64, size: u8) -> u64 {
     }
 }
 
-/// A store of `size` bytes at `off` in the watched page.
-fn page_write(off: u64, size: u8, v: u64) {
+/// A store of `size` bytes at `off` in the watched page `page`.
+fn page_write(page: u64, off: u64, size: u8, v: u64) {
     // As above; replaying the guest's own store.
-    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    let a = page + off;
     match size {
         1 => mmio_write::<u8>(a, v as u8),
         2 => mmio_write::<u16>(a, v as u16),
@@ -170,7 +170,7 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
         Err(e) => stop(v, gpa, rip, &buf[..n], &e),
     };
     let off = gpa & 0xFFF;
-    let page = shared().apic_trap.unwrap_or(0xFEE0_0000);
+    let page = v.shared.apic_trap.unwrap_or(0xFEE0_0000);
     let apic_base = crate::smp::LocalApic::base_msr();
     let plan = plan(xapic_at(apic_base, page), off, acc.size);
     let value = match acc.value {
@@ -181,28 +181,28 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
     let (old, stored) = match plan {
         Plan::Undefined(why) => stop(v, gpa, rip, &buf[..n], &why),
         Plan::Bus => {
-            let old = if acc.xchg { page_read(off, acc.size) } else { 0 };
-            page_write(off, acc.size, value);
+            let old = if acc.xchg { page_read(page, off, acc.size) } else { 0 };
+            page_write(page, off, acc.size, value);
             (old, None)
         }
         Plan::Register { reg } => {
-            let old = if acc.xchg { u64::from(apic_read(u64::from(reg))) } else { 0 };
+            let old = if acc.xchg { u64::from(apic_read(page, u64::from(reg))) } else { 0 };
             (old, Some((reg, value as u32)))
         }
         Plan::Partial { reg, shift, size } => {
-            let cur = apic_read(u64::from(reg));
+            let cur = apic_read(page, u64::from(reg));
             (extract(cur, shift, size), Some((reg, merge(cur, shift, size, value))))
         }
     };
     if let Some((reg, value)) = stored {
         let reg = u64::from(reg);
         if reg == ICR_LOW {
-            let dest = apic_read(ICR_HIGH) >> 24;
+            let dest = apic_read(page, ICR_HIGH) >> 24;
             if !intercept_init(v, value, dest, false) {
-                apic_write(reg, value);
+                apic_write(page, reg, value);
             }
         } else {
-            apic_write(reg, value);
+            apic_write(page, reg, value);
         }
     }
     if acc.xchg {
@@ -256,13 +256,14 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
         log::debug!("vCPU {}: INIT de-assert IPI dropped", v.id);
         return true;
     }
-    let n = shared().ncpus.load(SeqCst);
+    let sh = v.shared;
+    let n = sh.ncpus.load(SeqCst);
     let me = v.id;
     let shorthand = (low >> 18) & 3;
     if shorthand == 0 && low & (1 << 11) != 0 {
         // Logical destinations: sent as written (not emulated), unless a
         // CPU that is not a vCPU could be among them.
-        if shared().acpi.cpus.iter().all(|&id| is_vcpu(id, n)) {
+        if sh.acpi.cpus.iter().all(|&id| is_vcpu(id, n)) {
             return false;
         }
         if !LOGICAL_DROPPED.swap(true, SeqCst) {
@@ -294,7 +295,7 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
                 log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
                 lapic.send(id, crate::smp::icr::init());
             }
-            (_, true) if !shared().controls.wait_for_sipi_state => {
+            (_, true) if !sh.controls.wait_for_sipi_state => {
                 // The vCPU waits in root mode: post the vector (once).
                 if WAITING_FOR_SIPI.take(i) {
                     log::debug!("vCPU {me}: SIPI vector {:#x} to vCPU {i}, posted", low & 0xFF);
@@ -314,7 +315,7 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     if !hit_any && shorthand == 0 && dest != broadcast {
         note_dropped(dest);
     } else if shorthand != 1 && (shorthand != 0 || dest == broadcast) {
-        for &id in shared().acpi.cpus.iter().filter(|&&id| !is_vcpu(id, n)) {
+        for &id in sh.acpi.cpus.iter().filter(|&&id| !is_vcpu(id, n)) {
             note_dropped(id);
         }
     }

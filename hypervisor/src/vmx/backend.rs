@@ -12,7 +12,6 @@ use super::{control, events, guest, vmread, vmwrite};
 use crate::cpu;
 use crate::exit::{Activity, Exit, Features, Flow, Flush, Machine, NestedFault, Reg, Vcpu, Watched};
 use crate::runstate;
-use crate::state::shared;
 
 const fn field(r: Reg) -> u32 {
     match r {
@@ -54,14 +53,14 @@ impl Vcpu for VcpuState {
         match r {
             // Under `ept=off` the VMCS holds the shadow's CR3 and the
             // hardware's CR4 bits: the guest's own are elsewhere.
-            Reg::Cr3 if shadowvm::enabled() => shadowvm::guest_cr3(self),
-            Reg::Cr4 if shadowvm::enabled() => super::guestview::guest_cr4(),
+            Reg::Cr3 if self.shared.controls.shadow => shadowvm::guest_cr3(self),
+            Reg::Cr4 if self.shared.controls.shadow => super::guestview::guest_cr4(),
             _ => vmread(field(r)),
         }
     }
     #[inline(always)]
     fn write(&mut self, r: Reg, value: u64) {
-        if shadowvm::enabled() {
+        if self.shared.controls.shadow {
             match r {
                 Reg::Cr3 if shadowvm::in_shadow(self) => return shadowvm::load_cr3(self, value),
                 Reg::Efer => shadowvm::efer_written(self, vmread(guest::IA32_EFER_FULL), value),
@@ -80,12 +79,12 @@ impl Vcpu for VcpuState {
         }
     }
     fn set_cr0(&mut self, value: u64) -> bool {
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
-        vcpu::set_cr0(&shared().controls, value).is_ok() && old.is_none_or(|old| shadowvm::sync(self, &old))
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
+        vcpu::set_cr0(&self.shared.controls, value).is_ok() && old.is_none_or(|old| shadowvm::sync(self, &old))
     }
     fn set_cr4(&mut self, value: u64) -> bool {
-        let c = &shared().controls;
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
+        let c = &self.shared.controls;
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
         super::caps::fix_cr(value, 0, c.cr4_fixed1 | crate::arch::CR4_VMXE).is_some()
             && vcpu::set_cr4(c, value).is_ok()
             && old.is_none_or(|old| shadowvm::sync(self, &old))
@@ -144,8 +143,8 @@ impl Vcpu for VcpuState {
         vmwrite(guest::ACTIVITY_STATE, n);
     }
     fn reset_to_wait_for_sipi(&mut self) -> bool {
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
-        if vcpu::reset_to_wait_for_sipi(&shared().controls).is_err() {
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
+        if vcpu::reset_to_wait_for_sipi(&self.shared.controls).is_err() {
             return false;
         }
         // INIT: paging off, so back to the paging-off phase (which puts the
@@ -186,7 +185,7 @@ impl Vcpu for VcpuState {
     }
     fn rearm_timer(&mut self) {
         events::drop_smi_blocking();
-        if let Some(p) = shared().controls.preempt {
+        if let Some(p) = self.shared.controls.preempt {
             vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, p.value as u64);
         }
     }
@@ -216,11 +215,11 @@ impl Machine for VcpuState {
         }
     }
     fn hide(&self) -> crate::state::CpuidHide {
-        shared().hide
+        self.shared.hide
     }
     #[inline(always)]
     fn port_watch(&self) -> &crate::state::PortWatch {
-        &shared().watch
+        &self.shared.watch
     }
     #[inline(always)]
     fn port_in(&mut self, port: u16, size: u8) -> u32 {
@@ -246,7 +245,7 @@ impl Machine for VcpuState {
         crate::fallible::xsetbv_safe(xcr, value)
     }
     fn xcr0_supported(&self) -> u64 {
-        shared().xcr0_supported
+        self.shared.xcr0_supported
     }
     fn rdpmc(&mut self, counter: u32) -> Option<u64> {
         crate::fallible::rdpmc_safe(counter)
@@ -266,7 +265,7 @@ impl Machine for VcpuState {
     }
     #[inline(always)]
     fn features(&self) -> Features {
-        let sh = shared();
+        let sh = self.shared;
         let c = &sh.controls;
         Features {
             hlt_state: c.hlt_state,
@@ -283,7 +282,7 @@ impl Machine for VcpuState {
     }
     #[inline(always)]
     fn inject_fault(&mut self) {
-        if let Some(f) = shared().options.fault {
+        if let Some(f) = self.shared.options.fault {
             inject_fault(f, self.id);
         }
     }
@@ -294,7 +293,7 @@ impl Machine for VcpuState {
         runstate::stopping()
     }
     fn halted_for_good(&mut self, id: usize) -> bool {
-        runstate::halted_for_good(id, shared().ncpus.load(core::sync::atomic::Ordering::SeqCst))
+        runstate::halted_for_good(id, self.shared.ncpus.load(core::sync::atomic::Ordering::SeqCst))
     }
     fn set_waiting_for_sipi(&mut self, id: usize, waiting: bool) {
         if waiting {
@@ -307,13 +306,13 @@ impl Machine for VcpuState {
         runstate::HALTED_FOR_GOOD.remove(id);
     }
     fn map_on_demand(&mut self, f: NestedFault) -> Option<Flow> {
-        if shared().lazy_from == u64::MAX {
+        if self.shared.lazy_from == u64::MAX {
             return None;
         }
         super::intercept::lazy_ept(self, f)
     }
     fn watched(&self, gpa: u64) -> Option<Watched> {
-        if super::apic::is_watched(gpa) {
+        if super::apic::is_watched(self.shared, gpa) {
             Some(Watched::Apic)
         } else if super::pmwatch::is_watched(gpa) {
             Some(Watched::PowerManagement)
@@ -339,10 +338,10 @@ impl Machine for VcpuState {
         (bytes, n)
     }
     fn note_contained(&mut self, gpa: u64, read: bool, write: bool, size: u8) {
-        super::isolation::note(gpa, vmread(guest::RIP), read, write, size, shared().footprint);
+        super::isolation::note(gpa, vmread(guest::RIP), read, write, size, self.shared.footprint);
     }
     fn region_name(&self, gpa: u64) -> &'static str {
-        super::isolation::region_name(gpa, shared().footprint)
+        super::isolation::region_name(gpa, self.shared.footprint)
     }
     fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome {
         shadowvm::page_fault(self, la, error_code)

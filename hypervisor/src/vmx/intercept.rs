@@ -36,7 +36,6 @@ use crate::emulate::{self, InsnInfo, MemFault, SegmentLoad};
 use crate::exit::{vector, Flow, GuestEnd, IoAccess, NestedFault};
 use crate::guestaccess::GuestMem;
 use crate::guestmem::{self, PagingState};
-use crate::state::shared;
 
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_DF: u64 = 1 << 10;
@@ -283,7 +282,7 @@ static EPT_GROW: spin::Mutex<()> = spin::Mutex::new(());
 /// (`None`): the hypervisor's footprint is never mapped.
 pub fn lazy_ept(v: &mut VcpuState, f: NestedFault) -> Option<Flow> {
     let gpa = f.gpa;
-    let sh = shared();
+    let sh = v.shared;
     if gpa < sh.lazy_from {
         return None;
     }
@@ -318,7 +317,7 @@ pub fn lazy_ept(v: &mut VcpuState, f: NestedFault) -> Option<Flow> {
 pub fn string_io(v: &mut VcpuState, a: IoAccess) -> Flow {
     let long = long64();
     let info = InsnInfo(vmread(ro::VMEXIT_INSTRUCTION_INFO) as u32);
-    let (ab, seg) = if shared().ins_outs_info {
+    let (ab, seg) = if v.shared.ins_outs_info {
         (info.addr_bytes(), if a.input { SEG_ES } else { info.seg() })
     } else {
         // No instruction information: the mode's address size and DS.
