@@ -322,10 +322,7 @@ impl Machine for VcpuState {
     }
     fn emulate_watched_write(&mut self, w: Watched, gpa: u64) -> Flow {
         match w {
-            Watched::Apic => {
-                super::apic::emulate_write(self, gpa);
-                Flow::Resume
-            }
+            Watched::Apic => super::apic::emulate_write(self, gpa),
             Watched::PowerManagement => super::pmwatch::emulate_write(self, gpa),
         }
     }
