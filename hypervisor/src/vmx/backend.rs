@@ -10,7 +10,8 @@ use super::shadowvm;
 use super::vcpu::{self, VcpuState};
 use super::{control, events, guest, vmread, vmwrite};
 use crate::cpu;
-use crate::exit::{Activity, Exit, Features, Flow, Flush, Machine, NestedFault, Reg, Vcpu, Watched};
+use crate::emulate::{IrqQueue, MemFault, Segment};
+use crate::exit::{Activity, Features, Flow, Flush, Machine, NestedFault, Reg, SystemSegment, Vcpu, Watched};
 use crate::runstate;
 
 const fn field(r: Reg) -> u32 {
@@ -32,6 +33,14 @@ const fn field(r: Reg) -> u32 {
         Reg::Dr7 => guest::DR7,
         Reg::PendingDebug => guest::PENDING_DBG_EXCEPTIONS,
         Reg::TscOffset => control::TSC_OFFSET_FULL,
+        // ES, CS, SS, DS, FS, GS: their bases are 2 apart.
+        Reg::SegBase(n) => guest::ES_BASE + 2 * n as u32,
+        Reg::GdtrBase => guest::GDTR_BASE,
+        Reg::GdtrLimit => guest::GDTR_LIMIT,
+        Reg::IdtrBase => guest::IDTR_BASE,
+        Reg::IdtrLimit => guest::IDTR_LIMIT,
+        Reg::LdtrSelector => guest::LDTR_SELECTOR,
+        Reg::TrSelector => guest::TR_SELECTOR,
     }
 }
 
@@ -99,11 +108,14 @@ impl Vcpu for VcpuState {
                 Flush::NonGlobal => shadowvm::flush_context(self),
                 // CR0/CR4 writes: `set_cr0`/`set_cr4` flushed what they must.
                 Flush::All => {}
+                Flush::Invpcid(op, pcid) => shadowvm::invpcid(self, op, pcid),
             }
         }
+        use crate::emulate::Invpcid;
         match f {
-            Flush::Address(la) => events::flush_address(self, la),
-            Flush::NonGlobal => events::flush_context(self, true),
+            Flush::Address(la) | Flush::Invpcid(Invpcid::Address(la), _) => events::flush_address(self, la),
+            Flush::NonGlobal | Flush::Invpcid(Invpcid::Context | Invpcid::AllButGlobal, _) => events::flush_context(self, true),
+            Flush::Invpcid(Invpcid::All, _) => events::flush_context(self, false),
             Flush::All => events::flush_guest_tlb(self),
         }
     }
@@ -124,6 +136,28 @@ impl Vcpu for VcpuState {
     #[inline(always)]
     fn advance(&mut self, len: u64) {
         events::advance(len)
+    }
+    fn resume_in_place(&mut self) {
+        events::drop_smi_blocking()
+    }
+    fn cpl(&self) -> u8 {
+        ((vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+    }
+    fn load_system_segment(&mut self, s: SystemSegment, selector: u16, seg: Option<Segment>) {
+        let (sel_f, base_f, limit_f, ar_f) = match s {
+            SystemSegment::Tr => (guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS),
+            SystemSegment::Ldtr => (guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS),
+        };
+        vmwrite(sel_f, selector as u64);
+        match seg {
+            // Unusable (access rights bit 16).
+            None => vmwrite(ar_f, 1 << 16),
+            Some(d) => {
+                vmwrite(base_f, d.base);
+                vmwrite(limit_f, d.limit as u64);
+                vmwrite(ar_f, d.ar as u64);
+            }
+        }
     }
     fn activity(&self) -> Activity {
         match vmread(guest::ACTIVITY_STATE) {
@@ -170,15 +204,21 @@ impl Vcpu for VcpuState {
         self.tsc_exit = self.tsc_exit.wrapping_add(cpu::rdtsc().wrapping_sub(t0));
         Some(vector)
     }
-    fn irq_waiting(&mut self) -> bool {
-        super::intercept::irq_waiting(self)
+    fn irqs(&mut self) -> &mut IrqQueue {
+        &mut self.irqs
     }
-    fn deliver_irqs(&mut self) -> Flow {
-        super::intercept::deliver_irqs(self);
-        Flow::Resume
+    fn event_pending(&self) -> bool {
+        vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) & (1 << 31) != 0
     }
-    fn reset_events(&mut self) {
-        super::intercept::reset_events(self)
+    fn interrupt_shadow(&self) -> bool {
+        vmread(guest::INTERRUPTIBILITY_STATE) & 3 != 0
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        // Type 0 (external interrupt), valid.
+        vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, vector as u64 | 1 << 31);
+    }
+    fn set_interrupt_window(&mut self, on: bool) {
+        super::intercept::set_window(self, on)
     }
     fn in_64bit_mode(&self) -> bool {
         super::intercept::long64()
@@ -229,9 +269,11 @@ impl Machine for VcpuState {
     fn port_out(&mut self, port: u16, size: u8, value: u32) {
         crate::port::guest_out(port, size, value)
     }
-    fn pic_written(&mut self, port: u16, value: u8) -> Flow {
-        super::intercept::pic_written(self, port, value);
-        Flow::Resume
+    fn pics(&self) -> &spin::Mutex<crate::pic::Pics> {
+        &crate::pic::PICS
+    }
+    fn apic_in_service(&self, vector: u8) -> bool {
+        super::apic::in_service(vector)
     }
     #[inline(always)]
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
@@ -343,17 +385,14 @@ impl Machine for VcpuState {
     fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome {
         shadowvm::page_fault(self, la, error_code)
     }
-    fn backend_class(&mut self, e: Exit) -> Flow {
-        use super::intercept;
-        match e {
-            Exit::Io(a) => intercept::string_io(self, a),
-            Exit::ExternalInterrupt => intercept::external_interrupt(self),
-            Exit::InterruptWindow => intercept::interrupt_window(self),
-            Exit::Invpcid => intercept::invpcid(self),
-            Exit::GdtrIdtr => intercept::gdtr_idtr(self),
-            Exit::LdtrTr => intercept::ldtr_tr(self),
-            _ => Flow::End(crate::exit::GuestEnd::Stopped("unexpected VM exit")),
-        }
+    fn read_linear(&mut self, la: u64, buf: &mut [u8], user: bool) -> Result<(), MemFault> {
+        super::intercept::read_guest(la, buf, user)
+    }
+    fn write_linear(&mut self, la: u64, data: &[u8], user: bool) -> Result<(), MemFault> {
+        super::intercept::write_guest(la, data, user)
+    }
+    fn check_write_linear(&mut self, la: u64, len: usize, user: bool) -> Result<(), MemFault> {
+        super::intercept::check_write_guest(la, len, user)
     }
 }
 
