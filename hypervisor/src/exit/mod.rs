@@ -15,8 +15,11 @@
 //! (HLT, XSETBV, VMCALL, INVD/WBINVD, INIT, SIPI), `ept.rs` (the decisions
 //! on a guest-physical access fault: on-demand mapping, the watched pages,
 //! containment of accesses outside guest memory; page-fault, CR3 and
-//! INVLPG handling for shadow paging would sit beside it) and `classes.rs`
-//! (the interception classes).
+//! INVLPG handling for shadow paging would sit beside it), `classes.rs`
+//! (the interception classes without guest memory), `extint.rs` (the
+//! external-interrupt queue), `string.rs` (INS/OUTS) and `tables.rs`
+//! (LGDT ... STR, INVPCID), whose operands the backend decodes and whose
+//! memory accesses go through [`Machine::read_linear`].
 
 pub mod classes;
 pub mod cpuid;
