@@ -150,7 +150,7 @@ pub fn run(bi: BootInfo) -> ! {
                 boot_error(format_args!("vCPU {id}: {e}"));
             }
         }
-        let mem = match vmx::vcpu::alloc(id, sh.controls.vmcs_revision, &state::COUNTERS[id]) {
+        let mem = match vmx::vcpu::alloc(id, sh, &state::COUNTERS[id]) {
             Ok(m) => m,
             Err(e) => boot_error(format_args!("{e}")),
         };

@@ -120,6 +120,13 @@ impl Pics {
     }
 }
 
+impl Default for Pics {
+    /// As the firmware leaves them ([`Pics::FIRMWARE`]).
+    fn default() -> Pics {
+        Pics::FIRMWARE
+    }
+}
+
 /// The PICs of this machine, shared by the vCPUs.
 pub static PICS: spin::Mutex<Pics> = spin::Mutex::new(Pics::FIRMWARE);
 

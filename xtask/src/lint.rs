@@ -79,7 +79,6 @@ const EXCEPTIONS: &[(&str, usize, &str)] = &[
         "contract: the one guest-memory policy reads and writes the guest RAM it has checked (memory::phys_slice, phys_ptr, phys_fetch_or)",
     ),
     ("hypervisor/src/vmx/vcpu.rs", 5, "pending: vCPU memory from the arena, host MSRs (issue 15)"),
-    ("hypervisor/src/vmx/intercept.rs", 2, "pending: guest-memory access, to become one policy over memory.rs (issue 15 item 3)"),
 ];
 
 /// `unsafe` tokens in Rust source, comments left out.

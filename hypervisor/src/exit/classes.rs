@@ -3,9 +3,9 @@
 //! and RDTSCP (the TSC plus its offset), RDPMC (the real counter, #GP
 //! reflected), INVLPG (a TLB flush), MOV DR (DR7 in the guest's state,
 //! DR0-3 and DR6 in the real registers) and the preemption timer. PAUSE,
-//! MONITOR and MWAIT are no-ops ([`super::dispatch::handle`]). The external-interrupt
-//! queue and the memory-operand classes are the backend's
-//! ([`super::Machine::backend_class`]).
+//! MONITOR and MWAIT are no-ops ([`super::dispatch::handle`]). The
+//! external-interrupt queue is `extint.rs`, the classes with memory
+//! operands `string.rs` and `tables.rs`.
 
 use super::{inject, skip, vector, DrAccess, Flow, Flush, Guest, Reg};
 

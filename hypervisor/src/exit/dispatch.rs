@@ -1,6 +1,6 @@
 //! The one neutral dispatch: every exit of every vCPU, by class.
 
-use super::{classes, cpuid, cr, ept, inject, io, misc, msr, shadow, skip, vector, Exit, Flow, Guest, GuestEnd};
+use super::{classes, cpuid, cr, ept, extint, inject, io, misc, msr, shadow, skip, string, tables, vector, Exit, Flow, Guest, GuestEnd};
 
 /// The one dispatch: every exit of every vCPU, by class.
 #[inline(always)]
@@ -9,6 +9,7 @@ pub fn handle(g: &mut impl Guest, e: Exit) -> Flow {
         Exit::Cpuid => cpuid::cpuid(g),
         Exit::Hlt => misc::hlt(g),
         Exit::Io(a) => io::io(g, a),
+        Exit::StringIo(s) => string::string_io(g, s),
         Exit::MsrRead => msr::rdmsr(g),
         Exit::MsrWrite => msr::wrmsr(g),
         Exit::CrAccess(a) => cr::cr_access(g, a),
@@ -23,7 +24,10 @@ pub fn handle(g: &mut impl Guest, e: Exit) -> Flow {
         Exit::Invlpg(la) => classes::invlpg(g, la),
         Exit::MovDr(a) => classes::mov_dr(g, a),
         Exit::Nop => skip(g),
-        Exit::ExternalInterrupt | Exit::InterruptWindow | Exit::Invpcid | Exit::GdtrIdtr | Exit::LdtrTr => g.backend_class(e),
+        Exit::ExternalInterrupt(vector) => extint::external_interrupt(g, vector),
+        Exit::InterruptWindow => extint::interrupt_window(g),
+        Exit::Invpcid(a) => tables::invpcid(g, a),
+        Exit::DescriptorTable(a) => tables::descriptor_table(g, a),
         Exit::NestedFault(f) => ept::nested_fault(g, f),
         Exit::PageFault(f) => shadow::page_fault(g, f),
         Exit::NestedMisconfig => Flow::End(GuestEnd::Stopped("EPT misconfiguration (a hypervisor bug)")),

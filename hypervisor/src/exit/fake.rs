@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::decode::{DecodeError, MemAccess};
+use crate::emulate::{IrqQueue, MemFault, Segment};
 use crate::state::{CpuidHide, PortWatch};
 use std::collections::HashMap;
 use std::string::String;
@@ -27,6 +28,8 @@ pub struct Fake {
     pub cpu_leaf1_ecx: u32,
     pub cpu_all_ones: bool,
     pub own: Option<[u32; 4]>,
+    /// What IN reads: by port, else `port_value`.
+    pub ports: HashMap<u16, u32>,
     pub port_value: u32,
     pub msrs: HashMap<u32, u64>,
     pub xcr0_supported: u64,
@@ -40,16 +43,26 @@ pub struct Fake {
     pub refuse_cr: bool,
     pub refuse_reset: bool,
     pub sipi: Option<u8>,
-    pub irq_pending: bool,
     pub lazy: bool,
     pub watch_page: Option<Watched>,
     pub decoded: Option<Result<MemAccess, DecodeError>>,
     pub shutdown: usize,
+    pub cpl: u8,
+    /// Guest memory by linear address (unset bytes read 0).
+    pub memory: HashMap<u64, u8>,
+    /// An access touching this linear address faults so.
+    pub fault_at: Option<(u64, MemFault)>,
+    pub irq_queue: IrqQueue,
+    /// An event is being injected already; blocking by STI/MOV SS.
+    pub event: bool,
+    pub shadow: bool,
+    /// The local APIC has the interrupt in service (not a PIC's).
+    pub in_service: bool,
+    pub pics: spin::Mutex<crate::pic::Pics>,
     // Effects.
     pub injected: Vec<(u8, Option<u32>)>,
     pub ports_written: Vec<(u16, u8, u32)>,
-    pub pic_writes: Vec<(u16, u8)>,
-    pub backend_classes: Vec<Exit>,
+    pub ports_read: usize,
     pub icr_writes: Vec<u64>,
     pub flushes: Vec<Flush>,
     pub paging_changes: usize,
@@ -58,8 +71,11 @@ pub struct Fake {
     pub halted: Vec<usize>,
     pub cleared_halted: Vec<usize>,
     pub waiting: Vec<(usize, bool)>,
-    pub events_reset: usize,
-    pub irqs_delivered: usize,
+    pub interrupts: Vec<u8>,
+    /// The interrupt window as last set.
+    pub window: Option<bool>,
+    pub resumed_in_place: usize,
+    pub system_segments: Vec<(SystemSegment, u16, Option<Segment>)>,
     pub wbinvds: usize,
     pub timer_rearmed: usize,
     pub faults_injected: usize,
@@ -79,6 +95,25 @@ impl Fake {
         let mut f = Fake { rip: 0x1000, ..Default::default() };
         f.state.insert(Reg::Rflags, 2);
         f
+    }
+
+    /// Writes guest memory.
+    pub fn poke(&mut self, la: u64, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            self.memory.insert(la + i as u64, *b);
+        }
+    }
+
+    /// Reads guest memory.
+    pub fn memory_at(&self, la: u64, n: usize) -> Vec<u8> {
+        (0..n as u64).map(|i| self.memory.get(&(la + i)).copied().unwrap_or(0)).collect()
+    }
+
+    fn check(&self, la: u64, len: usize) -> Result<(), MemFault> {
+        match self.fault_at {
+            Some((at, f)) if (la..la + len as u64).contains(&at) => Err(f),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -144,6 +179,15 @@ impl Vcpu for Fake {
     fn advance(&mut self, len: u64) {
         self.rip += len;
     }
+    fn resume_in_place(&mut self) {
+        self.resumed_in_place += 1;
+    }
+    fn cpl(&self) -> u8 {
+        self.cpl
+    }
+    fn load_system_segment(&mut self, s: SystemSegment, selector: u16, seg: Option<Segment>) {
+        self.system_segments.push((s, selector, seg));
+    }
     fn activity(&self) -> Activity {
         self.activity.unwrap_or(Activity::Active)
     }
@@ -161,15 +205,20 @@ impl Vcpu for Fake {
     fn wait_for_sipi(&mut self) -> Option<u8> {
         self.sipi
     }
-    fn irq_waiting(&mut self) -> bool {
-        self.irq_pending
+    fn irqs(&mut self) -> &mut IrqQueue {
+        &mut self.irq_queue
     }
-    fn deliver_irqs(&mut self) -> Flow {
-        self.irqs_delivered += 1;
-        Flow::Resume
+    fn event_pending(&self) -> bool {
+        self.event
     }
-    fn reset_events(&mut self) {
-        self.events_reset += 1;
+    fn interrupt_shadow(&self) -> bool {
+        self.shadow
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.interrupts.push(vector);
+    }
+    fn set_interrupt_window(&mut self, on: bool) {
+        self.window = Some(on);
     }
     fn in_64bit_mode(&self) -> bool {
         self.long64
@@ -202,15 +251,18 @@ impl Machine for Fake {
     fn port_watch(&self) -> &PortWatch {
         &self.watch
     }
-    fn port_in(&mut self, _port: u16, _size: u8) -> u32 {
-        self.port_value
+    fn port_in(&mut self, port: u16, _size: u8) -> u32 {
+        self.ports_read += 1;
+        self.ports.get(&port).copied().unwrap_or(self.port_value)
     }
     fn port_out(&mut self, port: u16, size: u8, value: u32) {
         self.ports_written.push((port, size, value));
     }
-    fn pic_written(&mut self, port: u16, value: u8) -> Flow {
-        self.pic_writes.push((port, value));
-        Flow::Resume
+    fn pics(&self) -> &spin::Mutex<crate::pic::Pics> {
+        &self.pics
+    }
+    fn apic_in_service(&self, _vector: u8) -> bool {
+        self.in_service
     }
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
         self.msrs.get(&msr).copied()
@@ -294,8 +346,17 @@ impl Machine for Fake {
         self.shadow_faults.push((la, error_code));
         self.shadow_outcome.expect("the test sets the shadow's answer")
     }
-    fn backend_class(&mut self, e: Exit) -> Flow {
-        self.backend_classes.push(e);
-        Flow::Resume
+    fn read_linear(&mut self, la: u64, buf: &mut [u8], _user: bool) -> Result<(), MemFault> {
+        self.check(la, buf.len())?;
+        buf.copy_from_slice(&self.memory_at(la, buf.len()));
+        Ok(())
+    }
+    fn write_linear(&mut self, la: u64, data: &[u8], _user: bool) -> Result<(), MemFault> {
+        self.check(la, data.len())?;
+        self.poke(la, data);
+        Ok(())
+    }
+    fn check_write_linear(&mut self, la: u64, len: usize, _user: bool) -> Result<(), MemFault> {
+        self.check(la, len)
     }
 }

@@ -1,10 +1,9 @@
 //! Port I/O: the ports that end the run (resets, ACPI sleep, Bochs'
 //! shutdown port) are decided here; everything else is passed to the
-//! device. String I/O (INS/OUTS) is carried out by the backend
-//! ([`super::Machine::backend_class`]) element by element through
-//! [`port_out`] and the guest's page tables.
+//! device. String I/O (INS/OUTS, `string.rs`) goes element by element
+//! through [`port_out`] and the guest's page tables.
 
-use super::{skip, Exit, Flow, GuestEnd, IoAccess, Machine, Vcpu};
+use super::{skip, Flow, Guest, GuestEnd, IoAccess};
 use crate::state::PortWatch;
 
 /// What an OUT to a watched port means.
@@ -68,12 +67,9 @@ pub fn classify_out(w: &PortWatch, port: u16, size: u8, value: u32) -> PortEvent
     PortEvent::PassThrough
 }
 
-/// IN or OUT (string forms go to the backend).
+/// IN or OUT (the string forms arrive as [`super::Exit::StringIo`]).
 #[inline(always)]
-pub fn io<G: Vcpu + Machine>(g: &mut G, a: IoAccess) -> Flow {
-    if a.string {
-        return g.backend_class(Exit::Io(a));
-    }
+pub fn io<G: Guest>(g: &mut G, a: IoAccess) -> Flow {
     let mask: u64 = match a.size {
         1 => 0xFF,
         2 => 0xFFFF,
@@ -96,7 +92,7 @@ pub fn io<G: Vcpu + Machine>(g: &mut G, a: IoAccess) -> Flow {
 /// the write does (see [`classify_out`]). Inlined: the OUT exit is one of
 /// the benchmark's paths.
 #[inline(always)]
-pub fn port_out<G: Vcpu + Machine>(g: &mut G, port: u16, size: u8, val: u32) -> Flow {
+pub fn port_out<G: Guest>(g: &mut G, port: u16, size: u8, val: u32) -> Flow {
     match classify_out(g.port_watch(), port, size, val) {
         PortEvent::End(e) => Flow::End(e),
         PortEvent::Swallow => {
@@ -108,7 +104,7 @@ pub fn port_out<G: Vcpu + Machine>(g: &mut G, port: u16, size: u8, val: u32) -> 
         PortEvent::PassThrough => {
             g.port_out(port, size, val);
             if size == 1 && crate::pic::PORTS.contains(&port) {
-                return g.pic_written(port, val as u8);
+                return super::extint::pic_written(g, port, val as u8);
             }
             Flow::Resume
         }
@@ -118,7 +114,7 @@ pub fn port_out<G: Vcpu + Machine>(g: &mut G, port: u16, size: u8, val: u32) -> 
 /// Bochs powers off when "Shutdown" is written to port 0x8900: the bytes
 /// matched so far are counted per vCPU (`shutdown_len`).
 #[inline(always)]
-fn bochs_shutdown_byte<G: Vcpu + Machine>(g: &mut G, b: u8) -> Flow {
+fn bochs_shutdown_byte<G: Guest>(g: &mut G, b: u8) -> Flow {
     const WORD: &[u8] = b"Shutdown";
     let n = g.shutdown_len();
     if b == WORD[n] {
@@ -204,14 +200,14 @@ mod tests {
         assert_eq!(g.ports_written.len(), 1, "a reset is not passed to the device");
         g.regs[0] = 0x2000;
         assert_eq!(io(&mut g, out(0xB004, 2)), Flow::End(GuestEnd::PowerOff("ACPI S5 (soft off)")));
-        // A PIC write is passed through, then told to the interrupt code.
-        g.regs[0] = 0xFB;
-        assert_eq!(io(&mut g, out(0x21, 1)), Flow::Resume);
-        assert_eq!(g.pic_writes, [(0x21, 0xFB)]);
-        // String I/O is the backend's.
-        let s = IoAccess { port: 0x3F8, size: 1, input: false, string: true, rep: true };
-        assert_eq!(io(&mut g, s), Flow::Resume);
-        assert_eq!(g.backend_classes, [Exit::Io(s)]);
+        // A PIC write is passed through, then told to the PIC model (an
+        // ICW1 to the master: its ICW2 comes next).
+        g.regs[0] = 0x11;
+        assert_eq!(io(&mut g, out(0x20, 1)), Flow::Resume);
+        assert_eq!(g.ports_written[1], (0x20, 1, 0x11));
+        g.regs[0] = 0x30;
+        let _ = io(&mut g, out(0x21, 1));
+        assert_eq!(g.pics.lock().base[0], 0x30, "the PIC model saw the guest's ICW2");
     }
 
     #[test]

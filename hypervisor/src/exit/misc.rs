@@ -18,9 +18,9 @@ pub fn hlt(g: &mut impl Guest) -> Flow {
         if g.halted_for_good(id) {
             return Flow::End(GuestEnd::Halted);
         }
-    } else if g.irq_waiting() {
+    } else if super::extint::irq_waiting(g) {
         // An interrupt acknowledged on exit waits: it wakes the HLT at once.
-        return g.deliver_irqs();
+        return super::extint::deliver_irqs(g);
     }
     if g.features().hlt_state {
         // A single-step over the HLT stays pending (VM entry into the HLT
@@ -103,7 +103,7 @@ pub fn init_signal(g: &mut impl Guest) -> Flow {
     if !g.reset_to_wait_for_sipi() {
         return Flow::End(GuestEnd::Stopped("could not reset a vCPU after INIT"));
     }
-    g.reset_events();
+    super::extint::reset(g);
     // After INIT, EDX holds the processor signature; the rest is zero.
     for n in (0..16).filter(|&n| n != 4) {
         g.set_gpr(n, 0);
@@ -178,9 +178,9 @@ mod tests {
         let mut g = Fake::new();
         g.features.hlt_state = true;
         g.state.insert(Reg::Rflags, 0x202);
-        g.irq_pending = true;
+        g.irq_queue.push(0x30);
         assert_eq!(handle(&mut g, Exit::Hlt), Flow::Resume);
-        assert_eq!((g.activity(), g.irqs_delivered), (Activity::Active, 1));
+        assert_eq!((g.activity(), g.interrupts.as_slice()), (Activity::Active, &[0x30][..]));
     }
 
     #[test]
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(g.regs[2], 0x906EA, "EDX: the processor signature");
         assert!(g.regs.iter().enumerate().all(|(n, &r)| n == 2 || n == 4 || r == 0));
         assert_eq!(g.flushes, [Flush::All]);
-        assert_eq!(g.events_reset, 1);
+        assert_eq!(g.window, Some(false), "the interrupt queue is reset");
         // The run is being stopped: park.
         g.stopping = true;
         assert_eq!(handle(&mut g, Exit::Init), Flow::Park);

@@ -15,20 +15,26 @@
 //! (HLT, XSETBV, VMCALL, INVD/WBINVD, INIT, SIPI), `ept.rs` (the decisions
 //! on a guest-physical access fault: on-demand mapping, the watched pages,
 //! containment of accesses outside guest memory; page-fault, CR3 and
-//! INVLPG handling for shadow paging would sit beside it) and `classes.rs`
-//! (the interception classes).
+//! INVLPG handling for shadow paging would sit beside it), `classes.rs`
+//! (the interception classes without guest memory), `extint.rs` (the
+//! external-interrupt queue), `string.rs` (INS/OUTS) and `tables.rs`
+//! (LGDT ... STR, INVPCID), whose operands the backend decodes and whose
+//! memory accesses go through [`Machine::read_linear`].
 
 pub mod classes;
 pub mod cpuid;
 pub mod cr;
 pub mod dispatch;
 pub mod ept;
+pub mod extint;
 #[cfg(test)]
 pub mod fake;
 pub mod io;
 pub mod misc;
 pub mod msr;
 pub mod shadow;
+pub mod string;
+pub mod tables;
 
 pub use crate::runstate::GuestEnd;
 
@@ -38,8 +44,10 @@ pub enum Exit {
     /// CPUID (leaf and subleaf are in RAX and RCX).
     Cpuid,
     Hlt,
-    /// IN/OUT/INS/OUTS.
+    /// IN or OUT (the string forms are [`Exit::StringIo`]).
     Io(IoAccess),
+    /// INS or OUTS, REP or not.
+    StringIo(StringIo),
     /// RDMSR (the MSR is in ECX).
     MsrRead,
     /// WRMSR (the MSR is in ECX, the value in EDX:EAX).
@@ -50,7 +58,9 @@ pub enum Exit {
     /// INVD or WBINVD.
     CacheFlush,
     // The interception classes.
-    ExternalInterrupt,
+    /// An external interrupt, with its vector if the CPU acknowledged it
+    /// on exit (VMX: "acknowledge interrupt on exit").
+    ExternalInterrupt(Option<u8>),
     InterruptWindow,
     PreemptionTimer,
     Rdtsc,
@@ -58,14 +68,12 @@ pub enum Exit {
     Rdpmc,
     /// INVLPG of this linear address.
     Invlpg(u64),
-    Invpcid,
+    Invpcid(InvpcidAccess),
     MovDr(DrAccess),
     /// PAUSE, MONITOR, MWAIT: no-ops.
     Nop,
-    /// LGDT, LIDT, SGDT, SIDT (operands in the backend's instruction information).
-    GdtrIdtr,
-    /// LLDT, LTR, SLDT, STR.
-    LdtrTr,
+    /// LGDT, LIDT, SGDT, SIDT, LLDT, LTR, SLDT, STR.
+    DescriptorTable(TableAccess),
     /// An instruction the guest may not use (VMX, SMX, TDX): #UD.
     Undefined,
     /// A guest-physical access the second-level tables did not allow.
@@ -105,6 +113,68 @@ pub struct IoAccess {
     pub input: bool,
     pub string: bool,
     pub rep: bool,
+}
+
+/// INS or OUTS, decoded: the port access, and how the instruction forms
+/// its memory address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StringIo {
+    pub io: IoAccess,
+    /// The address size in bytes (2, 4 or 8).
+    pub addr_bytes: u8,
+    /// OUTS: the source's segment register (see [`MemOperand::seg`]; INS
+    /// always writes ES:rDI).
+    pub seg: u8,
+}
+
+/// A memory operand, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemOperand {
+    /// Segment register: 0 ES, 1 CS, 2 SS, 3 DS, 4 FS, 5 GS.
+    pub seg: u8,
+    /// The effective address (wrapped to the address size).
+    pub ea: u64,
+}
+
+/// A register or memory operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// A general register by instruction encoding.
+    Reg(u8),
+    Mem(MemOperand),
+}
+
+/// The descriptor-table instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableOp {
+    Sgdt,
+    Sidt,
+    Lgdt,
+    Lidt,
+    Sldt,
+    Str,
+    Lldt,
+    Ltr,
+}
+
+/// A descriptor-table instruction, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableAccess {
+    pub op: TableOp,
+    /// Memory for LGDT ... SIDT; either for LLDT ... STR.
+    pub operand: Operand,
+    /// LGDT ... SIDT outside 64-bit mode: a 32-bit operand size (else 16:
+    /// a 24-bit base).
+    pub opsize32: bool,
+}
+
+/// INVPCID, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvpcidAccess {
+    /// The general register holding the type.
+    pub ty_gpr: u8,
+    /// The 16-byte descriptor.
+    pub desc: MemOperand,
 }
 
 /// A control-register exit, decoded.
@@ -209,6 +279,22 @@ pub enum Reg {
     PendingDebug,
     /// The guest TSC's offset from the host's.
     TscOffset,
+    /// The base of a segment register (numbered as [`MemOperand::seg`]).
+    SegBase(u8),
+    GdtrBase,
+    GdtrLimit,
+    IdtrBase,
+    IdtrLimit,
+    /// The selectors of LDTR and TR.
+    LdtrSelector,
+    TrSelector,
+}
+
+/// LDTR or TR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemSegment {
+    Ldtr,
+    Tr,
 }
 
 /// The guest's activity state.
@@ -228,6 +314,9 @@ pub enum Flush {
     /// All but the global translations.
     NonGlobal,
     All,
+    /// What INVPCID asked for, for PCID `pcid` (which a backend that
+    /// ignores PCIDs treats as the kinds above).
+    Invpcid(crate::emulate::Invpcid, u16),
 }
 
 /// Exception vectors.
@@ -287,6 +376,16 @@ pub trait Vcpu {
     /// Moves the guest `len` bytes on (an instruction the hypervisor
     /// emulated), ending any interrupt shadow.
     fn advance(&mut self, len: u64);
+    /// The guest resumes where it stopped, no instruction completed (an
+    /// external interrupt, the interrupt window; VMX: drops the "blocking
+    /// by SMI" Bochs reports outside SMM).
+    fn resume_in_place(&mut self);
+    /// The current privilege level.
+    fn cpl(&self) -> u8;
+    /// Loads LDTR or TR: selector, and the descriptor's base, limit and
+    /// access rights (bits 7:0 and 15:12 of the descriptor's byte 5 and
+    /// 6 as VMX stores them; `None`: a null LDTR, unusable).
+    fn load_system_segment(&mut self, s: SystemSegment, selector: u16, seg: Option<crate::emulate::Segment>);
     fn activity(&self) -> Activity;
     fn set_activity(&mut self, a: Activity);
     /// Resets the vCPU to the state after INIT (waiting for a SIPI); false
@@ -298,12 +397,18 @@ pub trait Vcpu {
     /// without the wait-for-SIPI activity state; `None`: the run is being
     /// stopped.
     fn wait_for_sipi(&mut self) -> Option<u8>;
-    /// Whether an external interrupt the hypervisor acknowledged waits for
-    /// this vCPU (`intercept=extint`), and delivery of those that can be.
-    fn irq_waiting(&mut self) -> bool;
-    fn deliver_irqs(&mut self) -> Flow;
-    /// INIT: drops the events queued for the vCPU.
-    fn reset_events(&mut self);
+    /// The external interrupts acknowledged for this vCPU and not yet
+    /// given to the guest (`intercept=extint`).
+    fn irqs(&mut self) -> &mut crate::emulate::IrqQueue;
+    /// An event is already being injected at the next entry.
+    fn event_pending(&self) -> bool;
+    /// Blocking by STI or MOV SS (the interrupt shadow).
+    fn interrupt_shadow(&self) -> bool;
+    /// Injects external interrupt `vector` at the next entry.
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Exit (or not) as soon as the guest can take an interrupt (VMX:
+    /// interrupt-window exiting; SVM: a virtual interrupt and VINTR).
+    fn set_interrupt_window(&mut self, on: bool);
     /// The guest runs 64-bit code (long mode and a 64-bit code segment).
     fn in_64bit_mode(&self) -> bool;
     /// The preemption timer expired: arm it again.
@@ -326,8 +431,11 @@ pub trait Machine {
     fn port_watch(&self) -> &crate::state::PortWatch;
     fn port_in(&mut self, port: u16, size: u8) -> u32;
     fn port_out(&mut self, port: u16, size: u8, value: u32);
-    /// The guest wrote a PIC port (carried out already).
-    fn pic_written(&mut self, port: u16, value: u8) -> Flow;
+    /// The 8259 PICs as the hypervisor tracks them (`crate::pic`).
+    fn pics(&self) -> &spin::Mutex<crate::pic::Pics>;
+    /// Whether the local APIC has `vector` in service (it delivered the
+    /// interrupt just acknowledged, unlike a PIC's ExtINT).
+    fn apic_in_service(&self, vector: u8) -> bool;
     fn rdmsr(&mut self, msr: u32) -> Option<u64>;
     fn wrmsr(&mut self, msr: u32, value: u64) -> bool;
     fn xsetbv(&mut self, xcr: u32, value: u64) -> bool;
@@ -370,12 +478,14 @@ pub trait Machine {
     /// through the vCPU's shadow (walk the guest's tables; fill, or say
     /// what else to do).
     fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome;
-    /// Carries out the classes whose work is the backend's own: the
-    /// external-interrupt queue (acknowledged on exit, injected when the
-    /// guest can take one) and the memory-operand instructions (string
-    /// I/O, descriptor tables, INVPCID), which read guest memory through
-    /// its page tables.
-    fn backend_class(&mut self, e: Exit) -> Flow;
+    /// Guest memory at linear address `la`, through the vCPU's paging as
+    /// its instruction would reach it (`user`: with the permission checks
+    /// of CPL 3); a fault is one the guest's instruction would take, or
+    /// an access outside guest memory.
+    fn read_linear(&mut self, la: u64, buf: &mut [u8], user: bool) -> Result<(), crate::emulate::MemFault>;
+    fn write_linear(&mut self, la: u64, data: &[u8], user: bool) -> Result<(), crate::emulate::MemFault>;
+    /// Whether `len` bytes at `la` could be written (nothing is written).
+    fn check_write_linear(&mut self, la: u64, len: usize, user: bool) -> Result<(), crate::emulate::MemFault>;
 }
 
 /// Facts about the hardware and configuration the handlers depend on.
@@ -424,6 +534,41 @@ pub fn inject(g: &mut impl Vcpu, vector: u8, error: Option<u32>) -> Flow {
     Flow::Resume
 }
 
+/// The linear address of a memory operand: in 64-bit mode only FS and GS
+/// have a base; outside it the address wraps at 4 GiB.
+pub fn linear(g: &impl Vcpu, m: MemOperand) -> u64 {
+    const FS: u8 = 4;
+    if g.in_64bit_mode() {
+        if m.seg >= FS {
+            m.ea.wrapping_add(g.read(Reg::SegBase(m.seg)))
+        } else {
+            m.ea
+        }
+    } else {
+        m.ea.wrapping_add(g.read(Reg::SegBase(m.seg))) & 0xFFFF_FFFF
+    }
+}
+
+/// An emulated access to guest memory faulted: the guest takes the fault
+/// its instruction would have (which does not complete), or, for memory
+/// not its own, the run ends.
+#[cold]
+pub fn raise(g: &mut impl Guest, f: crate::emulate::MemFault) -> Flow {
+    use crate::emulate::MemFault;
+    match f {
+        MemFault::PageFault { cr2, code } => {
+            g.set_cr2(cr2);
+            inject(g, vector::PF, Some(code))
+        }
+        MemFault::General => inject(g, vector::GP, Some(0)),
+        MemFault::OutsideGuest(pa) => {
+            let rip = g.read(Reg::Rip);
+            g.report(format_args!("guest instruction at RIP {rip:#x} accessed GPA {pa:#x}, outside guest memory; the guest is stopped"));
+            Flow::End(GuestEnd::Stopped("emulated access outside guest memory"))
+        }
+    }
+}
+
 /// Skips the instruction if `ok`, else injects #GP(0).
 #[inline(always)]
 pub fn skip_or_gp(g: &mut impl Vcpu, ok: bool) -> Flow {
@@ -465,13 +610,14 @@ mod tests {
     }
 
     #[test]
-    fn the_backend_classes_are_routed_to_the_backend() {
+    fn memory_operands_are_linear_addresses_by_mode() {
         let mut g = Fake::new();
-        let all = [Exit::ExternalInterrupt, Exit::InterruptWindow, Exit::Invpcid, Exit::GdtrIdtr, Exit::LdtrTr];
-        for e in all {
-            assert_eq!(handle(&mut g, e), Flow::Resume);
-        }
-        assert_eq!(g.backend_classes, all);
-        assert_eq!((g.rip, g.injected.len()), (0x1000, 0), "the backend completes them");
+        g.state.insert(Reg::SegBase(3), 0xFFFF_F000);
+        g.state.insert(Reg::SegBase(5), 0x7000_0000_0000);
+        let ds = |ea| MemOperand { seg: 3, ea };
+        assert_eq!(linear(&g, ds(0x2000)), 0x1000, "wraps at 4 GiB outside 64-bit mode");
+        g.long64 = true;
+        assert_eq!(linear(&g, ds(0x2000)), 0x2000, "no DS base in 64-bit mode");
+        assert_eq!(linear(&g, MemOperand { seg: 5, ea: 0x10 }), 0x7000_0000_0010, "GS keeps its base");
     }
 }

@@ -22,36 +22,36 @@
 //! (touching bytes 4-15 of a register's 16-byte slot) and instructions the
 //! decoder does not know stop the guest, with a line naming the access.
 
-use super::dispatch::end_guest;
 use super::vcpu::VcpuState;
 use crate::decode::{self, Operand};
+use crate::exit::{Flow, GuestEnd};
 use crate::memory::{mmio_read, mmio_write};
-use crate::runstate::{GuestEnd, WAITING_FOR_SIPI};
-use crate::state::{shared, APIC_IDS};
+use crate::runstate::WAITING_FOR_SIPI;
+use crate::state::{Shared, APIC_IDS};
 use core::sync::atomic::Ordering::SeqCst;
 
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 
 /// Whether `gpa` lies in the local APIC page the hypervisor watches.
-pub fn is_watched(gpa: u64) -> bool {
-    shared().apic_trap.is_some_and(|base| gpa & !0xFFF == base)
+pub fn is_watched(sh: &Shared, gpa: u64) -> bool {
+    sh.apic_trap.is_some_and(|base| gpa & !0xFFF == base)
 }
 
-fn apic_read(off: u64) -> u32 {
-    page_read(off, 4) as u32
+fn apic_read(page: u64, off: u64) -> u32 {
+    page_read(page, off, 4) as u32
 }
 
-fn apic_write(off: u64, v: u32) {
-    page_write(off, 4, u64::from(v));
+fn apic_write(page: u64, off: u64, v: u32) {
+    page_write(page, off, 4, u64::from(v));
 }
 
-/// A load of `size` bytes (1, 2, 4 or 8) at `off` in the watched page, as
-/// the guest would have made it.
-fn page_read(off: u64, size: u8) -> u64 {
+/// A load of `size` bytes (1, 2, 4 or 8) at `off` in the watched page
+/// `page`, as the guest would have made it.
+fn page_read(page: u64, off: u64, size: u8) -> u64 {
     // The watched page; `plan` keeps the access inside it, at the width
     // the guest's own instruction used.
-    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    let a = page + off;
     match size {
         1 => u64::from(mmio_read::<u8>(a)),
         2 => u64::from(mmio_read::<u16>(a)),
@@ -60,10 +60,10 @@ fn page_read(off: u64, size: u8) -> u64 {
     }
 }
 
-/// A store of `size` bytes at `off` in the watched page.
-fn page_write(off: u64, size: u8, v: u64) {
+/// A store of `size` bytes at `off` in the watched page `page`.
+fn page_write(page: u64, off: u64, size: u8, v: u64) {
     // As above; replaying the guest's own store.
-    let a = shared().apic_trap.unwrap_or(0xFEE0_0000) + off;
+    let a = page + off;
     match size {
         1 => mmio_write::<u8>(a, v as u8),
         2 => mmio_write::<u16>(a, v as u16),
@@ -158,51 +158,51 @@ pub fn in_service(vector: u8) -> bool {
 /// store (MOV) of 1, 2, 4 or 8 bytes, or an XCHG (a load and a store),
 /// carried out as [`plan`] says. Instructions the decoder does not know
 /// (see `decode.rs`) and accesses the SDM leaves undefined stop the guest
-/// with a line naming the access.
-pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
+/// with a line naming the access: the returned [`Flow`] ends the run, which
+/// the dispatcher carries out.
+pub fn emulate_write(v: &mut VcpuState, gpa: u64) -> Flow {
     // Through a view that only reads guest RAM: the guest's page tables
     // could point anywhere (and change under us on another vCPU).
     let mem = crate::guestaccess::GuestMem::current();
     let (buf, n, mode, rip) = super::isolation::fetch_instruction(&mem);
-    let acc = match decode::decode(&buf[..n], mode) {
-        Ok(a) if a.write => a,
-        Ok(_) => stop(v, gpa, rip, &buf[..n], &"a load that exited as a write"),
-        Err(e) => stop(v, gpa, rip, &buf[..n], &e),
-    };
     let off = gpa & 0xFFF;
-    let page = shared().apic_trap.unwrap_or(0xFEE0_0000);
-    let apic_base = crate::smp::LocalApic::base_msr();
-    let plan = plan(xapic_at(apic_base, page), off, acc.size);
+    let page = v.shared.apic_trap.unwrap_or(0xFEE0_0000);
+    let xapic = xapic_at(crate::smp::LocalApic::base_msr(), page);
+    let (acc, plan) = match decide(decode::decode(&buf[..n], mode), xapic, off) {
+        Ok(d) => d,
+        Err(why) => return stop(gpa, rip, &buf[..n], &why),
+    };
     let value = match acc.value {
         Operand::Imm(i) => i,
         op => decode::reg_value(|r| v.regs.get(r), &op, acc.size),
     };
     // (what XCHG loads, what is stored) per plan.
     let (old, stored) = match plan {
-        Plan::Undefined(why) => stop(v, gpa, rip, &buf[..n], &why),
+        // `decide` refuses it.
+        Plan::Undefined(why) => return stop(gpa, rip, &buf[..n], &why),
         Plan::Bus => {
-            let old = if acc.xchg { page_read(off, acc.size) } else { 0 };
-            page_write(off, acc.size, value);
+            let old = if acc.xchg { page_read(page, off, acc.size) } else { 0 };
+            page_write(page, off, acc.size, value);
             (old, None)
         }
         Plan::Register { reg } => {
-            let old = if acc.xchg { u64::from(apic_read(u64::from(reg))) } else { 0 };
+            let old = if acc.xchg { u64::from(apic_read(page, u64::from(reg))) } else { 0 };
             (old, Some((reg, value as u32)))
         }
         Plan::Partial { reg, shift, size } => {
-            let cur = apic_read(u64::from(reg));
+            let cur = apic_read(page, u64::from(reg));
             (extract(cur, shift, size), Some((reg, merge(cur, shift, size, value))))
         }
     };
     if let Some((reg, value)) = stored {
         let reg = u64::from(reg);
         if reg == ICR_LOW {
-            let dest = apic_read(ICR_HIGH) >> 24;
+            let dest = apic_read(page, ICR_HIGH) >> 24;
             if !intercept_init(v, value, dest, false) {
-                apic_write(reg, value);
+                apic_write(page, reg, value);
             }
         } else {
-            apic_write(reg, value);
+            apic_write(page, reg, value);
         }
     }
     if acc.xchg {
@@ -213,16 +213,61 @@ pub fn emulate_write(v: &mut VcpuState, gpa: u64) {
         }
     }
     super::events::advance(acc.len as u64);
+    Flow::Resume
 }
 
-/// Stops the guest for an access to the local APIC page that cannot be
-/// emulated, naming it.
-fn stop(v: &mut VcpuState, gpa: u64, rip: u64, bytes: &[u8], why: &dyn core::fmt::Display) -> ! {
+/// Why a write to the watched page is not emulated (the run ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The instruction decodes as a load, yet it exited as a write.
+    LoadAsWrite,
+    /// The decoder does not know the instruction (see `decode.rs`).
+    Decode(decode::DecodeError),
+    /// [`plan`] found an access the SDM leaves undefined.
+    Undefined(&'static str),
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Refusal::LoadAsWrite => f.write_str("a load that exited as a write"),
+            Refusal::Decode(e) => write!(f, "{e}"),
+            Refusal::Undefined(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The policy of [`emulate_write`]: the instruction that wrote the watched
+/// page at offset `off`, as decoded, is carried out per its [`plan`]
+/// (`xapic`: see [`xapic_at`]), or refused, which ends the run.
+pub fn decide(
+    decoded: Result<decode::MemAccess, decode::DecodeError>,
+    xapic: bool,
+    off: u64,
+) -> Result<(decode::MemAccess, Plan), Refusal> {
+    let acc = match decoded {
+        Ok(a) if a.write => a,
+        Ok(_) => return Err(Refusal::LoadAsWrite),
+        Err(e) => return Err(Refusal::Decode(e)),
+    };
+    match plan(xapic, off, acc.size) {
+        Plan::Undefined(why) => Err(Refusal::Undefined(why)),
+        p => Ok((acc, p)),
+    }
+}
+
+/// The guest's run ends for an access to the local APIC page that cannot
+/// be emulated: the line naming it, and the end the dispatcher carries out.
+#[cold]
+fn stop(gpa: u64, rip: u64, bytes: &[u8], why: &dyn core::fmt::Display) -> Flow {
     crate::hvprintln!(
         "cannot emulate the guest's write to the local APIC (GPA {gpa:#x}) at RIP {rip:#x}: {why}; instruction bytes {bytes:02x?}"
     );
-    end_guest(v, GuestEnd::Stopped("unemulated write to the local APIC"));
+    Flow::End(UNEMULATED)
 }
+
+/// How a run ends on an APIC write that cannot be emulated.
+pub const UNEMULATED: GuestEnd = GuestEnd::Stopped("unemulated write to the local APIC");
 
 /// A write of the x2APIC ICR (MSR 0x830): true if the hypervisor handled
 /// it, false if it should be written to the real MSR.
@@ -256,13 +301,14 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
         log::debug!("vCPU {}: INIT de-assert IPI dropped", v.id);
         return true;
     }
-    let n = shared().ncpus.load(SeqCst);
+    let sh = v.shared;
+    let n = sh.ncpus.load(SeqCst);
     let me = v.id;
     let shorthand = (low >> 18) & 3;
     if shorthand == 0 && low & (1 << 11) != 0 {
         // Logical destinations: sent as written (not emulated), unless a
         // CPU that is not a vCPU could be among them.
-        if shared().acpi.cpus.iter().all(|&id| is_vcpu(id, n)) {
+        if sh.acpi.cpus.iter().all(|&id| is_vcpu(id, n)) {
             return false;
         }
         if !LOGICAL_DROPPED.swap(true, SeqCst) {
@@ -294,7 +340,7 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
                 log::debug!("vCPU {me}: INIT to running vCPU {i}, delivered");
                 lapic.send(id, crate::smp::icr::init());
             }
-            (_, true) if !shared().controls.wait_for_sipi_state => {
+            (_, true) if !sh.controls.wait_for_sipi_state => {
                 // The vCPU waits in root mode: post the vector (once).
                 if WAITING_FOR_SIPI.take(i) {
                     log::debug!("vCPU {me}: SIPI vector {:#x} to vCPU {i}, posted", low & 0xFF);
@@ -314,7 +360,7 @@ fn intercept_init(v: &VcpuState, low: u32, dest: u32, x2apic: bool) -> bool {
     if !hit_any && shorthand == 0 && dest != broadcast {
         note_dropped(dest);
     } else if shorthand != 1 && (shorthand != 0 || dest == broadcast) {
-        for &id in shared().acpi.cpus.iter().filter(|&&id| !is_vcpu(id, n)) {
+        for &id in sh.acpi.cpus.iter().filter(|&&id| !is_vcpu(id, n)) {
             note_dropped(id);
         }
     }
@@ -393,6 +439,24 @@ mod tests {
             assert!(matches!(plan(x, 0xFFF, 2), Plan::Undefined(_)));
             assert!(matches!(plan(x, 0xFFC, 8), Plan::Undefined(_)));
         }
+    }
+
+    #[test]
+    fn what_cannot_be_emulated_ends_the_run() {
+        use crate::decode::{CpuMode, DecodeError};
+        // mov [rdi], eax; mov eax, [rdi]; mov [rdi], rax (REX.W).
+        let store4 = decode::decode(&[0x89, 0x07], CpuMode::Long64);
+        let load4 = decode::decode(&[0x8B, 0x07], CpuMode::Long64);
+        let store8 = decode::decode(&[0x48, 0x89, 0x07], CpuMode::Long64);
+        let (acc, p) = decide(store4, true, 0x300).expect("an aligned dword store to the ICR is emulated");
+        assert_eq!((acc.size, acc.write, p), (4, true, Plan::Register { reg: 0x300 }));
+        assert_eq!(decide(store4, false, 0x304).map(|d| d.1), Ok(Plan::Bus), "not the APIC: to the bus");
+        assert_eq!(decide(load4, true, 0x300).map(|d| d.1), Err(Refusal::LoadAsWrite));
+        let unknown = Err(DecodeError::Unsupported { opcode: 0xF3 });
+        assert_eq!(decide(unknown, true, 0x300).map(|d| d.1), Err(Refusal::Decode(DecodeError::Unsupported { opcode: 0xF3 })));
+        let undefined = decide(store8, true, 0x300).map(|d| d.1);
+        assert!(matches!(undefined, Err(Refusal::Undefined(_))), "{undefined:?}");
+        assert_eq!(std::format!("{}", Refusal::LoadAsWrite), "a load that exited as a write");
     }
 
     #[test]

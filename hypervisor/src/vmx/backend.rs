@@ -10,9 +10,9 @@ use super::shadowvm;
 use super::vcpu::{self, VcpuState};
 use super::{control, events, guest, vmread, vmwrite};
 use crate::cpu;
-use crate::exit::{Activity, Exit, Features, Flow, Flush, Machine, NestedFault, Reg, Vcpu, Watched};
+use crate::emulate::{IrqQueue, MemFault, Segment};
+use crate::exit::{Activity, Features, Flow, Flush, Machine, NestedFault, Reg, SystemSegment, Vcpu, Watched};
 use crate::runstate;
-use crate::state::shared;
 
 const fn field(r: Reg) -> u32 {
     match r {
@@ -33,6 +33,14 @@ const fn field(r: Reg) -> u32 {
         Reg::Dr7 => guest::DR7,
         Reg::PendingDebug => guest::PENDING_DBG_EXCEPTIONS,
         Reg::TscOffset => control::TSC_OFFSET_FULL,
+        // ES, CS, SS, DS, FS, GS: their bases are 2 apart.
+        Reg::SegBase(n) => guest::ES_BASE + 2 * n as u32,
+        Reg::GdtrBase => guest::GDTR_BASE,
+        Reg::GdtrLimit => guest::GDTR_LIMIT,
+        Reg::IdtrBase => guest::IDTR_BASE,
+        Reg::IdtrLimit => guest::IDTR_LIMIT,
+        Reg::LdtrSelector => guest::LDTR_SELECTOR,
+        Reg::TrSelector => guest::TR_SELECTOR,
     }
 }
 
@@ -54,14 +62,14 @@ impl Vcpu for VcpuState {
         match r {
             // Under `ept=off` the VMCS holds the shadow's CR3 and the
             // hardware's CR4 bits: the guest's own are elsewhere.
-            Reg::Cr3 if shadowvm::enabled() => shadowvm::guest_cr3(self),
-            Reg::Cr4 if shadowvm::enabled() => super::guestview::guest_cr4(),
+            Reg::Cr3 if self.shared.controls.shadow => shadowvm::guest_cr3(self),
+            Reg::Cr4 if self.shared.controls.shadow => super::guestview::guest_cr4(),
             _ => vmread(field(r)),
         }
     }
     #[inline(always)]
     fn write(&mut self, r: Reg, value: u64) {
-        if shadowvm::enabled() {
+        if self.shared.controls.shadow {
             match r {
                 Reg::Cr3 if shadowvm::in_shadow(self) => return shadowvm::load_cr3(self, value),
                 Reg::Efer => shadowvm::efer_written(self, vmread(guest::IA32_EFER_FULL), value),
@@ -80,12 +88,12 @@ impl Vcpu for VcpuState {
         }
     }
     fn set_cr0(&mut self, value: u64) -> bool {
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
-        vcpu::set_cr0(&shared().controls, value).is_ok() && old.is_none_or(|old| shadowvm::sync(self, &old))
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
+        vcpu::set_cr0(&self.shared.controls, value).is_ok() && old.is_none_or(|old| shadowvm::sync(self, &old))
     }
     fn set_cr4(&mut self, value: u64) -> bool {
-        let c = &shared().controls;
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
+        let c = &self.shared.controls;
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
         super::caps::fix_cr(value, 0, c.cr4_fixed1 | crate::arch::CR4_VMXE).is_some()
             && vcpu::set_cr4(c, value).is_ok()
             && old.is_none_or(|old| shadowvm::sync(self, &old))
@@ -100,11 +108,14 @@ impl Vcpu for VcpuState {
                 Flush::NonGlobal => shadowvm::flush_context(self),
                 // CR0/CR4 writes: `set_cr0`/`set_cr4` flushed what they must.
                 Flush::All => {}
+                Flush::Invpcid(op, pcid) => shadowvm::invpcid(self, op, pcid),
             }
         }
+        use crate::emulate::Invpcid;
         match f {
-            Flush::Address(la) => events::flush_address(self, la),
-            Flush::NonGlobal => events::flush_context(self, true),
+            Flush::Address(la) | Flush::Invpcid(Invpcid::Address(la), _) => events::flush_address(self, la),
+            Flush::NonGlobal | Flush::Invpcid(Invpcid::Context | Invpcid::AllButGlobal, _) => events::flush_context(self, true),
+            Flush::Invpcid(Invpcid::All, _) => events::flush_context(self, false),
             Flush::All => events::flush_guest_tlb(self),
         }
     }
@@ -126,6 +137,28 @@ impl Vcpu for VcpuState {
     fn advance(&mut self, len: u64) {
         events::advance(len)
     }
+    fn resume_in_place(&mut self) {
+        events::drop_smi_blocking()
+    }
+    fn cpl(&self) -> u8 {
+        ((vmread(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
+    }
+    fn load_system_segment(&mut self, s: SystemSegment, selector: u16, seg: Option<Segment>) {
+        let (sel_f, base_f, limit_f, ar_f) = match s {
+            SystemSegment::Tr => (guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS),
+            SystemSegment::Ldtr => (guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS),
+        };
+        vmwrite(sel_f, selector as u64);
+        match seg {
+            // Unusable (access rights bit 16).
+            None => vmwrite(ar_f, 1 << 16),
+            Some(d) => {
+                vmwrite(base_f, d.base);
+                vmwrite(limit_f, d.limit as u64);
+                vmwrite(ar_f, d.ar as u64);
+            }
+        }
+    }
     fn activity(&self) -> Activity {
         match vmread(guest::ACTIVITY_STATE) {
             0 => Activity::Active,
@@ -144,8 +177,8 @@ impl Vcpu for VcpuState {
         vmwrite(guest::ACTIVITY_STATE, n);
     }
     fn reset_to_wait_for_sipi(&mut self) -> bool {
-        let old = shadowvm::enabled().then(|| shadowvm::guest_paging(self));
-        if vcpu::reset_to_wait_for_sipi(&shared().controls).is_err() {
+        let old = self.shared.controls.shadow.then(|| shadowvm::guest_paging(self));
+        if vcpu::reset_to_wait_for_sipi(&self.shared.controls).is_err() {
             return false;
         }
         // INIT: paging off, so back to the paging-off phase (which puts the
@@ -171,22 +204,28 @@ impl Vcpu for VcpuState {
         self.tsc_exit = self.tsc_exit.wrapping_add(cpu::rdtsc().wrapping_sub(t0));
         Some(vector)
     }
-    fn irq_waiting(&mut self) -> bool {
-        super::intercept::irq_waiting(self)
+    fn irqs(&mut self) -> &mut IrqQueue {
+        &mut self.irqs
     }
-    fn deliver_irqs(&mut self) -> Flow {
-        super::intercept::deliver_irqs(self);
-        Flow::Resume
+    fn event_pending(&self) -> bool {
+        vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD) & (1 << 31) != 0
     }
-    fn reset_events(&mut self) {
-        super::intercept::reset_events(self)
+    fn interrupt_shadow(&self) -> bool {
+        vmread(guest::INTERRUPTIBILITY_STATE) & 3 != 0
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        // Type 0 (external interrupt), valid.
+        vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, vector as u64 | 1 << 31);
+    }
+    fn set_interrupt_window(&mut self, on: bool) {
+        super::intercept::set_window(self, on)
     }
     fn in_64bit_mode(&self) -> bool {
         super::intercept::long64()
     }
     fn rearm_timer(&mut self) {
         events::drop_smi_blocking();
-        if let Some(p) = shared().controls.preempt {
+        if let Some(p) = self.shared.controls.preempt {
             vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, p.value as u64);
         }
     }
@@ -216,11 +255,11 @@ impl Machine for VcpuState {
         }
     }
     fn hide(&self) -> crate::state::CpuidHide {
-        shared().hide
+        self.shared.hide
     }
     #[inline(always)]
     fn port_watch(&self) -> &crate::state::PortWatch {
-        &shared().watch
+        &self.shared.watch
     }
     #[inline(always)]
     fn port_in(&mut self, port: u16, size: u8) -> u32 {
@@ -230,9 +269,11 @@ impl Machine for VcpuState {
     fn port_out(&mut self, port: u16, size: u8, value: u32) {
         crate::port::guest_out(port, size, value)
     }
-    fn pic_written(&mut self, port: u16, value: u8) -> Flow {
-        super::intercept::pic_written(self, port, value);
-        Flow::Resume
+    fn pics(&self) -> &spin::Mutex<crate::pic::Pics> {
+        &crate::pic::PICS
+    }
+    fn apic_in_service(&self, vector: u8) -> bool {
+        super::apic::in_service(vector)
     }
     #[inline(always)]
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
@@ -246,7 +287,7 @@ impl Machine for VcpuState {
         crate::fallible::xsetbv_safe(xcr, value)
     }
     fn xcr0_supported(&self) -> u64 {
-        shared().xcr0_supported
+        self.shared.xcr0_supported
     }
     fn rdpmc(&mut self, counter: u32) -> Option<u64> {
         crate::fallible::rdpmc_safe(counter)
@@ -266,7 +307,7 @@ impl Machine for VcpuState {
     }
     #[inline(always)]
     fn features(&self) -> Features {
-        let sh = shared();
+        let sh = self.shared;
         let c = &sh.controls;
         Features {
             hlt_state: c.hlt_state,
@@ -283,7 +324,7 @@ impl Machine for VcpuState {
     }
     #[inline(always)]
     fn inject_fault(&mut self) {
-        if let Some(f) = shared().options.fault {
+        if let Some(f) = self.shared.options.fault {
             inject_fault(f, self.id);
         }
     }
@@ -294,7 +335,7 @@ impl Machine for VcpuState {
         runstate::stopping()
     }
     fn halted_for_good(&mut self, id: usize) -> bool {
-        runstate::halted_for_good(id, shared().ncpus.load(core::sync::atomic::Ordering::SeqCst))
+        runstate::halted_for_good(id, self.shared.ncpus.load(core::sync::atomic::Ordering::SeqCst))
     }
     fn set_waiting_for_sipi(&mut self, id: usize, waiting: bool) {
         if waiting {
@@ -307,13 +348,13 @@ impl Machine for VcpuState {
         runstate::HALTED_FOR_GOOD.remove(id);
     }
     fn map_on_demand(&mut self, f: NestedFault) -> Option<Flow> {
-        if shared().lazy_from == u64::MAX {
+        if self.shared.lazy_from == u64::MAX {
             return None;
         }
         super::intercept::lazy_ept(self, f)
     }
     fn watched(&self, gpa: u64) -> Option<Watched> {
-        if super::apic::is_watched(gpa) {
+        if super::apic::is_watched(self.shared, gpa) {
             Some(Watched::Apic)
         } else if super::pmwatch::is_watched(gpa) {
             Some(Watched::PowerManagement)
@@ -323,10 +364,7 @@ impl Machine for VcpuState {
     }
     fn emulate_watched_write(&mut self, w: Watched, gpa: u64) -> Flow {
         match w {
-            Watched::Apic => {
-                super::apic::emulate_write(self, gpa);
-                Flow::Resume
-            }
+            Watched::Apic => super::apic::emulate_write(self, gpa),
             Watched::PowerManagement => super::pmwatch::emulate_write(self, gpa),
         }
     }
@@ -339,25 +377,22 @@ impl Machine for VcpuState {
         (bytes, n)
     }
     fn note_contained(&mut self, gpa: u64, read: bool, write: bool, size: u8) {
-        super::isolation::note(gpa, vmread(guest::RIP), read, write, size, shared().footprint);
+        super::isolation::note(gpa, vmread(guest::RIP), read, write, size, self.shared.footprint);
     }
     fn region_name(&self, gpa: u64) -> &'static str {
-        super::isolation::region_name(gpa, shared().footprint)
+        super::isolation::region_name(gpa, self.shared.footprint)
     }
     fn shadow_fault(&mut self, la: u64, error_code: u32) -> crate::shadow::PfOutcome {
         shadowvm::page_fault(self, la, error_code)
     }
-    fn backend_class(&mut self, e: Exit) -> Flow {
-        use super::intercept;
-        match e {
-            Exit::Io(a) => intercept::string_io(self, a),
-            Exit::ExternalInterrupt => intercept::external_interrupt(self),
-            Exit::InterruptWindow => intercept::interrupt_window(self),
-            Exit::Invpcid => intercept::invpcid(self),
-            Exit::GdtrIdtr => intercept::gdtr_idtr(self),
-            Exit::LdtrTr => intercept::ldtr_tr(self),
-            _ => Flow::End(crate::exit::GuestEnd::Stopped("unexpected VM exit")),
-        }
+    fn read_linear(&mut self, la: u64, buf: &mut [u8], user: bool) -> Result<(), MemFault> {
+        super::intercept::read_guest(la, buf, user)
+    }
+    fn write_linear(&mut self, la: u64, data: &[u8], user: bool) -> Result<(), MemFault> {
+        super::intercept::write_guest(la, data, user)
+    }
+    fn check_write_linear(&mut self, la: u64, len: usize, user: bool) -> Result<(), MemFault> {
+        super::intercept::check_write_guest(la, len, user)
     }
 }
 

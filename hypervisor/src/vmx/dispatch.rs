@@ -8,7 +8,11 @@
 use super::stub::account;
 use super::vcpu::VcpuState;
 use super::{guest, ro, vmread};
-use crate::exit::{self, Access, CrAccess, CrKind, DrAccess, Exit, Flow, GuestEnd, IoAccess, NestedFault, PageFault};
+use crate::emulate::InsnInfo;
+use crate::exit::{
+    self, Access, CrAccess, CrKind, DrAccess, Exit, Flow, GuestEnd, InvpcidAccess, IoAccess, MemOperand, NestedFault, Operand, PageFault,
+    StringIo, TableAccess, TableOp,
+};
 use crate::idt;
 use crate::runstate;
 
@@ -37,7 +41,11 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     let _note = match basic {
         10 => step(v, Exit::Cpuid),
         18 => step(v, Exit::Vmcall),
-        30 => step(v, Exit::Io(io_access(vmread(ro::EXIT_QUALIFICATION)))),
+        // IN and OUT; INS and OUTS out of line.
+        30 => match vmread(ro::EXIT_QUALIFICATION) {
+            q if q & STRING == 0 => step(v, Exit::Io(io_access(q))),
+            _ => other(v, basic),
+        },
         31 => step(v, Exit::MsrRead),
         32 => step(v, Exit::MsrWrite),
         _ => other(v, basic),
@@ -59,8 +67,12 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
 /// Every other exit, out of line: the hot path keeps its registers.
 #[inline(never)]
 fn other(v: &mut VcpuState, basic: u16) -> Note {
-    step(v, decode(basic, vmread))
+    let e = decode(basic, vmread, |r| v.regs.get(r), v.shared.ins_outs_info);
+    step(v, e)
 }
+
+/// The string bit of an I/O exit qualification.
+const STRING: u64 = 16;
 
 /// One exit through the core: the detailed statistics' view of it (taken
 /// before the handler changes the registers it reads), the core's
@@ -79,35 +91,56 @@ fn step(v: &mut VcpuState, e: Exit) -> Note {
     note
 }
 
-/// The VMX exit reason, decoded (`read` reads a VMCS field).
+/// The VMX exit reason, decoded (`read` reads a VMCS field, `gpr` a
+/// guest general register by number; `ins_outs_info`: INS/OUTS exits
+/// report instruction information, IA32_VMX_BASIC bit 54).
 #[inline(always)]
-pub fn decode(basic: u16, read: impl Fn(u32) -> u64) -> Exit {
+pub fn decode(basic: u16, read: impl Fn(u32) -> u64, gpr: impl Fn(u8) -> u64, ins_outs_info: bool) -> Exit {
     let q = || read(ro::EXIT_QUALIFICATION);
+    let info = || InsnInfo(read(ro::VMEXIT_INSTRUCTION_INFO) as u32);
+    let mem = |i: InsnInfo| MemOperand { seg: i.seg(), ea: i.effective_address(q(), &gpr) };
     match basic {
         10 => Exit::Cpuid,
         12 => Exit::Hlt,
-        30 => Exit::Io(io_access(q())),
+        30 => match io_access(q()) {
+            a if a.string => Exit::StringIo(string_io(a, ins_outs_info.then(info), || long_mode(&read), || read(guest::CS_ACCESS_RIGHTS))),
+            a => Exit::Io(a),
+        },
         31 => Exit::MsrRead,
         32 => Exit::MsrWrite,
         28 => Exit::CrAccess(cr_access(q())),
         55 => Exit::Xsetbv,
         18 => Exit::Vmcall,
         13 | 54 => Exit::CacheFlush,
-        1 => Exit::ExternalInterrupt,
+        // Acknowledged on exit: the vector, if the information is valid.
+        1 => Exit::ExternalInterrupt(Some(read(ro::VMEXIT_INTERRUPTION_INFO)).filter(|i| i & (1 << 31) != 0).map(|i| i as u8)),
         7 => Exit::InterruptWindow,
         52 => Exit::PreemptionTimer,
         16 => Exit::Rdtsc,
         51 => Exit::Rdtscp,
         15 => Exit::Rdpmc,
         14 => Exit::Invlpg(q()),
-        58 => Exit::Invpcid,
+        58 => Exit::Invpcid(InvpcidAccess { ty_gpr: info().reg2(), desc: mem(info()) }),
         29 => {
             let q = q();
             Exit::MovDr(DrAccess { dr: (q & 7) as u8, from: q & (1 << 4) != 0, gpr: ((q >> 8) & 15) as u8 })
         }
         36 | 39 | 40 => Exit::Nop,
-        46 => Exit::GdtrIdtr,
-        47 => Exit::LdtrTr,
+        46 | 47 => {
+            let i = info();
+            let op = match (basic, i.identity()) {
+                (46, 0) => TableOp::Sgdt,
+                (46, 1) => TableOp::Sidt,
+                (46, 2) => TableOp::Lgdt,
+                (46, _) => TableOp::Lidt,
+                (_, 0) => TableOp::Sldt,
+                (_, 1) => TableOp::Str,
+                (_, 2) => TableOp::Lldt,
+                _ => TableOp::Ltr,
+            };
+            let operand = if basic == 47 && i.is_register() { Operand::Reg(i.reg1()) } else { Operand::Mem(mem(i)) };
+            Exit::DescriptorTable(TableAccess { op, operand, opsize32: i.opsize32() })
+        }
         11 | 19..=27 | 50 | 53 | 59 | 76 | 77 => Exit::Undefined,
         48 => Exit::NestedFault(NestedFault { gpa: read(ro::GUEST_PHYSICAL_ADDR_FULL), access: ept_access(q()) }),
         49 => Exit::NestedMisconfig,
@@ -119,6 +152,27 @@ pub fn decode(basic: u16, read: impl Fn(u32) -> u64) -> Exit {
         33 | 34 | 41 => Exit::EntryFailure,
         n => Exit::Unexpected(n),
     }
+}
+
+/// The guest is in IA-32e mode and runs 64-bit code (EFER.LMA, CS.L).
+fn long_mode(read: &impl Fn(u32) -> u64) -> bool {
+    read(guest::IA32_EFER_FULL) & crate::arch::EFER_LMA != 0 && read(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0
+}
+
+/// INS or OUTS: the address size and the source segment from the
+/// instruction information (`info`) where the CPU reports it; without it,
+/// the mode's address size (64-bit mode, else CS.D: `long`, `cs_ar`) and
+/// DS (no segment override is seen).
+pub fn string_io(io: IoAccess, info: Option<InsnInfo>, long: impl Fn() -> bool, cs_ar: impl Fn() -> u64) -> StringIo {
+    const ES: u8 = 0;
+    const DS: u8 = 3;
+    let (addr_bytes, seg) = match info {
+        Some(i) => (i.addr_bytes(), i.seg()),
+        None if long() => (8, DS),
+        None if cs_ar() & (1 << 14) != 0 => (4, DS),
+        None => (2, DS),
+    };
+    StringIo { io, addr_bytes, seg: if io.input { ES } else { seg } }
 }
 
 /// Reason 0 (exception or NMI): a hardware #PF (the only exception shadow
@@ -192,6 +246,7 @@ fn detail_note(v: &VcpuState, e: Exit) -> Note {
         // for the breakdown of the final dump.
         Exit::Unexpected(0) => Note::Exception(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF),
         Exit::Io(a) => Note::Io(a.port as u64),
+        Exit::StringIo(s) => Note::Io(s.io.port as u64),
         Exit::MsrRead => Note::Msr(v.regs.rcx as u32 as u64),
         Exit::MsrWrite => Note::Msr(v.regs.rcx as u32 as u64 | 1 << 32),
         Exit::CrAccess(a) => Note::Cr(
@@ -232,7 +287,7 @@ fn end_exit(v: &mut VcpuState, why: GuestEnd) -> ! {
     if v.last_exit & (1 << 31) != 0 {
         report_entry_failure(v.last_exit);
     } else {
-        match decode(basic, |_| 0) {
+        match decode(basic, |_| 0, |_| 0, false) {
             Exit::EntryFailure => report_entry_failure(v.last_exit),
             Exit::Unexpected(n) => {
                 let name = exitscope_stats::reasons::name(n as u32).unwrap_or("undefined");
@@ -370,18 +425,23 @@ mod tests {
         let enabled = crate::vmx::caps::enabled_reasons(&c, false);
         assert!(enabled.contains(52) && enabled.contains(7));
         for r in REASONS.iter().filter(|r| enabled.contains(r.number as u32)) {
-            assert!(!matches!(decode(r.number, |_| 0), Exit::Unexpected(_)), "no handler for enabled reason {} {}", r.number, r.name);
+            assert!(
+                !matches!(decode(r.number, |_| 0, |_| 0, false), Exit::Unexpected(_)),
+                "no handler for enabled reason {} {}",
+                r.number,
+                r.name
+            );
         }
     }
 
     #[test]
     fn the_hot_reasons_decode_alike() {
         let q = |_| 0x0092_0000;
-        assert_eq!(decode(10, q), Exit::Cpuid);
-        assert_eq!(decode(18, q), Exit::Vmcall);
-        assert_eq!(decode(30, q), Exit::Io(io_access(0x0092_0000)));
-        assert_eq!(decode(31, q), Exit::MsrRead);
-        assert_eq!(decode(32, q), Exit::MsrWrite);
+        assert_eq!(decode(10, q, |_| 0, false), Exit::Cpuid);
+        assert_eq!(decode(18, q, |_| 0, false), Exit::Vmcall);
+        assert_eq!(decode(30, q, |_| 0, false), Exit::Io(io_access(0x0092_0000)));
+        assert_eq!(decode(31, q, |_| 0, false), Exit::MsrRead);
+        assert_eq!(decode(32, q, |_| 0, false), Exit::MsrWrite);
     }
 
     #[test]
@@ -399,10 +459,70 @@ mod tests {
         assert!(!ept_access(1 | 1 << 7 | 1 << 8).page_walk);
         // The decoded exit carries the data.
         let q = |f| if f == ro::EXIT_QUALIFICATION { 0x0092_0000 } else { 0xFEE0_0300 };
-        assert_eq!(decode(30, q), Exit::Io(io_access(0x0092_0000)));
-        assert_eq!(decode(48, q), Exit::NestedFault(NestedFault { gpa: 0xFEE0_0300, access: ept_access(0x0092_0000) }));
-        assert_eq!(decode(4, q), Exit::Sipi(0));
-        assert_eq!(decode(70, q), Exit::Unexpected(70));
+        assert_eq!(decode(30, q, |_| 0, false), Exit::Io(io_access(0x0092_0000)));
+        assert_eq!(decode(48, q, |_| 0, false), Exit::NestedFault(NestedFault { gpa: 0xFEE0_0300, access: ept_access(0x0092_0000) }));
+        assert_eq!(decode(4, q, |_| 0, false), Exit::Sipi(0));
+        assert_eq!(decode(70, q, |_| 0, false), Exit::Unexpected(70));
+    }
+
+    #[test]
+    fn memory_operand_classes_carry_their_operands() {
+        use crate::vmx::guest;
+        // SGDT [rbx + rsi*4 + 0x10], 64-bit addresses, DS: identity 0.
+        let sgdt = 2 | (2 << 7) | (3 << 15) | (6 << 18) | (3 << 23);
+        let gpr = |r| [0, 0, 0, 0x1000, 0, 0, 0x20, 0][r as usize];
+        let vmcs = |info: u32| {
+            move |f| {
+                if f == ro::VMEXIT_INSTRUCTION_INFO {
+                    info as u64
+                } else if f == ro::EXIT_QUALIFICATION {
+                    0x10
+                } else {
+                    0
+                }
+            }
+        };
+        let ds = Operand::Mem(MemOperand { seg: 3, ea: 0x1000 + 0x80 + 0x10 });
+        assert_eq!(
+            decode(46, vmcs(sgdt), gpr, false),
+            Exit::DescriptorTable(TableAccess { op: TableOp::Sgdt, operand: ds, opsize32: false })
+        );
+        assert_eq!(
+            decode(46, vmcs(sgdt | 3 << 28 | 1 << 11), gpr, false),
+            Exit::DescriptorTable(TableAccess { op: TableOp::Lidt, operand: ds, opsize32: true })
+        );
+        // LTR cx (register form); SLDT to memory.
+        let ltr = Exit::DescriptorTable(TableAccess { op: TableOp::Ltr, operand: Operand::Reg(1), opsize32: false });
+        assert_eq!(decode(47, vmcs(3 << 28 | 1 << 10 | 1 << 3), gpr, false), ltr);
+        assert!(
+            matches!(decode(47, vmcs(sgdt), gpr, false), Exit::DescriptorTable(TableAccess { op: TableOp::Sldt, operand, .. }) if operand == ds)
+        );
+        // INVPCID rax... the type in R9 (reg2), the descriptor in memory.
+        assert_eq!(
+            decode(58, vmcs(sgdt & !(3 << 28) | 9 << 28), gpr, false),
+            Exit::Invpcid(InvpcidAccess { ty_gpr: 9, desc: MemOperand { seg: 3, ea: 0x1090 } })
+        );
+        // An external interrupt acknowledged on exit (valid), or not.
+        let ext = |info: u64| move |f| if f == ro::VMEXIT_INTERRUPTION_INFO { info } else { 0 };
+        assert_eq!(decode(1, ext(1 << 31 | 0x31), |_| 0, false), Exit::ExternalInterrupt(Some(0x31)));
+        assert_eq!(decode(1, ext(0x31), |_| 0, false), Exit::ExternalInterrupt(None));
+        // OUTSB with and without instruction information: its segment and address size.
+        let outs = |info: u32, cs_ar: u64| {
+            move |f| match f {
+                ro::EXIT_QUALIFICATION => 0x03F8_0000 | 16,
+                ro::VMEXIT_INSTRUCTION_INFO => info as u64,
+                guest::CS_ACCESS_RIGHTS => cs_ar,
+                _ => 0,
+            }
+        };
+        let io = io_access(0x03F8_0000 | 16);
+        assert_eq!(decode(30, outs(1 << 7 | 5 << 15, 0), |_| 0, true), Exit::StringIo(StringIo { io, addr_bytes: 4, seg: 5 }));
+        assert_eq!(decode(30, outs(0, 1 << 14), |_| 0, false), Exit::StringIo(StringIo { io, addr_bytes: 4, seg: 3 }));
+        assert_eq!(decode(30, outs(0, 0), |_| 0, false), Exit::StringIo(StringIo { io, addr_bytes: 2, seg: 3 }));
+        // INS always writes ES.
+        let ins = io_access(0x0060_0000 | 16 | 8);
+        assert_eq!(string_io(ins, Some(InsnInfo(2 << 7 | 5 << 15)), || true, || 0), StringIo { io: ins, addr_bytes: 8, seg: 0 });
+        assert_eq!(string_io(ins, None, || true, || 0).addr_bytes, 8, "64-bit mode without the information");
     }
 
     #[test]

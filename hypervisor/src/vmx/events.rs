@@ -7,7 +7,6 @@ use super::vcpu::VcpuState;
 use super::{control, guest, ro, vmread, vmwrite};
 use crate::arch::{CR0_PE, CR0_PG, CR4_PAE, EFER_LMA};
 use crate::exit::{vector, RFLAGS_RF};
-use crate::state::shared;
 
 /// Injects a hardware exception at the current guest instruction. In real
 /// mode (CR0.PE = 0) no error code is delivered, as on the CPU. For a fault
@@ -85,14 +84,14 @@ pub fn update_pdptes() {
 
 /// Drops all of the guest's translations (single-context INVVPID).
 pub fn flush_guest_tlb(v: &VcpuState) {
-    if shared().controls.vpid {
+    if v.shared.controls.vpid {
         super::invvpid_single(v.vpid);
     }
 }
 
 /// Drops the guest's translations of linear address `la`.
 pub fn flush_address(v: &VcpuState, la: u64) {
-    let c = &shared().controls;
+    let c = &v.shared.controls;
     if !c.vpid {
         return; // without VPID every VM transition flushes the TLB
     }
@@ -107,7 +106,7 @@ pub fn flush_address(v: &VcpuState, la: u64) {
 
 /// Drops the guest's translations, all or (`keep_globals`) the non-global ones.
 pub fn flush_context(v: &VcpuState, keep_globals: bool) {
-    let c = &shared().controls;
+    let c = &v.shared.controls;
     if !c.vpid {
         return;
     }

@@ -98,7 +98,7 @@ pub fn enabled() -> bool {
 /// Whether vCPU `v` runs on its shadow now.
 #[inline(always)]
 pub fn in_shadow(v: &VcpuState) -> bool {
-    enabled() && guestview::shadow_cr3(v.id).is_some()
+    v.shared.controls.shadow && guestview::shadow_cr3(v.id).is_some()
 }
 
 fn publish(id: usize, s: &ShadowVcpu) {
@@ -282,7 +282,7 @@ impl GuestTables for Tables {
 /// A #PF exit at `la` with the hardware's error code `ec`.
 pub fn page_fault(v: &mut VcpuState, la: u64, ec: u32) -> PfOutcome {
     let p = guest_paging(v);
-    let sh = shared();
+    let sh = v.shared;
     let ctx = WalkCtx { paging: p, ac: vmread(guest::RFLAGS) & (1 << 18) != 0, phys_bits: sh.phys_bits };
     let out = {
         let mut guard = slot(v.id);

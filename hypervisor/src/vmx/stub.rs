@@ -241,6 +241,10 @@ global_asm!(
     FAST_CPUID = const FAST_CPUID_OFFSET,
 );
 
+// The stub takes the state block's address only and reads the fields at
+// the offsets given above; `VcpuState::shared` (a Rust reference to a
+// Rust type) is never touched from assembly.
+#[allow(improper_ctypes)]
 unsafe extern "C" {
     fn exitscope_vmlaunch(state: *mut VcpuState) -> !;
 }

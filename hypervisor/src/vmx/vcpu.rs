@@ -91,6 +91,10 @@ pub struct VcpuState {
     /// Full exit-reason field of the exit being handled or last handled
     /// (offset `percpu::OFFSET_LAST_EXIT`).
     pub last_exit: u32,
+    /// The state all vCPUs share, fetched (and so checked) once when the
+    /// vCPU is set up, after `state::init`: the exit path reads it here
+    /// with one load instead of checking `state::shared()` at each use.
+    pub shared: &'static crate::state::Shared,
     /// This vCPU's counter block; only this vCPU writes it.
     pub counters: &'static VcpuCounters,
     /// This vCPU's detailed statistics (same rule).
@@ -137,7 +141,8 @@ pub struct VcpuMemory {
 }
 
 /// Allocates a vCPU's memory from the arena.
-pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Result<VcpuMemory, OutOfMemory> {
+pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'static VcpuCounters) -> Result<VcpuMemory, OutOfMemory> {
+    let revision = shared.controls.vmcs_revision;
     let (vmxon, vmxon_pa) = memory::alloc_pages(1)?;
     let (vmcs, vmcs_pa) = memory::alloc_pages(1)?;
     vmxon[..4].copy_from_slice(&revision.to_le_bytes());
@@ -167,6 +172,7 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
         state_ptr.write(VcpuState {
             regs: GuestRegs::default(),
             tsc_exit: 0,
+            shared,
             counters,
             #[cfg(feature = "detailed")]
             detail,
