@@ -55,6 +55,7 @@ pub use crate::dump::SmiReport;
 use crate::leaf::StatsView;
 pub use crate::meta::{CpuInfo, Meta};
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
+pub use crate::shadow::ShadowCounts;
 use crate::timeline::Timeline;
 pub use crate::timesplit::TimeSplit;
 use alloc::string::String;
@@ -86,6 +87,9 @@ pub struct JsonDump<'a> {
     pub meta: Option<&'a Meta>,
     /// Each vCPU's time split (`None`: no `time` lines).
     pub time: Option<&'a [TimeSplit]>,
+    /// Each vCPU's shadow-paging counters (`ept=off` only; `None`: no
+    /// `shadow` lines).
+    pub shadow: Option<&'a [ShadowCounts]>,
 }
 
 /// The optional SMI fields of the `begin` line.
@@ -276,6 +280,18 @@ impl fmt::Display for OptStr<'_> {
     }
 }
 
+/// The counter fields of a `shadow` or `shadow_total` line.
+struct ShadowFields<'a>(&'a ShadowCounts);
+
+impl fmt::Display for ShadowFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for ((key, _), v) in crate::shadow::FIELDS.iter().zip(self.0.to_array()) {
+            write!(f, ",\"{key}\":{v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes the JSON lines of a dump (see the module documentation).
 pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::Result {
     let mut l = Lines { w, n: 0 };
@@ -370,6 +386,12 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         let hv: u64 = t.iter().map(|s| s.hypervisor.min(s.ticks())).sum();
         l.line("time_total", format_args!(",\"ticks\":{ticks},\"hypervisor\":{hv},\"guest\":{}", ticks - hv))?;
     }
+    if let Some(sh) = d.shadow {
+        for (i, c) in sh.iter().enumerate() {
+            l.line("shadow", format_args!(",\"vcpu\":{i}{}", ShadowFields(c)))?;
+        }
+        l.line("shadow_total", format_args!("{}", ShadowFields(&ShadowCounts::sum(sh))))?;
+    }
     if let Some(det) = d.detail {
         for (kind, (entries, other)) in BreakdownKind::ALL.iter().zip(det.breakdowns.iter()) {
             let (name, reason) = (kind.name(), kind.reason());
@@ -433,6 +455,9 @@ pub struct ParsedJson {
     pub meta: Option<Meta>,
     /// The `time` lines, per vCPU (empty in schema 1 dumps).
     pub time: Vec<TimeSplit>,
+    /// The `shadow` lines, per vCPU (empty without `ept=off`, and in dumps
+    /// written before them).
+    pub shadow: Vec<ShadowCounts>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -766,6 +791,7 @@ impl Block {
                 smi: None,
                 meta: None,
                 time: Vec::new(),
+                shadow: Vec::new(),
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -874,6 +900,25 @@ impl Block {
                 let hv: u64 = p.time.iter().map(|s| s.hypervisor).sum();
                 if num(v, "ticks")? != t || num(v, "hypervisor")? != hv {
                     return Err("the time_total line is not the sum of the time lines");
+                }
+            }
+            "shadow" | "shadow_total" => {
+                let c = ShadowCounts::from_array({
+                    let mut a = [0u64; crate::shadow::NFIELDS];
+                    for (x, (key, _)) in a.iter_mut().zip(crate::shadow::FIELDS) {
+                        *x = num(v, key)?;
+                    }
+                    a
+                });
+                if ty == "shadow_total" {
+                    if c != ShadowCounts::sum(&p.shadow) {
+                        return Err("the shadow_total line is not the sum of the shadow lines");
+                    }
+                } else {
+                    if num(v, "vcpu")? != p.shadow.len() as u64 {
+                        return Err("shadow lines out of order");
+                    }
+                    p.shadow.push(c);
                 }
             }
             "flag" => {
@@ -1126,6 +1171,7 @@ mod tests {
             smi: Some(&SmiReport::Counted { start: 120, end: 123, vcpu: 1 }),
             meta: Some(&sample_meta()),
             time: Some(&SAMPLE_TIME),
+            shadow: Some(&SAMPLE_SHADOW),
         });
         (s, snap, per, det, t)
     }
@@ -1179,6 +1225,7 @@ mod tests {
                 smi,
                 meta: None,
                 time: None,
+                shadow: None,
             })
         };
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
@@ -1210,6 +1257,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
@@ -1226,6 +1274,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
@@ -1256,8 +1305,22 @@ mod tests {
                 _ => {}
             }
         }
-        let want =
-            ["begin", "breakdown", "breakdown_other", "end", "flag", "meta", "reason", "sample", "time", "time_total", "timeline", "vcpu"];
+        let want = [
+            "begin",
+            "breakdown",
+            "breakdown_other",
+            "end",
+            "flag",
+            "meta",
+            "reason",
+            "sample",
+            "shadow",
+            "shadow_total",
+            "time",
+            "time_total",
+            "timeline",
+            "vcpu",
+        ];
         assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
         assert!(s.contains("\"label\":\"port 0x3f8\""), "{s}");
         assert!(s.contains("\"label\":\"WRMSR 0x6e0\""), "{s}");
@@ -1318,6 +1381,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
@@ -1388,12 +1452,13 @@ mod tests {
                     && !l.contains("\"type\":\"flag\"")
                     && !l.contains("\"type\":\"time\"")
                     && !l.contains("\"type\":\"time_total\"")
+                    && !l.contains("\"type\":\"shadow")
             })
             .map(|l| {
                 let l = l.replace("\"schema\":2,", "\"schema\":1,");
                 // The end line counts the lines it closes.
                 if l.contains("\"type\":\"end\"") {
-                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS - SAMPLE_TIME.len() - 1;
+                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS - SAMPLE_TIME.len() - 1 - SAMPLE_SHADOW.len() - 1;
                     let at = l.find("\"lines\":").unwrap();
                     format!("{}\"lines\":{n}}}", &l[..at])
                 } else {
@@ -1404,7 +1469,7 @@ mod tests {
             .collect();
         let p = parse_last_json(&v1).unwrap();
         assert_eq!(p.schema, 1);
-        assert_eq!((p.meta, p.has_flags, p.time.len()), (None, false, 0));
+        assert_eq!((p.meta, p.has_flags, p.time.len(), p.shadow.len()), (None, false, 0, 0));
         assert_eq!(p.snap.exits, snap.exits);
     }
 
@@ -1422,6 +1487,57 @@ mod tests {
         assert_eq!(v["guest"].as_u64(), Some(999_000 + 995_000 - 100_000));
         let bad = s.replace("\"guest\":909000", "\"guest\":909001");
         assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { .. })), "{bad}");
+    }
+
+    const SAMPLE_SHADOW: [ShadowCounts; 2] = [
+        ShadowCounts {
+            fills: 260_012,
+            injected: 721,
+            contained: 40,
+            pool_resets: 3,
+            root_evictions: 5,
+            full_flushes: 118,
+            context_flushes: 22_950,
+        },
+        ShadowCounts { fills: 9, injected: 1, contained: 0, pool_resets: 0, root_evictions: 0, full_flushes: 2, context_flushes: 0 },
+    ];
+
+    /// The `shadow` lines (`ept=off`): each vCPU's counters and their
+    /// total, read back; a total that is not the sum, or lines out of
+    /// order, are an error; a dump without them (no `ept=off`) has none.
+    #[test]
+    fn shadow_lines_round_trip_and_add_up() {
+        let (s, ..) = full();
+        let p = parse_last_json(&s).unwrap();
+        assert_eq!(p.shadow, SAMPLE_SHADOW);
+        let line = s.lines().find(|l| l.contains("\"type\":\"shadow\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line[JSON_PREFIX.len()..]).unwrap();
+        assert_eq!(v["vcpu"], 0);
+        for ((key, _), want) in crate::shadow::FIELDS.iter().zip(SAMPLE_SHADOW[0].to_array()) {
+            assert_eq!(v[key].as_u64(), Some(want), "{key} in {line}");
+        }
+        let total = s.lines().find(|l| l.contains("\"type\":\"shadow_total\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&total[JSON_PREFIX.len()..]).unwrap();
+        assert_eq!((v["fills"].as_u64(), v["injected"].as_u64(), v["full_flushes"].as_u64()), (Some(260_021), Some(722), Some(120)));
+        let bad = s.replace("\"fills\":260021", "\"fills\":260020");
+        assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { .. })), "{bad}");
+        let swapped = s.replace("\"type\":\"shadow\",\"vcpu\":1", "\"type\":\"shadow\",\"vcpu\":0");
+        assert!(matches!(parse_last_json(&swapped), Err(JsonError::BadLine { .. })));
+        let (snap, per, ..) = sample();
+        let plain = write(&JsonDump {
+            title: "t",
+            snap: &snap,
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: None,
+            time: None,
+            shadow: None,
+        });
+        assert!(!plain.contains("shadow"));
+        assert!(parse_last_json(&plain).unwrap().shadow.is_empty());
     }
 
     fn sample_meta() -> Meta {
@@ -1478,6 +1594,7 @@ mod tests {
             smi: None,
             meta: Some(&m),
             time: None,
+            shadow: None,
         });
         assert!(
             t.contains("\"microcode\":null") && t.contains("\"emulator\":null,\"tsc_counts_instructions\":false")
