@@ -10,7 +10,10 @@
 //!
 //! Schema 2 (this one) added the `meta` line, the `flag` lines and the
 //! percentile fields of `reason` lines; schema 1 had none of them and is
-//! otherwise the same. [`parse_last_json`] reads both (a schema 1 dump has
+//! otherwise the same. The `time`/`time_total` lines and, under `ept=off`,
+//! the `shadow`/`shadow_total` lines came later within schema 2: new line
+//! types, which readers that do not know them skip (see below), so they
+//! need no new number. [`parse_last_json`] reads both (a schema 1 dump has
 //! `meta: None` and `has_flags: false`). A dump is a block of lines from a `begin` line to an
 //! `end` line, in this order:
 //!
@@ -21,6 +24,10 @@
 //! | `reason` | one per counter slot with at least one exit, ascending: `slot`, `nr` (the basic exit reason, `null` for the unknown slot, which collects reasons above 85), `key` (Linux-style identifier; `"UNDEFINED"` for a number the SDM does not define, `"UNKNOWN"` for the unknown slot), `name` (the SDM's name), `exits`, `cycles`; with details also `min` (cycles, `null` if not recorded), `max`, `sumsq` (sum of squared latencies, a decimal **string**: it is a 128-bit number), `hist` (array of 32 counts: bucket `b` counts exits of `[2^b, 2^(b+1))` cycles, bucket 0 also 0 and 1, bucket 31 everything from `2^31`; see [`crate::detail::bucket`]), and (schema 2) `p50`, `p90`, `p99`, `p99_9`: upper bounds of those percentiles from the histogram, see [`crate::detail::percentile`] |
 //! | `flag` | schema 2, one per exit-reason modifier row of [`crate::flags::FLAGS`], zeros included: `mask` (the bits of the exit-reason field it counts), `key`, `name`, `exits` |
 //! | `vcpu` | one per vCPU, ascending: `vcpu`, `exits`, `cycles` |
+//! | `time` | one per vCPU, ascending: `vcpu`, `start`, `end` (TSC at its first VM entry or the last reset, and at the dump), `ticks`, `hypervisor` (ticks in its measured exit windows), `guest` (the rest); see [`TimeSplit`] |
+//! | `time_total` | after the `time` lines: `ticks`, `hypervisor`, `guest`, their sums |
+//! | `shadow` | under `ept=off` only, one per vCPU, ascending: `vcpu`, `fills`, `injected`, `contained`, `pool_resets`, `root_evictions`, `full_flushes`, `context_flushes` (the shadow's counters since the first VM entry or the last reset; see [`crate::shadow::ShadowCounts`]) |
+//! | `shadow_total` | after the `shadow` lines: the same counters summed (no `vcpu`) |
 //! | `breakdown` | with details, per kind by count descending: `kind` (`io_port`, `msr`, `cr`, `ept_2m_region`; schema 2 adds `cpuid_leaf`, `exception_vector` and `rip`, the guest code sites; see [`BreakdownKind`]), `reason` (the exit reason of the entry: for `msr` 31 or 32 by the key's bit 32, for `rip` the reason in the key, see [`BreakdownKind::reason_of`]), `key` (number, meaning per kind), `label` (the key for people, e.g. `port 0x3f8`, `WRMSR 0x6e0`, `MOV to CR4`, `GPA 0xfee00000-0xfeffffff`), `count` |
 //! | `breakdown_other` | with details, one per kind, after its entries: `kind`, `reason`, `count` (accesses whose key was not tracked individually) |
 //! | `timeline` | with a timeline: `start` (TSC of sample 0), `interval` (TSC ticks between samples now), `base_interval` (the configured one), `doublings` (times the ring filled and the interval doubled), `samples` (number of sample lines) |
