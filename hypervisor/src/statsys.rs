@@ -10,6 +10,7 @@ use exitscope_stats::control::*;
 use exitscope_stats::detail::{DetailSnapshot, VcpuDetail};
 use exitscope_stats::leaf::{self, StatsView};
 use exitscope_stats::reasons::{self, MAX_DEFINED};
+use exitscope_stats::shadow::{ShadowCounts, VcpuShadowCounters};
 use exitscope_stats::timeline::Timeline;
 use exitscope_stats::Snapshot;
 use spin::Mutex;
@@ -17,11 +18,16 @@ use spin::Mutex;
 /// Each vCPU's detailed block (null until the vCPU exists).
 pub static DETAILS: [AtomicPtr<VcpuDetail>; MAX_CPUS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
 
+/// Each vCPU's shadow-paging counters (`ept=off`), published by the vCPU
+/// after each shadow operation (`vmx::shadowvm`), read by the dumps.
+pub static SHADOW_COUNTS: [VcpuShadowCounters; MAX_CPUS] = [const { VcpuShadowCounters::new() }; MAX_CPUS];
+
 /// What a reset took away: the figures at the moment of the reset.
 struct Baseline {
     sum: Snapshot,
     per_vcpu: Vec<Snapshot>,
     detail: Option<DetailSnapshot>,
+    shadow: Vec<ShadowCounts>,
 }
 
 static BASELINE: Mutex<Option<Baseline>> = Mutex::new(None);
@@ -81,6 +87,26 @@ pub fn current_detail() -> Option<DetailSnapshot> {
     Some(d)
 }
 
+/// Each vCPU's shadow-paging counters since the last reset (`None`
+/// without `ept=off`).
+pub fn shadow_current() -> Option<Vec<ShadowCounts>> {
+    if !state::shared().controls.shadow {
+        return None;
+    }
+    let b = BASELINE.lock();
+    let base = b.as_ref().map(|b| &b.shadow[..]).unwrap_or(&[]);
+    Some(
+        SHADOW_COUNTS[..ncpus()]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match base.get(i) {
+                Some(b) => c.load().minus(b),
+                None => c.load(),
+            })
+            .collect(),
+    )
+}
+
 /// Resets every counter to zero (as the guest and the dumps see them).
 pub fn reset() {
     let mut b = BASELINE.lock();
@@ -90,7 +116,8 @@ pub fn reset() {
     for d in details() {
         d.reset_extremes();
     }
-    *b = Some(Baseline { sum, per_vcpu, detail });
+    let shadow = SHADOW_COUNTS[..ncpus()].iter().map(VcpuShadowCounters::load).collect();
+    *b = Some(Baseline { sum, per_vcpu, detail, shadow });
     RESET_TSC.store(crate::cpu::rdtsc(), Relaxed);
     drop(b);
     if let Some(t) = TIMELINE.lock().as_mut() {
@@ -323,11 +350,15 @@ pub fn print_dump(title: &str) {
     let smi = current_smi_report();
     let meta = run_meta();
     let time = time_splits(tsc);
+    let shadow = shadow_current();
     let timeline = TIMELINE.lock();
     crate::serial::with_console(|w| {
         let _ = exitscope_stats::dump::write_dump_with(w, title, &c, &per, Some(&smi), |w| {
             exitscope_stats::dump::write_flags_section(w, &c)?;
             exitscope_stats::timesplit::write_time_section(w, &time)?;
+            if let Some(sh) = shadow.as_deref() {
+                exitscope_stats::shadow::write_shadow_section(w, sh)?;
+            }
             match detail.as_ref() {
                 Some(d) => exitscope_stats::detail::write_latency_section(w, &c, d),
                 None => Ok(()),
@@ -345,6 +376,7 @@ pub fn print_dump(title: &str) {
                 smi: Some(&smi),
                 meta: Some(&meta),
                 time: Some(&time),
+                shadow: shadow.as_deref(),
             },
         );
     });

@@ -10,7 +10,10 @@
 //!
 //! Schema 2 (this one) added the `meta` line, the `flag` lines and the
 //! percentile fields of `reason` lines; schema 1 had none of them and is
-//! otherwise the same. [`parse_last_json`] reads both (a schema 1 dump has
+//! otherwise the same. The `time`/`time_total` lines and, under `ept=off`,
+//! the `shadow`/`shadow_total` lines came later within schema 2: new line
+//! types, which readers that do not know them skip (see below), so they
+//! need no new number. [`parse_last_json`] reads both (a schema 1 dump has
 //! `meta: None` and `has_flags: false`). A dump is a block of lines from a `begin` line to an
 //! `end` line, in this order:
 //!
@@ -21,6 +24,10 @@
 //! | `reason` | one per counter slot with at least one exit, ascending: `slot`, `nr` (the basic exit reason, `null` for the unknown slot, which collects reasons above 85), `key` (Linux-style identifier; `"UNDEFINED"` for a number the SDM does not define, `"UNKNOWN"` for the unknown slot), `name` (the SDM's name), `exits`, `cycles`; with details also `min` (cycles, `null` if not recorded), `max`, `sumsq` (sum of squared latencies, a decimal **string**: it is a 128-bit number), `hist` (array of 32 counts: bucket `b` counts exits of `[2^b, 2^(b+1))` cycles, bucket 0 also 0 and 1, bucket 31 everything from `2^31`; see [`crate::detail::bucket`]), and (schema 2) `p50`, `p90`, `p99`, `p99_9`: upper bounds of those percentiles from the histogram, see [`crate::detail::percentile`] |
 //! | `flag` | schema 2, one per exit-reason modifier row of [`crate::flags::FLAGS`], zeros included: `mask` (the bits of the exit-reason field it counts), `key`, `name`, `exits` |
 //! | `vcpu` | one per vCPU, ascending: `vcpu`, `exits`, `cycles` |
+//! | `time` | one per vCPU, ascending: `vcpu`, `start`, `end` (TSC at its first VM entry or the last reset, and at the dump), `ticks`, `hypervisor` (ticks in its measured exit windows), `guest` (the rest); see [`TimeSplit`] |
+//! | `time_total` | after the `time` lines: `ticks`, `hypervisor`, `guest`, their sums |
+//! | `shadow` | under `ept=off` only, one per vCPU, ascending: `vcpu`, `fills`, `injected`, `contained`, `pool_resets`, `root_evictions`, `full_flushes`, `context_flushes` (the shadow's counters since the first VM entry or the last reset; see [`crate::shadow::ShadowCounts`]) |
+//! | `shadow_total` | after the `shadow` lines: the same counters summed (no `vcpu`) |
 //! | `breakdown` | with details, per kind by count descending: `kind` (`io_port`, `msr`, `cr`, `ept_2m_region`; schema 2 adds `cpuid_leaf`, `exception_vector` and `rip`, the guest code sites; see [`BreakdownKind`]), `reason` (the exit reason of the entry: for `msr` 31 or 32 by the key's bit 32, for `rip` the reason in the key, see [`BreakdownKind::reason_of`]), `key` (number, meaning per kind), `label` (the key for people, e.g. `port 0x3f8`, `WRMSR 0x6e0`, `MOV to CR4`, `GPA 0xfee00000-0xfeffffff`), `count` |
 //! | `breakdown_other` | with details, one per kind, after its entries: `kind`, `reason`, `count` (accesses whose key was not tracked individually) |
 //! | `timeline` | with a timeline: `start` (TSC of sample 0), `interval` (TSC ticks between samples now), `base_interval` (the configured one), `doublings` (times the ring filled and the interval doubled), `samples` (number of sample lines) |
@@ -55,6 +62,7 @@ pub use crate::dump::SmiReport;
 use crate::leaf::StatsView;
 pub use crate::meta::{CpuInfo, Meta};
 use crate::reasons::{self, SDM_SOURCE, SLOTS, UNKNOWN_SLOT};
+pub use crate::shadow::ShadowCounts;
 use crate::timeline::Timeline;
 pub use crate::timesplit::TimeSplit;
 use alloc::string::String;
@@ -86,6 +94,9 @@ pub struct JsonDump<'a> {
     pub meta: Option<&'a Meta>,
     /// Each vCPU's time split (`None`: no `time` lines).
     pub time: Option<&'a [TimeSplit]>,
+    /// Each vCPU's shadow-paging counters (`ept=off` only; `None`: no
+    /// `shadow` lines).
+    pub shadow: Option<&'a [ShadowCounts]>,
 }
 
 /// The optional SMI fields of the `begin` line.
@@ -276,6 +287,18 @@ impl fmt::Display for OptStr<'_> {
     }
 }
 
+/// The counter fields of a `shadow` or `shadow_total` line.
+struct ShadowFields<'a>(&'a ShadowCounts);
+
+impl fmt::Display for ShadowFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for ((key, _), v) in crate::shadow::FIELDS.iter().zip(self.0.to_array()) {
+            write!(f, ",\"{key}\":{v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes the JSON lines of a dump (see the module documentation).
 pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::Result {
     let mut l = Lines { w, n: 0 };
@@ -370,6 +393,12 @@ pub fn write_json_dump(w: &mut (impl Write + ?Sized), d: &JsonDump<'_>) -> fmt::
         let hv: u64 = t.iter().map(|s| s.hypervisor.min(s.ticks())).sum();
         l.line("time_total", format_args!(",\"ticks\":{ticks},\"hypervisor\":{hv},\"guest\":{}", ticks - hv))?;
     }
+    if let Some(sh) = d.shadow {
+        for (i, c) in sh.iter().enumerate() {
+            l.line("shadow", format_args!(",\"vcpu\":{i}{}", ShadowFields(c)))?;
+        }
+        l.line("shadow_total", format_args!("{}", ShadowFields(&ShadowCounts::sum(sh))))?;
+    }
     if let Some(det) = d.detail {
         for (kind, (entries, other)) in BreakdownKind::ALL.iter().zip(det.breakdowns.iter()) {
             let (name, reason) = (kind.name(), kind.reason());
@@ -433,6 +462,9 @@ pub struct ParsedJson {
     pub meta: Option<Meta>,
     /// The `time` lines, per vCPU (empty in schema 1 dumps).
     pub time: Vec<TimeSplit>,
+    /// The `shadow` lines, per vCPU (empty without `ept=off`, and in dumps
+    /// written before them).
+    pub shadow: Vec<ShadowCounts>,
     pub reasons_source: String,
     /// Exits and cycles per slot.
     pub snap: Snapshot,
@@ -766,6 +798,7 @@ impl Block {
                 smi: None,
                 meta: None,
                 time: Vec::new(),
+                shadow: Vec::new(),
                 title: String::new(),
                 reasons_source: String::new(),
                 snap: Snapshot::default(),
@@ -874,6 +907,25 @@ impl Block {
                 let hv: u64 = p.time.iter().map(|s| s.hypervisor).sum();
                 if num(v, "ticks")? != t || num(v, "hypervisor")? != hv {
                     return Err("the time_total line is not the sum of the time lines");
+                }
+            }
+            "shadow" | "shadow_total" => {
+                let c = ShadowCounts::from_array({
+                    let mut a = [0u64; crate::shadow::NFIELDS];
+                    for (x, (key, _)) in a.iter_mut().zip(crate::shadow::FIELDS) {
+                        *x = num(v, key)?;
+                    }
+                    a
+                });
+                if ty == "shadow_total" {
+                    if c != ShadowCounts::sum(&p.shadow) {
+                        return Err("the shadow_total line is not the sum of the shadow lines");
+                    }
+                } else {
+                    if num(v, "vcpu")? != p.shadow.len() as u64 {
+                        return Err("shadow lines out of order");
+                    }
+                    p.shadow.push(c);
                 }
             }
             "flag" => {
@@ -1126,6 +1178,7 @@ mod tests {
             smi: Some(&SmiReport::Counted { start: 120, end: 123, vcpu: 1 }),
             meta: Some(&sample_meta()),
             time: Some(&SAMPLE_TIME),
+            shadow: Some(&SAMPLE_SHADOW),
         });
         (s, snap, per, det, t)
     }
@@ -1179,6 +1232,7 @@ mod tests {
                 smi,
                 meta: None,
                 time: None,
+                shadow: None,
             })
         };
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
@@ -1210,6 +1264,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
@@ -1226,6 +1281,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
@@ -1256,8 +1312,22 @@ mod tests {
                 _ => {}
             }
         }
-        let want =
-            ["begin", "breakdown", "breakdown_other", "end", "flag", "meta", "reason", "sample", "time", "time_total", "timeline", "vcpu"];
+        let want = [
+            "begin",
+            "breakdown",
+            "breakdown_other",
+            "end",
+            "flag",
+            "meta",
+            "reason",
+            "sample",
+            "shadow",
+            "shadow_total",
+            "time",
+            "time_total",
+            "timeline",
+            "vcpu",
+        ];
         assert_eq!(types.into_iter().collect::<Vec<_>>(), want);
         assert!(s.contains("\"label\":\"port 0x3f8\""), "{s}");
         assert!(s.contains("\"label\":\"WRMSR 0x6e0\""), "{s}");
@@ -1318,6 +1388,7 @@ mod tests {
             smi: None,
             meta: None,
             time: None,
+            shadow: None,
         });
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
@@ -1388,12 +1459,13 @@ mod tests {
                     && !l.contains("\"type\":\"flag\"")
                     && !l.contains("\"type\":\"time\"")
                     && !l.contains("\"type\":\"time_total\"")
+                    && !l.contains("\"type\":\"shadow")
             })
             .map(|l| {
                 let l = l.replace("\"schema\":2,", "\"schema\":1,");
                 // The end line counts the lines it closes.
                 if l.contains("\"type\":\"end\"") {
-                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS - SAMPLE_TIME.len() - 1;
+                    let n = s.lines().count() - 1 - 1 - crate::flags::FLAG_ROWS - SAMPLE_TIME.len() - 1 - SAMPLE_SHADOW.len() - 1;
                     let at = l.find("\"lines\":").unwrap();
                     format!("{}\"lines\":{n}}}", &l[..at])
                 } else {
@@ -1404,7 +1476,7 @@ mod tests {
             .collect();
         let p = parse_last_json(&v1).unwrap();
         assert_eq!(p.schema, 1);
-        assert_eq!((p.meta, p.has_flags, p.time.len()), (None, false, 0));
+        assert_eq!((p.meta, p.has_flags, p.time.len(), p.shadow.len()), (None, false, 0, 0));
         assert_eq!(p.snap.exits, snap.exits);
     }
 
@@ -1422,6 +1494,57 @@ mod tests {
         assert_eq!(v["guest"].as_u64(), Some(999_000 + 995_000 - 100_000));
         let bad = s.replace("\"guest\":909000", "\"guest\":909001");
         assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { .. })), "{bad}");
+    }
+
+    const SAMPLE_SHADOW: [ShadowCounts; 2] = [
+        ShadowCounts {
+            fills: 260_012,
+            injected: 721,
+            contained: 40,
+            pool_resets: 3,
+            root_evictions: 5,
+            full_flushes: 118,
+            context_flushes: 22_950,
+        },
+        ShadowCounts { fills: 9, injected: 1, contained: 0, pool_resets: 0, root_evictions: 0, full_flushes: 2, context_flushes: 0 },
+    ];
+
+    /// The `shadow` lines (`ept=off`): each vCPU's counters and their
+    /// total, read back; a total that is not the sum, or lines out of
+    /// order, are an error; a dump without them (no `ept=off`) has none.
+    #[test]
+    fn shadow_lines_round_trip_and_add_up() {
+        let (s, ..) = full();
+        let p = parse_last_json(&s).unwrap();
+        assert_eq!(p.shadow, SAMPLE_SHADOW);
+        let line = s.lines().find(|l| l.contains("\"type\":\"shadow\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line[JSON_PREFIX.len()..]).unwrap();
+        assert_eq!(v["vcpu"], 0);
+        for ((key, _), want) in crate::shadow::FIELDS.iter().zip(SAMPLE_SHADOW[0].to_array()) {
+            assert_eq!(v[key].as_u64(), Some(want), "{key} in {line}");
+        }
+        let total = s.lines().find(|l| l.contains("\"type\":\"shadow_total\"")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&total[JSON_PREFIX.len()..]).unwrap();
+        assert_eq!((v["fills"].as_u64(), v["injected"].as_u64(), v["full_flushes"].as_u64()), (Some(260_021), Some(722), Some(120)));
+        let bad = s.replace("\"fills\":260021", "\"fills\":260020");
+        assert!(matches!(parse_last_json(&bad), Err(JsonError::BadLine { .. })), "{bad}");
+        let swapped = s.replace("\"type\":\"shadow\",\"vcpu\":1", "\"type\":\"shadow\",\"vcpu\":0");
+        assert!(matches!(parse_last_json(&swapped), Err(JsonError::BadLine { .. })));
+        let (snap, per, ..) = sample();
+        let plain = write(&JsonDump {
+            title: "t",
+            snap: &snap,
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: None,
+            time: None,
+            shadow: None,
+        });
+        assert!(!plain.contains("shadow"));
+        assert!(parse_last_json(&plain).unwrap().shadow.is_empty());
     }
 
     fn sample_meta() -> Meta {
@@ -1478,6 +1601,7 @@ mod tests {
             smi: None,
             meta: Some(&m),
             time: None,
+            shadow: None,
         });
         assert!(
             t.contains("\"microcode\":null") && t.contains("\"emulator\":null,\"tsc_counts_instructions\":false")

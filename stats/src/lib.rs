@@ -23,6 +23,7 @@ pub mod leaf;
 #[cfg(feature = "alloc")]
 pub mod meta;
 pub mod reasons;
+pub mod shadow;
 #[cfg(feature = "alloc")]
 pub mod symbols;
 #[cfg(feature = "alloc")]

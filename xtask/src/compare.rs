@@ -480,7 +480,18 @@ mod tests {
         let mut js = String::new();
         write_json_dump(
             &mut js,
-            &JsonDump { title, snap: &snap, per_vcpu: &per, detail: None, timeline: None, tsc: None, smi: None, meta: None, time: None },
+            &JsonDump {
+                title,
+                snap: &snap,
+                per_vcpu: &per,
+                detail: None,
+                timeline: None,
+                tsc: None,
+                smi: None,
+                meta: None,
+                time: None,
+                shadow: None,
+            },
         )
         .unwrap();
         format!("guest output\n{human}{js}")

@@ -262,6 +262,8 @@ pub struct Data {
     pub meta: Option<json::Meta>,
     /// Each vCPU's time split (schema 2).
     pub time: Vec<json::TimeSplit>,
+    /// Each vCPU's shadow-paging counters (`ept=off` only; empty otherwise).
+    pub shadow: Vec<json::ShadowCounts>,
     /// Names of guest code sites that the guest's `exitstat --symbolize`
     /// printed in the log (`[exitscope-sym]` lines).
     pub guest_syms: std::collections::BTreeMap<u64, String>,
@@ -288,6 +290,7 @@ impl Data {
                     schema: p.schema,
                     meta: p.meta,
                     time: p.time,
+                    shadow: p.shadow,
                     guest_syms: exitscope_stats::symbols::parse_sym_lines(log),
                     json_problem: None,
                 }))
@@ -309,6 +312,7 @@ impl Data {
                 schema: 0,
                 meta: None,
                 time: Vec::new(),
+                shadow: exitscope_stats::shadow::parse_last_shadow_section(log).unwrap_or_default(),
                 guest_syms: exitscope_stats::symbols::parse_sym_lines(log),
                 json_problem,
             })),
@@ -616,6 +620,21 @@ impl<'a> Report<'a> {
             }
             let _ =
                 writeln!(s, "  (hypervisor: the measured exit windows, so a lower bound; the hardware exit and entry count as guest time)");
+        }
+        if !d.shadow.is_empty() {
+            let _ = writeln!(s, "Shadow paging (ept=off), per vCPU since the first VM entry (or the last reset):");
+            let mut section = String::new();
+            let _ = exitscope_stats::shadow::write_shadow_section(&mut section, &d.shadow);
+            for l in section.lines().skip(1) {
+                let _ = writeln!(s, "{}", l.trim_start_matches(exitscope_stats::dump::PREFIX));
+            }
+            let t = exitscope_stats::shadow::ShadowCounts::sum(&d.shadow);
+            let pf = d.snap.exits[0];
+            let _ = writeln!(
+                s,
+                "  (of the {pf} exception exits (reason 0), {} were #PFs filled, {} the guest's own #PFs given to it, {} contained)",
+                t.fills, t.injected, t.contained
+            );
         }
         if d.has_flags {
             let set: Vec<String> = exitscope_stats::flags::FLAGS
@@ -1339,6 +1358,7 @@ mod tests {
                 smi: None,
                 meta: None,
                 time: None,
+                shadow: None,
             },
         )
         .unwrap();
@@ -1473,6 +1493,7 @@ mod tests {
                     json::TimeSplit { start: 0, end: 1000, hypervisor: 300 },
                     json::TimeSplit { start: 100, end: 1000, hypervisor: 100 },
                 ]),
+                shadow: None,
             },
         )
         .unwrap();
@@ -1489,6 +1510,69 @@ mod tests {
             head[4].starts_with("TSC:     50.000 MHz (calibrated against the ACPI PM timer); in Bochs the TSC counts emulated"),
             "{text}"
         );
+    }
+
+    /// An `ept=off` dump's shadow counters: the report shows them from the
+    /// JSON lines and, without those, from the human section; a dump
+    /// without them (EPT) shows none.
+    #[test]
+    fn shadow_counters_are_reported() {
+        let (mut snap, per, ..) = synthetic();
+        snap.exits[0] = 130;
+        snap.cycles[0] = 200_000;
+        let sh = [
+            json::ShadowCounts {
+                fills: 100,
+                injected: 20,
+                contained: 10,
+                pool_resets: 1,
+                root_evictions: 2,
+                full_flushes: 3,
+                context_flushes: 4,
+            },
+            json::ShadowCounts {
+                fills: 7,
+                injected: 0,
+                contained: 3,
+                pool_resets: 0,
+                root_evictions: 0,
+                full_flushes: 1,
+                context_flushes: 0,
+            },
+        ];
+        let mut human = String::new();
+        dump::write_dump_with(&mut human, "final", &snap, &per, None, |w| exitscope_stats::shadow::write_shadow_section(w, &sh)).unwrap();
+        let mut js = String::new();
+        let jd = JsonDump {
+            title: "final",
+            snap: &snap,
+            per_vcpu: &per,
+            detail: None,
+            timeline: None,
+            tsc: None,
+            smi: None,
+            meta: None,
+            time: None,
+            shadow: Some(&sh),
+        };
+        write_json_dump(&mut js, &jd).unwrap();
+        for (log, source) in [(format!("{human}{js}"), Source::Json), (human.clone(), Source::Human)] {
+            let d = Data::from_log(&log).unwrap().unwrap();
+            assert_eq!((d.source, &d.shadow[..]), (source, &sh[..]));
+            let text = Report::new(&d, None).text();
+            assert!(text.contains("Shadow paging (ept=off), per vCPU"), "{text}");
+            assert!(text.lines().any(|l| l.split_whitespace().eq(["total", "107", "20", "13", "1", "2", "4", "4"])), "{text}");
+            assert!(
+                text.contains(
+                    "(of the 130 exception exits (reason 0), 107 were #PFs filled, 20 the guest's own #PFs given to it, 13 contained)"
+                ),
+                "{text}"
+            );
+        }
+        let mut plain = String::new();
+        write_json_dump(&mut plain, &JsonDump { shadow: None, ..jd }).unwrap();
+        let d = Data::from_log(&plain).unwrap().unwrap();
+        assert!(d.shadow.is_empty() && !Report::new(&d, None).text().contains("Shadow paging"));
     }
 
     /// `--symbols` on a small System.map written here: the report names the
@@ -1528,6 +1612,7 @@ mod tests {
                 smi: None,
                 meta: None,
                 time: None,
+                shadow: None,
             },
         )
         .unwrap();

@@ -450,6 +450,48 @@ fn require_shadow_checks(out: &bochs::Outcome) -> Result {
     require(out, "[exitscope] interception: profile minimal, intercept=hlt, ept=off (shadow paging")
 }
 
+/// The shadow's counters in the final dump of a probe run under `ept=off`
+/// (`exitscope_stats::shadow`): a `shadow` line per vCPU in the JSON dump
+/// and the same figures in the human dump's section; the probe's shadow
+/// checks alone make 5N fills (fresh pages, clean pages written, fresh
+/// pages written, the pages after INVLPG and after the CR3 reloads: 8
+/// each), 3 injected #PFs (`shadow-pf-delivered`), a context flush per
+/// CR3 reload (K = 4, no PCIDs) and full flushes by the CR0.WP writes; and
+/// the #PF exits (reason 0: the profile `minimal` intercepts no other
+/// exception) are exactly the fills, the injections and the contained
+/// accesses (the local APIC's MMIO on two vCPUs).
+fn check_shadow_counters(out: &bochs::Outcome, cpus: usize) -> Result {
+    use exitscope_stats::shadow::{parse_last_shadow_section, ShadowCounts};
+    let j = exitscope_stats::json::parse_last_json(&out.serial).map_err(|e| format!("final JSON dump: {e}"))?;
+    if j.shadow.len() != cpus {
+        return Err(format!("the final JSON dump has {} shadow lines, expected one per vCPU ({cpus})", j.shadow.len()));
+    }
+    let human = parse_last_shadow_section(&out.serial).ok_or("the final human dump has no (well-formed) shadow-paging section")?;
+    if human != j.shadow {
+        return Err(format!("the human dump's shadow section {human:?} differs from the JSON dump's {:?}", j.shadow));
+    }
+    let t = ShadowCounts::sum(&j.shadow);
+    let pf = j.snap.exits[0];
+    let (n, k) = (8, 4);
+    if t.fills < 5 * n || t.injected < 3 || t.context_flushes < k || t.full_flushes < 2 {
+        return Err(format!(
+            "shadow counters {t:?}: expected fills >= {}, injected >= 3, context flushes >= {k}, full flushes >= 2",
+            5 * n
+        ));
+    }
+    if t.fills + t.injected + t.contained != pf {
+        return Err(format!(
+            "{} fills, {} injected #PFs and {} contained accesses, not the {pf} #PF exits (reason 0)",
+            t.fills, t.injected, t.contained
+        ));
+    }
+    eprintln!(
+        "xtask:   shadow: {pf} #PF exits: {} fills, {} injected, {} contained; {} pool resets, {} root evictions, {} full and {} context flushes",
+        t.fills, t.injected, t.contained, t.pool_resets, t.root_evictions, t.full_flushes, t.context_flushes
+    );
+    Ok(())
+}
+
 /// Shadow paging (`ept=off`, issue 16) on one vCPU: the probe's every
 /// check (exact counts, with the shadow's #PF exits allowed on top where
 /// the measured code does not control what it touches) and its shadow
@@ -467,6 +509,7 @@ fn probe_ept_off(ctx: &Ctx) -> Result {
     if d.snap.exits[0] == 0 {
         return Err("the dump has no #PF exits (reason 0) under ept=off".into());
     }
+    check_shadow_counters(&out, 1)?;
     only_enabled(&d, opts)
 }
 
@@ -481,6 +524,7 @@ fn probe_smp2_ept_off(ctx: &Ctx) -> Result {
     // shadow and its #PF exits: at least its CPUIDs.
     check_ap_shares(&d, 2, k, None)?;
     require_shadow_checks(&out)?;
+    check_shadow_counters(&out, 2)?;
     only_enabled(&d, "ept=off")
 }
 

@@ -190,22 +190,9 @@ pub enum PfOutcome {
     Unsupported,
 }
 
-/// Counters of one vCPU's shadow, for the dump and the tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Shadow entries made.
-    pub fills: u64,
-    /// #PFs given to the guest.
-    pub injected: u64,
-    /// The pool ran out and everything was dropped.
-    pub pool_resets: u64,
-    /// Roots dropped to make room for another context.
-    pub root_evictions: u64,
-    /// Flushes of everything (CR0/CR4/EFER changes, INVPCID 2/3).
-    pub full_flushes: u64,
-    /// Contexts flushed by CR3 loads or INVPCID 1.
-    pub context_flushes: u64,
-}
+/// Counters of one vCPU's shadow, for the dump and the tests (the dump's
+/// vocabulary: `exitscope_stats::shadow`).
+pub use exitscope_stats::shadow::ShadowCounts as Stats;
 
 struct Root {
     pcid: u16,
@@ -616,6 +603,7 @@ impl<M: PoolMem> Shadow<M> {
         };
         let frame_policy = host(w.frame);
         if frame_policy == Frame::Forbidden || (frame_policy == Frame::ReadOnly && acc.write) {
+            self.stats.contained += 1;
             return PfOutcome::Contain { gpa: w.frame | (la & 0xFFF), access: acc };
         }
         let leaf = shadow_leaf(&w, acc, p, frame_policy == Frame::Open);

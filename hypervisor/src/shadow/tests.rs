@@ -676,6 +676,8 @@ fn the_hypervisor_footprint_is_never_mapped() {
     assert_eq!(s.page_fault(&mut ram, &c, 0x2000, 0, host), PfOutcome::Filled);
     assert_eq!(s.lookup(0x2000), Some(0x8000 | P | A | D));
     assert_eq!(s.page_fault(&mut ram, &c, 0x2000, PF_P | PF_W, host), PfOutcome::Contain { gpa: 0x8000, access: Access::WRITE });
+    // The dump's counters: three contained, two filled, none injected.
+    assert_eq!((s.stats.contained, s.stats.fills, s.stats.injected), (3, 2, 0));
     // Guest page tables in the footprint: never read; the guest stops.
     let pml4e_at = sp.cr3 + ((0x7000_0000_0000u64 >> 39) & 0x1FF) * 8;
     ram.put(pml4e_at, true, foot.0 | P | RW);

@@ -76,8 +76,36 @@ impl core::fmt::Display for ShadowSetupError {
 /// locks it, so the lock is never contended.
 static SHADOWS: [spin::Mutex<Option<&'static mut ShadowVcpu>>; MAX_CPUS] = [const { spin::Mutex::new(None) }; MAX_CPUS];
 
-fn slot(id: usize) -> spin::MutexGuard<'static, Option<&'static mut ShadowVcpu>> {
-    SHADOWS[id].lock()
+/// vCPU `id`'s shadow, locked; its counters are published for the dumps
+/// (`statsys::SHADOW_COUNTS`) when the guard goes.
+struct Slot {
+    id: usize,
+    guard: spin::MutexGuard<'static, Option<&'static mut ShadowVcpu>>,
+}
+
+impl core::ops::Deref for Slot {
+    type Target = Option<&'static mut ShadowVcpu>;
+    fn deref(&self) -> &Self::Target {
+        &self.guard
+    }
+}
+
+impl core::ops::DerefMut for Slot {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.guard
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(s) = self.guard.as_deref() {
+            crate::statsys::SHADOW_COUNTS[self.id].publish(&s.shadow.stats);
+        }
+    }
+}
+
+fn slot(id: usize) -> Slot {
+    Slot { id, guard: SHADOWS[id].lock() }
 }
 
 /// Makes vCPU `id`'s shadow, its pool from the arena.
