@@ -159,6 +159,17 @@ impl RunCache {
         }
     }
 
+    /// [`extends`](Self::extends) by `n` records.
+    #[inline(always)]
+    fn extends_by(&self, stored: u64, n: u64) -> bool {
+        if self.last.load(Relaxed) == stored {
+            bump(&self.run, n);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Flushes the pending run with `flush(stored, run)` under the sequence
     /// count and starts a run of `stored`.
     #[inline(always)]
@@ -314,6 +325,16 @@ impl<const N: usize> TopTable<N> {
         }
     }
 
+    /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
+    #[inline(always)]
+    pub fn record_n(&self, key: u64, n: u64) {
+        let stored = key.wrapping_add(1);
+        if !self.cache.extends_by(stored, n) {
+            self.start_run(stored);
+            bump(&self.cache.run, n - 1);
+        }
+    }
+
     /// Flushes the pending run into the table and starts one of `stored`.
     #[inline(never)]
     #[cold]
@@ -420,6 +441,16 @@ impl<const N: usize> HashTable<N> {
         let stored = key.wrapping_add(1);
         if !self.cache.extends(stored) {
             self.start_run(stored);
+        }
+    }
+
+    /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
+    #[inline(always)]
+    pub fn record_n(&self, key: u64, n: u64) {
+        let stored = key.wrapping_add(1);
+        if !self.cache.extends_by(stored, n) {
+            self.start_run(stored);
+            bump(&self.cache.run, n - 1);
         }
     }
 
@@ -826,8 +857,9 @@ impl VcpuDetail {
         bump(&self.cr[((cr as usize & 15) << 2) | (access as usize & 3)], 1);
     }
 
-    /// Records one sample as a fold does (owning vCPU only).
-    #[inline(always)]
+    /// Records one sample at once (the reference the unit tests compare
+    /// the ring with).
+    #[cfg(test)]
     fn apply(&self, e: [u64; 4], extremes: bool) {
         let x = decode(e);
         self.record_latency(x.slot, x.cycles, extremes);
@@ -845,6 +877,11 @@ impl VcpuDetail {
 
     /// Folds the ring's samples into the tables and empties it (owning
     /// vCPU only; the exit path calls it when a push fills the ring).
+    ///
+    /// It goes by runs of samples with the same key, site and reason (a
+    /// loop's exits): per run one decode and one record in each table,
+    /// per sample only its latency, with the reason's minimum, maximum
+    /// and sum of squares kept in registers.
     #[inline(never)]
     pub fn fold(&self) {
         let r = &self.ring;
@@ -854,12 +891,64 @@ impl VcpuDetail {
         // then reads the sequence count; this stores the count, then
         // reads the mark. One of the two sees the other.
         fence(SeqCst);
-        let from = r.extremes_from(s);
-        for i in 0..r.len() {
-            self.apply(r.entry(i), i >= from);
+        let (n, from) = (r.len(), r.extremes_from(s));
+        let mut i = 0;
+        while i < n {
+            // A run does not cross the reset mark (minima and maxima count
+            // only the samples from it on).
+            let end = if i < from { from.min(n) } else { n };
+            let e = r.entry(i);
+            let x = decode(e);
+            let j = if i < from { self.fold_run::<false>(x.slot, e, i, end) } else { self.fold_run::<true>(x.slot, e, i, end) };
+            let len = (j - i) as u64;
+            match x.table {
+                Some((Table::Io, k)) => self.io_ports.record_n(k, len),
+                Some((Table::Msr, k)) => self.msrs.record_n(k, len),
+                Some((Table::Ept, k)) => self.ept_regions.record_n(k, len),
+                Some((Table::Cpuid, k)) => self.cpuid.record_n(k, len),
+                Some((Table::Exception, k)) => self.exceptions.record_n(k, len),
+                Some((Table::Cr, k)) => bump(&self.cr[k as usize & 63], len),
+                None => {}
+            }
+            self.rips.record_n(x.site, len);
+            i = j;
         }
         r.off.store(RING_EMPTY, Relaxed);
         r.seq.store(s.wrapping_add(2), Release);
+    }
+
+    /// The latencies of the run of samples like `e` from `i` (before
+    /// `end`) into `slot`; returns where the run ends.
+    #[inline(always)]
+    fn fold_run<const EXTREMES: bool>(&self, slot: usize, e: [u64; 4], i: usize, end: usize) -> usize {
+        let (r, s) = (&self.ring, &self.slots[slot]);
+        let (mut min, mut max) = (s.min.load(Relaxed), s.max.load(Relaxed));
+        let mut sumsq = (s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128;
+        let mut j = i;
+        loop {
+            let c = r.entries[j & (RING - 1)][0].load(Relaxed);
+            if EXTREMES {
+                min = min.min(c);
+                max = max.max(c);
+            }
+            sumsq = sumsq.wrapping_add(c as u128 * c as u128);
+            bump(&s.hist[bucket(c)], 1);
+            j += 1;
+            if j >= end {
+                break;
+            }
+            let f = &r.entries[j & (RING - 1)];
+            if f[1].load(Relaxed) != e[1] || f[2].load(Relaxed) != e[2] || f[3].load(Relaxed) != e[3] {
+                break;
+            }
+        }
+        if EXTREMES {
+            s.min.store(min, Relaxed);
+            s.max.store(max, Relaxed);
+        }
+        s.sumsq_lo.store(sumsq as u64, Relaxed);
+        s.sumsq_hi.store((sumsq >> 64) as u64, Relaxed);
+        j
     }
 
     /// Forgets minima and maxima (a counter reset; the other figures are

@@ -194,13 +194,11 @@ macro_rules! stub_fast_advance {
 /// Offsets of this vCPU's sample ring from the state block (detailed
 /// builds; the other builds name them without using them).
 #[cfg(feature = "detailed")]
-const RING_OFF_OFFSET: usize = vcpu::DETAIL_OFFSET
-    + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring)
-    + exitscope_stats::detail::RING_OFF_OFFSET;
+const RING_OFF_OFFSET: usize =
+    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_OFF_OFFSET;
 #[cfg(feature = "detailed")]
-const RING_END_OFFSET: usize = vcpu::DETAIL_OFFSET
-    + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring)
-    + exitscope_stats::detail::RING_END_OFFSET;
+const RING_END_OFFSET: usize =
+    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_END_OFFSET;
 #[cfg(not(feature = "detailed"))]
 const RING_OFF_OFFSET: usize = 0;
 #[cfg(not(feature = "detailed"))]
