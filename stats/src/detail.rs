@@ -1574,7 +1574,7 @@ mod tests {
                 _ => [12u16, 18, 1, 7, 52, 86][(r >> 9) as usize % 6],
             };
             let key = match kind {
-                sample::FAST_CPUID => (r >> 11) % 24 | ((r >> 17) % 3) << 32,
+                sample::FAST_CPUID => ((r >> 11) % 24) | (((r >> 17) % 3) << 32),
                 sample::CR => (r >> 11) % 64,
                 _ => (r >> 11) % 40,
             };
@@ -1583,7 +1583,7 @@ mod tests {
             let rip = 0xffff_ffff_8100_0000 + (r >> 33) % 300;
             for _ in 0..(r >> 40) % 5 + 1 {
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let cycles = (seed >> 33) % 4000 >> ((seed >> 50) % 10);
+                let cycles = ((seed >> 33) % 4000) >> ((seed >> 50) % 10);
                 v.push([cycles, key, rip, tag]);
             }
         }

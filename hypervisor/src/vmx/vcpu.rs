@@ -118,7 +118,7 @@ pub struct VcpuState {
 #[cfg(feature = "detailed")]
 pub const DETAIL_OFFSET: usize = core::mem::size_of::<VcpuState>();
 #[cfg(feature = "detailed")]
-const _: () = assert!(DETAIL_OFFSET % core::mem::align_of::<exitscope_stats::detail::VcpuDetail>() == 0);
+const _: () = assert!(DETAIL_OFFSET.is_multiple_of(core::mem::align_of::<exitscope_stats::detail::VcpuDetail>()));
 
 pub const OFFSET_TSC_EXIT: usize = 120;
 const _: () = assert!(core::mem::offset_of!(VcpuState, tsc_exit) == OFFSET_TSC_EXIT);
