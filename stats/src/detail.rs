@@ -784,9 +784,8 @@ fn decode(e: [u64; 4]) -> Sample {
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct VcpuDetail {
-    /// Samples not yet folded in; first, so that the exit stub reaches it
-    /// with short offsets.
-    pub ring: Ring,
+    /// First, so that the generic path addresses a reason's slot without
+    /// adding an offset to it.
     slots: [DetailSlot; SLOTS],
     pub io_ports: TopTable<TOP_KEYS>,
     pub msrs: TopTable<TOP_KEYS>,
@@ -799,6 +798,9 @@ pub struct VcpuDetail {
     pub exceptions: TopTable<TOP_KEYS>,
     /// Exits by guest code site ([`rip_key`]).
     pub rips: HashTable<RIP_KEYS>,
+    /// The CPUID fast path's samples not yet folded in (the exit stub
+    /// reaches it with 32-bit offsets from RSP).
+    pub ring: Ring,
 }
 
 /// Slots of the CPUID breakdown per vCPU.
@@ -813,7 +815,6 @@ impl Default for VcpuDetail {
 impl VcpuDetail {
     pub const fn new() -> VcpuDetail {
         VcpuDetail {
-            ring: Ring::new(),
             slots: [const { DetailSlot::new() }; SLOTS],
             io_ports: TopTable::new(),
             msrs: TopTable::new(),
@@ -822,6 +823,7 @@ impl VcpuDetail {
             cpuid: HashTable::new(),
             exceptions: TopTable::new(),
             rips: HashTable::new(),
+            ring: Ring::new(),
         }
     }
 

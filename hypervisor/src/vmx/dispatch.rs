@@ -45,15 +45,15 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
     if idt::machine_check_pending(v.id) {
         reflect_machine_check(v);
     }
-    // The detailed statistics: the exit's sample in this vCPU's ring,
-    // after the window (as the stub's fast path).
+    account(v, basic);
+    // The detailed statistics' tables, after the window (as the stub's
+    // fast path): their cost varies with the keys met before (a run of one
+    // key, a new key), which the measured window should not.
     #[cfg(feature = "detailed")]
     {
-        let (kind, key) = _note.sample();
-        super::stub::account_sample(v, basic, rip, kind, key);
+        super::stub::note_site(v, basic, rip);
+        record_note(v, _note);
     }
-    #[cfg(not(feature = "detailed"))]
-    account(v, basic);
 }
 
 /// Every other exit, out of line: the hot path keeps its registers.
@@ -208,22 +208,18 @@ fn detail_note(v: &VcpuState, e: Exit) -> Note {
     }
 }
 
+/// Records the breakdown an exit's [`Note`] names (after the window).
 #[cfg(feature = "detailed")]
-impl Note {
-    /// The breakdown kind and key of the exit's sample
-    /// (`exitscope_stats::detail::sample`).
-    #[inline(always)]
-    fn sample(self) -> (u64, u64) {
-        use exitscope_stats::detail::sample;
-        match self {
-            Note::None => (sample::NONE, 0),
-            Note::Cpuid(k) => (sample::CPUID, k),
-            Note::Exception(k) => (sample::EXCEPTION, k),
-            Note::Io(k) => (sample::IO, k),
-            Note::Msr(k) => (sample::MSR, k),
-            Note::Cr(cr, kind) => (sample::CR, ((cr as u64 & 15) << 2) | (kind as u64 & 3)),
-            Note::Ept(k) => (sample::EPT, k),
-        }
+#[inline(always)]
+fn record_note(v: &VcpuState, n: Note) {
+    match n {
+        Note::None => {}
+        Note::Cpuid(k) => v.detail.cpuid.record(k),
+        Note::Exception(k) => v.detail.exceptions.record(k),
+        Note::Io(k) => v.detail.io_ports.record(k),
+        Note::Msr(k) => v.detail.msrs.record(k),
+        Note::Cr(cr, kind) => v.detail.record_cr(cr, kind),
+        Note::Ept(k) => v.detail.ept_regions.record(k),
     }
 }
 

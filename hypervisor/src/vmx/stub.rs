@@ -351,49 +351,47 @@ pub fn launch(v: &'static mut VcpuState) -> ! {
 }
 
 /// Charges the exit to its reason: the last thing before VMRESUME. The
-/// second RDTSC ends the measured window; recording comes after it. In
-/// builds with the detailed statistics the dispatcher calls
-/// [`account_sample`] instead (this records only the latency there, for
-/// the exit that ends the run).
+/// second RDTSC ends the measured window; recording comes after it.
 #[inline(always)]
 pub fn account(v: &VcpuState, basic: u16) {
     #[cfg(feature = "accounting")]
-    {
-        let now = crate::cpu::rdtsc();
-        let cycles = now.wrapping_sub(v.tsc_exit);
-        v.counters.record(slot_of(basic), cycles);
-        #[cfg(feature = "detailed")]
-        {
-            v.detail.record(slot_of(basic), cycles);
-            if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
-                crate::statsys::timeline_sample(now);
-            }
-        }
-    }
+    record(v, slot_of(basic), crate::cpu::rdtsc());
     #[cfg(not(feature = "accounting"))]
     let _ = (v, basic);
 }
 
-/// [`account`] with the detailed statistics: the counters, then the
-/// exit's sample in this vCPU's ring (`[cycles, key, rip, tag]`, see
-/// `exitscope_stats::detail::sample`; folded into the tables when the ring
-/// is full), then the timeline's deadline. `rip` is the exit's guest RIP,
-/// `kind` and `key` its breakdown.
-#[cfg(feature = "detailed")]
+/// Records one exit of `slot` whose window ended at TSC `now` (the generic
+/// path: its latency straight into the detail tables).
+#[cfg(feature = "accounting")]
 #[inline(always)]
-pub fn account_sample(v: &VcpuState, basic: u16, rip: u64, kind: u64, key: u64) {
-    let now = crate::cpu::rdtsc();
+fn record(v: &VcpuState, slot: usize, now: u64) {
     let cycles = now.wrapping_sub(v.tsc_exit);
-    v.counters.record(slot_of(basic), cycles);
-    let ss = super::vmread(guest::SS_ACCESS_RIGHTS);
-    if v.detail.ring.push([cycles, key, rip, exitscope_stats::detail::sample::tag(ss, kind, basic)]) {
-        v.detail.fold();
-    }
+    #[cfg(feature = "detailed")]
+    v.detail.record(slot, cycles);
+    v.counters.record(slot, cycles);
     // Last, so that the rare sample is a tail call and the common path
     // keeps nothing live across it (the sample includes this exit).
+    #[cfg(feature = "detailed")]
     if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
         crate::statsys::timeline_sample(now);
     }
+}
+
+/// The guest-code-site key of this exit: its reason, the guest RIP of the
+/// instruction that caused it, and whether the guest was in user mode (CPL
+/// 3, the DPL of SS).
+#[cfg(feature = "detailed")]
+#[inline(always)]
+fn site_key(basic: u16, rip: u64) -> u64 {
+    let user = (super::vmread(super::guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 3;
+    exitscope_stats::detail::rip_key(basic, rip, user)
+}
+
+/// Counts the exit in the guest-code-site table ([`site_key`]).
+#[cfg(feature = "detailed")]
+#[inline(always)]
+pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
+    v.detail.rips.record(site_key(basic, rip));
 }
 
 /// The CPUID fast path's ring is full (detailed builds): fold it.
