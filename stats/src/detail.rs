@@ -30,6 +30,18 @@ pub const fn bucket(cycles: u64) -> usize {
     }
 }
 
+/// Histogram buckets a vCPU's [`DetailSlot`] keeps: one per bit, so that
+/// the recording takes the bucket straight from `bsr` without clamping it;
+/// readers count buckets `HIST_BUCKETS - 1` and up in the last bucket
+/// (cycles of 2^31 and more).
+const RAW_BUCKETS: usize = 64;
+
+/// The [`DetailSlot`] bucket of `cycles` (its highest set bit).
+#[inline(always)]
+const fn raw_bucket(cycles: u64) -> usize {
+    (cycles | 1).ilog2() as usize
+}
+
 /// Lower bound (cycles) of histogram bucket `b`.
 pub const fn bucket_floor(b: usize) -> u64 {
     if b == 0 {
@@ -108,7 +120,8 @@ pub struct DetailSlot {
     max: AtomicU64,
     sumsq_lo: AtomicU64,
     sumsq_hi: AtomicU64,
-    hist: [AtomicU64; HIST_BUCKETS],
+    /// By [`raw_bucket`].
+    hist: [AtomicU64; RAW_BUCKETS],
 }
 
 impl DetailSlot {
@@ -118,7 +131,7 @@ impl DetailSlot {
             max: AtomicU64::new(0),
             sumsq_lo: AtomicU64::new(0),
             sumsq_hi: AtomicU64::new(0),
-            hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
+            hist: [const { AtomicU64::new(0) }; RAW_BUCKETS],
         }
     }
 }
@@ -827,8 +840,19 @@ impl VcpuDetail {
         }
     }
 
+    /// Makes an all-zero block what [`new`](Self::new) makes. Every field
+    /// is an atomic integer, so all zeros is a block, and one built in
+    /// place this way never passes through a stack (it is larger than the
+    /// boot CPU's).
+    pub fn init_zeroed(&self) {
+        for s in &self.slots {
+            s.min.store(u64::MAX, Relaxed);
+        }
+        self.ring.off.store(RING_EMPTY, Relaxed);
+    }
+
     /// Records the latency of one exit of `slot` at once (owning vCPU
-    /// only; the exit path goes through the [`Ring`]).
+    /// only; the CPUID fast path goes through the [`Ring`]).
     #[inline(always)]
     pub fn record(&self, slot: usize, cycles: u64) {
         self.record_latency(slot, cycles, true);
@@ -850,7 +874,7 @@ impl VcpuDetail {
         let (new_lo, carry) = lo.overflowing_add(sq as u64);
         s.sumsq_lo.store(new_lo, Relaxed);
         s.sumsq_hi.store(s.sumsq_hi.load(Relaxed).wrapping_add((sq >> 64) as u64 + carry as u64), Relaxed);
-        bump(&s.hist[bucket(cycles)], 1);
+        bump(&s.hist[raw_bucket(cycles)], 1);
     }
 
     /// Counts a control-register access.
@@ -934,7 +958,7 @@ impl VcpuDetail {
                 max = max.max(c);
             }
             sumsq = sumsq.wrapping_add(c as u128 * c as u128);
-            bump(&s.hist[bucket(c)], 1);
+            bump(&s.hist[raw_bucket(c)], 1);
             j += 1;
             if j >= end {
                 break;
@@ -1018,8 +1042,9 @@ impl Part {
             .map(|s| {
                 let min = s.min.load(Relaxed);
                 let mut hist = [0u64; HIST_BUCKETS];
-                for (h, a) in hist.iter_mut().zip(s.hist.iter()) {
-                    *h = a.load(Relaxed);
+                for (b, a) in s.hist.iter().enumerate() {
+                    let h = &mut hist[b.min(HIST_BUCKETS - 1)];
+                    *h = h.wrapping_add(a.load(Relaxed));
                 }
                 ReasonDetail {
                     min: (min != u64::MAX).then_some(min),
@@ -1244,6 +1269,20 @@ mod tests {
         assert_eq!(bucket(1023), 9);
         assert_eq!(bucket(1024), 10);
         assert_eq!(bucket(u64::MAX), HIST_BUCKETS - 1);
+        // The recording's unclamped buckets land in the reader's.
+        let d = VcpuDetail::new();
+        let xs = [0, 1, 2, 3, 1023, 1024, (1 << 31) - 1, 1 << 31, (1 << 31) + 5, 1 << 40, u64::MAX];
+        for &c in &xs {
+            assert_eq!(raw_bucket(c).min(HIST_BUCKETS - 1), bucket(c), "{c}");
+            d.record(5, c);
+        }
+        let r = DetailSnapshot::sum([&d]).reasons[5];
+        let mut want = [0u64; HIST_BUCKETS];
+        for &c in &xs {
+            want[bucket(c)] += 1;
+        }
+        assert_eq!(r.hist, want);
+        assert_eq!(r.hist[HIST_BUCKETS - 1], 4);
         for b in 1..HIST_BUCKETS - 1 {
             assert_eq!(bucket(bucket_floor(b)), b);
             assert_eq!(bucket(bucket_floor(b + 1) - 1), b);
@@ -1591,6 +1630,26 @@ mod tests {
         }
         v.truncate(n);
         v
+    }
+
+    /// A block zeroed and [`VcpuDetail::init_zeroed`] is a new one.
+    #[test]
+    fn a_zeroed_block_initialized_in_place_is_new() {
+        // SAFETY: every field of `VcpuDetail` is an atomic integer, for
+        // which all zeros is a valid value.
+        let z = unsafe { Box::<VcpuDetail>::new_zeroed().assume_init() };
+        z.init_zeroed();
+        let n = VcpuDetail::new();
+        assert_eq!(format!("{z:?}"), format!("{n:?}"));
+        for (i, &e) in samples(300, 7).iter().enumerate() {
+            for d in [&*z, &n] {
+                d.record(i % SLOTS, e[0]);
+                if d.ring.push(e) {
+                    d.fold();
+                }
+            }
+        }
+        assert_eq!(DetailSnapshot::sum([&*z]), DetailSnapshot::sum([&n]));
     }
 
     /// The ring changes no figure: after any number of samples, with folds

@@ -164,11 +164,15 @@ pub fn alloc(id: usize, revision: u32, counters: &'static VcpuCounters) -> Resul
         let p = base.wrapping_add(STACK_SIZE + DETAIL_OFFSET) as *mut exitscope_stats::detail::VcpuDetail;
         // SAFETY: fresh arena memory after the state block (allocated
         // above with room for both, aligned: pages + a multiple of the
-        // alignment), never freed, and no other reference covers it.
+        // alignment), never freed, and no other reference covers it;
+        // zeroed, it holds a `VcpuDetail` (atomic integers only), which
+        // `init_zeroed` makes a new one in place (built on the stack and
+        // moved, it would not fit the boot CPU's).
         let d: &'static exitscope_stats::detail::VcpuDetail = unsafe {
-            p.write(exitscope_stats::detail::VcpuDetail::new());
+            p.write_bytes(0, 1);
             &*p
         };
+        d.init_zeroed();
         crate::statsys::DETAILS[id].store(p, core::sync::atomic::Ordering::SeqCst);
         d
     };
