@@ -663,9 +663,11 @@ pub mod sample {
 
 /// A vCPU's samples not yet folded into its tables: per exit, its cycles,
 /// its breakdown key, its guest RIP and a tag ([`sample`]), appended with
-/// a few stores (by the exit stub's CPUID fast path and by the generic
-/// path after its measured window). When the ring is full its owner folds
-/// it into the tables ([`VcpuDetail::fold`]), out of line; every reader
+/// a few stores. The hypervisor pushes only the exit stub's CPUID fast
+/// path's samples (the other exits record at once, after
+/// [`VcpuDetail::fold_pending`]); the format and the fold take any exit.
+/// When the ring is full its owner folds it into the tables
+/// ([`VcpuDetail::fold`]), out of line; every reader
 /// folds the samples pending as a fold would ([`DetailSnapshot::add`]), so
 /// every figure read is exact. A fold is bracketed by a sequence count
 /// (odd while it runs) and a reader that overlaps one reads again.
@@ -1698,7 +1700,7 @@ mod tests {
             }
         }
         assert_eq!(folds, 5000 / RING);
-        assert!(ring.ring.len() > 0);
+        assert!(!ring.ring.is_empty());
         // Every kind made it into its breakdown.
         let s = DetailSnapshot::sum([&ring]);
         assert!(s.breakdowns.iter().all(|b| !b.0.is_empty()), "{:?}", s.breakdowns);
