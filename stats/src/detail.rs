@@ -627,7 +627,7 @@ impl BreakdownKind {
 pub const TOP_KEYS: usize = 32;
 
 /// Samples a vCPU keeps in its [`Ring`] before it folds them in.
-pub const RING: usize = 64;
+pub const RING: usize = 256;
 /// Bytes per [`Ring`] entry: cycles, key, guest RIP, tag.
 pub const RING_ENTRY: usize = 32;
 
