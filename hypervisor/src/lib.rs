@@ -649,19 +649,20 @@ struct VcpuSetup {
 }
 
 /// Arena bytes one vCPU takes: its VMXON region and VMCS, its stack and
-/// state, its fault stack, descriptor tables, detail block, setup block and
+/// state (and detail block), its fault stack, descriptor tables, setup block and
 /// its ready flag (each rounded up as `vmx::vcpu::alloc` and [`arena_box`]
 /// align them; the setup block's 64 bytes of slack cover its alignment and
 /// the one-byte flag).
 pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
+    // The state block and (detailed builds) the detail block after it, in
+    // one run of pages.
+    #[cfg(feature = "detailed")]
+    let state = (vmx::vcpu::DETAIL_OFFSET + core::mem::size_of::<exitscope_stats::detail::VcpuDetail>()).next_multiple_of(page);
+    #[cfg(not(feature = "detailed"))]
     let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
     let tables = core::mem::size_of::<idt::PerCpuTables>() + 64;
-    #[cfg(feature = "detailed")]
-    let detail = core::mem::size_of::<exitscope_stats::detail::VcpuDetail>() + 64;
-    #[cfg(not(feature = "detailed"))]
-    let detail = 0;
-    2 * page + vmx::vcpu::STACK_SIZE + state + vmx::vcpu::FAULT_STACK_SIZE + tables + detail + core::mem::size_of::<VcpuSetup>() + 64
+    2 * page + vmx::vcpu::STACK_SIZE + state + vmx::vcpu::FAULT_STACK_SIZE + tables + core::mem::size_of::<VcpuSetup>() + 64
 }
 
 /// Moves a value into the arena for good ([`memory::arena_box`]); out of

@@ -10,8 +10,8 @@
 use crate::reasons::SLOTS;
 use alloc::vec::Vec;
 use core::sync::atomic::{
-    AtomicU64, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release},
+    fence, AtomicI64, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release, SeqCst},
 };
 
 /// Buckets of the latency histogram: bucket `b` counts exits that took
@@ -28,6 +28,18 @@ pub const fn bucket(cycles: u64) -> usize {
     } else {
         HIST_BUCKETS - 1
     }
+}
+
+/// Histogram buckets a vCPU's [`DetailSlot`] keeps: one per bit, so that
+/// the recording takes the bucket straight from `bsr` without clamping it;
+/// readers count buckets `HIST_BUCKETS - 1` and up in the last bucket
+/// (cycles of 2^31 and more).
+const RAW_BUCKETS: usize = 64;
+
+/// The [`DetailSlot`] bucket of `cycles` (its highest set bit).
+#[inline(always)]
+const fn raw_bucket(cycles: u64) -> usize {
+    (cycles | 1).ilog2() as usize
 }
 
 /// Lower bound (cycles) of histogram bucket `b`.
@@ -108,7 +120,8 @@ pub struct DetailSlot {
     max: AtomicU64,
     sumsq_lo: AtomicU64,
     sumsq_hi: AtomicU64,
-    hist: [AtomicU64; HIST_BUCKETS],
+    /// By [`raw_bucket`].
+    hist: [AtomicU64; RAW_BUCKETS],
 }
 
 impl DetailSlot {
@@ -118,26 +131,180 @@ impl DetailSlot {
             max: AtomicU64::new(0),
             sumsq_lo: AtomicU64::new(0),
             sumsq_hi: AtomicU64::new(0),
-            hist: [const { AtomicU64::new(0) }; HIST_BUCKETS],
+            hist: [const { AtomicU64::new(0) }; RAW_BUCKETS],
         }
     }
 }
 
-/// A bounded table of keys and their counts: the first `N` distinct keys
-/// are counted exactly, later ones only in `other`. Single writer.
-///
-/// Like [`HashTable`], it has a one-entry run cache in front (the last key
-/// and how many times in a row it came), flushed into the table when the
-/// key changes, under a sequence count, and folded in by every read, so
-/// every figure read is exact.
+/// The one-entry run cache in front of every breakdown table: the key of
+/// the last record (+ 1; 0: none) and how many times in a row it came. A
+/// record of the same key only bumps the run (a compare and an increment);
+/// a different key first flushes the run into the table, as that many
+/// records of its key would have, and starts a new run. Flushing in the
+/// order the runs came leaves the table exactly as recording every key at
+/// once would. Readers fold the pending run in as a flush would place it
+/// ([`TableImage`]), so every figure read is exact; the flush is bracketed
+/// by a sequence count (odd while it runs) and a reader that overlaps one
+/// reads again. Single writer.
 #[repr(C)]
 #[derive(Debug)]
-pub struct TopTable<const N: usize> {
-    /// The pending run's key + 1 (0: none) and its length.
+struct RunCache {
     last: AtomicU64,
     run: AtomicU64,
     /// Odd while a flush changes the table.
     seq: AtomicU64,
+}
+
+impl RunCache {
+    const fn new() -> RunCache {
+        RunCache { last: AtomicU64::new(0), run: AtomicU64::new(0), seq: AtomicU64::new(0) }
+    }
+
+    /// Records `stored` (key + 1): extends the run, or returns false when
+    /// the caller must [`restart`](Self::restart) it.
+    #[inline(always)]
+    fn extends(&self, stored: u64) -> bool {
+        if self.last.load(Relaxed) == stored {
+            bump(&self.run, 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// [`extends`](Self::extends) by `n` records.
+    #[inline(always)]
+    fn extends_by(&self, stored: u64, n: u64) -> bool {
+        if self.last.load(Relaxed) == stored {
+            bump(&self.run, n);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Flushes the pending run with `flush(stored, run)` under the sequence
+    /// count and starts a run of `stored`.
+    #[inline(always)]
+    fn restart(&self, stored: u64, flush: impl FnOnce(u64, u64)) {
+        let s = self.seq.load(Relaxed);
+        self.seq.store(s.wrapping_add(1), Relaxed);
+        fence(Release);
+        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
+        if last != 0 {
+            flush(last, run);
+        }
+        self.last.store(stored, Relaxed);
+        self.run.store(1, Relaxed);
+        self.seq.store(s.wrapping_add(2), Release);
+    }
+
+    /// `copy()` of the table and the pending run (key + 1, length), as of
+    /// one moment.
+    fn read<T>(&self, copy: impl Fn() -> T) -> (T, u64, u64) {
+        let mut tries = 0;
+        loop {
+            let s = self.seq.load(Acquire);
+            let t = copy();
+            let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
+            fence(Acquire);
+            tries += 1;
+            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
+                return (t, last, run);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// How a bounded table places a key it has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// [`TopTable`]: the first `N` distinct keys, in order.
+    First,
+    /// [`HashTable`]: a multiplicative hash and [`PROBES`] slots.
+    Hash,
+}
+
+/// A reader's copy of a [`TopTable`] or [`HashTable`] and its pending run,
+/// which can go on recording exactly as the table would (the samples a
+/// vCPU has not yet folded in, see [`Ring`]) and then gives the entries.
+#[derive(Debug, Clone)]
+pub struct TableImage {
+    how: Placement,
+    cap: usize,
+    /// key + 1 (0: free; `First` tables hold only used entries).
+    keys: Vec<u64>,
+    counts: Vec<u64>,
+    other: u64,
+    last: u64,
+    run: u64,
+}
+
+impl TableImage {
+    /// Counts `n` records of `stored` (key + 1) as the table's flush does.
+    fn place(&mut self, stored: u64, n: u64) {
+        let at = match self.how {
+            Placement::Hash => hash_place(self.cap, |i| self.keys[i], stored),
+            Placement::First => match self.keys.iter().position(|&k| k == stored) {
+                Some(i) => Some(i),
+                None if self.keys.len() < self.cap => {
+                    self.keys.push(stored);
+                    self.counts.push(0);
+                    Some(self.keys.len() - 1)
+                }
+                None => None,
+            },
+        };
+        match at {
+            Some(i) => {
+                self.keys[i] = stored;
+                self.counts[i] = self.counts[i].wrapping_add(n);
+            }
+            None => self.other = self.other.wrapping_add(n),
+        }
+    }
+
+    /// Records `key` as the table's `record` would.
+    pub fn record(&mut self, key: u64) {
+        let stored = key.wrapping_add(1);
+        if self.last == stored {
+            self.run += 1;
+        } else {
+            if self.last != 0 {
+                self.place(self.last, self.run);
+            }
+            (self.last, self.run) = (stored, 1);
+        }
+    }
+
+    /// Adds the entries, the pending run included, into `into` (key ->
+    /// count) and returns the count of keys that did not fit.
+    pub fn merge_into(mut self, into: &mut Vec<(u64, u64)>) -> u64 {
+        if self.last != 0 {
+            self.place(self.last, self.run);
+        }
+        for (&k, &c) in self.keys.iter().zip(self.counts.iter()) {
+            if k == 0 {
+                continue;
+            }
+            let k = k - 1;
+            match into.iter_mut().find(|e| e.0 == k) {
+                Some(e) => e.1 += c,
+                None => into.push((k, c)),
+            }
+        }
+        self.other
+    }
+}
+
+/// A bounded table of keys and their counts: the first `N` distinct keys
+/// are counted exactly, later ones only in `other`. Single writer, with a
+/// [`RunCache`] in front.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TopTable<const N: usize> {
+    cache: RunCache,
     keys: [AtomicU64; N],
     counts: [AtomicU64; N],
     used: AtomicUsize,
@@ -153,9 +320,7 @@ impl<const N: usize> Default for TopTable<N> {
 impl<const N: usize> TopTable<N> {
     pub const fn new() -> Self {
         TopTable {
-            last: AtomicU64::new(0),
-            run: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
+            cache: RunCache::new(),
             keys: [const { AtomicU64::new(0) }; N],
             counts: [const { AtomicU64::new(0) }; N],
             used: AtomicUsize::new(0),
@@ -168,10 +333,18 @@ impl<const N: usize> TopTable<N> {
     #[inline(always)]
     pub fn record(&self, key: u64) {
         let stored = key.wrapping_add(1);
-        if self.last.load(Relaxed) == stored {
-            bump(&self.run, 1);
-        } else {
+        if !self.cache.extends(stored) {
             self.start_run(stored);
+        }
+    }
+
+    /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
+    #[inline(always)]
+    pub fn record_n(&self, key: u64, n: u64) {
+        let stored = key.wrapping_add(1);
+        if !self.cache.extends_by(stored, n) {
+            self.start_run(stored);
+            bump(&self.cache.run, n - 1);
         }
     }
 
@@ -179,11 +352,7 @@ impl<const N: usize> TopTable<N> {
     #[inline(never)]
     #[cold]
     fn start_run(&self, stored: u64) {
-        let s = self.seq.load(Relaxed);
-        self.seq.store(s.wrapping_add(1), Relaxed);
-        core::sync::atomic::fence(Release);
-        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
-        if last != 0 {
+        self.cache.restart(stored, |last, run| {
             let key = last - 1;
             let used = self.used.load(Relaxed);
             match (0..used).find(|&i| self.keys[i].load(Relaxed) == key) {
@@ -195,43 +364,24 @@ impl<const N: usize> TopTable<N> {
                 }
                 None => bump(&self.other, run),
             }
-        }
-        self.last.store(stored, Relaxed);
-        self.run.store(1, Relaxed);
-        self.seq.store(s.wrapping_add(2), Release);
+        });
+    }
+
+    /// A reader's copy, the pending run included.
+    pub fn image(&self) -> TableImage {
+        let ((keys, counts, other), last, run) = self.cache.read(|| {
+            let used = self.used.load(Relaxed).min(N);
+            let keys: Vec<u64> = (0..used).map(|i| self.keys[i].load(Relaxed).wrapping_add(1)).collect();
+            let counts: Vec<u64> = (0..used).map(|i| self.counts[i].load(Relaxed)).collect();
+            (keys, counts, self.other.load(Relaxed))
+        });
+        TableImage { how: Placement::First, cap: N, keys, counts, other, last, run }
     }
 
     /// Adds this table's entries, the pending run included, into `into`
     /// (key -> count) and returns the count of keys that did not fit.
     pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
-        let mut tries = 0;
-        let (mut entries, mut other, last, run) = loop {
-            let s = self.seq.load(Acquire);
-            let used = self.used.load(Relaxed).min(N);
-            let entries: Vec<(u64, u64)> = (0..used).map(|i| (self.keys[i].load(Relaxed), self.counts[i].load(Relaxed))).collect();
-            let (other, last, run) = (self.other.load(Relaxed), self.last.load(Relaxed), self.run.load(Relaxed));
-            core::sync::atomic::fence(Acquire);
-            tries += 1;
-            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
-                break (entries, other, last, run);
-            }
-            core::hint::spin_loop();
-        };
-        if last != 0 {
-            let key = last - 1;
-            match entries.iter().position(|e| e.0 == key) {
-                Some(i) => entries[i].1 = entries[i].1.wrapping_add(run),
-                None if entries.len() < N => entries.push((key, run)),
-                None => other = other.wrapping_add(run),
-            }
-        }
-        for (k, c) in entries {
-            match into.iter_mut().find(|e| e.0 == k) {
-                Some(e) => e.1 += c,
-                None => into.push((k, c)),
-            }
-        }
-        other
+        self.image().merge_into(into)
     }
 }
 
@@ -239,26 +389,12 @@ impl<const N: usize> TopTable<N> {
 /// path (CPUID leaves, guest code sites): a key goes to one of `N` slots by
 /// a multiplicative hash and, if that slot holds another key, to at most
 /// [`PROBES`] - 1 slots after it; a key that finds none free is counted in
-/// `other`.
-///
-/// In front of the table sits a one-entry run cache: the key of the last
-/// record and how many times in a row it came. A record of the same key
-/// only bumps the run (a compare and an increment); a different key first
-/// flushes the run into the table, as that many records of its key would
-/// have, and starts a new run. Flushing in the order the runs came leaves
-/// the table exactly as recording every key at once would. Readers
-/// ([`merge_into`](Self::merge_into)) fold the pending run in as a flush
-/// would place it, so every figure read is exact; the flush is bracketed
-/// by a sequence count (odd while it runs) and a reader that overlaps one
-/// reads again. Single writer; `N` must be a power of two.
+/// `other`. Single writer, with a [`RunCache`] in front; `N` must be a
+/// power of two.
 #[repr(C)]
 #[derive(Debug)]
 pub struct HashTable<const N: usize> {
-    /// The pending run's key + 1 (0: none) and its length.
-    last: AtomicU64,
-    run: AtomicU64,
-    /// Odd while a flush changes the table.
-    seq: AtomicU64,
+    cache: RunCache,
     /// key + 1 (0: empty).
     keys: [AtomicU64; N],
     counts: [AtomicU64; N],
@@ -268,10 +404,32 @@ pub struct HashTable<const N: usize> {
 /// Slots a key may try in a [`HashTable`].
 pub const PROBES: usize = 4;
 
-/// Times a reader reads a [`HashTable`] again while a flush overlaps its
-/// read before it takes what it read (a writer stopped in the middle of a
+/// Times a reader reads a table again while a flush overlaps its read
+/// before it takes what it read (a writer stopped in the middle of a
 /// flush, which only a crash of its CPU does).
 const READ_TRIES: u32 = 1 << 20;
+
+/// The home slot of `key` in a [`HashTable`] of `n` slots.
+#[inline(always)]
+fn hash_home(n: usize, key: u64) -> usize {
+    let h = (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> 40) as usize & (n - 1)
+}
+
+/// Where `stored` (key + 1) goes in a hash table of `n` slots whose keys
+/// are `keys`: `Some(slot)` holding it or free, `None` (counted in other).
+#[inline(always)]
+fn hash_place(n: usize, keys: impl Fn(usize) -> u64, stored: u64) -> Option<usize> {
+    let mut i = hash_home(n, stored.wrapping_sub(1));
+    for _ in 0..PROBES {
+        let k = keys(i);
+        if k == stored || k == 0 {
+            return Some(i);
+        }
+        i = (i + 1) & (n - 1);
+    }
+    None
+}
 
 impl<const N: usize> Default for HashTable<N> {
     fn default() -> Self {
@@ -283,126 +441,60 @@ impl<const N: usize> HashTable<N> {
     pub const fn new() -> Self {
         assert!(N.is_power_of_two());
         HashTable {
-            last: AtomicU64::new(0),
-            run: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
+            cache: RunCache::new(),
             keys: [const { AtomicU64::new(0) }; N],
             counts: [const { AtomicU64::new(0) }; N],
             other: AtomicU64::new(0),
         }
     }
 
-    #[inline(always)]
-    fn home(key: u64) -> usize {
-        let h = (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (h >> 40) as usize & (N - 1)
-    }
-
-    /// Where `stored` (key + 1) goes in a table whose keys are `keys`:
-    /// `Some(slot)` holding it or free, `None` (counted in other).
-    #[inline(always)]
-    fn place(keys: impl Fn(usize) -> u64, stored: u64) -> Option<usize> {
-        let mut i = Self::home(stored.wrapping_sub(1));
-        for _ in 0..PROBES {
-            let k = keys(i);
-            if k == stored || k == 0 {
-                return Some(i);
-            }
-            i = (i + 1) & (N - 1);
-        }
-        None
-    }
-
     /// Counts one occurrence of `key` (`key != u64::MAX`; owning vCPU only).
     #[inline(always)]
     pub fn record(&self, key: u64) {
         let stored = key.wrapping_add(1);
-        if self.last.load(Relaxed) == stored {
-            bump(&self.run, 1);
-        } else {
+        if !self.cache.extends(stored) {
             self.start_run(stored);
         }
     }
 
-    /// Whether a record of `key` would only extend the pending run (then
-    /// [`extend_run`](Self::extend_run) records it).
+    /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
     #[inline(always)]
-    pub fn continues_run(&self, key: u64) -> bool {
-        self.last.load(Relaxed) == key.wrapping_add(1)
-    }
-
-    /// Records the pending run's key once more (owning vCPU only, after
-    /// [`continues_run`](Self::continues_run) said so).
-    #[inline(always)]
-    pub fn extend_run(&self) {
-        bump(&self.run, 1);
+    pub fn record_n(&self, key: u64, n: u64) {
+        let stored = key.wrapping_add(1);
+        if !self.cache.extends_by(stored, n) {
+            self.start_run(stored);
+            bump(&self.cache.run, n - 1);
+        }
     }
 
     /// Flushes the pending run into the table and starts one of `stored`.
     #[inline(never)]
     #[cold]
     fn start_run(&self, stored: u64) {
-        let s = self.seq.load(Relaxed);
-        self.seq.store(s.wrapping_add(1), Relaxed);
-        core::sync::atomic::fence(Release);
-        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
-        if last != 0 {
-            match Self::place(|i| self.keys[i].load(Relaxed), last) {
-                Some(i) if self.keys[i].load(Relaxed) == last => bump(&self.counts[i], run),
-                Some(i) => {
-                    self.counts[i].store(run, Relaxed);
-                    self.keys[i].store(last, Relaxed);
-                }
-                None => bump(&self.other, run),
+        self.cache.restart(stored, |last, run| match hash_place(N, |i| self.keys[i].load(Relaxed), last) {
+            Some(i) if self.keys[i].load(Relaxed) == last => bump(&self.counts[i], run),
+            Some(i) => {
+                self.counts[i].store(run, Relaxed);
+                self.keys[i].store(last, Relaxed);
             }
-        }
-        self.last.store(stored, Relaxed);
-        self.run.store(1, Relaxed);
-        self.seq.store(s.wrapping_add(2), Release);
+            None => bump(&self.other, run),
+        });
     }
 
-    /// Reads the table and the pending run as of one moment: (keys + 1,
-    /// counts, other, pending key + 1, its run).
-    fn read(&self) -> (Vec<u64>, Vec<u64>, u64, u64, u64) {
-        let mut tries = 0;
-        loop {
-            let s = self.seq.load(Acquire);
+    /// A reader's copy, the pending run included.
+    pub fn image(&self) -> TableImage {
+        let ((keys, counts, other), last, run) = self.cache.read(|| {
             let keys: Vec<u64> = self.keys.iter().map(|k| k.load(Relaxed)).collect();
             let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
-            let (other, last, run) = (self.other.load(Relaxed), self.last.load(Relaxed), self.run.load(Relaxed));
-            core::sync::atomic::fence(Acquire);
-            tries += 1;
-            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
-                return (keys, counts, other, last, run);
-            }
-            core::hint::spin_loop();
-        }
+            (keys, counts, self.other.load(Relaxed))
+        });
+        TableImage { how: Placement::Hash, cap: N, keys, counts, other, last, run }
     }
 
     /// Adds this table's entries, the pending run included, into `into`
     /// and returns the count of keys that found no slot.
     pub fn merge_into(&self, into: &mut Vec<(u64, u64)>) -> u64 {
-        let (mut keys, mut counts, mut other, last, run) = self.read();
-        if last != 0 {
-            match Self::place(|i| keys[i], last) {
-                Some(i) => {
-                    keys[i] = last;
-                    counts[i] = counts[i].wrapping_add(run);
-                }
-                None => other = other.wrapping_add(run),
-            }
-        }
-        for (&k, &c) in keys.iter().zip(counts.iter()) {
-            if k == 0 {
-                continue;
-            }
-            let k = k - 1;
-            match into.iter_mut().find(|e| e.0 == k) {
-                Some(e) => e.1 += c,
-                None => into.push((k, c)),
-            }
-        }
-        other
+        self.image().merge_into(into)
     }
 }
 
@@ -534,10 +626,187 @@ impl BreakdownKind {
 /// Distinct keys counted exactly per breakdown and vCPU.
 pub const TOP_KEYS: usize = 32;
 
+/// Samples a vCPU keeps in its [`Ring`] before it folds them in.
+pub const RING: usize = 256;
+/// Bytes per [`Ring`] entry: cycles, key, guest RIP, tag.
+pub const RING_ENTRY: usize = 32;
+
+/// What a [`Ring`] entry's key means: bits 39:32 of its tag. The tag's
+/// bits 31:0 are the guest's SS access rights (the DPL in bits 6:5 is the
+/// CPL) and bits 55:40 the basic exit reason (except `FAST_CPUID`, which
+/// is reason 10 and leaves them clear, as the stub's VMREAD of the SS
+/// access rights does).
+pub mod sample {
+    /// The exit stub's CPUID fast path: key = the guest's EAX | ECX << 32.
+    pub const FAST_CPUID: u64 = 0;
+    /// No breakdown.
+    pub const NONE: u64 = 1;
+    /// Key: [`super::cpuid_key`].
+    pub const CPUID: u64 = 2;
+    /// Key: the exception or NMI vector.
+    pub const EXCEPTION: u64 = 3;
+    /// Key: the I/O port.
+    pub const IO: u64 = 4;
+    /// Key: the MSR index, plus `1 << 32` for writes.
+    pub const MSR: u64 = 5;
+    /// Key: control register number * 4 + access type.
+    pub const CR: u64 = 6;
+    /// Key: guest-physical address >> 21.
+    pub const EPT: u64 = 7;
+
+    /// The tag of a sample of basic reason `basic` with breakdown `kind`.
+    #[inline(always)]
+    pub const fn tag(ss_access_rights: u64, kind: u64, basic: u16) -> u64 {
+        (ss_access_rights & 0xFFFF_FFFF) | kind << 32 | (basic as u64) << 40
+    }
+}
+
+/// A vCPU's samples not yet folded into its tables: per exit, its cycles,
+/// its breakdown key, its guest RIP and a tag ([`sample`]), appended with
+/// a few stores. The hypervisor pushes only the exit stub's CPUID fast
+/// path's samples (the other exits record at once, after
+/// [`VcpuDetail::fold_pending`]); the format and the fold take any exit.
+/// When the ring is full its owner folds it into the tables
+/// ([`VcpuDetail::fold`]), out of line; every reader
+/// folds the samples pending as a fold would ([`DetailSnapshot::add`]), so
+/// every figure read is exact. A fold is bracketed by a sequence count
+/// (odd while it runs) and a reader that overlaps one reads again.
+///
+/// `off` is the byte offset of the next free entry from the end of
+/// `entries` (`-RING * RING_ENTRY` when empty): the stub addresses an entry
+/// as `[end + off]` and a push that brings `off` to zero fills the ring,
+/// one `add` and one `jz`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Ring {
+    off: AtomicI64,
+    /// Odd while a fold runs.
+    seq: AtomicU64,
+    /// The last reset of minima and maxima: `seq << 16 | n`, the samples
+    /// `0..n` of fold generation `seq` came before it.
+    mark: AtomicU64,
+    entries: [[AtomicU64; 4]; RING],
+}
+
+/// Offset of [`Ring`]'s `off` (for the exit stub).
+pub const RING_OFF_OFFSET: usize = core::mem::offset_of!(Ring, off);
+/// Offset of the end of [`Ring`]'s entries (for the exit stub).
+pub const RING_END_OFFSET: usize = core::mem::offset_of!(Ring, entries) + RING * RING_ENTRY;
+const RING_EMPTY: i64 = -((RING * RING_ENTRY) as i64);
+const _: () = assert!(RING.is_power_of_two() && RING < 1 << 16 && RING_ENTRY == 32);
+
+impl Ring {
+    const fn new() -> Ring {
+        Ring {
+            off: AtomicI64::new(RING_EMPTY),
+            seq: AtomicU64::new(0),
+            mark: AtomicU64::new(0),
+            entries: [const { [const { AtomicU64::new(0) }; 4] }; RING],
+        }
+    }
+
+    /// No sample pending.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.off.load(Relaxed) == RING_EMPTY
+    }
+
+    /// Samples pending.
+    #[inline(always)]
+    fn len(&self) -> usize {
+        (RING as i64 + (self.off.load(Acquire) >> 5)).clamp(0, RING as i64) as usize
+    }
+
+    /// The index of the next free entry, and `off` after it is used.
+    #[inline(always)]
+    fn next(&self) -> (usize, i64) {
+        let off = self.off.load(Relaxed);
+        ((RING as i64 + (off >> 5)) as usize & (RING - 1), off + RING_ENTRY as i64)
+    }
+
+    /// Appends a sample `[cycles, key, rip, tag]` (owning vCPU only).
+    /// True when the ring is then full: the owner must
+    /// [`fold`](VcpuDetail::fold) before the next push.
+    #[inline(always)]
+    pub fn push(&self, e: [u64; 4]) -> bool {
+        let (i, off) = self.next();
+        for (a, v) in self.entries[i].iter().zip(e) {
+            a.store(v, Relaxed);
+        }
+        self.off.store(off, Release);
+        off == 0
+    }
+
+    /// Completes the sample the exit stub's fast path began (key, RIP and
+    /// tag stored) with its `cycles`; as [`push`](Self::push).
+    #[inline(always)]
+    pub fn complete(&self, cycles: u64) -> bool {
+        let (i, off) = self.next();
+        self.entries[i][0].store(cycles, Relaxed);
+        self.off.store(off, Release);
+        off == 0
+    }
+
+    fn entry(&self, i: usize) -> [u64; 4] {
+        self.entries[i].each_ref().map(|a| a.load(Relaxed))
+    }
+
+    /// The first sample of fold generation `seq` that counts in minima and
+    /// maxima (those before a reset do not).
+    fn extremes_from(&self, seq: u64) -> usize {
+        let m = self.mark.load(Relaxed);
+        if m >> 16 == seq {
+            (m & 0xFFFF) as usize
+        } else {
+            0
+        }
+    }
+}
+
+/// The breakdown a sample counts in.
+#[derive(Clone, Copy)]
+enum Table {
+    Io,
+    Msr,
+    Ept,
+    Cpuid,
+    Exception,
+    Cr,
+}
+
+/// A ring entry, decoded.
+struct Sample {
+    slot: usize,
+    cycles: u64,
+    table: Option<(Table, u64)>,
+    site: u64,
+}
+
+#[inline(always)]
+fn decode(e: [u64; 4]) -> Sample {
+    let [cycles, key, rip, tag] = e;
+    let kind = (tag >> 32) & 0xFF;
+    let basic = if kind == sample::FAST_CPUID { 10 } else { (tag >> 40) as u16 };
+    let table = match kind {
+        sample::FAST_CPUID => Some((Table::Cpuid, cpuid_key(key as u32, (key >> 32) as u32))),
+        sample::CPUID => Some((Table::Cpuid, key)),
+        sample::EXCEPTION => Some((Table::Exception, key)),
+        sample::IO => Some((Table::Io, key)),
+        sample::MSR => Some((Table::Msr, key)),
+        sample::CR => Some((Table::Cr, key)),
+        sample::EPT => Some((Table::Ept, key)),
+        _ => None,
+    };
+    let user = (tag >> 5) & 3 == 3;
+    Sample { slot: crate::reasons::slot_of(basic), cycles, table, site: rip_key(basic, rip, user) }
+}
+
 /// Detailed statistics of one vCPU.
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct VcpuDetail {
+    /// First, so that the generic path addresses a reason's slot without
+    /// adding an offset to it.
     slots: [DetailSlot; SLOTS],
     pub io_ports: TopTable<TOP_KEYS>,
     pub msrs: TopTable<TOP_KEYS>,
@@ -550,6 +819,9 @@ pub struct VcpuDetail {
     pub exceptions: TopTable<TOP_KEYS>,
     /// Exits by guest code site ([`rip_key`]).
     pub rips: HashTable<RIP_KEYS>,
+    /// The CPUID fast path's samples not yet folded in (the exit stub
+    /// reaches it with 32-bit offsets from RSP).
+    pub ring: Ring,
 }
 
 /// Slots of the CPUID breakdown per vCPU.
@@ -572,25 +844,45 @@ impl VcpuDetail {
             cpuid: HashTable::new(),
             exceptions: TopTable::new(),
             rips: HashTable::new(),
+            ring: Ring::new(),
         }
     }
 
-    /// Records the latency of one exit of `slot` (owning vCPU only).
+    /// Makes an all-zero block what [`new`](Self::new) makes. Every field
+    /// is an atomic integer, so all zeros is a block, and one built in
+    /// place this way never passes through a stack (it is larger than the
+    /// boot CPU's).
+    pub fn init_zeroed(&self) {
+        for s in &self.slots {
+            s.min.store(u64::MAX, Relaxed);
+        }
+        self.ring.off.store(RING_EMPTY, Relaxed);
+    }
+
+    /// Records the latency of one exit of `slot` at once (owning vCPU
+    /// only; the CPUID fast path goes through the [`Ring`]).
     #[inline(always)]
     pub fn record(&self, slot: usize, cycles: u64) {
+        self.record_latency(slot, cycles, true);
+    }
+
+    #[inline(always)]
+    fn record_latency(&self, slot: usize, cycles: u64, extremes: bool) {
         let s = &self.slots[slot];
-        if cycles < s.min.load(Relaxed) {
-            s.min.store(cycles, Relaxed);
-        }
-        if cycles > s.max.load(Relaxed) {
-            s.max.store(cycles, Relaxed);
+        if extremes {
+            if cycles < s.min.load(Relaxed) {
+                s.min.store(cycles, Relaxed);
+            }
+            if cycles > s.max.load(Relaxed) {
+                s.max.store(cycles, Relaxed);
+            }
         }
         let sq = (cycles as u128) * (cycles as u128);
         let lo = s.sumsq_lo.load(Relaxed);
         let (new_lo, carry) = lo.overflowing_add(sq as u64);
         s.sumsq_lo.store(new_lo, Relaxed);
         s.sumsq_hi.store(s.sumsq_hi.load(Relaxed).wrapping_add((sq >> 64) as u64 + carry as u64), Relaxed);
-        bump(&s.hist[bucket(cycles)], 1);
+        bump(&s.hist[raw_bucket(cycles)], 1);
     }
 
     /// Counts a control-register access.
@@ -599,14 +891,225 @@ impl VcpuDetail {
         bump(&self.cr[((cr as usize & 15) << 2) | (access as usize & 3)], 1);
     }
 
-    /// Forgets minima and maxima (a counter reset; the other figures are
-    /// reset by subtracting a baseline). Called by any CPU: a concurrent
-    /// exit of the owner may survive the reset, which is harmless.
-    pub fn reset_extremes(&self) {
-        for s in &self.slots {
-            s.min.store(u64::MAX, Relaxed);
-            s.max.store(0, Relaxed);
+    /// Records one sample at once (the reference the unit tests compare
+    /// the ring with).
+    #[cfg(test)]
+    fn apply(&self, e: [u64; 4], extremes: bool) {
+        let x = decode(e);
+        self.record_latency(x.slot, x.cycles, extremes);
+        match x.table {
+            Some((Table::Io, k)) => self.io_ports.record(k),
+            Some((Table::Msr, k)) => self.msrs.record(k),
+            Some((Table::Ept, k)) => self.ept_regions.record(k),
+            Some((Table::Cpuid, k)) => self.cpuid.record(k),
+            Some((Table::Exception, k)) => self.exceptions.record(k),
+            Some((Table::Cr, k)) => bump(&self.cr[k as usize & 63], 1),
+            None => {}
         }
+        self.rips.record(x.site);
+    }
+
+    /// Folds the ring's samples into the tables and empties it (owning
+    /// vCPU only; the exit path calls it when a push fills the ring).
+    ///
+    /// It goes by runs of samples with the same key, site and reason (a
+    /// loop's exits): per run one decode and one record in each table,
+    /// per sample only its latency, with the reason's minimum, maximum
+    /// and sum of squares kept in registers.
+    #[inline(never)]
+    pub fn fold(&self) {
+        let r = &self.ring;
+        let s = r.seq.load(Relaxed);
+        r.seq.store(s.wrapping_add(1), Relaxed);
+        // Against `reset_extremes` on another CPU: it stores the mark,
+        // then reads the sequence count; this stores the count, then
+        // reads the mark. One of the two sees the other.
+        fence(SeqCst);
+        let (n, from) = (r.len(), r.extremes_from(s));
+        let mut i = 0;
+        while i < n {
+            // A run does not cross the reset mark (minima and maxima count
+            // only the samples from it on).
+            let end = if i < from { from.min(n) } else { n };
+            let e = r.entry(i);
+            let x = decode(e);
+            let j = if i < from { self.fold_run::<false>(x.slot, e, i, end) } else { self.fold_run::<true>(x.slot, e, i, end) };
+            let len = (j - i) as u64;
+            match x.table {
+                Some((Table::Io, k)) => self.io_ports.record_n(k, len),
+                Some((Table::Msr, k)) => self.msrs.record_n(k, len),
+                Some((Table::Ept, k)) => self.ept_regions.record_n(k, len),
+                Some((Table::Cpuid, k)) => self.cpuid.record_n(k, len),
+                Some((Table::Exception, k)) => self.exceptions.record_n(k, len),
+                Some((Table::Cr, k)) => bump(&self.cr[k as usize & 63], len),
+                None => {}
+            }
+            self.rips.record_n(x.site, len);
+            i = j;
+        }
+        r.off.store(RING_EMPTY, Relaxed);
+        r.seq.store(s.wrapping_add(2), Release);
+    }
+
+    /// Folds the samples pending, if any (owning vCPU only): what the
+    /// generic path does before it records into the tables itself, so
+    /// that every table takes its keys in exit order (a bounded table's
+    /// choice of the keys it counts exactly depends on it) and the samples
+    /// pending always came after every record in the tables.
+    #[inline(always)]
+    pub fn fold_pending(&self) {
+        if !self.ring.is_empty() {
+            self.fold();
+        }
+    }
+
+    /// The latencies of the run of samples like `e` from `i` (before
+    /// `end`) into `slot`; returns where the run ends.
+    #[inline(always)]
+    fn fold_run<const EXTREMES: bool>(&self, slot: usize, e: [u64; 4], i: usize, end: usize) -> usize {
+        let (r, s) = (&self.ring, &self.slots[slot]);
+        let (mut min, mut max) = (s.min.load(Relaxed), s.max.load(Relaxed));
+        let mut sumsq = (s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128;
+        let mut j = i;
+        loop {
+            let c = r.entries[j & (RING - 1)][0].load(Relaxed);
+            if EXTREMES {
+                min = min.min(c);
+                max = max.max(c);
+            }
+            sumsq = sumsq.wrapping_add(c as u128 * c as u128);
+            bump(&s.hist[raw_bucket(c)], 1);
+            j += 1;
+            if j >= end {
+                break;
+            }
+            let f = &r.entries[j & (RING - 1)];
+            if f[1].load(Relaxed) != e[1] || f[2].load(Relaxed) != e[2] || f[3].load(Relaxed) != e[3] {
+                break;
+            }
+        }
+        if EXTREMES {
+            s.min.store(min, Relaxed);
+            s.max.store(max, Relaxed);
+        }
+        s.sumsq_lo.store(sumsq as u64, Relaxed);
+        s.sumsq_hi.store((sumsq >> 64) as u64, Relaxed);
+        j
+    }
+
+    /// Forgets minima and maxima (a counter reset; the other figures are
+    /// reset by subtracting a baseline), those of the samples still in the
+    /// ring included. Called by any CPU: an exit of the owner at the same
+    /// moment may survive the reset, which is harmless.
+    pub fn reset_extremes(&self) {
+        let r = &self.ring;
+        for _ in 0..READ_TRIES {
+            let s = r.seq.load(Acquire);
+            if s & 1 == 0 {
+                r.mark.store(s << 16 | r.len() as u64, Relaxed);
+                for sl in &self.slots {
+                    sl.min.store(u64::MAX, Relaxed);
+                    sl.max.store(0, Relaxed);
+                }
+                fence(SeqCst);
+                if r.seq.load(Relaxed) == s {
+                    return;
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// A reader's copy of the block: the samples pending in the ring, the
+    /// first of them that counts in minima and maxima, and the tables. The
+    /// samples are copied first: with no fold during the copy (the
+    /// sequence count), the owner recorded into the tables after that only
+    /// if the ring was empty (it folds first otherwise), so each table and
+    /// the samples are as of one moment, and samples pushed meanwhile are
+    /// left for the next read.
+    fn read(&self) -> (Part, Vec<[u64; 4]>, usize) {
+        let r = &self.ring;
+        let mut tries = 0;
+        loop {
+            let s = r.seq.load(Acquire);
+            let pending: Vec<[u64; 4]> = (0..r.len()).map(|i| r.entry(i)).collect();
+            let from = r.extremes_from(s);
+            let part = Part::of(self);
+            fence(Acquire);
+            tries += 1;
+            if (s & 1 == 0 && r.seq.load(Relaxed) == s) || tries >= READ_TRIES {
+                return (part, pending, from);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// One vCPU's block as a reader copied it, which can take the samples
+/// pending in its ring as a fold would.
+struct Part {
+    reasons: Vec<ReasonDetail>,
+    io: TableImage,
+    msr: TableImage,
+    ept: TableImage,
+    cpuid: TableImage,
+    exc: TableImage,
+    rip: TableImage,
+    cr: [u64; 64],
+}
+
+impl Part {
+    fn of(d: &VcpuDetail) -> Part {
+        let reasons = d
+            .slots
+            .iter()
+            .map(|s| {
+                let min = s.min.load(Relaxed);
+                let mut hist = [0u64; HIST_BUCKETS];
+                for (b, a) in s.hist.iter().enumerate() {
+                    let h = &mut hist[b.min(HIST_BUCKETS - 1)];
+                    *h = h.wrapping_add(a.load(Relaxed));
+                }
+                ReasonDetail {
+                    min: (min != u64::MAX).then_some(min),
+                    max: s.max.load(Relaxed),
+                    sumsq: (s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128,
+                    hist,
+                }
+            })
+            .collect();
+        Part {
+            reasons,
+            io: d.io_ports.image(),
+            msr: d.msrs.image(),
+            ept: d.ept_regions.image(),
+            cpuid: d.cpuid.image(),
+            exc: d.exceptions.image(),
+            rip: d.rips.image(),
+            cr: d.cr.each_ref().map(|c| c.load(Relaxed)),
+        }
+    }
+
+    /// [`VcpuDetail::apply`] on the copy.
+    fn apply(&mut self, e: [u64; 4], extremes: bool) {
+        let x = decode(e);
+        let r = &mut self.reasons[x.slot];
+        if extremes {
+            r.min = Some(r.min.map_or(x.cycles, |m| m.min(x.cycles)));
+            r.max = r.max.max(x.cycles);
+        }
+        r.sumsq = r.sumsq.wrapping_add((x.cycles as u128) * (x.cycles as u128));
+        r.hist[bucket(x.cycles)] = r.hist[bucket(x.cycles)].wrapping_add(1);
+        match x.table {
+            Some((Table::Io, k)) => self.io.record(k),
+            Some((Table::Msr, k)) => self.msr.record(k),
+            Some((Table::Ept, k)) => self.ept.record(k),
+            Some((Table::Cpuid, k)) => self.cpuid.record(k),
+            Some((Table::Exception, k)) => self.exc.record(k),
+            Some((Table::Cr, k)) => self.cr[k as usize & 63] += 1,
+            None => {}
+        }
+        self.rip.record(x.site);
     }
 }
 
@@ -642,28 +1145,30 @@ impl Default for DetailSnapshot {
 }
 
 impl DetailSnapshot {
-    /// Adds one vCPU's block.
+    /// Adds one vCPU's block, the samples pending in its ring included.
     pub fn add(&mut self, d: &VcpuDetail) {
-        for (r, s) in self.reasons.iter_mut().zip(d.slots.iter()) {
-            let min = s.min.load(Relaxed);
-            if min != u64::MAX {
+        let (mut part, pending, from) = d.read();
+        for (i, e) in pending.into_iter().enumerate() {
+            part.apply(e, i >= from);
+        }
+        for (r, p) in self.reasons.iter_mut().zip(part.reasons.iter()) {
+            if let Some(min) = p.min {
                 r.min = Some(r.min.map_or(min, |m| m.min(min)));
             }
-            r.max = r.max.max(s.max.load(Relaxed));
-            r.sumsq = r.sumsq.wrapping_add((s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128);
-            for (h, a) in r.hist.iter_mut().zip(s.hist.iter()) {
-                *h = h.wrapping_add(a.load(Relaxed));
+            r.max = r.max.max(p.max);
+            r.sumsq = r.sumsq.wrapping_add(p.sumsq);
+            for (h, a) in r.hist.iter_mut().zip(p.hist.iter()) {
+                *h = h.wrapping_add(*a);
             }
         }
         let [io, msr, cr, ept, cpuid, exc, rip] = &mut self.breakdowns;
-        rip.1 += d.rips.merge_into(&mut rip.0);
-        io.1 += d.io_ports.merge_into(&mut io.0);
-        msr.1 += d.msrs.merge_into(&mut msr.0);
-        ept.1 += d.ept_regions.merge_into(&mut ept.0);
-        cpuid.1 += d.cpuid.merge_into(&mut cpuid.0);
-        exc.1 += d.exceptions.merge_into(&mut exc.0);
-        for (k, c) in d.cr.iter().enumerate() {
-            let c = c.load(Relaxed);
+        rip.1 += part.rip.merge_into(&mut rip.0);
+        io.1 += part.io.merge_into(&mut io.0);
+        msr.1 += part.msr.merge_into(&mut msr.0);
+        ept.1 += part.ept.merge_into(&mut ept.0);
+        cpuid.1 += part.cpuid.merge_into(&mut cpuid.0);
+        exc.1 += part.exc.merge_into(&mut exc.0);
+        for (k, &c) in part.cr.iter().enumerate() {
             if c != 0 {
                 match cr.0.iter_mut().find(|e| e.0 == k as u64) {
                     Some(e) => e.1 += c,
@@ -788,6 +1293,20 @@ mod tests {
         assert_eq!(bucket(1023), 9);
         assert_eq!(bucket(1024), 10);
         assert_eq!(bucket(u64::MAX), HIST_BUCKETS - 1);
+        // The recording's unclamped buckets land in the reader's.
+        let d = VcpuDetail::new();
+        let xs = [0, 1, 2, 3, 1023, 1024, (1 << 31) - 1, 1 << 31, (1 << 31) + 5, 1 << 40, u64::MAX];
+        for &c in &xs {
+            assert_eq!(raw_bucket(c).min(HIST_BUCKETS - 1), bucket(c), "{c}");
+            d.record(5, c);
+        }
+        let r = DetailSnapshot::sum([&d]).reasons[5];
+        let mut want = [0u64; HIST_BUCKETS];
+        for &c in &xs {
+            want[bucket(c)] += 1;
+        }
+        assert_eq!(r.hist, want);
+        assert_eq!(r.hist[HIST_BUCKETS - 1], 4);
         for b in 1..HIST_BUCKETS - 1 {
             assert_eq!(bucket(bucket_floor(b)), b);
             assert_eq!(bucket(bucket_floor(b + 1) - 1), b);
@@ -976,7 +1495,7 @@ mod tests {
         let (mut slots, mut other) = ([(0u64, 0u64); N], 0u64);
         for &key in keys {
             let stored = key + 1;
-            match HashTable::<N>::place(|i| slots[i].0, stored) {
+            match hash_place(N, |i| slots[i].0, stored) {
                 Some(i) => slots[i] = (stored, slots[i].1 + 1),
                 None => other += 1,
             }
@@ -1018,8 +1537,7 @@ mod tests {
         }
         // Extending a run is recording its key.
         let k = *seq.last().unwrap();
-        assert!(t.continues_run(k) && !t.continues_run(k + 1));
-        t.extend_run();
+        t.record(k);
         t.record(k);
         seq.extend([k, k]);
         let mut v = Vec::new();
@@ -1101,6 +1619,191 @@ mod tests {
             }
         }
         assert!(other > 0 && want.len() == 6);
+    }
+
+    /// Pseudo-random ring samples of every kind: a few sites, keys and
+    /// reasons in runs, user and kernel mode, latencies over many buckets.
+    fn samples(n: usize, mut seed: u64) -> Vec<[u64; 4]> {
+        let mut v = Vec::new();
+        while v.len() < n {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = seed >> 20;
+            let kind = r % 8;
+            let basic: u16 = match kind {
+                sample::FAST_CPUID | sample::CPUID => 10,
+                sample::EXCEPTION => 0,
+                sample::IO => 30,
+                sample::MSR => 31 + (r >> 7 & 1) as u16,
+                sample::CR => 28,
+                sample::EPT => 48,
+                _ => [12u16, 18, 1, 7, 52, 86][(r >> 9) as usize % 6],
+            };
+            let key = match kind {
+                sample::FAST_CPUID => ((r >> 11) % 24) | (((r >> 17) % 3) << 32),
+                sample::CR => (r >> 11) % 64,
+                _ => (r >> 11) % 40,
+            };
+            let ss = if r >> 30 & 1 != 0 { 0x60 | 0x93 } else { 0x93 };
+            let tag = if kind == sample::FAST_CPUID { ss } else { sample::tag(ss, kind, basic) };
+            let rip = 0xffff_ffff_8100_0000 + (r >> 33) % 300;
+            for _ in 0..(r >> 40) % 5 + 1 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let cycles = ((seed >> 33) % 4000) >> ((seed >> 50) % 10);
+                v.push([cycles, key, rip, tag]);
+            }
+        }
+        v.truncate(n);
+        v
+    }
+
+    /// A block zeroed and [`VcpuDetail::init_zeroed`] is a new one.
+    #[test]
+    fn a_zeroed_block_initialized_in_place_is_new() {
+        // SAFETY: every field of `VcpuDetail` is an atomic integer, for
+        // which all zeros is a valid value.
+        let z = unsafe { Box::<VcpuDetail>::new_zeroed().assume_init() };
+        z.init_zeroed();
+        let n = VcpuDetail::new();
+        assert_eq!(format!("{z:?}"), format!("{n:?}"));
+        for (i, &e) in samples(300, 7).iter().enumerate() {
+            for d in [&*z, &n] {
+                d.record(i % SLOTS, e[0]);
+                if d.ring.push(e) {
+                    d.fold();
+                }
+            }
+        }
+        assert_eq!(DetailSnapshot::sum([&*z]), DetailSnapshot::sum([&n]));
+    }
+
+    /// The ring changes no figure: after any number of samples, with folds
+    /// and resets of minima and maxima in between, every read equals
+    /// recording each sample at once.
+    #[test]
+    fn ring_samples_read_exactly_at_every_read() {
+        let (ring, at_once) = (VcpuDetail::new(), VcpuDetail::new());
+        let xs = samples(5000, 0x5eed);
+        let mut folds = 0;
+        for (n, &e) in xs.iter().enumerate() {
+            if ring.ring.push(e) {
+                ring.fold();
+                folds += 1;
+            }
+            at_once.apply(e, true);
+            if n % 11 == 0 || n == xs.len() - 1 {
+                assert_eq!(DetailSnapshot::sum([&ring]), DetailSnapshot::sum([&at_once]), "after sample {n}");
+            }
+            if n % 997 == 500 {
+                ring.reset_extremes();
+                at_once.reset_extremes();
+                assert_eq!(DetailSnapshot::sum([&ring]), DetailSnapshot::sum([&at_once]), "reset after sample {n}");
+            }
+        }
+        assert_eq!(folds, 5000 / RING);
+        assert!(!ring.ring.is_empty());
+        // Every kind made it into its breakdown.
+        let s = DetailSnapshot::sum([&ring]);
+        assert!(s.breakdowns.iter().all(|b| !b.0.is_empty()), "{:?}", s.breakdowns);
+        // The stub's half-made sample: key, RIP and tag first, then the cycles.
+        let d = VcpuDetail::new();
+        let (i, _) = d.ring.next();
+        d.ring.entries[i][1].store(4 | 2 << 32, Relaxed);
+        d.ring.entries[i][2].store(0x40_1000, Relaxed);
+        d.ring.entries[i][3].store(0xF3, Relaxed);
+        assert_eq!(DetailSnapshot::sum([&d]), DetailSnapshot::default(), "not yet complete: not read");
+        assert!(!d.ring.complete(77));
+        let s = DetailSnapshot::sum([&d]);
+        assert_eq!(s.reasons[10].min, Some(77));
+        assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(4 << 32 | 2, 1)]);
+        assert_eq!(s.breakdowns[BreakdownKind::GuestRip as usize].0, [(rip_key(10, 0x40_1000, true), 1)]);
+    }
+
+    /// How the hypervisor records a sample: the CPUID fast path's through
+    /// the ring, every other exit at once after folding what is pending.
+    fn record_as_the_exit_path(d: &VcpuDetail, e: [u64; 4]) {
+        if (e[3] >> 32) & 0xFF == sample::FAST_CPUID {
+            if d.ring.push(e) {
+                d.fold();
+            }
+        } else {
+            d.fold_pending();
+            d.apply(e, true);
+        }
+    }
+
+    /// The exit path's mix (fast-path samples in the ring, the others at
+    /// once) changes no figure either, the bounded tables' overflow
+    /// included (300 sites for 256 slots, 72 leaves for 64): every read
+    /// equals recording each exit at once in exit order.
+    #[test]
+    fn ring_and_inline_records_read_exactly_in_exit_order() {
+        let (mixed, at_once) = (VcpuDetail::new(), VcpuDetail::new());
+        let xs = samples(20_000, 0xab5);
+        for (n, &e) in xs.iter().enumerate() {
+            record_as_the_exit_path(&mixed, e);
+            at_once.apply(e, true);
+            if n % 13 == 0 || n == xs.len() - 1 {
+                assert_eq!(DetailSnapshot::sum([&mixed]), DetailSnapshot::sum([&at_once]), "after sample {n}");
+            }
+            if n % 997 == 500 {
+                mixed.reset_extremes();
+                at_once.reset_extremes();
+            }
+        }
+        let s = DetailSnapshot::sum([&mixed]);
+        for k in [BreakdownKind::GuestRip, BreakdownKind::CpuidLeaf] {
+            assert!(s.breakdowns[k as usize].1 > 0, "{k:?} overflowed");
+        }
+    }
+
+    /// A reader on another CPU beside the writer (the exit path's mix)
+    /// never sees a fold half done: its totals never go back, never pass
+    /// the samples made, and the last read is exact.
+    #[test]
+    fn ring_reads_beside_the_writer_are_consistent() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let xs = Arc::new(samples(100_000, 0xfeed));
+        let d = Arc::new(VcpuDetail::new());
+        let (done, made) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let writer = {
+            let (xs, d, done, made) = (xs.clone(), d.clone(), done.clone(), made.clone());
+            std::thread::spawn(move || {
+                for (i, &e) in xs.iter().enumerate() {
+                    record_as_the_exit_path(&d, e);
+                    made.store(i as u64 + 1, Release);
+                }
+                done.store(true, Release);
+            })
+        };
+        let total = |s: &DetailSnapshot| -> (u64, u64) {
+            let hist: u64 = s.reasons.iter().map(|r| r.hist.iter().sum::<u64>()).sum();
+            let (e, o) = &s.breakdowns[BreakdownKind::GuestRip as usize];
+            (hist, e.iter().map(|x| x.1).sum::<u64>() + o)
+        };
+        // (The latencies and each table are read one after the other, so
+        // a record at once may be in one and not yet in the next.)
+        let mut last = (0, 0);
+        loop {
+            let finished = done.load(Acquire);
+            let before = made.load(Acquire);
+            let s = DetailSnapshot::sum([&*d]);
+            let after = made.load(Acquire);
+            let (hist, sites) = total(&s);
+            for (x, l) in [(hist, last.0), (sites, last.1)] {
+                assert!(x >= before && x <= after && x >= l, "{before} <= {x} <= {after}, last {l}");
+            }
+            last = (hist, sites);
+            if finished {
+                let at_once = VcpuDetail::new();
+                for &e in xs.iter() {
+                    at_once.apply(e, true);
+                }
+                assert_eq!(s, DetailSnapshot::sum([&at_once]));
+                break;
+            }
+        }
+        writer.join().unwrap();
     }
 
     #[test]

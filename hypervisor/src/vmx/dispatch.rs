@@ -54,11 +54,15 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
         reflect_machine_check(v);
     }
     account(v, basic);
-    // The detailed statistics' tables, after the window (as the stub's
-    // fast path): their cost varies with the keys met before (a run of one
-    // key, a new key), which the measured window should not.
+    // The detailed statistics' tables, after the window (the stub's fast
+    // path defers its own to the sample ring): their cost varies with the
+    // keys met before (a run of one key, a new key), which the measured
+    // window should not.
     #[cfg(feature = "detailed")]
     {
+        // The CPUID fast path's samples still in the ring go into the
+        // tables first, so that the tables take keys in exit order.
+        v.detail.fold_pending();
         super::stub::note_site(v, basic, rip);
         record_note(v, _note);
     }

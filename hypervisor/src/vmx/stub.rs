@@ -46,10 +46,12 @@ macro_rules! stub_fast_account {
         )
     };
 }
-// With the detailed statistics, the recording is `account`'s, in Rust: save
-// the caller-saved registers that still hold guest values and call it with
-// the TSC and the CPUID's own RIP (which the RSI slot holds until RSI is
-// saved there).
+// With the detailed statistics: the same accounting, then the exit's
+// cycles complete the sample begun before the CPUID (its leaf, RIP and SS
+// access rights) in this vCPU's sample ring (`exitscope_stats::detail::Ring`),
+// which is folded into the detail tables out of line when full (6:). The
+// timeline's deadline is compared with the TSC first; a due sample goes
+// out of line (7:), which records the exit there.
 #[cfg(feature = "detailed")]
 macro_rules! stub_fast_account {
     () => {
@@ -57,7 +59,53 @@ macro_rules! stub_fast_account {
             "    rdtsc\n",
             "    shl rdx, 32\n",
             "    or rax, rdx\n",
-            "    mov rdx, [rsp + 40]\n",
+            "    cmp rax, qword ptr [rip + {TIMELINE_NEXT}]\n",
+            "    jae 7f\n",
+            "    sub rax, [rsp + {TSC_EXIT}]\n",
+            "    mov rdx, [rsp + {COUNTERS}]\n",
+            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
+            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+            "    mov rdx, [rsp + {RING_OFF}]\n",
+            "    mov [rsp + rdx + {RING_END}], rax\n",
+            "    add qword ptr [rsp + {RING_OFF}], 32\n",
+            "    jz 6f\n",
+            "8:\n",
+        )
+    };
+}
+// The fast path's out-of-line recording (detailed builds): save the
+// caller-saved registers that still hold guest values, call Rust, restore,
+// and resume at 8:.
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_cold {
+    () => {
+        concat!(
+            "6:\n",
+            stub_save_caller_saved!(),
+            "    mov rdi, rsp\n",
+            "    call exitscope_fast_fold\n",
+            stub_restore_caller_saved!(),
+            "    jmp 8b\n",
+            "7:\n",
+            stub_save_caller_saved!(),
+            "    mov rdi, rsp\n",
+            "    mov rsi, rax\n",
+            "    call exitscope_fast_record_sampled\n",
+            stub_restore_caller_saved!(),
+            "    jmp 8b\n",
+        )
+    };
+}
+#[cfg(not(feature = "detailed"))]
+macro_rules! stub_fast_cold {
+    () => {
+        ""
+    };
+}
+#[cfg(feature = "detailed")]
+macro_rules! stub_save_caller_saved {
+    () => {
+        concat!(
             "    mov [rsp + 8], rcx\n",
             "    mov [rsp + 40], rsi\n",
             "    mov [rsp + 48], rdi\n",
@@ -65,9 +113,13 @@ macro_rules! stub_fast_account {
             "    mov [rsp + 64], r9\n",
             "    mov [rsp + 72], r10\n",
             "    mov [rsp + 80], r11\n",
-            "    mov rdi, rsp\n",
-            "    mov rsi, rax\n",
-            "    call exitscope_fast_cpuid_record\n",
+        )
+    };
+}
+#[cfg(feature = "detailed")]
+macro_rules! stub_restore_caller_saved {
+    () => {
+        concat!(
             "    mov rcx, [rsp + 8]\n",
             "    mov rsi, [rsp + 40]\n",
             "    mov rdi, [rsp + 48]\n",
@@ -85,12 +137,17 @@ macro_rules! stub_fast_account {
     };
 }
 
-// With the detailed statistics, the fast path keeps the guest's leaf and
-// subleaf for the CPUID breakdown (CPUID overwrites both): two stores.
+// With the detailed statistics, the fast path begins its sample in the
+// ring's next entry with the guest's leaf and subleaf (CPUID overwrites
+// both): a load and two stores.
 #[cfg(feature = "detailed")]
 macro_rules! stub_fast_note_leaf {
     () => {
-        concat!("    mov [rsp + {FAST_CPUID}], eax\n", "    mov [rsp + {FAST_CPUID} + 4], ecx\n",)
+        concat!(
+            "    mov rdx, [rsp + {RING_OFF}]\n",
+            "    mov [rsp + rdx + {RING_END} + 8], eax\n",
+            "    mov [rsp + rdx + {RING_END} + 12], ecx\n",
+        )
     };
 }
 #[cfg(not(feature = "detailed"))]
@@ -100,12 +157,52 @@ macro_rules! stub_fast_note_leaf {
     };
 }
 
-/// Where the fast path keeps the guest's CPUID leaf (detailed builds; the
-/// other builds name the offset without using it).
-#[cfg(feature = "detailed")]
-const FAST_CPUID_OFFSET: usize = core::mem::offset_of!(VcpuState, fast_cpuid);
+// RIP += instruction length. Without the detailed statistics the RSI slot
+// is scratch for the RIP (the fast path never reloads RSI from it); with
+// them the RIP and the SS access rights (the CPL) go to the sample.
 #[cfg(not(feature = "detailed"))]
-const FAST_CPUID_OFFSET: usize = 0;
+macro_rules! stub_fast_advance {
+    () => {
+        concat!(
+            "    mov edx, {INSN_LEN}\n",
+            "    vmread rax, rdx\n",
+            "    mov edx, {GUEST_RIP}\n",
+            "    vmread [rsp + 40], rdx\n",
+            "    add rax, [rsp + 40]\n",
+            "    vmwrite rdx, rax\n",
+        )
+    };
+}
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_advance {
+    () => {
+        concat!(
+            "    mov rdx, [rsp + {RING_OFF}]\n",
+            "    mov eax, {SS_AR}\n",
+            "    vmread [rsp + rdx + {RING_END} + 24], rax\n",
+            "    mov eax, {GUEST_RIP}\n",
+            "    vmread [rsp + rdx + {RING_END} + 16], rax\n",
+            "    mov eax, {INSN_LEN}\n",
+            "    vmread rax, rax\n",
+            "    add rax, [rsp + rdx + {RING_END} + 16]\n",
+            "    mov edx, {GUEST_RIP}\n",
+            "    vmwrite rdx, rax\n",
+        )
+    };
+}
+
+/// Offsets of this vCPU's sample ring from the state block (detailed
+/// builds; the other builds name them without using them).
+#[cfg(feature = "detailed")]
+const RING_OFF_OFFSET: usize =
+    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_OFF_OFFSET;
+#[cfg(feature = "detailed")]
+const RING_END_OFFSET: usize =
+    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_END_OFFSET;
+#[cfg(not(feature = "detailed"))]
+const RING_OFF_OFFSET: usize = 0;
+#[cfg(not(feature = "detailed"))]
+const RING_END_OFFSET: usize = 0;
 
 // Loads the fifteen guest registers from the state block at RSP (before
 // VMRESUME and VMLAUNCH).
@@ -145,8 +242,8 @@ global_asm!(
     ".section .text.exit_path, \"ax\"",
     ".global exitscope_vmexit",
     "exitscope_vmexit:",
-    // (Offsets not every build uses: {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {FAST_CPUID}.)
-    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {FAST_CPUID} */",
+    // (Operands not every build uses.)
+    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {RING_OFF} {RING_END} {SS_AR} {TIMELINE_NEXT} */",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
     stub_take_timestamp!(),
@@ -167,14 +264,7 @@ global_asm!(
     "    cpuid",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
-    // RIP += instruction length. The RSI slot is scratch here: the fast
-    // path never reloads RSI from it.
-    "    mov edx, {INSN_LEN}",
-    "    vmread rax, rdx",
-    "    mov edx, {GUEST_RIP}",
-    "    vmread [rsp + 40], rdx",
-    "    add rax, [rsp + 40]",
-    "    vmwrite rdx, rax",
+    stub_fast_advance!(),
     "    mov edx, {INTERRUPTIBILITY}",
     "    vmread rax, rdx",
     "    test al, 7",
@@ -191,6 +281,7 @@ global_asm!(
     "    and eax, -8",
     "    vmwrite rdx, rax",
     "    jmp 3b",
+    stub_fast_cold!(),
     // The generic path.
     "2:",
     "    mov [rsp + 8], rcx",
@@ -238,7 +329,10 @@ global_asm!(
     TSC_EXIT = const vcpu::OFFSET_TSC_EXIT,
     COUNTERS = const core::mem::offset_of!(VcpuState, counters),
     CPUID_SLOT = const 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
-    FAST_CPUID = const FAST_CPUID_OFFSET,
+    RING_OFF = const RING_OFF_OFFSET,
+    RING_END = const RING_END_OFFSET,
+    SS_AR = const guest::SS_ACCESS_RIGHTS,
+    TIMELINE_NEXT = sym crate::statsys::TIMELINE_NEXT,
 );
 
 // The stub takes the state block's address only and reads the fields at
@@ -270,7 +364,8 @@ pub fn account(v: &VcpuState, basic: u16) {
     let _ = (v, basic);
 }
 
-/// Records one exit of `slot` whose window ended at TSC `now`.
+/// Records one exit of `slot` whose window ended at TSC `now` (the generic
+/// path: its latency straight into the detail tables).
 #[cfg(feature = "accounting")]
 #[inline(always)]
 fn record(v: &VcpuState, slot: usize, now: u64) {
@@ -284,36 +379,6 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
     if now >= crate::statsys::TIMELINE_NEXT.load(core::sync::atomic::Ordering::Relaxed) {
         crate::statsys::timeline_sample(now);
     }
-}
-
-/// The CPUID fast path's recording in builds with the detailed statistics
-/// (the stub calls it with the TSC that ended the window and the guest RIP
-/// of the CPUID).
-#[cfg(feature = "detailed")]
-#[unsafe(no_mangle)]
-extern "C" fn exitscope_fast_cpuid_record(v: &VcpuState, now: u64, rip: u64) {
-    let leaf = exitscope_stats::detail::cpuid_key(v.fast_cpuid as u32, (v.fast_cpuid >> 32) as u32);
-    // `rip` is the CPUID's (the stub read it before moving RIP past it).
-    let site = site_key(10, rip);
-    // A loop's CPUID: the same leaf from the same site as the last one.
-    // Anything else goes out of line, so that this path saves no register.
-    if v.detail.cpuid.continues_run(leaf) && v.detail.rips.continues_run(site) {
-        v.detail.cpuid.extend_run();
-        v.detail.rips.extend_run();
-        record(v, 10, now);
-    } else {
-        fast_cpuid_record_new_key(v, now, leaf, site);
-    }
-}
-
-/// The fast path's recording when the leaf or the site is not the last one.
-#[cfg(feature = "detailed")]
-#[cold]
-#[inline(never)]
-fn fast_cpuid_record_new_key(v: &VcpuState, now: u64, leaf: u64, site: u64) {
-    v.detail.cpuid.record(leaf);
-    v.detail.rips.record(site);
-    record(v, 10, now);
 }
 
 /// The guest-code-site key of this exit: its reason, the guest RIP of the
@@ -331,4 +396,25 @@ fn site_key(basic: u16, rip: u64) -> u64 {
 #[inline(always)]
 pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
     v.detail.rips.record(site_key(basic, rip));
+}
+
+/// The CPUID fast path's ring is full (detailed builds): fold it.
+#[cfg(feature = "detailed")]
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_fast_fold(v: &VcpuState) {
+    v.detail.fold();
+}
+
+/// The CPUID fast path's recording when a timeline sample is due at `now`
+/// (detailed builds): what the stub does after its deadline compare, then
+/// the sample.
+#[cfg(feature = "detailed")]
+#[unsafe(no_mangle)]
+extern "C" fn exitscope_fast_record_sampled(v: &VcpuState, now: u64) {
+    let cycles = now.wrapping_sub(v.tsc_exit);
+    v.counters.record(10, cycles);
+    if v.detail.ring.complete(cycles) {
+        v.detail.fold();
+    }
+    crate::statsys::timeline_sample(now);
 }

@@ -114,11 +114,15 @@ pub struct VcpuState {
     /// Primary processor-based controls as last written (interrupt-window
     /// exiting comes and goes).
     pub proc_ctls: u32,
-    /// The guest's EAX (bits 31:0) and ECX (63:32) of a CPUID the exit
-    /// stub's fast path answers, kept for the CPUID breakdown.
-    #[cfg(feature = "detailed")]
-    pub fast_cpuid: u64,
 }
+
+/// Where a vCPU's detailed statistics lie from its state block: right
+/// after it, in the same allocation, so that the exit stub reaches their
+/// sample ring from RSP (`[rsp + DETAIL_OFFSET + ...]`).
+#[cfg(feature = "detailed")]
+pub const DETAIL_OFFSET: usize = core::mem::size_of::<VcpuState>();
+#[cfg(feature = "detailed")]
+const _: () = assert!(DETAIL_OFFSET.is_multiple_of(core::mem::align_of::<exitscope_stats::detail::VcpuDetail>()));
 
 pub const OFFSET_TSC_EXIT: usize = 120;
 const _: () = assert!(core::mem::offset_of!(VcpuState, tsc_exit) == OFFSET_TSC_EXIT);
@@ -148,21 +152,32 @@ pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'stati
     vmxon[..4].copy_from_slice(&revision.to_le_bytes());
     vmcs[..4].copy_from_slice(&revision.to_le_bytes());
     let stack_pages = STACK_SIZE / memory::PAGE;
-    let state_pages = core::mem::size_of::<VcpuState>().div_ceil(memory::PAGE);
+    // The state block, then (detailed builds) the detailed statistics.
+    #[cfg(feature = "detailed")]
+    let state_bytes = DETAIL_OFFSET + core::mem::size_of::<exitscope_stats::detail::VcpuDetail>();
+    #[cfg(not(feature = "detailed"))]
+    let state_bytes = core::mem::size_of::<VcpuState>();
+    let state_pages = state_bytes.div_ceil(memory::PAGE);
     let (stack, _) = memory::alloc_pages(stack_pages + state_pages)?;
-    let state_ptr = stack[STACK_SIZE..].as_mut_ptr() as *mut VcpuState;
+    let base = stack.as_mut_ptr();
+    let state_ptr = base.wrapping_add(STACK_SIZE) as *mut VcpuState;
     let (fault_stack, _) = memory::alloc_pages(FAULT_STACK_SIZE / memory::PAGE)?;
     let ist_top = fault_stack.as_ptr() as u64 + FAULT_STACK_SIZE as u64;
     let tables_ptr = memory::arena_alloc(core::mem::size_of::<crate::idt::PerCpuTables>(), 64)? as *mut crate::idt::PerCpuTables;
     #[cfg(feature = "detailed")]
     let detail = {
-        let p = memory::arena_alloc(core::mem::size_of::<exitscope_stats::detail::VcpuDetail>(), 64)?
-            as *mut exitscope_stats::detail::VcpuDetail;
-        // SAFETY: fresh, aligned arena memory of the right size, never freed.
+        let p = base.wrapping_add(STACK_SIZE + DETAIL_OFFSET) as *mut exitscope_stats::detail::VcpuDetail;
+        // SAFETY: fresh arena memory after the state block (allocated
+        // above with room for both, aligned: pages + a multiple of the
+        // alignment), never freed, and no other reference covers it;
+        // zeroed, it holds a `VcpuDetail` (atomic integers only), which
+        // `init_zeroed` makes a new one in place (built on the stack and
+        // moved, it would not fit the boot CPU's).
         let d: &'static exitscope_stats::detail::VcpuDetail = unsafe {
-            p.write(exitscope_stats::detail::VcpuDetail::new());
+            p.write_bytes(0, 1);
             &*p
         };
+        d.init_zeroed();
         crate::statsys::DETAILS[id].store(p, core::sync::atomic::Ordering::SeqCst);
         d
     };
@@ -176,8 +191,6 @@ pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'stati
             counters,
             #[cfg(feature = "detailed")]
             detail,
-            #[cfg(feature = "detailed")]
-            fast_cpuid: 0,
             id,
             vpid: (id + 1) as u16,
             vmcs_pa,
