@@ -15,7 +15,7 @@
 //! | `intercept=NAME,NAME,...` | adds classes on top of the profile; `-NAME` removes one |
 //! | `preempt=TICKS` / `preempt=off` | the VMX-preemption timer, re-armed every TICKS TSC ticks of guest time (reason 52). The timer does not count in C3 and deeper, so while it is on MONITOR/MWAIT are hidden from the guest's CPUID and MWAIT exits as a no-op (reason 36) |
 //! | `ept=lazy` / `ept=eager` | EPT filled on demand from EPT violations, or built whole before the guest starts (the default) |
-//! | `ept=off` | shadow paging: while the guest's paging is on, no EPT; page faults (reason 0), CR3 accesses (28), INVLPG (14) and INVPCID (58) exit (see [`SHADOW_REASONS`]); the paging-off phases run on the eager identity EPT |
+//! | `ept=off` | shadow paging: while the guest's paging is on, no EPT; page faults (reason 0), CR3 accesses (28), INVLPG (14) and INVPCID (58) exit, and the interrupt window (7) when an interrupt's delivery met the guest's #PF (see [`SHADOW_REASONS`]); the paging-off phases run on the eager identity EPT |
 //!
 //! The profile is the base wherever it stands on the line (the last
 //! `profile=` wins); `intercept=` words then apply in order, so
@@ -83,10 +83,12 @@ pub const PREEMPT_REASON: u16 = 52;
 /// The MWAIT exit, which `preempt=` enables too (see [`Interception::reasons`]).
 pub const MWAIT_REASON: u16 = 36;
 /// The reasons shadow paging (`ept=off`) enables: exceptions (#PF is in the
-/// exception bitmap), INVLPG and INVPCID; CR access (28) is in
-/// [`BASE_REASONS`] and grows by the CR3 loads and stores. EPT violations
-/// (48) stay possible, in the guest's paging-off phases only.
-pub const SHADOW_REASONS: [u16; 3] = [0, 14, 58];
+/// exception bitmap), the interrupt window (an external interrupt whose
+/// delivery met the guest's own #PF is given to the guest once it can take
+/// one), INVLPG and INVPCID; CR access (28) is in [`BASE_REASONS`] and
+/// grows by the CR3 loads and stores. EPT violations (48) stay possible, in
+/// the guest's paging-off phases only.
+pub const SHADOW_REASONS: [u16; 4] = [0, 7, 14, 58];
 
 /// Reasons enabled in every profile: the exits VT-x makes unconditional
 /// (CPUID, GETSEC, INVD, XSETBV, the VMX and TDX instructions, triple

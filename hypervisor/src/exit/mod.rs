@@ -222,6 +222,10 @@ pub struct PageFault {
     pub during_delivery: bool,
     /// That event was itself a #PF.
     pub during_page_fault: bool,
+    /// That event was an external interrupt, with this vector (acknowledged
+    /// already: if the guest gets its own #PF instead, the interrupt must
+    /// still reach it).
+    pub during_interrupt: Option<u8>,
 }
 
 /// The kind of a faulting guest-physical access.

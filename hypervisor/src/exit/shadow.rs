@@ -29,6 +29,16 @@ pub fn page_fault(g: &mut impl Guest, f: PageFault) -> Flow {
                 g.set_cr2(cr2);
                 g.inject(vector::PF, Some(error_code));
             }
+            // The CPU had acknowledged an external interrupt when its
+            // delivery met this fault: the guest takes it after its #PF
+            // handler, as the CPU would, through the interrupt queue (the
+            // window opens: an event is being injected now). An exception
+            // or software interrupt comes again when its instruction runs
+            // again.
+            if let Some(v) = f.during_interrupt {
+                g.irqs().push(v);
+                return super::extint::deliver_irqs(g);
+            }
             Flow::Resume
         }
         PfOutcome::Contain { gpa, access } => {
@@ -68,7 +78,7 @@ mod tests {
     use crate::shadow::Access as WalkAccess;
 
     fn pf(la: u64, error_code: u32) -> Exit {
-        Exit::PageFault(PageFault { la, error_code, during_delivery: false, during_page_fault: false })
+        Exit::PageFault(PageFault { la, error_code, during_delivery: false, during_page_fault: false, during_interrupt: None })
     }
 
     #[test]
@@ -79,7 +89,13 @@ mod tests {
         assert_eq!((g.rip, g.injected.len(), g.redelivered, g.cr2), (0x1000, 0, 0, None));
         assert_eq!(g.shadow_faults, [(0x40_0000, 2)]);
         // During event delivery: the event is delivered again.
-        let e = Exit::PageFault(PageFault { la: 0x40_0000, error_code: 0, during_delivery: true, during_page_fault: false });
+        let e = Exit::PageFault(PageFault {
+            la: 0x40_0000,
+            error_code: 0,
+            during_delivery: true,
+            during_page_fault: false,
+            during_interrupt: None,
+        });
         assert_eq!(handle(&mut g, e), Flow::Resume);
         assert_eq!(g.redelivered, 1);
     }
@@ -94,9 +110,49 @@ mod tests {
         // While delivering a #PF: #DF, CR2 untouched.
         let mut g = Fake::new();
         g.shadow_outcome = Some(PfOutcome::Inject { error_code: 0, cr2: 0x5000 });
-        let e = Exit::PageFault(PageFault { la: 0x5000, error_code: 0, during_delivery: true, during_page_fault: true });
+        let e = Exit::PageFault(PageFault {
+            la: 0x5000,
+            error_code: 0,
+            during_delivery: true,
+            during_page_fault: true,
+            during_interrupt: None,
+        });
         assert_eq!(handle(&mut g, e), Flow::Resume);
         assert_eq!((g.injected.as_slice(), g.cr2, g.redelivered), (&[(vector::DF, Some(0))][..], None, 0));
+    }
+
+    #[test]
+    fn an_interrupt_whose_delivery_met_the_guests_fault_still_reaches_it() {
+        // The guest's #PF now; the interrupt waits for the window.
+        let mut g = Fake::new();
+        g.shadow_outcome = Some(PfOutcome::Inject { error_code: 2, cr2: 0x7000 });
+        let e = Exit::PageFault(PageFault {
+            la: 0x7000,
+            error_code: 2,
+            during_delivery: true,
+            during_page_fault: false,
+            during_interrupt: Some(0x30),
+        });
+        assert_eq!(handle(&mut g, e), Flow::Resume);
+        assert_eq!((g.injected.as_slice(), g.cr2, g.redelivered), (&[(vector::PF, Some(2))][..], Some(0x7000), 0));
+        let mut queued = g.irq_queue;
+        assert_eq!((queued.pop(), queued.is_empty(), g.window, g.interrupts.len()), (Some(0x30), true, Some(true), 0));
+        // The window: the guest (IF set) takes it.
+        g.state.insert(Reg::Rflags, 2 | super::super::RFLAGS_IF);
+        assert_eq!(handle(&mut g, Exit::InterruptWindow), Flow::Resume);
+        assert_eq!((g.interrupts.as_slice(), g.window), (&[0x30][..], Some(false)));
+        // A filled fault redelivers the interrupt itself, nothing is queued.
+        let mut g = Fake::new();
+        g.shadow_outcome = Some(PfOutcome::Filled);
+        let e = Exit::PageFault(PageFault {
+            la: 0x7000,
+            error_code: 0,
+            during_delivery: true,
+            during_page_fault: false,
+            during_interrupt: Some(0x30),
+        });
+        assert_eq!(handle(&mut g, e), Flow::Resume);
+        assert_eq!((g.redelivered, g.irq_queue.is_empty(), g.injected.len()), (1, true, 0));
     }
 
     #[test]

@@ -526,8 +526,11 @@ pub fn enabled_reasons(c: &Controls, msr_imm: bool) -> exitscope_stats::ReasonSe
     add(msr_imm && on(c.cpu, CPU_MSR_BITMAPS), 84);
     add(msr_imm && on(c.cpu, CPU_MSR_BITMAPS), 85);
     // Shadow paging (`ept=off`): #PF exits (reason 0), and INVLPG and
-    // INVPCID exit while the guest's paging is on (`shadow::phase`).
+    // INVPCID exit while the guest's paging is on (`shadow::phase`); the
+    // interrupt window for an interrupt whose delivery met the guest's own
+    // #PF (`exit::shadow`).
     add(c.shadow, 0);
+    add(c.shadow, 7);
     add(c.shadow, 14);
     add(c.shadow && on(c.cpu2, CPU2_INVPCID), 58);
     s

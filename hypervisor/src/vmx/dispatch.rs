@@ -190,7 +190,9 @@ pub fn page_fault(info: u64, q: u64, error_code: impl Fn() -> u64, vectoring: u6
     }
     let during_delivery = vectoring & VALID != 0;
     let during_page_fault = during_delivery && vectoring & 0x7FF == (3 << 8) | 14;
-    Exit::PageFault(PageFault { la: q, error_code: error_code() as u32, during_delivery, during_page_fault })
+    // Interruption type 0: an external interrupt.
+    let during_interrupt = (during_delivery && (vectoring >> 8) & 7 == 0).then_some(vectoring as u8);
+    Exit::PageFault(PageFault { la: q, error_code: error_code() as u32, during_delivery, during_page_fault, during_interrupt })
 }
 
 /// An I/O exit qualification (SDM Vol. 3, Table 28-5).
@@ -533,16 +535,26 @@ mod tests {
     fn page_fault_exits() {
         let info = 1 << 31 | 1 << 11 | 3 << 8 | 14;
         let e = page_fault(info, 0xDEAD_B000, || 6, 0);
-        assert_eq!(e, Exit::PageFault(PageFault { la: 0xDEAD_B000, error_code: 6, during_delivery: false, during_page_fault: false }));
-        // During the delivery of an external interrupt, and of a #PF.
+        assert_eq!(
+            e,
+            Exit::PageFault(PageFault {
+                la: 0xDEAD_B000,
+                error_code: 6,
+                during_delivery: false,
+                during_page_fault: false,
+                during_interrupt: None
+            })
+        );
+        // During the delivery of an external interrupt (type 0, its vector
+        // kept), and of a #PF.
         let ext = 1 << 31 | 0x30;
         assert!(matches!(
             page_fault(info, 0, || 0, ext),
-            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: false, .. })
+            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: false, during_interrupt: Some(0x30), .. })
         ));
         assert!(matches!(
             page_fault(info, 0, || 0, info),
-            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: true, .. })
+            Exit::PageFault(PageFault { during_delivery: true, during_page_fault: true, during_interrupt: None, .. })
         ));
         // An NMI, another exception, no valid information: not asked for.
         assert_eq!(page_fault(1 << 31 | 2 << 8 | 2, 0, || 0, 0), Exit::Unexpected(0));
