@@ -99,6 +99,15 @@ pub struct JsonDump<'a> {
     pub shadow: Option<&'a [ShadowCounts]>,
 }
 
+impl<'a> JsonDump<'a> {
+    /// A dump of the counters alone: no details, timeline, TSC, SMI
+    /// fields, metadata, time split or shadow lines (set those with struct
+    /// update syntax: `JsonDump { meta: Some(&m), ..JsonDump::new(..) }`).
+    pub fn new(title: &'a str, snap: &'a Snapshot, per_vcpu: &'a [(u64, u64)]) -> Self {
+        JsonDump { title, snap, per_vcpu, detail: None, timeline: None, tsc: None, smi: None, meta: None, time: None, shadow: None }
+    }
+}
+
 /// The optional SMI fields of the `begin` line.
 struct SmiFields<'a>(Option<&'a SmiReport>);
 
@@ -1169,9 +1178,6 @@ mod tests {
     fn full() -> (String, Snapshot, Vec<(u64, u64)>, DetailSnapshot, alloc::boxed::Box<Timeline>) {
         let (snap, per, det, t) = sample();
         let s = write(&JsonDump {
-            title: "final (guest \"halted\")\t\\",
-            snap: &snap,
-            per_vcpu: &per,
             detail: Some(&det),
             timeline: Some(&t),
             tsc: Some(123_456_789),
@@ -1179,6 +1185,7 @@ mod tests {
             meta: Some(&sample_meta()),
             time: Some(&SAMPLE_TIME),
             shadow: Some(&SAMPLE_SHADOW),
+            ..JsonDump::new("final (guest \"halted\")\t\\", &snap, &per)
         });
         (s, snap, per, det, t)
     }
@@ -1221,20 +1228,7 @@ mod tests {
     #[test]
     fn smi_fields_are_optional() {
         let (snap, per, _, _) = sample();
-        let with = |smi: Option<&SmiReport>| {
-            write(&JsonDump {
-                title: "t",
-                snap: &snap,
-                per_vcpu: &per,
-                detail: None,
-                timeline: None,
-                tsc: None,
-                smi,
-                meta: None,
-                time: None,
-                shadow: None,
-            })
-        };
+        let with = |smi: Option<&SmiReport>| write(&JsonDump { smi, ..JsonDump::new("t", &snap, &per) });
         let counted = SmiReport::Counted { start: 120, end: 123, vcpu: 0 };
         let s = with(Some(&counted));
         assert!(s.lines().next().unwrap().contains(",\"smis\":3,\"smi_count_start\":120,\"smi_count_end\":123,\"smi_vcpu\":0}"), "{s}");
@@ -1254,35 +1248,13 @@ mod tests {
     #[test]
     fn without_details_or_timeline() {
         let (snap, per, _, _) = sample();
-        let s = write(&JsonDump {
-            title: "t",
-            snap: &snap,
-            per_vcpu: &per,
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: None,
-            time: None,
-            shadow: None,
-        });
+        let s = write(&JsonDump::new("t", &snap, &per));
         assert!(!s.contains("\"hist\"") && !s.contains("breakdown") && !s.contains("sample"));
         let p = parse_last_json(&s).unwrap();
         assert_eq!(p.snap, snap);
         assert_eq!((p.detail, p.timeline), (None, None));
         // An empty dump is still a dump.
-        let s = write(&JsonDump {
-            title: "",
-            snap: &Snapshot::default(),
-            per_vcpu: &[],
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: None,
-            time: None,
-            shadow: None,
-        });
+        let s = write(&JsonDump::new("", &Snapshot::default(), &[]));
         let p = parse_last_json(&s).unwrap();
         assert_eq!((p.total_exits, p.present.len(), p.per_vcpu.len()), (0, 0, 0));
     }
@@ -1378,18 +1350,7 @@ mod tests {
     #[test]
     fn the_last_complete_dump_wins() {
         let (s, snap, per, ..) = full();
-        let first = write(&JsonDump {
-            title: "first",
-            snap: &Snapshot::default(),
-            per_vcpu: &per,
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: None,
-            time: None,
-            shadow: None,
-        });
+        let first = write(&JsonDump::new("first", &Snapshot::default(), &per));
         let text = format!("{first}guest\n{s}");
         let p = parse_last_json(&text).unwrap();
         assert_eq!(p.snap, snap);
@@ -1531,18 +1492,7 @@ mod tests {
         let swapped = s.replace("\"type\":\"shadow\",\"vcpu\":1", "\"type\":\"shadow\",\"vcpu\":0");
         assert!(matches!(parse_last_json(&swapped), Err(JsonError::BadLine { .. })));
         let (snap, per, ..) = sample();
-        let plain = write(&JsonDump {
-            title: "t",
-            snap: &snap,
-            per_vcpu: &per,
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: None,
-            time: None,
-            shadow: None,
-        });
+        let plain = write(&JsonDump::new("t", &snap, &per));
         assert!(!plain.contains("shadow"));
         assert!(parse_last_json(&plain).unwrap().shadow.is_empty());
     }
@@ -1591,18 +1541,7 @@ mod tests {
         m.emulator = None;
         m.cpu.microcode = None;
         let (snap, per, ..) = sample();
-        let t = write(&JsonDump {
-            title: "t",
-            snap: &snap,
-            per_vcpu: &per,
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: Some(&m),
-            time: None,
-            shadow: None,
-        });
+        let t = write(&JsonDump { meta: Some(&m), ..JsonDump::new("t", &snap, &per) });
         assert!(
             t.contains("\"microcode\":null") && t.contains("\"emulator\":null,\"tsc_counts_instructions\":false")
                 || t.contains("\"tsc_counts_instructions\":false"),

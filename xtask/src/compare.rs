@@ -478,22 +478,7 @@ mod tests {
         let mut human = String::new();
         dump::write_dump(&mut human, title, &snap, &per).unwrap();
         let mut js = String::new();
-        write_json_dump(
-            &mut js,
-            &JsonDump {
-                title,
-                snap: &snap,
-                per_vcpu: &per,
-                detail: None,
-                timeline: None,
-                tsc: None,
-                smi: None,
-                meta: None,
-                time: None,
-                shadow: None,
-            },
-        )
-        .unwrap();
+        write_json_dump(&mut js, &JsonDump::new(title, &snap, &per)).unwrap();
         format!("guest output\n{human}{js}")
     }
 

@@ -1346,22 +1346,8 @@ mod tests {
         let mut human = String::new();
         dump::write_dump(&mut human, "final (synthetic)", &snap, &per).unwrap();
         let mut js = String::new();
-        write_json_dump(
-            &mut js,
-            &JsonDump {
-                title: "final (synthetic)",
-                snap: &snap,
-                per_vcpu: &per,
-                detail: Some(&det),
-                timeline: Some(&t),
-                tsc: None,
-                smi: None,
-                meta: None,
-                time: None,
-                shadow: None,
-            },
-        )
-        .unwrap();
+        write_json_dump(&mut js, &JsonDump { detail: Some(&det), timeline: Some(&t), ..JsonDump::new("final (synthetic)", &snap, &per) })
+            .unwrap();
         format!("[    1.0] Linux booting\ntsc: Detected 3499.912 MHz TSC\n{human}{js}reboot\n")
     }
 
@@ -1481,19 +1467,13 @@ mod tests {
         write_json_dump(
             &mut js,
             &JsonDump {
-                title: "t",
-                snap: &snap,
-                per_vcpu: &per,
                 detail: Some(&det),
-                timeline: None,
-                tsc: None,
-                smi: None,
                 meta: Some(&m),
                 time: Some(&[
                     json::TimeSplit { start: 0, end: 1000, hypervisor: 300 },
                     json::TimeSplit { start: 100, end: 1000, hypervisor: 100 },
                 ]),
-                shadow: None,
+                ..JsonDump::new("t", &snap, &per)
             },
         )
         .unwrap();
@@ -1543,18 +1523,7 @@ mod tests {
         let mut human = String::new();
         dump::write_dump_with(&mut human, "final", &snap, &per, None, |w| exitscope_stats::shadow::write_shadow_section(w, &sh)).unwrap();
         let mut js = String::new();
-        let jd = JsonDump {
-            title: "final",
-            snap: &snap,
-            per_vcpu: &per,
-            detail: None,
-            timeline: None,
-            tsc: None,
-            smi: None,
-            meta: None,
-            time: None,
-            shadow: Some(&sh),
-        };
+        let jd = JsonDump { shadow: Some(&sh), ..JsonDump::new("final", &snap, &per) };
         write_json_dump(&mut js, &jd).unwrap();
         for (log, source) in [(format!("{human}{js}"), Source::Json), (human.clone(), Source::Human)] {
             let d = Data::from_log(&log).unwrap().unwrap();
@@ -1600,22 +1569,7 @@ mod tests {
         let syms = load_symbols(&map).unwrap();
         assert_eq!(syms.len(), 3);
         let mut js = String::new();
-        write_json_dump(
-            &mut js,
-            &JsonDump {
-                title: "t",
-                snap: &snap,
-                per_vcpu: &per,
-                detail: Some(&det),
-                timeline: None,
-                tsc: None,
-                smi: None,
-                meta: None,
-                time: None,
-                shadow: None,
-            },
-        )
-        .unwrap();
+        write_json_dump(&mut js, &JsonDump { detail: Some(&det), ..JsonDump::new("t", &snap, &per) }).unwrap();
         let d = Data::from_log(&js).unwrap().unwrap();
         let mut r = Report::new(&d, None);
         r.symbols = Some(syms);
