@@ -160,26 +160,29 @@ impl RunCache {
         RunCache { last: AtomicU64::new(0), run: AtomicU64::new(0), seq: AtomicU64::new(0) }
     }
 
-    /// Records `stored` (key + 1): extends the run, or returns false when
-    /// the caller must [`restart`](Self::restart) it.
+    /// Counts one record of `key` (`key != u64::MAX`; owning vCPU only):
+    /// extends the pending run, or calls `start_run(key + 1)`, the table's
+    /// cold path, which flushes the run through [`restart`](Self::restart)
+    /// and starts one of that key.
     #[inline(always)]
-    fn extends(&self, stored: u64) -> bool {
+    fn record(&self, key: u64, start_run: impl FnOnce(u64)) {
+        let stored = key.wrapping_add(1);
         if self.last.load(Relaxed) == stored {
             bump(&self.run, 1);
-            true
         } else {
-            false
+            start_run(stored);
         }
     }
 
-    /// [`extends`](Self::extends) by `n` records.
+    /// [`record`](Self::record) of `n` (at least 1) records at once.
     #[inline(always)]
-    fn extends_by(&self, stored: u64, n: u64) -> bool {
+    fn record_n(&self, key: u64, n: u64, start_run: impl FnOnce(u64)) {
+        let stored = key.wrapping_add(1);
         if self.last.load(Relaxed) == stored {
             bump(&self.run, n);
-            true
         } else {
-            false
+            start_run(stored);
+            bump(&self.run, n - 1);
         }
     }
 
@@ -332,20 +335,13 @@ impl<const N: usize> TopTable<N> {
     /// vCPU calls this).
     #[inline(always)]
     pub fn record(&self, key: u64) {
-        let stored = key.wrapping_add(1);
-        if !self.cache.extends(stored) {
-            self.start_run(stored);
-        }
+        self.cache.record(key, |stored| self.start_run(stored));
     }
 
     /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
     #[inline(always)]
     pub fn record_n(&self, key: u64, n: u64) {
-        let stored = key.wrapping_add(1);
-        if !self.cache.extends_by(stored, n) {
-            self.start_run(stored);
-            bump(&self.cache.run, n - 1);
-        }
+        self.cache.record_n(key, n, |stored| self.start_run(stored));
     }
 
     /// Flushes the pending run into the table and starts one of `stored`.
@@ -451,20 +447,13 @@ impl<const N: usize> HashTable<N> {
     /// Counts one occurrence of `key` (`key != u64::MAX`; owning vCPU only).
     #[inline(always)]
     pub fn record(&self, key: u64) {
-        let stored = key.wrapping_add(1);
-        if !self.cache.extends(stored) {
-            self.start_run(stored);
-        }
+        self.cache.record(key, |stored| self.start_run(stored));
     }
 
     /// Counts `n` (at least 1) occurrences of `key` (owning vCPU only).
     #[inline(always)]
     pub fn record_n(&self, key: u64, n: u64) {
-        let stored = key.wrapping_add(1);
-        if !self.cache.extends_by(stored, n) {
-            self.start_run(stored);
-            bump(&self.cache.run, n - 1);
-        }
+        self.cache.record_n(key, n, |stored| self.start_run(stored));
     }
 
     /// Flushes the pending run into the table and starts one of `stored`.
