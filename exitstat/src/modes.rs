@@ -993,17 +993,21 @@ mod tests {
     /// test checks the same in the guest).
     #[test]
     fn detail_after_reset_is_one_moment() {
+        // The exits --detail prints, and the sum of its histogram's buckets.
+        let exits_and_buckets = |out: &str| -> (u64, u64) {
+            let exits = out.lines().find_map(|l| l.trim().strip_prefix("exits")).unwrap().trim().parse().unwrap();
+            let buckets = out
+                .lines()
+                .skip_while(|l| !l.contains("latency histogram"))
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
+                .sum();
+            (exits, buckets)
+        };
         let mut f = Fake::typical();
         assert_eq!(run_fake(&mut f, &["--reset"]).code, OK);
         let o = run_fake(&mut f, &["--detail", "10"]);
-        let exits: u64 = o.stdout.lines().find_map(|l| l.trim().strip_prefix("exits")).unwrap().trim().parse().unwrap();
-        let buckets: u64 = o
-            .stdout
-            .lines()
-            .skip_while(|l| !l.contains("latency histogram"))
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
-            .sum();
+        let (exits, buckets) = exits_and_buckets(&o.stdout);
         assert!(exits > 0 && exits == buckets, "{}", o.stdout);
         assert!(o.stdout.contains("exitstat's own 38 reads of it are not in these figures"), "{}", o.stdout);
         assert!(!f.snapshot.held(), "released");
@@ -1011,14 +1015,7 @@ mod tests {
         // Live (no snapshot commands), the buckets run ahead of the exits.
         f.snapshots = false;
         let o = run_fake(&mut f, &["--detail", "10"]);
-        let exits: u64 = o.stdout.lines().find_map(|l| l.trim().strip_prefix("exits")).unwrap().trim().parse().unwrap();
-        let buckets: u64 = o
-            .stdout
-            .lines()
-            .skip_while(|l| !l.contains("latency histogram"))
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()))
-            .sum();
+        let (exits, buckets) = exits_and_buckets(&o.stdout);
         assert!(buckets > exits, "{}", o.stdout);
     }
 
