@@ -18,8 +18,11 @@ pub fn boot_error(msg: core::fmt::Arguments) -> ! {
     runstate::finish("final (hypervisor error)")
 }
 
-fn describe_current() {
-    match crate::percpu::current_vcpu() {
+/// Which vCPU failed and the exit it was handling; `rip`, where it failed
+/// if known (an exception in the exit stub's CPUID fast path was handling
+/// a CPUID exit, which that path does not note).
+fn describe_current(rip: Option<u64>) {
+    match crate::percpu::current_vcpu_at(rip) {
         Some((id, exit)) => {
             let basic = exit as u16;
             let name = exitscope_stats::reasons::name(basic as u32).unwrap_or("?");
@@ -81,7 +84,7 @@ pub fn root_exception(vector: u64, error_code: u64, rip: u64, rsp: u64) -> ! {
         rsp,
         cr2
     ));
-    describe_current();
+    describe_current(Some(rip));
     runstate::claim_or_park();
     runstate::stop_other_cpus();
     finish_after_failure("final (hypervisor exception)")
@@ -106,7 +109,7 @@ pub fn fail_on_purpose(panic: bool) -> ! {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::serial::fresh_line();
     crate::serial::write_emergency(format_args!("{}PANIC: {info}\n", exitscope_stats::dump::PREFIX));
-    describe_current();
+    describe_current(None);
     runstate::claim_or_park();
     runstate::stop_other_cpus();
     finish_after_failure("final (hypervisor panic)")

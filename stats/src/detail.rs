@@ -10,8 +10,8 @@
 use crate::reasons::SLOTS;
 use alloc::vec::Vec;
 use core::sync::atomic::{
-    fence, AtomicI64, AtomicU64, AtomicUsize,
-    Ordering::{Acquire, Relaxed, Release, SeqCst},
+    fence, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
 };
 
 /// Buckets of the latency histogram: bucket `b` counts exits that took
@@ -230,8 +230,8 @@ enum Placement {
 }
 
 /// A reader's copy of a [`TopTable`] or [`HashTable`] and its pending run,
-/// which can go on recording exactly as the table would (the samples a
-/// vCPU has not yet folded in, see [`Ring`]) and then gives the entries.
+/// which can go on recording exactly as the table would (the CPUID fast
+/// path's pending run, see [`FastRun`]) and then gives the entries.
 #[derive(Debug, Clone)]
 pub struct TableImage {
     how: Placement,
@@ -270,14 +270,19 @@ impl TableImage {
 
     /// Records `key` as the table's `record` would.
     pub fn record(&mut self, key: u64) {
+        self.record_n(key, 1);
+    }
+
+    /// Records `n` (at least 1) of `key` as the table's `record_n` would.
+    pub fn record_n(&mut self, key: u64, n: u64) {
         let stored = key.wrapping_add(1);
         if self.last == stored {
-            self.run += 1;
+            self.run += n;
         } else {
             if self.last != 0 {
                 self.place(self.last, self.run);
             }
-            (self.last, self.run) = (stored, 1);
+            (self.last, self.run) = (stored, n);
         }
     }
 
@@ -615,21 +620,112 @@ impl BreakdownKind {
 /// Distinct keys counted exactly per breakdown and vCPU.
 pub const TOP_KEYS: usize = 32;
 
-/// Samples a vCPU keeps in its [`Ring`] before it folds them in.
-pub const RING: usize = 256;
-/// Bytes per [`Ring`] entry: cycles, key, guest RIP, tag.
-pub const RING_ENTRY: usize = 32;
+/// Cycle values the CPUID fast path counts one by one ([`FastRun`]): an
+/// exit that took fewer cycles is one increment of its value's count.
+pub const FAST_VALUES: usize = 4096;
 
-/// What a [`Ring`] entry's key means: bits 39:32 of its tag. The tag's
+/// [`FastRun`]'s RIP while no run is open: not a value a VMREAD of the
+/// guest RIP can return (non-canonical, and above 32 bits).
+const NO_RUN: u64 = 1 << 63;
+
+/// The exit stub's CPUID fast path's state in a vCPU's block: the run of
+/// CPUID exits it extends, and the exact cycle values it counts.
+///
+/// **The run.** The hypervisor's own CPUID handler opens a run when it
+/// answers a leaf the stub may answer: the leaf and subleaf (`key`, the
+/// leaf in the low half), the guest RIP and the SS access rights (the
+/// CPL) of that CPUID. The stub answers a CPUID exit itself only when the
+/// guest's EAX, ECX (for a leaf whose answer depends on it, see
+/// [`SUBLEAF_LEAVES`]), RIP and SS access rights are the run's, so every
+/// exit it counts in `len` has the run's CPUID-leaf and code-site keys;
+/// anything else goes the generic way. A loop's CPUIDs cost a compare per
+/// key and one increment, and no call.
+///
+/// **The latencies.** An exit that took `c < FAST_VALUES` cycles adds one
+/// to `values[c]`; one that took longer is recorded into its reason's
+/// slot at once, out of line ([`VcpuDetail::fast_slow`]). The counts of
+/// exact values give a reader the exact minimum, maximum, sum of squares
+/// and histogram bucket of every such exit, at the cost of one increment
+/// per exit. `marks` are the counts at the last reset of minima and
+/// maxima: only the values counted since count in those.
+///
+/// **Order.** The generic path flushes the pending `len` into the CPUID
+/// and code-site tables ([`VcpuDetail::fast_flush`]) before it records
+/// into any table itself, so every bounded table takes its keys in exit
+/// order; readers add the pending run to their copy as the flush would.
+/// Flushing and opening a run are bracketed by a sequence count (odd
+/// while they run) and a reader that overlaps one reads again.
+#[repr(C)]
+#[derive(Debug)]
+pub struct FastRun {
+    /// The run's leaf (bits 31:0) and subleaf (bits 63:32).
+    key: AtomicU64,
+    /// The run's guest RIP ([`NO_RUN`]: none).
+    rip: AtomicU64,
+    /// The run's SS access rights (bits 31:0).
+    ss: AtomicU64,
+    /// Exits of the run not yet in the tables.
+    len: AtomicU64,
+    /// Odd while the owner flushes or opens a run.
+    seq: AtomicU64,
+    /// Exits of the fast path by their exact cycles.
+    values: [AtomicU64; FAST_VALUES],
+    /// `values` at the last reset of minima and maxima.
+    marks: [AtomicU64; FAST_VALUES],
+}
+
+/// Offsets in [`FastRun`] for the exit stub: the run's key (leaf, then
+/// subleaf, 32 bits each), RIP, SS access rights, length, and the counts
+/// of exact values (8 bytes per value).
+pub const FAST_KEY_OFFSET: usize = core::mem::offset_of!(FastRun, key);
+pub const FAST_RIP_OFFSET: usize = core::mem::offset_of!(FastRun, rip);
+pub const FAST_SS_OFFSET: usize = core::mem::offset_of!(FastRun, ss);
+pub const FAST_LEN_OFFSET: usize = core::mem::offset_of!(FastRun, len);
+pub const FAST_VALUES_OFFSET: usize = core::mem::offset_of!(FastRun, values);
+const _: () = assert!(FAST_VALUES.is_power_of_two() && FAST_VALUES <= 1 << 16);
+
+impl FastRun {
+    const fn new() -> FastRun {
+        FastRun {
+            key: AtomicU64::new(0),
+            rip: AtomicU64::new(NO_RUN),
+            ss: AtomicU64::new(0),
+            len: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            values: [const { AtomicU64::new(0) }; FAST_VALUES],
+            marks: [const { AtomicU64::new(0) }; FAST_VALUES],
+        }
+    }
+
+    /// The run's CPUID-leaf key and code-site key.
+    fn table_keys(&self) -> (u64, u64) {
+        let key = self.key.load(Relaxed);
+        let ss = self.ss.load(Relaxed);
+        (cpuid_key(key as u32, (key >> 32) as u32), rip_key(10, self.rip.load(Relaxed), (ss >> 5) & 3 == 3))
+    }
+
+    /// Whether the stub answers a CPUID exit of this leaf, subleaf, RIP
+    /// and SS access rights itself (the compares of `vmx/stub.rs`).
+    pub fn matches(&self, leaf: u32, subleaf: u32, rip: u64, ss: u32) -> bool {
+        let key = self.key.load(Relaxed);
+        leaf == key as u32
+            && (subleaf == (key >> 32) as u32 || leaf >= 32 || SUBLEAF_LEAVES & (1 << leaf) == 0)
+            && rip == self.rip.load(Relaxed)
+            && ss == self.ss.load(Relaxed) as u32
+    }
+}
+
+/// The tests' record of one exit, `[cycles, key, RIP, tag]`: what its key
+/// means is bits 39:32 of its tag. The tag's
 /// bits 31:0 are the guest's SS access rights (the DPL in bits 6:5 is the
 /// CPL) and bits 55:40 the basic exit reason (except `FAST_CPUID`, which
 /// is reason 10 and leaves them clear, as the stub's VMREAD of the SS
 /// access rights does).
-pub mod sample {
+#[cfg(test)]
+mod sample {
     /// The exit stub's CPUID fast path: key = the guest's EAX | ECX << 32.
     pub const FAST_CPUID: u64 = 0;
-    /// No breakdown.
-    pub const NONE: u64 = 1;
+    // 1: no breakdown.
     /// Key: [`super::cpuid_key`].
     pub const CPUID: u64 = 2;
     /// Key: the exception or NMI vector.
@@ -650,109 +746,8 @@ pub mod sample {
     }
 }
 
-/// A vCPU's samples not yet folded into its tables: per exit, its cycles,
-/// its breakdown key, its guest RIP and a tag ([`sample`]), appended with
-/// a few stores. The hypervisor pushes only the exit stub's CPUID fast
-/// path's samples (the other exits record at once, after
-/// [`VcpuDetail::fold_pending`]); the format and the fold take any exit.
-/// When the ring is full its owner folds it into the tables
-/// ([`VcpuDetail::fold`]), out of line; every reader
-/// folds the samples pending as a fold would ([`DetailSnapshot::add`]), so
-/// every figure read is exact. A fold is bracketed by a sequence count
-/// (odd while it runs) and a reader that overlaps one reads again.
-///
-/// `off` is the byte offset of the next free entry from the end of
-/// `entries` (`-RING * RING_ENTRY` when empty): the stub addresses an entry
-/// as `[end + off]` and a push that brings `off` to zero fills the ring,
-/// one `add` and one `jz`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct Ring {
-    off: AtomicI64,
-    /// Odd while a fold runs.
-    seq: AtomicU64,
-    /// The last reset of minima and maxima: `seq << 16 | n`, the samples
-    /// `0..n` of fold generation `seq` came before it.
-    mark: AtomicU64,
-    entries: [[AtomicU64; 4]; RING],
-}
-
-/// Offset of [`Ring`]'s `off` (for the exit stub).
-pub const RING_OFF_OFFSET: usize = core::mem::offset_of!(Ring, off);
-/// Offset of the end of [`Ring`]'s entries (for the exit stub).
-pub const RING_END_OFFSET: usize = core::mem::offset_of!(Ring, entries) + RING * RING_ENTRY;
-const RING_EMPTY: i64 = -((RING * RING_ENTRY) as i64);
-const _: () = assert!(RING.is_power_of_two() && RING < 1 << 16 && RING_ENTRY == 32);
-
-impl Ring {
-    const fn new() -> Ring {
-        Ring {
-            off: AtomicI64::new(RING_EMPTY),
-            seq: AtomicU64::new(0),
-            mark: AtomicU64::new(0),
-            entries: [const { [const { AtomicU64::new(0) }; 4] }; RING],
-        }
-    }
-
-    /// No sample pending.
-    #[inline(always)]
-    pub fn is_empty(&self) -> bool {
-        self.off.load(Relaxed) == RING_EMPTY
-    }
-
-    /// Samples pending.
-    #[inline(always)]
-    fn len(&self) -> usize {
-        (RING as i64 + (self.off.load(Acquire) >> 5)).clamp(0, RING as i64) as usize
-    }
-
-    /// The index of the next free entry, and `off` after it is used.
-    #[inline(always)]
-    fn next(&self) -> (usize, i64) {
-        let off = self.off.load(Relaxed);
-        ((RING as i64 + (off >> 5)) as usize & (RING - 1), off + RING_ENTRY as i64)
-    }
-
-    /// Appends a sample `[cycles, key, rip, tag]` (owning vCPU only).
-    /// True when the ring is then full: the owner must
-    /// [`fold`](VcpuDetail::fold) before the next push.
-    #[inline(always)]
-    pub fn push(&self, e: [u64; 4]) -> bool {
-        let (i, off) = self.next();
-        for (a, v) in self.entries[i].iter().zip(e) {
-            a.store(v, Relaxed);
-        }
-        self.off.store(off, Release);
-        off == 0
-    }
-
-    /// Completes the sample the exit stub's fast path began (key, RIP and
-    /// tag stored) with its `cycles`; as [`push`](Self::push).
-    #[inline(always)]
-    pub fn complete(&self, cycles: u64) -> bool {
-        let (i, off) = self.next();
-        self.entries[i][0].store(cycles, Relaxed);
-        self.off.store(off, Release);
-        off == 0
-    }
-
-    fn entry(&self, i: usize) -> [u64; 4] {
-        self.entries[i].each_ref().map(|a| a.load(Relaxed))
-    }
-
-    /// The first sample of fold generation `seq` that counts in minima and
-    /// maxima (those before a reset do not).
-    fn extremes_from(&self, seq: u64) -> usize {
-        let m = self.mark.load(Relaxed);
-        if m >> 16 == seq {
-            (m & 0xFFFF) as usize
-        } else {
-            0
-        }
-    }
-}
-
 /// The breakdown a sample counts in.
+#[cfg(test)]
 #[derive(Clone, Copy)]
 enum Table {
     Io,
@@ -763,7 +758,8 @@ enum Table {
     Cr,
 }
 
-/// A ring entry, decoded.
+/// A sample, decoded.
+#[cfg(test)]
 struct Sample {
     slot: usize,
     cycles: u64,
@@ -771,7 +767,7 @@ struct Sample {
     site: u64,
 }
 
-#[inline(always)]
+#[cfg(test)]
 fn decode(e: [u64; 4]) -> Sample {
     let [cycles, key, rip, tag] = e;
     let kind = (tag >> 32) & 0xFF;
@@ -808,9 +804,9 @@ pub struct VcpuDetail {
     pub exceptions: TopTable<TOP_KEYS>,
     /// Exits by guest code site ([`rip_key`]).
     pub rips: HashTable<RIP_KEYS>,
-    /// The CPUID fast path's samples not yet folded in (the exit stub
+    /// The CPUID fast path's run and exact cycle values (the exit stub
     /// reaches it with 32-bit offsets from RSP).
-    pub ring: Ring,
+    pub fast: FastRun,
 }
 
 /// Slots of the CPUID breakdown per vCPU.
@@ -833,7 +829,7 @@ impl VcpuDetail {
             cpuid: HashTable::new(),
             exceptions: TopTable::new(),
             rips: HashTable::new(),
-            ring: Ring::new(),
+            fast: FastRun::new(),
         }
     }
 
@@ -845,11 +841,11 @@ impl VcpuDetail {
         for s in &self.slots {
             s.min.store(u64::MAX, Relaxed);
         }
-        self.ring.off.store(RING_EMPTY, Relaxed);
+        self.fast.rip.store(NO_RUN, Relaxed);
     }
 
     /// Records the latency of one exit of `slot` at once (owning vCPU
-    /// only; the CPUID fast path goes through the [`Ring`]).
+    /// only; the CPUID fast path counts its own, [`FastRun`]).
     #[inline(always)]
     pub fn record(&self, slot: usize, cycles: u64) {
         self.record_latency(slot, cycles, true);
@@ -880,8 +876,8 @@ impl VcpuDetail {
         bump(&self.cr[((cr as usize & 15) << 2) | (access as usize & 3)], 1);
     }
 
-    /// Records one sample at once (the reference the unit tests compare
-    /// the ring with).
+    /// Records one exit at once (the reference the unit tests compare the
+    /// fast path with).
     #[cfg(test)]
     fn apply(&self, e: [u64; 4], extremes: bool) {
         let x = decode(e);
@@ -898,144 +894,135 @@ impl VcpuDetail {
         self.rips.record(x.site);
     }
 
-    /// Folds the ring's samples into the tables and empties it (owning
-    /// vCPU only; the exit path calls it when a push fills the ring).
-    ///
-    /// It goes by runs of samples with the same key, site and reason (a
-    /// loop's exits): per run one decode and one record in each table,
-    /// per sample only its latency, with the reason's minimum, maximum
-    /// and sum of squares kept in registers.
+    /// Moves the CPUID fast path's pending exits into the CPUID and
+    /// code-site tables (owning vCPU only): what the generic path does
+    /// before it records into the tables itself, so that every table takes
+    /// its keys in exit order (a bounded table's choice of the keys it
+    /// counts exactly depends on it).
+    #[inline(always)]
+    pub fn fast_flush(&self) {
+        if self.fast.len.load(Relaxed) != 0 {
+            self.fast_flush_now();
+        }
+    }
+
     #[inline(never)]
-    pub fn fold(&self) {
-        let r = &self.ring;
-        let s = r.seq.load(Relaxed);
-        r.seq.store(s.wrapping_add(1), Relaxed);
-        // Against `reset_extremes` on another CPU: it stores the mark,
-        // then reads the sequence count; this stores the count, then
-        // reads the mark. One of the two sees the other.
-        fence(SeqCst);
-        let (n, from) = (r.len(), r.extremes_from(s));
-        let mut i = 0;
-        while i < n {
-            // A run does not cross the reset mark (minima and maxima count
-            // only the samples from it on).
-            let end = if i < from { from.min(n) } else { n };
-            let e = r.entry(i);
-            let x = decode(e);
-            let j = if i < from { self.fold_run::<false>(x.slot, e, i, end) } else { self.fold_run::<true>(x.slot, e, i, end) };
-            let len = (j - i) as u64;
-            match x.table {
-                Some((Table::Io, k)) => self.io_ports.record_n(k, len),
-                Some((Table::Msr, k)) => self.msrs.record_n(k, len),
-                Some((Table::Ept, k)) => self.ept_regions.record_n(k, len),
-                Some((Table::Cpuid, k)) => self.cpuid.record_n(k, len),
-                Some((Table::Exception, k)) => self.exceptions.record_n(k, len),
-                Some((Table::Cr, k)) => bump(&self.cr[k as usize & 63], len),
-                None => {}
-            }
-            self.rips.record_n(x.site, len);
-            i = j;
-        }
-        r.off.store(RING_EMPTY, Relaxed);
-        r.seq.store(s.wrapping_add(2), Release);
+    fn fast_flush_now(&self) {
+        let f = &self.fast;
+        let s = f.seq.load(Relaxed);
+        f.seq.store(s.wrapping_add(1), Relaxed);
+        fence(Release);
+        let n = f.len.load(Relaxed);
+        let (leaf, site) = f.table_keys();
+        self.cpuid.record_n(leaf, n);
+        self.rips.record_n(site, n);
+        f.len.store(0, Relaxed);
+        f.seq.store(s.wrapping_add(2), Release);
     }
 
-    /// Folds the samples pending, if any (owning vCPU only): what the
-    /// generic path does before it records into the tables itself, so
-    /// that every table takes its keys in exit order (a bounded table's
-    /// choice of the keys it counts exactly depends on it) and the samples
-    /// pending always came after every record in the tables.
+    /// Opens a run of the CPUID fast path ([`FastRun`]) for the CPUID exit
+    /// the generic path has just recorded (owning vCPU only, after
+    /// [`fast_flush`](Self::fast_flush)): its leaf, subleaf, guest RIP and
+    /// SS access rights. The caller opens runs only for leaves the stub may
+    /// answer.
     #[inline(always)]
-    pub fn fold_pending(&self) {
-        if !self.ring.is_empty() {
-            self.fold();
+    pub fn fast_open(&self, leaf: u32, subleaf: u32, rip: u64, ss: u32) {
+        let f = &self.fast;
+        let key = leaf as u64 | (subleaf as u64) << 32;
+        if f.key.load(Relaxed) != key || f.rip.load(Relaxed) != rip || f.ss.load(Relaxed) != ss as u64 {
+            let s = f.seq.load(Relaxed);
+            f.seq.store(s.wrapping_add(1), Relaxed);
+            fence(Release);
+            f.key.store(key, Relaxed);
+            f.rip.store(rip, Relaxed);
+            f.ss.store(ss as u64, Relaxed);
+            f.seq.store(s.wrapping_add(2), Release);
         }
     }
 
-    /// The latencies of the run of samples like `e` from `i` (before
-    /// `end`) into `slot`; returns where the run ends.
-    #[inline(always)]
-    fn fold_run<const EXTREMES: bool>(&self, slot: usize, e: [u64; 4], i: usize, end: usize) -> usize {
-        let (r, s) = (&self.ring, &self.slots[slot]);
-        let (mut min, mut max) = (s.min.load(Relaxed), s.max.load(Relaxed));
-        let mut sumsq = (s.sumsq_hi.load(Relaxed) as u128) << 64 | s.sumsq_lo.load(Relaxed) as u128;
-        let mut j = i;
-        loop {
-            let c = r.entries[j & (RING - 1)][0].load(Relaxed);
-            if EXTREMES {
-                min = min.min(c);
-                max = max.max(c);
-            }
-            sumsq = sumsq.wrapping_add(c as u128 * c as u128);
-            bump(&s.hist[raw_bucket(c)], 1);
-            j += 1;
-            if j >= end {
-                break;
-            }
-            let f = &r.entries[j & (RING - 1)];
-            if f[1].load(Relaxed) != e[1] || f[2].load(Relaxed) != e[2] || f[3].load(Relaxed) != e[3] {
-                break;
-            }
+    /// The stub's fast path for an exit of `cycles >= FAST_VALUES` (owning
+    /// vCPU only): its latency into reason 10's slot at once, and the exit
+    /// into the run.
+    pub fn fast_slow(&self, cycles: u64) {
+        self.record_latency(crate::reasons::slot_of(10), cycles, true);
+        bump(&self.fast.len, 1);
+    }
+
+    /// What the exit stub's CPUID fast path does, in Rust (the tests' model
+    /// of `vmx/stub.rs`): if the exit continues the run, count it and its
+    /// `cycles` and return true; else the exit goes the generic way.
+    #[cfg(test)]
+    fn fast_exit(&self, leaf: u32, subleaf: u32, rip: u64, ss: u32, cycles: u64) -> bool {
+        if !self.fast.matches(leaf, subleaf, rip, ss) {
+            return false;
         }
-        if EXTREMES {
-            s.min.store(min, Relaxed);
-            s.max.store(max, Relaxed);
+        if (cycles as usize) < FAST_VALUES {
+            bump(&self.fast.values[cycles as usize], 1);
+            bump(&self.fast.len, 1);
+        } else {
+            self.fast_slow(cycles);
         }
-        s.sumsq_lo.store(sumsq as u64, Relaxed);
-        s.sumsq_hi.store((sumsq >> 64) as u64, Relaxed);
-        j
+        true
     }
 
     /// Forgets minima and maxima (a counter reset; the other figures are
-    /// reset by subtracting a baseline), those of the samples still in the
-    /// ring included. Called by any CPU: an exit of the owner at the same
-    /// moment may survive the reset, which is harmless.
+    /// reset by subtracting a baseline): the slots' at once, the fast
+    /// path's exact values' by marking their counts. Called by any CPU: an
+    /// exit of the owner at the same moment may survive the reset, which
+    /// is harmless.
     pub fn reset_extremes(&self) {
-        let r = &self.ring;
-        for _ in 0..READ_TRIES {
-            let s = r.seq.load(Acquire);
-            if s & 1 == 0 {
-                r.mark.store(s << 16 | r.len() as u64, Relaxed);
-                for sl in &self.slots {
-                    sl.min.store(u64::MAX, Relaxed);
-                    sl.max.store(0, Relaxed);
-                }
-                fence(SeqCst);
-                if r.seq.load(Relaxed) == s {
-                    return;
-                }
-            }
-            core::hint::spin_loop();
+        for sl in &self.slots {
+            sl.min.store(u64::MAX, Relaxed);
+            sl.max.store(0, Relaxed);
+        }
+        for (m, v) in self.fast.marks.iter().zip(self.fast.values.iter()) {
+            m.store(v.load(Relaxed), Relaxed);
         }
     }
 
-    /// A reader's copy of the block: the samples pending in the ring, the
-    /// first of them that counts in minima and maxima, and the tables. The
-    /// samples are copied first: with no fold during the copy (the
-    /// sequence count), the owner recorded into the tables after that only
-    /// if the ring was empty (it folds first otherwise), so each table and
-    /// the samples are as of one moment, and samples pushed meanwhile are
-    /// left for the next read.
-    fn read(&self) -> (Part, Vec<[u64; 4]>, usize) {
-        let r = &self.ring;
+    /// A reader's copy of the block: the tables with the fast path's
+    /// pending run added as a flush would add it, and reason 10 with the
+    /// fast path's exact values. The tables and the run are copied under
+    /// the run's sequence count (no flush or new run during the copy);
+    /// the exact values only grow, and are read after.
+    fn read(&self) -> Part {
+        let f = &self.fast;
         let mut tries = 0;
-        loop {
-            let s = r.seq.load(Acquire);
-            let pending: Vec<[u64; 4]> = (0..r.len()).map(|i| r.entry(i)).collect();
-            let from = r.extremes_from(s);
-            let part = Part::of(self);
+        let mut part = loop {
+            let s = f.seq.load(Acquire);
+            let mut part = Part::of(self);
+            let n = f.len.load(Relaxed);
+            let (leaf, site) = f.table_keys();
             fence(Acquire);
             tries += 1;
-            if (s & 1 == 0 && r.seq.load(Relaxed) == s) || tries >= READ_TRIES {
-                return (part, pending, from);
+            if (s & 1 == 0 && f.seq.load(Relaxed) == s) || tries >= READ_TRIES {
+                if n != 0 {
+                    part.cpuid.record_n(leaf, n);
+                    part.rip.record_n(site, n);
+                }
+                break part;
             }
             core::hint::spin_loop();
+        };
+        let r = &mut part.reasons[crate::reasons::slot_of(10)];
+        for (c, (v, m)) in f.values.iter().zip(f.marks.iter()).enumerate() {
+            let n = v.load(Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let c = c as u64;
+            r.sumsq = r.sumsq.wrapping_add((c * c) as u128 * n as u128);
+            r.hist[bucket(c)] = r.hist[bucket(c)].wrapping_add(n);
+            if n != m.load(Relaxed) {
+                r.min = Some(r.min.map_or(c, |x| x.min(c)));
+                r.max = r.max.max(c);
+            }
         }
+        part
     }
 }
 
-/// One vCPU's block as a reader copied it, which can take the samples
-/// pending in its ring as a fold would.
+/// One vCPU's block as a reader copied it.
 struct Part {
     reasons: Vec<ReasonDetail>,
     io: TableImage,
@@ -1078,28 +1065,6 @@ impl Part {
             cr: d.cr.each_ref().map(|c| c.load(Relaxed)),
         }
     }
-
-    /// [`VcpuDetail::apply`] on the copy.
-    fn apply(&mut self, e: [u64; 4], extremes: bool) {
-        let x = decode(e);
-        let r = &mut self.reasons[x.slot];
-        if extremes {
-            r.min = Some(r.min.map_or(x.cycles, |m| m.min(x.cycles)));
-            r.max = r.max.max(x.cycles);
-        }
-        r.sumsq = r.sumsq.wrapping_add((x.cycles as u128) * (x.cycles as u128));
-        r.hist[bucket(x.cycles)] = r.hist[bucket(x.cycles)].wrapping_add(1);
-        match x.table {
-            Some((Table::Io, k)) => self.io.record(k),
-            Some((Table::Msr, k)) => self.msr.record(k),
-            Some((Table::Ept, k)) => self.ept.record(k),
-            Some((Table::Cpuid, k)) => self.cpuid.record(k),
-            Some((Table::Exception, k)) => self.exc.record(k),
-            Some((Table::Cr, k)) => self.cr[k as usize & 63] += 1,
-            None => {}
-        }
-        self.rip.record(x.site);
-    }
 }
 
 /// Detailed figures of one reason, merged over vCPUs.
@@ -1134,12 +1099,9 @@ impl Default for DetailSnapshot {
 }
 
 impl DetailSnapshot {
-    /// Adds one vCPU's block, the samples pending in its ring included.
+    /// Adds one vCPU's block, the fast path's pending run included.
     pub fn add(&mut self, d: &VcpuDetail) {
-        let (mut part, pending, from) = d.read();
-        for (i, e) in pending.into_iter().enumerate() {
-            part.apply(e, i >= from);
-        }
+        let part = d.read();
         for (r, p) in self.reasons.iter_mut().zip(part.reasons.iter()) {
             if let Some(min) = p.min {
                 r.min = Some(r.min.map_or(min, |m| m.min(min)));
@@ -1610,8 +1572,9 @@ mod tests {
         assert!(other > 0 && want.len() == 6);
     }
 
-    /// Pseudo-random ring samples of every kind: a few sites, keys and
-    /// reasons in runs, user and kernel mode, latencies over many buckets.
+    /// Pseudo-random exits of every kind: a few sites, keys and reasons in
+    /// runs, user and kernel mode, latencies over many buckets, some above
+    /// [`FAST_VALUES`].
     fn samples(n: usize, mut seed: u64) -> Vec<[u64; 4]> {
         let mut v = Vec::new();
         while v.len() < n {
@@ -1637,12 +1600,31 @@ mod tests {
             let rip = 0xffff_ffff_8100_0000 + (r >> 33) % 300;
             for _ in 0..(r >> 40) % 5 + 1 {
                 seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let cycles = ((seed >> 33) % 4000) >> ((seed >> 50) % 10);
+                let cycles = ((seed >> 33) % 6000) >> ((seed >> 50) % 10);
                 v.push([cycles, key, rip, tag]);
             }
         }
         v.truncate(n);
         v
+    }
+
+    /// How the hypervisor records an exit: a CPUID of a fast leaf through
+    /// the stub's fast path if it continues the run (returns true), else
+    /// (and every other exit) at once after flushing the pending run, a
+    /// CPUID of a fast leaf then opening a run.
+    fn record_as_the_exit_path(d: &VcpuDetail, e: [u64; 4]) -> bool {
+        let [cycles, key, rip, tag] = e;
+        let fast = (tag >> 32) & 0xFF == sample::FAST_CPUID;
+        let (leaf, subleaf, ss) = (key as u32, (key >> 32) as u32, tag as u32);
+        if fast && d.fast_exit(leaf, subleaf, rip, ss, cycles) {
+            return true;
+        }
+        d.fast_flush();
+        d.apply(e, true);
+        if fast {
+            d.fast_open(leaf, subleaf, rip, ss);
+        }
+        false
     }
 
     /// A block zeroed and [`VcpuDetail::init_zeroed`] is a new one.
@@ -1654,102 +1636,85 @@ mod tests {
         z.init_zeroed();
         let n = VcpuDetail::new();
         assert_eq!(format!("{z:?}"), format!("{n:?}"));
-        for (i, &e) in samples(300, 7).iter().enumerate() {
+        for &e in samples(300, 7).iter() {
             for d in [&*z, &n] {
-                d.record(i % SLOTS, e[0]);
-                if d.ring.push(e) {
-                    d.fold();
-                }
+                record_as_the_exit_path(d, e);
             }
         }
         assert_eq!(DetailSnapshot::sum([&*z]), DetailSnapshot::sum([&n]));
     }
 
-    /// The ring changes no figure: after any number of samples, with folds
-    /// and resets of minima and maxima in between, every read equals
-    /// recording each sample at once.
+    /// The fast path's run and exact values change no figure, the bounded
+    /// tables' overflow included (300 sites for 256 slots, 72 leaves for
+    /// 64): after any number of exits, with resets of minima and maxima in
+    /// between, every read equals recording each exit at once in exit
+    /// order. Fails if the generic path does not flush first, if a reader
+    /// leaves out the pending run or the exact values, or if a reset
+    /// forgets the exact values' extremes.
     #[test]
-    fn ring_samples_read_exactly_at_every_read() {
-        let (ring, at_once) = (VcpuDetail::new(), VcpuDetail::new());
-        let xs = samples(5000, 0x5eed);
-        let mut folds = 0;
-        for (n, &e) in xs.iter().enumerate() {
-            if ring.ring.push(e) {
-                ring.fold();
-                folds += 1;
-            }
-            at_once.apply(e, true);
-            if n % 11 == 0 || n == xs.len() - 1 {
-                assert_eq!(DetailSnapshot::sum([&ring]), DetailSnapshot::sum([&at_once]), "after sample {n}");
-            }
-            if n % 997 == 500 {
-                ring.reset_extremes();
-                at_once.reset_extremes();
-                assert_eq!(DetailSnapshot::sum([&ring]), DetailSnapshot::sum([&at_once]), "reset after sample {n}");
-            }
-        }
-        assert_eq!(folds, 5000 / RING);
-        assert!(!ring.ring.is_empty());
-        // Every kind made it into its breakdown.
-        let s = DetailSnapshot::sum([&ring]);
-        assert!(s.breakdowns.iter().all(|b| !b.0.is_empty()), "{:?}", s.breakdowns);
-        // The stub's half-made sample: key, RIP and tag first, then the cycles.
-        let d = VcpuDetail::new();
-        let (i, _) = d.ring.next();
-        d.ring.entries[i][1].store(4 | 2 << 32, Relaxed);
-        d.ring.entries[i][2].store(0x40_1000, Relaxed);
-        d.ring.entries[i][3].store(0xF3, Relaxed);
-        assert_eq!(DetailSnapshot::sum([&d]), DetailSnapshot::default(), "not yet complete: not read");
-        assert!(!d.ring.complete(77));
-        let s = DetailSnapshot::sum([&d]);
-        assert_eq!(s.reasons[10].min, Some(77));
-        assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(4 << 32 | 2, 1)]);
-        assert_eq!(s.breakdowns[BreakdownKind::GuestRip as usize].0, [(rip_key(10, 0x40_1000, true), 1)]);
-    }
-
-    /// How the hypervisor records a sample: the CPUID fast path's through
-    /// the ring, every other exit at once after folding what is pending.
-    fn record_as_the_exit_path(d: &VcpuDetail, e: [u64; 4]) {
-        if (e[3] >> 32) & 0xFF == sample::FAST_CPUID {
-            if d.ring.push(e) {
-                d.fold();
-            }
-        } else {
-            d.fold_pending();
-            d.apply(e, true);
-        }
-    }
-
-    /// The exit path's mix (fast-path samples in the ring, the others at
-    /// once) changes no figure either, the bounded tables' overflow
-    /// included (300 sites for 256 slots, 72 leaves for 64): every read
-    /// equals recording each exit at once in exit order.
-    #[test]
-    fn ring_and_inline_records_read_exactly_in_exit_order() {
+    fn fast_path_reads_exactly_at_every_read() {
         let (mixed, at_once) = (VcpuDetail::new(), VcpuDetail::new());
         let xs = samples(20_000, 0xab5);
+        let (mut fast, mut slow) = (0, 0);
         for (n, &e) in xs.iter().enumerate() {
-            record_as_the_exit_path(&mixed, e);
+            if record_as_the_exit_path(&mixed, e) {
+                fast += 1;
+                slow += (e[0] >= FAST_VALUES as u64) as u32;
+            }
             at_once.apply(e, true);
             if n % 13 == 0 || n == xs.len() - 1 {
-                assert_eq!(DetailSnapshot::sum([&mixed]), DetailSnapshot::sum([&at_once]), "after sample {n}");
+                assert_eq!(DetailSnapshot::sum([&mixed]), DetailSnapshot::sum([&at_once]), "after exit {n}");
             }
             if n % 997 == 500 {
                 mixed.reset_extremes();
                 at_once.reset_extremes();
+                assert_eq!(DetailSnapshot::sum([&mixed]), DetailSnapshot::sum([&at_once]), "reset after exit {n}");
             }
         }
+        // Both of the fast path's ways were taken, and both tables overflowed.
+        assert!(fast > 1000 && slow > 10, "fast {fast}, slow {slow}");
         let s = DetailSnapshot::sum([&mixed]);
         for k in [BreakdownKind::GuestRip, BreakdownKind::CpuidLeaf] {
             assert!(s.breakdowns[k as usize].1 > 0, "{k:?} overflowed");
         }
+        assert!(s.breakdowns.iter().all(|b| !b.0.is_empty()), "{:?}", s.breakdowns);
+    }
+
+    /// Which CPUID exits continue a run: the same leaf, the same subleaf
+    /// where the leaf's answer depends on it, RIP and SS access rights;
+    /// none before the first run. A pending run reads as its keys.
+    #[test]
+    fn the_fast_path_continues_only_its_run() {
+        let d = VcpuDetail::new();
+        assert!(!d.fast_exit(0, 0, 0, 0, 5), "no run yet");
+        d.fast_open(4, 2, 0x40_1000, 0xF3);
+        assert!(d.fast_exit(4, 2, 0x40_1000, 0xF3, 77));
+        assert!(!d.fast_exit(4, 3, 0x40_1000, 0xF3, 77), "leaf 4 depends on the subleaf");
+        assert!(!d.fast_exit(3, 2, 0x40_1000, 0xF3, 77));
+        assert!(!d.fast_exit(4, 2, 0x40_1002, 0xF3, 77));
+        assert!(!d.fast_exit(4, 2, 0x40_1000, 0x93, 77));
+        assert!(d.fast_exit(4, 2, 0x40_1000, 0xF3, 9000), "slow, but in the run");
+        let s = DetailSnapshot::sum([&d]);
+        let r = &s.reasons[crate::reasons::slot_of(10)];
+        assert_eq!((r.min, r.max, r.sumsq), (Some(77), 9000, 77 * 77 + 9000 * 9000));
+        assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(4 << 32 | 2, 2)]);
+        assert_eq!(s.breakdowns[BreakdownKind::GuestRip as usize].0, [(rip_key(10, 0x40_1000, true), 2)]);
+        d.fast_flush();
+        d.fast_open(0, 5, 0x40_2000, 0x93);
+        assert!(d.fast_exit(0, 9, 0x40_2000, 0x93, 30), "leaf 0 ignores the subleaf");
+        d.reset_extremes();
+        assert!(d.fast_exit(0, 9, 0x40_2000, 0x93, 40));
+        let s = DetailSnapshot::sum([&d]);
+        let r = &s.reasons[crate::reasons::slot_of(10)];
+        assert_eq!((r.min, r.max), (Some(40), 40), "extremes since the reset only");
+        assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(0, 2), (4 << 32 | 2, 2)]);
     }
 
     /// A reader on another CPU beside the writer (the exit path's mix)
-    /// never sees a fold half done: its totals never go back, never pass
-    /// the samples made, and the last read is exact.
+    /// never sees a flush half done: its totals never go back, never pass
+    /// the exits made, and the last read is exact.
     #[test]
-    fn ring_reads_beside_the_writer_are_consistent() {
+    fn fast_path_reads_beside_the_writer_are_consistent() {
         use std::sync::atomic::AtomicBool;
         use std::sync::Arc;
         let xs = Arc::new(samples(100_000, 0xfeed));
@@ -1771,7 +1736,7 @@ mod tests {
             (hist, e.iter().map(|x| x.1).sum::<u64>() + o)
         };
         // (The latencies and each table are read one after the other, so
-        // a record at once may be in one and not yet in the next.)
+        // an exit may be in one and not yet in the next.)
         let mut last = (0, 0);
         loop {
             let finished = done.load(Acquire);

@@ -54,17 +54,17 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
         reflect_machine_check(v);
     }
     account(v, basic);
-    // The detailed statistics' tables, after the window (the stub's fast
-    // path defers its own to the sample ring): their cost varies with the
-    // keys met before (a run of one key, a new key), which the measured
-    // window should not.
+    // The detailed statistics' tables, after the window: their cost
+    // varies with the keys met before (a run of one key, a new key), which
+    // the measured window should not.
     #[cfg(feature = "detailed")]
     {
-        // The CPUID fast path's samples still in the ring go into the
-        // tables first, so that the tables take keys in exit order.
-        v.detail.fold_pending();
-        super::stub::note_site(v, basic, rip);
-        record_note(v, _note);
+        // The CPUID fast path's pending run goes into the tables first, so
+        // that the tables take keys in exit order.
+        v.detail.fast_flush();
+        let ss = vmread(guest::SS_ACCESS_RIGHTS);
+        super::stub::note_site(v, basic, rip, ss);
+        record_note(v, _note, rip, ss);
     }
 }
 
@@ -230,7 +230,8 @@ pub const fn ept_access(q: u64) -> Access {
 #[derive(Clone, Copy)]
 enum Note {
     None,
-    Cpuid(u64),
+    /// The guest's EAX and ECX.
+    Cpuid(u32, u32),
     Exception(u64),
     Io(u64),
     Msr(u64),
@@ -247,7 +248,7 @@ struct Note;
 #[inline(always)]
 fn detail_note(v: &VcpuState, e: Exit) -> Note {
     match e {
-        Exit::Cpuid => Note::Cpuid(exitscope_stats::detail::cpuid_key(v.regs.rax as u32, v.regs.rcx as u32)),
+        Exit::Cpuid => Note::Cpuid(v.regs.rax as u32, v.regs.rcx as u32),
         // An exception or NMI (no profile enables reason 0): its vector,
         // for the breakdown of the final dump.
         Exit::Unexpected(0) => Note::Exception(vmread(ro::VMEXIT_INTERRUPTION_INFO) & 0xFF),
@@ -272,10 +273,17 @@ fn detail_note(v: &VcpuState, e: Exit) -> Note {
 /// Records the breakdown an exit's [`Note`] names (after the window).
 #[cfg(feature = "detailed")]
 #[inline(always)]
-fn record_note(v: &VcpuState, n: Note) {
+fn record_note(v: &VcpuState, n: Note, rip: u64, ss: u64) {
     match n {
         Note::None => {}
-        Note::Cpuid(k) => v.detail.cpuid.record(k),
+        Note::Cpuid(leaf, subleaf) => {
+            v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(leaf, subleaf));
+            // A CPUID the stub may answer opens the run its next ones
+            // continue (`FastRun`).
+            if crate::exit::cpuid::is_fast_cpuid_leaf(leaf) {
+                v.detail.fast_open(leaf, subleaf, rip, ss as u32);
+            }
+        }
         Note::Exception(k) => v.detail.exceptions.record(k),
         Note::Io(k) => v.detail.io_ports.record(k),
         Note::Msr(k) => v.detail.msrs.record(k),

@@ -15,13 +15,21 @@ use core::arch::global_asm;
 #[cfg(feature = "accounting")]
 use exitscope_stats::reasons::slot_of;
 
-// The stub's first RDTSC: the exit timestamp, stored in two halves.
-#[cfg(feature = "accounting")]
+// The stub's first RDTSC: the exit timestamp, stored in two halves; with
+// the detailed statistics as one 64-bit value, kept in RAX for the
+// timeline's deadline compare.
+#[cfg(all(feature = "accounting", not(feature = "detailed")))]
 macro_rules! stub_take_timestamp {
     () => {
         concat!("    rdtsc\n", "    mov [rsp + {TSC_EXIT}], eax\n", "    mov [rsp + {TSC_EXIT} + 4], edx\n",)
     };
 }
+#[cfg(feature = "detailed")]
+macro_rules! stub_take_timestamp {
+    () => {
+        concat!("    rdtsc\n", "    shl rdx, 32\n", "    or rax, rdx\n", "    mov [rsp + {TSC_EXIT}], rax\n",)
+    };
+}
 #[cfg(not(feature = "accounting"))]
 macro_rules! stub_take_timestamp {
     () => {
@@ -29,137 +37,67 @@ macro_rules! stub_take_timestamp {
     };
 }
 
-// The fast path's accounting: the second RDTSC ends the window, then the
-// exit and its cycles are added to reason 10's slot of this vCPU's block
-// (a single writer: plain read-modify-write, as `VcpuCounters::record`).
-#[cfg(all(feature = "accounting", not(feature = "detailed")))]
-macro_rules! stub_fast_account {
-    () => {
-        concat!(
-            "    rdtsc\n",
-            "    shl rdx, 32\n",
-            "    or rax, rdx\n",
-            "    sub rax, [rsp + {TSC_EXIT}]\n",
-            "    mov rdx, [rsp + {COUNTERS}]\n",
-            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
-            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
-        )
-    };
-}
-// With the detailed statistics: the same accounting, then the exit's
-// cycles complete the sample begun before the CPUID (its leaf, RIP and SS
-// access rights) in this vCPU's sample ring (`exitscope_stats::detail::Ring`),
-// which is folded into the detail tables out of line when full (6:). The
-// timeline's deadline is compared with the TSC first; a due sample goes
-// out of line (7:), which records the exit there.
-#[cfg(feature = "detailed")]
-macro_rules! stub_fast_account {
-    () => {
-        concat!(
-            "    rdtsc\n",
-            "    shl rdx, 32\n",
-            "    or rax, rdx\n",
-            "    cmp rax, qword ptr [rip + {TIMELINE_NEXT}]\n",
-            "    jae 7f\n",
-            "    sub rax, [rsp + {TSC_EXIT}]\n",
-            "    mov rdx, [rsp + {COUNTERS}]\n",
-            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
-            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
-            "    mov rdx, [rsp + {RING_OFF}]\n",
-            "    mov [rsp + rdx + {RING_END}], rax\n",
-            "    add qword ptr [rsp + {RING_OFF}], 32\n",
-            "    jz 6f\n",
-            "8:\n",
-        )
-    };
-}
-// The fast path's out-of-line recording (detailed builds): save the
-// caller-saved registers that still hold guest values, call Rust, restore,
-// and resume at 8:.
-#[cfg(feature = "detailed")]
-macro_rules! stub_fast_cold {
-    () => {
-        concat!(
-            "6:\n",
-            stub_save_caller_saved!(),
-            "    mov rdi, rsp\n",
-            "    call exitscope_fast_fold\n",
-            stub_restore_caller_saved!(),
-            "    jmp 8b\n",
-            "7:\n",
-            stub_save_caller_saved!(),
-            "    mov rdi, rsp\n",
-            "    mov rsi, rax\n",
-            "    call exitscope_fast_record_sampled\n",
-            stub_restore_caller_saved!(),
-            "    jmp 8b\n",
-        )
-    };
-}
+// Whether the stub answers this CPUID exit itself. Without the detailed
+// statistics: a leaf Exitscope passes through unchanged
+// (`FAST_CPUID_LEAVES`; the guest's EAX is reloaded after the RDTSC).
 #[cfg(not(feature = "detailed"))]
-macro_rules! stub_fast_cold {
-    () => {
-        ""
-    };
-}
-#[cfg(feature = "detailed")]
-macro_rules! stub_save_caller_saved {
+macro_rules! stub_fast_check {
     () => {
         concat!(
-            "    mov [rsp + 8], rcx\n",
-            "    mov [rsp + 40], rsi\n",
-            "    mov [rsp + 48], rdi\n",
-            "    mov [rsp + 56], r8\n",
-            "    mov [rsp + 64], r9\n",
-            "    mov [rsp + 72], r10\n",
-            "    mov [rsp + 80], r11\n",
+            stub_reload_leaf!(),
+            "    cmp eax, 32\n",
+            "    jae 2f\n",
+            "    mov edx, {FAST_LEAVES}\n",
+            "    bt edx, eax\n",
+            "    jnc 2f\n",
         )
     };
 }
-#[cfg(feature = "detailed")]
-macro_rules! stub_restore_caller_saved {
+#[cfg(all(feature = "accounting", not(feature = "detailed")))]
+macro_rules! stub_reload_leaf {
     () => {
-        concat!(
-            "    mov rcx, [rsp + 8]\n",
-            "    mov rsi, [rsp + 40]\n",
-            "    mov rdi, [rsp + 48]\n",
-            "    mov r8, [rsp + 56]\n",
-            "    mov r9, [rsp + 64]\n",
-            "    mov r10, [rsp + 72]\n",
-            "    mov r11, [rsp + 80]\n",
-        )
+        "    mov eax, [rsp + 0]\n"
     };
 }
 #[cfg(not(feature = "accounting"))]
-macro_rules! stub_fast_account {
+macro_rules! stub_reload_leaf {
     () => {
         ""
     };
 }
-
-// With the detailed statistics, the fast path begins its sample in the
-// ring's next entry with the guest's leaf and subleaf (CPUID overwrites
-// both): a load and two stores.
+// With the detailed statistics: no timeline sample due (a due one goes the
+// generic way, which takes it), and the exit continues this vCPU's run
+// (`exitscope_stats::detail::FastRun`): the leaf, the subleaf where the
+// leaf's answer depends on it (9:), the RIP and the SS access rights are
+// the run's, which the generic path opened for a leaf Exitscope passes
+// through unchanged. The run's RIP is the guest's from here on.
 #[cfg(feature = "detailed")]
-macro_rules! stub_fast_note_leaf {
+macro_rules! stub_fast_check {
     () => {
         concat!(
-            "    mov rdx, [rsp + {RING_OFF}]\n",
-            "    mov [rsp + rdx + {RING_END} + 8], eax\n",
-            "    mov [rsp + rdx + {RING_END} + 12], ecx\n",
+            "    cmp rax, qword ptr [rip + {TIMELINE_NEXT}]\n",
+            "    jae 2f\n",
+            "    mov eax, [rsp + 0]\n",
+            "    cmp eax, [rsp + {RUN_KEY}]\n",
+            "    jne 2f\n",
+            "    cmp ecx, [rsp + {RUN_KEY} + 4]\n",
+            "    jne 9f\n",
+            "7:\n",
+            "    mov edx, {GUEST_RIP}\n",
+            "    vmread rdx, rdx\n",
+            "    cmp rdx, [rsp + {RUN_RIP}]\n",
+            "    jne 2f\n",
+            "    mov edx, {SS_AR}\n",
+            "    vmread rdx, rdx\n",
+            "    cmp edx, [rsp + {RUN_SS}]\n",
+            "    jne 2f\n",
         )
-    };
-}
-#[cfg(not(feature = "detailed"))]
-macro_rules! stub_fast_note_leaf {
-    () => {
-        ""
     };
 }
 
 // RIP += instruction length. Without the detailed statistics the RSI slot
 // is scratch for the RIP (the fast path never reloads RSI from it); with
-// them the RIP and the SS access rights (the CPL) go to the sample.
+// them the RIP is the run's.
 #[cfg(not(feature = "detailed"))]
 macro_rules! stub_fast_advance {
     () => {
@@ -177,32 +115,130 @@ macro_rules! stub_fast_advance {
 macro_rules! stub_fast_advance {
     () => {
         concat!(
-            "    mov rdx, [rsp + {RING_OFF}]\n",
-            "    mov eax, {SS_AR}\n",
-            "    vmread [rsp + rdx + {RING_END} + 24], rax\n",
-            "    mov eax, {GUEST_RIP}\n",
-            "    vmread [rsp + rdx + {RING_END} + 16], rax\n",
             "    mov eax, {INSN_LEN}\n",
             "    vmread rax, rax\n",
-            "    add rax, [rsp + rdx + {RING_END} + 16]\n",
+            "    add rax, [rsp + {RUN_RIP}]\n",
             "    mov edx, {GUEST_RIP}\n",
             "    vmwrite rdx, rax\n",
         )
     };
 }
 
-/// Offsets of this vCPU's sample ring from the state block (detailed
+// The fast path's accounting: the second RDTSC ends the window, then the
+// exit and its cycles are added to reason 10's slot of this vCPU's block
+// (a single writer: plain read-modify-write, as `VcpuCounters::record`).
+// The cycles are the low halves' difference: exact for a window below
+// 2^32 cycles (over a second; the fast path's is well under a
+// microsecond).
+#[cfg(all(feature = "accounting", not(feature = "detailed")))]
+macro_rules! stub_fast_account {
+    () => {
+        concat!(
+            "    rdtsc\n",
+            "    sub eax, [rsp + {TSC_EXIT}]\n",
+            "    mov rdx, [rsp + {COUNTERS}]\n",
+            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
+            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+        )
+    };
+}
+// With the detailed statistics: the same accounting, then the exit's
+// cycles counted by their exact value and the exit added to the run; an
+// exit of `FAST_VALUES` cycles or more is recorded out of line (6:).
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_account {
+    () => {
+        concat!(
+            "    rdtsc\n",
+            "    sub eax, [rsp + {TSC_EXIT}]\n",
+            "    mov rdx, [rsp + {COUNTERS}]\n",
+            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
+            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+            "    cmp eax, {FAST_VALUES}\n",
+            "    jae 6f\n",
+            "    inc qword ptr [rsp + rax * 8 + {RUN_VALUES}]\n",
+            "    inc qword ptr [rsp + {RUN_LEN}]\n",
+            "8:\n",
+        )
+    };
+}
+#[cfg(not(feature = "accounting"))]
+macro_rules! stub_fast_account {
+    () => {
+        ""
+    };
+}
+
+// The detailed fast path's out-of-line parts: a subleaf that differs from
+// the run's where the leaf ignores it (9:, back to 7:; the run takes it,
+// so that a loop whose ECX is the last CPUID's output matches at once
+// from then on, and its keys do not change), and an exit too
+// long for the exact values (6:): save the caller-saved registers that
+// still hold guest values, call Rust, restore, and resume at 8:.
+#[cfg(feature = "detailed")]
+macro_rules! stub_fast_cold {
+    () => {
+        concat!(
+            "9:\n",
+            "    mov edx, {SUBLEAF_LEAVES}\n",
+            "    bt edx, eax\n",
+            "    jc 2f\n",
+            "    mov [rsp + {RUN_KEY} + 4], ecx\n",
+            "    jmp 7b\n",
+            "6:\n",
+            "    mov dword ptr [rsp + {LAST_EXIT}], 10\n",
+            "    mov [rsp + 8], rcx\n",
+            "    mov [rsp + 40], rsi\n",
+            "    mov [rsp + 48], rdi\n",
+            "    mov [rsp + 56], r8\n",
+            "    mov [rsp + 64], r9\n",
+            "    mov [rsp + 72], r10\n",
+            "    mov [rsp + 80], r11\n",
+            "    mov rdi, rsp\n",
+            "    mov esi, eax\n",
+            "    call exitscope_fast_slow\n",
+            "    mov rcx, [rsp + 8]\n",
+            "    mov rsi, [rsp + 40]\n",
+            "    mov rdi, [rsp + 48]\n",
+            "    mov r8, [rsp + 56]\n",
+            "    mov r9, [rsp + 64]\n",
+            "    mov r10, [rsp + 72]\n",
+            "    mov r11, [rsp + 80]\n",
+            "    jmp 8b\n",
+        )
+    };
+}
+#[cfg(not(feature = "detailed"))]
+macro_rules! stub_fast_cold {
+    () => {
+        ""
+    };
+}
+
+/// Offsets of this vCPU's fast-path run from the state block (detailed
 /// builds; the other builds name them without using them).
 #[cfg(feature = "detailed")]
-const RING_OFF_OFFSET: usize =
-    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_OFF_OFFSET;
-#[cfg(feature = "detailed")]
-const RING_END_OFFSET: usize =
-    vcpu::DETAIL_OFFSET + core::mem::offset_of!(exitscope_stats::detail::VcpuDetail, ring) + exitscope_stats::detail::RING_END_OFFSET;
+mod run_offsets {
+    use exitscope_stats::detail::{self, VcpuDetail};
+    const RUN: usize = super::vcpu::DETAIL_OFFSET + core::mem::offset_of!(VcpuDetail, fast);
+    pub const KEY: usize = RUN + detail::FAST_KEY_OFFSET;
+    pub const RIP: usize = RUN + detail::FAST_RIP_OFFSET;
+    pub const SS: usize = RUN + detail::FAST_SS_OFFSET;
+    pub const LEN: usize = RUN + detail::FAST_LEN_OFFSET;
+    pub const VALUES: usize = RUN + detail::FAST_VALUES_OFFSET;
+    pub const FAST_VALUES: usize = detail::FAST_VALUES;
+    pub const SUBLEAF_LEAVES: u32 = detail::SUBLEAF_LEAVES;
+}
 #[cfg(not(feature = "detailed"))]
-const RING_OFF_OFFSET: usize = 0;
-#[cfg(not(feature = "detailed"))]
-const RING_END_OFFSET: usize = 0;
+mod run_offsets {
+    pub const KEY: usize = 0;
+    pub const RIP: usize = 0;
+    pub const SS: usize = 0;
+    pub const LEN: usize = 0;
+    pub const VALUES: usize = 0;
+    pub const FAST_VALUES: usize = 0;
+    pub const SUBLEAF_LEAVES: u32 = 0;
+}
 
 // Loads the fifteen guest registers from the state block at RSP (before
 // VMRESUME and VMLAUNCH).
@@ -230,37 +266,33 @@ macro_rules! load_guest_regs {
 
 // The exit stub. RSP = &VcpuState (HOST_RSP). It saves RAX and RDX, takes
 // the exit timestamp (accounting builds), and then tries the CPUID fast
-// path: a CPUID exit for a basic leaf that Exitscope passes through
-// unchanged (`FAST_CPUID_LEAVES`) is answered here, in about 40
-// instructions, without saving the other 13 registers or entering Rust.
-// It does exactly what the Rust path does for such a leaf: execute CPUID
-// with the guest's EAX and ECX, move RIP past the instruction and end an
-// interrupt shadow (`advance`), record the exit (`account`), and resume.
-// Everything else takes the generic path: save all registers, call
+// path: a CPUID exit the stub may answer (`stub_fast_check`) is answered
+// here, in about 40 instructions, without saving the other 13 registers
+// or entering Rust. It does exactly what the Rust path does for such a
+// leaf: execute CPUID with the guest's EAX and ECX, move RIP past the
+// instruction and end an interrupt shadow (`advance`), record the exit
+// (`account`), and resume. It leaves the state block's last exit reason
+// as it was (`percpu::note_fast_path` tells the failure reports). Everything else
+// takes the generic path: save all registers, call
 // `exitscope_vmexit_handler`, restore, VMRESUME.
 global_asm!(
     ".section .text.exit_path, \"ax\"",
     ".global exitscope_vmexit",
     "exitscope_vmexit:",
     // (Operands not every build uses.)
-    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {RING_OFF} {RING_END} {SS_AR} {TIMELINE_NEXT} */",
+    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {RUN_KEY} {RUN_RIP} {RUN_SS} {RUN_LEN} {RUN_VALUES} {FAST_VALUES} {SUBLEAF_LEAVES} {SS_AR} {TIMELINE_NEXT} {FAST_LEAVES} {LAST_EXIT} */",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
     stub_take_timestamp!(),
     // The CPUID fast path. RAX and RDX are free; every other register
     // still holds the guest's value.
-    "    mov eax, {EXIT_REASON}",
-    "    vmread rdx, rax",
+    "    mov edx, {EXIT_REASON}",
+    "    vmread rdx, rdx",
     "    cmp edx, 10",
     "    jne 2f",
-    "    mov eax, [rsp + 0]",
-    "    cmp eax, 32",
-    "    jae 2f",
-    "    mov edx, {FAST_LEAVES}",
-    "    bt edx, eax",
-    "    jnc 2f",
-    "    mov dword ptr [rsp + {LAST_EXIT}], 10",
-    stub_fast_note_leaf!(),
+    ".global exitscope_fast_cpuid",
+    "exitscope_fast_cpuid:",
+    stub_fast_check!(),
     "    cpuid",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
@@ -274,6 +306,7 @@ global_asm!(
     "    mov rax, [rsp + 0]",
     "    mov rdx, [rsp + 16]",
     "    vmresume",
+    "    mov dword ptr [rsp + {LAST_EXIT}], 10",
     "    jmp 5f",
     // Blocking by STI, MOV SS or SMI ends with the instruction (as in
     // `advance`).
@@ -283,6 +316,8 @@ global_asm!(
     "    jmp 3b",
     stub_fast_cold!(),
     // The generic path.
+    ".global exitscope_generic",
+    "exitscope_generic:",
     "2:",
     "    mov [rsp + 8], rcx",
     "    mov [rsp + 24], rbx",
@@ -329,8 +364,13 @@ global_asm!(
     TSC_EXIT = const vcpu::OFFSET_TSC_EXIT,
     COUNTERS = const core::mem::offset_of!(VcpuState, counters),
     CPUID_SLOT = const 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
-    RING_OFF = const RING_OFF_OFFSET,
-    RING_END = const RING_END_OFFSET,
+    RUN_KEY = const run_offsets::KEY,
+    RUN_RIP = const run_offsets::RIP,
+    RUN_SS = const run_offsets::SS,
+    RUN_LEN = const run_offsets::LEN,
+    RUN_VALUES = const run_offsets::VALUES,
+    FAST_VALUES = const run_offsets::FAST_VALUES,
+    SUBLEAF_LEAVES = const run_offsets::SUBLEAF_LEAVES,
     SS_AR = const guest::SS_ACCESS_RIGHTS,
     TIMELINE_NEXT = sym crate::statsys::TIMELINE_NEXT,
 );
@@ -341,11 +381,15 @@ global_asm!(
 #[allow(improper_ctypes)]
 unsafe extern "C" {
     fn exitscope_vmlaunch(state: *mut VcpuState) -> !;
+    // Labels in the stub (never called).
+    fn exitscope_fast_cpuid();
+    fn exitscope_generic();
 }
 
 /// Enters the guest for the first time on this CPU. Never returns: from now
 /// on the CPU lives in the exit loop.
 pub fn launch(v: &'static mut VcpuState) -> ! {
+    crate::percpu::note_fast_path(fast_path_range());
     crate::statsys::note_first_entry(v.id);
     crate::serial::drain();
     crate::serial::GUEST_STARTED.store(true, core::sync::atomic::Ordering::Relaxed);
@@ -381,40 +425,25 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
     }
 }
 
-/// The guest-code-site key of this exit: its reason, the guest RIP of the
-/// instruction that caused it, and whether the guest was in user mode (CPL
-/// 3, the DPL of SS).
+/// Counts the exit in the guest-code-site table: its reason, the guest RIP
+/// of the instruction that caused it, and whether the guest was in user
+/// mode (CPL 3, the DPL of SS; `ss` is its access rights).
 #[cfg(feature = "detailed")]
 #[inline(always)]
-fn site_key(basic: u16, rip: u64) -> u64 {
-    let user = (super::vmread(super::guest::SS_ACCESS_RIGHTS) >> 5) & 3 == 3;
-    exitscope_stats::detail::rip_key(basic, rip, user)
+pub fn note_site(v: &VcpuState, basic: u16, rip: u64, ss: u64) {
+    v.detail.rips.record(exitscope_stats::detail::rip_key(basic, rip, (ss >> 5) & 3 == 3));
 }
 
-/// Counts the exit in the guest-code-site table ([`site_key`]).
-#[cfg(feature = "detailed")]
-#[inline(always)]
-pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
-    v.detail.rips.record(site_key(basic, rip));
-}
-
-/// The CPUID fast path's ring is full (detailed builds): fold it.
+/// The CPUID fast path's exit of `cycles >= FAST_VALUES` (detailed builds):
+/// its latency recorded at once.
 #[cfg(feature = "detailed")]
 #[unsafe(no_mangle)]
-extern "C" fn exitscope_fast_fold(v: &VcpuState) {
-    v.detail.fold();
+extern "C" fn exitscope_fast_slow(v: &VcpuState, cycles: u64) {
+    v.detail.fast_slow(cycles);
 }
 
-/// The CPUID fast path's recording when a timeline sample is due at `now`
-/// (detailed builds): what the stub does after its deadline compare, then
-/// the sample.
-#[cfg(feature = "detailed")]
-#[unsafe(no_mangle)]
-extern "C" fn exitscope_fast_record_sampled(v: &VcpuState, now: u64) {
-    let cycles = now.wrapping_sub(v.tsc_exit);
-    v.counters.record(10, cycles);
-    if v.detail.ring.complete(cycles) {
-        v.detail.fold();
-    }
-    crate::statsys::timeline_sample(now);
+/// The stub's CPUID fast path, from its leaf test to the generic path (its
+/// out-of-line parts included), for [`crate::percpu::note_fast_path`].
+pub fn fast_path_range() -> core::ops::Range<u64> {
+    exitscope_fast_cpuid as *const () as u64..exitscope_generic as *const () as u64
 }
