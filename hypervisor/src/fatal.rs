@@ -133,14 +133,14 @@ impl core::fmt::Write for Emergency {
 fn finish_after_failure(title: &str) -> ! {
     let Some(s) = state::try_shared() else { crate::power::finish(EndAction::PowerOff, &crate::power::boot_acpi()) };
     let blocks = state::counters();
-    let snap = exitscope_stats::Snapshot::sum(blocks);
+    let snap = exitscope_stats::Snapshot::sum(blocks.iter());
     // The per-vCPU totals live in a static buffer (MAX_CPUS of them do not
     // belong on a fault stack); only the first failing CPU gets to use it.
     static PER: spin::Mutex<[(u64, u64); state::MAX_CPUS]> = spin::Mutex::new([(0, 0); state::MAX_CPUS]);
     let mut guard = PER.try_lock();
     let per: &[(u64, u64)] = match guard.as_deref_mut() {
         Some(per) => {
-            for (p, b) in per.iter_mut().zip(blocks) {
+            for (p, b) in per.iter_mut().zip(blocks.iter()) {
                 *p = (b.total_exits(), b.total_cycles());
             }
             &per[..blocks.len()]

@@ -150,7 +150,7 @@ pub fn run(bi: BootInfo) -> ! {
                 boot_error(format_args!("vCPU {id}: {e}"));
             }
         }
-        let mem = match vmx::vcpu::alloc(id, sh, &state::COUNTERS[id]) {
+        let mem = match vmx::vcpu::alloc(id, sh) {
             Ok(m) => m,
             Err(e) => boot_error(format_args!("{e}")),
         };
@@ -655,12 +655,9 @@ struct VcpuSetup {
 /// the one-byte flag).
 pub(crate) fn vcpu_arena_bytes() -> usize {
     let page = memory::PAGE;
-    // The state block and (detailed builds) the detail block after it, in
-    // one run of pages.
-    #[cfg(feature = "detailed")]
-    let state = (vmx::vcpu::DETAIL_OFFSET + core::mem::size_of::<exitscope_stats::detail::VcpuDetail>()).next_multiple_of(page);
-    #[cfg(not(feature = "detailed"))]
-    let state = core::mem::size_of::<vmx::vcpu::VcpuState>().next_multiple_of(page);
+    // The state block, the counter block and (detailed builds) the detail
+    // block after them, in one run of pages.
+    let state = vmx::vcpu::STATE_BYTES.next_multiple_of(page);
     let tables = core::mem::size_of::<idt::PerCpuTables>() + 64;
     2 * page + vmx::vcpu::STACK_SIZE + state + vmx::vcpu::FAULT_STACK_SIZE + tables + core::mem::size_of::<VcpuSetup>() + 64
 }

@@ -4,6 +4,7 @@ use crate::acpi::Acpi;
 use crate::options::Options;
 use crate::vmx::caps::Controls;
 use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use exitscope_stats::leaf::StatsView;
 use exitscope_stats::{ReasonSet, VcpuCounters};
 use spin::Once;
 
@@ -61,8 +62,19 @@ impl Default for CpuSet {
 /// Local APIC id of each vCPU.
 pub static APIC_IDS: [core::sync::atomic::AtomicU32; MAX_CPUS] = [const { core::sync::atomic::AtomicU32::new(0) }; MAX_CPUS];
 
-/// One counter block per vCPU, each written only by its vCPU.
-pub static COUNTERS: [VcpuCounters; MAX_CPUS] = [const { VcpuCounters::new() }; MAX_CPUS];
+/// Each vCPU's counter block, published when the vCPU is set up
+/// (`vmx::vcpu::alloc`). The block lies in the vCPU's own memory, beside
+/// its state block, so that the exit stub reaches it from RSP; only its
+/// vCPU writes it.
+static COUNTERS: [Once<&'static VcpuCounters>; MAX_CPUS] = [const { Once::new() }; MAX_CPUS];
+
+/// What a vCPU not yet set up has counted.
+static NOT_YET: VcpuCounters = VcpuCounters::new();
+
+/// Publishes vCPU `id`'s counter block (once).
+pub fn publish_counters(id: usize, block: &'static VcpuCounters) {
+    COUNTERS[id].call_once(|| block);
+}
 
 /// Ports the hypervisor watches to see the guest end (the I/O bitmap).
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,9 +182,46 @@ pub fn try_shared() -> Option<&'static Shared> {
 }
 
 /// The live counter blocks of all vCPUs.
-pub fn counters() -> &'static [VcpuCounters] {
-    let n = try_shared().map_or(1, |s| s.ncpus.load(SeqCst));
-    &COUNTERS[..n]
+pub fn counters() -> Counters {
+    Counters(try_shared().map_or(1, |s| s.ncpus.load(SeqCst)).min(MAX_CPUS))
+}
+
+/// The counter blocks of vCPUs `0..n` (one not yet set up reads as zeros),
+/// summed on read without a copy or an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Counters(usize);
+
+impl Counters {
+    pub fn len(self) -> usize {
+        self.0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn get(self, i: usize) -> Option<&'static VcpuCounters> {
+        (i < self.0).then(|| COUNTERS[i].get().copied().unwrap_or(&NOT_YET))
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = &'static VcpuCounters> + Clone {
+        (0..self.0).map(move |i| COUNTERS[i].get().copied().unwrap_or(&NOT_YET))
+    }
+}
+
+impl StatsView for Counters {
+    fn exits(&self, reason: u16) -> u64 {
+        self.iter().map(|b| b.exits(reason as usize)).fold(0, u64::wrapping_add)
+    }
+    fn cycles(&self, reason: u16) -> u64 {
+        self.iter().map(|b| b.cycles(reason as usize)).fold(0, u64::wrapping_add)
+    }
+    fn total_exits(&self) -> u64 {
+        self.iter().map(VcpuCounters::total_exits).fold(0, u64::wrapping_add)
+    }
+    fn total_cycles(&self) -> u64 {
+        self.iter().map(VcpuCounters::total_cycles).fold(0, u64::wrapping_add)
+    }
 }
 
 #[cfg(test)]

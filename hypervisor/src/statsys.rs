@@ -58,7 +58,7 @@ fn minus(a: Snapshot, b: &Snapshot) -> Snapshot {
 
 /// Statistics since the last reset, summed over vCPUs.
 pub fn current() -> Snapshot {
-    let live = Snapshot::sum(state::counters());
+    let live = Snapshot::sum(state::counters().iter());
     match BASELINE.lock().as_ref() {
         Some(b) => minus(live, &b.sum),
         None => live,
@@ -111,7 +111,7 @@ pub fn shadow_current() -> Option<Vec<ShadowCounts>> {
 pub fn reset() {
     let mut b = BASELINE.lock();
     let per_vcpu: Vec<Snapshot> = state::counters().iter().map(Snapshot::of).collect();
-    let sum = Snapshot::sum(state::counters());
+    let sum = Snapshot::sum(state::counters().iter());
     let detail = cfg!(feature = "detailed").then(|| DetailSnapshot::sum(details()));
     for d in details() {
         d.reset_extremes();
@@ -130,8 +130,8 @@ pub fn reset() {
 /// Answers the four instrumentation leaves (FC..FF).
 pub fn stats_leaf(leaf: u32, ecx: u32) -> [u32; 4] {
     let enabled = &state::shared().enabled;
-    let live: &[exitscope_stats::VcpuCounters] = state::counters();
-    let a = if BASELINE.lock().is_none() { leaf::answer(leaf, ecx, live, enabled) } else { leaf::answer(leaf, ecx, &current(), enabled) };
+    let live = state::counters();
+    let a = if BASELINE.lock().is_none() { leaf::answer(leaf, ecx, &live, enabled) } else { leaf::answer(leaf, ecx, &current(), enabled) };
     let a = a.unwrap_or_default();
     [a.eax, a.ebx, a.ecx, a.edx]
 }

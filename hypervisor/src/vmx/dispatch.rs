@@ -62,9 +62,8 @@ extern "C" fn exitscope_vmexit_handler(v: &mut VcpuState) {
         // The CPUID fast path's pending run goes into the tables first, so
         // that the tables take keys in exit order.
         v.detail.fast_flush();
-        let ss = vmread(guest::SS_ACCESS_RIGHTS);
-        super::stub::note_site(v, basic, rip, ss);
-        record_note(v, _note, rip, ss);
+        super::stub::note_site(v, basic, rip);
+        record_note(v, _note, rip);
     }
 }
 
@@ -273,15 +272,17 @@ fn detail_note(v: &VcpuState, e: Exit) -> Note {
 /// Records the breakdown an exit's [`Note`] names (after the window).
 #[cfg(feature = "detailed")]
 #[inline(always)]
-fn record_note(v: &VcpuState, n: Note, rip: u64, ss: u64) {
+fn record_note(v: &VcpuState, n: Note, rip: u64) {
     match n {
         Note::None => {}
         Note::Cpuid(leaf, subleaf) => {
             v.detail.cpuid.record(exitscope_stats::detail::cpuid_key(leaf, subleaf));
             // A CPUID the stub may answer opens the run its next ones
             // continue (`FastRun`).
+            // (The SS access rights read again: kept from the site's
+            // record, they would cost every exit a register.)
             if crate::exit::cpuid::is_fast_cpuid_leaf(leaf) {
-                v.detail.fast_open(leaf, subleaf, rip, ss as u32);
+                v.detail.fast_open(leaf, subleaf, rip, vmread(guest::SS_ACCESS_RIGHTS) as u32);
             }
         }
         Note::Exception(k) => v.detail.exceptions.record(k),

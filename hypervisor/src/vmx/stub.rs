@@ -136,9 +136,8 @@ macro_rules! stub_fast_account {
         concat!(
             "    rdtsc\n",
             "    sub eax, [rsp + {TSC_EXIT}]\n",
-            "    mov rdx, [rsp + {COUNTERS}]\n",
-            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
-            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+            "    inc qword ptr [rsp + {CPUID_SLOT}]\n",
+            "    add [rsp + {CPUID_SLOT} + 8], rax\n",
         )
     };
 }
@@ -151,9 +150,8 @@ macro_rules! stub_fast_account {
         concat!(
             "    rdtsc\n",
             "    sub eax, [rsp + {TSC_EXIT}]\n",
-            "    mov rdx, [rsp + {COUNTERS}]\n",
-            "    inc qword ptr [rdx + {CPUID_SLOT}]\n",
-            "    add [rdx + {CPUID_SLOT} + 8], rax\n",
+            "    inc qword ptr [rsp + {CPUID_SLOT}]\n",
+            "    add [rsp + {CPUID_SLOT} + 8], rax\n",
             "    cmp eax, {FAST_VALUES}\n",
             "    jae 6f\n",
             "    inc qword ptr [rsp + rax * 8 + {RUN_VALUES}]\n",
@@ -280,7 +278,7 @@ global_asm!(
     ".global exitscope_vmexit",
     "exitscope_vmexit:",
     // (Operands not every build uses.)
-    "    /* {TSC_EXIT} {COUNTERS} {CPUID_SLOT} {RUN_KEY} {RUN_RIP} {RUN_SS} {RUN_LEN} {RUN_VALUES} {FAST_VALUES} {SUBLEAF_LEAVES} {SS_AR} {TIMELINE_NEXT} {FAST_LEAVES} {LAST_EXIT} */",
+    "    /* {TSC_EXIT} {CPUID_SLOT} {RUN_KEY} {RUN_RIP} {RUN_SS} {RUN_LEN} {RUN_VALUES} {FAST_VALUES} {SUBLEAF_LEAVES} {SS_AR} {TIMELINE_NEXT} {FAST_LEAVES} {LAST_EXIT} */",
     "    mov [rsp + 0], rax",
     "    mov [rsp + 16], rdx",
     stub_take_timestamp!(),
@@ -362,8 +360,7 @@ global_asm!(
     FAST_LEAVES = const crate::exit::cpuid::FAST_CPUID_LEAVES,
     LAST_EXIT = const core::mem::offset_of!(VcpuState, last_exit),
     TSC_EXIT = const vcpu::OFFSET_TSC_EXIT,
-    COUNTERS = const core::mem::offset_of!(VcpuState, counters),
-    CPUID_SLOT = const 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
+    CPUID_SLOT = const vcpu::COUNTERS_OFFSET + 10 * core::mem::size_of::<exitscope_stats::counters::Slot>(),
     RUN_KEY = const run_offsets::KEY,
     RUN_RIP = const run_offsets::RIP,
     RUN_SS = const run_offsets::SS,
@@ -427,10 +424,11 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
 
 /// Counts the exit in the guest-code-site table: its reason, the guest RIP
 /// of the instruction that caused it, and whether the guest was in user
-/// mode (CPL 3, the DPL of SS; `ss` is its access rights).
+/// mode (CPL 3, the DPL of SS).
 #[cfg(feature = "detailed")]
 #[inline(always)]
-pub fn note_site(v: &VcpuState, basic: u16, rip: u64, ss: u64) {
+pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
+    let ss = super::vmread(super::guest::SS_ACCESS_RIGHTS);
     v.detail.rips.record(exitscope_stats::detail::rip_key(basic, rip, (ss >> 5) & 3 == 3));
 }
 

@@ -95,7 +95,8 @@ pub struct VcpuState {
     /// vCPU is set up, after `state::init`: the exit path reads it here
     /// with one load instead of checking `state::shared()` at each use.
     pub shared: &'static crate::state::Shared,
-    /// This vCPU's counter block; only this vCPU writes it.
+    /// This vCPU's counter block (at `COUNTERS_OFFSET`); only this vCPU
+    /// writes it.
     pub counters: &'static VcpuCounters,
     /// This vCPU's detailed statistics (same rule).
     #[cfg(feature = "detailed")]
@@ -116,13 +117,25 @@ pub struct VcpuState {
     pub proc_ctls: u32,
 }
 
-/// Where a vCPU's detailed statistics lie from its state block: right
-/// after it, in the same allocation, so that the exit stub reaches their
-/// sample ring from RSP (`[rsp + DETAIL_OFFSET + ...]`).
+/// Where a vCPU's counter block lies from its state block: right after
+/// it, in the same allocation, so that the exit stub reaches it from RSP
+/// (`[rsp + COUNTERS_OFFSET + ...]`) without loading a pointer.
+pub const COUNTERS_OFFSET: usize = core::mem::size_of::<VcpuState>();
+const _: () = assert!(COUNTERS_OFFSET.is_multiple_of(core::mem::align_of::<VcpuCounters>()));
+
+/// Where a vCPU's detailed statistics lie from its state block: after its
+/// counter block, so that the exit stub reaches their fast-path run from
+/// RSP (`[rsp + DETAIL_OFFSET + ...]`).
 #[cfg(feature = "detailed")]
-pub const DETAIL_OFFSET: usize = core::mem::size_of::<VcpuState>();
+pub const DETAIL_OFFSET: usize = COUNTERS_OFFSET + core::mem::size_of::<VcpuCounters>();
 #[cfg(feature = "detailed")]
 const _: () = assert!(DETAIL_OFFSET.is_multiple_of(core::mem::align_of::<exitscope_stats::detail::VcpuDetail>()));
+
+/// Bytes of a vCPU's state block and the statistics after it.
+#[cfg(feature = "detailed")]
+pub const STATE_BYTES: usize = DETAIL_OFFSET + core::mem::size_of::<exitscope_stats::detail::VcpuDetail>();
+#[cfg(not(feature = "detailed"))]
+pub const STATE_BYTES: usize = COUNTERS_OFFSET + core::mem::size_of::<VcpuCounters>();
 
 pub const OFFSET_TSC_EXIT: usize = 120;
 const _: () = assert!(core::mem::offset_of!(VcpuState, tsc_exit) == OFFSET_TSC_EXIT);
@@ -145,25 +158,23 @@ pub struct VcpuMemory {
 }
 
 /// Allocates a vCPU's memory from the arena.
-pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'static VcpuCounters) -> Result<VcpuMemory, OutOfMemory> {
+pub fn alloc(id: usize, shared: &'static crate::state::Shared) -> Result<VcpuMemory, OutOfMemory> {
     let revision = shared.controls.vmcs_revision;
     let (vmxon, vmxon_pa) = memory::alloc_pages(1)?;
     let (vmcs, vmcs_pa) = memory::alloc_pages(1)?;
     vmxon[..4].copy_from_slice(&revision.to_le_bytes());
     vmcs[..4].copy_from_slice(&revision.to_le_bytes());
     let stack_pages = STACK_SIZE / memory::PAGE;
-    // The state block, then (detailed builds) the detailed statistics.
-    #[cfg(feature = "detailed")]
-    let state_bytes = DETAIL_OFFSET + core::mem::size_of::<exitscope_stats::detail::VcpuDetail>();
-    #[cfg(not(feature = "detailed"))]
-    let state_bytes = core::mem::size_of::<VcpuState>();
-    let state_pages = state_bytes.div_ceil(memory::PAGE);
+    // The state block, the counter block, then (detailed builds) the
+    // detailed statistics.
+    let state_pages = STATE_BYTES.div_ceil(memory::PAGE);
     let (stack, _) = memory::alloc_pages(stack_pages + state_pages)?;
     let base = stack.as_mut_ptr();
     let state_ptr = base.wrapping_add(STACK_SIZE) as *mut VcpuState;
     let (fault_stack, _) = memory::alloc_pages(FAULT_STACK_SIZE / memory::PAGE)?;
     let ist_top = fault_stack.as_ptr() as u64 + FAULT_STACK_SIZE as u64;
     let tables_ptr = memory::arena_alloc(core::mem::size_of::<crate::idt::PerCpuTables>(), 64)? as *mut crate::idt::PerCpuTables;
+    let counters_ptr = base.wrapping_add(STACK_SIZE + COUNTERS_OFFSET) as *mut VcpuCounters;
     #[cfg(feature = "detailed")]
     let detail = {
         let p = base.wrapping_add(STACK_SIZE + DETAIL_OFFSET) as *mut exitscope_stats::detail::VcpuDetail;
@@ -181,9 +192,13 @@ pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'stati
         crate::statsys::DETAILS[id].store(p, core::sync::atomic::Ordering::SeqCst);
         d
     };
-    // SAFETY: both pointers are fresh, aligned, exclusive arena memory of
-    // the right size; they are initialised before use and never freed.
-    let (state, tables) = unsafe {
+    // SAFETY: the three pointers are fresh, aligned, exclusive arena
+    // memory of the right size (the counter block lies after the state
+    // block, in the pages allocated for both); they are initialised before
+    // use and never freed.
+    let (state, tables, counters) = unsafe {
+        counters_ptr.write(VcpuCounters::new());
+        let counters: &'static VcpuCounters = &*counters_ptr;
         state_ptr.write(VcpuState {
             regs: GuestRegs::default(),
             tsc_exit: 0,
@@ -203,8 +218,9 @@ pub fn alloc(id: usize, shared: &'static crate::state::Shared, counters: &'stati
             proc_ctls: 0,
         });
         tables_ptr.write(crate::idt::PerCpuTables::new(ist_top));
-        (&mut *state_ptr, &mut *tables_ptr)
+        (&mut *state_ptr, &mut *tables_ptr, counters)
     };
+    crate::state::publish_counters(id, counters);
     Ok(VcpuMemory { state, vmxon_pa, vmcs_pa, tables })
 }
 
