@@ -715,6 +715,27 @@ impl FastRun {
     }
 }
 
+/// The code site a vCPU recorded last ([`VcpuDetail::record_site`]).
+#[repr(C)]
+#[derive(Debug)]
+struct SiteMemo {
+    rip: AtomicU64,
+    ss: AtomicU64,
+    basic: AtomicU64,
+}
+
+impl SiteMemo {
+    const fn new() -> SiteMemo {
+        SiteMemo { rip: AtomicU64::new(NO_RUN), ss: AtomicU64::new(0), basic: AtomicU64::new(0) }
+    }
+
+    fn note(&self, basic: u16, rip: u64, ss: u64) {
+        self.rip.store(rip, Relaxed);
+        self.ss.store(ss, Relaxed);
+        self.basic.store(basic as u64, Relaxed);
+    }
+}
+
 /// The tests' record of one exit, `[cycles, key, RIP, tag]`: what its key
 /// means is bits 39:32 of its tag. The tag's
 /// bits 31:0 are the guest's SS access rights (the DPL in bits 6:5 is the
@@ -764,7 +785,9 @@ struct Sample {
     slot: usize,
     cycles: u64,
     table: Option<(Table, u64)>,
-    site: u64,
+    basic: u16,
+    rip: u64,
+    ss: u64,
 }
 
 #[cfg(test)]
@@ -782,8 +805,7 @@ fn decode(e: [u64; 4]) -> Sample {
         sample::EPT => Some((Table::Ept, key)),
         _ => None,
     };
-    let user = (tag >> 5) & 3 == 3;
-    Sample { slot: crate::reasons::slot_of(basic), cycles, table, site: rip_key(basic, rip, user) }
+    Sample { slot: crate::reasons::slot_of(basic), cycles, table, basic, rip, ss: tag & 0xFFFF_FFFF }
 }
 
 /// Detailed statistics of one vCPU.
@@ -802,8 +824,12 @@ pub struct VcpuDetail {
     pub cpuid: HashTable<CPUID_KEYS>,
     /// Exception-or-NMI exits by vector.
     pub exceptions: TopTable<TOP_KEYS>,
-    /// Exits by guest code site ([`rip_key`]).
-    pub rips: HashTable<RIP_KEYS>,
+    /// Exits by guest code site ([`rip_key`]); recorded through
+    /// [`record_site`](Self::record_site), which keeps `site` true.
+    rips: HashTable<RIP_KEYS>,
+    /// The last code site recorded, as the exit path read it: while its
+    /// RIP is not [`NO_RUN`], the site table's run cache holds its key.
+    site: SiteMemo,
     /// The CPUID fast path's run and exact cycle values (the exit stub
     /// reaches it with 32-bit offsets from RSP).
     pub fast: FastRun,
@@ -829,6 +855,7 @@ impl VcpuDetail {
             cpuid: HashTable::new(),
             exceptions: TopTable::new(),
             rips: HashTable::new(),
+            site: SiteMemo::new(),
             fast: FastRun::new(),
         }
     }
@@ -842,6 +869,7 @@ impl VcpuDetail {
             s.min.store(u64::MAX, Relaxed);
         }
         self.fast.rip.store(NO_RUN, Relaxed);
+        self.site.rip.store(NO_RUN, Relaxed);
     }
 
     /// Records the latency of one exit of `slot` at once (owning vCPU
@@ -876,10 +904,37 @@ impl VcpuDetail {
         bump(&self.cr[((cr as usize & 15) << 2) | (access as usize & 3)], 1);
     }
 
-    /// Records one exit at once (the reference the unit tests compare the
-    /// fast path with).
+    /// Counts an exit of basic reason `basic` in the code-site table ([`rip_key`]:
+    /// its guest RIP, and whether the guest was in user mode, from the SS
+    /// access rights `ss`) (owning vCPU only). The same RIP, SS access
+    /// rights and reason as the last site's cost three compares and an
+    /// increment of the table's run; another site computes its key.
+    #[inline(always)]
+    pub fn record_site(&self, basic: u16, rip: u64, ss: u64) {
+        let m = &self.site;
+        if m.rip.load(Relaxed) == rip && m.ss.load(Relaxed) == ss && m.basic.load(Relaxed) == basic as u64 {
+            bump(&self.rips.cache.run, 1);
+        } else {
+            self.record_new_site(basic, rip, ss);
+        }
+    }
+
+    #[inline(never)]
+    fn record_new_site(&self, basic: u16, rip: u64, ss: u64) {
+        self.rips.record(rip_key(basic, rip, (ss >> 5) & 3 == 3));
+        self.site.note(basic, rip, ss);
+    }
+
+    /// Records one exit at once as the generic path does (`reference`:
+    /// the code site by its key, without the last site's memo: what the
+    /// unit tests compare the exit path with).
     #[cfg(test)]
     fn apply(&self, e: [u64; 4], extremes: bool) {
+        self.apply_as(e, extremes, false);
+    }
+
+    #[cfg(test)]
+    fn apply_as(&self, e: [u64; 4], extremes: bool, reference: bool) {
         let x = decode(e);
         self.record_latency(x.slot, x.cycles, extremes);
         match x.table {
@@ -891,7 +946,11 @@ impl VcpuDetail {
             Some((Table::Cr, k)) => bump(&self.cr[k as usize & 63], 1),
             None => {}
         }
-        self.rips.record(x.site);
+        if reference {
+            self.rips.record(rip_key(x.basic, x.rip, (x.ss >> 5) & 3 == 3));
+        } else {
+            self.record_site(x.basic, x.rip, x.ss);
+        }
     }
 
     /// Moves the CPUID fast path's pending exits into the CPUID and
@@ -916,6 +975,7 @@ impl VcpuDetail {
         let (leaf, site) = f.table_keys();
         self.cpuid.record_n(leaf, n);
         self.rips.record_n(site, n);
+        self.site.note(10, f.rip.load(Relaxed), f.ss.load(Relaxed));
         f.len.store(0, Relaxed);
         f.seq.store(s.wrapping_add(2), Release);
     }
@@ -1661,7 +1721,7 @@ mod tests {
                 fast += 1;
                 slow += (e[0] >= FAST_VALUES as u64) as u32;
             }
-            at_once.apply(e, true);
+            at_once.apply_as(e, true, true);
             if n % 13 == 0 || n == xs.len() - 1 {
                 assert_eq!(DetailSnapshot::sum([&mixed]), DetailSnapshot::sum([&at_once]), "after exit {n}");
             }
@@ -1710,6 +1770,28 @@ mod tests {
         assert_eq!(s.breakdowns[BreakdownKind::CpuidLeaf as usize].0, [(0, 2), (4 << 32 | 2, 2)]);
     }
 
+    /// The fast path's flush between two exits of one code site: the second
+    /// is still counted at its own site, not at the run's (the last site's
+    /// memo follows the flush), and the run's exits at theirs.
+    #[test]
+    fn a_flush_between_two_exits_of_one_site_keeps_them_apart() {
+        let (d, reference) = (VcpuDetail::new(), VcpuDetail::new());
+        let cpuid = [30, 0, 0x40_1000, 0x93];
+        let io = [80, 0x3F8, 0x40_2000, sample::tag(0x93, sample::IO, 30)];
+        let mut fast = 0;
+        for e in [cpuid, io, cpuid, io, cpuid, cpuid, io, io] {
+            fast += record_as_the_exit_path(&d, e) as u32;
+            reference.apply_as(e, true, true);
+        }
+        assert_eq!(fast, 3);
+        let s = DetailSnapshot::sum([&d]);
+        assert_eq!(s, DetailSnapshot::sum([&reference]));
+        assert_eq!(
+            s.breakdowns[BreakdownKind::GuestRip as usize].0,
+            [(rip_key(10, 0x40_1000, false), 4), (rip_key(30, 0x40_2000, false), 4)]
+        );
+    }
+
     /// A reader on another CPU beside the writer (the exit path's mix)
     /// never sees a flush half done: its totals never go back, never pass
     /// the exits made, and the last read is exact.
@@ -1751,7 +1833,7 @@ mod tests {
             if finished {
                 let at_once = VcpuDetail::new();
                 for &e in xs.iter() {
-                    at_once.apply(e, true);
+                    at_once.apply_as(e, true, true);
                 }
                 assert_eq!(s, DetailSnapshot::sum([&at_once]));
                 break;

@@ -428,8 +428,7 @@ fn record(v: &VcpuState, slot: usize, now: u64) {
 #[cfg(feature = "detailed")]
 #[inline(always)]
 pub fn note_site(v: &VcpuState, basic: u16, rip: u64) {
-    let ss = super::vmread(super::guest::SS_ACCESS_RIGHTS);
-    v.detail.rips.record(exitscope_stats::detail::rip_key(basic, rip, (ss >> 5) & 3 == 3));
+    v.detail.record_site(basic, rip, super::vmread(super::guest::SS_ACCESS_RIGHTS));
 }
 
 /// The CPUID fast path's exit of `cycles >= FAST_VALUES` (detailed builds):
