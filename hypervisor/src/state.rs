@@ -4,7 +4,6 @@ use crate::acpi::Acpi;
 use crate::options::Options;
 use crate::vmx::caps::Controls;
 use core::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use exitscope_stats::leaf::StatsView;
 use exitscope_stats::{ReasonSet, VcpuCounters};
 use spin::Once;
 
@@ -206,21 +205,6 @@ impl Counters {
 
     pub fn iter(self) -> impl Iterator<Item = &'static VcpuCounters> + Clone {
         (0..self.0).map(move |i| COUNTERS[i].get().copied().unwrap_or(&NOT_YET))
-    }
-}
-
-impl StatsView for Counters {
-    fn exits(&self, reason: u16) -> u64 {
-        self.iter().map(|b| b.exits(reason as usize)).fold(0, u64::wrapping_add)
-    }
-    fn cycles(&self, reason: u16) -> u64 {
-        self.iter().map(|b| b.cycles(reason as usize)).fold(0, u64::wrapping_add)
-    }
-    fn total_exits(&self) -> u64 {
-        self.iter().map(VcpuCounters::total_exits).fold(0, u64::wrapping_add)
-    }
-    fn total_cycles(&self) -> u64 {
-        self.iter().map(VcpuCounters::total_cycles).fold(0, u64::wrapping_add)
     }
 }
 

@@ -130,7 +130,7 @@ pub fn reset() {
 /// Answers the four instrumentation leaves (FC..FF).
 pub fn stats_leaf(leaf: u32, ecx: u32) -> [u32; 4] {
     let enabled = &state::shared().enabled;
-    let live = state::counters();
+    let live = exitscope_stats::counters::BlockSums(state::counters().iter());
     let a = if BASELINE.lock().is_none() { leaf::answer(leaf, ecx, &live, enabled) } else { leaf::answer(leaf, ecx, &current(), enabled) };
     let a = a.unwrap_or_default();
     [a.eax, a.ebx, a.ecx, a.edx]

@@ -165,19 +165,40 @@ impl StatsView for Snapshot {
     }
 }
 
-/// Summing on read, straight from the live blocks (no copy).
-impl StatsView for [VcpuCounters] {
+/// Summing on read, straight from the live blocks (no copy): any blocks
+/// given as an iterator that can be cloned (a slice's, or the hypervisor's
+/// list of the vCPUs' blocks).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSums<I>(pub I);
+
+impl<'a, I: Iterator<Item = &'a VcpuCounters> + Clone> StatsView for BlockSums<I> {
     fn exits(&self, reason: u16) -> u64 {
-        self.iter().map(|b| b.exits(reason as usize)).fold(0, u64::wrapping_add)
+        self.0.clone().map(|b| b.exits(reason as usize)).fold(0, u64::wrapping_add)
     }
     fn cycles(&self, reason: u16) -> u64 {
-        self.iter().map(|b| b.cycles(reason as usize)).fold(0, u64::wrapping_add)
+        self.0.clone().map(|b| b.cycles(reason as usize)).fold(0, u64::wrapping_add)
     }
     fn total_exits(&self) -> u64 {
-        self.iter().map(VcpuCounters::total_exits).fold(0, u64::wrapping_add)
+        self.0.clone().map(VcpuCounters::total_exits).fold(0, u64::wrapping_add)
     }
     fn total_cycles(&self) -> u64 {
-        self.iter().map(VcpuCounters::total_cycles).fold(0, u64::wrapping_add)
+        self.0.clone().map(VcpuCounters::total_cycles).fold(0, u64::wrapping_add)
+    }
+}
+
+/// Summing on read over a slice of blocks.
+impl StatsView for [VcpuCounters] {
+    fn exits(&self, reason: u16) -> u64 {
+        BlockSums(self.iter()).exits(reason)
+    }
+    fn cycles(&self, reason: u16) -> u64 {
+        BlockSums(self.iter()).cycles(reason)
+    }
+    fn total_exits(&self) -> u64 {
+        BlockSums(self.iter()).total_exits()
+    }
+    fn total_cycles(&self) -> u64 {
+        BlockSums(self.iter()).total_cycles()
     }
 }
 

@@ -1564,18 +1564,24 @@ mod tests {
     }
 
     /// A reader beside the writer (another vCPU reading the figures) never
-    /// sees a flush half done: its total never goes back and never passes
-    /// the records made, and the last read is exact.
+    /// sees a flush half done: its total never goes back, never falls below
+    /// the records made nor passes the records begun, and the last read is
+    /// exact.
     #[test]
     fn hash_table_reads_beside_the_writer_are_consistent() {
         use std::sync::atomic::AtomicBool;
         let t = std::sync::Arc::new(HashTable::<16>::new());
         let done = std::sync::Arc::new(AtomicBool::new(false));
+        // `made`: records done; `begun`: records begun, stored before each
+        // (a reader can see a record before it sees `made` move).
         let made = std::sync::Arc::new(AtomicU64::new(0));
+        let begun = std::sync::Arc::new(AtomicU64::new(0));
         let writer = {
-            let (t, done, made) = (t.clone(), done.clone(), made.clone());
+            let (t, done, made, begun) = (t.clone(), done.clone(), made.clone(), begun.clone());
             std::thread::spawn(move || {
                 for i in 0..200_000u64 {
+                    begun.store(i + 1, Relaxed);
+                    fence(core::sync::atomic::Ordering::SeqCst);
                     t.record((i / 3) % 40);
                     made.store(i + 1, Release);
                 }
@@ -1588,7 +1594,8 @@ mod tests {
             let before = made.load(Acquire);
             let mut v = Vec::new();
             let other = t.merge_into(&mut v);
-            let after = made.load(Acquire);
+            fence(core::sync::atomic::Ordering::SeqCst);
+            let after = begun.load(Relaxed);
             let total = v.iter().map(|e| e.1).sum::<u64>() + other;
             assert!(total >= before && total <= after && total >= last_total, "{before} <= {total} <= {after}");
             last_total = total;
@@ -1793,19 +1800,25 @@ mod tests {
     }
 
     /// A reader on another CPU beside the writer (the exit path's mix)
-    /// never sees a flush half done: its totals never go back, never pass
-    /// the exits made, and the last read is exact.
+    /// never sees a flush half done: its totals never go back, never fall
+    /// below the exits recorded whole nor pass the exits begun, and the
+    /// last read is exact.
     #[test]
     fn fast_path_reads_beside_the_writer_are_consistent() {
         use std::sync::atomic::AtomicBool;
         use std::sync::Arc;
         let xs = Arc::new(samples(100_000, 0xfeed));
         let d = Arc::new(VcpuDetail::new());
-        let (done, made) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        // `begun`: exits whose recording has begun, stored before it (a
+        // reader may see part of an exit in progress); `made`: exits
+        // recorded whole.
+        let (done, made, begun) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let writer = {
-            let (xs, d, done, made) = (xs.clone(), d.clone(), done.clone(), made.clone());
+            let (xs, d, done, made, begun) = (xs.clone(), d.clone(), done.clone(), made.clone(), begun.clone());
             std::thread::spawn(move || {
                 for (i, &e) in xs.iter().enumerate() {
+                    begun.store(i as u64 + 1, Relaxed);
+                    fence(core::sync::atomic::Ordering::SeqCst);
                     record_as_the_exit_path(&d, e);
                     made.store(i as u64 + 1, Release);
                 }
@@ -1824,7 +1837,8 @@ mod tests {
             let finished = done.load(Acquire);
             let before = made.load(Acquire);
             let s = DetailSnapshot::sum([&*d]);
-            let after = made.load(Acquire);
+            fence(core::sync::atomic::Ordering::SeqCst);
+            let after = begun.load(Relaxed);
             let (hist, sites) = total(&s);
             for (x, l) in [(hist, last.0), (sites, last.1)] {
                 assert!(x >= before && x <= after && x >= l, "{before} <= {x} <= {after}, last {l}");
