@@ -265,7 +265,7 @@ macro_rules! load_guest_regs {
 // The exit stub. RSP = &VcpuState (HOST_RSP). It saves RAX and RDX, takes
 // the exit timestamp (accounting builds), and then tries the CPUID fast
 // path: a CPUID exit the stub may answer (`stub_fast_check`) is answered
-// here, in about 40 instructions, without saving the other 13 registers
+// here, in 35 to 48 instructions, without saving the other 13 registers
 // or entering Rust. It does exactly what the Rust path does for such a
 // leaf: execute CPUID with the guest's EAX and ECX, move RIP past the
 // instruction and end an interrupt shadow (`advance`), record the exit
