@@ -200,12 +200,17 @@ impl Counters {
     }
 
     pub fn get(self, i: usize) -> Option<&'static VcpuCounters> {
-        (i < self.0).then(|| COUNTERS[i].get().copied().unwrap_or(&NOT_YET))
+        (i < self.0).then(|| block(i))
     }
 
     pub fn iter(self) -> impl Iterator<Item = &'static VcpuCounters> + Clone {
-        (0..self.0).map(move |i| COUNTERS[i].get().copied().unwrap_or(&NOT_YET))
+        (0..self.0).map(block)
     }
+}
+
+/// vCPU `i`'s counter block, or zeros if it is not set up yet.
+fn block(i: usize) -> &'static VcpuCounters {
+    COUNTERS[i].get().copied().unwrap_or(&NOT_YET)
 }
 
 #[cfg(test)]

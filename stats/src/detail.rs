@@ -136,6 +136,40 @@ impl DetailSlot {
     }
 }
 
+/// Runs `change` (owning vCPU only) under the sequence count `seq`, odd
+/// while it runs, so that [`read_consistent`] sees all of it or none.
+#[inline(always)]
+fn write_bracketed(seq: &AtomicU64, change: impl FnOnce()) {
+    let s = seq.load(Relaxed);
+    seq.store(s.wrapping_add(1), Relaxed);
+    fence(Release);
+    change();
+    seq.store(s.wrapping_add(2), Release);
+}
+
+/// `copy()` as of one moment: again while a [`write_bracketed`] change
+/// under `seq` overlaps it (at most [`READ_TRIES`] times).
+fn read_consistent<T>(seq: &AtomicU64, mut copy: impl FnMut() -> T) -> T {
+    let mut tries = 0;
+    loop {
+        let s = seq.load(Acquire);
+        let t = copy();
+        fence(Acquire);
+        tries += 1;
+        if (s & 1 == 0 && seq.load(Relaxed) == s) || tries >= READ_TRIES {
+            return t;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Whether a guest with these SS access rights runs in user mode (CPL 3,
+/// the DPL in bits 6:5).
+#[inline(always)]
+const fn user_mode(ss: u64) -> bool {
+    (ss >> 5) & 3 == 3
+}
+
 /// The one-entry run cache in front of every breakdown table: the key of
 /// the last record (+ 1; 0: none) and how many times in a row it came. A
 /// record of the same key only bumps the run (a compare and an increment);
@@ -190,33 +224,20 @@ impl RunCache {
     /// count and starts a run of `stored`.
     #[inline(always)]
     fn restart(&self, stored: u64, flush: impl FnOnce(u64, u64)) {
-        let s = self.seq.load(Relaxed);
-        self.seq.store(s.wrapping_add(1), Relaxed);
-        fence(Release);
-        let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
-        if last != 0 {
-            flush(last, run);
-        }
-        self.last.store(stored, Relaxed);
-        self.run.store(1, Relaxed);
-        self.seq.store(s.wrapping_add(2), Release);
+        write_bracketed(&self.seq, || {
+            let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
+            if last != 0 {
+                flush(last, run);
+            }
+            self.last.store(stored, Relaxed);
+            self.run.store(1, Relaxed);
+        });
     }
 
     /// `copy()` of the table and the pending run (key + 1, length), as of
     /// one moment.
     fn read<T>(&self, copy: impl Fn() -> T) -> (T, u64, u64) {
-        let mut tries = 0;
-        loop {
-            let s = self.seq.load(Acquire);
-            let t = copy();
-            let (last, run) = (self.last.load(Relaxed), self.run.load(Relaxed));
-            fence(Acquire);
-            tries += 1;
-            if (s & 1 == 0 && self.seq.load(Relaxed) == s) || tries >= READ_TRIES {
-                return (t, last, run);
-            }
-            core::hint::spin_loop();
-        }
+        read_consistent(&self.seq, || (copy(), self.last.load(Relaxed), self.run.load(Relaxed)))
     }
 }
 
@@ -707,7 +728,7 @@ impl FastRun {
     fn table_keys(&self) -> (u64, u64) {
         let key = self.key.load(Relaxed);
         let ss = self.ss.load(Relaxed);
-        (cpuid_key(key as u32, (key >> 32) as u32), rip_key(10, self.rip.load(Relaxed), (ss >> 5) & 3 == 3))
+        (cpuid_key(key as u32, (key >> 32) as u32), rip_key(10, self.rip.load(Relaxed), user_mode(ss)))
     }
 
     /// Whether the stub answers a CPUID exit of this leaf, subleaf, RIP
@@ -927,7 +948,7 @@ impl VcpuDetail {
 
     #[inline(never)]
     fn record_new_site(&self, basic: u16, rip: u64, ss: u64) {
-        self.rips.record(rip_key(basic, rip, (ss >> 5) & 3 == 3));
+        self.rips.record(rip_key(basic, rip, user_mode(ss)));
         self.site.note(basic, rip, ss);
     }
 
@@ -953,7 +974,7 @@ impl VcpuDetail {
             None => {}
         }
         if reference {
-            self.rips.record(rip_key(x.basic, x.rip, (x.ss >> 5) & 3 == 3));
+            self.rips.record(rip_key(x.basic, x.rip, user_mode(x.ss)));
         } else {
             self.record_site(x.basic, x.rip, x.ss);
         }
@@ -974,16 +995,14 @@ impl VcpuDetail {
     #[inline(never)]
     fn fast_flush_now(&self) {
         let f = &self.fast;
-        let s = f.seq.load(Relaxed);
-        f.seq.store(s.wrapping_add(1), Relaxed);
-        fence(Release);
-        let n = f.len.load(Relaxed);
-        let (leaf, site) = f.table_keys();
-        self.cpuid.record_n(leaf, n);
-        self.rips.record_n(site, n);
-        self.site.note(10, f.rip.load(Relaxed), f.ss.load(Relaxed));
-        f.len.store(0, Relaxed);
-        f.seq.store(s.wrapping_add(2), Release);
+        write_bracketed(&f.seq, || {
+            let n = f.len.load(Relaxed);
+            let (leaf, site) = f.table_keys();
+            self.cpuid.record_n(leaf, n);
+            self.rips.record_n(site, n);
+            self.site.note(10, f.rip.load(Relaxed), f.ss.load(Relaxed));
+            f.len.store(0, Relaxed);
+        });
     }
 
     /// Opens a run of the CPUID fast path ([`FastRun`]) for the CPUID exit
@@ -996,13 +1015,11 @@ impl VcpuDetail {
         let f = &self.fast;
         let key = leaf as u64 | (subleaf as u64) << 32;
         if f.key.load(Relaxed) != key || f.rip.load(Relaxed) != rip || f.ss.load(Relaxed) != ss as u64 {
-            let s = f.seq.load(Relaxed);
-            f.seq.store(s.wrapping_add(1), Relaxed);
-            fence(Release);
-            f.key.store(key, Relaxed);
-            f.rip.store(rip, Relaxed);
-            f.ss.store(ss as u64, Relaxed);
-            f.seq.store(s.wrapping_add(2), Release);
+            write_bracketed(&f.seq, || {
+                f.key.store(key, Relaxed);
+                f.rip.store(rip, Relaxed);
+                f.ss.store(ss as u64, Relaxed);
+            });
         }
     }
 
@@ -1053,23 +1070,11 @@ impl VcpuDetail {
     /// the exact values only grow, and are read after.
     fn read(&self) -> Part {
         let f = &self.fast;
-        let mut tries = 0;
-        let mut part = loop {
-            let s = f.seq.load(Acquire);
-            let mut part = Part::of(self);
-            let n = f.len.load(Relaxed);
-            let (leaf, site) = f.table_keys();
-            fence(Acquire);
-            tries += 1;
-            if (s & 1 == 0 && f.seq.load(Relaxed) == s) || tries >= READ_TRIES {
-                if n != 0 {
-                    part.cpuid.record_n(leaf, n);
-                    part.rip.record_n(site, n);
-                }
-                break part;
-            }
-            core::hint::spin_loop();
-        };
+        let (mut part, n, (leaf, site)) = read_consistent(&f.seq, || (Part::of(self), f.len.load(Relaxed), f.table_keys()));
+        if n != 0 {
+            part.cpuid.record_n(leaf, n);
+            part.rip.record_n(site, n);
+        }
         let r = &mut part.reasons[crate::reasons::slot_of(10)];
         for (c, (v, m)) in f.values.iter().zip(f.marks.iter()).enumerate() {
             let n = v.load(Relaxed);

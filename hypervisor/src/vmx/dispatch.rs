@@ -273,10 +273,6 @@ fn detail_note(v: &VcpuState, e: Exit) -> Note {
 #[cfg(feature = "detailed")]
 #[inline(always)]
 fn record_note(v: &VcpuState, n: Note, rip: u64) {
-    // The exits without a breakdown (VMCALL, HLT, ...) leave with one test.
-    if let Note::None = n {
-        return;
-    }
     match n {
         Note::None => {}
         Note::Cpuid(leaf, subleaf) => {
